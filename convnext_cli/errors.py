@@ -1,0 +1,48 @@
+"""The project's own exception types and the exit codes they map to.
+
+Errors a user can cause (a bad flag value, an unknown model, an unreadable
+checkpoint, an image that cannot be decoded) are raised as one of these types
+with a plain, one-line message.  The CLI maps them to an exit code and prints
+the message on stderr; a traceback is shown only with ``CONVNEXT_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INPUT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class ConvNextError(Exception):
+    """Base class for errors with a user-facing message."""
+
+    exit_code: int = EXIT_USAGE
+
+
+class UsageError(ConvNextError):
+    """A bad flag value or combination of flags."""
+
+
+class NoInputsError(UsageError):
+    """The inputs named on the command line matched no file."""
+
+
+class CheckpointError(ConvNextError):
+    """A model that cannot be found, read, or matched to a ConvNeXt layout."""
+
+
+class DeviceError(UsageError):
+    """A device or dtype this machine cannot provide."""
+
+
+class ImageError(ConvNextError):
+    """One input image could not be read; reported per input, never fatal."""
+
+    exit_code = EXIT_INPUT_FAILED
+
+
+def one_line(message: object) -> str:
+    """Collapse a message to a single line, for error records and stderr."""
+    text = " ".join(str(message).split())
+    return text or type(message).__name__

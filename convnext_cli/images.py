@@ -1,0 +1,171 @@
+"""Decoding image files to RGB uint8 tensors, following the decoding policy in the README.
+
+- EXIF orientation is applied.
+- Greyscale, palette, CMYK and other modes are converted to RGB.
+- Transparency is composited over white.
+- 16-bit images are scaled to 8 bits as value / 257, rounded.
+- Animations (GIF, WebP, APNG) use their first frame.
+- Images over 178,956,970 pixels are refused from their header, before decoding.
+
+Plain 8-bit JPEGs (the common case) are decoded by torchvision's libjpeg-turbo binding
+straight into a tensor; it gives the same pixels as Pillow.  Everything else goes through
+Pillow, except 16-bit PNGs, whose full depth only torchvision's PNG decoder returns.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from convnext_cli.errors import ImageError, one_line
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+# Pillow's own refusal threshold (2 x Image.MAX_IMAGE_PIXELS at its default), fixed here so
+# a library user who changes Pillow's global does not change this tool's policy.
+MAX_PIXELS = 178_956_970
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def decode_file(path: str | Path) -> torch.Tensor:
+    """Read and decode one image file to a (3, H, W) uint8 tensor, or raise ImageError."""
+    try:
+        data = Path(path).read_bytes()
+    except IsADirectoryError as exc:
+        raise ImageError("is a directory, not an image") from exc
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or one_line(exc)}") from exc
+    return decode_bytes(data)
+
+
+def decode_bytes(data: bytes) -> torch.Tensor:
+    """Decode encoded image bytes to a (3, H, W) uint8 RGB tensor, or raise ImageError."""
+    if not data:
+        raise ImageError("empty file")
+    image = _open_header(data)
+    if data.startswith(_JPEG_MAGIC) and image.mode in ("RGB", "L"):
+        return _decode_jpeg(data)
+    if data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] == 16:
+        return _decode_png16(data)
+    return _decode_with_pillow(image)
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """Open lazily (header only) and refuse decompression bombs before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"refused: image too large ({one_line(exc)})") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("not a recognised image format") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"corrupt image header: {one_line(exc)}") from exc
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"refused: {width}x{height} = {width * height} pixels is over the "
+            f"{MAX_PIXELS} pixel limit (possible decompression bomb)"
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    return image
+
+
+def _torchvision_reason(exc: Exception) -> str:
+    """torchvision's messages start with a C++ source location; keep the reason only."""
+    text = one_line(exc)
+    return text.rsplit(", ", 1)[-1] if ".cpp:" in text else text
+
+
+def _decode_jpeg(data: bytes) -> torch.Tensor:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        return decode_jpeg(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as exc:
+        raise ImageError(f"cannot decode JPEG: {_torchvision_reason(exc)}") from exc
+
+
+def _decode_png16(data: bytes) -> torch.Tensor:
+    """16-bit PNG: torchvision keeps all 16 bits, which are then scaled to 8 (v / 257, rounded)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_png
+
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        raw = decode_png(buffer, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
+    except RuntimeError as exc:
+        raise ImageError(f"cannot decode PNG: {_torchvision_reason(exc)}") from exc
+    scaled = raw.to(torch.float32)
+    if raw.dtype != torch.uint8:
+        scaled = (scaled / 257.0).round()
+    return _to_rgb(scaled)
+
+
+def _to_rgb(pixels: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) float in 0..255 with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) -> RGB uint8."""
+    import torch
+
+    channels = pixels.shape[0]
+    if channels in (2, 4):
+        color, alpha = pixels[:-1], pixels[-1:] / 255.0
+        pixels = (color * alpha + 255.0 * (1.0 - alpha)).round()
+    if pixels.shape[0] == 1:
+        pixels = pixels.expand(3, -1, -1)
+    return pixels.clamp(0, 255).to(torch.uint8).contiguous()
+
+
+def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
+    import torch
+    from PIL import ImageOps
+
+    try:
+        image.seek(0)  # first frame of an animation
+        image = ImageOps.exif_transpose(image) or image
+        rgb = pil_to_rgb(image)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"cannot decode image: {one_line(exc)}") from exc
+    array = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return array.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+
+
+def pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB per the decoding policy."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        image.load()
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) greyscale: value / 257, rounded, clipped to 0..255.
+        import numpy as np
+
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255)
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        return image.convert("L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode in ("P", "L", "RGB", "1") and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")

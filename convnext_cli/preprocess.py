@@ -1,0 +1,192 @@
+"""Resize, crop and normalise exactly as transformers' ``ConvNextImageProcessor`` does.
+
+The spec comes from a checkpoint's ``preprocessor_config.json``; fields it lacks take that
+processor's defaults (short side 384, crop_pct 224/256, bicubic, rescale 1/255, mean and
+std 0.5).  The geometry:
+
+- ``shortest_edge < 384``: resize the short side to ``int(shortest_edge / crop_pct)``, the
+  long side to ``int(new_short * long / short)``, then centre-crop ``shortest_edge`` square
+  (offsets rounded down, zero padding if the image is smaller);
+- ``shortest_edge >= 384``: warp to ``shortest_edge`` square, no crop.
+
+Resizing runs on uint8 (C, H, W) tensors with torchvision's antialiased kernels, as the
+processor does, so the pixels are bit-identical.  The split between :meth:`resize_and_crop`
+(uint8, in DataLoader workers) and :meth:`normalize` (float, on the target device) keeps
+the bytes that cross processes and the host-to-device copy four times smaller.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convnext_cli.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# PIL.Image.Resampling values, as preprocessor_config.json stores them.
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What a checkpoint's preprocessor_config.json asks for (transformers' defaults otherwise)."""
+
+    shortest_edge: int = 384
+    crop_pct: float = 224 / 256
+    resample: int = 3
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = IMAGENET_STANDARD_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STANDARD_STD
+    do_center_crop: bool = False
+    crop_size: tuple[int, int] | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "preprocessor_config.json") -> PreprocessSpec:
+        kwargs: dict[str, Any] = {}
+        size = raw.get("size")
+        if isinstance(size, int):
+            kwargs["shortest_edge"] = size
+        elif isinstance(size, dict):
+            if "shortest_edge" not in size:
+                raise CheckpointError(
+                    f"{where}: ConvNeXt preprocessing needs size.shortest_edge, got {size}"
+                )
+            kwargs["shortest_edge"] = int(size["shortest_edge"])
+        for key in ("crop_pct", "rescale_factor"):
+            if raw.get(key) is not None:
+                kwargs[key] = float(raw[key])
+        if raw.get("resample") is not None:
+            resample = int(raw["resample"])
+            if resample not in RESAMPLE_NAMES:
+                raise CheckpointError(f"{where}: unknown resample filter {resample}")
+            kwargs["resample"] = resample
+        for key in ("do_resize", "do_rescale", "do_normalize", "do_center_crop"):
+            if raw.get(key) is not None:
+                kwargs[key] = bool(raw[key])
+        for key in ("image_mean", "image_std"):
+            value = raw.get(key)
+            if value is not None:
+                values = [float(value)] * 3 if isinstance(value, (int, float)) else value
+                kwargs[key] = tuple(float(v) for v in values)
+        crop = raw.get("crop_size")
+        if isinstance(crop, int):
+            kwargs["crop_size"] = (crop, crop)
+        elif isinstance(crop, dict) and "height" in crop:
+            kwargs["crop_size"] = (int(crop["height"]), int(crop["width"]))
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: Path) -> PreprocessSpec:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: unreadable preprocessor config ({exc})") from exc
+        return cls.from_dict(raw, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A preprocessor_config.json dict that transformers reads back to the same spec."""
+        out: dict[str, Any] = {
+            "image_processor_type": "ConvNextImageProcessor",
+            "do_resize": self.do_resize,
+            "size": {"shortest_edge": self.shortest_edge},
+            "crop_pct": self.crop_pct,
+            "resample": self.resample,
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+        if self.do_center_crop and self.crop_size:
+            out["do_center_crop"] = True
+            out["crop_size"] = {"height": self.crop_size[0], "width": self.crop_size[1]}
+        return out
+
+    @property
+    def resample_name(self) -> str:
+        return RESAMPLE_NAMES[self.resample]
+
+    def resize_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image is resized to, before any crop."""
+        edge = self.shortest_edge
+        if edge >= 384:
+            return edge, edge
+        short_target = int(edge / self.crop_pct)
+        if width <= height:
+            return int(short_target * height / width), short_target
+        return short_target, int(short_target * width / height)
+
+    def resize_and_crop(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 -> (3, h, w) uint8: the processor's resize and crop steps."""
+        from torchvision.transforms.v2 import functional as tvF
+
+        if self.do_resize:
+            height, width = image.shape[-2:]
+            interpolation = _interpolation(self.resample)
+            image = tvF.resize(
+                image, list(self.resize_size(height, width)), interpolation=interpolation,
+                antialias=True,
+            )
+            if self.shortest_edge < 384:
+                image = center_crop(image, self.shortest_edge, self.shortest_edge)
+        if self.do_center_crop and self.crop_size:
+            image = center_crop(image, *self.crop_size)
+        return image
+
+    def normalize(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """uint8 (N, 3, h, w) on any device -> float32 pixel values (rescale, mean/std)."""
+        import torch
+
+        pixels = batch.to(torch.float32)
+        if self.do_rescale and self.do_normalize:
+            # The processor folds the rescale into mean and std, in float32: (x - m/r) / (s/r).
+            mean = torch.tensor(self.image_mean, device=batch.device) * (1.0 / self.rescale_factor)
+            std = torch.tensor(self.image_std, device=batch.device) * (1.0 / self.rescale_factor)
+            pixels = (pixels - mean[:, None, None]) / std[:, None, None]
+        elif self.do_normalize:
+            mean = torch.tensor(self.image_mean, device=batch.device)
+            std = torch.tensor(self.image_std, device=batch.device)
+            pixels = (pixels - mean[:, None, None]) / std[:, None, None]
+        elif self.do_rescale:
+            pixels = pixels * self.rescale_factor
+        return pixels if dtype is None else pixels.to(dtype)
+
+
+def center_crop(image: torch.Tensor, crop_height: int, crop_width: int) -> torch.Tensor:
+    """Centre crop with offsets rounded down; zero-pad first when the image is smaller."""
+    from torchvision.transforms.v2 import functional as tvF
+
+    height, width = image.shape[-2:]
+    if crop_width > width or crop_height > height:
+        pad_w = max(crop_width - width, 0)
+        pad_h = max(crop_height - height, 0)
+        image = tvF.pad(image, [pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2], fill=0)
+        height, width = image.shape[-2:]
+    top = (height - crop_height) // 2
+    left = (width - crop_width) // 2
+    return image[..., top : top + crop_height, left : left + crop_width]
+
+
+def _interpolation(resample: int):
+    from torchvision.transforms.v2 import InterpolationMode
+
+    return {
+        0: InterpolationMode.NEAREST_EXACT,
+        1: InterpolationMode.LANCZOS,
+        2: InterpolationMode.BILINEAR,
+        3: InterpolationMode.BICUBIC,
+        4: InterpolationMode.BOX,
+        5: InterpolationMode.HAMMING,
+    }[resample]

@@ -1,0 +1,72 @@
+"""Reading weight files from disk: safetensors, or pickles loaded with ``weights_only=True``.
+
+Nothing here executes code from a checkpoint: safetensors holds bare tensors, and
+``torch.load(weights_only=True)`` refuses any pickle that would construct an
+arbitrary object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convnext_cli.errors import CheckpointError, one_line
+
+if TYPE_CHECKING:
+    import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
+
+
+def read_weights_file(path: Path) -> dict[str, Any]:
+    """Return the top-level mapping stored in a weights file (tensors or nested dicts)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    return _read_pickle(path)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(exc)})") from exc
+
+
+def _read_pickle(path: Path) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors "
+            f"(only weights_only pickles are read) ({one_line(exc)})"
+        ) from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({one_line(exc)})") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def _is_zip(path: Path) -> bool:
+    """torch's zip format can be memory-mapped; the legacy tar/pickle format cannot."""
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a state dict as safetensors (contiguous, unshared tensors)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata=metadata)
