@@ -53,7 +53,9 @@ class PreprocessSpec:
     crop_size: tuple[int, int] | None = None
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "preprocessor_config.json") -> PreprocessSpec:
+    def from_dict(
+        cls, raw: dict[str, Any], where: str = "preprocessor_config.json"
+    ) -> PreprocessSpec:
         kwargs: dict[str, Any] = {}
         size = raw.get("size")
         if isinstance(size, int):
@@ -136,7 +138,9 @@ class PreprocessSpec:
             height, width = image.shape[-2:]
             interpolation = _interpolation(self.resample)
             image = tvF.resize(
-                image, list(self.resize_size(height, width)), interpolation=interpolation,
+                image,
+                list(self.resize_size(height, width)),
+                interpolation=interpolation,
                 antialias=True,
             )
             if self.shortest_edge < 384:

@@ -65,7 +65,9 @@ def hf_model(
     )
     if v2:
         config = transformers.ConvNextV2Config(**kwargs)
-        cls = transformers.ConvNextV2ForImageClassification if head else transformers.ConvNextV2Model
+        cls = (
+            transformers.ConvNextV2ForImageClassification if head else transformers.ConvNextV2Model
+        )
     else:
         config = transformers.ConvNextConfig(layer_scale_init_value=layer_scale, **kwargs)
         cls = transformers.ConvNextForImageClassification if head else transformers.ConvNextModel

@@ -1,0 +1,3 @@
+from convnext_cli.cli import main
+
+main()

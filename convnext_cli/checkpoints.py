@@ -1,0 +1,263 @@
+"""Finding, reading and checking checkpoints.
+
+locate (Hub id[@revision], Hub-layout folder, or single weights file)
+  -> read (safetensors preferred; pickles only with ``weights_only=True``)
+  -> foreign layouts renamed to transformers' keys (:mod:`convnext_cli.layouts`)
+  -> config + preprocessing spec + a key-by-key, shape-by-shape check that fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convnext_cli.config import ConvNextConfig
+from convnext_cli.errors import CheckpointError, one_line
+from convnext_cli.preprocess import PreprocessSpec
+from convnext_cli.weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_weights_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from convnext_cli.model import ConvNeXtForClassification
+
+DEFAULT_MODEL = "facebook/convnext-tiny-224"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to build a model: config, weights (transformers keys), preprocessing."""
+
+    config: ConvNextConfig
+    state_dict: dict[str, torch.Tensor]
+    preprocess: PreprocessSpec
+    source: str
+    layout: str
+
+    @property
+    def has_head(self) -> bool:
+        return "classifier.weight" in self.state_dict
+
+
+def split_revision(model: str) -> tuple[str, str | None]:
+    """``org/name@rev`` -> (``org/name``, ``rev``)."""
+    if "@" in model:
+        repo_id, revision = model.rsplit("@", 1)
+        return repo_id, revision or None
+    return model, None
+
+
+def looks_like_hub_id(model: str) -> bool:
+    repo_id, _ = split_revision(model)
+    parts = repo_id.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not repo_id.startswith((".", "~"))
+
+
+def resolve_local(model: str) -> Path:
+    """A local path as is; a Hub id downloaded (or found in the cache) to a snapshot folder."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if not looks_like_hub_id(model) or model.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+        raise CheckpointError(f"{model}: no such file or folder, and not a Hugging Face Hub id")
+    return download_from_hub(model)
+
+
+def download_from_hub(model: str) -> Path:
+    """Fetch config, preprocessor config and weights through huggingface_hub and its cache.
+
+    ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are honoured by
+    huggingface_hub itself.  ``model.safetensors`` is preferred; ``pytorch_model.bin`` is
+    fetched only when a repo has no safetensors file.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id, revision = split_revision(model)
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except GatedRepoError as exc:
+            raise CheckpointError(f"{model}: gated repo; log in or set HF_TOKEN") from exc
+        except RepositoryNotFoundError as exc:
+            raise CheckpointError(
+                f"{model}: no such model on the Hugging Face Hub (or it is private: set HF_TOKEN)"
+            ) from exc
+        except RevisionNotFoundError as exc:
+            raise CheckpointError(f"{model}: no revision {revision!r} on the Hub") from exc
+        except HFValidationError as exc:
+            raise CheckpointError(f"{model}: not a valid Hub id ({one_line(exc)})") from exc
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+        except Exception as exc:  # network failures come in many types
+            raise CheckpointError(f"{model}: download failed ({one_line(exc)})") from exc
+
+    config = fetch(CONFIG_FILE)
+    if config is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the cache)" if offline else ""
+        raise CheckpointError(f"{model}: could not get config.json from the Hub{hint}")
+    fetch(PREPROCESSOR_FILE)
+    for name in WEIGHT_FILES:
+        if fetch(name) is not None:
+            return config.parent
+    raise CheckpointError(f"{model}: the repo has neither {' nor '.join(WEIGHT_FILES)}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON ({one_line(exc)})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _folder_weights(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    candidates = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+    )
+    if len(candidates) == 1:
+        return candidates[0]
+    if (folder / "model.safetensors.index.json").exists():
+        raise CheckpointError(f"{folder}: sharded checkpoints are not supported")
+    found = ", ".join(p.name for p in sorted(folder.iterdir())[:8]) or "nothing"
+    raise CheckpointError(
+        f"{folder}: no weights file ({' or '.join(WEIGHT_FILES)}) in the folder; found: {found}"
+    )
+
+
+def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
+    """Locate and read a checkpoint in any supported layout, with its config and preprocessing."""
+    path = resolve_local(model)
+    folder = path if path.is_dir() else path.parent
+    weights_file = _folder_weights(path) if path.is_dir() else path
+    state_dict = read_weights_file(weights_file)
+
+    config_path = folder / CONFIG_FILE
+    raw_config = _read_json(config_path) if config_path.is_file() else None
+    if raw_config is not None and is_hf_layout(state_dict):
+        layout = "hf"
+        config = ConvNextConfig.from_dict(raw_config, where=str(config_path))
+        state_dict = _normalise_hf_keys(state_dict, config)
+    else:
+        from convnext_cli import layouts
+
+        state_dict = layouts.unwrap(state_dict)
+        layout = layouts.detect_layout(state_dict)
+        state_dict, raw_config = layouts.to_hf(state_dict, layout)
+        config = ConvNextConfig.from_dict(raw_config, where=str(weights_file))
+
+    if "classifier.weight" not in state_dict:
+        config.id2label = {}  # a feature model: the head is an identity
+
+    pre_path = folder / PREPROCESSOR_FILE
+    if pre_path.is_file():
+        preprocess = PreprocessSpec.from_file(pre_path)
+    else:
+        from convnext_cli import layouts
+
+        preprocess = PreprocessSpec.from_dict(layouts.default_preprocessor(layout, raw_config))
+    checkpoint = Checkpoint(config, state_dict, preprocess, source=model, layout=layout)
+    check_weights(checkpoint)
+    return checkpoint
+
+
+def is_hf_layout(state_dict: dict[str, Any]) -> bool:
+    """transformers' key names, with or without the backbone prefix."""
+    return any(k.endswith("embeddings.patch_embeddings.weight") for k in state_dict)
+
+
+def _normalise_hf_keys(state_dict: dict[str, Any], config: ConvNextConfig) -> dict[str, Any]:
+    """A classifier checkpoint keeps its keys; a bare ``ConvNextModel`` gets the backbone prefix."""
+    prefix = config.base_prefix + "."
+    if any(k.startswith(prefix) for k in state_dict):
+        return state_dict
+    return {(k if k.startswith("classifier.") else prefix + k): v for k, v in state_dict.items()}
+
+
+def expected_shapes(config: ConvNextConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name and shape the model for this config has (no allocation)."""
+    import torch
+
+    from convnext_cli.model import ConvNeXtForClassification
+
+    with torch.device("meta"):
+        model = ConvNeXtForClassification(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_weights(checkpoint: Checkpoint) -> None:
+    """Fail with one line naming missing and unexpected keys and shape mismatches."""
+    expected = expected_shapes(checkpoint.config)
+    found = {k: tuple(v.shape) for k, v in checkpoint.state_dict.items()}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {list(found[k])} vs config {list(shape)}"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
+    ]
+    problems = []
+    for what, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", mismatched),
+    ):
+        if items:
+            shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+            problems.append(f"{len(items)} {what} ({shown})")
+    if problems:
+        raise CheckpointError(
+            f"{checkpoint.source}: weights do not match the config: {'; '.join(problems)}"
+        )
+
+
+def build_model(
+    checkpoint: Checkpoint,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+) -> ConvNeXtForClassification:
+    """Instantiate the model without a random init, load the weights strictly, move and cast."""
+    import torch
+
+    from convnext_cli.model import ConvNeXtForClassification
+
+    with torch.device("meta"):
+        model = ConvNeXtForClassification(checkpoint.config)
+    model.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
+    model = model.to(device=device, dtype=dtype or torch.float32)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> ConvNeXtForClassification:
+    """Load any supported checkpoint as a ready-to-run model (``.config``, ``.preprocess`` set)."""
+    checkpoint = load_checkpoint(model)
+    net = build_model(checkpoint, device=device, dtype=dtype)
+    net.preprocess = checkpoint.preprocess
+    return net

@@ -1,0 +1,48 @@
+"""The `convnext` command line: this module only assembles the commands.
+
+Nothing here imports torch, PIL, safetensors or huggingface_hub: `convnext --help` stays
+fast, and each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from convnext_cli import __version__
+from convnext_cli.cli.classify import classify
+from convnext_cli.cli.embed import embed
+
+app = typer.Typer(
+    name="convnext",
+    help="Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"convnext-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings."""
+
+
+app.command("classify")(classify)
+app.command("embed")(embed)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,90 @@
+"""What classify and embed share: expand inputs, load the model, stream batches to a writer."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from convnext_cli.cli.errors import say
+from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, UsageError
+from convnext_cli.inputs import expand_inputs
+
+if TYPE_CHECKING:
+    from convnext_cli.output import Writer
+    from convnext_cli.pipeline import Result, Runner
+
+
+def gather_inputs(inputs: list[str], recursive: bool) -> list[str]:
+    """Expand INPUTS (stdin only when '-' is given); warnings go to stderr."""
+    if not inputs:
+        raise UsageError("no inputs given (files, folders, globs, or '-' for stdin)")
+    return expand_inputs(inputs, recursive=recursive, warn=lambda msg: say(f"warning: {msg}"))
+
+
+def load_runner(model: str, device: str, dtype: str, channels_last: bool = True) -> Runner:
+    """Resolve device and dtype, load the checkpoint, and build the runner on the device."""
+    from convnext_cli.checkpoints import build_model, load_checkpoint
+    from convnext_cli.device import resolve
+    from convnext_cli.pipeline import Runner
+
+    placement = resolve(device, dtype)
+    if placement.reason:
+        say(f"note: --dtype auto chose {placement.dtype_name}: {placement.reason}")
+    checkpoint = load_checkpoint(model)
+    net = build_model(checkpoint, placement.device, placement.dtype, channels_last=channels_last)
+    return Runner(net, checkpoint.preprocess, placement.device, placement.dtype, channels_last)
+
+
+@contextlib.contextmanager
+def open_output(path: Path | None) -> Iterator[IO[str]]:
+    if path is None:
+        yield sys.stdout
+        return
+    try:
+        stream = open(path, "w", encoding="utf-8", newline="")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write output ({exc.strerror})") from exc
+    with stream:
+        yield stream
+
+
+def stream_results(
+    batches: Iterator[list[Result]], writer: Writer, total: int, report_errors: bool = False
+) -> int:
+    """Write every batch as it finishes, with a progress bar when stderr is a terminal.
+
+    Returns the exit code: 0 when every input succeeded, 1 when any failed.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    failures = 0
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    with progress:
+        task = progress.add_task("images", total=total)
+        for results in batches:
+            writer.write(results)
+            for result in results:
+                if result.error is not None:
+                    failures += 1
+                    if report_errors:
+                        progress.console.print(
+                            f"error: {result.path}: {result.error}", markup=False
+                        )
+            progress.advance(task, len(results))
+    writer.close()
+    if failures:
+        say(f"{failures} of {total} inputs failed")
+    return EXIT_INPUT_FAILED if failures else EXIT_OK

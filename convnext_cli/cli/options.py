@@ -1,0 +1,57 @@
+"""Option and argument aliases shared by the commands (one definition, one help text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+InputsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Image files, folders, globs, or '-' to read newline-separated paths from stdin.",
+        show_default=False,
+    ),
+]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hub id (optionally id@revision), Hub-layout folder, or a single weights file "
+        "(transformers, facebookresearch, timm or torchvision layout).",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto, float32, float16 or bfloat16. auto is float32, except bfloat16 on CPUs "
+        "with AMX units (said on stderr).",
+    ),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=0,
+        help="Decoding worker processes (0: decode in the main process). "
+        "Default: none for a single batch, else the cores but one (at most 8).",
+        show_default=False,
+    ),
+]
+RecursiveOpt = Annotated[
+    bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of folder inputs.")
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output", "-o", help="Write results to FILE instead of stdout.", show_default=False
+    ),
+]

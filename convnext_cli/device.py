@@ -1,0 +1,120 @@
+"""Choosing the device and dtype a run uses, and refusing impossible requests clearly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from convnext_cli.errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+    reason: str  # why auto chose what it chose ("" when the user named both)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; named devices must exist."""
+    import torch
+
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("CUDA was requested but no CUDA GPU is available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"{name}: only {count} CUDA device(s) present")
+    elif device.type == "mps":
+        if not _mps_available():
+            raise DeviceError("MPS was requested but is not available on this machine")
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bfloat16() -> bool:
+    """True when the CPU has AMX tiles for bfloat16 matrix work (oneDNN uses them)."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        try:
+            return bool(probe())
+        except RuntimeError:
+            return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """Map a --dtype value to a torch dtype for this device; auto explains its choice."""
+    import torch
+
+    name = name.strip().lower()
+    if name not in DTYPE_NAMES:
+        raise DeviceError(f"unknown dtype {name!r} (use {', '.join(DTYPE_NAMES)})")
+    if name == "auto":
+        if device.type == "cpu" and cpu_has_fast_bfloat16():
+            return (
+                torch.bfloat16,
+                "the CPU has AMX bfloat16 units; --dtype float32 for exact numbers",
+            )
+        return torch.float32, ""
+    dtype = getattr(torch, name)
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise DeviceError(f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}")
+    if dtype == torch.float16 and device.type == "cpu" and not _cpu_half_supported():
+        raise DeviceError("float16 is not supported on this CPU build of PyTorch")
+    return dtype, ""
+
+
+def _cpu_half_supported() -> bool:
+    import torch
+
+    try:
+        torch.nn.functional.conv2d(
+            torch.ones(1, 1, 2, 2, dtype=torch.float16), torch.ones(1, 1, 1, 1, dtype=torch.float16)
+        )
+    except RuntimeError:
+        return False
+    return True
+
+
+def resolve(device: str = "auto", dtype: str = "auto") -> Placement:
+    dev = resolve_device(device)
+    torch_dtype, reason = resolve_dtype(dtype, dev)
+    return Placement(dev, torch_dtype, reason)

@@ -1,0 +1,193 @@
+"""The streaming pipeline shared by classify and embed.
+
+DataLoader worker processes decode and resize (uint8) while the model runs on the previous
+batch; the main process normalises on the target device, runs the model and yields one
+list of results per batch, in input order.  Memory is bounded by the batches in flight
+(``workers x prefetch``), never by the number of inputs.  Every input yields exactly one
+result: its predictions or embedding, or the one-line reason it could not be read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from convnext_cli.errors import ImageError, one_line
+from convnext_cli.images import decode_file
+from convnext_cli.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from convnext_cli.model import ConvNeXtForClassification
+
+
+@dataclass
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass
+class Result:
+    """The outcome for one input: predictions (classify) or an embedding (embed), or an error."""
+
+    path: str
+    error: str | None = None
+    predictions: list[Prediction] = field(default_factory=list)
+    embedding: torch.Tensor | None = None  # 1-D float32 on the CPU
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class DecodeDataset:
+    """Map-style dataset: path -> (index, uint8 (3, h, w) tensor or None, error or None)."""
+
+    def __init__(self, paths: Sequence[str], spec: PreprocessSpec) -> None:
+        self.paths = paths
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
+        try:
+            pixels = self.spec.resize_and_crop(decode_file(self.paths[index]))
+            return index, pixels, None
+        except ImageError as exc:
+            return index, None, one_line(exc)
+        except MemoryError:
+            return index, None, "out of memory while decoding"
+        except Exception as exc:  # a decoder bug must not end the run: report it per input
+            return index, None, f"cannot decode image: {one_line(exc)}"
+
+
+def _collate(items: list[tuple[int, Any, str | None]]) -> list[tuple[int, Any, str | None]]:
+    return items
+
+
+def default_workers(num_inputs: int, batch_size: int) -> int:
+    """Worker processes for decoding: none for a single batch, else up to the spare cores."""
+    if num_inputs <= batch_size:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) - 1))
+
+
+def decoded_batches(
+    paths: Sequence[str],
+    spec: PreprocessSpec,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+) -> Iterator[list[tuple[int, Any, str | None]]]:
+    """Batches of decoded inputs, in order, produced by `workers` processes (0: in-process)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        DecodeDataset(paths, spec),  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    yield from loader
+
+
+class Runner:
+    """A loaded model on a device, turning paths into results batch by batch."""
+
+    def __init__(
+        self,
+        model: ConvNeXtForClassification,
+        spec: PreprocessSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        channels_last: bool = True,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.labels = model.config.labels
+
+    def _to_input(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        batch = torch.stack(pixels).to(self.device, non_blocking=True)
+        batch = self.spec.normalize(batch, self.dtype)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def _run(
+        self, paths: Sequence[str], batch_size: int, workers: int | None, fn: Any
+    ) -> Iterator[list[Result]]:
+        import torch
+
+        if workers is None:
+            workers = default_workers(len(paths), batch_size)
+        pin = self.device.type == "cuda"
+        for items in decoded_batches(paths, self.spec, batch_size, workers, pin):
+            results = [Result(path=paths[i], error=err) for i, _, err in items]
+            # group equal shapes (all of them, unless resizing is off in the config)
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for pos, (_, pixels, err) in enumerate(items):
+                if err is None:
+                    groups.setdefault(tuple(pixels.shape), []).append(pos)
+            with torch.inference_mode():
+                for positions in groups.values():
+                    batch = self._to_input([items[p][1] for p in positions])
+                    fn(batch, [results[p] for p in positions])
+            yield results
+
+    def classify(
+        self, paths: Sequence[str], top_k: int = 5, batch_size: int = 32, workers: int | None = None
+    ) -> Iterator[list[Result]]:
+        """Top-k softmax predictions for every path, one list of results per batch."""
+        if not self.labels:
+            from convnext_cli.errors import UsageError
+
+            raise UsageError(
+                "this checkpoint has no classification head (a feature model): use `convnext embed`"
+            )
+        k = max(1, min(top_k, len(self.labels)))
+
+        def fill(batch: torch.Tensor, results: list[Result]) -> None:
+            probs = self.model(batch).float().softmax(dim=-1)
+            scores, indices = probs.topk(k, dim=-1)
+            for result, row_scores, row_indices in zip(
+                results, scores.cpu().tolist(), indices.cpu().tolist(), strict=True
+            ):
+                result.predictions = [
+                    Prediction(self.labels[i], i, s)
+                    for s, i in zip(row_scores, row_indices, strict=True)
+                ]
+
+        return self._run(paths, batch_size, workers, fill)
+
+    def embed(
+        self,
+        paths: Sequence[str],
+        normalize: bool = False,
+        batch_size: int = 32,
+        workers: int | None = None,
+    ) -> Iterator[list[Result]]:
+        """The pooled feature (transformers' pooler_output) for every path, per batch."""
+
+        def fill(batch: torch.Tensor, results: list[Result]) -> None:
+            features = self.model.embed(batch).float()
+            if normalize:
+                features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            for result, row in zip(results, features.cpu(), strict=True):
+                result.embedding = row
+
+        return self._run(paths, batch_size, workers, fill)
