@@ -1,4 +1,4 @@
-"""One config dataclass for ConvNeXt V1 and V2, read from and written to transformers' config.json."""
+"""One config dataclass for ConvNeXt V1 and V2, read from and written to config.json."""
 
 from __future__ import annotations
 

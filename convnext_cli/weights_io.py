@@ -51,7 +51,9 @@ def _read_pickle(path: Path) -> dict[str, Any]:
             f"(only weights_only pickles are read) ({one_line(exc)})"
         ) from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({one_line(exc)})") from exc
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch weights file ({one_line(exc)})"
+        ) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
@@ -64,7 +66,9 @@ def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_safetensors(
+    state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
+) -> None:
     """Write a state dict as safetensors (contiguous, unshared tensors)."""
     from safetensors.torch import save_file
 
