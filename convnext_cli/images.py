@@ -14,10 +14,13 @@ Pillow, except 16-bit PNGs, whose full depth only torchvision's PNG decoder retu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from convnext_cli.errors import ImageError, one_line
 
@@ -51,11 +54,30 @@ def decode_bytes(data: bytes) -> torch.Tensor:
     if not data:
         raise ImageError("empty file")
     image = _open_header(data)
-    if data.startswith(_JPEG_MAGIC) and image.mode in ("RGB", "L"):
-        return _decode_jpeg(data)
-    if data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] == 16:
-        return _decode_png16(data)
+    io_ops = _torchvision_io()
+    if io_ops is not None:
+        if data.startswith(_JPEG_MAGIC) and image.mode in ("RGB", "L"):
+            return _decode_jpeg(io_ops, data)
+        if data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] == 16:
+            return _decode_png16(io_ops, data)
     return _decode_with_pillow(image)
+
+
+@lru_cache(maxsize=1)
+def _torchvision_io() -> Any:
+    """torchvision.io's decoders, or None where this torchvision no longer ships them.
+
+    torchvision 0.29 deprecates its image codecs in favour of TorchCodec; until they go,
+    they are the fastest JPEG path, and Pillow (same pixels) is the fallback.
+    """
+    try:
+        with _no_deprecation_warning():
+            from torchvision import io as tv_io
+
+            tv_io.decode_jpeg, tv_io.decode_png, tv_io.ImageReadMode  # noqa: B018
+    except (ImportError, AttributeError):
+        return None
+    return tv_io
 
 
 def _open_header(data: bytes) -> Image.Image:
@@ -83,31 +105,43 @@ def _open_header(data: bytes) -> Image.Image:
     return image
 
 
+@contextlib.contextmanager
+def _no_deprecation_warning() -> Iterator[None]:
+    """torchvision >= 0.29 warns on every codec call; the fallback is documented above."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def _torchvision_reason(exc: Exception) -> str:
     """torchvision's messages start with a C++ source location; keep the reason only."""
     text = one_line(exc)
     return text.rsplit(", ", 1)[-1] if ".cpp:" in text else text
 
 
-def _decode_jpeg(data: bytes) -> torch.Tensor:
+def _decode_jpeg(io_ops: Any, data: bytes) -> torch.Tensor:
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        return decode_jpeg(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        with _no_deprecation_warning():
+            return io_ops.decode_jpeg(
+                buffer, mode=io_ops.ImageReadMode.RGB, apply_exif_orientation=True
+            )
     except RuntimeError as exc:
         raise ImageError(f"cannot decode JPEG: {_torchvision_reason(exc)}") from exc
 
 
-def _decode_png16(data: bytes) -> torch.Tensor:
+def _decode_png16(io_ops: Any, data: bytes) -> torch.Tensor:
     """16-bit PNG: torchvision keeps all 16 bits, which are then scaled to 8 (v / 257, rounded)."""
     import torch
-    from torchvision.io import ImageReadMode, decode_png
 
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        raw = decode_png(buffer, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
+        with _no_deprecation_warning():
+            raw = io_ops.decode_png(
+                buffer, mode=io_ops.ImageReadMode.UNCHANGED, apply_exif_orientation=True
+            )
     except RuntimeError as exc:
         raise ImageError(f"cannot decode PNG: {_torchvision_reason(exc)}") from exc
     scaled = raw.to(torch.float32)
