@@ -1,0 +1,120 @@
+"""The Hub path, offline: a real huggingface_hub cache in tmp_path, no network, no mocked loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convnext_cli.checkpoints import load_checkpoint, split_revision
+from convnext_cli.errors import CheckpointError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fill_cache(cache: Path, repo_id: str, source: Path, files: list[str]) -> Path:
+    """Lay out a checkpoint exactly as huggingface_hub caches it (refs/main -> snapshot)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name in files:
+        shutil.copy(source / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, v1_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    files = ["config.json", "preprocessor_config.json", "model.safetensors"]
+    fill_cache(cache, "facebook/convnext-tiny-224", v1_checkpoint, files)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_split_revision() -> None:
+    assert split_revision("facebook/convnext-tiny-224@v1.0") == (
+        "facebook/convnext-tiny-224",
+        "v1.0",
+    )
+    assert split_revision("facebook/convnext-tiny-224") == ("facebook/convnext-tiny-224", None)
+
+
+def test_hub_id_resolves_from_cache(hub_cache: Path, v1_checkpoint: Path) -> None:
+    checkpoint = load_checkpoint("facebook/convnext-tiny-224")
+    assert checkpoint.layout == "hf" and checkpoint.config.num_labels == 1000
+    assert checkpoint.preprocess.shortest_edge == 224
+    pinned = load_checkpoint(f"facebook/convnext-tiny-224@{COMMIT}")
+    assert pinned.config == checkpoint.config
+
+
+def test_hub_missing_offline_is_one_line_error(hub_cache: Path) -> None:
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
+        load_checkpoint("facebook/convnextv2-tiny-22k-384")
+
+
+def test_pytorch_model_bin_fallback(tmp_path: Path, v1_checkpoint: Path, monkeypatch) -> None:
+    """A repo with only pytorch_model.bin: read with weights_only=True."""
+    import huggingface_hub.constants as constants
+    import torch
+    from safetensors.torch import load_file
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(v1_checkpoint / name, source / name)
+    torch.save(load_file(v1_checkpoint / "model.safetensors"), source / "pytorch_model.bin")
+    cache = tmp_path / "hub"
+    fill_cache(
+        cache,
+        "org/legacy",
+        source,
+        ["config.json", "preprocessor_config.json", "pytorch_model.bin"],
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    checkpoint = load_checkpoint("org/legacy")
+    reference = load_checkpoint(str(v1_checkpoint))
+    assert checkpoint.state_dict.keys() == reference.state_dict.keys()
+    for key, value in reference.state_dict.items():
+        assert torch.equal(checkpoint.state_dict[key], value)
+
+
+def test_cli_honours_hf_hub_cache_env(tmp_path: Path, v1_checkpoint: Path, photos) -> None:
+    """A real process finds the model through HF_HUB_CACHE + HF_HUB_OFFLINE alone."""
+    cache = tmp_path / "hub"
+    fill_cache(
+        cache,
+        "facebook/convnext-tiny-224",
+        v1_checkpoint,
+        ["config.json", "preprocessor_config.json", "model.safetensors"],
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convnext_cli",
+            "classify",
+            str(photos[0]),
+            "-k",
+            "1",
+            "--dtype",
+            "float32",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["path"] == str(photos[0]) and len(record["predictions"]) == 1
