@@ -1,0 +1,91 @@
+"""`convnext convert SOURCE OUTPUT_DIR`: any ConvNeXt checkpoint in, a Hub-layout folder out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from convnext_cli.cli.errors import handle_errors, say
+
+
+@handle_errors
+def convert(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A weights file (.safetensors, .pth, .pt, .bin) in any supported layout, a "
+            "folder holding model.safetensors or pytorch_model.bin, or a Hub id.",
+            show_default=False,
+        ),
+    ],
+    output_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder to write config.json, model.safetensors and preprocessor_config.json "
+            "into (created; must be empty unless --force).",
+            show_default=False,
+        ),
+    ],
+    from_: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="Source layout: auto (detect from the key names), hf (transformers), fb "
+            "(facebookresearch ConvNeXt / ConvNeXt-V2, FCMAE included), fcmae, timm or "
+            "torchvision.",
+        ),
+    ] = "auto",
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size",
+            help="Input resolution: sets preprocessor size.shortest_edge and config image_size "
+            "(default: the source's, else 224).",
+            show_default=False,
+        ),
+    ] = None,
+    crop_pct: Annotated[
+        float | None,
+        typer.Option(
+            "--crop-pct",
+            help="Centre-crop fraction: below 384 px the short side is resized to "
+            "size / crop_pct, then cropped (default: the source's, else 0.875; torchvision "
+            "weights 224/236, 224/230 or 224/232).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Write into a non-empty OUTPUT_DIR, replacing its config, weights and "
+            "preprocessor files.",
+        ),
+    ] = False,
+) -> None:
+    """Convert a ConvNeXt / ConvNeXt V2 checkpoint to a transformers (Hub-layout) folder.
+
+    The layout (transformers, facebookresearch, FCMAE, timm, torchvision), V1 vs V2,
+    depths, widths and head size are read from the weights.  Heads of 1000 and 21841
+    classes get the ImageNet-1k / ImageNet-22k names; a headless checkpoint becomes a
+    feature model.  The output folder path is printed on stdout.
+    """
+    from convnext_cli.convert import convert as run_conversion
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        from convnext_cli.checkpoints import resolve_local
+
+        path = resolve_local(source)
+    result = run_conversion(
+        path,
+        output_dir,
+        layout=from_.lower(),
+        image_size=image_size,
+        crop_pct=crop_pct,
+        force=force,
+    )
+    say(f"converted {source} ({result.summary()}) -> {result.output_dir}")
+    typer.echo(str(result.output_dir))

@@ -1,0 +1,296 @@
+"""`convnext convert`: any supported ConvNeXt checkpoint in, a Hub-layout folder out.
+
+The folder holds ``config.json`` (transformers' ConvNextConfig / ConvNextV2Config),
+``model.safetensors`` (metadata ``{"format": "pt"}``) and ``preprocessor_config.json``
+(transformers' ConvNextImageProcessor), and loads with ``from_pretrained`` unchanged.
+
+SOURCE is a local path: a single weights file in any layout, or a folder holding
+``model.safetensors`` or ``pytorch_model.bin`` (a transformers folder keeps its
+``config.json`` and ``preprocessor_config.json``, which is how ``.bin`` folders become
+safetensors; a timm Hub folder gives its preprocessing from ``pretrained_cfg``).  Hub ids
+are resolved to a local snapshot folder by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convnext_cli import layouts
+from convnext_cli.errors import CheckpointError, UsageError, one_line
+from convnext_cli.weights_io import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    read_weights_file,
+    save_safetensors,
+)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+WEIGHTS_FILE = "model.safetensors"
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# Weight files that would shadow or contradict the new model.safetensors under --force.
+STALE_WEIGHTS = (
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+# Fields that must agree between a kept config.json and the weights.
+SHAPE_FIELDS = ("model_type", "num_channels", "patch_size", "depths", "hidden_sizes")
+
+
+@dataclass
+class Conversion:
+    """What was converted, and where it went."""
+
+    source: Path
+    output_dir: Path
+    layout: str
+    config: dict[str, Any]
+    preprocessor: dict[str, Any]
+    num_labels: int  # 0: a feature model
+
+    def summary(self) -> str:
+        """``timm, ConvNeXt V2, depths [...], widths [...], 1000 labels``."""
+        return f"{self.layout}, {layouts.describe(self.config, self.num_labels)}"
+
+
+@dataclass
+class Source:
+    """A checkpoint read from disk, with whatever JSON came beside it."""
+
+    path: Path
+    weights_file: Path
+    raw: dict[str, Any]
+    config: dict[str, Any] | None
+    preprocessor: dict[str, Any] | None
+
+
+def convert_checkpoint(
+    source: Path,
+    output_dir: Path,
+    *,
+    layout: str = "auto",
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    force: bool = False,
+) -> Path:
+    """Convert ``source`` (a local weights file or folder) into a Hub-layout ``output_dir``."""
+    return convert(
+        source, output_dir, layout=layout, image_size=image_size, crop_pct=crop_pct, force=force
+    ).output_dir
+
+
+def convert(
+    source: Path,
+    output_dir: Path,
+    *,
+    layout: str = "auto",
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    force: bool = False,
+) -> Conversion:
+    """:func:`convert_checkpoint`, returning what was written (for the CLI's summary line)."""
+    source, output_dir = Path(source).expanduser(), Path(output_dir).expanduser()
+    check_options(layout, image_size, crop_pct)
+    check_output_dir(output_dir, source, force)
+    src = read_source(source)
+    state_dict = layouts.unwrap(src.raw)
+    found_layout = layouts.resolve_layout(state_dict, layout)
+    weights, inferred = layouts.to_hf(state_dict, found_layout)
+    num_labels = len(inferred.get("id2label") or {})
+    if found_layout == "hf" and src.config is not None:
+        config = merge_hf_config(src.config, inferred, where=str(src.path / CONFIG_FILE))
+    else:
+        config = inferred
+    if image_size is not None:
+        config["image_size"] = image_size
+    preprocessor = choose_preprocessor(src, found_layout, config, image_size, crop_pct)
+    write_folder(output_dir, weights, config, preprocessor, force)
+    return Conversion(source, output_dir, found_layout, config, preprocessor, num_labels)
+
+
+def check_options(layout: str, image_size: int | None, crop_pct: float | None) -> None:
+    if layout != "auto" and layout not in layouts.LAYOUTS:
+        raise UsageError(
+            f"unknown --from {layout!r} (use auto or one of {', '.join(layouts.LAYOUTS)})"
+        )
+    if image_size is not None and image_size < 1:
+        raise UsageError(f"--image-size must be a positive number of pixels, got {image_size}")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise UsageError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+
+
+def check_output_dir(output_dir: Path, source: Path, force: bool) -> None:
+    """Refuse a file, the source folder itself, or a non-empty folder without ``force``."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"{output_dir}: exists and is not a folder")
+    source_folder = source if source.is_dir() else source.parent
+    if output_dir.exists() and output_dir.resolve() == source_folder.resolve():
+        raise UsageError(f"{output_dir}: is the source's own folder; choose another OUTPUT_DIR")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
+        raise UsageError(f"{output_dir}: folder is not empty (use --force to write into it)")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_source(source: Path) -> Source:
+    """Read a weights file, or a folder's weights plus its config/preprocessor JSON."""
+    if not source.exists():
+        raise CheckpointError(f"{source}: no such file or folder")
+    if source.is_file():
+        return Source(source, source, read_weights_file(source), None, None)
+    weights_file = folder_weights(source)
+    return Source(
+        path=source,
+        weights_file=weights_file,
+        raw=read_weights_file(weights_file),
+        config=read_json(source / CONFIG_FILE),
+        preprocessor=read_json(source / PREPROCESSOR_FILE),
+    )
+
+
+def folder_weights(folder: Path) -> Path:
+    """``model.safetensors``, else ``pytorch_model.bin``, else the folder's only weights file."""
+    for name in FOLDER_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    if any(folder.glob("*.index.json")):
+        raise CheckpointError(f"{folder}: sharded checkpoints are not supported")
+    suffixes = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(p.name for p in sorted(folder.iterdir())[:8]) or "nothing"
+    raise CheckpointError(
+        f"{folder}: no weights file ({' or '.join(FOLDER_WEIGHTS)}) in the folder; found: {found}"
+    )
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when the file does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON ({one_line(exc)})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------- config
+
+
+def merge_hf_config(
+    existing: dict[str, Any], inferred: dict[str, Any], *, where: str
+) -> dict[str, Any]:
+    """Keep a transformers folder's config.json, checked against (and completed from) the weights.
+
+    Architecture fields must agree with the weights; numeric settings such as
+    ``layer_norm_eps`` and the label names are the folder's.  ``architectures`` is set
+    from the weights (classifier or feature model).
+    """
+    config = dict(existing)
+    for field in SHAPE_FIELDS:
+        if field in config and _comparable(field, config[field]) != inferred[field]:
+            raise CheckpointError(
+                f"{where}: {field} {config[field]!r} does not match the weights "
+                f"({inferred[field]!r})"
+            )
+    for field in SHAPE_FIELDS + ("num_stages", "architectures"):
+        config[field] = inferred[field]
+    labels = inferred.get("id2label")
+    if labels is None:
+        return config  # a feature model: whatever labels the config names are unused
+    kept = config.get("id2label")
+    if not kept:
+        config["id2label"], config["label2id"] = labels, inferred["label2id"]
+    elif len(kept) != len(labels):
+        raise CheckpointError(
+            f"{where}: id2label names {len(kept)} classes but the classifier has {len(labels)}"
+        )
+    else:
+        config["id2label"] = {str(k): str(v) for k, v in sorted(kept.items(), key=_index)}
+        config["label2id"] = {v: int(k) for k, v in config["id2label"].items()}
+    config.pop("num_labels", None)
+    return config
+
+
+def _comparable(field: str, value: Any) -> Any:
+    """A config.json value in the form the inferred config uses (patch_size may be [4, 4])."""
+    if field == "patch_size" and isinstance(value, (list, tuple)) and len(set(value)) == 1:
+        return int(value[0])
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return value
+
+
+def _index(item: tuple[Any, Any]) -> int:
+    try:
+        return int(item[0])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"id2label key {item[0]!r} is not an integer") from None
+
+
+def choose_preprocessor(
+    src: Source,
+    layout: str,
+    config: dict[str, Any],
+    image_size: int | None,
+    crop_pct: float | None,
+) -> dict[str, Any]:
+    """The folder's preprocessor_config.json, timm's pretrained_cfg, or the layout's default;
+    then the ``--image-size`` / ``--crop-pct`` overrides."""
+    timm_pre = (
+        layouts.preprocessor_from_timm_config(src.config)
+        if src.config is not None and layout == "timm"
+        else None
+    )
+    if src.preprocessor is not None:
+        pre = dict(src.preprocessor)
+    elif timm_pre is not None:
+        pre = timm_pre
+        if image_size is None:
+            config["image_size"] = pre["size"]["shortest_edge"]
+    else:
+        pre = layouts.default_preprocessor(layout, config)
+    if image_size is not None:
+        pre["size"] = {"shortest_edge": image_size}
+    if crop_pct is not None:
+        pre["crop_pct"] = crop_pct
+    return pre
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_folder(
+    output_dir: Path,
+    weights: dict[str, Tensor],
+    config: dict[str, Any],
+    preprocessor: dict[str, Any],
+    force: bool,
+) -> None:
+    """Write the three files (with ``force``, first remove weight files that would conflict)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if force:
+            for name in STALE_WEIGHTS:
+                (output_dir / name).unlink(missing_ok=True)
+        save_safetensors(weights, output_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+        write_json(output_dir / CONFIG_FILE, config)
+        write_json(output_dir / PREPROCESSOR_FILE, preprocessor)
+    except OSError as exc:
+        raise UsageError(f"{output_dir}: cannot write ({one_line(exc)})") from exc
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
