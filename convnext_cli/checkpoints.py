@@ -165,6 +165,7 @@ def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
         layout = layouts.detect_layout(state_dict)
         state_dict, raw_config = layouts.to_hf(state_dict, layout)
         config = ConvNextConfig.from_dict(raw_config, where=str(weights_file))
+        state_dict = _normalise_hf_keys(state_dict, config)
 
     if "classifier.weight" not in state_dict:
         config.id2label = {}  # a feature model: the head is an identity
@@ -173,12 +174,22 @@ def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
     if pre_path.is_file():
         preprocess = PreprocessSpec.from_file(pre_path)
     else:
-        from convnext_cli import layouts
-
-        preprocess = PreprocessSpec.from_dict(layouts.default_preprocessor(layout, raw_config))
+        preprocess = PreprocessSpec.from_dict(_default_preprocessing(layout, raw_config, folder))
     checkpoint = Checkpoint(config, state_dict, preprocess, source=model, layout=layout)
     check_weights(checkpoint)
     return checkpoint
+
+
+def _default_preprocessing(layout: str, config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """No preprocessor_config.json: a timm Hub repo's pretrained_cfg, else the layout's default."""
+    from convnext_cli import layouts
+
+    timm_config = folder / CONFIG_FILE
+    if layout == "timm" and timm_config.is_file():
+        described = layouts.preprocessor_from_timm_config(_read_json(timm_config))
+        if described is not None:
+            return described
+    return layouts.default_preprocessor(layout, config)
 
 
 def is_hf_layout(state_dict: dict[str, Any]) -> bool:
@@ -236,8 +247,12 @@ def build_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     channels_last: bool = True,
+    fuse: bool = True,
 ) -> ConvNeXtForClassification:
-    """Instantiate the model without a random init, load the weights strictly, move and cast."""
+    """Instantiate the model without a random init, load the weights strictly, move and cast.
+
+    On CPU with channels_last, blocks switch to oneDNN's fused kernels (see cpu_fusion).
+    """
     import torch
 
     from convnext_cli.model import ConvNeXtForClassification
@@ -248,7 +263,12 @@ def build_model(
     model = model.to(device=device, dtype=dtype or torch.float32)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if fuse and channels_last and torch.device(device).type == "cpu":
+        from convnext_cli.cpu_fusion import fuse_blocks
+
+        fuse_blocks(model)
+    return model
 
 
 def load_model(

@@ -14,6 +14,8 @@ activations reach a few hundred (a sum of squares over 56x56 positions passes 65
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,8 @@ class Block(nn.Module):
             if use_ls
             else None
         )
+        # set by convnext_cli.cpu_fusion for CPU inference; not part of the state dict
+        self.fused_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_name == "gelu":
@@ -77,6 +81,11 @@ class Block(nn.Module):
         return F.silu(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_forward is not None:
+            return self.fused_forward(x)
+        return self.plain_forward(x)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dwconv(x)  # (N, C, H, W)
         y = y.permute(0, 2, 3, 1)  # (N, H, W, C)
         y = self.layernorm(y)

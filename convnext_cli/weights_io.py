@@ -39,12 +39,16 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_pickle(path: Path) -> dict[str, Any]:
+    import argparse
     import pickle
 
     import torch
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        # Training checkpoints (facebookresearch `checkpoint-*.pth`) carry their argparse
+        # arguments beside the weights; a Namespace holds plain values and runs no code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to unpickle: the file holds objects other than tensors "

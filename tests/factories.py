@@ -74,9 +74,9 @@ def hf_model(
     return randomise(cls(config), seed)
 
 
-def save_hf(model, folder: Path, preprocessor: dict | None = None, safe: bool = True) -> Path:
+def save_hf(model, folder: Path, preprocessor: dict | None = None) -> Path:
     """Save a transformers model plus a preprocessor_config.json as a Hub-layout folder."""
-    model.save_pretrained(folder, safe_serialization=safe)
+    model.save_pretrained(folder)
     pre = dict(IMAGENET_PREPROCESSOR if preprocessor is None else preprocessor)
     (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return folder

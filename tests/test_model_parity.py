@@ -90,3 +90,44 @@ def test_every_paper_size_has_transformers_keys(size: str, v2: bool) -> None:
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     ref_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     assert shapes == ref_shapes
+
+
+@pytest.mark.parametrize(
+    "case", ["v1-4stage", "v2-4stage", "v1-no-layer-scale", "v1-patch2-tanh-gelu"]
+)
+def test_fused_cpu_blocks_match_transformers(case: str) -> None:
+    """The oneDNN-fused CPU path (what the CLI runs on CPU) keeps transformers' numbers."""
+    from convnext_cli.cpu_fusion import fuse_blocks, fusion_available
+
+    if not fusion_available():
+        pytest.skip("this PyTorch build has no oneDNN fused linear")
+    reference = factories.hf_model(seed=hash(case) % 1000, **CASES[case])
+    ours = ours_from(reference).to(memory_format=torch.channels_last)
+    assert fuse_blocks(ours)
+    assert all(b.fused_forward is not None for b in ours.modules() if hasattr(b, "fused_forward"))
+    pixels = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels).logits
+        got = ours(pixels.contiguous(memory_format=torch.channels_last))
+        got_nchw = ours(pixels)  # non-channels_last input falls back to the plain path
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_nchw, expected, atol=1e-4, rtol=0)
+    assert set(ours.state_dict()) == set(reference.state_dict())
+
+
+def test_fused_bfloat16_close_to_plain_bfloat16() -> None:
+    from convnext_cli.cpu_fusion import fuse_blocks, fusion_available
+
+    if not fusion_available():
+        pytest.skip("this PyTorch build has no oneDNN fused linear")
+    reference = factories.hf_model(v2=True, seed=9)
+    plain = ours_from(reference).to(torch.bfloat16, memory_format=torch.channels_last)
+    fused = ours_from(reference).to(torch.bfloat16, memory_format=torch.channels_last)
+    if not fuse_blocks(fused):
+        pytest.skip("oneDNN has no bfloat16 fused linear on this CPU")
+    pixels = torch.randn(2, 3, 64, 64).to(torch.bfloat16)
+    pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        a, b = plain(pixels).float(), fused(pixels).float()
+    assert torch.isfinite(b).all()
+    assert (a - b).abs().max() <= 0.05 * a.abs().max()

@@ -12,6 +12,7 @@ import typer
 
 from convnext_cli import __version__
 from convnext_cli.cli.classify import classify
+from convnext_cli.cli.convert import convert
 from convnext_cli.cli.embed import embed
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ def _root(
 
 app.command("classify")(classify)
 app.command("embed")(embed)
+app.command("convert")(convert)
 
 
 def main() -> None:
