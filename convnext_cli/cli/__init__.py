@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from convnext_cli import __version__
+from convnext_cli.cli.benchmark import benchmark
 from convnext_cli.cli.classify import classify
 from convnext_cli.cli.convert import convert
 from convnext_cli.cli.embed import embed
@@ -44,6 +45,7 @@ def _root(
 app.command("classify")(classify)
 app.command("embed")(embed)
 app.command("convert")(convert)
+app.command("benchmark")(benchmark)
 
 
 def main() -> None:
