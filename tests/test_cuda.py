@@ -1,0 +1,77 @@
+"""CUDA paths: run where a GPU is present, skipped elsewhere (float16 checks run on CPU too)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from convnext_cli.cli import app
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def classify(checkpoint: Path, photos: list[Path], device: str, dtype: str) -> list[dict]:
+    result = CliRunner().invoke(
+        app,
+        [
+            "classify",
+            *map(str, photos),
+            "-m",
+            str(checkpoint),
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "-k",
+            "5",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize(
+    "dtype,tolerance", [("float32", 2e-3), ("float16", 2e-2), ("bfloat16", 5e-2)]
+)
+def test_cuda_matches_cpu(
+    v2_checkpoint: Path, photos: list[Path], dtype: str, tolerance: float
+) -> None:
+    cpu = classify(v2_checkpoint, photos, "cpu", "float32")
+    gpu = classify(v2_checkpoint, photos, "cuda", dtype)
+    for a, b in zip(cpu, gpu, strict=True):
+        scores = {p["index"]: p["score"] for p in b["predictions"]}
+        for p in a["predictions"][:3]:
+            assert abs(scores.get(p["index"], 0.0) - p["score"]) <= tolerance
+
+
+def test_cuda_benchmark(v1_checkpoint: Path, photos: list[Path]) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "benchmark",
+            "-m",
+            str(v1_checkpoint),
+            "--device",
+            "cuda",
+            "-b",
+            "1,4",
+            "--dtype",
+            "float32,float16",
+            "--iters",
+            "3",
+            "--images",
+            str(photos[0].parent),
+            "--format",
+            "json",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert all(r["memory_kind"] == "cuda max allocated" and r["images_per_s"] > 0 for r in rows)
