@@ -9,10 +9,10 @@ std 0.5).  The geometry:
   (offsets rounded down, zero padding if the image is smaller);
 - ``shortest_edge >= 384``: warp to ``shortest_edge`` square, no crop.
 
-Resizing runs on uint8 (C, H, W) tensors with torchvision's antialiased kernels, as the
-processor does, so the pixels are bit-identical.  The split between :meth:`resize_and_crop`
-(uint8, in DataLoader workers) and :meth:`normalize` (float, on the target device) keeps
-the bytes that cross processes and the host-to-device copy four times smaller.
+Resizing runs on uint8 (C, H, W) tensors with the antialiased kernels torchvision's resize
+uses, as the processor does, so the pixels are bit-identical.  The split between
+:meth:`resize_and_crop` (uint8, in DataLoader workers) and :meth:`normalize` (float, on the
+target device) keeps the bytes that cross processes and the host-to-device copy 4x smaller.
 """
 
 from __future__ import annotations
@@ -132,17 +132,9 @@ class PreprocessSpec:
 
     def resize_and_crop(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 -> (3, h, w) uint8: the processor's resize and crop steps."""
-        from torchvision.transforms.v2 import functional as tvF
-
         if self.do_resize:
             height, width = image.shape[-2:]
-            interpolation = _interpolation(self.resample)
-            image = tvF.resize(
-                image,
-                list(self.resize_size(height, width)),
-                interpolation=interpolation,
-                antialias=True,
-            )
+            image = resize(image, self.resize_size(height, width), self.resample)
             if self.shortest_edge < 384:
                 image = center_crop(image, self.shortest_edge, self.shortest_edge)
         if self.do_center_crop and self.crop_size:
@@ -168,15 +160,71 @@ class PreprocessSpec:
         return pixels if dtype is None else pixels.to(dtype)
 
 
+def resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
+    """Resize a (C, H, W) uint8 image exactly as torchvision's ``resize(antialias=True)``.
+
+    torchvision's tensor resize is a thin layer over ``torch.nn.functional.interpolate``;
+    this is that layer, so that a run does not import torchvision, whose package import
+    pulls in ``torch._dynamo`` (about 2 s, longer than decoding a hundred photos).  On CPU,
+    bicubic and Lanczos (and bilinear on AVX2/AVX-512/Arm) run torch's native uint8
+    kernels; elsewhere it is float, clamp (cubic kernels overshoot), round, back to uint8.
+    Box and Hamming, which ConvNeXt checkpoints do not use, go to torchvision itself.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    mode = _INTERPOLATE_MODES.get(resample)
+    if mode is None:
+        from torchvision.transforms.v2 import functional as tvF
+
+        return tvF.resize(image, list(size), interpolation=_interpolation(resample), antialias=True)
+    batch = image[None]
+    native = mode == "nearest-exact" or (
+        image.device.type == "cpu" and (mode != "bilinear" or _native_uint8_bilinear())
+    )
+    if not native:
+        batch = batch.to(torch.float32)
+    smooth = mode != "nearest-exact"
+    out = F.interpolate(
+        batch,
+        size=list(size),
+        mode=mode,
+        align_corners=False if smooth else None,
+        antialias=smooth,
+    )
+    if not native:
+        if mode in ("bicubic", "lanczos"):
+            out = out.clamp_(0, 255)
+        out = out.round_().to(torch.uint8)
+    return out[0]
+
+
+_INTERPOLATE_MODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def _native_uint8_bilinear() -> bool:
+    """torchvision's rule: uint8 bilinear runs natively on AVX2/AVX-512 x86 and on Arm."""
+    import platform
+
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or (
+        platform.machine() in ("aarch64", "arm64")
+    )
+
+
 def center_crop(image: torch.Tensor, crop_height: int, crop_width: int) -> torch.Tensor:
     """Centre crop with offsets rounded down; zero-pad first when the image is smaller."""
-    from torchvision.transforms.v2 import functional as tvF
+    import torch.nn.functional as F
 
     height, width = image.shape[-2:]
     if crop_width > width or crop_height > height:
         pad_w = max(crop_width - width, 0)
         pad_h = max(crop_height - height, 0)
-        image = tvF.pad(image, [pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2], fill=0)
+        padding = [pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2]
+        image = F.pad(image, padding, mode="constant", value=0)
         height, width = image.shape[-2:]
     top = (height - crop_height) // 2
     left = (width - crop_width) // 2
