@@ -197,7 +197,8 @@ def main() -> None:
     for dtype, rates in report["model"].items():
         print(f"\nmodel only, {dtype}, batch {args.batch_size}, channels_last")
         for name, rate in rates.items():
-            print(f"  {name:22s} {rate:7.1f} img/s   ours / this {rates['convnext_cli'] / rate:5.2f}x")
+            ratio = rates["convnext_cli"] / rate
+            print(f"  {name:22s} {rate:7.1f} img/s   ours / this {ratio:5.2f}x")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
