@@ -95,20 +95,45 @@ def end_to_end(args: argparse.Namespace, dtype: str) -> dict[str, dict]:
     from convnext_cli.pipeline import default_workers
 
     count = len(list(args.photos.glob("*.jpg")))
-    workers = default_workers(count, args.batch_size)
+    workers = default_workers(count, args.batch_size, "cpu")
     py = sys.executable
     commands = {
         "convnext classify": [
-            py, "-m", "convnext_cli", "classify", str(args.photos), "-m", str(args.model),
-            "-b", str(args.batch_size), "--dtype", dtype, "--device", "cpu", "--format",
-            "jsonl", "-o", os.devnull,
+            py,
+            "-m",
+            "convnext_cli",
+            "classify",
+            str(args.photos),
+            "-m",
+            str(args.model),
+            "-b",
+            str(args.batch_size),
+            "--dtype",
+            dtype,
+            "--device",
+            "cpu",
+            "--format",
+            "jsonl",
+            "-o",
+            os.devnull,
         ],
         "transformers pipeline": [
-            py, "-c", TRANSFORMERS_SCRIPT, str(args.photos), str(args.model),
-            str(args.batch_size), dtype,
+            py,
+            "-c",
+            TRANSFORMERS_SCRIPT,
+            str(args.photos),
+            str(args.model),
+            str(args.batch_size),
+            dtype,
         ],
         "timm + DataLoader": [
-            py, "-c", TIMM_SCRIPT, str(args.photos), str(args.batch_size), dtype, str(workers),
+            py,
+            "-c",
+            TIMM_SCRIPT,
+            str(args.photos),
+            str(args.batch_size),
+            dtype,
+            str(workers),
         ],
     }
     results: dict[str, dict] = {name: {"seconds": [], "rss_mb": []} for name in commands}
@@ -117,8 +142,11 @@ def end_to_end(args: argparse.Namespace, dtype: str) -> dict[str, dict]:
             seconds, rss = timed(cmd)
             results[name]["seconds"].append(seconds)
             results[name]["rss_mb"].append(rss)
-            print(f"  {dtype:9s} {name:22s} {seconds:6.2f} s  peak RSS {rss:5.0f} MiB",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {dtype:9s} {name:22s} {seconds:6.2f} s  peak RSS {rss:5.0f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
     for record in results.values():
         record["best_s"] = min(record["seconds"])
         record["images_per_s"] = count / record["best_s"]
@@ -192,8 +220,10 @@ def main() -> None:
         print(f"\nend to end, whole process, {dtype}")
         for name, record in results.items():
             ratio = record["best_s"] / ours
-            print(f"  {name:22s} {record['best_s']:7.2f} s  {record['images_per_s']:6.1f} img/s"
-                  f"  peak RSS {max(record['rss_mb']):5.0f} MiB  time / ours {ratio:5.2f}x")
+            print(
+                f"  {name:22s} {record['best_s']:7.2f} s  {record['images_per_s']:6.1f} img/s"
+                f"  peak RSS {max(record['rss_mb']):5.0f} MiB  time / ours {ratio:5.2f}x"
+            )
     for dtype, rates in report["model"].items():
         print(f"\nmodel only, {dtype}, batch {args.batch_size}, channels_last")
         for name, rate in rates.items():

@@ -71,12 +71,20 @@ def _collate(items: list[tuple[int, Any, str | None]]) -> list[tuple[int, Any, s
     return items
 
 
-def default_workers(num_inputs: int, batch_size: int) -> int:
-    """Worker processes for decoding: none for a single batch, else up to the spare cores."""
+def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") -> int:
+    """Decoding processes: none for a single batch; on a GPU, the cores but one (at most 8).
+
+    On the CPU the model's threads already use every core, and a decoder process fighting
+    them for cores costs more than it overlaps (measured on 2 cores: bfloat16, 100 photos,
+    5.7 s in-process against 7.3 s with one worker), so only one in four cores decodes.
+    """
     if num_inputs <= batch_size:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cores or 1) - 1))
+    cores = cores or 1
+    if device_type == "cpu":
+        return min(8, cores // 4)
+    return max(1, min(8, cores - 1))
 
 
 def decoded_batches(
@@ -134,7 +142,7 @@ class Runner:
         import torch
 
         if workers is None:
-            workers = default_workers(len(paths), batch_size)
+            workers = default_workers(len(paths), batch_size, self.device.type)
         pin = self.device.type == "cuda"
         for items in decoded_batches(paths, self.spec, batch_size, workers, pin):
             results = [Result(path=paths[i], error=err) for i, _, err in items]

@@ -41,8 +41,8 @@ WorkersOpt = Annotated[
     typer.Option(
         "--workers",
         min=0,
-        help="Decoding worker processes (0: decode in the main process). "
-        "Default: none for a single batch, else the cores but one (at most 8).",
+        help="Decoding worker processes (0: decode in the main process). Default: none for "
+        "a single batch; on a GPU the cores but one, on the CPU one per four cores (max 8).",
         show_default=False,
     ),
 ]
