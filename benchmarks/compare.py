@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,32 +65,9 @@ assert count == len(paths), count
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB, main process) of one child process.
-
-    The peak is the child's own VmHWM, polled from /proc: rusage's ru_maxrss would carry
-    this (large) parent's peak into the child across fork + exec.
-    """
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak_kb = 0
-    status_file = Path(f"/proc/{proc.pid}/status")
-    while proc.poll() is None:
-        try:
-            for line in status_file.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak_kb = max(peak_kb, int(line.split()[1]))
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
-    seconds = time.perf_counter() - start
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{stderr[-2000:]}")
-    return seconds, peak_kb / 1024
-
-
 def end_to_end(args: argparse.Namespace, dtype: str) -> dict[str, dict]:
+    from proc import timed
+
     from convnext_cli.pipeline import default_workers
 
     count = len(list(args.photos.glob("*.jpg")))
