@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 from convnext_cli.config import ConvNextConfig
 from convnext_cli.errors import CheckpointError, one_line
 from convnext_cli.preprocess import PreprocessSpec
-from convnext_cli.weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_weights_file
+from convnext_cli.weights_io import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    read_weights_file,
+    shape_problems,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -218,28 +223,9 @@ def expected_shapes(config: ConvNextConfig) -> dict[str, tuple[int, ...]]:
 
 def check_weights(checkpoint: Checkpoint) -> None:
     """Fail with one line naming missing and unexpected keys and shape mismatches."""
-    expected = expected_shapes(checkpoint.config)
-    found = {k: tuple(v.shape) for k, v in checkpoint.state_dict.items()}
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {list(found[k])} vs config {list(shape)}"
-        for k, shape in expected.items()
-        if k in found and found[k] != shape
-    ]
-    problems = []
-    for what, items in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("shape mismatches", mismatched),
-    ):
-        if items:
-            shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
-            problems.append(f"{len(items)} {what} ({shown})")
+    problems = shape_problems(expected_shapes(checkpoint.config), checkpoint.state_dict)
     if problems:
-        raise CheckpointError(
-            f"{checkpoint.source}: weights do not match the config: {'; '.join(problems)}"
-        )
+        raise CheckpointError(f"{checkpoint.source}: weights do not match the config: {problems}")
 
 
 def build_model(

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from convnext_cli.errors import CheckpointError, UsageError
 from convnext_cli.labels import id2label_dict, label2id_dict, labels_for
+from convnext_cli.weights_io import shape_problems
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -525,28 +526,11 @@ def _block_shapes(prefix: str, width: int, arch: Architecture) -> dict[str, tupl
 
 def check_fits(body: Mapping[str, Tensor], arch: Architecture, layout: str) -> None:
     """Fail with one line unless ``body`` has exactly the keys and shapes of ``arch``."""
-    expected = expected_shapes(arch)
-    found = {k: tuple(v.shape) for k, v in body.items()}
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    mismatched = [
-        f"{k} {list(found[k])} (expected {list(shape)})"
-        for k, shape in expected.items()
-        if k in found and found[k] != shape
-    ]
-    problems = [
-        f"{len(items)} {what} ({_show(items, 3)})"
-        for what, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("with the wrong shape", mismatched),
-        )
-        if items
-    ]
+    problems = shape_problems(expected_shapes(arch), body)
     if problems:
         raise CheckpointError(
             f"{LAYOUT_NAMES[layout]} checkpoint does not fit transformers' ConvNeXt "
-            f"(depths {arch.depths}, widths {arch.hidden_sizes}): {'; '.join(problems)}"
+            f"(depths {arch.depths}, widths {arch.hidden_sizes}): {problems}"
         )
 
 

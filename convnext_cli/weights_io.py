@@ -7,6 +7,7 @@ arbitrary object.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,30 @@ def _is_zip(path: Path) -> bool:
     import zipfile
 
     return zipfile.is_zipfile(path)
+
+
+def shape_problems(
+    expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Any]
+) -> str | None:
+    """One line naming missing and unexpected keys and shape mismatches, or None if none."""
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {list(found[k])} vs expected {list(shape)}"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
+    ]
+    problems = [
+        f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if items
+    ]
+    return "; ".join(problems) or None
 
 
 def save_safetensors(

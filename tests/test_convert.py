@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fractions
 import json
 from pathlib import Path
 
@@ -221,10 +222,17 @@ def test_refuses_bad_targets_and_options(tmp_path: Path) -> None:
 
 def test_pickle_with_objects_is_refused(tmp_path: Path) -> None:
     sd = src.timm_model().state_dict()
-    source = save_pth({"model": sd, "args": argparse.Namespace(lr=0.1)}, tmp_path / "ckpt.pth")
+    source = save_pth({"model": sd, "epoch": fractions.Fraction(1, 3)}, tmp_path / "ckpt.pth")
     with pytest.raises(CheckpointError, match="refused to unpickle"):
         convert_checkpoint(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_training_checkpoint_with_argparse_namespace_loads(tmp_path: Path) -> None:
+    """facebookresearch training checkpoints keep their argparse arguments beside the weights."""
+    sd = src.timm_model().state_dict()
+    source = save_pth({"model": sd, "args": argparse.Namespace(lr=0.1)}, tmp_path / "ckpt.pth")
+    assert (convert_checkpoint(source, tmp_path / "out") / "model.safetensors").is_file()
 
 
 def test_unknown_layout_names_keys(tmp_path: Path) -> None:

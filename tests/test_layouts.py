@@ -405,7 +405,7 @@ def test_unexpressible_variants_are_refused() -> None:
     with pytest.raises(CheckpointError, match="norm_pre"):
         layouts.to_hf(model.state_dict())
     model = src.timm_model(kernel_sizes=5)
-    with pytest.raises(CheckpointError, match="wrong shape.*dwconv"):
+    with pytest.raises(CheckpointError, match="shape mismatches.*dwconv"):
         layouts.to_hf(model.state_dict())
     model = src.timm_model(head_hidden_size=12)
     with pytest.raises(CheckpointError, match="pre_logits"):
@@ -424,6 +424,6 @@ def test_truncated_checkpoint_is_refused() -> None:
     sd = src.timm_model().state_dict()
     del sd["stages.2.blocks.1.mlp.fc2.bias"]
     with pytest.raises(
-        CheckpointError, match=r"1 missing \(encoder\.stages\.2\.layers\.1\.pwconv2"
+        CheckpointError, match=r"1 missing keys \(encoder\.stages\.2\.layers\.1\.pwconv2"
     ):
         layouts.to_hf(sd)
