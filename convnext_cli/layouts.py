@@ -654,18 +654,16 @@ def preprocessor_dict(
 ) -> dict[str, Any]:
     """A complete ``ConvNextImageProcessor`` config (every field explicit: transformers'
     own defaults, size 384 and mean/std 0.5, are not the ImageNet ones)."""
-    return {
-        "image_processor_type": "ConvNextImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": int(size)},
-        "crop_pct": float(crop_pct),
-        "resample": int(resample),
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [float(x) for x in mean],
-        "image_std": [float(x) for x in std],
-    }
+    from convnext_cli.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(
+        shortest_edge=int(size),
+        crop_pct=float(crop_pct),
+        resample=int(resample),
+        image_mean=tuple(float(x) for x in mean),
+        image_std=tuple(float(x) for x in std),
+    )
+    return spec.to_dict()
 
 
 _TIMM_INTERPOLATION = {
