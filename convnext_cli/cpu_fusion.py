@@ -95,3 +95,10 @@ def fuse_blocks(model: ConvNeXtForClassification, probe_size: int = 8) -> bool:
     for block, forward in fused:
         block.fused_forward = forward
     return True
+
+
+def unfuse_blocks(model: torch.nn.Module) -> None:
+    """Back to the plain path, e.g. before torch.compile, which does its own fusion."""
+    for block in model.modules():
+        if isinstance(block, Block):
+            block.fused_forward = None

@@ -126,6 +126,19 @@ class Runner:
         self.dtype = dtype
         self.channels_last = channels_last
         self.labels = model.config.labels
+        # what runs a batch: the model itself, or torch.compile'd versions of it
+        self.logits_fn: Any = model
+        self.embed_fn: Any = model.embed
+
+    def compile(self) -> None:
+        """torch.compile the model (on the plain path: Inductor does its own fusion)."""
+        import torch
+
+        from convnext_cli.cpu_fusion import unfuse_blocks
+
+        unfuse_blocks(self.model)
+        self.logits_fn = torch.compile(self.model)
+        self.embed_fn = torch.compile(self.model.embed)
 
     def _to_input(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         import torch
@@ -170,7 +183,7 @@ class Runner:
         k = max(1, min(top_k, len(self.labels)))
 
         def fill(batch: torch.Tensor, results: list[Result]) -> None:
-            probs = self.model(batch).float().softmax(dim=-1)
+            probs = self.logits_fn(batch).float().softmax(dim=-1)
             scores, indices = probs.topk(k, dim=-1)
             for result, row_scores, row_indices in zip(
                 results, scores.cpu().tolist(), indices.cpu().tolist(), strict=True
@@ -192,7 +205,7 @@ class Runner:
         """The pooled feature (transformers' pooler_output) for every path, per batch."""
 
         def fill(batch: torch.Tensor, results: list[Result]) -> None:
-            features = self.model.embed(batch).float()
+            features = self.embed_fn(batch).float()
             if normalize:
                 features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             for result, row in zip(results, features.cpu(), strict=True):

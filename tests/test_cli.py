@@ -249,3 +249,15 @@ def test_subprocess_exit_codes_and_debug(v1_checkpoint: Path, broken_folder: Pat
         "classify", broken_folder, "-m", broken_folder / "notes.txt", env={"CONVNEXT_DEBUG": "1"}
     )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_compile_gives_the_same_records(v2_checkpoint: Path, photos: list[Path]) -> None:
+    """--compile runs the plain model through torch.compile: same predictions."""
+    common = ["-m", v2_checkpoint, "--dtype", "float32", "-k", "3", "--device", "cpu"]
+    eager = jsonl(invoke("classify", *photos[:2], *common).stdout)
+    compiled = invoke("classify", *photos[:2], *common, "--compile")
+    assert compiled.exit_code == 0, compiled.stderr
+    for a, b in zip(eager, jsonl(compiled.stdout), strict=True):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+        for p, q in zip(a["predictions"], b["predictions"], strict=True):
+            assert abs(p["score"] - q["score"]) < 1e-4

@@ -24,7 +24,9 @@ def gather_inputs(inputs: list[str], recursive: bool) -> list[str]:
     return expand_inputs(inputs, recursive=recursive, warn=lambda msg: say(f"warning: {msg}"))
 
 
-def load_runner(model: str, device: str, dtype: str, channels_last: bool = True) -> Runner:
+def load_runner(
+    model: str, device: str, dtype: str, compile_model: bool = False, channels_last: bool = True
+) -> Runner:
     """Resolve device and dtype, load the checkpoint, and build the runner on the device."""
     from convnext_cli.checkpoints import build_model, load_checkpoint
     from convnext_cli.device import resolve
@@ -35,7 +37,11 @@ def load_runner(model: str, device: str, dtype: str, channels_last: bool = True)
         say(f"note: --dtype auto chose {placement.dtype_name}: {placement.reason}")
     checkpoint = load_checkpoint(model)
     net = build_model(checkpoint, placement.device, placement.dtype, channels_last=channels_last)
-    return Runner(net, checkpoint.preprocess, placement.device, placement.dtype, channels_last)
+    runner = Runner(net, checkpoint.preprocess, placement.device, placement.dtype, channels_last)
+    if compile_model:
+        say("note: compiling the model; the first batch includes the compile time")
+        runner.compile()
+    return runner
 
 
 @contextlib.contextmanager

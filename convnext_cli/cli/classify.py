@@ -12,6 +12,7 @@ from convnext_cli.cli.batch_run import gather_inputs, load_runner, open_output, 
 from convnext_cli.cli.errors import handle_errors
 from convnext_cli.cli.options import (
     BatchOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     InputsArg,
@@ -42,6 +43,7 @@ def classify(
     dtype: DtypeOpt = "auto",
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = None,
+    compile_model: CompileOpt = False,
 ) -> None:
     """Classify images: top-k labels with softmax scores, one record per input, in order.
 
@@ -54,7 +56,7 @@ def classify(
     if fmt == "auto":
         fmt = "table" if output is None and sys.stdout.isatty() else "jsonl"
     paths = gather_inputs(inputs, recursive)
-    runner = load_runner(model, device, dtype)
+    runner = load_runner(model, device, dtype, compile_model)
     with open_output(output) as stream:
         writer = classify_writer(fmt, stream, top_k)
         batches = runner.classify(paths, top_k=top_k, batch_size=batch_size, workers=workers)

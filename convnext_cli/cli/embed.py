@@ -11,6 +11,7 @@ from convnext_cli.cli.batch_run import gather_inputs, load_runner, open_output, 
 from convnext_cli.cli.errors import handle_errors
 from convnext_cli.cli.options import (
     BatchOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     InputsArg,
@@ -44,6 +45,7 @@ def embed(
     dtype: DtypeOpt = "auto",
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = None,
+    compile_model: CompileOpt = False,
 ) -> None:
     """Embed images: the pooled feature (global average pool + final LayerNorm) per input.
 
@@ -57,7 +59,7 @@ def embed(
     if fmt in BINARY_FORMATS and output is None:
         raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
     paths = gather_inputs(inputs, recursive)
-    runner = load_runner(model, device, dtype)
+    runner = load_runner(model, device, dtype, compile_model)
     batches = runner.embed(paths, normalize=normalize, batch_size=batch_size, workers=workers)
     if fmt in BINARY_FORMATS:
         writer = embed_writer(fmt, None, output)

@@ -49,8 +49,11 @@ def handle_errors(command: F) -> F:
         except Exception as exc:
             if debug_enabled():
                 raise
+            message = one_line(exc)
+            if len(message) > 300:
+                message = message[:300] + " ..."
             say(
-                f"error: internal error: {type(exc).__name__}: {one_line(exc)} "
+                f"error: internal error: {type(exc).__name__}: {message} "
                 "(set CONVNEXT_DEBUG=1 for the traceback)"
             )
             raise typer.Exit(EXIT_INPUT_FAILED) from None

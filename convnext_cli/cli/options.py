@@ -55,3 +55,10 @@ OutputOpt = Annotated[
         "--output", "-o", help="Write results to FILE instead of stdout.", show_default=False
     ),
 ]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Run the model through torch.compile (slow first batch; pays off on long runs).",
+    ),
+]
