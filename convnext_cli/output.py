@@ -165,7 +165,10 @@ class MatrixWriter:
         self.paths: list[str] = []
         self.dim: int | None = None
         self.errors: dict[str, str] = {}
-        fd, spool = tempfile.mkstemp(prefix=".convnext-", suffix=".f32", dir=path.parent or ".")
+        try:
+            fd, spool = tempfile.mkstemp(prefix=".convnext-", suffix=".f32", dir=path.parent)
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot write output ({exc.strerror})") from exc
         self.spool_path = Path(spool)
         self.spool = os.fdopen(fd, "wb")
 
@@ -188,6 +191,11 @@ class MatrixWriter:
                 self._write_safetensors()
         finally:
             self.spool_path.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Drop the spool without writing anything (the run failed or was interrupted)."""
+        self.spool.close()
+        self.spool_path.unlink(missing_ok=True)
 
     def _write_npy(self) -> None:
         import numpy as np

@@ -261,3 +261,10 @@ def test_compile_gives_the_same_records(v2_checkpoint: Path, photos: list[Path])
         assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
         for p, q in zip(a["predictions"], b["predictions"], strict=True):
             assert abs(p["score"] - q["score"]) < 1e-4
+
+
+def test_failed_model_load_leaves_no_spool_file(photos: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "feats.npy"
+    result = invoke("embed", photos[0], "--format", "npy", "-o", out, "-m", tmp_path / "nope")
+    assert result.exit_code == 2
+    assert list(tmp_path.iterdir()) == []

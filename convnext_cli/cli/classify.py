@@ -56,9 +56,9 @@ def classify(
     if fmt == "auto":
         fmt = "table" if output is None and sys.stdout.isatty() else "jsonl"
     paths = gather_inputs(inputs, recursive)
-    runner = load_runner(model, device, dtype, compile_model)
     with open_output(output) as stream:
         writer = classify_writer(fmt, stream, top_k)
+        runner = load_runner(model, device, dtype, compile_model)
         batches = runner.classify(paths, top_k=top_k, batch_size=batch_size, workers=workers)
         code = stream_results(batches, writer, total=len(paths))
     raise typer.Exit(code)

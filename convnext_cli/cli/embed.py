@@ -21,7 +21,7 @@ from convnext_cli.cli.options import (
     WorkersOpt,
 )
 from convnext_cli.errors import UsageError
-from convnext_cli.output import BINARY_FORMATS, EMBED_FORMATS, embed_writer
+from convnext_cli.output import BINARY_FORMATS, EMBED_FORMATS, MatrixWriter, embed_writer
 
 
 @handle_errors
@@ -59,13 +59,23 @@ def embed(
     if fmt in BINARY_FORMATS and output is None:
         raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
     paths = gather_inputs(inputs, recursive)
-    runner = load_runner(model, device, dtype, compile_model)
-    batches = runner.embed(paths, normalize=normalize, batch_size=batch_size, workers=workers)
     if fmt in BINARY_FORMATS:
-        writer = embed_writer(fmt, None, output)
-        code = stream_results(batches, writer, total=len(paths), report_errors=True)
+        matrix = MatrixWriter(output, fmt)  # fails on an unwritable -o before loading
+        try:
+            runner = load_runner(model, device, dtype, compile_model)
+            batches = runner.embed(
+                paths, normalize=normalize, batch_size=batch_size, workers=workers
+            )
+            code = stream_results(batches, matrix, total=len(paths), report_errors=True)
+        except BaseException:
+            matrix.abort()
+            raise
     else:
         with open_output(output) as stream:
             writer = embed_writer(fmt, stream, None)
+            runner = load_runner(model, device, dtype, compile_model)
+            batches = runner.embed(
+                paths, normalize=normalize, batch_size=batch_size, workers=workers
+            )
             code = stream_results(batches, writer, total=len(paths))
     raise typer.Exit(code)
