@@ -25,7 +25,7 @@ class Classifier:
         model: str = DEFAULT_MODEL,
         device: str = "auto",
         dtype: str = "auto",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         workers: int | None = None,
     ) -> None:
         from convnext_cli.pipeline import Runner

@@ -71,6 +71,12 @@ def _collate(items: list[tuple[int, Any, str | None]]) -> list[tuple[int, Any, s
     return items
 
 
+def default_batch_size(device_type: str) -> int:
+    """8 on the CPU, where larger batches spill the activations out of cache (measured on
+    2 cores, convnext-tiny bfloat16: 69 images/s at batch 8, 41 at batch 32); 32 on a GPU."""
+    return 8 if device_type == "cpu" else 32
+
+
 def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") -> int:
     """Decoding processes: none for a single batch; on a GPU, the cores but one (at most 8).
 
@@ -150,10 +156,12 @@ class Runner:
         return batch
 
     def _run(
-        self, paths: Sequence[str], batch_size: int, workers: int | None, fn: Any
+        self, paths: Sequence[str], batch_size: int | None, workers: int | None, fn: Any
     ) -> Iterator[list[Result]]:
         import torch
 
+        if batch_size is None:
+            batch_size = default_batch_size(self.device.type)
         if workers is None:
             workers = default_workers(len(paths), batch_size, self.device.type)
         pin = self.device.type == "cuda"
@@ -171,7 +179,11 @@ class Runner:
             yield results
 
     def classify(
-        self, paths: Sequence[str], top_k: int = 5, batch_size: int = 32, workers: int | None = None
+        self,
+        paths: Sequence[str],
+        top_k: int = 5,
+        batch_size: int | None = None,
+        workers: int | None = None,
     ) -> Iterator[list[Result]]:
         """Top-k softmax predictions for every path, one list of results per batch."""
         if not self.labels:
@@ -199,7 +211,7 @@ class Runner:
         self,
         paths: Sequence[str],
         normalize: bool = False,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         workers: int | None = None,
     ) -> Iterator[list[Result]]:
         """The pooled feature (transformers' pooler_output) for every path, per batch."""

@@ -38,7 +38,7 @@ def classify(
         ),
     ] = "auto",
     output: OutputOpt = None,
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     recursive: RecursiveOpt = False,

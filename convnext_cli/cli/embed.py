@@ -40,7 +40,7 @@ def embed(
     normalize: Annotated[
         bool, typer.Option("--normalize", help="L2-normalise every embedding.")
     ] = False,
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     recursive: RecursiveOpt = False,

@@ -35,7 +35,16 @@ DtypeOpt = Annotated[
         "with AMX units (said on stderr).",
     ),
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="Images per batch. Default: 8 on the CPU (activations stay in cache), 32 on a GPU.",
+        show_default=False,
+    ),
+]
 WorkersOpt = Annotated[
     int | None,
     typer.Option(
