@@ -265,6 +265,8 @@ def plot(report: Report, path: str) -> None:
             label=f"{mode}, {dtype}",
         )
     ax.set_xscale("log", base=2)
+    sizes = sorted({r.batch_size for r in report.rows})
+    ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("batch size")
     ax.set_ylabel("images / s")
     header = report.header
