@@ -8,8 +8,9 @@ locate (Hub id[@revision], Hub-layout folder, or single weights file)
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,9 @@ def download_from_hub(model: str) -> Path:
     )
 
     repo_id, revision = split_revision(model)
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE)
 
     def fetch(filename: str) -> Path | None:
         try:
@@ -106,21 +110,41 @@ def download_from_hub(model: str) -> Path:
             raise CheckpointError(f"{model}: no revision {revision!r} on the Hub") from exc
         except HFValidationError as exc:
             raise CheckpointError(f"{model}: not a valid Hub id ({one_line(exc)})") from exc
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+        except LocalEntryNotFoundError as exc:
+            if filename != CONFIG_FILE:
+                return None  # offline, and this optional file was never cached
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
+            raise CheckpointError(
+                f"{model}: {why} and the model is not in the local cache "
+                "(pass -m a local folder or weights file)"
+            ) from exc
+        except EntryNotFoundError:
             return None
         except Exception as exc:  # network failures come in many types
             raise CheckpointError(f"{model}: download failed ({one_line(exc)})") from exc
 
-    config = fetch(CONFIG_FILE)
-    if config is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = " (HF_HUB_OFFLINE is set and it is not in the cache)" if offline else ""
-        raise CheckpointError(f"{model}: could not get config.json from the Hub{hint}")
-    fetch(PREPROCESSOR_FILE)
-    for name in WEIGHT_FILES:
-        if fetch(name) is not None:
-            return config.parent
+    with _quiet_hub_logging():
+        if fetch(CONFIG_FILE) is None:
+            raise CheckpointError(f"{model}: the repo has no config.json")
+        fetch(PREPROCESSOR_FILE)
+        for name in WEIGHT_FILES:
+            weights = fetch(name)
+            if weights is not None:
+                return weights.parent
     raise CheckpointError(f"{model}: the repo has neither {' nor '.join(WEIGHT_FILES)}")
+
+
+@contextlib.contextmanager
+def _quiet_hub_logging() -> Iterator[None]:
+    """huggingface_hub logs every network retry; the one-line error at the end says it all."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    previous = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(previous)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

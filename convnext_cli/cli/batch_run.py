@@ -33,9 +33,9 @@ def load_runner(
     from convnext_cli.pipeline import Runner
 
     placement = resolve(device, dtype)
+    checkpoint = load_checkpoint(model)
     if placement.reason:
         say(f"note: --dtype auto chose {placement.dtype_name}: {placement.reason}")
-    checkpoint = load_checkpoint(model)
     net = build_model(checkpoint, placement.device, placement.dtype, channels_last=channels_last)
     runner = Runner(net, checkpoint.preprocess, placement.device, placement.dtype, channels_last)
     if compile_model:
