@@ -112,23 +112,19 @@ def hf_model(
     seed: int = 0,
 ) -> nn.Module:
     """A small transformers ConvNeXt (V1 or V2), randomised."""
-    import transformers
+    import factories
 
-    kwargs = dict(
-        depths=list(SMALL_DEPTHS),
-        hidden_sizes=list(SMALL_DIMS),
+    model = factories.hf_model(
+        v2=v2,
+        depths=SMALL_DEPTHS,
+        hidden_sizes=SMALL_DIMS,
         num_labels=num_labels,
+        layer_scale=layer_scale,
+        head=head,
+        seed=seed,
         layer_norm_eps=layer_norm_eps,
     )
-    if v2:
-        config = transformers.ConvNextV2Config(**kwargs)
-        cls = (
-            transformers.ConvNextV2ForImageClassification if head else transformers.ConvNextV2Model
-        )
-    else:
-        config = transformers.ConvNextConfig(layer_scale_init_value=layer_scale, **kwargs)
-        cls = transformers.ConvNextForImageClassification if head else transformers.ConvNextModel
-    return randomise(cls(config), seed)
+    return randomise(model, seed)
 
 
 # --------------------------------------------------------------------------- facebookresearch

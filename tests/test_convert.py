@@ -7,6 +7,7 @@ import fractions
 import json
 from pathlib import Path
 
+import factories
 import layout_sources as src
 import pytest
 import torch
@@ -21,18 +22,9 @@ from convnext_cli.errors import CheckpointError, UsageError
 
 ATOL = 1e-4
 HUB_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
-IMAGENET_PRE = {
-    "image_processor_type": "ConvNextImageProcessor",
-    "do_resize": True,
-    "size": {"shortest_edge": 256},
-    "crop_pct": 0.9,
-    "resample": 2,
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-}
+IMAGENET_PRE = dict(
+    factories.IMAGENET_PREPROCESSOR, size={"shortest_edge": 256}, crop_pct=0.9, resample=2
+)
 
 
 def save_pth(obj: object, path: Path) -> Path:
