@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,7 +177,7 @@ def resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.T
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     mode = _INTERPOLATE_MODES.get(resample)
-    if mode is None:
+    if mode is None or (mode == "lanczos" and not _torch_has_lanczos()):
         from torchvision.transforms.v2 import functional as tvF
 
         return tvF.resize(image, list(size), interpolation=_interpolation(resample), antialias=True)
@@ -202,6 +203,19 @@ def resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.T
 
 
 _INTERPOLATE_MODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+@lru_cache(maxsize=1)
+def _torch_has_lanczos() -> bool:
+    """Newer torch has an antialiased Lanczos interpolate (torchvision >= 0.27 relies on it)."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        F.interpolate(torch.zeros(1, 1, 4, 4), size=[2, 2], mode="lanczos", antialias=True)
+    except (ValueError, NotImplementedError, RuntimeError):
+        return False
+    return True
 
 
 def _native_uint8_bilinear() -> bool:
