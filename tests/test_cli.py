@@ -268,3 +268,40 @@ def test_failed_model_load_leaves_no_spool_file(photos: list[Path], tmp_path: Pa
     result = invoke("embed", photos[0], "--format", "npy", "-o", out, "-m", tmp_path / "nope")
     assert result.exit_code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_exits_130_without_traceback(v1_checkpoint: Path, photos: list[Path]) -> None:
+    """Ctrl-C mid-run: exit 130, one line on stderr, decode workers cleaned up."""
+    import signal
+
+    listing = "".join(f"{photos[i % len(photos)]}\n" for i in range(5000))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "convnext_cli",
+            "classify",
+            "-",
+            "-m",
+            str(v1_checkpoint),
+            "--dtype",
+            "float32",
+            "-b",
+            "4",
+            "--workers",
+            "1",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(listing)
+    proc.stdin.close()
+    proc.stdin = None  # communicate() below drains stdout and stderr only
+    assert proc.stdout.readline().startswith("{")  # running: the first batch is out
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130
+    assert "interrupted" in stderr and "Traceback" not in stderr
