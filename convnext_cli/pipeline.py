@@ -67,8 +67,35 @@ class DecodeDataset:
             return index, None, f"cannot decode image: {one_line(exc)}"
 
 
-def _collate(items: list[tuple[int, Any, str | None]]) -> list[tuple[int, Any, str | None]]:
-    return items
+@dataclass
+class DecodedBatch:
+    """One batch as a worker hands it over: per-input errors, and the pixels stacked by shape.
+
+    Stacking happens in the worker, so that with ``pin_memory`` the whole uint8 batch is
+    pinned once and its host-to-device copy can run asynchronously.
+    """
+
+    indices: list[int]
+    errors: list[str | None]
+    groups: list[tuple[list[int], torch.Tensor]]  # positions in the batch, (n, 3, h, w) uint8
+
+    def pin_memory(self) -> DecodedBatch:
+        groups = [(positions, pixels.pin_memory()) for positions, pixels in self.groups]
+        return DecodedBatch(self.indices, self.errors, groups)
+
+
+def _collate(items: list[tuple[int, Any, str | None]]) -> DecodedBatch:
+    import torch
+
+    by_shape: dict[tuple[int, ...], list[int]] = {}  # one group unless resizing is off
+    for position, (_, pixels, error) in enumerate(items):
+        if error is None:
+            by_shape.setdefault(tuple(pixels.shape), []).append(position)
+    groups = [
+        (positions, torch.stack([items[p][1] for p in positions]))
+        for positions in by_shape.values()
+    ]
+    return DecodedBatch([i for i, _, _ in items], [e for _, _, e in items], groups)
 
 
 def default_batch_size(device_type: str) -> int:
@@ -99,7 +126,7 @@ def decoded_batches(
     batch_size: int,
     workers: int,
     pin_memory: bool = False,
-) -> Iterator[list[tuple[int, Any, str | None]]]:
+) -> Iterator[DecodedBatch]:
     """Batches of decoded inputs, in order, produced by `workers` processes (0: in-process)."""
     from torch.utils.data import DataLoader
 
@@ -146,10 +173,11 @@ class Runner:
         self.logits_fn = torch.compile(self.model)
         self.embed_fn = torch.compile(self.model.embed)
 
-    def _to_input(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+    def _to_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, h, w) on the host -> normalised model input on the device."""
         import torch
 
-        batch = torch.stack(pixels).to(self.device, non_blocking=True)
+        batch = pixels.to(self.device, non_blocking=True)
         batch = self.spec.normalize(batch, self.dtype)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -165,17 +193,14 @@ class Runner:
         if workers is None:
             workers = default_workers(len(paths), batch_size, self.device.type)
         pin = self.device.type == "cuda"
-        for items in decoded_batches(paths, self.spec, batch_size, workers, pin):
-            results = [Result(path=paths[i], error=err) for i, _, err in items]
-            # group equal shapes (all of them, unless resizing is off in the config)
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for pos, (_, pixels, err) in enumerate(items):
-                if err is None:
-                    groups.setdefault(tuple(pixels.shape), []).append(pos)
+        for decoded in decoded_batches(paths, self.spec, batch_size, workers, pin):
+            results = [
+                Result(path=paths[i], error=err)
+                for i, err in zip(decoded.indices, decoded.errors, strict=True)
+            ]
             with torch.inference_mode():
-                for positions in groups.values():
-                    batch = self._to_input([items[p][1] for p in positions])
-                    fn(batch, [results[p] for p in positions])
+                for positions, pixels in decoded.groups:
+                    fn(self._to_input(pixels), [results[p] for p in positions])
             yield results
 
     def classify(

@@ -136,3 +136,20 @@ def test_alpha_and_sixteen_bit_policy_end_to_end(
     records = ours(v1_checkpoint, [tmp_path / "alpha.png", tmp_path / "deep.png"], 5)
     compare(records[0], reference_scores(v1_checkpoint, composite_over_white(rgba), 5), "alpha")
     compare(records[1], reference_scores(v1_checkpoint, np.rint(deep / 257.0), 5), "16-bit")
+
+
+def test_no_resize_config_batches_mixed_sizes(photos: list[Path], tmp_path: Path) -> None:
+    """With do_resize false, a batch holds several image sizes: each runs at its own size."""
+    import factories
+
+    pre = dict(factories.IMAGENET_PREPROCESSOR, do_resize=False)
+    folder = factories.save_hf(factories.hf_model(num_labels=5, seed=8), tmp_path / "m", pre)
+    small = []
+    for i, photo in enumerate(photos[:4]):  # four photos at three different sizes
+        path = tmp_path / f"p{i}.png"
+        Image.open(photo).convert("RGB").resize((64 + 32 * (i % 3), 48)).save(path)
+        small.append(path)
+    records = ours(folder, small, 5)
+    for path, record in zip(small, records, strict=True):
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
+        compare(record, reference_scores(folder, pixels, 5), path.name)
