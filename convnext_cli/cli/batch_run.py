@@ -44,10 +44,24 @@ def load_runner(
     return runner
 
 
+class CurrentStdout:
+    """Writes to whatever ``sys.stdout`` is at the time, so that results printed while the
+    progress bar is live go through rich's redirect and land above the bar."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+
 @contextlib.contextmanager
 def open_output(path: Path | None) -> Iterator[IO[str]]:
     if path is None:
-        yield sys.stdout
+        yield CurrentStdout()  # type: ignore[misc]
         return
     try:
         stream = open(path, "w", encoding="utf-8", newline="")
