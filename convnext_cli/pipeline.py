@@ -120,6 +120,24 @@ def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") 
     return max(1, min(8, cores - 1))
 
 
+def _init_worker(_worker_id: int) -> None:
+    """Ctrl-C is the main process's to handle: it stops the workers cleanly.  And when the
+    main process goes away mid-transfer, the worker's fd-passing thread (multiprocessing's
+    resource_sharer, which reports through sys.excepthook) stays quiet about the closed
+    connection instead of printing a traceback into the user's terminal."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    default_hook = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            default_hook(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def decoded_batches(
     paths: Sequence[str],
     spec: PreprocessSpec,
@@ -138,6 +156,7 @@ def decoded_batches(
         collate_fn=_collate,
         pin_memory=pin_memory,
         prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=_init_worker if workers > 0 else None,
     )
     yield from loader
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -41,11 +40,6 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             say("interrupted")
-            if not debug_enabled():
-                # DataLoader workers die with the same Ctrl-C; multiprocessing's helper
-                # threads then report broken connections while the process winds down.
-                threading.excepthook = lambda _args: None
-                sys.excepthook = lambda *_exc: None
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # the reader went away (`| head`): stop quietly, without a second error on close
