@@ -147,9 +147,10 @@ def _quiet_hub_logging() -> Iterator[None]:
         hub_logging.set_verbosity(previous)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or a one-line CheckpointError."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable JSON ({one_line(exc)})") from exc
     if not isinstance(data, dict):
@@ -157,17 +158,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _folder_weights(folder: Path) -> Path:
+def folder_weights(folder: Path) -> Path:
+    """``model.safetensors``, else ``pytorch_model.bin``, else the folder's only weights file."""
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    candidates = sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
-    )
+    if any(folder.glob("*.index.json")):
+        raise CheckpointError(f"{folder}: sharded checkpoints are not supported")
+    suffixes = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
     if len(candidates) == 1:
         return candidates[0]
-    if (folder / "model.safetensors.index.json").exists():
-        raise CheckpointError(f"{folder}: sharded checkpoints are not supported")
     found = ", ".join(p.name for p in sorted(folder.iterdir())[:8]) or "nothing"
     raise CheckpointError(
         f"{folder}: no weights file ({' or '.join(WEIGHT_FILES)}) in the folder; found: {found}"
@@ -178,11 +179,11 @@ def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
     """Locate and read a checkpoint in any supported layout, with its config and preprocessing."""
     path = resolve_local(model)
     folder = path if path.is_dir() else path.parent
-    weights_file = _folder_weights(path) if path.is_dir() else path
+    weights_file = folder_weights(path) if path.is_dir() else path
     state_dict = read_weights_file(weights_file)
 
     config_path = folder / CONFIG_FILE
-    raw_config = _read_json(config_path) if config_path.is_file() else None
+    raw_config = read_json(config_path) if config_path.is_file() else None
     if raw_config is not None and is_hf_layout(state_dict):
         layout = "hf"
         config = ConvNextConfig.from_dict(raw_config, where=str(config_path))
@@ -215,7 +216,7 @@ def _default_preprocessing(layout: str, config: dict[str, Any], folder: Path) ->
 
     timm_config = folder / CONFIG_FILE
     if layout == "timm" and timm_config.is_file():
-        described = layouts.preprocessor_from_timm_config(_read_json(timm_config))
+        described = layouts.preprocessor_from_timm_config(read_json(timm_config))
         if described is not None:
             return described
     return layouts.default_preprocessor(layout, config)

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convnext_cli import layouts
+from convnext_cli import checkpoints, layouts
+from convnext_cli.checkpoints import CONFIG_FILE, PREPROCESSOR_FILE
 from convnext_cli.errors import CheckpointError, UsageError, one_line
 from convnext_cli.weights_io import (
-    PICKLE_SUFFIXES,
-    SAFETENSORS_SUFFIXES,
     read_weights_file,
     save_safetensors,
 )
@@ -30,10 +29,7 @@ from convnext_cli.weights_io import (
 if TYPE_CHECKING:
     from torch import Tensor
 
-CONFIG_FILE = "config.json"
-PREPROCESSOR_FILE = "preprocessor_config.json"
 WEIGHTS_FILE = "model.safetensors"
-FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 # Weight files that would shadow or contradict the new model.safetensors under --force.
 STALE_WEIGHTS = (
     "pytorch_model.bin",
@@ -146,7 +142,7 @@ def read_source(source: Path) -> Source:
         raise CheckpointError(f"{source}: no such file or folder")
     if source.is_file():
         return Source(source, source, read_weights_file(source), None, None)
-    weights_file = folder_weights(source)
+    weights_file = checkpoints.folder_weights(source)
     return Source(
         path=source,
         weights_file=weights_file,
@@ -156,34 +152,9 @@ def read_source(source: Path) -> Source:
     )
 
 
-def folder_weights(folder: Path) -> Path:
-    """``model.safetensors``, else ``pytorch_model.bin``, else the folder's only weights file."""
-    for name in FOLDER_WEIGHTS:
-        if (folder / name).is_file():
-            return folder / name
-    if any(folder.glob("*.index.json")):
-        raise CheckpointError(f"{folder}: sharded checkpoints are not supported")
-    suffixes = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
-    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
-    if len(candidates) == 1:
-        return candidates[0]
-    found = ", ".join(p.name for p in sorted(folder.iterdir())[:8]) or "nothing"
-    raise CheckpointError(
-        f"{folder}: no weights file ({' or '.join(FOLDER_WEIGHTS)}) in the folder; found: {found}"
-    )
-
-
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from ``path``; None when the file does not exist."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({one_line(exc)})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    return checkpoints.read_json(path) if path.is_file() else None
 
 
 # --------------------------------------------------------------------------- config
