@@ -271,9 +271,8 @@ def build_model(
     with torch.device("meta"):
         model = ConvNeXtForClassification(checkpoint.config)
     model.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
-    model = model.to(device=device, dtype=dtype or torch.float32)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, dtype=dtype or torch.float32, memory_format=layout)
     model = model.eval().requires_grad_(False)
     if fuse and channels_last and torch.device(device).type == "cpu":
         from convnext_cli.cpu_fusion import fuse_blocks

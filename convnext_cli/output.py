@@ -47,6 +47,10 @@ def classify_record(result: Result) -> dict[str, Any]:
     }
 
 
+def classify_record_json(result: Result) -> str:
+    return json.dumps(classify_record(result), ensure_ascii=False)
+
+
 def _floats_json(values: list[float]) -> str:
     """float32 values, 9 significant digits: exact round-trip, compact text."""
     return "[" + ",".join(f"{v:.9g}" for v in values) + "]"
@@ -273,20 +277,16 @@ def classify_writer(fmt: str, stream: IO[str], top_k: int) -> Writer:
     if fmt == "table":
         return TableWriter(stream, top_k)
     if fmt == "json":
-        return JsonArrayWriter(stream, lambda r: json.dumps(classify_record(r), ensure_ascii=False))
+        return JsonArrayWriter(stream, classify_record_json)
     if fmt == "jsonl":
-        return JsonLinesWriter(stream, lambda r: json.dumps(classify_record(r), ensure_ascii=False))
+        return JsonLinesWriter(stream, classify_record_json)
     if fmt == "csv":
         return ClassifyCsvWriter(stream)
     raise UsageError(f"unknown format {fmt!r} (use {', '.join(CLASSIFY_FORMATS)})")
 
 
-def embed_writer(fmt: str, stream: IO[str] | None, path: Path | None) -> Writer:
-    if fmt in BINARY_FORMATS:
-        if path is None:
-            raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
-        return MatrixWriter(path, fmt)
-    assert stream is not None
+def embed_writer(fmt: str, stream: IO[str]) -> Writer:
+    """Text formats; npy and safetensors are a MatrixWriter on the -o path."""
     if fmt == "jsonl":
         return JsonLinesWriter(stream, embed_record_json)
     if fmt == "json":

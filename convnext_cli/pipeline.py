@@ -40,10 +40,6 @@ class Result:
     predictions: list[Prediction] = field(default_factory=list)
     embedding: torch.Tensor | None = None  # 1-D float32 on the CPU
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
 
 class DecodeDataset:
     """Map-style dataset: path -> (index, uint8 (3, h, w) tensor or None, error or None)."""

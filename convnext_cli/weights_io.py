@@ -99,7 +99,11 @@ def save_safetensors(
     state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 ) -> None:
     """Write a state dict as safetensors (contiguous, unshared tensors)."""
+    import torch
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    # one contiguous, unshared copy of each tensor (safetensors refuses shared storage)
+    tensors = {
+        k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()
+    }
     save_file(tensors, str(path), metadata=metadata)

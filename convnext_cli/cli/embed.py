@@ -72,7 +72,7 @@ def embed(
             raise
     else:
         with open_output(output) as stream:
-            writer = embed_writer(fmt, stream, None)
+            writer = embed_writer(fmt, stream)
             runner = load_runner(model, device, dtype, compile_model)
             batches = runner.embed(
                 paths, normalize=normalize, batch_size=batch_size, workers=workers
