@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,10 +122,17 @@ def test_json_csv_and_output_file(v1_checkpoint: Path, broken_folder: Path, tmp_
     assert float(rows[0]["score"]) == pytest.approx(array[0]["predictions"][0]["score"])
 
 
-def test_table_format(v1_checkpoint: Path, photos: list[Path]) -> None:
+def test_table_format(
+    v1_checkpoint: Path, photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A short relative path and a wide terminal, so the check does not depend on
+    # where the checkout lives or on the runner's terminal width.
+    shutil.copy(photos[2], tmp_path / photos[2].name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "160")
     result = invoke(
         "classify",
-        photos[2],
+        photos[2].name,
         "-m",
         v1_checkpoint,
         "--format",
@@ -135,7 +143,9 @@ def test_table_format(v1_checkpoint: Path, photos: list[Path]) -> None:
         "float32",
     )
     assert result.exit_code == 0
-    assert photos[2].name[:10] in result.stdout and "score" in result.stdout
+    assert photos[2].name in result.stdout and "score" in result.stdout
+    # two prediction rows for the one image
+    assert len(re.findall(r"│\s+[12]\s+│", result.stdout)) == 2
 
 
 def test_stdin_glob_and_recursive(v1_checkpoint: Path, photos: list[Path], tmp_path: Path) -> None:
