@@ -27,14 +27,21 @@ class Classifier:
         dtype: str = "auto",
         batch_size: int | None = None,
         workers: int | None = None,
+        decode: str = "auto",
     ) -> None:
+        from convnext_cli.jpeg_on_device import resolve_decode
         from convnext_cli.pipeline import Runner
 
         self.placement = resolve(device, dtype)
+        jpeg_on_device = resolve_decode(decode, self.placement.device)
         self.checkpoint = load_checkpoint(model)
         self.model = build_model(self.checkpoint, self.placement.device, self.placement.dtype)
         self.runner = Runner(
-            self.model, self.checkpoint.preprocess, self.placement.device, self.placement.dtype
+            self.model,
+            self.checkpoint.preprocess,
+            self.placement.device,
+            self.placement.dtype,
+            jpeg_on_device=jpeg_on_device,
         )
         self.batch_size = batch_size
         self.workers = workers

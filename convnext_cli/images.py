@@ -41,36 +41,40 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def decode_file(path: str | Path) -> torch.Tensor:
     """Read and decode one image file to a (3, H, W) uint8 tensor, or raise ImageError."""
+    return decode_bytes(read_file(path))
+
+
+def read_file(path: str | Path) -> bytes:
+    """A file's bytes, or ImageError with the one-line reason it cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except IsADirectoryError as exc:
         raise ImageError("is a directory, not an image") from exc
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or one_line(exc)}") from exc
-    return decode_bytes(data)
 
 
 def decode_bytes(data: bytes) -> torch.Tensor:
     """Decode encoded image bytes to a (3, H, W) uint8 RGB tensor, or raise ImageError."""
     if not data:
         raise ImageError("empty file")
-    image = _open_header(data)
+    image = open_header(data)
     if data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] == 16:
-        io_ops = _torchvision_io()
+        io_ops = torchvision_io()
         if io_ops is not None:
             return _decode_png16(io_ops, data)
     return _decode_with_pillow(image)
 
 
 @lru_cache(maxsize=1)
-def _torchvision_io() -> Any:
+def torchvision_io() -> Any:
     """torchvision.io's decoders, or None where this torchvision no longer ships them.
 
     torchvision 0.29 deprecates its image codecs in favour of TorchCodec; without them,
     16-bit PNGs fall back to Pillow, which keeps the high byte of each sample.
     """
     try:
-        with _no_deprecation_warning():
+        with no_deprecation_warning():
             from torchvision import io as tv_io
 
             tv_io.decode_jpeg, tv_io.decode_png, tv_io.ImageReadMode  # noqa: B018
@@ -79,7 +83,7 @@ def _torchvision_io() -> Any:
     return tv_io
 
 
-def _open_header(data: bytes) -> Image.Image:
+def open_header(data: bytes) -> Image.Image:
     """Open lazily (header only) and refuse decompression bombs before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
@@ -105,7 +109,7 @@ def _open_header(data: bytes) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _no_deprecation_warning() -> Iterator[None]:
+def no_deprecation_warning() -> Iterator[None]:
     """torchvision >= 0.29 warns on every codec call; the fallback is documented above."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -124,7 +128,7 @@ def _decode_png16(io_ops: Any, data: bytes) -> torch.Tensor:
 
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        with _no_deprecation_warning():
+        with no_deprecation_warning():
             raw = io_ops.decode_png(
                 buffer, mode=io_ops.ImageReadMode.UNCHANGED, apply_exif_orientation=True
             )

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from convnext_cli.errors import ImageError, one_line
-from convnext_cli.images import decode_file
+from convnext_cli.images import decode_bytes, read_file
+from convnext_cli.jpeg_on_device import EncodedJpeg
 from convnext_cli.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -41,26 +42,44 @@ class Result:
     embedding: torch.Tensor | None = None  # 1-D float32 on the CPU
 
 
-class DecodeDataset:
-    """Map-style dataset: path -> (index, uint8 (3, h, w) tensor or None, error or None)."""
+def _failure(exc: Exception) -> str:
+    """The one-line reason an input could not be decoded."""
+    if isinstance(exc, ImageError):
+        return one_line(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory while decoding"
+    return f"cannot decode image: {one_line(exc)}"  # a decoder bug must not end the run
 
-    def __init__(self, paths: Sequence[str], spec: PreprocessSpec) -> None:
+
+class DecodeDataset:
+    """Map-style dataset: path -> (index, pixels or None, error or None).
+
+    The pixels are a uint8 (3, h, w) tensor, resized and cropped; or, when JPEGs are
+    decoded on the model's device, an :class:`EncodedJpeg` holding the file's bytes.
+    """
+
+    def __init__(
+        self, paths: Sequence[str], spec: PreprocessSpec, jpeg_on_device: bool = False
+    ) -> None:
         self.paths = paths
         self.spec = spec
+        self.jpeg_on_device = jpeg_on_device
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
         try:
-            pixels = self.spec.resize_and_crop(decode_file(self.paths[index]))
-            return index, pixels, None
-        except ImageError as exc:
-            return index, None, one_line(exc)
-        except MemoryError:
-            return index, None, "out of memory while decoding"
-        except Exception as exc:  # a decoder bug must not end the run: report it per input
-            return index, None, f"cannot decode image: {one_line(exc)}"
+            data = read_file(self.paths[index])
+            if self.jpeg_on_device:
+                from convnext_cli.jpeg_on_device import for_device
+
+                encoded = for_device(data)
+                if encoded is not None:
+                    return index, encoded, None
+            return index, self.spec.resize_and_crop(decode_bytes(data)), None
+        except Exception as exc:
+            return index, None, _failure(exc)
 
 
 @dataclass
@@ -74,24 +93,28 @@ class DecodedBatch:
     indices: list[int]
     errors: list[str | None]
     groups: list[tuple[list[int], torch.Tensor]]  # positions in the batch, (n, 3, h, w) uint8
+    encoded: list[tuple[int, EncodedJpeg]] = field(default_factory=list)  # for the device
 
     def pin_memory(self) -> DecodedBatch:
         groups = [(positions, pixels.pin_memory()) for positions, pixels in self.groups]
-        return DecodedBatch(self.indices, self.errors, groups)
+        return DecodedBatch(self.indices, self.errors, groups, self.encoded)
 
 
 def _collate(items: list[tuple[int, Any, str | None]]) -> DecodedBatch:
     import torch
 
     by_shape: dict[tuple[int, ...], list[int]] = {}  # one group unless resizing is off
+    encoded: list[tuple[int, EncodedJpeg]] = []
     for position, (_, pixels, error) in enumerate(items):
-        if error is None:
+        if isinstance(pixels, EncodedJpeg):
+            encoded.append((position, pixels))
+        elif error is None:
             by_shape.setdefault(tuple(pixels.shape), []).append(position)
     groups = [
         (positions, torch.stack([items[p][1] for p in positions]))
         for positions in by_shape.values()
     ]
-    return DecodedBatch([i for i, _, _ in items], [e for _, _, e in items], groups)
+    return DecodedBatch([i for i, _, _ in items], [e for _, _, e in items], groups, encoded)
 
 
 def default_batch_size(device_type: str) -> int:
@@ -140,12 +163,13 @@ def decoded_batches(
     batch_size: int,
     workers: int,
     pin_memory: bool = False,
+    jpeg_on_device: bool = False,
 ) -> Iterator[DecodedBatch]:
     """Batches of decoded inputs, in order, produced by `workers` processes (0: in-process)."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(
-        DecodeDataset(paths, spec),  # type: ignore[arg-type]
+        DecodeDataset(paths, spec, jpeg_on_device),  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -167,12 +191,14 @@ class Runner:
         device: torch.device,
         dtype: torch.dtype,
         channels_last: bool = True,
+        jpeg_on_device: bool = False,
     ) -> None:
         self.model = model
         self.spec = spec
         self.device = device
         self.dtype = dtype
         self.channels_last = channels_last
+        self.jpeg_on_device = jpeg_on_device  # decode JPEGs on `device` (see jpeg_on_device)
         self.labels = model.config.labels
         # what runs a batch: the model itself, or torch.compile'd versions of it
         self.logits_fn: Any = model
@@ -208,15 +234,59 @@ class Runner:
         if workers is None:
             workers = default_workers(len(paths), batch_size, self.device.type)
         pin = self.device.type == "cuda"
-        for decoded in decoded_batches(paths, self.spec, batch_size, workers, pin):
+        batches = decoded_batches(
+            paths, self.spec, batch_size, workers, pin, jpeg_on_device=self.jpeg_on_device
+        )
+        for decoded in batches:
             results = [
                 Result(path=paths[i], error=err)
                 for i, err in zip(decoded.indices, decoded.errors, strict=True)
             ]
             with torch.inference_mode():
-                for positions, pixels in decoded.groups:
+                groups = decoded.groups
+                if decoded.encoded:
+                    groups = self._with_device_decoded(groups, decoded.encoded, results)
+                for positions, pixels in groups:
                     fn(self._to_input(pixels), [results[p] for p in positions])
             yield results
+
+    def _with_device_decoded(
+        self,
+        groups: list[tuple[list[int], torch.Tensor]],
+        encoded: list[tuple[int, EncodedJpeg]],
+        results: list[Result],
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Decode a batch's JPEGs on the device, resize them there, and merge them into the
+        host-decoded groups of the same shape.  A JPEG the device decoder rejects is decoded
+        on the CPU instead; one that fails there too gets its error in `results`."""
+        import torch
+
+        from convnext_cli import jpeg_on_device
+
+        images = jpeg_on_device.decode([e for _, e in encoded], self.device)
+        # shape -> (positions in the batch, (n, 3, h, w) uint8 tensors on the device)
+        by_shape: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
+        for positions, pixels in groups:
+            by_shape[tuple(pixels.shape[1:])] = (
+                list(positions),
+                [pixels.to(self.device, non_blocking=True)],
+            )
+        for (position, jpeg), image in zip(encoded, images, strict=True):
+            try:
+                pixels = self.spec.resize_and_crop(
+                    decode_bytes(jpeg.data) if image is None else image
+                )
+            except Exception as exc:
+                results[position].error = _failure(exc)
+                continue
+            positions, tensors = by_shape.setdefault(tuple(pixels.shape), ([], []))
+            positions.append(position)
+            tensors.append(pixels.to(self.device)[None])
+        return [
+            (positions, tensors[0] if len(tensors) == 1 else torch.cat(tensors))
+            for positions, tensors in by_shape.values()
+            if positions
+        ]
 
     def classify(
         self,

@@ -75,3 +75,42 @@ def test_cuda_benchmark(v1_checkpoint: Path, photos: list[Path]) -> None:
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
     assert all(r["memory_kind"] == "cuda max allocated" and r["images_per_s"] > 0 for r in rows)
+
+
+def test_gpu_jpeg_decoding_matches_pillow(
+    v1_checkpoint: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """nvjpeg's pixels may differ from libjpeg-turbo's by a grey level: the probabilities
+    must still agree within the product's tolerance, top-1 included, for every JPEG kind
+    the device takes (upright, EXIF-rotated, greyscale) and the ones it hands back."""
+    from PIL import Image
+
+    inputs = []
+    for n, photo in enumerate(photos):
+        image = Image.open(photo).convert("RGB")
+        exif = Image.Exif()
+        exif[0x0112] = (1, 6, 3, 8, 1, 1)[n % 6]
+        path = tmp_path / f"{n}.jpg"
+        image.save(path, format="JPEG", quality=92, exif=exif.tobytes())
+        inputs.append(path)
+    grey = tmp_path / "grey.jpg"
+    Image.open(photos[0]).convert("L").save(grey, format="JPEG")
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.open(photos[0]).convert("CMYK").save(cmyk, format="JPEG")
+    inputs += [grey, cmyk, photos[2]]
+
+    def run(decode: str) -> list[dict]:
+        result = CliRunner().invoke(
+            app,
+            ["classify", *map(str, inputs), "-m", str(v1_checkpoint), "--device", "cuda",
+             "--dtype", "float32", "--decode", decode, "-k", "5", "--format", "jsonl"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    for a, b in zip(run("cpu"), run("gpu"), strict=True):
+        assert a["path"] == b["path"]
+        assert a["predictions"][0]["index"] == b["predictions"][0]["index"], a["path"]
+        scores = {p["index"]: p["score"] for p in b["predictions"]}
+        for p in a["predictions"][:3]:
+            assert abs(scores.get(p["index"], 0.0) - p["score"]) <= 2e-3, a["path"]

@@ -13,6 +13,8 @@ from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, UsageError
 from convnext_cli.inputs import expand_inputs
 
 if TYPE_CHECKING:
+    import torch
+
     from convnext_cli.output import Writer
     from convnext_cli.pipeline import Result, Runner
 
@@ -25,23 +27,41 @@ def gather_inputs(inputs: list[str], recursive: bool) -> list[str]:
 
 
 def load_runner(
-    model: str, device: str, dtype: str, compile_model: bool = False, channels_last: bool = True
+    model: str,
+    device: str,
+    dtype: str,
+    compile_model: bool = False,
+    channels_last: bool = True,
+    decode: str = "auto",
 ) -> Runner:
-    """Resolve device and dtype, load the checkpoint, and build the runner on the device."""
+    """Resolve device, dtype and decoder, load the checkpoint, build the runner on the device."""
     from convnext_cli.checkpoints import build_model, load_checkpoint
     from convnext_cli.device import resolve
     from convnext_cli.pipeline import Runner
 
     placement = resolve(device, dtype)
+    jpeg_on_device = resolve_decode_choice(decode, placement.device)
     checkpoint = load_checkpoint(model)
     if placement.reason:
         say(f"note: --dtype auto chose {placement.dtype_name}: {placement.reason}")
     net = build_model(checkpoint, placement.device, placement.dtype, channels_last=channels_last)
-    runner = Runner(net, checkpoint.preprocess, placement.device, placement.dtype, channels_last)
+    runner = Runner(
+        net, checkpoint.preprocess, placement.device, placement.dtype, channels_last, jpeg_on_device
+    )
     if compile_model:
         say("note: compiling the model; the first batch includes the compile time")
         runner.compile()
     return runner
+
+
+def resolve_decode_choice(decode: str, device: torch.device) -> bool:
+    """``--decode``: whether JPEGs are decoded on the device; said on stderr when auto chose it."""
+    from convnext_cli.jpeg_on_device import resolve_decode
+
+    on_device = resolve_decode(decode, device)
+    if on_device and decode.lower() == "auto":
+        say(f"note: decoding JPEGs on {device} (nvjpeg); --decode cpu for Pillow's exact pixels")
+    return on_device
 
 
 class CurrentStdout:

@@ -10,8 +10,9 @@ from typing import Annotated
 import typer
 
 from convnext_cli.checkpoints import DEFAULT_MODEL
+from convnext_cli.cli.batch_run import resolve_decode_choice
 from convnext_cli.cli.errors import handle_errors, say
-from convnext_cli.cli.options import DeviceOpt, ModelOpt, WorkersOpt
+from convnext_cli.cli.options import DecodeOpt, DeviceOpt, ModelOpt, WorkersOpt
 from convnext_cli.errors import UsageError
 
 
@@ -61,6 +62,7 @@ def benchmark(
         ),
     ] = None,
     workers: WorkersOpt = None,
+    decode: DecodeOpt = "auto",
 ) -> None:
     """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes."""
     from convnext_cli import benchmark as bench
@@ -83,6 +85,7 @@ def benchmark(
         if resolved not in dtypes:
             dtypes.append(resolved)
     paths = bench.image_files(str(images)) if images is not None else []
+    jpeg_on_device = resolve_decode_choice(decode, torch_device) if paths else False
 
     checkpoint = load_checkpoint(model)
     extra = {
@@ -93,6 +96,7 @@ def benchmark(
     }
     if paths:
         extra["images"] = len(paths)
+        extra["decode"] = "device" if jpeg_on_device else "cpu"
     report = bench.Report(bench.describe_environment(torch_device, checkpoint, extra))
     edge = checkpoint.preprocess.shortest_edge
     for torch_dtype in dtypes:
@@ -114,7 +118,9 @@ def benchmark(
                 )
             )
         if paths:
-            runner = Runner(net, checkpoint.preprocess, torch_device, torch_dtype, channels_last)
+            runner = Runner(
+                net, checkpoint.preprocess, torch_device, torch_dtype, channels_last, jpeg_on_device
+            )
             runner.logits_fn = forward
             for size in sizes:
                 say(f"timing end-to-end, {str(torch_dtype).removeprefix('torch.')}, batch {size}")

@@ -13,6 +13,7 @@ from convnext_cli.cli.errors import handle_errors
 from convnext_cli.cli.options import (
     BatchOpt,
     CompileOpt,
+    DecodeOpt,
     DeviceOpt,
     DtypeOpt,
     InputsArg,
@@ -44,6 +45,7 @@ def classify(
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = None,
     compile_model: CompileOpt = False,
+    decode: DecodeOpt = "auto",
 ) -> None:
     """Classify images: top-k labels with softmax scores, one record per input, in order.
 
@@ -58,7 +60,7 @@ def classify(
     paths = gather_inputs(inputs, recursive)
     with open_output(output) as stream:
         writer = classify_writer(fmt, stream, top_k)
-        runner = load_runner(model, device, dtype, compile_model)
+        runner = load_runner(model, device, dtype, compile_model, decode=decode)
         batches = runner.classify(paths, top_k=top_k, batch_size=batch_size, workers=workers)
         code = stream_results(batches, writer, total=len(paths))
     raise typer.Exit(code)

@@ -12,6 +12,7 @@ from convnext_cli.cli.errors import handle_errors
 from convnext_cli.cli.options import (
     BatchOpt,
     CompileOpt,
+    DecodeOpt,
     DeviceOpt,
     DtypeOpt,
     InputsArg,
@@ -46,6 +47,7 @@ def embed(
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = None,
     compile_model: CompileOpt = False,
+    decode: DecodeOpt = "auto",
 ) -> None:
     """Embed images: the pooled feature (global average pool + final LayerNorm) per input.
 
@@ -62,7 +64,7 @@ def embed(
     if fmt in BINARY_FORMATS:
         matrix = MatrixWriter(output, fmt)  # fails on an unwritable -o before loading
         try:
-            runner = load_runner(model, device, dtype, compile_model)
+            runner = load_runner(model, device, dtype, compile_model, decode=decode)
             batches = runner.embed(
                 paths, normalize=normalize, batch_size=batch_size, workers=workers
             )
@@ -73,7 +75,7 @@ def embed(
     else:
         with open_output(output) as stream:
             writer = embed_writer(fmt, stream)
-            runner = load_runner(model, device, dtype, compile_model)
+            runner = load_runner(model, device, dtype, compile_model, decode=decode)
             batches = runner.embed(
                 paths, normalize=normalize, batch_size=batch_size, workers=workers
             )

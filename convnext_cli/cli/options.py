@@ -71,3 +71,11 @@ CompileOpt = Annotated[
         help="Run the model through torch.compile (slow first batch; pays off on long runs).",
     ),
 ]
+DecodeOpt = Annotated[
+    str,
+    typer.Option(
+        "--decode",
+        help="Where JPEGs are decoded: auto (on the GPU when the model runs on CUDA), cpu "
+        "(Pillow, bit-exact with transformers) or gpu (nvjpeg through torchvision).",
+    ),
+]
