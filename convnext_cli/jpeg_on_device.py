@@ -68,16 +68,14 @@ def resolve_decode(choice: str, device: torch.device) -> bool:
     choice = choice.lower()
     if choice not in DECODE_CHOICES:
         raise UsageError(f"unknown --decode {choice!r} (use {', '.join(DECODE_CHOICES)})")
-    if choice == "cpu":
-        return False
+    if choice == "gpu" and device.type != "cuda":
+        raise UsageError(f"--decode gpu needs a CUDA device; the model runs on {device}")
+    if choice == "cpu" or device.type != "cuda":
+        return False  # and torchvision stays unimported: its import costs seconds
     available = torchvision_io() is not None
-    if choice == "gpu":
-        if device.type != "cuda":
-            raise UsageError(f"--decode gpu needs a CUDA device; the model runs on {device}")
-        if not available:
-            raise UsageError("--decode gpu needs torchvision's JPEG decoder, absent here")
-        return True
-    return device.type == "cuda" and available
+    if choice == "gpu" and not available:
+        raise UsageError("--decode gpu needs torchvision's JPEG decoder, absent here")
+    return available
 
 
 def decode(encoded: list[EncodedJpeg], device: torch.device) -> list[torch.Tensor | None]:

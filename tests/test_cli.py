@@ -247,6 +247,22 @@ def test_help_does_not_import_torch() -> None:
     assert "classify" in out.stdout and "embed" in out.stdout
 
 
+def test_cpu_run_does_not_import_torchvision(v1_checkpoint: Path, photos: list[Path]) -> None:
+    """torchvision's import pulls in torch._dynamo (seconds): a CPU run of JPEGs and 8-bit
+    PNGs with the default --decode auto must not pay for it."""
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['convnext', 'classify', *{[str(p) for p in photos]!r}, "
+        f"'-m', {str(v1_checkpoint)!r}, '--device', 'cpu', '--format', 'jsonl']\n"
+        "try:\n    runpy.run_module('convnext_cli', run_name='__main__')\n"
+        "except SystemExit as exc:\n    code = exc.code\n"
+        "print('torchvision' in sys.modules, code, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stderr.strip().splitlines()[-1] == "False 0", out.stderr
+    assert len(jsonl(out.stdout)) == len(photos)
+
+
 def test_subprocess_exit_codes_and_debug(v1_checkpoint: Path, broken_folder: Path) -> None:
     """A real process: exit 1 with records for a mixed folder; a traceback only when asked."""
     mixed = run_cli("classify", broken_folder, "-m", v1_checkpoint, "--dtype", "float32")
