@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from convnext_cli.errors import ImageError, one_line
 from convnext_cli.images import decode_bytes, read_file
-from convnext_cli.jpeg_on_device import EncodedJpeg
+from convnext_cli.jpeg_on_device import EncodedJpeg, for_device
 from convnext_cli.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -72,8 +72,6 @@ class DecodeDataset:
         try:
             data = read_file(self.paths[index])
             if self.jpeg_on_device:
-                from convnext_cli.jpeg_on_device import for_device
-
                 encoded = for_device(data)
                 if encoded is not None:
                     return index, encoded, None

@@ -17,7 +17,9 @@ pytestmark = [
 ]
 
 
-def classify(checkpoint: Path, photos: list[Path], device: str, dtype: str) -> list[dict]:
+def classify(
+    checkpoint: Path, photos: list[Path], device: str, dtype: str, *extra: str
+) -> list[dict]:
     result = CliRunner().invoke(
         app,
         [
@@ -31,6 +33,7 @@ def classify(checkpoint: Path, photos: list[Path], device: str, dtype: str) -> l
             dtype,
             "-k",
             "5",
+            *extra,
         ],
     )
     assert result.exit_code == 0, result.stderr
@@ -99,16 +102,9 @@ def test_gpu_jpeg_decoding_matches_pillow(
     Image.open(photos[0]).convert("CMYK").save(cmyk, format="JPEG")
     inputs += [grey, cmyk, photos[2]]
 
-    def run(decode: str) -> list[dict]:
-        result = CliRunner().invoke(
-            app,
-            ["classify", *map(str, inputs), "-m", str(v1_checkpoint), "--device", "cuda",
-             "--dtype", "float32", "--decode", decode, "-k", "5", "--format", "jsonl"],
-        )  # fmt: skip
-        assert result.exit_code == 0, result.stderr
-        return [json.loads(line) for line in result.stdout.splitlines()]
-
-    for a, b in zip(run("cpu"), run("gpu"), strict=True):
+    by_cpu = classify(v1_checkpoint, inputs, "cuda", "float32", "--decode", "cpu")
+    by_gpu = classify(v1_checkpoint, inputs, "cuda", "float32", "--decode", "gpu")
+    for a, b in zip(by_cpu, by_gpu, strict=True):
         assert a["path"] == b["path"]
         assert a["predictions"][0]["index"] == b["predictions"][0]["index"], a["path"]
         scores = {p["index"]: p["score"] for p in b["predictions"]}

@@ -96,7 +96,7 @@ def benchmark(
     }
     if paths:
         extra["images"] = len(paths)
-        extra["decode"] = "device" if jpeg_on_device else "cpu"
+        extra["decode"] = "gpu" if jpeg_on_device else "cpu"  # as --decode names them
     report = bench.Report(bench.describe_environment(torch_device, checkpoint, extra))
     edge = checkpoint.preprocess.shortest_edge
     for torch_dtype in dtypes:
