@@ -1,0 +1,261 @@
+"""Dataset inputs beside loose files: WebDataset ``.tar`` shards and Parquet files of image bytes.
+
+Each contributes one input per image, with an id that names where it came from:
+
+- a tar member: ``SHARD#MEMBER``, e.g. ``shards/00001.tar#000123.jpg`` (the shard as it was
+  named on the command line or found in a folder, then ``#``, then the member's name inside
+  the archive).  Members are found by image extension (as in folders); the others (``.json``,
+  ``.txt``, ``.cls`` ...) are WebDataset metadata and are skipped.  Members are read in place
+  (``pread`` at the member's offset), never extracted to disk.  Only uncompressed tar is read:
+  a compressed archive cannot be read member by member without decompressing all of it.
+- a Parquet row: the value of the id column when there is one (``--id-column``, else a
+  column named ``id``, ``key``, ``__key__``, ``path`` or ``file_name`` when present), else
+  ``FILE#ROW`` with the 0-based row number in the file.  The image column (``--image-column``,
+  else the first of ``image``, ``jpg``, ``png``, ``img``, ``bytes``, ``image_bytes``) holds
+  encoded bytes: plain binary, or the ``{bytes, path}`` struct that Hugging Face datasets writes.
+
+A broken shard (a truncated or corrupt tar, an unreadable Parquet file) gives one input that
+fails with the reason, named after the file; the members or rows read before the damage keep
+their own records.  Every decoding-policy guarantee applies to members and cells as to files:
+they are bytes handed to the same decoder, with the same size cap.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from convnext_cli.errors import ImageError, one_line
+
+IMAGE_COLUMNS = ("image", "jpg", "png", "img", "bytes", "image_bytes")
+ID_COLUMNS = ("id", "key", "__key__", "path", "file_name")
+TAR_SUFFIXES = (".tar",)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_READ_ROWS = 64  # rows decoded from a Parquet file at a time: bounds memory per file
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input: where its bytes are, and the id its record carries as ``path``.
+
+    ``data`` holds bytes already in hand (a Parquet cell); ``length`` marks a byte range
+    of ``file`` (a tar member); otherwise ``file`` is read whole (within the size cap).
+    ``error`` is a failure known before reading (a broken shard, a missing cell).
+    """
+
+    id: str
+    file: str | None = None
+    offset: int = 0
+    length: int | None = None
+    data: bytes | None = None
+    error: str | None = None
+
+
+def is_dataset_file(name: str) -> bool:
+    return name.lower().endswith(TAR_SUFFIXES + PARQUET_SUFFIXES)
+
+
+def dataset_items(
+    path: str,
+    image_extensions: frozenset[str],
+    image_column: str | None = None,
+    id_column: str | None = None,
+) -> Iterator[Item]:
+    """The inputs a ``.tar`` or ``.parquet`` file contributes, in stored order."""
+    if path.lower().endswith(TAR_SUFFIXES):
+        yield from tar_items(path, image_extensions)
+    else:
+        yield from parquet_items(path, image_column, id_column)
+
+
+# ---------------------------------------------------------------------------------- brace
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``shards/{00000..00002}.tar`` -> three names (zero padding kept); ``{a,b}`` alternatives.
+
+    A brace group that is neither a range nor a comma list is kept literally, as the shell does.
+    """
+    match = next((m for m in _BRACE.finditer(pattern) if _brace_choices(m.group(1))), None)
+    if match is None:
+        return [pattern]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    out: list[str] = []
+    for choice in _brace_choices(match.group(1)):
+        out.extend(expand_braces(head + choice + tail))
+    return out
+
+
+def _brace_choices(body: str) -> list[str]:
+    numeric = _RANGE.match(body)
+    if numeric:
+        start, end = numeric.group(1), numeric.group(2)
+        width = len(start) if start.lstrip("-").startswith("0") and len(start) > 1 else 0
+        lo, hi = int(start), int(end)
+        step = 1 if hi >= lo else -1
+        return [str(n).zfill(width) for n in range(lo, hi + step, step)]
+    if "," in body:
+        return body.split(",")
+    return []
+
+
+# ------------------------------------------------------------------------------------ tar
+
+
+def tar_items(shard: str, image_extensions: frozenset[str]) -> Iterator[Item]:
+    """Image members of an uncompressed tar, by offset; one failing item for a broken shard."""
+    try:
+        fd = os.open(shard, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        yield Item(shard, error=f"cannot read archive: {exc.strerror or one_line(exc)}")
+        return
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            yield Item(shard, error="not a regular file (cannot read it as an archive)")
+            return
+        yield from _tar_members(shard, handle, info.st_size, image_extensions)
+
+
+def _tar_members(
+    shard: str, handle: object, size: int, image_extensions: frozenset[str]
+) -> Iterator[Item]:
+    last = "the start"
+    try:
+        archive = tarfile.open(fileobj=handle, mode="r:")  # type: ignore[call-overload]
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        yield Item(shard, error=f"not a readable tar archive ({_tar_reason(exc)})")
+        return
+    try:
+        while True:
+            member = archive.next()
+            archive.members.clear()  # keep memory flat on archives with millions of members
+            if member is None:
+                break
+            last = member.name
+            if os.path.splitext(member.name)[1].lower() not in image_extensions:
+                continue
+            item_id = f"{shard}#{member.name}"
+            if not member.isreg():
+                yield Item(item_id, error="not a regular file inside the archive")
+            elif member.offset_data + member.size > size:
+                yield Item(item_id, error="truncated archive member")
+            else:
+                yield Item(item_id, file=shard, offset=member.offset_data, length=member.size)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        yield Item(shard, error=f"corrupt tar archive after {last!r} ({_tar_reason(exc)})")
+        return
+    if not _ends_cleanly(archive, size):
+        yield Item(shard, error=f"truncated or corrupt tar archive after {last!r}")
+
+
+def _ends_cleanly(archive: tarfile.TarFile, size: int) -> bool:
+    """A tar ends with zero blocks; a header cut off or garbage where one belongs does not."""
+    offset = archive.offset
+    if size - offset < tarfile.BLOCKSIZE:
+        return False
+    archive.fileobj.seek(offset)  # type: ignore[union-attr]
+    block = archive.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+    return block == b"\0" * tarfile.BLOCKSIZE
+
+
+def _tar_reason(exc: BaseException) -> str:
+    return one_line(exc) if str(exc) else type(exc).__name__
+
+
+def read_range(path: str, offset: int, length: int, max_bytes: int) -> bytes:
+    """``length`` bytes of a regular file at ``offset`` (a tar member), within the size cap."""
+    if length > max_bytes:
+        raise ImageError(f"member is {length} bytes, over the {max_bytes}-byte limit")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ImageError(f"cannot read archive: {exc.strerror or one_line(exc)}") from exc
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise ImageError(f"cannot read archive member: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise ImageError("truncated archive member")
+    return data
+
+
+# -------------------------------------------------------------------------------- parquet
+
+
+def parquet_items(
+    path: str, image_column: str | None = None, id_column: str | None = None
+) -> Iterator[Item]:
+    """One item per row, its cell's bytes in hand; a few rows read at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        image = _pick_column(names, image_column, IMAGE_COLUMNS, "image", path)
+        ident = _pick_id_column(names, id_column, path)
+        columns = [image] if ident is None else [image, ident]
+        for batch in parquet.iter_batches(batch_size=PARQUET_READ_ROWS, columns=columns):
+            cells = batch.column(0)
+            ids = batch.column(1).to_pylist() if ident is not None else None
+            for n in range(batch.num_rows):
+                item_id = f"{path}#{row}" if ids is None or ids[n] is None else str(ids[n])
+                yield _cell_item(item_id, cells[n])
+                row += 1
+    except _ColumnMissing as exc:
+        yield Item(path, error=str(exc))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        where = f"after row {row}" if row else "at the start"
+        yield Item(path, error=f"corrupt or unreadable Parquet file {where} ({one_line(exc)})")
+
+
+class _ColumnMissing(Exception):
+    pass
+
+
+def _pick_column(
+    names: list[str], chosen: str | None, candidates: tuple[str, ...], what: str, path: str
+) -> str:
+    if chosen is not None:
+        if chosen not in names:
+            raise _ColumnMissing(f"no column {chosen!r} (columns: {', '.join(names[:12])})")
+        return chosen
+    found = next((c for c in candidates if c in names), None)
+    if found is None:
+        raise _ColumnMissing(
+            f"no {what} column (looked for {', '.join(candidates)}; "
+            f"columns: {', '.join(names[:12])}; choose one with --{what}-column)"
+        )
+    return found
+
+
+def _pick_id_column(names: list[str], chosen: str | None, path: str) -> str | None:
+    if chosen is not None:
+        return _pick_column(names, chosen, ID_COLUMNS, "id", path)
+    return next((c for c in ID_COLUMNS if c in names), None)
+
+
+def _cell_item(item_id: str, cell: object) -> Item:
+    """A binary cell, or the ``{bytes, path}`` struct Hugging Face datasets writes."""
+    value = cell.as_py()  # type: ignore[attr-defined]
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        return Item(item_id, error="no image bytes in this row")
+    if isinstance(value, str):
+        return Item(item_id, error="the image column holds text, not encoded image bytes")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return Item(item_id, error=f"the image column holds {type(value).__name__}, not bytes")
+    return Item(item_id, data=bytes(value))

@@ -1,0 +1,126 @@
+"""WebDataset tar shards and Parquet files as inputs: ids, offsets, broken shards and cells."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from convnext_cli.dataset_inputs import (
+    Item,
+    dataset_items,
+    expand_braces,
+    parquet_items,
+    read_range,
+    tar_items,
+)
+
+EXTS = frozenset({".jpg", ".jpeg", ".png"})
+
+
+def make_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def read_item(item: Item) -> bytes:
+    if item.data is not None:
+        return item.data
+    assert item.file is not None and item.length is not None
+    return read_range(item.file, item.offset, item.length, 1 << 30)
+
+
+def test_brace_expansion() -> None:
+    assert expand_braces("s/{00008..00011}.tar") == [
+        "s/00008.tar",
+        "s/00009.tar",
+        "s/00010.tar",
+        "s/00011.tar",
+    ]
+    assert expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
+    assert expand_braces("plain{}.tar") == ["plain{}.tar"]
+    assert expand_braces("x{3..1}") == ["x3", "x2", "x1"]
+
+
+def test_tar_members_by_offset(tmp_path: Path, photos: list[Path]) -> None:
+    members = [
+        ("000000.jpg", photos[-1].read_bytes()),
+        ("000000.json", b"{}"),
+        ("000001.png", photos[0].read_bytes()),
+        ("sub/dir/000002.PNG", photos[1].read_bytes()),
+    ]
+    shard = make_shard(tmp_path / "s.tar", members)
+    items = list(tar_items(str(shard), EXTS))
+    assert [i.id for i in items] == [
+        f"{shard}#000000.jpg",
+        f"{shard}#000001.png",
+        f"{shard}#sub/dir/000002.PNG",
+    ]
+    assert [read_item(i) for i in items] == [members[0][1], members[2][1], members[3][1]]
+    assert all(i.error is None for i in items)
+
+
+def test_truncated_and_corrupt_shards(tmp_path: Path, photos: list[Path]) -> None:
+    good = [(f"{n:06d}.png", photos[n].read_bytes()) for n in range(3)]
+    shard = make_shard(tmp_path / "s.tar", good)
+    data = shard.read_bytes()
+    # cut inside the last member's data: the first two members keep their records
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) - 20000])
+    items = list(tar_items(str(cut), EXTS))
+    assert [i.error is None for i in items[:2]] == [True, True]
+    assert any(i.error and "truncated" in i.error for i in items[2:])
+    # garbage instead of a header in the middle
+    second = data.index(b"000001.png")
+    garbled = tmp_path / "garbled.tar"
+    garbled.write_bytes(data[:second] + b"\x07" * 512 + data[second + 512 :])
+    items = list(tar_items(str(garbled), EXTS))
+    assert items[0].error is None
+    assert items[-1].id == str(garbled) and "corrupt" in (items[-1].error or "")
+    # not a tar at all, and an empty file
+    (tmp_path / "text.tar").write_text("hello")
+    (tmp_path / "empty.tar").write_bytes(b"")
+    for name in ("text.tar", "empty.tar", "missing.tar"):
+        (only,) = list(tar_items(str(tmp_path / name), EXTS))
+        assert only.error and only.id == str(tmp_path / name)
+
+
+def test_parquet_binary_and_hf_struct(tmp_path: Path, photos: list[Path]) -> None:
+    blobs = [p.read_bytes() for p in photos[:3]]
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"jpg": blobs, "n": [1, 2, 3]}), plain)
+    items = list(parquet_items(str(plain)))
+    assert [i.id for i in items] == [f"{plain}#0", f"{plain}#1", f"{plain}#2"]
+    assert [i.data for i in items] == blobs
+
+    hf = tmp_path / "hf.parquet"
+    structs = [{"bytes": b, "path": f"x{n}.png"} for n, b in enumerate(blobs)]
+    structs[1] = {"bytes": None, "path": "none.png"}
+    pq.write_table(pa.table({"image": structs, "id": ["a", "b", "c"]}), hf)
+    items = list(dataset_items(str(hf), EXTS))
+    assert [i.id for i in items] == ["a", "b", "c"]
+    assert items[0].data == blobs[0] and items[2].data == blobs[2]
+    assert items[1].error == "no image bytes in this row"
+
+
+def test_parquet_columns_and_corruption(tmp_path: Path, photos: list[Path]) -> None:
+    blobs = [p.read_bytes() for p in photos[:2]]
+    table = pa.table({"pixels": blobs, "name": ["one", "two"]})
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path)
+    (missing,) = list(parquet_items(str(path)))
+    assert missing.error and "--image-column" in missing.error
+    items = list(parquet_items(str(path), image_column="pixels", id_column="name"))
+    assert [i.id for i in items] == ["one", "two"]
+    data = path.read_bytes()
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(data[: len(data) // 2])
+    (only,) = list(parquet_items(str(broken), image_column="pixels"))
+    assert only.id == str(broken) and "Parquet" in (only.error or "")
