@@ -245,7 +245,8 @@ class HtmlReportWriter:
         for rank, p in enumerate(result.predictions, start=1):
             rows.append(
                 f"<li{' class=top' if rank == 1 else ''}>"
-                f'<span class="label">{display_text(p.label)}</span>'
+                f'<span class="label" title="{html.escape(plain_text(p.label))}">'
+                f"{display_text(p.label)}</span>"
                 f'<span class="bar"><i style="width:{_bar_width(p.score)}%"></i></span>'
                 f'<span class="score" title="{p.score!r} (class {p.index})">'
                 f"{_score_text(p.score)}</span></li>"
@@ -285,7 +286,8 @@ class HtmlReportWriter:
             '</main>\n<section id="summary">'
             f'<div class="stats"><span class="stat"><b>{self.images}</b> images</span>'
             f'<span class="stat"><b>{ok}</b> classified</span>{failed}'
-            f'<span class="stat">top-{self.top_k}</span></div>{state}{labels}</section>\n'
+            f'<span class="stat">top-{self.top_k} labels per image</span></div>'
+            f"{state}{labels}</section>\n"
         )
 
 
