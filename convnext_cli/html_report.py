@@ -245,8 +245,7 @@ class HtmlReportWriter:
         for rank, p in enumerate(result.predictions, start=1):
             rows.append(
                 f"<li{' class=top' if rank == 1 else ''}>"
-                f'<span class="label" title="{html.escape(plain_text(p.label))}">'
-                f"{display_text(p.label)}</span>"
+                f'<span class="label">{display_text(p.label)}</span>'
                 f'<span class="bar"><i style="width:{_bar_width(p.score)}%"></i></span>'
                 f'<span class="score" title="{p.score!r} (class {p.index})">'
                 f"{_score_text(p.score)}</span></li>"
@@ -396,6 +395,12 @@ _SCRIPT = """
       apply();
       window.scrollTo(0, 0);
     });
+  });
+  document.addEventListener("mouseover", function (event) {
+    var t = event.target;  // a label cut by an ellipsis shows in full on hover
+    if (t.classList && t.classList.contains("label") && !t.title && t.scrollWidth > t.clientWidth) {
+      t.title = t.textContent;
+    }
   });
   window.addEventListener("hashchange", function () { fromHash(); apply(); });
   fromHash();

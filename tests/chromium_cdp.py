@@ -24,9 +24,9 @@ CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-st
 
 # Put the pipe ends on fds 3 and 4 in the child, whatever numbers they have here.
 _LAUNCHER = (
-    "import os, sys\n"
-    "r, w = os.dup(int(sys.argv[1])), os.dup(int(sys.argv[2]))\n"
-    "os.dup2(r, 3); os.dup2(w, 4)\n"
+    "import fcntl, os, sys\n"
+    "r, w = (fcntl.fcntl(int(fd), fcntl.F_DUPFD_CLOEXEC, 10) for fd in sys.argv[1:3])\n"
+    "os.dup2(r, 3); os.dup2(w, 4)\n"  # dup2 makes 3 and 4 inheritable
     "os.execv(sys.argv[3], sys.argv[3:])\n"
 )
 
@@ -198,6 +198,8 @@ class Chromium:
         result = self.call("Page.navigate", {"url": url}, timeout=timeout)
         if result.get("errorText"):
             raise CDPError(f"navigation failed: {result['errorText']}")
+        if not result.get("loaderId"):
+            return  # a same-document navigation (only the #fragment changed): no load event
         self.wait_for("Page.loadEventFired", timeout=timeout)
 
     def evaluate(self, expression: str, timeout: float = 60) -> Any:
