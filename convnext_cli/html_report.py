@@ -325,7 +325,7 @@ font:inherit;color:inherit;background:none;border:0;padding:2px 0;text-align:lef
 .chip .count{text-align:right;font-variant-numeric:tabular-nums;color:var(--dim)}
 .card{display:flex;gap:12px;background:var(--card);border:1px solid var(--line);
 border-radius:8px;padding:10px;content-visibility:auto;contain-intrinsic-size:auto 150px}
-.card.failed{border-color:var(--bad);background:var(--badbg)}
+.card.failed{border-color:var(--bad);background:var(--badbg);align-self:start}
 .thumb{width:128px;height:128px;flex:none;object-fit:contain;border-radius:4px;
 background:var(--bg)}
 .thumb.none{display:flex;align-items:center;justify-content:center;color:var(--dim);
