@@ -38,6 +38,7 @@ import stat
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 THUMBNAIL_SIZE = 128  # longest side, pixels
 THUMBNAIL_QUALITY = 70  # JPEG quality
 THUMBNAIL_MAX_FILE_BYTES = 256 * 2**20  # a file larger than this gets a placeholder
+THUMBNAIL_WORKERS = min(4, os.cpu_count() or 1)  # threads: Pillow releases the GIL
 SUMMARY_TOP_LABELS = 12
 
 Thumbnailer = Callable[["Result"], "bytes | None"]
@@ -181,8 +183,11 @@ class HtmlReportWriter:
         top_k: int,
         title: str | None = None,
         thumbnailer: Thumbnailer | None = file_thumbnailer,
+        workers: int = THUMBNAIL_WORKERS,
     ) -> None:
         self.stream = stream
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
         self.top_k = top_k
         self.title = title or "convnext classify"
         self.thumbnailer = thumbnailer
@@ -194,7 +199,8 @@ class HtmlReportWriter:
         self.stream.flush()
 
     def write(self, results: list[Result]) -> None:
-        self.stream.write(_ascii("".join(self._card(r) for r in results)))
+        uris = self._thumbnails(results)
+        self.stream.write(_ascii("".join(map(self._card, results, uris))))
         self.stream.flush()
 
     def close(self) -> None:
@@ -208,10 +214,26 @@ class HtmlReportWriter:
             pass
 
     def _finish(self, complete: bool) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         if not self.closed:
             self.closed = True
             self.stream.write(_ascii(self._summary(complete) + _TAIL))
         self.stream.flush()
+
+    def _thumbnails(self, results: list[Result]) -> list[str | None]:
+        """Each result's thumbnail URI (None for errors and failures), made in parallel."""
+        if self.thumbnailer is None:
+            return [None] * len(results)
+        wanted = [r for r in results if r.error is None]
+        if self.workers > 1 and len(wanted) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="thumbnails")
+            made = iter(list(self._pool.map(self._thumbnail, wanted)))
+        else:
+            made = iter([self._thumbnail(r) for r in wanted])
+        return [None if r.error is not None else next(made) for r in results]
 
     def _thumbnail(self, result: Result) -> str | None:
         if self.thumbnailer is None:
@@ -222,7 +244,7 @@ class HtmlReportWriter:
             return None
         return make_thumbnail(data) if data else None
 
-    def _card(self, result: Result) -> str:
+    def _card(self, result: Result, uri: str | None) -> str:
         self.images += 1
         path = display_text(result.path)
         if result.error is not None:
@@ -236,7 +258,6 @@ class HtmlReportWriter:
             )
         if result.predictions:
             self.top_labels[result.predictions[0].label] += 1
-        uri = self._thumbnail(result)
         if uri is None:
             thumb = '<div class="thumb none">no preview</div>'
         else:
@@ -247,7 +268,7 @@ class HtmlReportWriter:
                 f"<li{' class=top' if rank == 1 else ''}>"
                 f'<span class="label">{display_text(p.label)}</span>'
                 f'<span class="bar"><i style="width:{_bar_width(p.score)}%"></i></span>'
-                f'<span class="score" title="{p.score!r} (class {p.index})">'
+                f'<span class="score" title="{float(p.score)!r} (class {p.index})">'
                 f"{_score_text(p.score)}</span></li>"
             )
         return (

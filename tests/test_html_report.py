@@ -310,6 +310,20 @@ def test_thumbnail_failures_show_a_placeholder_and_never_fail_the_record(tmp_pat
     assert "no preview" in page and "ok" in page
 
 
+def test_thumbnails_in_parallel_keep_the_order_and_the_threads_end(photos):
+    results = [
+        Result(path=str(photos[n % len(photos)]), predictions=preds((f"label {n}", 0.5)))
+        if n % 5
+        else Result(path=f"bad {n}.jpg", error="broken")
+        for n in range(30)
+    ]
+    before = threading.active_count()
+    parallel = render(results, batch=10, workers=4)
+    assert threading.active_count() == before
+    assert parallel == render(results, batch=10, workers=1)
+    assert len(thumbnails(parallel)) == 24
+
+
 def test_errors_have_no_thumbnail(photos):
     page = render([Result(path=str(photos[0]), error="cannot decode image: truncated")])
     assert thumbnails(page) == []
