@@ -290,7 +290,7 @@ class HtmlReportWriter:
         for label, count in most:
             share = count / ok * 100 if ok else 0.0
             chips.append(
-                f'<button type="button" class="chip" data-q="{html.escape(plain_text(label))}">'
+                f'<button type="button" class="chip" data-q="top:{html.escape(plain_text(label))}">'
                 f'<span class="label">{display_text(label)}</span>'
                 f'<span class="bar"><i style="width:{share:.2f}%"></i></span>'
                 f'<span class="count">{count}</span></button>'
@@ -382,12 +382,18 @@ _SCRIPT = """
     card.querySelectorAll(".label").forEach(function (l) { parts.push(l.textContent); });
     return parts.join("\\n").toLowerCase();
   });
+  var tops = cards.map(function (card) {
+    var top = card.querySelector(".top .label");
+    return top ? top.textContent.toLowerCase() : null;
+  });
   function apply() {
     var q = input.value.trim().toLowerCase();
     var count = 0;
     cards.forEach(function (card, i) {
       var match = q === "" ? true :
-        q === "is:failed" ? card.classList.contains("failed") : texts[i].indexOf(q) !== -1;
+        q === "is:failed" ? card.classList.contains("failed") :
+        q.slice(0, 4) === "top:" ? tops[i] !== null && tops[i].indexOf(q.slice(4).trim()) !== -1 :
+        texts[i].indexOf(q) !== -1;
       card.hidden = !match;
       if (match) { count += 1; }
     });
@@ -443,7 +449,8 @@ def _head(title: str) -> str:
         f"<title>{shown}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<header><h1>{display_text(title)}</h1>"
         '<input id="filter" type="search" disabled autocomplete="off" spellcheck="false" '
-        'placeholder="Filter: a label or part of a path" aria-label="filter">'
+        'placeholder="Filter: a label or part of a path (top:label, is:failed)" '
+        'aria-label="filter">'
         '<span id="shown" aria-live="polite"></span></header>\n'
         "<main>\n"
     )

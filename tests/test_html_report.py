@@ -205,10 +205,12 @@ def test_summary_counts_top_labels():
     summary = page[page.index('id="summary"') :]
     text = "".join(parse(page).text)
     assert "177 images" in text and "170 classified" in text and "7 failed" in text
-    assert summary.index('data-q="cat"') < summary.index('data-q="label0"')  # most frequent first
+    assert summary.index('data-q="top:cat"') < summary.index(
+        'data-q="top:label0"'
+    )  # most frequent first
     assert summary.count('class="chip"') == 12
     assert "and 4 other labels" in text  # 16 distinct top-1 labels, 12 shown
-    bar = summary[summary.index('data-q="cat"') :]
+    bar = summary[summary.index('data-q="top:cat"') :]
     assert 'style="width:11.76%"' in bar[: bar.index("</button>")]  # 20 of 170
 
 
@@ -522,6 +524,8 @@ def test_filter_box_hides_non_matching_cards(browser, photos, tmp_path):
     assert set_filter(browser, photos[0].name) == f"1 of {total} images shown"  # a path fragment
     assert set_filter(browser, "not-utf8") == f"1 of {total} images shown"
     assert set_filter(browser, "\\xff") == f"1 of {total} images shown"  # the escape, as shown
+    assert set_filter(browser, "top:other thing") == f"0 of {total} images shown"
+    assert set_filter(browser, "top: Space Shuttle") == f"1 of {total} images shown"
     assert set_filter(browser, "is:failed") == f"2 of {total} images shown"
     assert visible_cards(browser) == 2
     assert set_filter(browser, "no such thing anywhere") == f"0 of {total} images shown"
@@ -529,10 +533,10 @@ def test_filter_box_hides_non_matching_cards(browser, photos, tmp_path):
     assert set_filter(browser, "") == f"{total} images"
     assert visible_cards(browser) == total
     # A summary chip filters by its label; clicking it again clears the filter.
-    browser.evaluate("document.querySelector('.chip[data-q=\"espresso\"]').click()")
-    assert browser.evaluate("document.getElementById('filter').value") == "espresso"
+    browser.evaluate("document.querySelector('.chip[data-q=\"top:espresso\"]').click()")
+    assert browser.evaluate("document.getElementById('filter').value") == "top:espresso"
     assert visible_cards(browser) == 1
-    browser.evaluate("document.querySelector('.chip[data-q=\"espresso\"]').click()")
+    browser.evaluate("document.querySelector('.chip[data-q=\"top:espresso\"]').click()")
     assert visible_cards(browser) == total
     # The address can carry the filter: #q=... applies on load.
     browser.load("about:blank")
