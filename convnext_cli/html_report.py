@@ -2,8 +2,10 @@
 
 Each input is a card: a small thumbnail (embedded as a ``data:`` URI), its path, its top-k
 labels with score bars, or its error.  A summary (images, failed, the most frequent top
-labels) and a filter box (a label or path fragment; ``#q=...`` in the address pre-fills it)
-complete the page.  Nothing is fetched from the network: the CSS and the script are inline.
+labels) and a filter box complete the page.  The filter matches a fragment of a path or of
+any of the top-k labels, case-insensitively; ``top:LABEL`` matches the top-1 label only,
+``is:failed`` the errors; ``#q=...`` in the address pre-fills it.  Nothing is fetched
+from the network: the CSS and the script are inline.
 
 The page streams like the other writers: the head (styles, title, filter box) is written
 when the writer is built, each batch's cards are written and flushed as the batch arrives,
@@ -24,7 +26,8 @@ Thumbnails are decoded with the project's decoding policy and limits
 (:func:`convnext_cli.images.decode_bytes`; JPEGs at a reduced DCT scale), at most 128 px
 on the longest side, JPEG quality 70: about 3 to 6 KB each, base64 included.  A thumbnail
 that cannot be made (a file that changed, a member of an archive, anything at all) shows a
-placeholder; it never fails the record.
+placeholder; it never fails the record.  They are made in a few threads (Pillow releases
+the GIL), in order, for each batch before its cards are written.
 """
 
 from __future__ import annotations
