@@ -21,7 +21,20 @@ BAR = "━".encode()
 
 
 def classify_args(v1_checkpoint: Path, photos: list[Path], *extra: str) -> list[str]:
-    common = ["-m", v1_checkpoint, "-k", "1", "-b", "1", "--workers", "0", "--device", "cpu", "--dtype", "float32"]
+    common = [
+        "-m",
+        v1_checkpoint,
+        "-k",
+        "1",
+        "-b",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
     return ["classify", *photos, *common, *extra]
 
 
@@ -88,7 +101,9 @@ def test_format_auto_is_a_table_only_on_a_terminal(
         assert len(json_lines(run.stdout)) == 2
 
 
-def test_embed_with_terminal_stderr_and_file_stdout(v1_checkpoint: Path, photos: list[Path]) -> None:
+def test_embed_with_terminal_stderr_and_file_stdout(
+    v1_checkpoint: Path, photos: list[Path]
+) -> None:
     args = ["embed", *photos[:3], "-m", v1_checkpoint, "-b", "1", "--workers", "0"]
     run = run_attached(args, stdout="file", stderr="tty")
     assert run.returncode == 0, run.stderr.decode(errors="replace")
