@@ -149,7 +149,8 @@ def test_internal_error_has_its_own_exit_code(v1_checkpoint: Path, photos: list[
         "import convnext_cli.pipeline as p\n"
         "def boom(self, *a, **k):\n    raise RuntimeError('a bug')\n"
         "p.Runner.classify = boom\n"
-        f"sys.argv = ['convnext', 'classify', {str(photos[0])!r}, '-m', {str(v1_checkpoint)!r}, '--dtype', 'float32']\n"
+        f"sys.argv = ['convnext', 'classify', {str(photos[0])!r}, '-m', {str(v1_checkpoint)!r}, "
+        "'--dtype', 'float32']\n"
         "runpy.run_module('convnext_cli', run_name='__main__')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
