@@ -27,7 +27,7 @@ from typing import Any
 
 from convnext_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
 
 
 class Terminated(KeyboardInterrupt):

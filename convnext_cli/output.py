@@ -268,7 +268,7 @@ class TableWriter(TextWriter):
         from rich.console import Console
 
         super().__init__(raw)
-        self.console = Console(file=self.sink, highlight=False)
+        self.console = Console(file=self.sink, highlight=False)  # type: ignore[arg-type]
         self.top_k = top_k
 
     def write(self, results: list[Result]) -> None:

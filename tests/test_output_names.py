@@ -181,3 +181,19 @@ def test_path_field_round_trip() -> None:
     assert path_field("plain.png") == "plain.png"
     assert path_field("back\\slash.png") == "back\\slash.png"
     assert path_field("new\nline.png") == '"new\\nline.png"'
+
+
+def test_null_option_is_passed_to_the_input_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """-0/--null reaches expand_inputs as null_separated=True (the reading is inputs.py's)."""
+    from convnext_cli.cli import batch_run
+
+    seen: list[dict] = []
+
+    def fake_expand(inputs, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs)
+        return ["x.png"]
+
+    monkeypatch.setattr(batch_run, "expand_inputs", fake_expand)
+    batch_run.gather_inputs(["-"], recursive=False, null_separated=True)
+    batch_run.gather_inputs(["-"], recursive=False)
+    assert seen[0].get("null_separated") is True and "null_separated" not in seen[1]

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from convnext_cli import interrupts
 from convnext_cli.cli.errors import say
@@ -26,7 +26,7 @@ def gather_inputs(inputs: list[str], recursive: bool, null_separated: bool = Fal
     """Expand INPUTS (stdin only when '-' is given); warnings go to stderr."""
     if not inputs:
         raise UsageError("no inputs given (files, folders, globs, or '-' for stdin)")
-    extra = {"null_separated": True} if null_separated else {}
+    extra: dict[str, Any] = {"null_separated": True} if null_separated else {}
     return expand_inputs(
         inputs, recursive=recursive, warn=lambda msg: say(f"warning: {msg}"), **extra
     )
@@ -38,7 +38,7 @@ def checkpoint_files(model: str) -> list[str]:
     if path.is_file():
         return [str(path)]
     if path.is_dir():
-        found = []
+        found: list[str] = []
         for root, _dirs, files in os.walk(path):
             found.extend(os.path.join(root, f) for f in files)
             if len(found) > 10_000:
@@ -123,7 +123,7 @@ def write_results(
 
     Finished: the writer closes (the output is moved into place).  Ctrl-C or SIGTERM: the
     records written so far are closed into a valid file and moved into place (an output
-    with no record yet is dropped, the target untouched), then the interrupt goes on.  Any
+    file with no record yet is dropped, its target untouched), then the interrupt goes on.  Any
     other error: the writer aborts, the target is untouched.
     """
     try:
@@ -136,7 +136,7 @@ def write_results(
         )
     except KeyboardInterrupt:
         with interrupts.finishing():
-            if writer.records:
+            if writer.records or is_stdout(output):  # stdout: close the JSON array anyway
                 writer.close()
             else:
                 writer.abort()
