@@ -87,7 +87,8 @@ def choose_format(
 class Writer(Protocol):
     """What every format provides: per-batch writes, then close (move into place) or abort."""
 
-    records: int
+    records: int  # records written so far
+    names_errors_on_stderr: bool  # failed inputs are not in the output (the matrix formats)
 
     def write(self, results: list[Result]) -> None: ...
 
@@ -134,6 +135,8 @@ def embed_record_json(result: Result) -> str:
 
 class TextWriter:
     """The text formats' shared life cycle: header at open, text per batch, footer at close."""
+
+    names_errors_on_stderr = False
 
     def __init__(self, raw: OutputFile | StdoutFile) -> None:
         self.raw = raw
@@ -335,6 +338,8 @@ class MatrixWriter:
     are left out of the matrix; the caller reports them on stderr, and safetensors keeps them
     in an ``errors`` metadata entry.
     """
+
+    names_errors_on_stderr = True
 
     def __init__(self, output: Path, kind: str) -> None:
         self.kind = kind

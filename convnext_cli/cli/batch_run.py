@@ -117,7 +117,6 @@ def write_results(
     batches: Callable[[], Iterator[list[Result]]],
     total: int,
     output: Path | None,
-    report_errors: bool = False,
 ) -> int:
     """Run ``batches`` (which loads the model) into an open writer and end its life cycle.
 
@@ -131,7 +130,6 @@ def write_results(
             batches(),
             writer,
             total,
-            report_errors=report_errors,
             to_terminal=is_stdout(output) and sys.stdout.isatty(),
         )
     except KeyboardInterrupt:
@@ -152,7 +150,6 @@ def stream_results(
     batches: Iterator[list[Result]],
     writer: Writer,
     total: int,
-    report_errors: bool = False,
     to_terminal: bool = False,
 ) -> int:
     """Write every batch as it finishes, with a progress bar when stderr is a terminal.
@@ -188,7 +185,7 @@ def stream_results(
             for result in results:
                 if result.error is not None:
                     failures += 1
-                    if report_errors:
+                    if writer.names_errors_on_stderr:
                         say(f"error: {result.path}: {result.error}")
             progress.advance(task, len(results))
             if pause:

@@ -27,7 +27,7 @@ from convnext_cli.cli.options import (
     RecursiveOpt,
     WorkersOpt,
 )
-from convnext_cli.output import BINARY_FORMATS, choose_format, open_writer, output_targets
+from convnext_cli.output import choose_format, open_writer, output_targets
 
 
 @handle_errors
@@ -70,7 +70,4 @@ def embed(
         runner = load_runner(model, device, dtype, compile_model, decode=decode)
         return runner.embed(paths, normalize=normalize, batch_size=batch_size, workers=workers)
 
-    code = write_results(
-        writer, batches, total=len(paths), output=output, report_errors=fmt in BINARY_FORMATS
-    )
-    raise typer.Exit(code)
+    raise typer.Exit(write_results(writer, batches, total=len(paths), output=output))
