@@ -133,9 +133,6 @@ class OutputFile:
         except OSError as exc:
             raise _cannot_write(self.display, exc) from exc
 
-    def tell(self) -> int:
-        return self.file.tell()
-
     def pwrite(self, data: bytes, offset: int) -> None:
         """Rewrite bytes already written (a header), without moving the append position."""
         self.flush()
@@ -151,20 +148,23 @@ class OutputFile:
             os.chmod(path, stat.S_IMODE(os.stat(self.target).st_mode))
 
     def commit(self) -> None:
-        """Flush, sync and move the partial file over the target."""
+        """Flush, sync and move the partial file over the target (on failure: abort)."""
         if self.done:
             return
-        self.flush()
         try:
+            self.flush()
             if not self.direct:
                 with contextlib.suppress(OSError):
                     os.fsync(self.fd)
                 self._keep_mode(self.partial)
-                os.replace(self.partial, self.target)
-        except OSError as exc:
-            raise _cannot_write(self.display, exc) from exc
-        finally:
-            self._close()
+                try:
+                    os.replace(self.partial, self.target)
+                except OSError as exc:
+                    raise _cannot_write(self.display, exc) from exc
+        except BaseException:
+            self.abort()
+            raise
+        self._close()
 
     def replace_with(self, built: Path) -> None:
         """Move a finished file built from this partial over the target; drop the partial."""

@@ -142,7 +142,11 @@ def write_results(
     except BaseException:
         writer.abort()
         raise
-    writer.close()
+    try:
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     return code
 
 
