@@ -1,3 +1,9 @@
-from convnext_cli.cli import main
+"""``python -m convnext_cli``: Ctrl-C from the first moment ends with one line, exit 130."""
+
+from convnext_cli.interrupts import install_startup_handlers
+
+install_startup_handlers()  # before typer, rich and the commands are imported
+
+from convnext_cli.cli import main  # noqa: E402
 
 main()

@@ -11,7 +11,10 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_SOFTWARE = 70  # an internal error (a bug): EX_SOFTWARE from sysexits.h
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
+EXIT_PIPE_CLOSED = 141  # the reader of stdout went away (`| head`), as a shell reports SIGPIPE
 
 
 class ConvNextError(Exception):
@@ -34,6 +37,14 @@ class CheckpointError(ConvNextError):
 
 class DeviceError(UsageError):
     """A device or dtype this machine cannot provide."""
+
+
+class OutputError(UsageError):
+    """The output cannot be written (no such folder, no space left, a device that refuses)."""
+
+
+class OutputClosed(Exception):
+    """The reader of stdout went away (``| head``): the run stops quietly (exit 141)."""
 
 
 class ImageError(ConvNextError):

@@ -1,34 +1,100 @@
 """Writing results: a rich table for people; json, jsonl, csv, npy and safetensors for scripts.
 
-Every writer takes one list of results per batch and writes it at once (jsonl and csv are
-flushed per batch), so output streams and memory stays bounded by the batch.  The binary
-embedding formats spool rows to a temporary file and assemble the matrix at the end.
+Every writer has the same life cycle (:mod:`convnext_cli.output_file`): it is opened on its
+target (stdout, or a locked ``.NAME.partial`` beside ``-o NAME``), takes one list of results
+per batch and writes and flushes it at once, and ends with ``close`` (complete the file --
+close the JSON array, write the matrix -- and move it into place) or ``abort`` (drop it;
+the target is untouched).  Memory stays bounded by the batch: the matrix formats append
+their rows to the partial file as they come.
+
+File names are written so that any name survives exactly (see :mod:`convnext_cli.names`):
+JSON strings with ``\\udcXX`` escapes for undecodable bytes; in CSV and the ``.paths.txt``
+sidecar the name itself, or a JSON string when the name is not plain; in the table the name
+as text (never markup) with control characters made visible.
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import os
-import shutil
-import tempfile
+import io
+import struct
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from convnext_cli.errors import UsageError
+from convnext_cli.errors import OutputError, UsageError
+from convnext_cli.names import json_text, path_field, utf8_text, visible
+from convnext_cli.output_file import OutputFile, StdoutFile, TextSink, is_stdout
 
 if TYPE_CHECKING:
     from convnext_cli.pipeline import Result
 
 CLASSIFY_FORMATS = ("auto", "table", "json", "jsonl", "csv")
-EMBED_FORMATS = ("jsonl", "json", "csv", "npy", "safetensors")
+EMBED_FORMATS = ("auto", "jsonl", "json", "csv", "npy", "safetensors")
 BINARY_FORMATS = ("npy", "safetensors")
+
+# The -o extension picks the format when --format is not given (or is auto).  One table for
+# every command; a command refuses a format it does not write.
+FORMAT_BY_EXTENSION = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".npy": "npy",
+    ".safetensors": "safetensors",
+}
+
+
+def format_for_extension(output: Path | None) -> str | None:
+    if is_stdout(output):
+        return None
+    return FORMAT_BY_EXTENSION.get(Path(str(output)).suffix.lower())
+
+
+def choose_format(
+    command: str, fmt: str | None, output: Path | None, stdout_is_terminal: bool
+) -> str:
+    """The format to write: --format, else the -o extension, else the command's default.
+
+    ``auto`` (or no --format) is the -o extension when it is a known one; otherwise a table
+    when classify writes to a terminal and JSON lines everywhere else.  An explicit format
+    that contradicts the -o extension is a usage error, so is a format the command lacks.
+    """
+    formats = CLASSIFY_FORMATS if command == "classify" else EMBED_FORMATS
+    fmt = (fmt or "auto").lower()
+    if fmt not in formats:
+        raise UsageError(f"unknown --format {fmt!r} (use {', '.join(formats)})")
+    by_extension = format_for_extension(output)
+    if fmt == "auto":
+        if by_extension is not None:
+            if by_extension not in formats:
+                raise UsageError(
+                    f"-o {output}: {command} cannot write {by_extension} "
+                    f"(use {', '.join(f for f in formats if f != 'auto')})"
+                )
+            return by_extension
+        if command == "classify" and is_stdout(output) and stdout_is_terminal:
+            return "table"
+        return "jsonl"
+    if by_extension is not None and by_extension != fmt:
+        raise UsageError(
+            f"--format {fmt} contradicts -o {output} (a .{by_extension} name); change one of them"
+        )
+    if fmt in BINARY_FORMATS and is_stdout(output):
+        raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
+    return fmt
 
 
 class Writer(Protocol):
+    """What every format provides: per-batch writes, then close (move into place) or abort."""
+
+    records: int  # records written so far
+    names_errors_on_stderr: bool  # failed inputs are not in the output (the matrix formats)
+
     def write(self, results: list[Result]) -> None: ...
 
     def close(self) -> None: ...
+
+    def abort(self, keep: bool = False) -> None: ...
 
 
 def _score(value: float) -> float:
@@ -48,7 +114,7 @@ def classify_record(result: Result) -> dict[str, Any]:
 
 
 def classify_record_json(result: Result) -> str:
-    return json.dumps(classify_record(result), ensure_ascii=False)
+    return json_text(classify_record(result))
 
 
 def _floats_json(values: list[float]) -> str:
@@ -58,186 +124,154 @@ def _floats_json(values: list[float]) -> str:
 
 def embed_record_json(result: Result) -> str:
     if result.error is not None:
-        return json.dumps({"path": result.path, "error": result.error}, ensure_ascii=False)
+        return json_text({"path": result.path, "error": result.error})
     assert result.embedding is not None
-    path = json.dumps(result.path, ensure_ascii=False)
+    path = json_text(result.path)
     return f'{{"path": {path}, "embedding": {_floats_json(result.embedding.tolist())}}}'
 
 
-class JsonLinesWriter:
+# ----------------------------------------------------------------------------- text formats
+
+
+class TextWriter:
+    """The text formats' shared life cycle: header at open, text per batch, footer at close."""
+
+    names_errors_on_stderr = False
+
+    def __init__(self, raw: OutputFile | StdoutFile) -> None:
+        self.raw = raw
+        self.sink = TextSink(raw)
+        self.records = 0
+        try:
+            self._put(self.header())
+        except BaseException:
+            raw.abort()
+            raise
+
+    def header(self) -> str:
+        return ""
+
+    def render(self, results: list[Result]) -> str:
+        raise NotImplementedError
+
+    def footer(self) -> str:
+        return ""
+
+    def _put(self, text: str) -> None:
+        if text:
+            self.sink.write(text)
+            self.sink.flush()
+
+    def write(self, results: list[Result]) -> None:
+        self._put(self.render(results))
+        self.records += len(results)
+
+    def close(self) -> None:
+        self._put(self.footer())
+        self.raw.commit()
+
+    def abort(self, keep: bool = False) -> None:
+        self.raw.abort(keep)
+
+
+class JsonLinesWriter(TextWriter):
     """One JSON object per line, flushed after every batch."""
 
-    def __init__(self, stream: IO[str], render: Any) -> None:
-        self.stream = stream
-        self.render = render
+    def __init__(self, raw: OutputFile | StdoutFile, render: Any) -> None:
+        self.render_one = render
+        super().__init__(raw)
 
-    def write(self, results: list[Result]) -> None:
-        for result in results:
-            self.stream.write(self.render(result) + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.flush()
+    def render(self, results: list[Result]) -> str:
+        return "".join(self.render_one(r) + "\n" for r in results)
 
 
-class JsonArrayWriter:
+class JsonArrayWriter(TextWriter):
     """One JSON array, streamed element by element."""
 
-    def __init__(self, stream: IO[str], render: Any) -> None:
-        self.stream = stream
-        self.render = render
-        self.count = 0
+    def __init__(self, raw: OutputFile | StdoutFile, render: Any) -> None:
+        self.render_one = render
+        super().__init__(raw)
 
-    def write(self, results: list[Result]) -> None:
-        for result in results:
-            self.stream.write(("[\n  " if self.count == 0 else ",\n  ") + self.render(result))
-            self.count += 1
-        self.stream.flush()
+    def render(self, results: list[Result]) -> str:
+        parts = []
+        for n, result in enumerate(results, start=self.records):
+            parts.append(("[\n  " if n == 0 else ",\n  ") + self.render_one(result))
+        return "".join(parts)
 
-    def close(self) -> None:
-        self.stream.write("[]\n" if self.count == 0 else "\n]\n")
-        self.stream.flush()
+    def footer(self) -> str:
+        return "[]\n" if self.records == 0 else "\n]\n"
 
 
-class ClassifyCsvWriter:
+def _csv_text(rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+class ClassifyCsvWriter(TextWriter):
     """``path,rank,label,index,score,error``: one row per prediction, one per failed input."""
 
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.csv = csv.writer(stream, lineterminator="\n")
-        self.csv.writerow(["path", "rank", "label", "index", "score", "error"])
+    def header(self) -> str:
+        return _csv_text([["path", "rank", "label", "index", "score", "error"]])
 
-    def write(self, results: list[Result]) -> None:
+    def render(self, results: list[Result]) -> str:
+        rows: list[list[Any]] = []
         for r in results:
+            path = path_field(r.path)
             if r.error is not None:
-                self.csv.writerow([r.path, "", "", "", "", r.error])
+                rows.append([path, "", "", "", "", utf8_text(r.error)])
             for rank, p in enumerate(r.predictions, start=1):
-                self.csv.writerow([r.path, rank, p.label, p.index, _score(p.score), ""])
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.flush()
+                rows.append([path, rank, p.label, p.index, _score(p.score), ""])
+        return _csv_text(rows)
 
 
-class EmbedCsvWriter:
+class EmbedCsvWriter(TextWriter):
     """``path,error,f0,...,f{D-1}``; the header waits for the first embedding to know D."""
 
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.csv = csv.writer(stream, lineterminator="\n")
+    def __init__(self, raw: OutputFile | StdoutFile) -> None:
         self.pending: list[Result] = []
         self.dim: int | None = None
+        super().__init__(raw)
 
-    def _header(self, dim: int) -> None:
-        self.dim = dim
-        self.csv.writerow(["path", "error", *(f"f{i}" for i in range(dim))])
+    def _rows(self, results: list[Result]) -> list[list[Any]]:
+        rows: list[list[Any]] = []
+        for r in results:
+            path = path_field(r.path)
+            if r.error is not None or r.embedding is None:
+                rows.append([path, utf8_text(r.error or ""), *([""] * (self.dim or 0))])
+            else:
+                rows.append([path, "", *(f"{v:.9g}" for v in r.embedding.tolist())])
+        return rows
 
-    def write(self, results: list[Result]) -> None:
+    def render(self, results: list[Result]) -> str:
         if self.dim is None:
             first = next((r for r in results if r.embedding is not None), None)
             if first is None:
                 self.pending.extend(results)
-                return
-            self._header(first.embedding.numel())  # type: ignore[union-attr]
+                return ""
+            self.dim = first.embedding.numel()  # type: ignore[union-attr]
+            header = [["path", "error", *(f"f{i}" for i in range(self.dim))]]
             results, self.pending = self.pending + results, []
-        for r in results:
-            if r.error is not None or r.embedding is None:
-                self.csv.writerow([r.path, r.error or "", *([""] * (self.dim or 0))])
-            else:
-                self.csv.writerow([r.path, "", *(f"{v:.9g}" for v in r.embedding.tolist())])
-        self.stream.flush()
+            return _csv_text(header + self._rows(results))
+        return _csv_text(self._rows(results))
 
-    def close(self) -> None:
+    def footer(self) -> str:
         if self.dim is None:
-            self.csv.writerow(["path", "error"])
-            for r in self.pending:
-                self.csv.writerow([r.path, r.error or ""])
-        self.stream.flush()
+            return _csv_text([["path", "error"], *self._rows(self.pending)])
+        return ""
 
 
-class MatrixWriter:
-    """npy (+ ``.paths.txt``) or safetensors (``embeddings`` + ``paths`` metadata).
+class TableWriter(TextWriter):
+    """A rich table per batch: each image's top-k labels with a score bar.
 
-    Rows are spooled to a temporary file beside the output, so memory does not grow with
-    the number of inputs.  Failed inputs are left out of the matrix; the paths say which
-    row is which, and the failures are reported by the caller on stderr.
+    Names are shown as text, never read as markup, with control characters made visible.
     """
 
-    def __init__(self, path: Path, kind: str) -> None:
-        self.path = path
-        self.kind = kind
-        self.paths: list[str] = []
-        self.dim: int | None = None
-        self.errors: dict[str, str] = {}
-        try:
-            fd, spool = tempfile.mkstemp(prefix=".convnext-", suffix=".f32", dir=path.parent)
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot write output ({exc.strerror})") from exc
-        self.spool_path = Path(spool)
-        self.spool = os.fdopen(fd, "wb")
-
-    def write(self, results: list[Result]) -> None:
-        for r in results:
-            if r.embedding is None:
-                self.errors[r.path] = r.error or "no embedding"
-                continue
-            if self.dim is None:
-                self.dim = r.embedding.numel()
-            self.spool.write(r.embedding.float().contiguous().numpy().tobytes())
-            self.paths.append(r.path)
-
-    def close(self) -> None:
-        self.spool.close()
-        try:
-            if self.kind == "npy":
-                self._write_npy()
-            else:
-                self._write_safetensors()
-        finally:
-            self.spool_path.unlink(missing_ok=True)
-
-    def abort(self) -> None:
-        """Drop the spool without writing anything (the run failed or was interrupted)."""
-        self.spool.close()
-        self.spool_path.unlink(missing_ok=True)
-
-    def _write_npy(self) -> None:
-        import numpy as np
-        from numpy.lib import format as npformat
-
-        shape = (len(self.paths), self.dim or 0)
-        with open(self.path, "wb") as out, open(self.spool_path, "rb") as spool:
-            npformat.write_array_header_1_0(
-                out, {"descr": np.dtype("<f4").str, "fortran_order": False, "shape": shape}
-            )
-            shutil.copyfileobj(spool, out)
-        sidecar = self.path.with_name(self.path.name.removesuffix(".npy") + ".paths.txt")
-        sidecar.write_text("".join(p + "\n" for p in self.paths))
-
-    def _write_safetensors(self) -> None:
-        import numpy as np
-        import torch
-        from safetensors.torch import save_file
-
-        rows = len(self.paths)
-        if rows:
-            data = np.fromfile(self.spool_path, dtype="<f4").reshape(rows, self.dim or 0)
-            matrix = torch.from_numpy(data)
-        else:
-            matrix = torch.zeros(0, 0)
-        metadata = {"paths": json.dumps(self.paths, ensure_ascii=False)}
-        if self.errors:
-            metadata["errors"] = json.dumps(self.errors, ensure_ascii=False)
-        save_file({"embeddings": matrix}, str(self.path), metadata=metadata)
-
-
-class TableWriter:
-    """A rich table per batch: each image's top-k labels with a score bar."""
-
-    def __init__(self, stream: IO[str], top_k: int) -> None:
+    def __init__(self, raw: OutputFile | StdoutFile, top_k: int) -> None:
         from rich.console import Console
 
-        self.console = Console(file=stream, highlight=False)
+        super().__init__(raw)
+        self.console = Console(file=self.sink, highlight=False)  # type: ignore[arg-type]
         self.top_k = top_k
 
     def write(self, results: list[Result]) -> None:
@@ -255,42 +289,174 @@ class TableWriter:
         for n, r in enumerate(results):
             if n:
                 table.add_section()
+            name = Text(visible(r.path))
             if r.error is not None:
-                table.add_row(r.path, "", Text(f"error: {r.error}", style="red"), "", "", "")
+                table.add_row(name, "", Text(f"error: {visible(r.error)}", style="red"), "", "", "")
                 continue
             for rank, p in enumerate(r.predictions, start=1):
                 table.add_row(
-                    r.path if rank == 1 else "",
+                    name if rank == 1 else "",
                     str(rank),
-                    Text(p.label, style="bold" if rank == 1 else ""),
+                    Text(visible(p.label), style="bold" if rank == 1 else ""),
                     str(p.index),
                     f"{p.score:.4f}",
                     Bar(size=1.0, begin=0.0, end=p.score, width=20, color="green"),
                 )
         self.console.print(table)
+        self.sink.flush()
+        self.records += len(results)
+
+
+# ----------------------------------------------------------------------------- matrices
+
+NPY_HEADER_SIZE = 128  # magic, version, length and a space-padded dict: rewritten per batch
+
+
+def npy_header(rows: int, dim: int) -> bytes:
+    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}"
+    body_size = NPY_HEADER_SIZE - 10
+    body = text.ljust(body_size - 1) + "\n"
+    if len(body) != body_size:
+        raise OutputError(f"matrix too large for its header ({rows} x {dim})")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", body_size) + body.encode("latin1")
+
+
+def sidecar_path(target: Path) -> Path:
+    """``NAME.npy`` -> ``NAME.paths.txt`` beside it (any other name: ``NAME.paths.txt`` added)."""
+    name = target.name
+    stem = name[: -len(".npy")] if name.lower().endswith(".npy") else name
+    return target.with_name(stem + ".paths.txt")
+
+
+class MatrixWriter:
+    """npy (+ ``.paths.txt``) or safetensors (``embeddings`` + ``paths`` metadata).
+
+    Rows go straight into the partial file as a valid ``.npy`` whose header is rewritten after
+    every batch (after a kill -9 it holds every finished row); the npy sidecar is written the
+    same way, one :func:`~convnext_cli.names.path_field` per line.  At close the npy partial
+    is moved into place; safetensors is assembled from it beside the target.  Failed inputs
+    are left out of the matrix; the caller reports them on stderr, and safetensors keeps them
+    in an ``errors`` metadata entry.
+    """
+
+    names_errors_on_stderr = True
+
+    def __init__(self, output: Path, kind: str) -> None:
+        self.kind = kind
+        self.rows = 0
+        self.records = 0
+        self.dim: int | None = None
+        self.paths: list[str] = []
+        self.errors: dict[str, str] = {}
+        self.matrix = OutputFile(output)
+        self.sidecar: OutputFile | None = None
+        try:
+            if self.matrix.direct:
+                raise OutputError(f"{output}: cannot write output ({kind} needs a regular file)")
+            self.matrix.write(npy_header(0, 0))
+            if kind == "npy":
+                self.sidecar = OutputFile(sidecar_path(self.matrix.target))
+        except BaseException:
+            self.matrix.abort()
+            raise
+
+    def write(self, results: list[Result]) -> None:
+        lines = []
+        for r in results:
+            if r.embedding is None:
+                self.errors[r.path] = r.error or "no embedding"
+                continue
+            if self.dim is None:
+                self.dim = r.embedding.numel()
+            self.matrix.write(r.embedding.float().contiguous().numpy().tobytes())
+            self.rows += 1
+            if self.sidecar is not None:
+                lines.append(path_field(r.path) + "\n")
+            else:
+                self.paths.append(r.path)
+        if self.sidecar is not None:
+            self.sidecar.write("".join(lines).encode("utf-8", "backslashreplace"))
+            self.sidecar.flush()
+        self.matrix.pwrite(npy_header(self.rows, self.dim or 0), 0)
+        self.records += len(results)
 
     def close(self) -> None:
-        self.console.file.flush()
+        if self.sidecar is not None:
+            self.sidecar.commit()
+            self.matrix.commit()
+        else:
+            self._close_safetensors()
+
+    def abort(self, keep: bool = False) -> None:
+        if self.sidecar is not None:
+            self.sidecar.abort(keep)
+        self.matrix.abort(keep)
+
+    def _close_safetensors(self) -> None:
+        import shutil
+
+        self.matrix.flush()
+        dim = self.dim or 0
+        metadata = {"paths": json_text(self.paths)}
+        if self.errors:
+            metadata["errors"] = json_text(self.errors)
+        header = {
+            "__metadata__": metadata,
+            "embeddings": {
+                "dtype": "F32",
+                "shape": [self.rows, dim],
+                "data_offsets": [0, self.rows * dim * 4],
+            },
+        }
+        text = json_text(header).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        built = self.matrix.partial.with_name(self.matrix.partial.name + ".tmp")
+        try:
+            with open(built, "wb") as out, open(self.matrix.partial, "rb") as rows:
+                out.write(struct.pack("<Q", len(text)) + text)
+                rows.seek(NPY_HEADER_SIZE)
+                shutil.copyfileobj(rows, out, 1 << 20)
+                out.flush()
+        except OSError as exc:
+            built.unlink(missing_ok=True)
+            self.matrix.abort()
+            raise OutputError(
+                f"{self.matrix.display}: cannot write output ({exc.strerror})"
+            ) from exc
+        self.matrix.replace_with(built)
 
 
-def classify_writer(fmt: str, stream: IO[str], top_k: int) -> Writer:
+# ----------------------------------------------------------------------------- opening
+
+
+def open_writer(command: str, fmt: str, output: Path | None, top_k: int = 5) -> Writer:
+    """The writer for a command and format, opened on stdout or beside ``-o``."""
+    if fmt in BINARY_FORMATS:
+        if is_stdout(output):
+            raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
+        return MatrixWriter(output, fmt)  # type: ignore[arg-type]
+    raw: OutputFile | StdoutFile = StdoutFile() if is_stdout(output) else OutputFile(output)  # type: ignore[arg-type]
+    render = classify_record_json if command == "classify" else embed_record_json
     if fmt == "table":
-        return TableWriter(stream, top_k)
+        return TableWriter(raw, top_k)
     if fmt == "json":
-        return JsonArrayWriter(stream, classify_record_json)
+        return JsonArrayWriter(raw, render)
     if fmt == "jsonl":
-        return JsonLinesWriter(stream, classify_record_json)
+        return JsonLinesWriter(raw, render)
     if fmt == "csv":
-        return ClassifyCsvWriter(stream)
-    raise UsageError(f"unknown format {fmt!r} (use {', '.join(CLASSIFY_FORMATS)})")
+        return ClassifyCsvWriter(raw) if command == "classify" else EmbedCsvWriter(raw)
+    raw.abort()
+    raise UsageError(f"unknown format {fmt!r}")
 
 
-def embed_writer(fmt: str, stream: IO[str]) -> Writer:
-    """Text formats; npy and safetensors are a MatrixWriter on the -o path."""
-    if fmt == "jsonl":
-        return JsonLinesWriter(stream, embed_record_json)
-    if fmt == "json":
-        return JsonArrayWriter(stream, embed_record_json)
-    if fmt == "csv":
-        return EmbedCsvWriter(stream)
-    raise UsageError(f"unknown format {fmt!r} (use {', '.join(EMBED_FORMATS)})")
+def output_targets(fmt: str, output: Path | None) -> list[Path]:
+    """The files a run would write (for the check that none is an input or a checkpoint)."""
+    if is_stdout(output):
+        return []
+    assert output is not None
+    targets = [output]
+    if fmt == "npy":
+        import os
+
+        targets.append(sidecar_path(Path(os.path.realpath(output))))
+    return targets

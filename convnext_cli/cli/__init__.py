@@ -6,15 +6,25 @@ fast, and each command imports what it needs when it runs.
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from pathlib import Path
 
-import typer
+from convnext_cli.interrupts import install_startup_handlers
 
-from convnext_cli import __version__
-from convnext_cli.cli.benchmark import benchmark
-from convnext_cli.cli.classify import classify
-from convnext_cli.cli.convert import convert
-from convnext_cli.cli.embed import embed
+if Path(sys.argv[0]).stem == "convnext":
+    # the `convnext` script: Ctrl-C while typer, rich and the commands are imported ends
+    # with one line and exit 130 (python -m convnext_cli installs this in __main__)
+    install_startup_handlers()
+
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+
+from convnext_cli import __version__  # noqa: E402
+from convnext_cli.cli.benchmark import benchmark  # noqa: E402
+from convnext_cli.cli.classify import classify  # noqa: E402
+from convnext_cli.cli.convert import convert  # noqa: E402
+from convnext_cli.cli.embed import embed  # noqa: E402
 
 app = typer.Typer(
     name="convnext",

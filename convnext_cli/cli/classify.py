@@ -8,7 +8,12 @@ from typing import Annotated
 import typer
 
 from convnext_cli.checkpoints import DEFAULT_MODEL
-from convnext_cli.cli.batch_run import gather_inputs, load_runner, open_output, stream_results
+from convnext_cli.cli.batch_run import (
+    gather_inputs,
+    load_runner,
+    refuse_overwriting,
+    write_results,
+)
 from convnext_cli.cli.errors import handle_errors
 from convnext_cli.cli.options import (
     BatchOpt,
@@ -18,12 +23,12 @@ from convnext_cli.cli.options import (
     DtypeOpt,
     InputsArg,
     ModelOpt,
+    NullOpt,
     OutputOpt,
     RecursiveOpt,
     WorkersOpt,
 )
-from convnext_cli.errors import UsageError
-from convnext_cli.output import CLASSIFY_FORMATS, classify_writer
+from convnext_cli.output import choose_format, open_writer, output_targets
 
 
 @handle_errors
@@ -35,7 +40,8 @@ def classify(
         str,
         typer.Option(
             "--format",
-            help="auto (a table on a terminal, JSON lines when piped), table, json, jsonl or csv.",
+            help="auto (the -o extension; else a table on a terminal, JSON lines otherwise), "
+            "table, json, jsonl or csv.",
         ),
     ] = "auto",
     output: OutputOpt = None,
@@ -43,6 +49,7 @@ def classify(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     recursive: RecursiveOpt = False,
+    null: NullOpt = False,
     workers: WorkersOpt = None,
     compile_model: CompileOpt = False,
     decode: DecodeOpt = "auto",
@@ -50,17 +57,15 @@ def classify(
     """Classify images: top-k labels with softmax scores, one record per input, in order.
 
     Exit code 0 when every input succeeded, 1 when any failed (the others are still
-    reported), 2 for usage errors.
+    reported), 2 for usage errors; see the README for the rest.
     """
-    fmt = fmt.lower()
-    if fmt not in CLASSIFY_FORMATS:
-        raise UsageError(f"unknown --format {fmt!r} (use {', '.join(CLASSIFY_FORMATS)})")
-    if fmt == "auto":
-        fmt = "table" if output is None and sys.stdout.isatty() else "jsonl"
-    paths = gather_inputs(inputs, recursive)
-    with open_output(output) as stream:
-        writer = classify_writer(fmt, stream, top_k)
+    fmt = choose_format("classify", fmt, output, sys.stdout.isatty())
+    paths = gather_inputs(inputs, recursive, null_separated=null)
+    refuse_overwriting(output_targets(fmt, output), paths, model)
+    writer = open_writer("classify", fmt, output, top_k)  # an unwritable -o fails before loading
+
+    def batches():  # type: ignore[no-untyped-def]
         runner = load_runner(model, device, dtype, compile_model, decode=decode)
-        batches = runner.classify(paths, top_k=top_k, batch_size=batch_size, workers=workers)
-        code = stream_results(batches, writer, total=len(paths))
-    raise typer.Exit(code)
+        return runner.classify(paths, top_k=top_k, batch_size=batch_size, workers=workers)
+
+    raise typer.Exit(write_results(writer, batches, total=len(paths), output=output))

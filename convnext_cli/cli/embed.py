@@ -7,7 +7,12 @@ from typing import Annotated
 import typer
 
 from convnext_cli.checkpoints import DEFAULT_MODEL
-from convnext_cli.cli.batch_run import gather_inputs, load_runner, open_output, stream_results
+from convnext_cli.cli.batch_run import (
+    gather_inputs,
+    load_runner,
+    refuse_overwriting,
+    write_results,
+)
 from convnext_cli.cli.errors import handle_errors
 from convnext_cli.cli.options import (
     BatchOpt,
@@ -17,12 +22,12 @@ from convnext_cli.cli.options import (
     DtypeOpt,
     InputsArg,
     ModelOpt,
+    NullOpt,
     OutputOpt,
     RecursiveOpt,
     WorkersOpt,
 )
-from convnext_cli.errors import UsageError
-from convnext_cli.output import BINARY_FORMATS, EMBED_FORMATS, MatrixWriter, embed_writer
+from convnext_cli.output import choose_format, open_writer, output_targets
 
 
 @handle_errors
@@ -33,10 +38,10 @@ def embed(
         str,
         typer.Option(
             "--format",
-            help="jsonl, json or csv (stdout or -o); npy (+ FILE.paths.txt) or safetensors "
-            "(paths in its metadata) need -o.",
+            help="auto (the -o extension, else jsonl), jsonl, json or csv (stdout or -o); "
+            "npy (+ FILE.paths.txt) or safetensors (paths in its metadata) need -o.",
         ),
-    ] = "jsonl",
+    ] = "auto",
     output: OutputOpt = None,
     normalize: Annotated[
         bool, typer.Option("--normalize", help="L2-normalise every embedding.")
@@ -45,6 +50,7 @@ def embed(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     recursive: RecursiveOpt = False,
+    null: NullOpt = False,
     workers: WorkersOpt = None,
     compile_model: CompileOpt = False,
     decode: DecodeOpt = "auto",
@@ -55,29 +61,13 @@ def embed(
     record (jsonl/json/csv) or, for npy/safetensors, is left out of the matrix and named
     on stderr; the paths written beside the matrix say which row is which.
     """
-    fmt = fmt.lower()
-    if fmt not in EMBED_FORMATS:
-        raise UsageError(f"unknown --format {fmt!r} (use {', '.join(EMBED_FORMATS)})")
-    if fmt in BINARY_FORMATS and output is None:
-        raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
-    paths = gather_inputs(inputs, recursive)
-    if fmt in BINARY_FORMATS:
-        matrix = MatrixWriter(output, fmt)  # fails on an unwritable -o before loading
-        try:
-            runner = load_runner(model, device, dtype, compile_model, decode=decode)
-            batches = runner.embed(
-                paths, normalize=normalize, batch_size=batch_size, workers=workers
-            )
-            code = stream_results(batches, matrix, total=len(paths), report_errors=True)
-        except BaseException:
-            matrix.abort()
-            raise
-    else:
-        with open_output(output) as stream:
-            writer = embed_writer(fmt, stream)
-            runner = load_runner(model, device, dtype, compile_model, decode=decode)
-            batches = runner.embed(
-                paths, normalize=normalize, batch_size=batch_size, workers=workers
-            )
-            code = stream_results(batches, writer, total=len(paths))
-    raise typer.Exit(code)
+    fmt = choose_format("embed", fmt, output, stdout_is_terminal=False)
+    paths = gather_inputs(inputs, recursive, null_separated=null)
+    refuse_overwriting(output_targets(fmt, output), paths, model)
+    writer = open_writer("embed", fmt, output)  # an unwritable -o fails before loading
+
+    def batches():  # type: ignore[no-untyped-def]
+        runner = load_runner(model, device, dtype, compile_model, decode=decode)
+        return runner.embed(paths, normalize=normalize, batch_size=batch_size, workers=workers)
+
+    raise typer.Exit(write_results(writer, batches, total=len(paths), output=output))

@@ -1,7 +1,14 @@
-"""Mapping exceptions to one stderr line and an exit code; tracebacks only with CONVNEXT_DEBUG=1."""
+"""Mapping exceptions to one stderr line and an exit code; tracebacks only with CONVNEXT_DEBUG=1.
+
+Exit codes (one table, :mod:`convnext_cli.errors`): 0 every input succeeded, 1 at least one
+input failed, 2 usage error (bad flag, model, checkpoint, no inputs, output that cannot be
+written), 70 internal error (a bug: EX_SOFTWARE), 130 Ctrl-C, 143 SIGTERM, 141 the reader of
+stdout went away (``| head``; quiet, as a shell reports SIGPIPE).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -10,7 +17,16 @@ from typing import Any, TypeVar
 
 import typer
 
-from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_INTERRUPTED, ConvNextError, one_line
+from convnext_cli import interrupts
+from convnext_cli.errors import (
+    EXIT_PIPE_CLOSED,
+    EXIT_SOFTWARE,
+    ConvNextError,
+    OutputClosed,
+    one_line,
+)
+from convnext_cli.names import visible
+from convnext_cli.output_file import silence_stdout
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -20,8 +36,9 @@ def debug_enabled() -> bool:
 
 
 def say(message: str) -> None:
-    """One line on stderr."""
-    print(message, file=sys.stderr, flush=True)
+    """One line on stderr (control characters in it made visible)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(visible(message), file=sys.stderr, flush=True)
 
 
 def handle_errors(command: F) -> F:
@@ -30,7 +47,8 @@ def handle_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with interrupts.running():
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except ConvNextError as exc:
@@ -38,14 +56,13 @@ def handle_errors(command: F) -> F:
                 raise
             say(f"error: {one_line(exc)}")
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            say("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except BrokenPipeError:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (interrupts.Terminated)
+            say(interrupts.message_for(exc))
+            raise typer.Exit(interrupts.code_for(exc)) from None
+        except (OutputClosed, BrokenPipeError):
             # the reader went away (`| head`): stop quietly, without a second error on close
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            raise typer.Exit(EXIT_INPUT_FAILED) from None
+            silence_stdout()
+            raise typer.Exit(EXIT_PIPE_CLOSED) from None
         except Exception as exc:
             if debug_enabled():
                 raise
@@ -56,6 +73,6 @@ def handle_errors(command: F) -> F:
                 f"error: internal error: {type(exc).__name__}: {message} "
                 "(set CONVNEXT_DEBUG=1 for the traceback)"
             )
-            raise typer.Exit(EXIT_INPUT_FAILED) from None
+            raise typer.Exit(EXIT_SOFTWARE) from None
 
     return wrapper  # type: ignore[return-value]

@@ -10,7 +10,8 @@ import typer
 InputsArg = Annotated[
     list[str],
     typer.Argument(
-        help="Image files, folders, globs, or '-' to read newline-separated paths from stdin.",
+        help="Image files, folders, globs, or '-' to read paths from stdin (one a line; "
+        "NUL-separated with -0).",
         show_default=False,
     ),
 ]
@@ -61,8 +62,17 @@ RecursiveOpt = Annotated[
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
-        "--output", "-o", help="Write results to FILE instead of stdout.", show_default=False
+        "--output",
+        "-o",
+        help="Write results to FILE instead of stdout ('-': stdout); its extension (.jsonl, "
+        ".json, .csv, .npy, .safetensors) picks the format unless --format says. Written "
+        "beside FILE and moved into place; never over an input or a checkpoint.",
+        show_default=False,
     ),
+]
+NullOpt = Annotated[
+    bool,
+    typer.Option("--null", "-0", help="Paths on stdin ('-') are NUL-separated (find -print0)."),
 ]
 CompileOpt = Annotated[
     bool,
