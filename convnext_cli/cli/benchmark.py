@@ -34,75 +34,85 @@ class ReportFormat(str, Enum):
     json = "json"
 
 
+# this command's own options (the shared ones come from cli/options.py)
+BatchSizesOpt = Annotated[
+    str,
+    typer.Option(
+        "--batch-sizes", "-b", metavar="N,N,...", help="Comma-separated batch sizes to sweep."
+    ),
+]
+DtypesOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        metavar="DTYPE,...",
+        help=f"Comma-separated dtypes to sweep, each one of: {', '.join(DTYPE_NAMES)}.",
+    ),
+]
+ChannelsLastOpt = Annotated[
+    bool,
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="NHWC memory layout (what classify and embed use).",
+    ),
+]
+CompileFirstOpt = Annotated[
+    bool, typer.Option("--compile", help="Run the model through torch.compile first.")
+]
+ImagesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--images",
+        metavar="DIR",
+        help="Also time end to end (decode + preprocess + model) over this folder's images.",
+        show_default=False,
+    ),
+]
+WarmupOpt = Annotated[int, typer.Option("--warmup", min=0, metavar="N", help="Untimed iterations.")]
+ItersOpt = Annotated[
+    int,
+    typer.Option(
+        "--iters",
+        min=1,
+        metavar="N",
+        help="Timed iterations. A row whose p99 latency is over 1.5x its p50 (with 5 or "
+        "more timed batches) is flagged noisy.",
+    ),
+]
+ReportFormatOpt = Annotated[
+    ReportFormat,
+    typer.Option(
+        "--format",
+        case_sensitive=False,
+        help="table (with a bar chart of images/s on a terminal when no -o) or json.",
+    ),
+]
+SaveOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Also save: a plot of throughput against batch size (.png, .svg; needs "
+        "matplotlib) or the JSON report (.json).",
+        show_default=False,
+    ),
+]
+
+
 @handle_errors
 def benchmark(
     model: ModelOpt = DEFAULT_MODEL,
-    batch_sizes: Annotated[
-        str,
-        typer.Option(
-            "--batch-sizes", "-b", metavar="N,N,...", help="Comma-separated batch sizes to sweep."
-        ),
-    ] = "1,8,32",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            "--dtype",
-            metavar="DTYPE,...",
-            help=f"Comma-separated dtypes to sweep, each one of: {', '.join(DTYPE_NAMES)}.",
-        ),
-    ] = "auto",
+    batch_sizes: BatchSizesOpt = "1,8,32",
+    dtype: DtypesOpt = "auto",
     device: DeviceOpt = "auto",
-    channels_last: Annotated[
-        bool,
-        typer.Option(
-            "--channels-last/--no-channels-last",
-            help="NHWC memory layout (what classify and embed use).",
-        ),
-    ] = True,
-    compile_model: Annotated[
-        bool, typer.Option("--compile", help="Run the model through torch.compile first.")
-    ] = False,
-    images: Annotated[
-        Path | None,
-        typer.Option(
-            "--images",
-            metavar="DIR",
-            help="Also time end to end (decode + preprocess + model) over this folder's images.",
-            show_default=False,
-        ),
-    ] = None,
-    warmup: Annotated[
-        int, typer.Option("--warmup", min=0, metavar="N", help="Untimed iterations.")
-    ] = 3,
-    iters: Annotated[
-        int,
-        typer.Option(
-            "--iters",
-            min=1,
-            metavar="N",
-            help="Timed iterations. A row whose p99 latency is over 1.5x its p50 (with 5 or "
-            "more timed batches) is flagged noisy.",
-        ),
-    ] = 10,
-    fmt: Annotated[
-        ReportFormat,
-        typer.Option(
-            "--format",
-            case_sensitive=False,
-            help="table (with a bar chart of images/s on a terminal when no -o) or json.",
-        ),
-    ] = ReportFormat.table,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output",
-            "-o",
-            metavar="FILE",
-            help="Also save: a plot of throughput against batch size (.png, .svg; needs "
-            "matplotlib) or the JSON report (.json).",
-            show_default=False,
-        ),
-    ] = None,
+    channels_last: ChannelsLastOpt = True,
+    compile_model: CompileFirstOpt = False,
+    images: ImagesOpt = None,
+    warmup: WarmupOpt = 3,
+    iters: ItersOpt = 10,
+    fmt: ReportFormatOpt = ReportFormat.table,
+    output: SaveOpt = None,
     workers: WorkersOpt = None,
     decode: DecodeOpt = "auto",
 ) -> None:
