@@ -27,15 +27,19 @@ _EIGHTHS = " ▏▎▍▌▋▊▉"  # partial blocks, 1/8 to 7/8 of a character
 
 
 def header_text(report: Report) -> Text:
-    """Two lines: the model and what it is; the machine, libraries and settings."""
+    """Short lines (they fit 80 columns): the model; its shape; the machine; the settings;
+    the library versions."""
     h = report.header
     text = Text()
     text.append(str(h["model"]), style="bold")
-    text.append(f"  {h['architecture']}  {h['parameters_m']}M params, {h['image_size']}px\n")
+    text.append(f"\n{h['architecture']}  {h['parameters_m']}M params  {h['image_size']}px")
     text.append(
-        f"{h['device_name']} ({h['device']})  torch {h['torch']}  torchvision {h['torchvision']}"
-        f"  convnext-cli {h['convnext_cli']}  channels_last={h['channels_last']}"
-        f" compile={h['compile']}"
+        f"\n{h['device_name']} ({h['device']})\nchannels_last={h['channels_last']}"
+        f" compile={h['compile']} warmup={h.get('warmup')} iters={h.get('iters')}"
+    )
+    text.append(
+        f"\ntorch {h['torch']}  torchvision {h['torchvision']}  convnext-cli {h['convnext_cli']}",
+        style="dim",
     )
     return text
 
@@ -116,7 +120,7 @@ class ThroughputBars:
             for row in group:
                 line = Text(f"b={row.batch_size}".rjust(label_w) + " ")
                 line.append(bar(row.images_per_s / top, bar_w), style=BAR_STYLES.get(mode, ""))
-                line.append(f" {row.images_per_s:.1f}")
+                line.append(" " + f"{row.images_per_s:.1f}".rjust(value_w - 2))
                 if row.noisy:
                     line.append(f" {NOISY_MARK}", style="bold yellow")
                 yield line
