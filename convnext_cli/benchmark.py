@@ -1,27 +1,40 @@
-"""Throughput and latency: model-only (random input) and end to end (decode + preprocess + model).
+"""Throughput and latency of a loaded runner: model-only (random input) and end to end.
+
+The measuring loop of ``convnext benchmark``, apart from its options and presentation
+(the shape of timm's ``benchmark.py``)::
+
+    options = SweepOptions(batch_sizes=(1, 8, 32), warmup=3, iters=10, images=paths)
+    report = BenchmarkRunner(runner, options).sweep()      # one runner: one device, one dtype
+    report = sweep(runners, options, model_name="...")     # several dtypes, loaded one at a time
 
 Timing follows the usual rules: warm-up iterations first, ``torch.cuda.synchronize`` around
 every timed region on CUDA (``torch.mps.synchronize`` on MPS), latency measured per batch,
 throughput as images over the summed batch times.  Peak memory is CUDA's max allocated
 memory (reset per configuration) on a GPU, the process's peak resident set on a CPU.
+
+A row is flagged ``noisy`` when its p99 batch latency is more than ``NOISY_P99_OVER_P50``
+times its p50 over at least ``NOISE_MIN_BATCHES`` timed batches (end to end, the first
+batch is left out of that check: it includes starting the decoding workers).  Nothing here
+prints: progress goes to the caller's ``on_step`` callback.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from convnext_cli.errors import UsageError
+import torch
 
 if TYPE_CHECKING:
-    import torch
+    from convnext_cli.pipeline import Runner
 
-    from convnext_cli.checkpoints import Checkpoint
+NOISY_P99_OVER_P50 = 1.5
+NOISE_MIN_BATCHES = 5
+NOISE_RULE = f"p99 > {NOISY_P99_OVER_P50}x p50 over >= {NOISE_MIN_BATCHES} timed batches"
 
 
 @dataclass
@@ -37,6 +50,8 @@ class Row:
     p99_ms: float
     peak_memory_mb: float
     memory_kind: str  # "cuda max allocated" or "process peak RSS"
+    spread: float = 0.0  # p99 / p50 over the batches the noise check looks at
+    noisy: bool = False  # spread above NOISY_P99_OVER_P50 with enough batches to tell
 
 
 @dataclass
@@ -44,18 +59,29 @@ class Report:
     header: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
 
+    @property
+    def noisy_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.noisy]
+
     def to_dict(self) -> dict[str, Any]:
         return {"header": self.header, "rows": [asdict(r) for r in self.rows]}
 
 
-def parse_int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise UsageError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"batch sizes must be positive integers, got {text!r}")
-    return values
+@dataclass(frozen=True)
+class SweepOptions:
+    """How to measure: batch sizes, untimed and timed iterations, images for end to end."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    warmup: int = 3
+    iters: int = 10
+    images: tuple[str, ...] = ()  # also time end to end over these files when given
+    workers: int | None = None  # decoding workers end to end (None: the pipeline's default)
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
+        if self.warmup < 0 or self.iters < 1:
+            raise ValueError(f"need warmup >= 0 and iters >= 1, got {self.warmup}, {self.iters}")
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -69,9 +95,47 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    import torch
+def latency_spread(latencies_ms: Sequence[float]) -> tuple[float, bool]:
+    """(p99 / p50, noisy) of per-batch latencies; noisy needs NOISE_MIN_BATCHES of them."""
+    if not latencies_ms:
+        return 0.0, False
+    p50 = statistics.median(latencies_ms)
+    spread = percentile(latencies_ms, 99) / p50 if p50 > 0 else 0.0
+    noisy = len(latencies_ms) >= NOISE_MIN_BATCHES and spread > NOISY_P99_OVER_P50
+    return round(spread, 2), noisy
 
+
+def make_row(
+    mode: str,
+    dtype: torch.dtype | str,
+    batch_size: int,
+    images: int,
+    latencies: Sequence[float],
+    memory: tuple[float, str] = (0.0, ""),
+) -> Row:
+    """A row from per-batch latencies in seconds (end to end, the first is pipeline fill)."""
+    total = sum(latencies)
+    ms = [t * 1000 for t in latencies]
+    steady = ms[1:] if mode == "end-to-end" else ms
+    spread, noisy = latency_spread(steady)
+    return Row(
+        mode=mode,
+        dtype=str(dtype).removeprefix("torch."),
+        batch_size=batch_size,
+        images=images,
+        seconds=round(total, 4),
+        images_per_s=round(images / total, 2) if total > 0 else 0.0,
+        p50_ms=round(statistics.median(ms), 2),
+        p90_ms=round(percentile(ms, 90), 2),
+        p99_ms=round(percentile(ms, 99), 2),
+        peak_memory_mb=round(memory[0], 1),
+        memory_kind=memory[1],
+        spread=spread,
+        noisy=noisy,
+    )
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     if device.type == "mps":
@@ -80,15 +144,11 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
     if device.type == "mps":
@@ -100,12 +160,13 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return rss_kb * scale / 2**20, "process peak RSS"
 
 
-def describe_environment(device: torch.device, checkpoint: Checkpoint, extra: dict) -> dict:
-    import torch
+def describe_environment(runner: Runner, model_name: str) -> dict[str, Any]:
+    """The report's header: what ran where, with which library versions."""
     import torchvision
 
     from convnext_cli import __version__
 
+    device = runner.device
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     elif device.type == "mps":
@@ -113,20 +174,19 @@ def describe_environment(device: torch.device, checkpoint: Checkpoint, extra: di
     else:
         name = platform.processor() or platform.machine()
         name = f"{_cpu_model() or name} ({torch.get_num_threads()} threads)"
-    config = checkpoint.config
-    params = sum(v.numel() for v in checkpoint.state_dict.values())
+    config = runner.model.config
+    params = sum(p.numel() for p in runner.model.state_dict().values())
     return {
         "device": str(device),
         "device_name": name,
-        "model": checkpoint.source,
+        "model": model_name,
         "architecture": f"{config.model_type} depths={config.depths} widths={config.hidden_sizes}",
         "parameters_m": round(params / 1e6, 2),
-        "image_size": checkpoint.preprocess.shortest_edge,
+        "image_size": runner.spec.shortest_edge,
         "convnext_cli": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
-        **extra,
     }
 
 
@@ -141,138 +201,128 @@ def _cpu_model() -> str | None:
     return None
 
 
-def time_model(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    device: torch.device,
-    dtype: torch.dtype,
-    batch_size: int,
-    image_size: int,
-    channels_last: bool,
-    warmup: int,
-    iters: int,
-) -> Row:
-    """Model-only: the same random batch, `warmup` untimed then `iters` timed forwards."""
-    import torch
+class BenchmarkRunner:
+    """Times one loaded runner (one device, one dtype) over the options' batch sizes:
+    model-only on a random batch, then end to end over the options' images if any."""
 
-    sync = synchronizer(device)
-    pixels = torch.randn(batch_size, 3, image_size, image_size, device=device).to(dtype)
-    if channels_last:
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
-    reset_peak_memory(device)
-    latencies: list[float] = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(pixels)
-        sync()
-        for _ in range(iters):
-            start = time.perf_counter()
-            model(pixels)
-            sync()
-            latencies.append(time.perf_counter() - start)
-    return _row("model", dtype, batch_size, batch_size * iters, latencies, device)
+    def __init__(
+        self,
+        runner: Runner,
+        options: SweepOptions,
+        model_name: str = "",
+        on_step: Callable[[str], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.options = options
+        self.model_name = model_name
+        self.on_step = on_step or (lambda message: None)
+        self.device = runner.device
+        self.sync = synchronizer(runner.device)
+        self.clock: Callable[[], float] = time.perf_counter  # a test can put a fake clock here
 
+    @property
+    def dtype_name(self) -> str:
+        return str(self.runner.dtype).removeprefix("torch.")
 
-def time_end_to_end(
-    run: Callable[[Sequence[str], int], Any],
-    paths: Sequence[str],
-    device: torch.device,
-    dtype: torch.dtype,
-    batch_size: int,
-    warmup: int,
-) -> Row:
-    """Decode + preprocess + model over every image; latency = time between finished batches."""
-    sync = synchronizer(device)
-    if warmup:
-        for _ in run(paths[: batch_size * min(warmup, 2)], batch_size):
-            pass
-    reset_peak_memory(device)
-    latencies: list[float] = []
-    count = 0
-    sync()
-    start = last = time.perf_counter()
-    for results in run(paths, batch_size):
-        sync()
-        now = time.perf_counter()
-        latencies.append(now - last)
-        last = now
-        count += len(results)
-    total = time.perf_counter() - start
-    row = _row("end-to-end", dtype, batch_size, count, latencies, device)
-    row.seconds = round(total, 4)
-    row.images_per_s = round(count / total, 2) if total > 0 else 0.0
-    return row
-
-
-def _row(
-    mode: str,
-    dtype: torch.dtype,
-    batch_size: int,
-    images: int,
-    latencies: list[float],
-    device: torch.device,
-) -> Row:
-    total = sum(latencies)
-    memory, kind = peak_memory(device)
-    ms = [t * 1000 for t in latencies]
-    return Row(
-        mode=mode,
-        dtype=str(dtype).removeprefix("torch."),
-        batch_size=batch_size,
-        images=images,
-        seconds=round(total, 4),
-        images_per_s=round(images / total, 2) if total > 0 else 0.0,
-        p50_ms=round(statistics.median(ms), 2),
-        p90_ms=round(percentile(ms, 90), 2),
-        p99_ms=round(percentile(ms, 99), 2),
-        peak_memory_mb=round(memory, 1),
-        memory_kind=kind,
-    )
-
-
-def image_files(folder: str) -> list[str]:
-    from pathlib import Path
-
-    from convnext_cli.inputs import folder_images
-
-    path = Path(folder)
-    if not path.is_dir():
-        raise UsageError(f"--images {folder}: not a folder")
-    found = folder_images(path, recursive=True)
-    if not found:
-        raise UsageError(f"--images {folder}: no images found")
-    return found
-
-
-def plot(report: Report, path: str) -> None:
-    """Throughput against batch size, one line per (mode, dtype); .png or .svg."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise UsageError("plotting needs matplotlib: pip install 'convnext-cli[plot]'") from exc
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[tuple[str, str], list[Row]] = {}
-    for row in report.rows:
-        series.setdefault((row.mode, row.dtype), []).append(row)
-    for (mode, dtype), rows in sorted(series.items()):
-        rows.sort(key=lambda r: r.batch_size)
-        ax.plot(
-            [r.batch_size for r in rows],
-            [r.images_per_s for r in rows],
-            marker="o",
-            label=f"{mode}, {dtype}",
+    def header(self) -> dict[str, Any]:
+        runner, options = self.runner, self.options
+        header = describe_environment(runner, self.model_name)
+        header.update(
+            channels_last=runner.channels_last,
+            compile=runner.logits_fn is not runner.model,
+            warmup=options.warmup,
+            iters=options.iters,
         )
-    ax.set_xscale("log", base=2)
-    sizes = sorted({r.batch_size for r in report.rows})
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("images / s")
-    header = report.header
-    ax.set_title(f"{os.path.basename(str(header['model']))} on {header['device_name']}", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        if options.images:
+            header["images"] = len(options.images)
+            header["decode"] = "gpu" if runner.jpeg_on_device else "cpu"  # as --decode names them
+        header["noise_rule"] = NOISE_RULE
+        return header
+
+    def sweep(self) -> Report:
+        """Every batch size model-only, then (with images) every batch size end to end."""
+        report = Report(self.header())
+        for size in self.options.batch_sizes:
+            self.on_step(f"timing model-only, {self.dtype_name}, batch {size}")
+            report.rows.append(self.time_model(size))
+        if self.options.images:
+            for size in self.options.batch_sizes:
+                self.on_step(f"timing end-to-end, {self.dtype_name}, batch {size}")
+                report.rows.append(self.time_end_to_end(size))
+        return report
+
+    def time_model(self, batch_size: int) -> Row:
+        """Model-only: the same random batch, `warmup` untimed then `iters` timed forwards."""
+        runner, options = self.runner, self.options
+        edge = runner.spec.shortest_edge
+        pixels = torch.randn(batch_size, 3, edge, edge, device=self.device).to(runner.dtype)
+        if runner.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        forward = runner.logits_fn
+        reset_peak_memory(self.device)
+        latencies: list[float] = []
+        with torch.inference_mode():
+            for _ in range(options.warmup):
+                forward(pixels)
+            self.sync()
+            for _ in range(options.iters):
+                start = self.clock()
+                forward(pixels)
+                self.sync()
+                latencies.append(self.clock() - start)
+        memory = peak_memory(self.device)
+        return make_row(
+            "model", runner.dtype, batch_size, batch_size * options.iters, latencies, memory
+        )
+
+    def time_end_to_end(self, batch_size: int) -> Row:
+        """Decode + preprocess + model over every image; latency = time between finished batches."""
+        paths = list(self.options.images)
+        warmup = self.options.warmup
+        if warmup:
+            for _ in self._classify(paths[: batch_size * min(warmup, 2)], batch_size):
+                pass
+        reset_peak_memory(self.device)
+        latencies: list[float] = []
+        count = 0
+        self.sync()
+        start = last = self.clock()
+        for results in self._classify(paths, batch_size):
+            self.sync()
+            now = self.clock()
+            latencies.append(now - last)
+            last = now
+            count += len(results)
+        total = self.clock() - start
+        row = make_row(
+            "end-to-end", self.runner.dtype, batch_size, count, latencies, peak_memory(self.device)
+        )
+        row.seconds = round(total, 4)
+        row.images_per_s = round(count / total, 2) if total > 0 else 0.0
+        return row
+
+    def _classify(self, paths: Sequence[str], batch_size: int) -> Iterable[Sequence[Any]]:
+        return self.runner.classify(
+            paths, top_k=5, batch_size=batch_size, workers=self.options.workers
+        )
+
+
+def sweep(
+    runners: Iterable[Runner],
+    options: SweepOptions,
+    model_name: str = "",
+    on_step: Callable[[str], None] | None = None,
+) -> Report:
+    """One report over several runners (e.g. one per dtype), taken one at a time so that a
+    generator can load each only when the previous one is done; the header is the first's."""
+    report: Report | None = None
+    for runner in runners:
+        part = BenchmarkRunner(runner, options, model_name, on_step).sweep()
+        del runner  # let a generator free this model before it builds the next one
+        if report is None:
+            report = part
+        else:
+            report.rows.extend(part.rows)
+    if report is None:
+        raise ValueError("sweep needs at least one runner")
+    return report

@@ -1,11 +1,14 @@
-"""`convnext benchmark`: throughput and latency, model-only and end to end."""
+"""`convnext benchmark`: options in, a report out as a table (with a bar chart on a terminal),
+JSON, or a saved plot.  The measuring loop is :class:`convnext_cli.benchmark.BenchmarkRunner`."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -13,178 +16,224 @@ from convnext_cli.checkpoints import DEFAULT_MODEL
 from convnext_cli.cli.batch_run import resolve_decode_choice
 from convnext_cli.cli.errors import handle_errors, say
 from convnext_cli.cli.options import DecodeOpt, DeviceOpt, ModelOpt, WorkersOpt
+from convnext_cli.device import DTYPE_NAMES
 from convnext_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from convnext_cli.benchmark import Report
+    from convnext_cli.checkpoints import Checkpoint
+    from convnext_cli.pipeline import Runner
+
+OUTPUT_SUFFIXES = (".png", ".svg", ".json")
+
+
+class ReportFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+# this command's own options (the shared ones come from cli/options.py)
+BatchSizesOpt = Annotated[
+    str,
+    typer.Option(
+        "--batch-sizes", "-b", metavar="N,N,...", help="Comma-separated batch sizes to sweep."
+    ),
+]
+DtypesOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        metavar="DTYPE,...",
+        help=f"Comma-separated dtypes to sweep, each one of: {', '.join(DTYPE_NAMES)}.",
+    ),
+]
+ChannelsLastOpt = Annotated[
+    bool,
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="NHWC memory layout (what classify and embed use).",
+    ),
+]
+CompileFirstOpt = Annotated[
+    bool, typer.Option("--compile", help="Run the model through torch.compile first.")
+]
+ImagesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--images",
+        metavar="DIR",
+        help="Also time end to end (decode + preprocess + model) over this folder's images.",
+        show_default=False,
+    ),
+]
+WarmupOpt = Annotated[int, typer.Option("--warmup", min=0, metavar="N", help="Untimed iterations.")]
+ItersOpt = Annotated[
+    int,
+    typer.Option(
+        "--iters",
+        min=1,
+        metavar="N",
+        help="Timed iterations. A row whose p99 latency is over 1.5x its p50 (with 5 or "
+        "more timed batches) is flagged noisy.",
+    ),
+]
+ReportFormatOpt = Annotated[
+    ReportFormat,
+    typer.Option(
+        "--format",
+        case_sensitive=False,
+        help="table (with a bar chart of images/s on a terminal when no -o) or json.",
+    ),
+]
+SaveOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Also save: a plot of throughput against batch size (.png, .svg; needs "
+        "matplotlib) or the JSON report (.json).",
+        show_default=False,
+    ),
+]
 
 
 @handle_errors
 def benchmark(
     model: ModelOpt = DEFAULT_MODEL,
-    batch_sizes: Annotated[
-        str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes to sweep.")
-    ] = "1,8,32",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            "--dtype",
-            help="Comma-separated dtypes to sweep: auto, float32, float16, bfloat16.",
-        ),
-    ] = "auto",
+    batch_sizes: BatchSizesOpt = "1,8,32",
+    dtype: DtypesOpt = "auto",
     device: DeviceOpt = "auto",
-    channels_last: Annotated[
-        bool,
-        typer.Option(
-            "--channels-last/--no-channels-last",
-            help="NHWC memory layout (what classify and embed use).",
-        ),
-    ] = True,
-    compile_model: Annotated[
-        bool, typer.Option("--compile", help="Run the model through torch.compile first.")
-    ] = False,
-    images: Annotated[
-        Path | None,
-        typer.Option(
-            "--images",
-            help="Also time end to end (decode + preprocess + model) over this folder's images.",
-            show_default=False,
-        ),
-    ] = None,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed iterations.")] = 3,
-    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed iterations.")] = 10,
-    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output",
-            "-o",
-            help="Also save: a plot of throughput against batch size (.png, .svg; needs "
-            "matplotlib) or the JSON report (.json).",
-            show_default=False,
-        ),
-    ] = None,
+    channels_last: ChannelsLastOpt = True,
+    compile_model: CompileFirstOpt = False,
+    images: ImagesOpt = None,
+    warmup: WarmupOpt = 3,
+    iters: ItersOpt = 10,
+    fmt: ReportFormatOpt = ReportFormat.table,
+    output: SaveOpt = None,
     workers: WorkersOpt = None,
     decode: DecodeOpt = "auto",
 ) -> None:
-    """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes."""
-    from convnext_cli import benchmark as bench
-    from convnext_cli.checkpoints import build_model, load_checkpoint
-    from convnext_cli.device import resolve_device, resolve_dtype
-    from convnext_cli.pipeline import Runner
+    """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes.
 
-    fmt = fmt.lower()
-    if fmt not in ("table", "json"):
-        raise UsageError(f"unknown --format {fmt!r} (use table or json)")
-    if output is not None and output.suffix.lower() not in (".png", ".svg", ".json"):
+    Examples:
+      $ convnext benchmark -m facebook/convnext-tiny-224 -b 1,8,32 --dtype float32,bfloat16
+      $ convnext benchmark --device cuda --dtype float16 --images photos/ -o throughput.png
+      $ convnext benchmark --compile --format json > bench.json
+    """
+    if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"-o {output}: use a .png or .svg (plot) or .json (report) file")
-    sizes = bench.parse_int_list(batch_sizes)
+    sizes = parse_batch_sizes(batch_sizes)
+    dtype_names = parse_dtypes(dtype)
+    paths = image_files(images) if images is not None else []
+
+    from convnext_cli.benchmark import SweepOptions, sweep
+    from convnext_cli.benchmark_report import noise_note
+    from convnext_cli.checkpoints import load_checkpoint
+    from convnext_cli.device import resolve_device
+
     torch_device = resolve_device(device)
+    dtypes = resolve_dtypes(dtype_names, torch_device)
+    jpeg_on_device = resolve_decode_choice(decode, torch_device) if paths else False
+    checkpoint = load_checkpoint(model)
+    options = SweepOptions(tuple(sizes), warmup, iters, tuple(paths), workers)
+    runners = build_runners(
+        checkpoint, torch_device, dtypes, channels_last, compile_model, jpeg_on_device
+    )
+    report = sweep(runners, options, model_name=checkpoint.source, on_step=say)
+    note = noise_note(report)
+    if note:
+        say(note)
+    show(report, fmt, output)
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"-b: expected comma-separated integers, got {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"-b: batch sizes must be positive integers, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """--dtype's comma list, each value checked against DTYPE_NAMES (a one-line usage error)."""
+    names = [d.strip().lower() for d in text.split(",") if d.strip()]
+    if not names:
+        raise UsageError(f"--dtype: no dtype given (choose from {', '.join(DTYPE_NAMES)})")
+    for name in names:
+        if name not in DTYPE_NAMES:
+            raise UsageError(
+                f"--dtype: unknown dtype {name!r} (choose from {', '.join(DTYPE_NAMES)})"
+            )
+    return list(dict.fromkeys(names))
+
+
+def image_files(folder: Path) -> list[str]:
+    from convnext_cli.inputs import folder_images
+
+    if not folder.is_dir():
+        raise UsageError(f"--images {folder}: not a folder")
+    found = folder_images(folder, recursive=True)
+    if not found:
+        raise UsageError(f"--images {folder}: no images found")
+    return found
+
+
+def resolve_dtypes(names: list[str], device: torch.device) -> list[torch.dtype]:
+    """Each name for this device (auto says what it chose); the same dtype only once."""
+    from convnext_cli.device import resolve_dtype
+
     dtypes = []
-    for name in (d.strip() for d in dtype.split(",") if d.strip()):
-        resolved, reason = resolve_dtype(name, torch_device)
+    for name in names:
+        resolved, reason = resolve_dtype(name, device)
         if reason:
             say(f"note: --dtype auto chose {str(resolved).removeprefix('torch.')}: {reason}")
         if resolved not in dtypes:
             dtypes.append(resolved)
-    paths = bench.image_files(str(images)) if images is not None else []
-    jpeg_on_device = resolve_decode_choice(decode, torch_device) if paths else False
+    return dtypes
 
-    checkpoint = load_checkpoint(model)
-    extra = {
-        "channels_last": channels_last,
-        "compile": compile_model,
-        "warmup": warmup,
-        "iters": iters,
-    }
-    if paths:
-        extra["images"] = len(paths)
-        extra["decode"] = "gpu" if jpeg_on_device else "cpu"  # as --decode names them
-    report = bench.Report(bench.describe_environment(torch_device, checkpoint, extra))
-    edge = checkpoint.preprocess.shortest_edge
-    for torch_dtype in dtypes:
-        net = build_model(checkpoint, torch_device, torch_dtype, channels_last=channels_last)
-        forward = net
+
+def build_runners(
+    checkpoint: Checkpoint,
+    device: torch.device,
+    dtypes: list[torch.dtype],
+    channels_last: bool,
+    compile_model: bool,
+    jpeg_on_device: bool,
+) -> Iterator[Runner]:
+    """One runner per dtype, each built only when the sweep asks for it."""
+    from convnext_cli.checkpoints import build_model
+    from convnext_cli.pipeline import Runner
+
+    for dtype in dtypes:
+        net = build_model(checkpoint, device, dtype, channels_last=channels_last)
+        runner = Runner(net, checkpoint.preprocess, device, dtype, channels_last, jpeg_on_device)
         if compile_model:
-            import torch
-
-            from convnext_cli.cpu_fusion import unfuse_blocks
-
             say("note: compiling the model (the first iterations include compile time)")
-            unfuse_blocks(net)
-            forward = torch.compile(net)
-        for size in sizes:
-            say(f"timing model-only, {str(torch_dtype).removeprefix('torch.')}, batch {size}")
-            report.rows.append(
-                bench.time_model(
-                    forward, torch_device, torch_dtype, size, edge, channels_last, warmup, iters
-                )
-            )
-        if paths:
-            runner = Runner(
-                net, checkpoint.preprocess, torch_device, torch_dtype, channels_last, jpeg_on_device
-            )
-            runner.logits_fn = forward
-            for size in sizes:
-                say(f"timing end-to-end, {str(torch_dtype).removeprefix('torch.')}, batch {size}")
-                report.rows.append(
-                    bench.time_end_to_end(
-                        lambda p, b, r=runner: r.classify(
-                            p, top_k=5, batch_size=b, workers=workers
-                        ),
-                        paths,
-                        torch_device,
-                        torch_dtype,
-                        size,
-                        warmup,
-                    )
-                )
-        del net, forward
-    if fmt == "json":
+            runner.compile()
+        del net
+        yield runner
+        del runner
+
+
+def show(report: Report, fmt: ReportFormat, output: Path | None) -> None:
+    """JSON or the table on stdout (bars too on a terminal without -o); then -o's file."""
+    from rich.console import Console
+
+    from convnext_cli.benchmark_report import print_report, save_plot
+
+    if fmt is ReportFormat.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print_table(report)
+        bars = output is None and sys.stdout.isatty()
+        print_report(report, Console(file=sys.stdout, highlight=False), bars=bars)
     if output is not None:
         if output.suffix.lower() == ".json":
             output.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         else:
-            bench.plot(report, str(output))
+            save_plot(report, str(output))
         say(f"wrote {output}")
-
-
-def print_table(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    header = report.header
-    console = Console(file=sys.stdout, highlight=False)
-    console.print(
-        f"[bold]{header['model']}[/bold]  {header['architecture']}  "
-        f"{header['parameters_m']}M params, {header['image_size']}px\n"
-        f"{header['device_name']} ({header['device']})  torch {header['torch']}  "
-        f"torchvision {header['torchvision']}  convnext-cli {header['convnext_cli']}  "
-        f"channels_last={header['channels_last']} compile={header['compile']}"
-    )
-    table = Table(show_header=True, header_style="bold")
-    for name, justify in (
-        ("mode", "left"),
-        ("dtype", "left"),
-        ("batch", "right"),
-        ("images/s", "right"),
-        ("p50 ms", "right"),
-        ("p90 ms", "right"),
-        ("p99 ms", "right"),
-        ("peak MB", "right"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    for r in report.rows:
-        table.add_row(
-            r.mode,
-            r.dtype,
-            str(r.batch_size),
-            f"{r.images_per_s:.1f}",
-            f"{r.p50_ms:.1f}",
-            f"{r.p90_ms:.1f}",
-            f"{r.p99_ms:.1f}",
-            f"{r.peak_memory_mb:.0f}",
-        )
-    console.print(table)
-    kinds = sorted({r.memory_kind for r in report.rows})
-    console.print(f"peak memory: {', '.join(kinds)}", style="dim")
