@@ -60,12 +60,14 @@ class Result:
 class InMemoryImage:
     """An input that is already pixels (from the Python API): nothing to read or decode.
 
-    `pixels` is an RGB uint8 (3, H, W) tensor, already converted per the decoding policy;
-    `name` is what its result's ``path`` says (``<image N>``).
+    `pixels` is an RGB uint8 (3, H, W) tensor, already converted per the decoding policy,
+    or None with `error` saying why it could not be; `name` is what its result's ``path``
+    says (``<image N>``).
     """
 
     name: str
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
+    error: str | None = None
 
 
 Input = str | InMemoryImage
@@ -78,6 +80,8 @@ def input_name(item: Input) -> str:
 def _prepare(item: Input, spec: PreprocessSpec, jpeg_on_device: bool) -> Any:
     """One input, decoded (or not) in this process: pixels, an EncodedJpeg, or an error."""
     if isinstance(item, InMemoryImage):
+        if item.pixels is None:
+            return item.error or "not an image"
         try:
             return spec.resize_and_crop(item.pixels)
         except Exception as exc:
