@@ -157,6 +157,7 @@ def _worker_main(
     try:
         import torch
 
+        # one thread: the OpenMP pool inherited through fork would deadlock with more
         torch.set_num_threads(1)
         outbox: queue.Queue[Any] = queue.Queue()
 
@@ -213,6 +214,7 @@ class _Worker:
     results: Connection
     progress: Any
     assigned: deque[Task] = field(default_factory=deque)
+    since: float = 0.0  # when it last got work while idle, or last reported a finished task
 
 
 class DecodePool:
@@ -259,16 +261,29 @@ class DecodePool:
         while self.pending:
             idle = [w for w in self.workers if len(w.assigned) < TASKS_PER_WORKER]
             if not idle and len(self.workers) < self.size:
-                idle = [self._start_worker()]
+                try:
+                    idle = [self._start_worker()]
+                except OSError:  # no process to be had (EAGAIN, ENOMEM)
+                    if self.workers:
+                        return  # the running workers take it when they can
+                    self._decode_here(self.pending.popleft())
+                    continue
             if not idle:
                 return
             worker = min(idle, key=lambda w: len(w.assigned))
             task = self.pending.popleft()
+            if not worker.assigned:
+                worker.since = time.monotonic()
             worker.assigned.append(task)
             try:
                 worker.tasks.send((task.id, task.items))
             except OSError:
                 pass  # it died: found by the next poll, and the task is redone
+
+    def _decode_here(self, task: Task) -> None:
+        """The fallback when no worker process can be started: decode in this process."""
+        outcomes = [(p, decode_one(path, self.spec, self.jpeg_on_device)) for p, path in task.items]
+        self.on_done(task, _pack(outcomes))
 
     def _start_worker(self) -> _Worker:
         tasks_reader, tasks_writer = self.context.Pipe(duplex=False)
@@ -316,6 +331,9 @@ class DecodePool:
             started = self._current(worker)
             if started is not None:
                 wake = min(wake, max(0.0, started[2] + self.timeout - now))
+            elif worker.assigned:
+                last = max(worker.since, worker.progress[2])
+                wake = min(wake, max(0.0, last + self.timeout - now))
         handles: list[Any] = [w.results for w in self.workers]
         handles += [w.process.sentinel for w in self.workers]
         wait(handles, timeout=wake + 0.01)
@@ -326,17 +344,24 @@ class DecodePool:
                 self._lost(worker, dead_reason=None)
                 continue
             started = self._current(worker)
+            if started is None and worker.assigned and self._stalled(worker):
+                self._lost(worker)  # holding work, decoding nothing: stuck outside a decoder
+                continue
             if started is not None and time.monotonic() - started[2] > self.timeout:
                 task, item, _ = started
                 # it may have finished meanwhile: read what it sent before killing it
                 worker.process.kill()
                 worker.process.join()
                 self._drain(worker)
-                if task in worker.assigned:
+                if any(t is task for t in worker.assigned):
                     self._lost(worker, timed_out=(task, item))
                 else:
                     self._lost(worker, dead_reason=None)
         self._dispatch()
+
+    def _stalled(self, worker: _Worker) -> bool:
+        last = max(worker.since, worker.progress[2])
+        return time.monotonic() - last > self.timeout
 
     def _current(self, worker: _Worker) -> tuple[Task, int, float] | None:
         """The task and item a worker is decoding, and since when (None when idle)."""
@@ -353,9 +378,10 @@ class DecodePool:
         try:
             while worker.results.poll(0):
                 task_id, packed = worker.results.recv()
+                worker.since = time.monotonic()
                 for task in list(worker.assigned):
                     if task.id == task_id:
-                        worker.assigned.remove(task)
+                        worker.assigned = deque(t for t in worker.assigned if t is not task)
                         self.on_done(task, packed)
         except (EOFError, OSError):
             return False

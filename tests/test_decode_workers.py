@@ -262,3 +262,26 @@ def test_worker_caps_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("CONVNEXT_DECODE_TIMEOUT", bad)
         with pytest.raises(UsageError, match="CONVNEXT_DECODE_TIMEOUT"):
             decode_timeout()
+
+
+def test_no_worker_process_to_be_had_decodes_in_process(
+    v1_checkpoint: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When no process can be started (fork fails: EAGAIN, ENOMEM), the run goes on, decoding
+    in the main process."""
+    from convnext_cli import decode_pool
+
+    def refuse(self: object) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    checkpoint = load_checkpoint(str(v1_checkpoint))
+    model = build_model(checkpoint, torch.device("cpu"), torch.float32)
+    runner = Runner(model, checkpoint.preprocess, torch.device("cpu"), torch.float32)
+    paths = [str(p) for p in photos]
+    expected = [r for b in runner.classify(paths, batch_size=2, workers=0) for r in b]
+    monkeypatch.setattr(decode_pool.DecodePool, "_start_worker", refuse)
+    got = [r for b in runner.classify(paths, batch_size=2, workers=2) for r in b]
+    assert [r.path for r in got] == paths
+    for a, b in zip(got, expected, strict=True):
+        assert a.error is None
+        assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
