@@ -285,3 +285,45 @@ def test_no_worker_process_to_be_had_decodes_in_process(
     for a, b in zip(got, expected, strict=True):
         assert a.error is None
         assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("workers", [None, 2])
+def test_ctrl_c_stops_the_workers_too(
+    tmp_path: Path, v1_checkpoint: Path, photos: list[Path], workers: int | None
+) -> None:
+    """SIGINT to the whole process group, as a terminal sends it: exit 130, one line, no
+    traceback from any worker, and no decode process left behind."""
+    inputs = []
+    for n in range(40):
+        path = tmp_path / f"nap{n:02d}.png"
+        path.write_bytes(b"NAP\n" + photos[n % len(photos)].read_bytes())
+        inputs.append(str(path))
+    wrapper = tmp_path / "hostile_cli.py"
+    wrapper.write_text(HOOK)
+    extra = [] if workers is None else ["--workers", str(workers)]
+    proc = subprocess.Popen(
+        [sys.executable, str(wrapper), "classify", *inputs, "-b", "2", *extra,
+         *base_args(v1_checkpoint)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,  # its own process group, to signal as a terminal does
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("{")
+        decoders = children_of(proc.pid)
+        assert decoders
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "interrupted"
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in decoders):
+        assert time.monotonic() < deadline, "a decode worker outlived the run"
+        time.sleep(0.1)
