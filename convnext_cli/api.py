@@ -117,7 +117,8 @@ def _kind(value: Any) -> str | None:
 def as_inputs(inputs: ImageInput | Iterable[ImageInput]) -> list[Input]:
     """The pipeline's inputs for what a caller passed (see the module docstring)."""
     kind = _kind(inputs)
-    if kind is not None and not (kind in ("array", "tensor") and inputs.ndim == 4):
+    batch = kind in ("array", "tensor") and getattr(inputs, "ndim", 0) == 4
+    if kind is not None and not batch:
         inputs = [inputs]
     elif kind is None and not isinstance(inputs, Iterable):
         raise TypeError(

@@ -149,6 +149,7 @@ def _worker_main(
     import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent()
     for fd in close_fds:  # other workers' pipe ends, inherited through fork
@@ -242,20 +243,18 @@ class DecodePool:
         methods = multiprocessing.get_all_start_methods()
         self.context = multiprocessing.get_context("fork" if "fork" in methods else None)
         self.workers: list[_Worker] = []
-        self.pending: deque[Task] = deque()
+        self.pending: list[Task] = []  # taken earliest batch first: the one awaited
         self._ids = 0
 
     # tasks
 
-    def submit(self, batch: int, items: list[tuple[int, str]], urgent: bool = False) -> None:
+    def submit(self, batch: int, items: list[tuple[int, str]], deaths: int = 0) -> None:
         self._ids += 1
-        self._queue(Task(self._ids, batch, items), urgent)
+        self.pending.append(Task(self._ids, batch, items, deaths))
 
-    def _queue(self, task: Task, urgent: bool) -> None:
-        if urgent:
-            self.pending.appendleft(task)
-        else:
-            self.pending.append(task)
+    def _next_task(self) -> Task:
+        first = min(range(len(self.pending)), key=lambda n: self.pending[n].batch)
+        return self.pending.pop(first)
 
     def _dispatch(self) -> None:
         while self.pending:
@@ -266,12 +265,12 @@ class DecodePool:
                 except OSError:  # no process to be had (EAGAIN, ENOMEM)
                     if self.workers:
                         return  # the running workers take it when they can
-                    self._decode_here(self.pending.popleft())
+                    self._decode_here(self._next_task())
                     continue
             if not idle:
                 return
             worker = min(idle, key=lambda w: len(w.assigned))
-            task = self.pending.popleft()
+            task = self._next_task()
             if not worker.assigned:
                 worker.since = time.monotonic()
             worker.assigned.append(task)
@@ -345,7 +344,8 @@ class DecodePool:
                 continue
             started = self._current(worker)
             if started is None and worker.assigned and self._stalled(worker):
-                self._lost(worker)  # holding work, decoding nothing: stuck outside a decoder
+                # holding work, decoding nothing: stuck outside a decoder
+                self._lost(worker, dead_reason="it stopped responding")
                 continue
             if started is not None and time.monotonic() - started[2] > self.timeout:
                 task, item, _ = started
@@ -355,8 +355,8 @@ class DecodePool:
                 self._drain(worker)
                 if any(t is task for t in worker.assigned):
                     self._lost(worker, timed_out=(task, item))
-                else:
-                    self._lost(worker, dead_reason=None)
+                else:  # it finished that input just in time
+                    self._lost(worker, dead_reason="stopped at a deadline")
         self._dispatch()
 
     def _stalled(self, worker: _Worker) -> bool:
@@ -410,7 +410,7 @@ class DecodePool:
                 self.on_error(task, position, f"decoding took longer than {self.timeout:g} s")
                 rest = [it for n, it in enumerate(task.items) if n != timed_out[1]]
                 if rest:
-                    self.submit(task.batch, rest, urgent=True)
+                    self.submit(task.batch, rest)
             elif current is not None and task is current[0]:
                 culprit = task.items[current[1]]
                 deaths = task.deaths + 1 if len(task.items) == 1 else 1
@@ -419,11 +419,10 @@ class DecodePool:
                         task, culprit[0], f"the decoding process died on this image ({reason})"
                     )
                 else:
-                    self._ids += 1
-                    self._queue(Task(self._ids, task.batch, [culprit], deaths), urgent=True)
+                    self.submit(task.batch, [culprit], deaths)  # alone this time
                 rest = [it for n, it in enumerate(task.items) if n != current[1]]
                 if rest:
-                    self.submit(task.batch, rest, urgent=True)
+                    self.submit(task.batch, rest)
             elif current is None and timed_out is None:
                 # died between inputs (or while sending): no culprit known, so each input
                 # of its unfinished tasks is tried alone
@@ -434,10 +433,9 @@ class DecodePool:
                             task, item[0], f"the decoding process died on this image ({reason})"
                         )
                     else:
-                        self._ids += 1
-                        self._queue(Task(self._ids, task.batch, [item], deaths), urgent=True)
+                        self.submit(task.batch, [item], deaths)
             else:  # waiting behind the culprit: redone as it was
-                self._queue(task, urgent=True)
+                self.pending.append(task)
         worker.assigned.clear()
 
     def close(self) -> None:
