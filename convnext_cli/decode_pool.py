@@ -26,6 +26,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -150,7 +151,8 @@ def _worker_main(
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent()
     for fd in close_fds:  # other workers' pipe ends, inherited through fork
         with contextlib.suppress(OSError):
@@ -240,8 +242,11 @@ class DecodePool:
         self.timeout = timeout
         self.on_done = on_done
         self.on_error = on_error
-        methods = multiprocessing.get_all_start_methods()
-        self.context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        # fork on Linux: workers start at once, without re-importing torch (elsewhere the
+        # platform's default: fork is unsafe on macOS, absent on Windows)
+        self.context = multiprocessing.get_context(
+            "fork" if sys.platform.startswith("linux") else None
+        )
         self.workers: list[_Worker] = []
         self.pending: list[Task] = []  # taken earliest batch first: the one awaited
         self._ids = 0
@@ -307,11 +312,13 @@ class DecodePool:
             name="convnext-decode",
         )
         # the child must not see a Ctrl-C before it has set SIGINT aside
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        masking = hasattr(signal, "pthread_sigmask")
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masking else None
         try:
             process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         results_writer.close()  # so the worker's death reads as end-of-file here
         worker = _Worker(process, tasks_writer, tasks_reader, results_reader, progress)
         self.workers.append(worker)
