@@ -196,7 +196,8 @@ def plan_workers(
     - ``None`` (the default): :func:`default_workers`, each prefetching 2 batches; where
       that is 0, one guard process decoding one batch at a time while the model waits,
       so that a decoder crash or time bomb costs one input, not the run, at the price of
-      a pipe copy per batch.
+      a pipe copy per batch and of resizing on one thread (a forked process cannot use
+      the OpenMP pool it inherits).
     - ``0``: decode in the main process (no crash isolation, no deadline: only the
       structural checks in images.py guard it).
     - ``N``: :func:`cap_workers`, each prefetching 2 batches.
