@@ -1,7 +1,10 @@
 """convnext_cli: exact ConvNeXt / ConvNeXt V2 inference, from the command line or from Python.
 
     from convnext_cli import Classifier
-    top5 = Classifier("facebook/convnext-tiny-224").classify(["cat.jpg"])
+    top5 = Classifier("facebook/convnext-tiny-224").classify("cat.jpg")[0].predictions
+
+Inputs are paths (one string is one input), PIL images, NumPy arrays or uint8 tensors, or
+a list of them (see :mod:`convnext_cli.api`).
 
 Heavy imports (torch) happen on first use of these names, not on ``import convnext_cli``.
 """

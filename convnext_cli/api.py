@@ -1,23 +1,47 @@
-"""The library face of the tool: the same core the CLI uses, for Python callers."""
+"""The library face of the tool: the same core the CLI uses, for Python callers.
+
+Inputs may be paths or images already in memory:
+
+- a path: ``str``, ``bytes`` or ``os.PathLike`` (``pathlib.Path``); one path is one input
+  (``classify("cat.jpg")`` is one image, never one per character);
+- a ``PIL.Image.Image``: its EXIF orientation applied, converted to RGB by the decoding
+  policy (alpha over white, 16-bit scaled to 8 bits, ...); its current frame is used;
+  images over the pixel limit are refused as files are;
+- a NumPy array of uint8: ``H x W`` (grey), ``H x W x 1``, ``H x W x 3`` (RGB) or
+  ``H x W x 4`` (RGBA, composited over white);
+- a torch tensor of uint8: ``3 x H x W`` (RGB), ``1 x H x W``, ``4 x H x W`` or ``H x W``;
+- a list (any iterable) of those; a 4-D array or tensor is a batch, one image per entry
+  of its first dimension.
+
+Images given in memory get the same resize, crop and normalisation as files; their
+results' ``path`` is ``<image N>``, N being the input's position (from 0) in the call's
+inputs.  An array or image that cannot be used (wrong dtype or shape, a truncated file
+behind a lazily opened PIL image) gets an error record like an unreadable file.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from convnext_cli.checkpoints import DEFAULT_MODEL, build_model, load_checkpoint
 from convnext_cli.device import resolve
 
 if TYPE_CHECKING:
-    from convnext_cli.pipeline import Result
+    import torch
+
+    from convnext_cli.pipeline import Input, Result
+
+ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | numpy.ndarray | torch.Tensor
 
 
 class Classifier:
-    """Load a ConvNeXt checkpoint once; classify or embed image files.
+    """Load a ConvNeXt checkpoint once; classify or embed images (files or in memory).
 
     >>> clf = Classifier("facebook/convnext-tiny-224", device="cpu", dtype="float32")
-    >>> [r.predictions[0].label for r in clf.classify(["cat.jpg"])]
-    ['tabby, tabby cat']
+    >>> clf.classify("cat.jpg")[0].predictions[0].label
+    'tabby, tabby cat'
     """
 
     def __init__(
@@ -50,16 +74,128 @@ class Classifier:
     def labels(self) -> list[str]:
         return self.model.config.labels
 
-    def classify(self, paths: Iterable[str], top_k: int = 5) -> list[Result]:
-        """One result per path, in order: ``.predictions`` (label, index, score) or ``.error``."""
+    def classify(self, inputs: ImageInput | Iterable[ImageInput], top_k: int = 5) -> list[Result]:
+        """One result per input, in order: ``.predictions`` (label, index, score) or ``.error``."""
         batches = self.runner.classify(
-            list(paths), top_k=top_k, batch_size=self.batch_size, workers=self.workers
+            as_inputs(inputs), top_k=top_k, batch_size=self.batch_size, workers=self.workers
         )
         return [r for batch in batches for r in batch]
 
-    def embed(self, paths: Iterable[str], normalize: bool = False) -> list[Result]:
-        """One result per path, in order: ``.embedding`` (pooler_output) or ``.error``."""
+    def embed(
+        self, inputs: ImageInput | Iterable[ImageInput], normalize: bool = False
+    ) -> list[Result]:
+        """One result per input, in order: ``.embedding`` (pooler_output) or ``.error``."""
         batches = self.runner.embed(
-            list(paths), normalize=normalize, batch_size=self.batch_size, workers=self.workers
+            as_inputs(inputs), normalize=normalize, batch_size=self.batch_size, workers=self.workers
         )
         return [r for batch in batches for r in batch]
+
+
+def _kind(value: Any) -> str | None:
+    """'path', 'pil', 'array', 'tensor', or None for anything else (an iterable, say)."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return "path"
+    module = type(value).__module__
+    if module.startswith("PIL.") or module == "PIL":
+        from PIL import Image
+
+        if isinstance(value, Image.Image):
+            return "pil"
+    if module == "numpy":
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return "array"
+    if module.startswith("torch"):
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return "tensor"
+    return None
+
+
+def as_inputs(inputs: ImageInput | Iterable[ImageInput]) -> list[Input]:
+    """The pipeline's inputs for what a caller passed (see the module docstring)."""
+    kind = _kind(inputs)
+    batch = kind in ("array", "tensor") and getattr(inputs, "ndim", 0) == 4
+    if kind is not None and not batch:
+        inputs = [inputs]
+    elif kind is None and not isinstance(inputs, Iterable):
+        raise TypeError(
+            f"expected an image path, a PIL image, a NumPy array, a uint8 tensor or a list "
+            f"of them, not {type(inputs).__name__}"
+        )
+    items: list[Input] = []
+    for number, value in enumerate(inputs):
+        items.append(_as_input(value, number))
+    return items
+
+
+def _as_input(value: Any, number: int) -> Input:
+    from convnext_cli.decode_pool import failure
+    from convnext_cli.pipeline import InMemoryImage
+
+    kind = _kind(value)
+    if kind == "path":
+        return os.fsdecode(value)
+    if kind is None:
+        raise TypeError(
+            f"input {number}: expected an image path, a PIL image, a NumPy array or a uint8 "
+            f"tensor, not {type(value).__name__}"
+        )
+    name = f"<image {number}>"
+    try:
+        return InMemoryImage(name, _pixels(value, kind))
+    except Exception as exc:
+        return InMemoryImage(name, None, failure(exc))
+
+
+def _pixels(value: Any, kind: str) -> torch.Tensor:
+    """An in-memory image as an RGB uint8 (3, H, W) tensor, per the decoding policy."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from convnext_cli.errors import ImageError
+    from convnext_cli.images import MAX_PIXELS, pil_to_rgb
+
+    if kind == "tensor":
+        tensor = value.detach().cpu()
+        if tensor.dtype != torch.uint8 or not (
+            tensor.ndim == 2 or (tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4))
+        ):
+            raise ImageError(
+                f"unsupported tensor: {str(tensor.dtype).removeprefix('torch.')} "
+                f"{tuple(tensor.shape)} (use uint8 3xHxW, 1xHxW, 4xHxW or HxW)"
+            )
+        value = (tensor if tensor.ndim == 2 else tensor.permute(1, 2, 0)).numpy()
+        kind = "array"
+    if kind == "array":
+        array = np.asarray(value)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if array.dtype != np.uint8 or not (
+            array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (2, 3, 4))
+        ):
+            raise ImageError(
+                f"unsupported array: {array.dtype} {array.shape} "
+                "(use uint8 HxW, HxWx1, HxWx3 or HxWx4)"
+            )
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise ImageError(f"image has no pixels ({array.shape[1]}x{array.shape[0]})")
+        value = Image.fromarray(np.ascontiguousarray(array))
+    image: Image.Image = value
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"refused: {width}x{height} = {width * height} pixels is over the "
+            f"{MAX_PIXELS} pixel limit"
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    try:
+        image = ImageOps.exif_transpose(image) or image
+        rgb = pil_to_rgb(image)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"cannot decode image: {exc}") from exc
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)

@@ -1,10 +1,15 @@
 """The streaming pipeline shared by classify and embed.
 
-DataLoader worker processes decode and resize (uint8) while the model runs on the previous
-batch; the main process normalises on the target device, runs the model and yields one
-list of results per batch, in input order.  Memory is bounded by the batches in flight
-(``workers x prefetch``), never by the number of inputs.  Every input yields exactly one
-result: its predictions or embedding, or the one-line reason it could not be read.
+Decode worker processes (:mod:`convnext_cli.decode_pool`) read, decode and resize (uint8)
+while the model runs on the previous batch; the main process normalises on the target
+device, runs the model and yields one list of results per batch, in input order.  Memory
+is bounded by the batches in flight (``workers x 2``), never by the number of inputs.
+
+Every input yields exactly one result: its predictions or embedding, or the one-line
+reason it has none.  A decoder that crashes or hangs costs one input (see decode_pool); an
+image the model cannot run on (too small with resizing off) gets its own error, the rest
+of its batch is run without it; a row whose outputs are not all finite (broken weights,
+``image_std`` 0) gets ``model produced non-finite values``, never a NaN in the output.
 """
 
 from __future__ import annotations
@@ -14,9 +19,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from convnext_cli.errors import ImageError, one_line
-from convnext_cli.images import decode_bytes, read_file
-from convnext_cli.jpeg_on_device import EncodedJpeg, for_device
+from convnext_cli.decode_pool import (
+    TASKS_PER_WORKER,
+    DecodePool,
+    Task,
+    decode_one,
+    decode_timeout,
+    failure,
+    unpack_groups,
+)
+from convnext_cli.errors import one_line
+from convnext_cli.images import decode_bytes
+from convnext_cli.jpeg_on_device import EncodedJpeg
 from convnext_cli.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -42,51 +56,44 @@ class Result:
     embedding: torch.Tensor | None = None  # 1-D float32 on the CPU
 
 
-def _failure(exc: Exception) -> str:
-    """The one-line reason an input could not be decoded."""
-    if isinstance(exc, ImageError):
-        return one_line(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory while decoding"
-    return f"cannot decode image: {one_line(exc)}"  # a decoder bug must not end the run
+@dataclass(frozen=True)
+class InMemoryImage:
+    """An input that is already pixels (from the Python API): nothing to read or decode.
 
-
-class DecodeDataset:
-    """Map-style dataset: path -> (index, pixels or None, error or None).
-
-    The pixels are a uint8 (3, h, w) tensor, resized and cropped; or, when JPEGs are
-    decoded on the model's device, an :class:`EncodedJpeg` holding the file's bytes.
+    `pixels` is an RGB uint8 (3, H, W) tensor, already converted per the decoding policy,
+    or None with `error` saying why it could not be; `name` is what its result's ``path``
+    says (``<image N>``).
     """
 
-    def __init__(
-        self, paths: Sequence[str], spec: PreprocessSpec, jpeg_on_device: bool = False
-    ) -> None:
-        self.paths = paths
-        self.spec = spec
-        self.jpeg_on_device = jpeg_on_device
+    name: str
+    pixels: torch.Tensor | None
+    error: str | None = None
 
-    def __len__(self) -> int:
-        return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
+Input = str | InMemoryImage
+
+
+def input_name(item: Input) -> str:
+    return item.name if isinstance(item, InMemoryImage) else item
+
+
+def _prepare(item: Input, spec: PreprocessSpec, jpeg_on_device: bool) -> Any:
+    """One input, decoded (or not) in this process: pixels, an EncodedJpeg, or an error."""
+    if isinstance(item, InMemoryImage):
+        if item.pixels is None:
+            return item.error or "not an image"
         try:
-            data = read_file(self.paths[index])
-            if self.jpeg_on_device:
-                encoded = for_device(data)
-                if encoded is not None:
-                    return index, encoded, None
-            return index, self.spec.resize_and_crop(decode_bytes(data)), None
+            return spec.resize_and_crop(item.pixels)
         except Exception as exc:
-            return index, None, _failure(exc)
+            return failure(exc)
+    return decode_one(item, spec, jpeg_on_device)
 
 
 @dataclass
 class DecodedBatch:
-    """One batch as a worker hands it over: per-input errors, and the pixels stacked by shape.
-
-    Stacking happens in the worker, so that with ``pin_memory`` the whole uint8 batch is
-    pinned once and its host-to-device copy can run asynchronously.
-    """
+    """One batch as the decoders hand it over: per-input errors, and the pixels stacked by
+    shape (one group unless resizing is off); with ``pin_memory`` the whole uint8 group is
+    pinned once, so that its host-to-device copy can run asynchronously."""
 
     indices: list[int]
     errors: list[str | None]
@@ -98,21 +105,49 @@ class DecodedBatch:
         return DecodedBatch(self.indices, self.errors, groups, self.encoded)
 
 
-def _collate(items: list[tuple[int, Any, str | None]]) -> DecodedBatch:
-    import torch
+class _PendingBatch:
+    """A batch being assembled from what the decoders return, in any order."""
 
-    by_shape: dict[tuple[int, ...], list[int]] = {}  # one group unless resizing is off
-    encoded: list[tuple[int, EncodedJpeg]] = []
-    for position, (_, pixels, error) in enumerate(items):
-        if isinstance(pixels, EncodedJpeg):
-            encoded.append((position, pixels))
-        elif error is None:
-            by_shape.setdefault(tuple(pixels.shape), []).append(position)
-    groups = [
-        (positions, torch.stack([items[p][1] for p in positions]))
-        for positions in by_shape.values()
-    ]
-    return DecodedBatch([i for i, _, _ in items], [e for _, _, e in items], groups, encoded)
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = indices
+        self.errors: list[str | None] = [None] * len(indices)
+        self.waiting = len(indices)
+        self.parts: list[tuple[list[int], torch.Tensor]] = []
+        self.encoded: list[tuple[int, EncodedJpeg]] = []
+
+    def add(self, position: int, outcome: Any) -> None:
+        if isinstance(outcome, str):
+            self.errors[position] = outcome
+        elif isinstance(outcome, EncodedJpeg):
+            self.encoded.append((position, outcome))
+        else:
+            self.parts.append(([position], outcome[None]))
+        self.waiting -= 1
+
+    def add_packed(self, packed: dict[str, Any]) -> None:
+        for position, error in packed["errors"]:
+            self.errors[position] = error
+        self.encoded += packed["encoded"]
+        groups = unpack_groups(packed)
+        self.parts += groups
+        self.waiting -= len(packed["errors"]) + len(packed["encoded"])
+        self.waiting -= sum(len(positions) for positions, _ in groups)
+
+    def finish(self) -> DecodedBatch:
+        import torch
+
+        by_shape: dict[tuple[int, ...], list[tuple[list[int], torch.Tensor]]] = {}
+        for positions, pixels in self.parts:
+            by_shape.setdefault(tuple(pixels.shape[1:]), []).append((positions, pixels))
+        groups = []
+        for parts in by_shape.values():
+            if len(parts) == 1:
+                groups.append(parts[0])
+            else:
+                positions = [p for part, _ in parts for p in part]
+                groups.append((positions, torch.cat([pixels for _, pixels in parts])))
+        self.encoded.sort(key=lambda item: item[0])
+        return DecodedBatch(self.indices, self.errors, groups, self.encoded)
 
 
 def default_batch_size(device_type: str) -> int:
@@ -121,62 +156,142 @@ def default_batch_size(device_type: str) -> int:
     return 8 if device_type == "cpu" else 32
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") -> int:
-    """Decoding processes: none for a single batch; on a GPU, the cores but one (at most 8).
+    """Decoding processes that overlap the model: none for a single batch; on a GPU, the
+    cores but one (at most 8); on the CPU one per four cores (at most 8).
 
     On the CPU the model's threads already use every core, and a decoder process fighting
     them for cores costs more than it overlaps (measured on 2 cores: bfloat16, 100 photos,
     5.7 s in-process against 7.3 s with one worker), so only one in four cores decodes.
+    When this is 0, :class:`Runner` still decodes in one guard process, batch by batch
+    without overlap (see :func:`plan_workers`).
     """
     if num_inputs <= batch_size:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = usable_cores()
     if device_type == "cpu":
         return min(8, cores // 4)
     return max(1, min(8, cores - 1))
 
 
-def _init_worker(_worker_id: int) -> None:
-    """Ctrl-C is the main process's to handle: it stops the workers cleanly.  And when the
-    main process goes away mid-transfer, the worker's fd-passing thread (multiprocessing's
-    resource_sharer, which reports through sys.excepthook) stays quiet about the closed
-    connection instead of printing a traceback into the user's terminal."""
-    import signal
-    import sys
+def cap_workers(requested: int, num_inputs: int, batch_size: int) -> int:
+    """``--workers N`` is lowered to what can run at once: at most one worker per batch
+    (ceil(inputs / batch size)) and at most the usable cores (CPU affinity)."""
+    batches = max(1, -(-num_inputs // max(1, batch_size)))
+    return max(0, min(requested, batches, usable_cores()))
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    default_hook = sys.excepthook
 
-    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        if not issubclass(kind, (ConnectionError, EOFError)):
-            default_hook(kind, value, tb)
+def plan_workers(
+    requested: int | None, num_inputs: int, batch_size: int, device_type: str
+) -> tuple[int, int]:
+    """(worker processes, batches decoded ahead) for a run.
 
-    sys.excepthook = hook
+    - ``None`` (the default): :func:`default_workers`, each prefetching 2 batches; where
+      that is 0, one guard process decoding one batch at a time while the model waits,
+      so that a decoder crash or time bomb costs one input, not the run, at the price of
+      a pipe copy per batch and of resizing on one thread (a forked process cannot use
+      the OpenMP pool it inherits).
+    - ``0``: decode in the main process (no crash isolation, no deadline: only the
+      structural checks in images.py guard it).
+    - ``N``: :func:`cap_workers`, each prefetching 2 batches.
+    """
+    if requested is None:
+        workers = default_workers(num_inputs, batch_size, device_type)
+        if workers == 0:
+            return 1, 1
+        return workers, workers * TASKS_PER_WORKER
+    workers = cap_workers(requested, num_inputs, batch_size)
+    return workers, workers * TASKS_PER_WORKER
 
 
 def decoded_batches(
-    paths: Sequence[str],
+    items: Sequence[Input],
     spec: PreprocessSpec,
     batch_size: int,
     workers: int,
     pin_memory: bool = False,
     jpeg_on_device: bool = False,
+    prefetch: int | None = None,
+    timeout: float | None = None,
 ) -> Iterator[DecodedBatch]:
-    """Batches of decoded inputs, in order, produced by `workers` processes (0: in-process)."""
-    from torch.utils.data import DataLoader
+    """Batches of decoded inputs, in order, from `workers` processes (0: in this process).
 
-    loader = DataLoader(
-        DecodeDataset(paths, spec, jpeg_on_device),  # type: ignore[arg-type]
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=pin_memory,
-        prefetch_factor=2 if workers > 0 else None,
-        worker_init_fn=_init_worker if workers > 0 else None,
+    At most `prefetch` batches (default ``workers x 2``) are decoded ahead of the one the
+    caller is using.  Inputs already in memory are resized here; only files go to workers.
+    """
+    starts = range(0, len(items), batch_size)
+    if workers <= 0:
+        for start in starts:
+            indices = list(range(start, min(start + batch_size, len(items))))
+            pending = _PendingBatch(indices)
+            for position, index in enumerate(indices):
+                pending.add(position, _prepare(items[index], spec, jpeg_on_device))
+            decoded = pending.finish()
+            yield decoded.pin_memory() if pin_memory else decoded
+        return
+
+    batches: dict[int, _PendingBatch] = {}
+
+    def done(task: Task, packed: dict[str, Any]) -> None:
+        batches[task.batch].add_packed(packed)
+
+    def error(task: Task, position: int, message: str) -> None:
+        batches[task.batch].add(position, message)
+
+    pool = DecodePool(
+        workers,
+        spec,
+        jpeg_on_device,
+        decode_timeout() if timeout is None else timeout,
+        done,
+        error,
     )
-    yield from loader
+    ahead = max(1, prefetch if prefetch is not None else workers * TASKS_PER_WORKER)
+    queued = iter(enumerate(starts))
+    try:
+        for number, _ in enumerate(starts):
+            while len(batches) < ahead:
+                nxt = next(queued, None)
+                if nxt is None:
+                    break
+                seq, start = nxt
+                indices = list(range(start, min(start + batch_size, len(items))))
+                pending = batches[seq] = _PendingBatch(indices)
+                files = []
+                for position, index in enumerate(indices):
+                    item = items[index]
+                    if isinstance(item, InMemoryImage):
+                        pending.add(position, _prepare(item, spec, jpeg_on_device))
+                    else:
+                        files.append((position, item))
+                if files:
+                    pool.submit(seq, files)
+            while batches[number].waiting > 0:
+                pool.poll()
+            decoded = batches.pop(number).finish()
+            yield decoded.pin_memory() if pin_memory else decoded
+    finally:
+        pool.close()
+
+
+NON_FINITE = "model produced non-finite values"
+
+
+def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
+    """One image the model could not run on: its own error record."""
+    shape = "x".join(str(n) for n in pixels.shape)
+    result.error = (
+        f"the model cannot run on this image ({shape} after preprocessing): {one_line(exc)}"
+    )
+    result.predictions = []
+    result.embedding = None
 
 
 class Runner:
@@ -223,21 +338,26 @@ class Runner:
         return batch
 
     def _run(
-        self, paths: Sequence[str], batch_size: int | None, workers: int | None, fn: Any
+        self, paths: Sequence[Input], batch_size: int | None, workers: int | None, fn: Any
     ) -> Iterator[list[Result]]:
         import torch
 
         if batch_size is None:
             batch_size = default_batch_size(self.device.type)
-        if workers is None:
-            workers = default_workers(len(paths), batch_size, self.device.type)
+        workers, prefetch = plan_workers(workers, len(paths), batch_size, self.device.type)
         pin = self.device.type == "cuda"
         batches = decoded_batches(
-            paths, self.spec, batch_size, workers, pin, jpeg_on_device=self.jpeg_on_device
+            paths,
+            self.spec,
+            batch_size,
+            workers,
+            pin,
+            jpeg_on_device=self.jpeg_on_device,
+            prefetch=prefetch,
         )
         for decoded in batches:
             results = [
-                Result(path=paths[i], error=err)
+                Result(path=input_name(paths[i]), error=err)
                 for i, err in zip(decoded.indices, decoded.errors, strict=True)
             ]
             with torch.inference_mode():
@@ -245,8 +365,24 @@ class Runner:
                 if decoded.encoded:
                     groups = self._with_device_decoded(groups, decoded.encoded, results)
                 for positions, pixels in groups:
-                    fn(self._to_input(pixels), [results[p] for p in positions])
+                    self._forward(fn, pixels, [results[p] for p in positions])
             yield results
+
+    def _forward(self, fn: Any, pixels: torch.Tensor, results: list[Result]) -> None:
+        """Run `fn` on a group; if it raises, run its images one by one, so that only the
+        image the model cannot take (say, too small with resizing off) gets the error."""
+        try:
+            fn(self._to_input(pixels), results)
+            return
+        except Exception as exc:
+            if len(results) == 1:
+                _model_failed(results[0], pixels[0], exc)
+                return
+        for one, result in zip(pixels, results, strict=True):
+            try:
+                fn(self._to_input(one[None]), [result])
+            except Exception as exc:
+                _model_failed(result, one, exc)
 
     def _with_device_decoded(
         self,
@@ -275,7 +411,7 @@ class Runner:
                     decode_bytes(jpeg.data) if image is None else image
                 )
             except Exception as exc:
-                results[position].error = _failure(exc)
+                results[position].error = failure(exc)
                 continue
             positions, tensors = by_shape.setdefault(tuple(pixels.shape), ([], []))
             positions.append(position)
@@ -288,7 +424,7 @@ class Runner:
 
     def classify(
         self,
-        paths: Sequence[str],
+        paths: Sequence[Input],
         top_k: int = 5,
         batch_size: int | None = None,
         workers: int | None = None,
@@ -303,11 +439,22 @@ class Runner:
         k = max(1, min(top_k, len(self.labels)))
 
         def fill(batch: torch.Tensor, results: list[Result]) -> None:
-            probs = self.logits_fn(batch).float().softmax(dim=-1)
+            import torch
+
+            logits = self.logits_fn(batch).float()
+            probs = logits.softmax(dim=-1)
+            finite = (torch.isfinite(logits) & torch.isfinite(probs)).all(dim=-1)
             scores, indices = probs.topk(k, dim=-1)
-            for result, row_scores, row_indices in zip(
-                results, scores.cpu().tolist(), indices.cpu().tolist(), strict=True
+            for result, ok, row_scores, row_indices in zip(
+                results,
+                finite.cpu().tolist(),
+                scores.cpu().tolist(),
+                indices.cpu().tolist(),
+                strict=True,
             ):
+                if not ok:
+                    result.error = NON_FINITE
+                    continue
                 result.predictions = [
                     Prediction(self.labels[i], i, s)
                     for s, i in zip(row_scores, row_indices, strict=True)
@@ -317,7 +464,7 @@ class Runner:
 
     def embed(
         self,
-        paths: Sequence[str],
+        paths: Sequence[Input],
         normalize: bool = False,
         batch_size: int | None = None,
         workers: int | None = None,
@@ -325,10 +472,16 @@ class Runner:
         """The pooled feature (transformers' pooler_output) for every path, per batch."""
 
         def fill(batch: torch.Tensor, results: list[Result]) -> None:
+            import torch
+
             features = self.embed_fn(batch).float()
             if normalize:
                 features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            for result, row in zip(results, features.cpu(), strict=True):
-                result.embedding = row
+            finite = torch.isfinite(features).all(dim=-1)
+            for result, ok, row in zip(results, finite.cpu().tolist(), features.cpu(), strict=True):
+                if ok:
+                    result.embedding = row
+                else:
+                    result.error = NON_FINITE
 
         return self._run(paths, batch_size, workers, fill)

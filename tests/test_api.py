@@ -1,0 +1,125 @@
+"""The Python API: one path is one input; PIL images, NumPy arrays and uint8 tensors are
+inputs beside paths, decoded by the same policy and preprocessed the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from convnext_cli import Classifier
+
+
+@pytest.fixture(scope="module")
+def clf(v1_checkpoint: Path) -> Classifier:
+    return Classifier(str(v1_checkpoint), device="cpu", dtype="float32", workers=0)
+
+
+def scores(result) -> list[tuple[int, float]]:
+    assert result.error is None, result.error
+    return [(p.index, p.score) for p in result.predictions]
+
+
+def same(a, b) -> None:
+    got, expected = scores(a), scores(b)
+    assert [i for i, _ in got] == [i for i, _ in expected]
+    for (_, s), (_, t) in zip(got, expected, strict=True):
+        assert s == pytest.approx(t, abs=1e-6)
+
+
+def test_one_string_is_one_input(clf: Classifier, photos: list[Path]) -> None:
+    for one in (str(photos[0]), photos[0]):
+        results = clf.classify(one, top_k=3)
+        assert [r.path for r in results] == [str(photos[0])]
+        assert len(results[0].predictions) == 3
+        embedded = clf.embed(one)
+        assert len(embedded) == 1 and embedded[0].path == str(photos[0])
+    # a list of one string is the same thing; a missing file is one error record
+    assert [r.path for r in clf.classify([str(photos[1])])] == [str(photos[1])]
+    (missing,) = clf.classify("no-such-file.jpg")
+    assert missing.path == "no-such-file.jpg" and missing.error
+
+
+def test_pil_image_gives_the_same_probabilities_as_its_path(
+    clf: Classifier, photos: list[Path]
+) -> None:
+    for photo in photos:
+        with Image.open(photo) as image:
+            (from_pil,) = clf.classify(image)
+        (from_path,) = clf.classify(str(photo))
+        assert from_pil.path == "<image 0>"
+        same(from_pil, from_path)
+
+
+def test_arrays_and_tensors_match_the_same_photo_as_a_path(
+    clf: Classifier, photos: list[Path]
+) -> None:
+    photo = photos[-1]
+    rgb = np.asarray(ImageOps.exif_transpose(Image.open(photo)).convert("RGB"))
+    (expected,) = clf.classify(str(photo))
+    tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    results = clf.classify([rgb, tensor, str(photo), Image.fromarray(rgb)])
+    assert [r.path for r in results] == ["<image 0>", "<image 1>", str(photo), "<image 3>"]
+    for result in results:
+        same(result, expected)
+    # a 4-D array is a batch of images
+    batch = clf.classify(np.stack([rgb, rgb]))
+    assert [r.path for r in batch] == ["<image 0>", "<image 1>"]
+    same(batch[1], expected)
+
+
+def test_grey_and_alpha_follow_the_decoding_policy(
+    clf: Classifier, photos: list[Path], tmp_path: Path
+) -> None:
+    """HxW grey and HxWx4 RGBA arrays give what the same pixels saved as PNG files give
+    (grey to RGB, alpha composited over white)."""
+    image = Image.open(photos[0]).convert("RGB").resize((96, 64))
+    grey = image.convert("L")
+    rgba = image.convert("RGBA")
+    alpha = np.asarray(rgba).copy()
+    alpha[:, :48, 3] = 40  # half the image mostly transparent
+    rgba = Image.fromarray(alpha, "RGBA")
+    grey.save(tmp_path / "grey.png")
+    rgba.save(tmp_path / "rgba.png")
+    got = clf.classify([np.asarray(grey), np.asarray(grey)[:, :, None], alpha, rgba])
+    files = clf.classify([tmp_path / "grey.png", tmp_path / "rgba.png"])
+    same(got[0], files[0])
+    same(got[1], files[0])
+    same(got[2], files[1])
+    same(got[3], files[1])
+    grey_tensor = torch.from_numpy(np.asarray(grey).copy())
+    same(clf.classify(grey_tensor)[0], files[0])
+    same(clf.classify(grey_tensor[None])[0], files[0])
+
+
+def test_unusable_arrays_get_error_records_and_other_objects_raise(
+    clf: Classifier, photos: list[Path]
+) -> None:
+    results = clf.classify(
+        [np.zeros((8, 8, 3), np.float32), torch.zeros(5, 8, 8, dtype=torch.uint8), photos[0]]
+    )
+    assert len(results) == 3
+    assert results[0].path == "<image 0>" and "unsupported array" in results[0].error
+    assert results[1].path == "<image 1>" and "unsupported tensor" in results[1].error
+    assert results[2].error is None
+    with pytest.raises(TypeError, match="not int"):
+        clf.classify(5)
+    with pytest.raises(TypeError, match="input 1: .* not dict"):
+        clf.classify([photos[0], {}])
+
+
+def test_in_memory_images_with_decode_workers(v1_checkpoint: Path, photos: list[Path]) -> None:
+    """In-memory images are resized in the main process, files in the workers; the order
+    and the numbers stay the same."""
+    clf = Classifier(str(v1_checkpoint), device="cpu", dtype="float32", batch_size=2, workers=2)
+    inputs = [Image.open(p) if n % 2 else str(p) for n, p in enumerate(photos)]
+    got = clf.classify(inputs)
+    expected = clf.classify([str(p) for p in photos])
+    assert [r.path for r in got] == [
+        f"<image {n}>" if n % 2 else str(p) for n, p in enumerate(photos)
+    ]
+    for a, b in zip(got, expected, strict=True):
+        same(a, b)

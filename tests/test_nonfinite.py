@@ -1,0 +1,108 @@
+"""Non-finite model outputs never reach the results: a row whose logits, probabilities or
+embedding are not all finite gets the error "model produced non-finite values", the other
+rows keep theirs, and JSON/CSV output holds no NaN or Infinity."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import factories
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from convnext_cli.checkpoints import build_model, load_checkpoint
+from convnext_cli.cli import app
+from convnext_cli.pipeline import NON_FINITE, Runner
+from convnext_cli.preprocess import PreprocessSpec
+
+CPU = torch.device("cpu")
+
+
+def results(runner: Runner, paths: list[str], embed: bool = False, **kwargs) -> list:
+    batches = runner.embed(paths, **kwargs) if embed else runner.classify(paths, **kwargs)
+    return [r for batch in batches for r in batch]
+
+
+@pytest.fixture()
+def black_and_white(tmp_path: Path, photos: list[Path]) -> list[str]:
+    paths = []
+    for name, colour in [("black", 0), ("white", 255)]:
+        path = tmp_path / f"{name}.png"
+        Image.new("RGB", (40, 30), (colour,) * 3).save(path)
+        paths.append(str(path))
+    return [*paths, str(photos[0])]
+
+
+@pytest.fixture()
+def huge_stem_weight(tmp_path: Path) -> Path:
+    """Raw 0..255 pixels (no rescale, no normalisation) and one stem weight of 1e37: a black
+    image gives finite outputs, any other overflows float32 to inf (NaN after the norm)."""
+    model = factories.hf_model(seed=4)
+    with torch.no_grad():
+        model.convnext.embeddings.patch_embeddings.weight[0, 0, 0, 0] = 1e37
+    pre = dict(factories.IMAGENET_PREPROCESSOR, do_rescale=False, do_normalize=False)
+    return factories.save_hf(model, tmp_path / "huge", pre)
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_zero_std_makes_every_row_an_error(
+    v1_checkpoint: Path, black_and_white: list[str], embed: bool
+) -> None:
+    checkpoint = load_checkpoint(str(v1_checkpoint))
+    model = build_model(checkpoint, CPU, torch.float32)
+    spec = PreprocessSpec(shortest_edge=224, crop_pct=0.875, image_std=(0.0, 0.0, 0.0))
+    got = results(Runner(model, spec, CPU, torch.float32), black_and_white, embed, workers=0)
+    assert [r.error for r in got] == [NON_FINITE] * 3
+    assert all(r.predictions == [] and r.embedding is None for r in got)
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_only_the_non_finite_rows_fail(
+    huge_stem_weight: Path, black_and_white: list[str], embed: bool
+) -> None:
+    checkpoint = load_checkpoint(str(huge_stem_weight))
+    model = build_model(checkpoint, CPU, torch.float32)
+    runner = Runner(model, checkpoint.preprocess, CPU, torch.float32)
+    got = results(runner, black_and_white, embed, workers=0, batch_size=8)
+    assert [r.error for r in got] == [None, NON_FINITE, NON_FINITE]
+    if embed:
+        assert got[0].embedding is not None and torch.isfinite(got[0].embedding).all()
+    else:
+        assert got[0].predictions and all(math.isfinite(p.score) for p in got[0].predictions)
+
+
+def test_inf_in_the_weights_through_the_cli(tmp_path: Path, black_and_white: list[str]) -> None:
+    """An inf in the classifier's bias: every classify row fails, embed (which does not use
+    the head) is unaffected; the outputs are valid JSON and CSV without NaN."""
+    model = factories.hf_model(seed=5)
+    with torch.no_grad():
+        model.classifier.bias[3] = math.inf
+    folder = factories.save_hf(model, tmp_path / "inf")
+    cpu = ["-m", str(folder), "--device", "cpu", "--dtype", "float32", "--workers", "0"]
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in output"))
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["classify", *black_and_white, "--format", "json", *cpu])
+    assert out.exit_code == 1, out.stderr
+    records = strict(out.stdout)
+    assert [r["path"] for r in records] == black_and_white
+    assert [r.get("error") for r in records] == [NON_FINITE] * 3
+
+    out = runner.invoke(app, ["classify", *black_and_white, "--format", "csv", *cpu])
+    assert out.exit_code == 1
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert [r["error"] for r in rows] == [NON_FINITE] * 3
+    assert all(r["score"] == "" and r["label"] == "" for r in rows)
+
+    out = runner.invoke(app, ["embed", *black_and_white, "--format", "jsonl", *cpu])
+    assert out.exit_code == 0, out.stderr
+    lines = [strict(line) for line in out.stdout.splitlines()]
+    assert [len(r["embedding"]) for r in lines] == [32] * 3
