@@ -82,7 +82,7 @@ SUPPORTED_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF"
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _ORIENTATION_TAG = 0x0112
-_STRIP_PIXELS = 1 << 22  # rows converted to RGB at a time: about 4 million pixels
+_STRIP_PIXELS = 1 << 20  # rows converted to RGB at a time: about a million pixels
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
