@@ -32,9 +32,16 @@ Limits, all checked before any pixel is decoded:
   (1.58 GB by that estimate) is refused with a one-line record.  The resize that follows
   computes only what the centre crop keeps when its full output would be large (see
   :mod:`convnext_cli.preprocess`).
-- Decoder time bombs: a JPEG with more than :data:`MAX_JPEG_SCANS` (100) scans is refused
-  from its segment structure (libjpeg decodes every scan over the whole image: a 150 KB
-  progressive JPEG with 2,000 scans takes 20 s); real photos have about 10.
+- Decoder time bombs, refused from the file's structure before Pillow parses it: a JPEG
+  with more than :data:`MAX_JPEG_SCANS` (100) scans (libjpeg decodes every scan over the
+  whole image: a 150 KB progressive JPEG with 2,000 scans takes 20 s; photos have about 10);
+  a PNG with more than 4,096 chunks plus one per 512 bytes of file (Pillow parses chunks in
+  Python: a 12 MB PNG of a million empty chunks takes 4 s; encoders write 8-64 KiB IDATs);
+  a TIFF whose first image has more than :data:`MAX_TIFF_BLOCKS` (131,072) strips or tiles
+  (Pillow builds one Python object per strip: a million one-row strips take 9 s; real files
+  have a few thousand).  Only the first frame of any format is decoded.  What remains
+  (e.g. a GIF with millions of extension sub-blocks, which Pillow walks at about 0.3 us
+  each) is bounded by the file-size cap, and left to the pipeline's per-image deadline.
 
 Pillow decodes (libjpeg-turbo for JPEG: the same pixels as torchvision's decoder, and the
 same decoder transformers' pipeline uses).  torchvision's decoders are not the default on
@@ -73,6 +80,9 @@ MAX_FILE_BYTES_ENV = "CONVNEXT_MAX_FILE_BYTES"
 DEFAULT_MAX_IMAGE_BYTES = 1024**3
 MAX_IMAGE_BYTES_ENV = "CONVNEXT_MAX_IMAGE_BYTES"
 MAX_JPEG_SCANS = 100
+MAX_TIFF_BLOCKS = 1 << 17
+PNG_BASE_CHUNKS = 4096  # plus one chunk per PNG_BYTES_PER_CHUNK bytes of file
+PNG_BYTES_PER_CHUNK = 512
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Pillow format names decoded.  Pillow's JPEG opener also returns MPO images (the JPEG
@@ -234,6 +244,7 @@ def open_header(data: bytes) -> Image.Image:
     advertise, decompression bombs, images over the memory budget, JPEG scan bombs."""
     from PIL import Image, UnidentifiedImageError
 
+    check_structure(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -260,14 +271,68 @@ def open_header(data: bytes) -> Image.Image:
             f"{needed / 1024**2:.0f} MiB, over the {budget / 1024**2:.0f} MiB per-image "
             f"budget (raise it with {MAX_IMAGE_BYTES_ENV})"
         )
-    if image.format in ("JPEG", "MPO"):
-        scans = count_jpeg_scans(data, MAX_JPEG_SCANS)
-        if scans > MAX_JPEG_SCANS:
+    return image
+
+
+def check_structure(data: bytes) -> None:
+    """Refuse decoder time bombs from the file's structure (see the module docstring)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        if count_jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
             raise ImageError(
                 f"refused: JPEG with more than {MAX_JPEG_SCANS} scans "
-                "(possible decoder time bomb; real photos have about 10)"
+                "(possible decoder time bomb; photos have about 10)"
             )
-    return image
+    elif data.startswith(_PNG_MAGIC):
+        limit = PNG_BASE_CHUNKS + len(data) // PNG_BYTES_PER_CHUNK
+        if count_png_chunks(data, limit) > limit:
+            raise ImageError(
+                f"refused: PNG with more than {limit} chunks for its {len(data)} bytes "
+                "(possible decoder time bomb)"
+            )
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        blocks = count_tiff_blocks(data)
+        if blocks > MAX_TIFF_BLOCKS:
+            raise ImageError(
+                f"refused: TIFF with {blocks} strips or tiles, over the {MAX_TIFF_BLOCKS} "
+                "limit (possible decoder time bomb)"
+            )
+
+
+def count_png_chunks(data: bytes, stop_after: int) -> int:
+    """How many chunks a PNG has up to IEND, counting at most ``stop_after + 1``."""
+    position, count, size = 8, 0, len(data)
+    while position + 8 <= size and count <= stop_after:
+        count += 1
+        if data[position + 4 : position + 8] == b"IEND":
+            break
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+    return count
+
+
+def count_tiff_blocks(data: bytes) -> int:
+    """The number of strips or tiles of a TIFF's first image (0 if its IFD is unreadable:
+    Pillow then reports the file as corrupt)."""
+    order = "little" if data[:2] == b"II" else "big"
+    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offsets and counts
+    try:
+        if big:
+            offset = int.from_bytes(data[8:16], order)
+            entries = int.from_bytes(data[offset : offset + 8], order)
+            first, entry_size, count_at, count_size = offset + 8, 20, 4, 8
+        else:
+            offset = int.from_bytes(data[4:8], order)
+            entries = int.from_bytes(data[offset : offset + 2], order)
+            first, entry_size, count_at, count_size = offset + 2, 12, 4, 4
+        blocks = 0
+        for index in range(min(entries, 4096)):
+            entry = first + index * entry_size
+            tag = int.from_bytes(data[entry : entry + 2], order)
+            if tag in (273, 324):  # StripOffsets, TileOffsets
+                at = entry + count_at
+                blocks = max(blocks, int.from_bytes(data[at : at + count_size], order))
+        return blocks
+    except (IndexError, ValueError):
+        return 0
 
 
 def _unidentified(data: bytes) -> ImageError:
