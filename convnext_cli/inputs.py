@@ -1,9 +1,10 @@
 """Expanding command-line INPUTS (files, folders, globs, ``-`` for stdin) into an ordered path list.
 
 - A file named explicitly is always tried, whatever its extension, and whatever it is: a
-  FIFO, a device, a socket, a directory named like an image, a broken symlink or a symlink
-  loop named explicitly gets an error record (see :func:`convnext_cli.images.read_file`,
-  which refuses them without blocking).
+  FIFO, a device, a socket, a broken symlink or a symlink loop named explicitly gets an
+  error record (see :func:`convnext_cli.images.read_file`, which refuses them without
+  blocking).  A folder named explicitly contributes its images; one named like an image
+  (``x.jpg/``) that holds none gets an error record ("is a directory, not an image").
 - A folder contributes the entries in it whose names end in an image extension
   (case-insensitive), sorted; with ``recursive`` it descends into sub-folders (sorted by
   relative path; symlinked sub-folders are not followed, so a symlink loop cannot recurse).
@@ -143,6 +144,9 @@ def _expand(
         path = Path(item).expanduser() if item.startswith("~") else Path(item)
         if path.is_dir():
             found = folder_images(path, recursive, warn)
+            if not found and is_image_name(item.rstrip("/" + os.sep)):
+                yield item  # x.jpg/ named explicitly, holding no image: an error record
+                continue
             if not found:
                 warn(f"{item}: no images in this folder" + ("" if recursive else " (try -r)"))
             yield from found
