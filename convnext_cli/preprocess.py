@@ -180,8 +180,9 @@ def resize_crop(
     :func:`center_crop`, bit-identical to the processor.  Beyond it (extreme aspect ratios:
     a 65500x1 image resized to a 256-pixel short side is 16.8 million pixels long), the
     full resize would take gigabytes, so only the cropped pixels are computed, from the same
-    filter weights (PIL's, which torch's antialiased kernels share), in float32: within one
-    grey level of the full resize, in a few kilobytes.
+    filter weights (PIL's, which torch's antialiased kernels share), in float32, rounding
+    between the horizontal and the vertical pass as both do: equal to the full resize but
+    for rare one- or two-level differences (fixed-point weights there), in a few kilobytes.
     """
     if size[0] * size[1] <= RESIZE_PIXEL_LIMIT:
         image = resize(image, size, resample)
@@ -361,11 +362,12 @@ def _resize_window(
     h = torch.tensor(horizontal, dtype=torch.float32, device=device)
     window = image[:, first_row : first_row + v.shape[1], first_col : first_col + h.shape[1]]
     # horizontal pass, then vertical, each rounded to uint8 values as Pillow and torch do
-    pixels = (window.to(torch.float32) @ h.T).clamp_(0, 255).round_()
+    # (rounding half up, as their fixed-point arithmetic does)
+    pixels = (window.to(torch.float32) @ h.T).add_(0.5).floor_().clamp_(0, 255)
     pixels = v @ pixels  # (C, rows, cols)
     out = torch.zeros((image.shape[0], *crop), dtype=torch.uint8, device=device)
     out[:, at_row : at_row + pixels.shape[1], at_col : at_col + pixels.shape[2]] = (
-        pixels.clamp_(0, 255).round_().to(torch.uint8)
+        pixels.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
     )
     return out
 
