@@ -216,3 +216,31 @@ def test_box_and_hamming_checkpoints_classify(
     assert len(records) == len(photos)
     assert all("predictions" in r for r in records), records
     assert run.returncode == 0
+
+
+# -- conversion to RGB a strip at a time --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode", ["RGB", "RGBA", "LA", "L", "1", "P", "P-transparent", "CMYK", "I;16", "I", "F"]
+)
+def test_strip_conversion_equals_whole_image_conversion(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convnext_cli import images
+
+    rng = np.random.default_rng(len(mode))
+    rgba = Image.fromarray(rng.integers(0, 256, (37, 23, 4), dtype=np.uint8), "RGBA")
+    if mode == "P-transparent":
+        image = rgba.convert("RGB").convert("P")
+        image.info["transparency"] = 3
+    elif mode in ("I;16", "I"):
+        image = Image.fromarray(rng.integers(0, 65536, (37, 23)).astype(np.uint16))
+        image = image if mode == "I;16" else image.convert("I")
+    elif mode == "F":
+        image = Image.fromarray(rng.random((37, 23)).astype(np.float32) * 255)
+    else:
+        image = rgba.convert(mode)
+    whole = np.asarray(images.pil_to_rgb(image.copy()))
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 23 * 5)  # strips of 5 rows
+    np.testing.assert_array_equal(images._rgb_array(image), whole)
