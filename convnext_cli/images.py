@@ -352,7 +352,7 @@ def _unidentified(data: bytes) -> ImageError:
                 )
         except Exception:  # a plugin's check on a short prefix: not conclusive
             continue
-    return ImageError(f"not a recognised image format (decoded: {SUPPORTED_NAMES})")
+    return ImageError("not a recognised image format")
 
 
 def _pillow_bytes_per_pixel(mode: str) -> int:
