@@ -117,12 +117,17 @@ def max_image_bytes() -> int:
 
 
 def check_limits() -> None:
-    """Raise ImageError (a one-line message) if a limit's environment variable is malformed.
+    """Raise UsageError (exit 2, one line) if a limit's environment variable is malformed.
 
-    The CLI may call this once at start-up to exit early instead of failing every input.
+    The CLI may call this once at start-up; otherwise every input fails with that line.
     """
-    max_file_bytes()
-    max_image_bytes()
+    from convnext_cli.errors import UsageError
+
+    try:
+        max_file_bytes()
+        max_image_bytes()
+    except ImageError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def decode_file(path: str | Path) -> torch.Tensor:
@@ -187,8 +192,15 @@ def read_file(path: str | Path) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise _not_regular(path, info.st_mode)
-        with os.fdopen(fd, "rb", closefd=False) as stream:
-            data = stream.read(limit + 1)
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+            # sized by the stat (no 256 MiB buffer for a small file), then whatever the file
+            # grew by (or all of a /proc file, whose size reads 0), still capped
+            data = stream.read(min(limit, info.st_size) + 1)
+            while len(data) <= limit:
+                more = stream.read(limit + 1 - len(data))
+                if not more:
+                    break
+                data += more
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or one_line(exc)}") from exc
     finally:

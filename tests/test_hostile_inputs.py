@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from convnext_cli import images
-from convnext_cli.errors import ImageError
+from convnext_cli.errors import ImageError, UsageError
 from convnext_cli.images import decode_bytes, read_file
 from convnext_cli.inputs import expand_inputs
 
@@ -222,8 +222,20 @@ def test_read_cap_and_its_environment_variable(
     monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, "5000")
     assert len(read_file(path)) == 5000
     monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, "lots")
-    with pytest.raises(ImageError, match="CONVNEXT_MAX_FILE_BYTES"):
+    with pytest.raises(UsageError, match="CONVNEXT_MAX_FILE_BYTES"):
         images.check_limits()
+    with pytest.raises(ImageError, match="CONVNEXT_MAX_FILE_BYTES"):
+        read_file(path)
+
+
+def test_proc_files_and_growing_files_are_read_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("no /proc")
+    assert os.stat(status).st_size == 0 and b"VmRSS" in read_file(status)
+    monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, "64")
+    with pytest.raises(ImageError, match="over the 64-byte limit"):
+        read_file(status)
 
 
 def test_a_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
