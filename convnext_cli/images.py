@@ -62,7 +62,7 @@ import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from convnext_cli.errors import ImageError, one_line
 
@@ -324,7 +324,7 @@ def count_png_chunks(data: bytes, stop_after: int) -> int:
 def count_tiff_blocks(data: bytes) -> int:
     """The number of strips or tiles of a TIFF's first image (0 if its IFD is unreadable:
     Pillow then reports the file as corrupt)."""
-    order = "little" if data[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
     big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offsets and counts
     try:
         if big:
