@@ -1,11 +1,47 @@
-"""Decoding image files to RGB uint8 tensors, following the decoding policy in the README.
+"""Reading and decoding image files to RGB uint8 tensors, following the decoding policy.
+
+Decoding policy (the README's):
 
 - EXIF orientation is applied.
 - Greyscale, palette, CMYK and other modes are converted to RGB.
 - Transparency is composited over white.
 - 16-bit images are scaled to 8 bits as value / 257, rounded.
-- Animations (GIF, WebP, APNG) use their first frame.
-- Images over 178,956,970 pixels are refused from their header, before decoding.
+- Animations (GIF, WebP, APNG) and multi-page TIFFs use their first frame; later frames are
+  never decoded.
+- Only the advertised formats are decoded: JPEG (and MPO, the JPEG variant some cameras
+  write), PNG, WebP, BMP, GIF, TIFF.  Whatever its extension, any other file (EPS/PostScript,
+  PSD, ICO, JPEG 2000, ...) is refused as "not a supported image format" from its first
+  bytes; Pillow never hands it to another decoder (EPS would go to Ghostscript).
+
+Limits, all checked before any pixel is decoded:
+
+- Reading: only regular files are read (a FIFO, device, socket or directory is refused from
+  its ``stat``, without blocking or opening it for long; files are opened with
+  ``O_NONBLOCK``), and at most :data:`DEFAULT_MAX_FILE_BYTES` (256 MiB) per file, overridable
+  with the environment variable ``CONVNEXT_MAX_FILE_BYTES`` (bytes; a ``K``, ``M`` or ``G``
+  suffix means KiB, MiB, GiB).
+- Pixels: images over :data:`MAX_PIXELS` (178,956,970) pixels are refused from their header
+  (decompression bombs).
+- Memory per image: the decoded pixels may take at most :data:`DEFAULT_MAX_IMAGE_BYTES`
+  (1 GiB), overridable with ``CONVNEXT_MAX_IMAGE_BYTES``.  The estimate is the decoder's
+  buffer (Pillow: 4 bytes a pixel for colour images, 1 for greyscale and palette, 2 for
+  16-bit greyscale; torchvision's 16-bit PNGs: 2 bytes a sample) plus the 3-byte RGB result
+  (twice the decoder's buffer while a rotated image is turned upright, if that is more).
+  Conversions to RGB run in strips of rows, never as full-size float or RGBA copies.  So an
+  8-bit RGB photo of up to 153 million pixels is decoded, a 12000 x 12000 16-bit RGBA PNG
+  (1.58 GB by that estimate) is refused with a one-line record.  The resize that follows
+  computes only what the centre crop keeps when its full output would be large (see
+  :mod:`convnext_cli.preprocess`).
+- Decoder time bombs, refused from the file's structure before Pillow parses it: a JPEG
+  with more than :data:`MAX_JPEG_SCANS` (100) scans (libjpeg decodes every scan over the
+  whole image: a 150 KB progressive JPEG with 2,000 scans takes 20 s; photos have about 10);
+  a PNG with more than 4,096 chunks plus one per 512 bytes of file (Pillow parses chunks in
+  Python: a 12 MB PNG of a million empty chunks takes 4 s; encoders write 8-64 KiB IDATs);
+  a TIFF whose first image has more than :data:`MAX_TIFF_BLOCKS` (131,072) strips or tiles
+  (Pillow builds one Python object per strip: a million one-row strips take 9 s; real files
+  have a few thousand).  Only the first frame of any format is decoded.  What remains
+  (e.g. a GIF with millions of extension sub-blocks, which Pillow walks at about 0.3 us
+  each) is bounded by the file-size cap, and left to the pipeline's per-image deadline.
 
 Pillow decodes (libjpeg-turbo for JPEG: the same pixels as torchvision's decoder, and the
 same decoder transformers' pipeline uses).  torchvision's decoders are not the default on
@@ -17,16 +53,21 @@ PNG decoder returns their full depth, so they are decoded there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import os
+import re
+import stat
 import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from convnext_cli.errors import ImageError, one_line
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -34,9 +75,59 @@ if TYPE_CHECKING:
 # a library user who changes Pillow's global does not change this tool's policy.
 MAX_PIXELS = 178_956_970
 
+DEFAULT_MAX_FILE_BYTES = 256 * 1024**2
+MAX_FILE_BYTES_ENV = "CONVNEXT_MAX_FILE_BYTES"
+DEFAULT_MAX_IMAGE_BYTES = 1024**3
+MAX_IMAGE_BYTES_ENV = "CONVNEXT_MAX_IMAGE_BYTES"
+MAX_JPEG_SCANS = 100
+MAX_TIFF_BLOCKS = 1 << 17
+PNG_BASE_CHUNKS = 4096  # plus one chunk per PNG_BYTES_PER_CHUNK bytes of file
+PNG_BYTES_PER_CHUNK = 512
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Pillow format names decoded.  Pillow's JPEG opener also returns MPO images (the JPEG
+# variant with extra images that some cameras write), whose first image is decoded.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+SUPPORTED_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF"
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_ORIENTATION_TAG = 0x0112
+_STRIP_PIXELS = 1 << 20  # rows converted to RGB at a time: about a million pixels
+_SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _limit_from_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    match = re.fullmatch(r"(\d+)\s*([kKmMgG]?)(?:i?[bB])?", raw)
+    if not match or int(match[1]) <= 0:
+        raise ImageError(f"{name}={raw!r} is not a positive number of bytes (e.g. 268435456, 256M)")
+    return int(match[1]) * _SIZE_SUFFIXES[match[2].lower()]
+
+
+def max_file_bytes() -> int:
+    """The largest file read, in bytes: ``CONVNEXT_MAX_FILE_BYTES`` or 256 MiB."""
+    return _limit_from_env(MAX_FILE_BYTES_ENV, DEFAULT_MAX_FILE_BYTES)
+
+
+def max_image_bytes() -> int:
+    """The per-image decoding budget, in bytes: ``CONVNEXT_MAX_IMAGE_BYTES`` or 1 GiB."""
+    return _limit_from_env(MAX_IMAGE_BYTES_ENV, DEFAULT_MAX_IMAGE_BYTES)
+
+
+def check_limits() -> None:
+    """Raise UsageError (exit 2, one line) if a limit's environment variable is malformed.
+
+    The CLI may call this once at start-up; otherwise every input fails with that line.
+    """
+    from convnext_cli.errors import UsageError
+
+    try:
+        max_file_bytes()
+        max_image_bytes()
+    except ImageError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def decode_file(path: str | Path) -> torch.Tensor:
@@ -44,14 +135,86 @@ def decode_file(path: str | Path) -> torch.Tensor:
     return decode_bytes(read_file(path))
 
 
+_KIND_NAMES = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(path: str | Path, mode: int) -> ImageError:
+    if stat.S_ISDIR(mode):
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            return ImageError(f"is a folder that cannot be read ({exc.strerror or one_line(exc)})")
+        return ImageError("is a directory, not an image")
+    for test, name in _KIND_NAMES:
+        if test(mode):
+            return ImageError(f"is {name}, not a regular file")
+    return ImageError("is not a regular file")
+
+
+def _open_error(path: str | Path, exc: OSError) -> ImageError:
+    if exc.errno == errno.ELOOP:
+        return ImageError("cannot read file: symlink loop (too many levels of symbolic links)")
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return ImageError("cannot read file: broken symlink (its target does not exist)")
+    if exc.errno == errno.ENXIO:
+        return ImageError("is a socket or device that cannot be opened, not a regular file")
+    return ImageError(f"cannot read file: {exc.strerror or one_line(exc)}")
+
+
 def read_file(path: str | Path) -> bytes:
-    """A file's bytes, or ImageError with the one-line reason it cannot be read."""
+    """A regular file's bytes, or ImageError with the one-line reason it cannot be read.
+
+    Never blocks and never reads without end: anything but a regular file is refused from
+    its ``stat`` before it is opened, the open is non-blocking (should the file be swapped
+    for a FIFO in between, ``fstat`` refuses it), and at most :func:`max_file_bytes` are read.
+    """
+    limit = max_file_bytes()
     try:
-        return Path(path).read_bytes()
-    except IsADirectoryError as exc:
-        raise ImageError("is a directory, not an image") from exc
+        info = os.stat(path)
+    except OSError as exc:
+        raise _open_error(path, exc) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise _not_regular(path, info.st_mode)
+    if info.st_size > limit:
+        raise _too_big(info.st_size, limit)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _open_error(path, exc) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, info.st_mode)
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+            # sized by the stat (no 256 MiB buffer for a small file), then whatever the file
+            # grew by (or all of a /proc file, whose size reads 0), still capped
+            data = stream.read(min(limit, info.st_size) + 1)
+            while len(data) <= limit:
+                more = stream.read(limit + 1 - len(data))
+                if not more:
+                    break
+                data += more
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or one_line(exc)}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise _too_big(len(data), limit)
+    return data
+
+
+def _too_big(size: int, limit: int) -> ImageError:
+    return ImageError(
+        f"refused: file is over the {limit}-byte limit ({size} bytes; "
+        f"raise it with {MAX_FILE_BYTES_ENV})"
+    )
 
 
 def decode_bytes(data: bytes) -> torch.Tensor:
@@ -59,11 +222,16 @@ def decode_bytes(data: bytes) -> torch.Tensor:
     if not data:
         raise ImageError("empty file")
     image = open_header(data)
-    if data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] == 16:
+    if _is_png16(image, data):
         io_ops = torchvision_io()
         if io_ops is not None:
+            del image
             return _decode_png16(io_ops, data)
     return _decode_with_pillow(image)
+
+
+def _is_png16(image: Image.Image, data: bytes) -> bool:
+    return image.format == "PNG" and len(data) > 25 and data[24] == 16
 
 
 @lru_cache(maxsize=1)
@@ -84,18 +252,20 @@ def torchvision_io() -> Any:
 
 
 def open_header(data: bytes) -> Image.Image:
-    """Open lazily (header only) and refuse decompression bombs before any pixel is decoded."""
+    """Open lazily (header only) and refuse, before any pixel is decoded: formats we do not
+    advertise, decompression bombs, images over the memory budget, JPEG scan bombs."""
     from PIL import Image, UnidentifiedImageError
 
+    check_structure(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"refused: image too large ({one_line(exc)})") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError("not a recognised image format") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+        raise _unidentified(data) from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"corrupt image header: {one_line(exc)}") from exc
     width, height = image.size
     if width * height > MAX_PIXELS:
@@ -105,7 +275,167 @@ def open_header(data: bytes) -> Image.Image:
         )
     if width == 0 or height == 0:
         raise ImageError(f"image has no pixels ({width}x{height})")
+    needed = decode_bytes_needed(image, data)
+    budget = max_image_bytes()
+    if needed > budget:
+        raise ImageError(
+            f"refused: decoding this {width}x{height} {image.mode} image would take about "
+            f"{needed / 1024**2:.0f} MiB, over the {budget / 1024**2:.0f} MiB per-image "
+            f"budget (raise it with {MAX_IMAGE_BYTES_ENV})"
+        )
     return image
+
+
+def check_structure(data: bytes) -> None:
+    """Refuse decoder time bombs from the file's structure (see the module docstring)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        if count_jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+            raise ImageError(
+                f"refused: JPEG with more than {MAX_JPEG_SCANS} scans "
+                "(possible decoder time bomb; photos have about 10)"
+            )
+    elif data.startswith(_PNG_MAGIC):
+        limit = PNG_BASE_CHUNKS + len(data) // PNG_BYTES_PER_CHUNK
+        if count_png_chunks(data, limit) > limit:
+            raise ImageError(
+                f"refused: PNG with more than {limit} chunks for its {len(data)} bytes "
+                "(possible decoder time bomb)"
+            )
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        blocks = count_tiff_blocks(data)
+        if blocks > MAX_TIFF_BLOCKS:
+            raise ImageError(
+                f"refused: TIFF with {blocks} strips or tiles, over the {MAX_TIFF_BLOCKS} "
+                "limit (possible decoder time bomb)"
+            )
+
+
+def count_png_chunks(data: bytes, stop_after: int) -> int:
+    """How many chunks a PNG has up to IEND, counting at most ``stop_after + 1``."""
+    position, count, size = 8, 0, len(data)
+    while position + 8 <= size and count <= stop_after:
+        count += 1
+        if data[position + 4 : position + 8] == b"IEND":
+            break
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+    return count
+
+
+def count_tiff_blocks(data: bytes) -> int:
+    """The number of strips or tiles of a TIFF's first image (0 if its IFD is unreadable:
+    Pillow then reports the file as corrupt)."""
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
+    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offsets and counts
+    try:
+        if big:
+            offset = int.from_bytes(data[8:16], order)
+            entries = int.from_bytes(data[offset : offset + 8], order)
+            first, entry_size, count_at, count_size = offset + 8, 20, 4, 8
+        else:
+            offset = int.from_bytes(data[4:8], order)
+            entries = int.from_bytes(data[offset : offset + 2], order)
+            first, entry_size, count_at, count_size = offset + 2, 12, 4, 4
+        blocks = 0
+        for index in range(min(entries, 4096)):
+            entry = first + index * entry_size
+            tag = int.from_bytes(data[entry : entry + 2], order)
+            if tag in (273, 324):  # StripOffsets, TileOffsets
+                at = entry + count_at
+                blocks = max(blocks, int.from_bytes(data[at : at + count_size], order))
+        return blocks
+    except (IndexError, ValueError):
+        return 0
+
+
+def _unidentified(data: bytes) -> ImageError:
+    """Name the format of a file Pillow could open but we do not decode, from its magic
+    bytes only (the format plugins' ``accept`` checks; no foreign decoder runs)."""
+    from PIL import Image
+
+    Image.init()
+    prefix = data[:16]
+    for name, (_factory, accept) in Image.OPEN.items():
+        if name in SUPPORTED_FORMATS or name == "MPO" or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return ImageError(
+                    f"not a supported image format ({name}; decoded: {SUPPORTED_NAMES})"
+                )
+        except Exception:  # a plugin's check on a short prefix: not conclusive
+            continue
+    return ImageError("not a recognised image format")
+
+
+def _pillow_bytes_per_pixel(mode: str) -> int:
+    """What Pillow allocates per pixel for an image in `mode`."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def decode_bytes_needed(image: Image.Image, data: bytes) -> int:
+    """About how many bytes decoding `image` (opened lazily) to RGB takes at its peak."""
+    width, height = image.size
+    pixels = width * height
+    if _is_png16(image, data):
+        channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(data[25], 4)
+        return pixels * (2 * channels + 3)
+    decoder = _pillow_bytes_per_pixel(image.mode)
+    needed = pixels * (decoder + 3)
+    if _orientation(image) in (5, 6, 7, 8, 2, 3, 4):  # transposed in place: two buffers
+        needed = max(needed, pixels * 2 * decoder)
+    return needed
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = int(image.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+_JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")  # not stuffing (00), RSTn or fill (ff)
+
+
+def count_jpeg_scans(data: bytes, stop_after: int) -> int:
+    """How many scans (SOS segments) the first image of a JPEG has, counting at most
+    ``stop_after + 1``.  Walks the segment lengths; entropy-coded data is skipped with a
+    regular-expression search for the next marker, so a 256 MiB file takes well under a second."""
+    scans = 0
+    position = 2  # after SOI
+    size = len(data)
+    while position + 4 <= size:
+        if data[position] != 0xFF:
+            found = _JPEG_MARKER.search(data, position)
+            if found is None:
+                break
+            position = found.start()
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stand-alone markers
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        end = position + 2 + length
+        if marker == 0xDA:
+            scans += 1
+            if scans > stop_after:
+                break
+            found = _JPEG_MARKER.search(data, end)
+            if found is None:
+                break
+            position = found.start()
+        else:
+            position = end
+    return scans
 
 
 @contextlib.contextmanager
@@ -123,7 +453,8 @@ def _torchvision_reason(exc: Exception) -> str:
 
 
 def _decode_png16(io_ops: Any, data: bytes) -> torch.Tensor:
-    """16-bit PNG: torchvision keeps all 16 bits, which are then scaled to 8 (v / 257, rounded)."""
+    """16-bit PNG: torchvision keeps all 16 bits, which are then scaled to 8 (v / 257, rounded),
+    a strip of rows at a time (no full-size float copy)."""
     import torch
 
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -134,10 +465,16 @@ def _decode_png16(io_ops: Any, data: bytes) -> torch.Tensor:
             )
     except RuntimeError as exc:
         raise ImageError(f"cannot decode PNG: {_torchvision_reason(exc)}") from exc
-    scaled = raw.to(torch.float32)
-    if raw.dtype != torch.uint8:
-        scaled = (scaled / 257.0).round()
-    return _to_rgb(scaled)
+    del buffer
+    _, height, width = raw.shape
+    out = torch.empty((height, width, 3), dtype=torch.uint8)
+    rows = max(1, _STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        strip = raw[:, top : top + rows].to(torch.float32)
+        if raw.dtype != torch.uint8:
+            strip = strip.div_(257.0).round_()
+        out[top : top + rows] = _to_rgb(strip).permute(1, 2, 0)
+    return out.permute(2, 0, 1)  # (3, H, W), channels-last memory
 
 
 def _to_rgb(pixels: torch.Tensor) -> torch.Tensor:
@@ -159,14 +496,30 @@ def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
 
     try:
         image.seek(0)  # first frame of an animation
-        image = ImageOps.exif_transpose(image) or image
-        rgb = pil_to_rgb(image)
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        rgb = _rgb_array(image)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"cannot decode image: {one_line(exc)}") from exc
+    # (H, W, 3) -> (3, H, W) as a view: channels-last memory, which the resize kernels prefer
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """A decoded image as an (H, W, 3) uint8 array, converted a strip of rows at a time:
+    the only full-size buffers are Pillow's own and the result."""
     import numpy as np
 
-    # (H, W, 3) -> (3, H, W) as a view: channels-last memory, which the resize kernels prefer
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+    width, height = image.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_PIXELS // width)
+    if rows >= height:
+        out[...] = np.asarray(pil_to_rgb(image))
+        return out
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = np.asarray(pil_to_rgb(image.crop((0, top, width, bottom))))
+    return out
 
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:

@@ -1,10 +1,31 @@
 """Expanding command-line INPUTS (files, folders, globs, ``-`` for stdin) into an ordered path list.
 
-- A file named explicitly is always tried, whatever its extension.
-- A folder contributes the images in it (by extension, case-insensitive), sorted; with
-  ``recursive`` it descends into sub-folders (sorted by relative path).
+- A file named explicitly is always tried, whatever its extension, and whatever it is: a
+  FIFO, a device, a socket, a broken symlink or a symlink loop named explicitly gets an
+  error record (see :func:`convnext_cli.images.read_file`, which refuses them without
+  blocking).  A folder named explicitly contributes its images; one named like an image
+  (``x.jpg/``) that holds none gets an error record ("is a directory, not an image").
+- A folder contributes the entries in it whose names end in an image extension
+  (case-insensitive), sorted; with ``recursive`` it descends into sub-folders (sorted by
+  relative path; symlinked sub-folders are not followed, so a symlink loop cannot recurse).
+  Policy for what a listing meets, the same with or without ``recursive``:
+
+  - an entry named like an image that is not a regular file (FIFO, device, socket, broken
+    symlink, symlink loop, unreadable file) is listed, so it gets an error record saying
+    what it is: nothing that looks like an image is silently skipped;
+  - a sub-folder is a folder whatever its name (``x.jpg/`` too): descended with
+    ``recursive``, skipped without it (a warning names a sub-folder named like an image);
+  - a sub-folder that cannot be listed (permissions) gets a warning on stderr, as does a
+    folder with no images; a folder named explicitly that cannot be listed gets an error
+    record.
 - A glob contributes the matching image files, sorted.
-- ``-`` reads newline-separated paths from standard input; each is a file named explicitly.
+- ``-`` reads paths from standard input, one a line (only the line ending, ``\\n`` or
+  ``\\r\\n``, is removed: spaces and every other character are kept; empty lines are
+  skipped), or NUL-separated with ``null_separated`` (``find -print0``).  Paths are read
+  as bytes and decoded with :func:`os.fsdecode`, so names that are not valid UTF-8 survive
+  (as surrogate escapes: ``os.fsencode(path)`` gives the original bytes back).
+- Names are kept exactly as the file system gives them (``os.listdir``'s str, surrogate
+  escapes included): newlines, tabs, quotes, commas, backslashes, a leading dash, ``[bold]``.
 - A path that does not exist is kept: it gets an error record, so nothing is silently lost.
 """
 
@@ -15,7 +36,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import IO, Any
 
 from convnext_cli.errors import NoInputsError
 from convnext_cli.images import IMAGE_EXTENSIONS
@@ -27,30 +48,82 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def folder_images(folder: Path, recursive: bool) -> list[str]:
-    """Image files in a folder (optionally its sub-folders), sorted by relative path."""
-    found: list[str] = []
-    if recursive:
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            found.extend(os.path.join(root, f) for f in sorted(files) if is_image_name(f))
-        return found
+def _is_dir(entry: os.DirEntry[str]) -> bool:
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        return entry.is_dir()
     except OSError:
-        return [str(folder)]  # unreadable folder: reported as an error record
-    return [e.path for e in entries if e.is_file() and is_image_name(e.name)]
+        return False
+
+
+def folder_images(
+    folder: Path | str, recursive: bool, warn: Callable[[str], None] | None = None
+) -> list[str]:
+    """Entries named like images in a folder (optionally its sub-folders), sorted by relative
+    path; see the module docstring for what is listed."""
+    say = warn or (lambda _msg: None)
+    top = str(folder)
+    try:
+        entries = sorted(os.scandir(top), key=lambda e: e.name)
+    except OSError:
+        return [top]  # unreadable folder named explicitly: reported as an error record
+    found: list[str] = []
+    _list_entries(entries, recursive, say, found)
+    return found
+
+
+def _list_entries(
+    entries: list[os.DirEntry[str]], recursive: bool, say: Callable[[str], None], found: list[str]
+) -> None:
+    # files of this folder first, then each sub-folder's, as os.walk orders them
+    folders = []
+    for entry in entries:
+        if _is_dir(entry):
+            if recursive and not entry.is_symlink():
+                folders.append(entry)
+            elif not recursive and is_image_name(entry.name):
+                say(f"{entry.path}: a folder named like an image, not descended (try -r)")
+        elif is_image_name(entry.name):
+            found.append(entry.path)
+    for sub in folders:
+        try:
+            children = sorted(os.scandir(sub.path), key=lambda e: e.name)
+        except OSError as exc:
+            say(f"{sub.path}: cannot list this folder ({exc.strerror or exc}), skipped")
+            continue
+        _list_entries(children, recursive, say, found)
+
+
+def read_paths(stream: IO[Any], null_separated: bool = False) -> list[str]:
+    """Paths from a stream: one a line (only ``\\n`` / ``\\r\\n`` removed) or NUL-separated.
+
+    Binary streams (or text streams with a ``buffer``, like ``sys.stdin``) are read as bytes
+    and decoded with :func:`os.fsdecode`, so non-UTF-8 names survive.
+    """
+    binary = getattr(stream, "buffer", stream)
+    data = binary.read()
+    raw = data if isinstance(data, bytes) else os.fsencode(data)
+    if null_separated:
+        items = raw.split(b"\0")
+    else:
+        items = [line[:-1] if line.endswith(b"\r") else line for line in raw.split(b"\n")]
+    return [os.fsdecode(item) for item in items if item]
 
 
 def expand_inputs(
     inputs: Iterable[str],
     recursive: bool = False,
-    stdin: TextIO | None = None,
+    stdin: IO[Any] | None = None,
     warn: Callable[[str], None] | None = None,
+    null_separated: bool = False,
 ) -> list[str]:
-    """Turn INPUTS into the ordered list of paths to process; raise NoInputsError if empty."""
+    """Turn INPUTS into the ordered list of paths to process; raise NoInputsError if empty.
+
+    `stdin` (default ``sys.stdin``) is read when an input is ``-``: newline-separated paths,
+    or NUL-separated ones with `null_separated`.
+    """
     paths: list[str] = []
-    for item in _expand(inputs, recursive, stdin or sys.stdin, warn or (lambda _msg: None)):
+    say = warn or (lambda _msg: None)
+    for item in _expand(inputs, recursive, stdin or sys.stdin, say, null_separated):
         paths.append(item)
     if not paths:
         raise NoInputsError("no input images found")
@@ -58,26 +131,33 @@ def expand_inputs(
 
 
 def _expand(
-    inputs: Iterable[str], recursive: bool, stdin: TextIO, warn: Callable[[str], None]
+    inputs: Iterable[str],
+    recursive: bool,
+    stdin: IO[Any],
+    warn: Callable[[str], None],
+    null_separated: bool,
 ) -> Iterator[str]:
     for item in inputs:
         if item == "-":
-            yield from (line.strip() for line in stdin if line.strip())
+            yield from read_paths(stdin, null_separated)
             continue
-        path = Path(item).expanduser()
+        path = Path(item).expanduser() if item.startswith("~") else Path(item)
         if path.is_dir():
-            found = folder_images(path, recursive)
+            found = folder_images(path, recursive, warn)
+            if not found and is_image_name(item.rstrip("/" + os.sep)):
+                yield item  # x.jpg/ named explicitly, holding no image: an error record
+                continue
             if not found:
                 warn(f"{item}: no images in this folder" + ("" if recursive else " (try -r)"))
             yield from found
-        elif path.exists() or not GLOB_CHARS.intersection(item):
+        elif os.path.lexists(path) or not GLOB_CHARS.intersection(item):
             yield str(path) if item.startswith("~") else item
         else:
             matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
             images = []
             for match in matches:
                 if os.path.isdir(match):
-                    images.extend(folder_images(Path(match), recursive))
+                    images.extend(folder_images(Path(match), recursive, warn))
                 elif is_image_name(match):
                     images.append(match)
             if not images:

@@ -8,6 +8,11 @@ files that are not JPEGs, CMYK/YCCK JPEGs, files that do not end in an end-of-im
 marker (truncated ones, which the CPU path reports as errors, and ones with trailing
 data), and any image the device decoder rejects.
 
+The header is read by :func:`convnext_cli.images.open_header`, so the CPU path's refusals
+hold here too, before anything reaches the device: only the advertised formats, the pixel
+limit, the per-image memory budget, and the structural time-bomb checks (a JPEG with more
+than ``MAX_JPEG_SCANS`` scans is refused, not handed to nvjpeg).
+
 nvjpeg's pixels can differ from libjpeg-turbo's (which Pillow, and so transformers, use) by
 a grey level or two, so ``--decode cpu`` is the choice for bit-exact preprocessing.  On the
 CPU the same code path runs with torchvision's libjpeg-turbo decoder, which is how it is
