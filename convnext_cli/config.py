@@ -267,7 +267,7 @@ class _Fields:
         if name not in self.raw:
             return default  # type: ignore[return-value]
         value = self.raw[name]
-        if not isinstance(value, list) or not value:
+        if not isinstance(value, (list, tuple)) or not value:
             raise self.fail(
                 name, f"expected a non-empty list of integers, found {json_kind(value)}"
             )
@@ -280,7 +280,7 @@ class _Fields:
         if name not in self.raw:
             return default
         value = self.raw[name]
-        if isinstance(value, list):
+        if isinstance(value, (list, tuple)):
             if len(value) != 2:
                 raise self.fail(name, f"expected an integer or [h, w], found {len(value)} entries")
             sides = [self._int(name, v, limits) for v in value]

@@ -143,7 +143,7 @@ class PreprocessSpec:
                 value = raw[key]
                 values = [value] * 3 if is_number(value) else value
                 if (
-                    not isinstance(values, list)
+                    not isinstance(values, (list, tuple))
                     or len(values) != 3
                     or not all(is_number(v) and math.isfinite(float(v)) for v in values)
                 ):
