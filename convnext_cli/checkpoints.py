@@ -207,7 +207,7 @@ def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
         config = ConvNextConfig.from_dict(raw_config, where=str(config_path))
         tensors = _tensors_only(state_dict, weights_file)
         check_tensors(tensors, weights_file)
-        check_config_against_weights(config, tensors, str(config_path))
+        check_config_against_weights(config, tensors, str(config_path), str(weights_file))
         state_dict = _normalise_hf_keys(tensors, config)
     else:
         from convnext_cli import layouts
@@ -247,7 +247,7 @@ def _tensors_only(state_dict: dict[str, Any], source: Path) -> dict[str, torch.T
 
 
 def check_config_against_weights(
-    config: ConvNextConfig, state_dict: dict[str, torch.Tensor], where: str
+    config: ConvNextConfig, state_dict: dict[str, torch.Tensor], where: str, weights: str
 ) -> None:
     """config.json against what the weights' key names and shapes say, field by field.
 
@@ -261,7 +261,7 @@ def check_config_against_weights(
     try:
         arch = layouts.infer_architecture(body)
     except CheckpointError as exc:
-        raise CheckpointError(f"{where}: the weights do not form a ConvNeXt ({exc})") from None
+        raise CheckpointError(f"{weights}: not a ConvNeXt ({exc})") from None
     found: dict[str, Any] = {
         "model_type": arch.model_type,
         "num_stages": len(arch.depths),

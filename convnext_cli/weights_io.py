@@ -171,7 +171,8 @@ def _is_zip(path: Path) -> bool:
 
 
 def check_tensors(tensors: Mapping[str, Any], source: object) -> None:
-    """Refuse (one line) weights of a non-float dtype, or holding NaN or infinite values.
+    """Refuse (one line) weights of a non-float dtype, views larger than their data, or
+    weights holding NaN or infinite values.
 
     One ``isfinite`` pass per tensor: cheap next to reading the file.
     """
@@ -183,6 +184,15 @@ def check_tensors(tensors: Mapping[str, Any], source: object) -> None:
             raise CheckpointError(
                 f"{source}: tensor {key} has dtype {str(value.dtype).removeprefix('torch.')}; "
                 "weights must be floating point (float16, bfloat16, float32 or float64)"
+            )
+        # A pickle can rebuild a tensor as a view far larger than its data (stride 0):
+        # refused before anything touches its elements.
+        held = value.untyped_storage().nbytes()
+        if value.numel() * value.element_size() > held:
+            raise CheckpointError(
+                f"{source}: tensor {key} claims {value.numel()} elements but its data holds "
+                f"{held // max(value.element_size(), 1)}; expanded or overlapping views are "
+                "not weights"
             )
     bad = [k for k, v in tensors.items() if v.numel() and not bool(torch.isfinite(v).all())]
     if bad:

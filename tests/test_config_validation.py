@@ -109,6 +109,13 @@ def as_complex(t: torch.Tensor) -> torch.Tensor:
     return torch.complex(t, t)
 
 
+def rename_key(old: str, new: str):
+    def change(sd: dict[str, torch.Tensor]) -> None:
+        sd[new] = sd.pop(old)
+
+    return change
+
+
 def truncate(folder: Path) -> None:
     path = folder / "model.safetensors"
     data = path.read_bytes()
@@ -231,8 +238,19 @@ CASES: list[tuple[str, Edit, str]] = [
     ("weights-complex", tensors(set_tensor("classifier.bias", as_complex)), "dtype"),
     ("weights-nan", tensors(set_tensor("pwconv1.weight", put_nan(math.nan))), "NaN"),
     ("weights-inf", tensors(set_tensor("classifier.weight", put_nan(-math.inf))), "infinite"),
+    (
+        "weights-block-index-huge",
+        tensors(
+            rename_key(
+                "convnext.encoder.stages.3.layers.0.dwconv.bias",
+                "convnext.encoder.stages.3.layers.10000000.dwconv.bias",
+            )
+        ),
+        "10000000",
+    ),
     ("bin-text", text_bin, "pytorch_model.bin"),
     ("bin-not-a-dict", pickle_instead([1, 2, 3]), "pytorch_model.bin"),
+    ("bin-huge-view", pickle_instead({"w": torch.zeros(1).expand(10**6, 10**6)}), "elements"),
 ]
 
 
@@ -276,7 +294,8 @@ CLI_CASES = {
     "id2label-vs-head", "depths-vs-weights", "pre-not-object", "size-height-width",
     "crop-pct-above-one", "std-zero", "rescale-underflow", "resample-seven",
     "do-resize-string", "weights-text", "weights-truncated", "weights-huge-header",
-    "weights-int", "weights-complex", "weights-nan", "bin-text",
+    "weights-int", "weights-complex", "weights-nan", "bin-text", "bin-huge-view",
+    "weights-block-index-huge",
 }  # fmt: skip
 FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin")
 
@@ -332,8 +351,15 @@ print(result.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         config(hidden_sizes=[100_000_000, 16, 24, 32]),
         config(depths=[1000, 1000, 1000, 1000]),  # in range, far from the weights
         huge_header,
+        pickle_instead({"w": torch.zeros(1).expand(10**6, 10**6)}),
     ],
-    ids=["depths-1e7", "hidden-1e8", "depths-1000-vs-weights", "safetensors-4TB-header"],
+    ids=[
+        "depths-1e7",
+        "hidden-1e8",
+        "depths-1000-vs-weights",
+        "safetensors-4TB-header",
+        "pickle-4TB-view",
+    ],
 )
 def test_huge_requests_are_refused_without_allocating(bad_folder: Path, edit: Edit) -> None:
     edit(bad_folder)
@@ -395,3 +421,14 @@ def test_library_callers_get_checkpoint_errors(bad_folder: Path) -> None:
     config(depths="x")(bad_folder)
     with pytest.raises(CheckpointError, match=r"config\.json: depths: expected"):
         load_checkpoint(str(bad_folder))
+
+
+def test_a_model_for_other_than_rgb_is_refused_for_classify_but_converts(tmp_path: Path) -> None:
+    import factories
+
+    from convnext_cli.convert import convert_checkpoint
+
+    folder = factories.save_hf(factories.hf_model(num_channels=1), tmp_path / "grey")
+    assert_refused(run_classify(folder), "num_channels")
+    out = convert_checkpoint(folder, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["num_channels"] == 1
