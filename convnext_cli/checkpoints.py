@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,9 @@ class Checkpoint:
     preprocess: PreprocessSpec
     source: str
     layout: str
+    # The files it was read from (weights, config.json, preprocessor_config.json), as found:
+    # an output must never be written over one of them.
+    files: list[Path] = field(default_factory=list)
 
     @property
     def has_head(self) -> bool:
@@ -194,8 +197,10 @@ def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
     folder = path if path.is_dir() else path.parent
     config_path = folder / CONFIG_FILE
     raw_config = read_json(config_path) if config_path.is_file() else None
-    if raw_config is not None and "model_type" in raw_config:
-        # A transformers config: checked now, before the weights are read.
+    if path.is_dir() and raw_config is not None and "model_type" in raw_config:
+        # A transformers folder's config: checked now, before the weights are read.  (Beside
+        # a single weights file it may describe another model, and counts only if the
+        # weights turn out to be in transformers' layout.)
         ConvNextConfig.from_dict(raw_config, where=str(config_path))
     pre_path = folder / PREPROCESSOR_FILE
     preprocess = PreprocessSpec.from_file(pre_path) if pre_path.is_file() else None
@@ -231,7 +236,8 @@ def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
         preprocess = PreprocessSpec.from_dict(
             _default_preprocessing(layout, raw_config, folder), where=f"{weights_file} (defaults)"
         )
-    checkpoint = Checkpoint(config, state_dict, preprocess, source=model, layout=layout)
+    files = [weights_file] + [p for p in (config_path, pre_path) if p.is_file()]
+    checkpoint = Checkpoint(config, state_dict, preprocess, model, layout, files)
     check_weights(checkpoint)
     return checkpoint
 
