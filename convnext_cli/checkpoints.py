@@ -276,15 +276,34 @@ def check_config_against_weights(
         "num_channels": arch.num_channels,
         "patch_size": arch.patch_size,
     }
-    for name, value in found.items():
-        mine = getattr(config, name)
-        if mine != value:
-            raise CheckpointError(f"{where}: {name} is {mine!r} but the weights have {value!r}")
-    if arch.has_head and config.num_labels != arch.num_labels:
-        raise CheckpointError(
-            f"{where}: num_labels/id2label name {config.num_labels} labels but the "
-            f"classifier has {arch.num_labels} rows"
+    num_labels = config.num_labels if arch.has_head else 0
+    problem = next(
+        (
+            f"{name} is {getattr(config, name)!r} but the weights have {value!r}"
+            for name, value in found.items()
+            if getattr(config, name) != value
+        ),
+        None,
+    )
+    if problem is None and num_labels != arch.num_labels:
+        problem = (
+            f"num_labels/id2label name {config.num_labels} labels but the classifier has "
+            f"{arch.num_labels} rows"
         )
+    if problem is not None:
+        # The keys and shapes at fault, from the config's shape table (a dict: the limits
+        # on depths keep it small; no module is built).
+        described = layouts.Architecture(
+            v2=config.is_v2,
+            num_channels=config.num_channels,
+            patch_size=config.patch_size,
+            depths=config.depths,
+            hidden_sizes=config.hidden_sizes,
+            layer_scale=not config.is_v2 and config.layer_scale_init_value > 0,
+            num_labels=num_labels,
+        )
+        details = shape_problems(layouts.expected_shapes(described), body)
+        raise CheckpointError(f"{where}: {problem}" + (f" ({details})" if details else ""))
 
 
 def _default_preprocessing(layout: str, config: dict[str, Any], folder: Path) -> dict[str, Any]:
