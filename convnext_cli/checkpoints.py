@@ -11,16 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convnext_cli.config import ConvNextConfig
+from convnext_cli.config import MAX_JSON_BYTES, ConvNextConfig, json_kind, no_duplicate_keys
 from convnext_cli.errors import CheckpointError, one_line
 from convnext_cli.preprocess import PreprocessSpec
 from convnext_cli.weights_io import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
+    check_tensors,
     read_weights_file,
     shape_problems,
 )
@@ -45,6 +46,9 @@ class Checkpoint:
     preprocess: PreprocessSpec
     source: str
     layout: str
+    # The files it was read from (weights, config.json, preprocessor_config.json), as found:
+    # an output must never be written over one of them.
+    files: list[Path] = field(default_factory=list)
 
     @property
     def has_head(self) -> bool:
@@ -148,13 +152,19 @@ def _quiet_hub_logging() -> Iterator[None]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, or a one-line CheckpointError."""
+    """A JSON object from ``path`` (at most MAX_JSON_BYTES, no key given twice), or a
+    one-line CheckpointError."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(
+                f"{path}: {size} bytes is too large for a config file (at most {MAX_JSON_BYTES})"
+            )
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: unreadable JSON ({one_line(exc)})") from exc
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object, found {json_kind(data)}")
     return data
 
 
@@ -176,38 +186,124 @@ def folder_weights(folder: Path) -> Path:
 
 
 def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
-    """Locate and read a checkpoint in any supported layout, with its config and preprocessing."""
+    """Locate and read a checkpoint in any supported layout, with its config and preprocessing.
+
+    Validation comes before anything large is built: the JSON files first (types, ranges,
+    consistency), then the weights file's structure (a safetensors header is checked
+    before a tensor is read), then dtypes and finiteness, then the config against the
+    weights' shapes (stages, depths, widths, labels) before a model is even laid out.
+    """
     path = resolve_local(model)
     folder = path if path.is_dir() else path.parent
-    weights_file = folder_weights(path) if path.is_dir() else path
-    state_dict = read_weights_file(weights_file)
-
     config_path = folder / CONFIG_FILE
     raw_config = read_json(config_path) if config_path.is_file() else None
+    if path.is_dir() and raw_config is not None and "model_type" in raw_config:
+        # A transformers folder's config: checked now, before the weights are read.  (Beside
+        # a single weights file it may describe another model, and counts only if the
+        # weights turn out to be in transformers' layout.)
+        ConvNextConfig.from_dict(raw_config, where=str(config_path))
+    pre_path = folder / PREPROCESSOR_FILE
+    preprocess = PreprocessSpec.from_file(pre_path) if pre_path.is_file() else None
+
+    weights_file = folder_weights(path) if path.is_dir() else path
+    state_dict = read_weights_file(weights_file)
     if raw_config is not None and is_hf_layout(state_dict):
         layout = "hf"
         config = ConvNextConfig.from_dict(raw_config, where=str(config_path))
-        state_dict = _normalise_hf_keys(state_dict, config)
+        tensors = _tensors_only(state_dict, weights_file)
+        check_tensors(tensors, weights_file)
+        check_config_against_weights(config, tensors, str(config_path), str(weights_file))
+        state_dict = _normalise_hf_keys(tensors, config)
     else:
         from convnext_cli import layouts
 
         state_dict = layouts.unwrap(state_dict)
+        check_tensors(state_dict, weights_file)
         layout = layouts.detect_layout(state_dict)
         state_dict, raw_config = layouts.to_hf(state_dict, layout)
         config = ConvNextConfig.from_dict(raw_config, where=str(weights_file))
         state_dict = _normalise_hf_keys(state_dict, config)
+    if config.num_channels != 3:
+        raise CheckpointError(
+            f"{config_path if layout == 'hf' else weights_file}: num_channels: the model takes "
+            f"{config.num_channels} input channels; images are decoded to RGB (3)"
+        )
 
     if "classifier.weight" not in state_dict:
         config.id2label = {}  # a feature model: the head is an identity
 
-    pre_path = folder / PREPROCESSOR_FILE
-    if pre_path.is_file():
-        preprocess = PreprocessSpec.from_file(pre_path)
-    else:
-        preprocess = PreprocessSpec.from_dict(_default_preprocessing(layout, raw_config, folder))
-    checkpoint = Checkpoint(config, state_dict, preprocess, source=model, layout=layout)
+    if preprocess is None:
+        preprocess = PreprocessSpec.from_dict(
+            _default_preprocessing(layout, raw_config, folder), where=f"{weights_file} (defaults)"
+        )
+    files = [weights_file] + [p for p in (config_path, pre_path) if p.is_file()]
+    checkpoint = Checkpoint(config, state_dict, preprocess, model, layout, files)
     check_weights(checkpoint)
     return checkpoint
+
+
+def _tensors_only(state_dict: dict[str, Any], source: Path) -> dict[str, torch.Tensor]:
+    """A transformers state dict must hold tensors only."""
+    import torch
+
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
+    return state_dict
+
+
+def check_config_against_weights(
+    config: ConvNextConfig, state_dict: dict[str, torch.Tensor], where: str, weights: str
+) -> None:
+    """config.json against what the weights' key names and shapes say, field by field.
+
+    Runs before the model is laid out (even on the meta device), so a config whose depths
+    or widths are far from the weights fails here in microseconds.
+    """
+    from convnext_cli import layouts
+
+    prefixes = tuple(t + "." for t in ("convnext", "convnextv2"))
+    body = {(k.split(".", 1)[1] if k.startswith(prefixes) else k): v for k, v in state_dict.items()}
+    try:
+        arch = layouts.infer_architecture(body)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{weights}: not a ConvNeXt ({exc})") from None
+    found: dict[str, Any] = {
+        "model_type": arch.model_type,
+        "num_stages": len(arch.depths),
+        "depths": arch.depths,
+        "hidden_sizes": arch.hidden_sizes,
+        "num_channels": arch.num_channels,
+        "patch_size": arch.patch_size,
+    }
+    num_labels = config.num_labels if arch.has_head else 0
+    problem = next(
+        (
+            f"{name} is {getattr(config, name)!r} but the weights have {value!r}"
+            for name, value in found.items()
+            if getattr(config, name) != value
+        ),
+        None,
+    )
+    if problem is None and num_labels != arch.num_labels:
+        problem = (
+            f"num_labels/id2label name {config.num_labels} labels but the classifier has "
+            f"{arch.num_labels} rows"
+        )
+    if problem is not None:
+        # The keys and shapes at fault, from the config's shape table (a dict: the limits
+        # on depths keep it small; no module is built).
+        described = layouts.Architecture(
+            v2=config.is_v2,
+            num_channels=config.num_channels,
+            patch_size=config.patch_size,
+            depths=config.depths,
+            hidden_sizes=config.hidden_sizes,
+            layer_scale=not config.is_v2 and config.layer_scale_init_value > 0,
+            num_labels=num_labels,
+        )
+        details = shape_problems(layouts.expected_shapes(described), body)
+        raise CheckpointError(f"{where}: {problem}" + (f" ({details})" if details else ""))
 
 
 def _default_preprocessing(layout: str, config: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -216,7 +312,13 @@ def _default_preprocessing(layout: str, config: dict[str, Any], folder: Path) ->
 
     timm_config = folder / CONFIG_FILE
     if layout == "timm" and timm_config.is_file():
-        described = layouts.preprocessor_from_timm_config(read_json(timm_config))
+        try:
+            described = layouts.preprocessor_from_timm_config(read_json(timm_config))
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
+            raise CheckpointError(
+                f"{timm_config}: pretrained_cfg: not a timm preprocessing description "
+                f"({one_line(exc)})"
+            ) from None
         if described is not None:
             return described
     return layouts.default_preprocessor(layout, config)

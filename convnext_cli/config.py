@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,35 +74,57 @@ class ConvNextConfig:
         )
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], *, where: str = "config.json") -> ConvNextConfig:
-        """Read a transformers config.json dict; missing fields take transformers' defaults."""
+    def from_dict(cls, raw: Any, *, where: str = "config.json") -> ConvNextConfig:
+        """Read a transformers config.json dict; missing fields take transformers' defaults.
+
+        Every field the model uses is checked for type and range first (see
+        :data:`LIMITS`), so a hostile config is refused with one line naming the file and
+        the field before anything is built from it.
+        """
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where}: expected a JSON object, found {json_kind(raw)}")
         model_type = raw.get("model_type", "convnext")
         if model_type not in MODEL_TYPES:
             raise CheckpointError(
                 f"{where}: model_type {model_type!r} is not a ConvNeXt model "
                 f"(expected one of {', '.join(MODEL_TYPES)})"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in known and k != "id2label"}
-        cfg = cls(**kwargs)
+        field_check = _Fields(raw, where)
+        depths = field_check.int_list("depths", LIMITS["depths"], [3, 3, 9, 3])
+        hidden_sizes = field_check.int_list("hidden_sizes", LIMITS["hidden_sizes"], None)
+        num_stages = field_check.integer("num_stages", LIMITS["num_stages"], len(depths))
+        if hidden_sizes is None:
+            hidden_sizes = [96, 192, 384, 768]
+        cfg = cls(
+            model_type=model_type,
+            num_channels=field_check.integer("num_channels", LIMITS["num_channels"], 3),
+            patch_size=field_check.square("patch_size", LIMITS["patch_size"], 4),
+            num_stages=num_stages,
+            hidden_sizes=hidden_sizes,
+            depths=depths,
+            hidden_act=field_check.choice("hidden_act", ACTIVATIONS, "gelu"),
+            layer_norm_eps=field_check.number("layer_norm_eps", 0.0, 1.0, 1e-12, low_open=True),
+            layer_scale_init_value=field_check.number(
+                "layer_scale_init_value", 0.0, 1e6, 1e-6, low_open=False
+            ),
+            image_size=field_check.square("image_size", LIMITS["image_size"], 224),
+            id2label=field_check.id2label(),
+        )
         if model_type == "convnextv2":
             cfg.layer_scale_init_value = 0.0
-        cfg.patch_size = _as_int(cfg.patch_size, "patch_size", where)
-        cfg.image_size = _as_int(cfg.image_size, "image_size", where)
-        cfg.hidden_sizes = [int(x) for x in cfg.hidden_sizes]
-        cfg.depths = [int(x) for x in cfg.depths]
-        cfg.id2label = _read_id2label(raw)
         cfg.validate(where)
         return cfg
 
     def validate(self, where: str = "config.json") -> None:
-        if self.num_stages < 1 or len(self.depths) < self.num_stages:
+        """Fields that must agree with each other, and a bound on the model's size."""
+        if len(self.depths) != self.num_stages:
             raise CheckpointError(
-                f"{where}: num_stages={self.num_stages} but depths has {len(self.depths)} entries"
+                f"{where}: num_stages is {self.num_stages} but depths has "
+                f"{len(self.depths)} entries"
             )
-        if len(self.hidden_sizes) < self.num_stages:
+        if len(self.hidden_sizes) != self.num_stages:
             raise CheckpointError(
-                f"{where}: num_stages={self.num_stages} but hidden_sizes has "
+                f"{where}: num_stages is {self.num_stages} but hidden_sizes has "
                 f"{len(self.hidden_sizes)} entries"
             )
         if self.hidden_act not in ACTIVATIONS:
@@ -110,6 +132,22 @@ class ConvNextConfig:
                 f"{where}: hidden_act {self.hidden_act!r} is not supported "
                 f"(supported: {', '.join(sorted(ACTIVATIONS))})"
             )
+        params = self.approx_parameters()
+        if params > MAX_PARAMETERS:
+            raise CheckpointError(
+                f"{where}: depths {self.depths} and hidden_sizes {self.hidden_sizes} describe "
+                f"a model of about {params:.3g} parameters (the limit is {MAX_PARAMETERS:.0e})"
+            )
+
+    def approx_parameters(self) -> int:
+        """The parameter count this config describes (to within the small norm/bias terms)."""
+        total = self.num_channels * self.hidden_sizes[0] * self.patch_size**2
+        prev = self.hidden_sizes[0]
+        for depth, width in zip(self.depths, self.hidden_sizes, strict=False):
+            total += prev * width * 4  # downsampling conv (2x2)
+            total += depth * (8 * width * width + 49 * width + 10 * width)
+            prev = width
+        return total + prev * self.num_labels
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json dict that transformers' ConvNextConfig/ConvNextV2Config reads."""
@@ -144,18 +182,181 @@ ACTIVATIONS: dict[str, str] = {
 }
 
 
-def _as_int(value: Any, name: str, where: str) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"{where}: non-square {name} {list(value)} is not supported")
-        value = value[0]
-    return int(value)
+# Ranges a config.json field must lie in (inclusive).  Generous next to every published
+# ConvNeXt (depth 27, width 2816, 21841 labels, 512 px), tight enough that a hostile
+# config is refused before anything is built from it.
+LIMITS: dict[str, tuple[int, int]] = {
+    "depths": (1, 1024),
+    "hidden_sizes": (1, 65536),
+    "num_stages": (1, 16),
+    "num_channels": (1, 64),
+    "patch_size": (1, 1024),
+    "image_size": (1, 65536),
+    "num_labels": (1, 1_000_000),
+}
+MAX_PARAMETERS = 20_000_000_000
 
 
-def _read_id2label(raw: dict[str, Any]) -> dict[int, str]:
-    """id2label as ints; a config without it gets `num_labels` generic names (transformers: 2)."""
-    id2label = raw.get("id2label")
-    if id2label:
-        return {int(k): str(v) for k, v in id2label.items()}
-    num_labels = int(raw.get("num_labels", 2))
-    return {i: f"LABEL_{i}" for i in range(num_labels)}
+# Limits on preprocessor_config.json (published ConvNeXt checkpoints use 224..512 pixels),
+# checked by PreprocessSpec.from_dict.
+MAX_EDGE = 4096  # size.shortest_edge and crop_size
+MAX_RESIZE_EDGE = 8192  # int(shortest_edge / crop_pct): the short side before the crop
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json (ImageNet-22k labels: about 1 MB)
+
+
+def json_kind(value: Any) -> str:
+    """A JSON value for a one-line message: ``null``, ``true``, ``"3"``, ``[1, 2]`` (shortened)."""
+    import json
+
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def float32(value: float) -> float:
+    """``value`` as float32 would hold it, as far as range goes (inf past float32's range)."""
+    return value if abs(value) < FLOAT32_MAX else math.copysign(math.inf, value)
+
+
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` object hook: a key given twice is refused (json keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer (bool is an int in Python, not in JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Fields:
+    """Typed, range-checked reads of config.json fields; errors name the file and field."""
+
+    def __init__(self, raw: dict[str, Any], where: str) -> None:
+        self.raw = raw
+        self.where = where
+
+    def fail(self, name: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.where}: {name}: {problem}")
+
+    def integer(self, name: str, limits: tuple[int, int], default: int) -> int:
+        if name not in self.raw:
+            return default
+        return self._int(name, self.raw[name], limits)
+
+    def _int(self, name: str, value: Any, limits: tuple[int, int]) -> int:
+        low, high = limits
+        if not is_int(value):
+            raise self.fail(name, f"expected an integer, found {json_kind(value)}")
+        if not low <= value <= high:
+            raise self.fail(name, f"{value} is out of range ({low}..{high})")
+        return int(value)
+
+    def int_list(self, name: str, limits: tuple[int, int], default: list[int] | None) -> list[int]:
+        if name not in self.raw:
+            return default  # type: ignore[return-value]
+        value = self.raw[name]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise self.fail(
+                name, f"expected a non-empty list of integers, found {json_kind(value)}"
+            )
+        if len(value) > LIMITS["num_stages"][1]:
+            raise self.fail(name, f"{len(value)} entries (at most {LIMITS['num_stages'][1]})")
+        return [self._int(name, v, limits) for v in value]
+
+    def square(self, name: str, limits: tuple[int, int], default: int) -> int:
+        """An integer, or a list of equal integers (transformers accepts [4, 4])."""
+        if name not in self.raw:
+            return default
+        value = self.raw[name]
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise self.fail(name, f"expected an integer or [h, w], found {len(value)} entries")
+            sides = [self._int(name, v, limits) for v in value]
+            if sides[0] != sides[1]:
+                raise self.fail(name, f"non-square {sides} is not supported")
+            return sides[0]
+        return self._int(name, value, limits)
+
+    def number(
+        self, name: str, low: float, high: float, default: float, *, low_open: bool
+    ) -> float:
+        if name not in self.raw:
+            return default
+        value = self.raw[name]
+        if not is_number(value):
+            raise self.fail(name, f"expected a number, found {json_kind(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise self.fail(name, f"{value} is not finite")
+        if value > high or value < low or (low_open and value == low):
+            interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+            raise self.fail(name, f"{value} is out of range {interval}")
+        return value
+
+    def choice(self, name: str, choices: dict[str, str], default: str) -> str:
+        if name not in self.raw:
+            return default
+        value = self.raw[name]
+        if not isinstance(value, str) or value not in choices:
+            raise self.fail(
+                name,
+                f"{json_kind(value)} is not supported (supported: {', '.join(sorted(choices))})",
+            )
+        return value
+
+    def id2label(self) -> dict[int, str]:
+        """Labels 0..n-1 from ``id2label`` (keys are integer strings, no gaps, no duplicates),
+        else ``num_labels`` generic names (transformers' default: 2); the two must agree."""
+        num_labels = self.raw.get("num_labels")
+        if num_labels is not None:
+            num_labels = self._int("num_labels", num_labels, LIMITS["num_labels"])
+        raw = self.raw.get("id2label")
+        if raw is None:
+            count = 2 if num_labels is None else num_labels
+            return {i: f"LABEL_{i}" for i in range(count)}
+        if not isinstance(raw, dict):
+            raise self.fail("id2label", f"expected an object, found {json_kind(raw)}")
+        if not raw:
+            raise self.fail("id2label", "is empty")
+        if len(raw) > LIMITS["num_labels"][1]:
+            raise self.fail("id2label", f"{len(raw)} labels (at most {LIMITS['num_labels'][1]})")
+        labels: dict[int, str] = {}
+        for key, name in raw.items():
+            index = _label_index(key)
+            if index is None:
+                raise self.fail("id2label", f"key {key!r} is not a non-negative integer")
+            if index in labels:
+                raise self.fail("id2label", f"index {index} appears twice")
+            if not isinstance(name, str):
+                raise self.fail("id2label", f"label {key!r} is {json_kind(name)}, not a string")
+            labels[index] = name
+        missing = next((i for i in range(len(labels)) if i not in labels), None)
+        if missing is not None:
+            raise self.fail(
+                "id2label",
+                f"keys must be 0..{len(labels) - 1} without gaps (no {missing}, but {max(labels)})",
+            )
+        if num_labels is not None and num_labels != len(labels):
+            raise self.fail("num_labels", f"{num_labels} but id2label names {len(labels)} labels")
+        return dict(sorted(labels.items()))
+
+
+def _label_index(key: Any) -> int | None:
+    """A JSON key as a label index: ASCII digits only (``"7"``; not ``"-1"``, ``"1.0"``)."""
+    if is_int(key):
+        return key if key >= 0 else None
+    if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9:
+        return int(key)
+    return None

@@ -13,15 +13,22 @@ are resolved to a local snapshot folder by the caller.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convnext_cli import checkpoints, layouts
 from convnext_cli.checkpoints import CONFIG_FILE, PREPROCESSOR_FILE
+from convnext_cli.config import ConvNextConfig
 from convnext_cli.errors import CheckpointError, UsageError, one_line
+from convnext_cli.preprocess import PreprocessSpec
 from convnext_cli.weights_io import (
+    check_tensors,
     read_weights_file,
     save_safetensors,
 )
@@ -97,16 +104,24 @@ def convert(
     check_output_dir(output_dir, source, force)
     src = read_source(source)
     state_dict = layouts.unwrap(src.raw)
+    check_tensors(state_dict, src.weights_file)
     found_layout = layouts.resolve_layout(state_dict, layout)
     weights, inferred = layouts.to_hf(state_dict, found_layout)
     num_labels = len(inferred.get("id2label") or {})
+    config_where = str(src.path / CONFIG_FILE)
     if found_layout == "hf" and src.config is not None:
-        config = merge_hf_config(src.config, inferred, where=str(src.path / CONFIG_FILE))
+        ConvNextConfig.from_dict(src.config, where=config_where)  # types and ranges first
+        config = merge_hf_config(src.config, inferred, where=config_where)
     else:
         config = inferred
     if image_size is not None:
         config["image_size"] = image_size
     preprocessor = choose_preprocessor(src, found_layout, config, image_size, crop_pct)
+    # What is written must read back: the same checks classify applies when loading it.
+    ConvNextConfig.from_dict(config, where=f"{output_dir / CONFIG_FILE} (to be written)")
+    PreprocessSpec.from_dict(
+        preprocessor, where=f"{output_dir / PREPROCESSOR_FILE} (to be written)"
+    )
     write_folder(output_dir, weights, config, preprocessor, force)
     return Conversion(source, output_dir, found_layout, config, preprocessor, num_labels)
 
@@ -123,32 +138,67 @@ def check_options(layout: str, image_size: int | None, crop_pct: float | None) -
 
 
 def check_output_dir(output_dir: Path, source: Path, force: bool) -> None:
-    """Refuse a file, the source folder itself, or a non-empty folder without ``force``."""
+    """Refuse a file, a folder holding the source, or a non-empty folder without ``force``.
+
+    Paths are compared with every symlink resolved: a SOURCE that is OUTPUT_DIR, lies inside
+    it, or reaches into it through a symlink (the weights file or a JSON file of a source
+    folder included) is refused before anything is written.
+    """
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"{output_dir}: exists and is not a folder")
+    out_real = output_dir.resolve()
     source_folder = source if source.is_dir() else source.parent
-    if output_dir.exists() and output_dir.resolve() == source_folder.resolve():
+    if source.is_file() and source_folder.resolve() == out_real:
         raise UsageError(f"{output_dir}: is the source's own folder; choose another OUTPUT_DIR")
+    for path in source_paths(source):
+        real = path.resolve()
+        if real == out_real:
+            raise UsageError(
+                f"{output_dir}: is the source itself ({path}); choose another OUTPUT_DIR"
+            )
+        if real.is_relative_to(out_real):
+            via = "" if path.absolute() == real else f" (through a symlink: {path} -> {real})"
+            raise UsageError(
+                f"{output_dir}: the source {path} lies inside OUTPUT_DIR{via}; "
+                "choose another OUTPUT_DIR"
+            )
     if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
         raise UsageError(f"{output_dir}: folder is not empty (use --force to write into it)")
+
+
+def source_paths(source: Path) -> list[Path]:
+    """Every file convert reads from ``source``, as named (symlinks not yet resolved)."""
+    if not source.is_dir():
+        return [source]
+    paths = [source, source / CONFIG_FILE, source / PREPROCESSOR_FILE]
+    try:
+        paths.append(checkpoints.folder_weights(source))
+    except CheckpointError:
+        pass  # reported when the source is read
+    return paths
 
 
 # --------------------------------------------------------------------------- reading
 
 
 def read_source(source: Path) -> Source:
-    """Read a weights file, or a folder's weights plus its config/preprocessor JSON."""
+    """Read a weights file, or a folder's weights plus its config/preprocessor JSON (the
+    JSON first: a bad preprocessor_config.json is refused before the weights are read)."""
     if not source.exists():
         raise CheckpointError(f"{source}: no such file or folder")
     if source.is_file():
         return Source(source, source, read_weights_file(source), None, None)
     weights_file = checkpoints.folder_weights(source)
+    config = read_json(source / CONFIG_FILE)
+    preprocessor = read_json(source / PREPROCESSOR_FILE)
+    if preprocessor is not None:
+        PreprocessSpec.from_dict(preprocessor, where=str(source / PREPROCESSOR_FILE))
     return Source(
         path=source,
         weights_file=weights_file,
         raw=read_weights_file(weights_file),
-        config=read_json(source / CONFIG_FILE),
-        preprocessor=read_json(source / PREPROCESSOR_FILE),
+        config=config,
+        preprocessor=preprocessor,
     )
 
 
@@ -250,18 +300,45 @@ def write_folder(
     preprocessor: dict[str, Any],
     force: bool,
 ) -> None:
-    """Write the three files (with ``force``, first remove weight files that would conflict)."""
+    """Write the three files (with ``force``, first remove weight files that would conflict).
+
+    Each file is written to a temporary file inside ``output_dir`` and renamed into place,
+    so an interrupted convert never leaves a half-written file under a final name, and an
+    existing symlink is replaced by the new file, never written through to its target.
+    """
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         if force:
             for name in STALE_WEIGHTS:
-                (output_dir / name).unlink(missing_ok=True)
-        save_safetensors(weights, output_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+                (output_dir / name).unlink(missing_ok=True)  # a symlink: only the link goes
+        with replacing(output_dir / WEIGHTS_FILE) as tmp:
+            save_safetensors(weights, tmp, metadata={"format": "pt"})
         write_json(output_dir / CONFIG_FILE, config)
         write_json(output_dir / PREPROCESSOR_FILE, preprocessor)
     except OSError as exc:
         raise UsageError(f"{output_dir}: cannot write ({one_line(exc)})") from exc
 
 
+@contextlib.contextmanager
+def replacing(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is fsynced and renamed over
+    ``target`` (replacing a symlink itself, not its target); on any failure or interrupt
+    the temporary is removed and ``target`` is untouched."""
+    if target.is_dir() and not target.is_symlink():
+        raise UsageError(f"{target}: is a folder; cannot replace it with a file")
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -448,23 +448,33 @@ def infer_architecture(body: Mapping[str, Tensor]) -> Architecture:
     if stem is None or stem.ndim != 4 or stem.shape[2] != stem.shape[3]:
         shape = None if stem is None else list(stem.shape)
         raise CheckpointError(f"no square patch-embedding convolution in the checkpoint ({shape})")
-    depth_of: dict[int, int] = {}
+    blocks_of: dict[int, set[int]] = {}
     for key in body:
         m = _STAGE_KEY.match(key)
         if m:
-            stage = int(m.group(1))
-            blocks = int(m.group(2)) + 1 if m.group(2) is not None else 0
-            depth_of[stage] = max(depth_of.get(stage, 0), blocks)
-    num_stages = max(depth_of, default=-1) + 1
-    if num_stages == 0 or sorted(depth_of) != list(range(num_stages)):
-        raise CheckpointError(f"stages {sorted(depth_of)} are not numbered 0..n-1")
+            found = blocks_of.setdefault(int(m.group(1)), set())
+            if m.group(2) is not None:
+                found.add(int(m.group(2)))
+    num_stages = max(blocks_of, default=-1) + 1
+    if num_stages == 0 or sorted(blocks_of) != list(range(num_stages)):
+        raise CheckpointError(f"stages {_numbers(blocks_of)} are not numbered 0..n-1")
+    for stage, blocks in blocks_of.items():
+        # every block has keys of its own, so a depth is bounded by the checkpoint's size
+        if sorted(blocks) != list(range(len(blocks))):
+            raise CheckpointError(
+                f"stage {stage}: blocks {_numbers(blocks)} are not numbered 0..n-1"
+            )
+    depth_of = {stage: len(blocks) for stage, blocks in blocks_of.items()}
     hidden = [int(stem.shape[0])]
     for stage in range(1, num_stages):
         down = body.get(f"encoder.stages.{stage}.downsampling_layer.1.weight")
-        if down is None:
-            raise CheckpointError(f"stage {stage} has no downsampling layer")
+        if down is None or down.ndim != 4:
+            shape = None if down is None else list(down.shape)
+            raise CheckpointError(f"stage {stage} has no downsampling convolution ({shape})")
         hidden.append(int(down.shape[0]))
     classifier = body.get("classifier.weight")
+    if classifier is not None and classifier.ndim != 2:
+        raise CheckpointError(f"classifier.weight of shape {list(classifier.shape)} is not 2-D")
     return Architecture(
         v2=any(".grn." in k for k in body),
         num_channels=int(stem.shape[1]),
@@ -474,6 +484,11 @@ def infer_architecture(body: Mapping[str, Tensor]) -> Architecture:
         layer_scale=any(k.endswith(".layer_scale_parameter") for k in body),
         num_labels=0 if classifier is None else int(classifier.shape[0]),
     )
+
+
+def _numbers(values: Iterable[int], limit: int = 8) -> str:
+    shown = sorted(values)
+    return str(shown[:limit])[:-1] + (", ...]" if len(shown) > limit else "]")
 
 
 def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:

@@ -24,7 +24,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convnext_cli.errors import CheckpointError
+from convnext_cli.config import (
+    FLOAT32_MAX,
+    MAX_EDGE,
+    MAX_JSON_BYTES,
+    MAX_RESIZE_EDGE,
+    float32,
+    is_int,
+    is_number,
+    json_kind,
+    no_duplicate_keys,
+)
+from convnext_cli.errors import CheckpointError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -55,48 +66,152 @@ class PreprocessSpec:
     crop_size: tuple[int, int] | None = None
 
     @classmethod
-    def from_dict(
-        cls, raw: dict[str, Any], where: str = "preprocessor_config.json"
-    ) -> PreprocessSpec:
+    def from_dict(cls, raw: Any, where: str = "preprocessor_config.json") -> PreprocessSpec:
+        """Read a preprocessor_config.json dict, every field checked (one line naming it).
+
+        Missing fields take the processor's defaults.  Refused: a size without
+        ``shortest_edge`` or outside 1..:data:`MAX_EDGE`; ``crop_pct`` outside (0, 1] or
+        resizing past :data:`MAX_RESIZE_EDGE`; ``resample`` other than 0..5; mean/std not
+        one number or three, or not finite; a std of 0 or below; ``rescale_factor`` not
+        finite and > 0; flags that are not JSON booleans; null for any of these; and any
+        combination whose normalisation cannot give finite float32 pixels.
+        """
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where}: expected a JSON object, found {json_kind(raw)}")
+
+        def fail(name: str, problem: str) -> CheckpointError:
+            return CheckpointError(f"{where}: {name}: {problem}")
+
+        def given(name: str) -> bool:
+            if name not in raw:
+                return False
+            if raw[name] is None:
+                raise fail(name, "is null (leave the field out for the default)")
+            return True
+
+        def edge(name: str, value: Any, limit: int = MAX_EDGE) -> int:
+            if not is_int(value):
+                raise fail(name, f"expected an integer number of pixels, found {json_kind(value)}")
+            if not 1 <= value <= limit:
+                raise fail(name, f"{value} is out of range (1..{limit})")
+            return int(value)
+
+        def number(name: str) -> float:
+            value = raw[name]
+            if not is_number(value) or not math.isfinite(float(value)):
+                raise fail(name, f"expected a finite number, found {json_kind(value)}")
+            return float(value)
+
         kwargs: dict[str, Any] = {}
-        size = raw.get("size")
-        if isinstance(size, int):
-            kwargs["shortest_edge"] = size
-        elif isinstance(size, dict):
-            if "shortest_edge" not in size:
-                raise CheckpointError(
-                    f"{where}: ConvNeXt preprocessing needs size.shortest_edge, got {size}"
+        if given("size"):
+            size = raw["size"]
+            if isinstance(size, dict):
+                if "shortest_edge" not in size:
+                    raise fail(
+                        "size", f"ConvNeXt preprocessing needs size.shortest_edge, got {size}"
+                    )
+                kwargs["shortest_edge"] = edge("size.shortest_edge", size["shortest_edge"])
+            else:
+                kwargs["shortest_edge"] = edge("size", size)
+        if given("crop_pct"):
+            crop_pct = number("crop_pct")
+            if not 0 < crop_pct <= 1:
+                raise fail("crop_pct", f"{crop_pct} is out of range (0, 1]")
+            kwargs["crop_pct"] = crop_pct
+        if given("rescale_factor"):
+            factor = number("rescale_factor")
+            if factor <= 0:
+                raise fail("rescale_factor", f"{factor} must be greater than 0")
+            kwargs["rescale_factor"] = factor
+        if given("resample"):
+            resample = raw["resample"]
+            if not is_int(resample) or resample not in RESAMPLE_NAMES:
+                raise fail(
+                    "resample",
+                    f"{json_kind(resample)} is not a filter (0..5: "
+                    + ", ".join(f"{k} {v}" for k, v in RESAMPLE_NAMES.items())
+                    + ")",
                 )
-            kwargs["shortest_edge"] = int(size["shortest_edge"])
-        for key in ("crop_pct", "rescale_factor"):
-            if raw.get(key) is not None:
-                kwargs[key] = float(raw[key])
-        if raw.get("resample") is not None:
-            resample = int(raw["resample"])
-            if resample not in RESAMPLE_NAMES:
-                raise CheckpointError(f"{where}: unknown resample filter {resample}")
-            kwargs["resample"] = resample
-        for key in ("do_resize", "do_rescale", "do_normalize", "do_center_crop"):
-            if raw.get(key) is not None:
-                kwargs[key] = bool(raw[key])
+            kwargs["resample"] = int(resample)
+        for key in ("do_resize", "do_rescale", "do_normalize"):
+            if given(key):
+                if not isinstance(raw[key], bool):
+                    raise fail(key, f"expected true or false, found {json_kind(raw[key])}")
+                kwargs[key] = raw[key]
         for key in ("image_mean", "image_std"):
-            value = raw.get(key)
-            if value is not None:
-                values = [float(value)] * 3 if isinstance(value, (int, float)) else value
+            if given(key):
+                value = raw[key]
+                values = [value] * 3 if is_number(value) else value
+                if (
+                    not isinstance(values, (list, tuple))
+                    or len(values) != 3
+                    or not all(is_number(v) and math.isfinite(float(v)) for v in values)
+                ):
+                    raise fail(key, f"expected 3 finite numbers (or one), found {json_kind(value)}")
                 kwargs[key] = tuple(float(v) for v in values)
+        if any(s <= 0 for s in kwargs.get("image_std", ())):
+            raise fail("image_std", f"{list(kwargs['image_std'])}: every entry must be above 0")
+        # Optional extras: null means not set (transformers writes them so).
+        center = raw.get("do_center_crop")
+        if center is not None:
+            if not isinstance(center, bool):
+                raise fail("do_center_crop", f"expected true or false, found {json_kind(center)}")
+            kwargs["do_center_crop"] = center
         crop = raw.get("crop_size")
-        if isinstance(crop, int):
-            kwargs["crop_size"] = (crop, crop)
-        elif isinstance(crop, dict) and "height" in crop:
-            kwargs["crop_size"] = (int(crop["height"]), int(crop["width"]))
-        return cls(**kwargs)
+        if crop is not None:
+            if isinstance(crop, dict) and "height" in crop and "width" in crop:
+                kwargs["crop_size"] = (
+                    edge("crop_size.height", crop["height"]),
+                    edge("crop_size.width", crop["width"]),
+                )
+            elif isinstance(crop, dict):
+                raise fail("crop_size", f"expected height and width, found {json_kind(crop)}")
+            else:
+                side = edge("crop_size", crop)
+                kwargs["crop_size"] = (side, side)
+        spec = cls(**kwargs)
+        if spec.do_resize and spec.shortest_edge < 384:
+            target = int(spec.shortest_edge / spec.crop_pct)
+            if target > MAX_RESIZE_EDGE:
+                raise fail(
+                    "crop_pct",
+                    f"size {spec.shortest_edge} / crop_pct {spec.crop_pct} resizes the short "
+                    f"side to {target} pixels (at most {MAX_RESIZE_EDGE})",
+                )
+        # Normalisation is affine per channel: pixels 0 and 255 bound all others.
+        if spec.do_rescale and spec.do_normalize:
+            scale = 1.0 / spec.rescale_factor
+            means = [float32(m * scale) for m in spec.image_mean]
+            stds = [float32(s * scale) for s in spec.image_std]
+        elif spec.do_normalize:
+            means, stds = list(spec.image_mean), list(spec.image_std)
+        else:
+            means, stds = [0.0] * 3, [float32(1.0 / spec.rescale_factor)] * 3
+        for m, s in zip(means, stds, strict=True):
+            values = [m, s] + [(p - m) / s if s else math.inf for p in (0.0, 255.0)]
+            if not all(math.isfinite(v) and abs(v) < FLOAT32_MAX for v in values):
+                raise CheckpointError(
+                    f"{where}: image_mean, image_std and rescale_factor give non-finite "
+                    f"pixel values (mean {list(spec.image_mean)}, std {list(spec.image_std)}, "
+                    f"rescale_factor {spec.rescale_factor})"
+                )
+        return spec
 
     @classmethod
     def from_file(cls, path: Path) -> PreprocessSpec:
+        """:meth:`from_dict` on a JSON file (duplicate keys refused)."""
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: unreadable preprocessor config ({exc})") from exc
+            if path.stat().st_size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{path}: too large for a preprocessor config")
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{path}: unreadable preprocessor config ({one_line(exc)})"
+            ) from exc
+        try:
+            raw = json.loads(text, object_pairs_hook=no_duplicate_keys)
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({one_line(exc)})") from exc
         return cls.from_dict(raw, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,6 +19,19 @@ if TYPE_CHECKING:
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
 
+# Weight dtypes the model can be loaded from (cast to the run's dtype when built).
+FLOAT_DTYPES_SAFETENSORS = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+}
+_ITEM_SIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+# safetensors' own limit on the JSON header (100 MB); ours is the same.
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = 0x80  # first byte of a pickle of protocol >= 2 (torch's legacy format)
+
 
 def read_weights_file(path: Path) -> dict[str, Any]:
     """Return the top-level mapping stored in a weights file (tensors or nested dicts)."""
@@ -29,13 +42,90 @@ def read_weights_file(path: Path) -> dict[str, Any]:
     return _read_pickle(path)
 
 
+def check_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and check a safetensors header before any tensor is read.
+
+    Refuses (one line) a file too short for a header, a header length past the end of the
+    file, a header that is not a JSON object, tensors of a non-float dtype, shapes that are
+    not lists of non-negative integers, and data offsets that disagree with the shape or lie
+    past the end of the file (a truncated file, or a header claiming huge tensors).
+    """
+    import json
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            length = int.from_bytes(head, "little")
+            if length > MAX_SAFETENSORS_HEADER or length > size - 8:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file (header length {length} does not fit "
+                    f"the file's {size} bytes)"
+                )
+            raw = f.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({one_line(exc)})") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: not a safetensors file (bad header: {one_line(exc)})"
+        ) from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_size = size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: malformed header entry")
+        dtype = info.get("dtype")
+        if dtype not in FLOAT_DTYPES_SAFETENSORS:
+            raise CheckpointError(
+                f"{where} has dtype {dtype}; weights must be floating point "
+                f"({', '.join(FLOAT_DTYPES_SAFETENSORS.values())})"
+            )
+        shape = info.get("shape")
+        offsets = info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_count(o) for o in offsets)
+        ):
+            raise CheckpointError(f"{where}: malformed data_offsets {offsets!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        begin, end = offsets
+        if end < begin or end - begin != numel * _ITEM_SIZE[dtype]:
+            raise CheckpointError(
+                f"{where}: shape {shape} does not match its {end - begin} bytes of data"
+            )
+        if end > data_size:
+            raise CheckpointError(
+                f"{where} lies past the end of the file (truncated? it needs {end} bytes of "
+                f"data, the file has {max(data_size, 0)})"
+            )
+    return header
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_safetensors_header(path)
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(exc)})") from exc
 
 
@@ -46,6 +136,15 @@ def _read_pickle(path: Path) -> dict[str, Any]:
     import torch
 
     try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({one_line(exc)})") from exc
+    if magic != ZIP_MAGIC and (not magic or magic[0] != PICKLE_PROTO):
+        raise CheckpointError(
+            f"{path}: not a weights file (neither safetensors nor a PyTorch zip or pickle file)"
+        )
+    try:
         # Training checkpoints (facebookresearch `checkpoint-*.pth`) carry their argparse
         # arguments beside the weights; a Namespace holds plain values and runs no code.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -55,7 +154,7 @@ def _read_pickle(path: Path) -> dict[str, Any]:
             f"{path}: refused to unpickle: the file holds objects other than tensors "
             f"(only weights_only pickles are read) ({one_line(exc)})"
         ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise CheckpointError(
             f"{path}: not a readable PyTorch weights file ({one_line(exc)})"
         ) from exc
@@ -69,6 +168,39 @@ def _is_zip(path: Path) -> bool:
     import zipfile
 
     return zipfile.is_zipfile(path)
+
+
+def check_tensors(tensors: Mapping[str, Any], source: object) -> None:
+    """Refuse (one line) weights of a non-float dtype, views larger than their data, or
+    weights holding NaN or infinite values.
+
+    One ``isfinite`` pass per tensor: cheap next to reading the file.
+    """
+    import torch
+
+    allowed = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for key, value in tensors.items():
+        if value.dtype not in allowed:
+            raise CheckpointError(
+                f"{source}: tensor {key} has dtype {str(value.dtype).removeprefix('torch.')}; "
+                "weights must be floating point (float16, bfloat16, float32 or float64)"
+            )
+        # A pickle can rebuild a tensor as a view far larger than its data (stride 0):
+        # refused before anything touches its elements.
+        held = value.untyped_storage().nbytes()
+        if value.numel() * value.element_size() > held:
+            raise CheckpointError(
+                f"{source}: tensor {key} claims {value.numel()} elements but its data holds "
+                f"{held // max(value.element_size(), 1)}; expanded or overlapping views are "
+                "not weights"
+            )
+    bad = [k for k, v in tensors.items() if v.numel() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"{source}: weights contain NaN or infinite values "
+            f"({len(bad)} tensor{'s' if len(bad) > 1 else ''}: {shown})"
+        )
 
 
 def shape_problems(

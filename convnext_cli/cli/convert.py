@@ -24,7 +24,8 @@ def convert(
         Path,
         typer.Argument(
             help="Folder to write config.json, model.safetensors and preprocessor_config.json "
-            "into (created; must be empty unless --force).",
+            "into (created; must be empty unless --force; must not hold SOURCE, symlinks "
+            "resolved). Each file is written to a temporary and renamed into place.",
             show_default=False,
         ),
     ],
@@ -61,7 +62,7 @@ def convert(
         typer.Option(
             "--force",
             help="Write into a non-empty OUTPUT_DIR, replacing its config, weights and "
-            "preprocessor files.",
+            "preprocessor files (a symlink among them is replaced, never written through).",
         ),
     ] = False,
 ) -> None:
