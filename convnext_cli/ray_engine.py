@@ -14,12 +14,13 @@ The pipeline, for the ordered list of inputs ``paths``::
 
 Every input yields exactly one record: an image that cannot be decoded, or that the model
 cannot run on, is an error row (the same one-line reasons as the local engine), never an
-exception in a task or an actor.  A worker process killed mid-run (OOM killer, kill -9) is
-Ray's to retry: decode tasks are retried (Ray's default for tasks: 3 times), model actors are restarted and
-their unfinished batches retried (Ray Data's defaults for actor pools: ``max_restarts=-1``,
-``max_task_retries=-1``); ``preserve_order`` keeps one output block per input block, so
-nothing is duplicated.  Parquet parts are named by their first and last input ids and
-written under a temporary name then renamed, so that a retried batch rewrites the same file.
+exception in a task or an actor.  A worker process killed mid-run (OOM killer, kill -9)
+is Ray's to retry: decode tasks are retried (Ray's default for tasks: 3 times), model
+actors are restarted and their unfinished batches retried (Ray Data's defaults for actor
+pools: ``max_restarts=-1``, ``max_task_retries=-1``); ``preserve_order`` keeps one output
+block per input block, so nothing is duplicated.  Parquet parts are named by their first
+and last input ids and written under a temporary name then renamed, so that a retried
+batch rewrites the same file.
 
 Ray is optional: importing this module never imports it; calling into it without Ray
 raises :class:`UsageError` naming the extra.
@@ -33,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -52,9 +54,9 @@ if TYPE_CHECKING:
 NEEDS_RAY = "--engine ray needs Ray: pip install 'convnext-cli[ray]'"
 
 # Test-only: a folder named by this variable (set only by the tests) gets a line in its
-# ``pids`` file per stage call ("decode|actor|actor-call PID FIRST_ID"), so that a test can
-# kill the process from outside; a number in its ``delay-decode`` / ``delay-actor`` file
-# is a pause in seconds per call, so that a kill lands mid-run.
+# ``pids`` file per stage call ("decode|actor-start|actor-call PID FIRST_ID TIME"), so
+# that a test can kill the process from outside; a number in its ``delay-decode`` /
+# ``delay-actor`` file is a pause in seconds per call, so that a kill lands mid-run.
 TEST_DIR_ENV = "CONVNEXT_RAY_TEST_DIR"
 
 DECODE_ROWS = 16  # inputs per decode task batch
@@ -187,6 +189,30 @@ def quiet_ray_data(verbose: bool) -> None:
 
 
 @contextlib.contextmanager
+def _silenced_stderr(enabled: bool) -> Iterator[None]:
+    """File descriptor 2 to /dev/null (what C++ code and started processes write there);
+    Python exceptions still propagate.  The processes ray.init starts keep logging to
+    files in Ray's session folder."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
 def ray_session(options: RayOptions) -> Iterator[Any]:
     """Ray for one run: the instance already initialised here, the cluster at
     ``options.address`` / ``RAY_ADDRESS``, or a local one on 127.0.0.1 started for the run.
@@ -199,22 +225,25 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
     level = logging.INFO if options.verbose else logging.ERROR
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not options.verbose:
-        # the core worker's own C++ log lines (warnings about actor restarts) on stderr
+        # the driver's C++ log lines on stderr (Ray Data's actor pools always trigger a
+        # warning about constructor arguments in the object store); setting it is itself
+        # logged, inside ray.init, where stderr is silenced
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     temp_dir = None
-    if address:
-        ray.init(address=address, logging_level=level, log_to_driver=options.verbose)
-    else:
-        temp_dir = options.temp_dir or tempfile.mkdtemp(prefix="convnext-ray-", dir="/tmp")
-        ray.init(
-            address="local",  # never join a stale instance found through ray_current_cluster
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            logging_level=level,
-            log_to_driver=options.verbose,
-            _temp_dir=temp_dir,
-        )
+    with _silenced_stderr(not options.verbose):
+        if address:
+            ray.init(address=address, logging_level=level, log_to_driver=options.verbose)
+        else:
+            temp_dir = options.temp_dir or tempfile.mkdtemp(prefix="convnext-ray-", dir="/tmp")
+            ray.init(
+                address="local",  # never join an instance found through ray_current_cluster
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                logging_level=level,
+                log_to_driver=options.verbose,
+                _temp_dir=temp_dir,
+            )
     try:
         quiet_ray_data(options.verbose)
         yield ray
@@ -260,7 +289,7 @@ def _test_hook(event: str, first_id: int = -1) -> None:
     if not folder:
         return
     with open(os.path.join(folder, "pids"), "a", encoding="utf-8") as out:
-        out.write(f"{event} {os.getpid()} {first_id}\n")
+        out.write(f"{event} {os.getpid()} {first_id} {time.time():.3f}\n")
     with contextlib.suppress(OSError, ValueError):
         stage = event.split("-")[0]
         with open(os.path.join(folder, f"delay-{stage}"), encoding="utf-8") as delay:
@@ -581,9 +610,19 @@ def _stream(
 
     if not paths:
         return
-    spec, dim = read_preprocessing(options.model, options.task)
+    from concurrent.futures import ThreadPoolExecutor
+
     run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    with ray_session(options) as ray:
+    with contextlib.ExitStack() as stack:
+        # the checkpoint is read (torch imported, weights checked) while Ray starts
+        with ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(read_preprocessing, options.model, options.task)
+            try:
+                ray = stack.enter_context(ray_session(options))
+            except BaseException:
+                reading.result()  # a bad model is the error to report, not Ray's
+                raise
+            spec, dim = reading.result()
         plan = plan_actors(ray.cluster_resources(), options)
         ds = build_dataset(ray, paths, options, spec, plan, parts_dir, run_tag, dim)
         expected = 0

@@ -111,7 +111,7 @@ def events(hooks: Path) -> list[tuple[str, int, int]]:
         return []
     out = []
     for line in path.read_text().splitlines():
-        event, pid, first = line.split()
+        event, pid, first = line.split()[:3]
         out.append((event, int(pid), int(first)))
     return out
 
