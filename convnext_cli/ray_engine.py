@@ -60,6 +60,7 @@ NEEDS_RAY = "--engine ray needs Ray: pip install 'convnext-cli[ray]'"
 TEST_DIR_ENV = "CONVNEXT_RAY_TEST_DIR"
 
 DECODE_ROWS = 16  # inputs per decode task batch
+PART_ROWS = 256  # inputs per model-actor call, and so per Parquet part, when writing parts
 METADATA_KEY = "convnext_cli"  # as parquet_output.METADATA_KEY
 PART_GLOB = "part-*.parquet"
 
@@ -70,7 +71,8 @@ class RayOptions:
 
     - ``task``: ``"classify"`` or ``"embed"``; ``model``: a model reference as ``-m`` takes.
     - ``device`` / ``dtype`` / ``compile_model`` / ``channels_last``: as the local engine,
-      resolved inside each actor (``auto`` picks the actor's GPU when it has one).
+      resolved inside each actor (``auto`` picks the actor's GPU when it has one; ``cuda:N``
+      means the actor's own GPU, which Ray assigns).
     - ``batch_size``: images per model call (None: the local engine's default for the
       device the actors run on: 32 on a GPU, 8 on the CPU).
     - ``replicas``: model actors (None: one per GPU in the cluster, or CPU actors when
@@ -145,7 +147,10 @@ def load_runner(options: RayOptions) -> Runner:
     from convnext_cli.device import resolve
     from convnext_cli.pipeline import Runner
 
-    placement = resolve(options.device, options.dtype)
+    device = options.device
+    if device.startswith("cuda"):
+        device = "cuda"  # Ray gives each GPU actor its own GPU (CUDA_VISIBLE_DEVICES)
+    placement = resolve(device, options.dtype)
     checkpoint = load_checkpoint(options.model)
     net = build_model(
         checkpoint, placement.device, placement.dtype, channels_last=options.channels_last
@@ -554,7 +559,8 @@ def build_dataset(
             "dim": dim,
         },
         compute=ActorPoolStrategy(min_size=plan.replicas, max_size=plan.replicas),
-        batch_size=plan.batch_size,
+        # the runner splits a call into model batches itself; a part is one call
+        batch_size=plan.batch_size if parts_dir is None else max(plan.batch_size, PART_ROWS),
         batch_format="pyarrow",
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
@@ -679,10 +685,11 @@ def write_parts_on_ray(
     return _stream(list(paths), options, str(target.resolve()))
 
 
-def done_paths(folder: str | os.PathLike[str]) -> set[str]:
+def done_paths(folder: str | os.PathLike[str], include_errors: bool = True) -> set[str]:
     """The ``path`` values of every readable part in ``folder`` (for ``--resume``: skip the
-    inputs whose ``text(path)`` is in it).  Temporary files of an interrupted write are
-    ignored (and removed); a part that cannot be read is ignored too."""
+    inputs whose ``text(path)`` is in it); without ``include_errors``, only the rows that
+    succeeded.  Temporary files of an interrupted write are ignored (and removed); a part
+    that cannot be read is ignored too."""
     import pyarrow.parquet as pq
 
     target = Path(folder)
@@ -694,8 +701,12 @@ def done_paths(folder: str | os.PathLike[str]) -> set[str]:
     done: set[str] = set()
     for part in sorted(target.glob(PART_GLOB)):
         try:
-            column = pq.read_table(part, columns=["path"]).column("path")
+            table = pq.read_table(part, columns=["path", "error"])
         except Exception:
             continue
-        done.update(p for p in column.to_pylist() if p is not None)
+        for path, error in zip(
+            table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True
+        ):
+            if path is not None and (include_errors or error is None):
+                done.add(path)
     return done

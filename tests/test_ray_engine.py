@@ -69,13 +69,18 @@ def clean_hooks(hooks: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def inputs(photos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The sample photos, then broken files: empty, truncated, text named .png."""
+    """The sample photos, one under a name that is not UTF-8, then broken files: empty,
+    truncated, text named .png."""
     broken = tmp_path_factory.mktemp("broken")
+    odd = os.path.join(os.fsencode(broken), b"caf\xe9.jpg")
+    with open(odd, "wb") as out:
+        out.write(photos[0].read_bytes())
     (broken / "empty.jpg").write_bytes(b"")
     (broken / "truncated.jpg").write_bytes(photos[-1].read_bytes()[:300])
     (broken / "text.png").write_text("this is not a picture\n")
     paths = [str(p) for p in photos]
-    return [*paths, *(str(broken / n) for n in ("empty.jpg", "truncated.jpg", "text.png"))]
+    names = ("empty.jpg", "truncated.jpg", "text.png")
+    return [*paths, os.fsdecode(odd), *(str(broken / n) for n in names)]
 
 
 def local_records(model: Path, paths: list[str], task: str, **kw: object) -> list[Result]:
@@ -244,20 +249,23 @@ def test_parquet_parts_read_back_with_duckdb_and_resume(
         for r in b
     ]
     assert [r.path for r in light] == first
-    assert ray_engine.done_paths(out) == set(first)
+    assert ray_engine.done_paths(out) == {ray_engine.text(p) for p in first}
     todo = [p for p in inputs if ray_engine.text(p) not in ray_engine.done_paths(out)]
     assert todo == rest
     list(ray_engine.write_parts_on_ray(todo, options(v1_checkpoint, top_k=3), out))
     (out / ".part-x.parquet.123.tmp").write_bytes(b"half a part")  # an interrupted write
-    assert ray_engine.done_paths(out) == set(inputs)
+    names = {ray_engine.text(p) for p in inputs}
+    assert ray_engine.done_paths(out) == names
     assert not list(out.glob(".*.tmp"))
+    assert len(ray_engine.done_paths(out, include_errors=False)) == len(inputs) - 3
 
-    local = {r.path: r for r in local_records(v1_checkpoint, inputs, "classify", top_k=3)}
+    local_run = local_records(v1_checkpoint, inputs, "classify", top_k=3)
+    local = {ray_engine.text(r.path): r for r in local_run}
     rows = duckdb.sql(
         f"select path, error, label, index, score, predictions "
         f"from read_parquet('{out}/part-*.parquet') order by path"
     ).fetchall()
-    assert sorted(r[0] for r in rows) == sorted(inputs)  # one row per input
+    assert sorted(r[0] for r in rows) == sorted(names)  # one row per input
     for path, error, label, index, score, predictions in rows:
         want = local[path]
         assert error == want.error
@@ -283,8 +291,8 @@ def test_parquet_embed_parts(
     list(ray_engine.write_parts_on_ray(inputs, options(v2_checkpoint, "embed"), out))
     table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
     assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
-    local = {r.path: r for r in local_records(v2_checkpoint, inputs, "embed")}
-    assert sorted(table.column("path").to_pylist()) == sorted(inputs)
+    local = {ray_engine.text(r.path): r for r in local_records(v2_checkpoint, inputs, "embed")}
+    assert sorted(table.column("path").to_pylist()) == sorted(local)
     for path, error, vector in zip(
         *(table.column(c).to_pylist() for c in ("path", "error", "embedding")), strict=True
     ):
