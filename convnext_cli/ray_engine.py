@@ -1,0 +1,712 @@
+"""classify and embed on Ray Data: decoding in CPU tasks, the model in an actor pool.
+
+The pipeline, for the ordered list of inputs ``paths``::
+
+    rows (id, file bytes)                                         -- the driver's list
+      -> decode: read, decode and resize with our own code        -- CPU tasks (retried)
+         (decode_pool.decode_one: the SPEC's decoding policy and the checkpoint's
+         preprocessing), rows of (id, error, shape, uint8 pixel bytes)
+      -> model: a pool of actors, each loading the model once     -- ActorPoolStrategy,
+         (one per GPU by default, CPU actors otherwise), rows of     min = max = replicas
+         (id, error, labels/indices/scores) or (id, error, embedding)
+      -> the driver, in input order (preserve_order), as pipeline.Result batches;
+         or Parquet part files written by the actors (write_parts_on_ray).
+
+Every input yields exactly one record: an image that cannot be decoded, or that the model
+cannot run on, is an error row (the same one-line reasons as the local engine), never an
+exception in a task or an actor.  A worker process killed mid-run (OOM killer, kill -9)
+is Ray's to retry: decode tasks are retried (Ray's default for tasks: 3 times), model
+actors are restarted and their unfinished batches retried (Ray Data's defaults for actor
+pools: ``max_restarts=-1``, ``max_task_retries=-1``); ``preserve_order`` keeps one output
+block per input block, so nothing is duplicated.  Parquet parts are named by their first
+and last input ids and written under a temporary name then renamed, so that a retried
+batch rewrites the same file.
+
+Ray is optional: importing this module never imports it; calling into it without Ray
+raises :class:`UsageError` naming the extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convnext_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from convnext_cli.pipeline import Result, Runner
+    from convnext_cli.preprocess import PreprocessSpec
+
+NEEDS_RAY = "--engine ray needs Ray: pip install 'convnext-cli[ray]'"
+
+# Test-only: a folder named by this variable (set only by the tests) gets a line in its
+# ``pids`` file per stage call ("decode|actor-start|actor-call PID FIRST_ID TIME"), so
+# that a test can kill the process from outside; a number in its ``delay-decode`` /
+# ``delay-actor`` file is a pause in seconds per call, so that a kill lands mid-run.
+TEST_DIR_ENV = "CONVNEXT_RAY_TEST_DIR"
+
+DECODE_ROWS = 16  # inputs per decode task batch
+PART_ROWS = 256  # inputs per model-actor call, and so per Parquet part, when writing parts
+METADATA_KEY = "convnext_cli"  # as parquet_output.METADATA_KEY
+PART_GLOB = "part-*.parquet"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """What a Ray run needs besides its inputs.
+
+    - ``task``: ``"classify"`` or ``"embed"``; ``model``: a model reference as ``-m`` takes.
+    - ``device`` / ``dtype`` / ``compile_model`` / ``channels_last``: as the local engine,
+      resolved inside each actor (``auto`` picks the actor's GPU when it has one; ``cuda:N``
+      means the actor's own GPU, which Ray assigns).
+    - ``batch_size``: images per model call (None: the local engine's default for the
+      device the actors run on: 32 on a GPU, 8 on the CPU).
+    - ``replicas``: model actors (None: one per GPU in the cluster, or CPU actors when
+      there is no GPU or ``device`` is ``cpu``: see :func:`plan_actors`).  All of them
+      are started at once (``min_size == max_size``).
+    - ``address``: a Ray cluster to join (None: ``RAY_ADDRESS``, else a local Ray started
+      for the run and shut down at its end).  When Ray is already initialised in this
+      process, that instance is used and left running.
+    - ``verbose``: Ray's own logging and the workers' output on stderr (else only errors).
+    - ``metadata``: the ``convnext_cli`` key-value metadata of the Parquet parts.
+    - ``temp_dir``: a local Ray's temporary folder (None: a fresh one under /tmp, removed
+      at the end unless ``verbose``).
+    """
+
+    task: str
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    top_k: int = 5
+    normalize: bool = False
+    batch_size: int | None = None
+    replicas: int | None = None
+    address: str | None = None
+    compile_model: bool = False
+    channels_last: bool = True
+    verbose: bool = False
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    temp_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classify", "embed"):
+            raise UsageError(f"unknown task {self.task!r}: classify or embed")
+        if self.replicas is not None and self.replicas < 1:
+            raise UsageError(f"--replicas {self.replicas}: use 1 or more")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: use 1 or more")
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many model actors, and what each asks Ray for."""
+
+    replicas: int
+    num_cpus: float
+    num_gpus: float
+    threads: int | None  # torch threads in a CPU actor (None: leave torch's default)
+    decode_cpus: float  # what each decode task asks for
+    batch_size: int
+
+
+def require_ray() -> Any:
+    """The ``ray`` module, or the one-line usage error naming the extra."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(NEEDS_RAY) from exc
+    return ray
+
+
+# --- loading: the one place an actor gets its model --------------------------------------
+
+
+def load_runner(options: RayOptions) -> Runner:
+    """Load the model once, on this process's device, as the local engine does.
+
+    This is cli/batch_run.load_runner's core without its stderr notes; swap it for the
+    core's single loading path when that lands.  JPEGs are always decoded on the CPU by
+    the decode tasks (``jpeg_on_device`` off).
+    """
+    from convnext_cli.checkpoints import build_model, load_checkpoint
+    from convnext_cli.device import resolve
+    from convnext_cli.pipeline import Runner
+
+    device = options.device
+    if device.startswith("cuda"):
+        device = "cuda"  # Ray gives each GPU actor its own GPU (CUDA_VISIBLE_DEVICES)
+    placement = resolve(device, options.dtype)
+    checkpoint = load_checkpoint(options.model)
+    net = build_model(
+        checkpoint, placement.device, placement.dtype, channels_last=options.channels_last
+    )
+    runner = Runner(
+        net, checkpoint.preprocess, placement.device, placement.dtype, options.channels_last
+    )
+    if options.compile_model:
+        runner.compile()
+    return runner
+
+
+def read_preprocessing(model: str, task: str) -> tuple[PreprocessSpec, int]:
+    """On the driver, before Ray starts: the checkpoint's preprocessing and feature width,
+    and the usage errors a bad model or a classify on a feature model should give."""
+    from convnext_cli.checkpoints import load_checkpoint
+
+    checkpoint = load_checkpoint(model)
+    if task == "classify" and not checkpoint.config.labels:
+        raise UsageError(
+            "this checkpoint has no classification head (a feature model): use `convnext embed`"
+        )
+    return checkpoint.preprocess, int(checkpoint.config.hidden_sizes[-1])
+
+
+# --- Ray's life cycle ----------------------------------------------------------------------
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """No progress bars or execution banners from Ray Data; its loggers at ERROR."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    context.execution_options.preserve_order = True
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("ray", "ray.data", "ray.data._internal"):
+        logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _silenced_stderr(enabled: bool) -> Iterator[None]:
+    """File descriptor 2 to /dev/null (what C++ code and started processes write there);
+    Python exceptions still propagate.  The processes ray.init starts keep logging to
+    files in Ray's session folder."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def ray_session(options: RayOptions) -> Iterator[Any]:
+    """Ray for one run: the instance already initialised here, the cluster at
+    ``options.address`` / ``RAY_ADDRESS``, or a local one on 127.0.0.1 started for the run.
+    Only what this function started is shut down (never ``ray stop``)."""
+    ray = require_ray()
+    if ray.is_initialized():
+        quiet_ray_data(options.verbose)
+        yield ray
+        return
+    level = logging.INFO if options.verbose else logging.ERROR
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not options.verbose:
+        # the driver's C++ log lines on stderr (Ray Data's actor pools always trigger a
+        # warning about constructor arguments in the object store); setting it is itself
+        # logged, inside ray.init, where stderr is silenced
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    temp_dir = None
+    with _silenced_stderr(not options.verbose):
+        if address:
+            ray.init(address=address, logging_level=level, log_to_driver=options.verbose)
+        else:
+            temp_dir = options.temp_dir or tempfile.mkdtemp(prefix="convnext-ray-", dir="/tmp")
+            ray.init(
+                address="local",  # never join an instance found through ray_current_cluster
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                logging_level=level,
+                log_to_driver=options.verbose,
+                _temp_dir=temp_dir,
+            )
+    try:
+        quiet_ray_data(options.verbose)
+        yield ray
+    finally:
+        ray.shutdown()
+        if temp_dir and not options.temp_dir and not options.verbose:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def plan_actors(resources: Mapping[str, float], options: RayOptions) -> ActorPlan:
+    """Model actors for the cluster's resources (``ray.cluster_resources()``).
+
+    - GPUs (and ``device`` not ``cpu``): ``replicas`` or one per GPU, one GPU each.
+    - no GPU: ``replicas`` or one CPU actor per 8 CPUs (at least 1), each running torch on
+      its share of the CPUs (``threads``).
+    - CPUs asked: on a small machine (4 CPUs or fewer) a decode task asks for half a CPU
+      and an actor for a quarter, so that an actor pool plus a decode task can never wait
+      on each other for a whole CPU; elsewhere a decode task asks for 1 CPU, a GPU actor
+      for 1, a CPU actor for its threads less one (at least 2).  An actor never asks for
+      what a decode task asks for: Ray Data fuses stages with equal resources into one,
+      which would decode inside the actors.
+    """
+    cpus = float(resources.get("CPU", 1.0))
+    gpus = int(resources.get("GPU", 0))
+    small = cpus <= 4
+    decode_cpus = 0.5 if small else 1.0
+    if gpus > 0 and options.device not in ("cpu", "mps"):
+        replicas = options.replicas or gpus
+        actor_cpus = 0.25 if small else 1.0
+        return ActorPlan(replicas, actor_cpus, 1.0, None, decode_cpus, options.batch_size or 32)
+    replicas = options.replicas or max(1, int(cpus) // 8)
+    threads = max(1, int(cpus) // replicas)
+    actor_cpus = 0.25 if small else float(max(2, threads - 1))
+    return ActorPlan(replicas, actor_cpus, 0.0, threads, decode_cpus, options.batch_size or 8)
+
+
+# --- the stages ----------------------------------------------------------------------------
+
+
+def _test_hook(event: str, first_id: int = -1) -> None:
+    """Test-only (see TEST_DIR_ENV): record this process and pause; nothing otherwise."""
+    folder = os.environ.get(TEST_DIR_ENV)
+    if not folder:
+        return
+    with open(os.path.join(folder, "pids"), "a", encoding="utf-8") as out:
+        out.write(f"{event} {os.getpid()} {first_id} {time.time():.3f}\n")
+    with contextlib.suppress(OSError, ValueError):
+        stage = event.split("-")[0]
+        with open(os.path.join(folder, f"delay-{stage}"), encoding="utf-8") as delay:
+            time.sleep(float(delay.read().strip() or 0))
+
+
+def decode_rows(batch: pa.Table, spec: PreprocessSpec) -> pa.Table:
+    """Decode stage (a CPU task): (id, file) -> (id, error, shape, pixels).
+
+    ``file`` holds the path's bytes (``os.fsencode``: any name the file system allows);
+    ``pixels`` a uint8 (3, h, w) image as bytes, resized and cropped per ``spec``.
+    """
+    import pyarrow as pa
+    import torch
+
+    from convnext_cli.decode_pool import decode_one
+
+    ids = batch.column("id").to_pylist()
+    _test_hook("decode", ids[0] if ids else -1)
+    errors: list[str | None] = []
+    shapes: list[list[int] | None] = []
+    pixels: list[bytes | None] = []
+    for raw in batch.column("file").to_pylist():
+        outcome = decode_one(os.fsdecode(raw), spec, False)
+        if isinstance(outcome, torch.Tensor):
+            errors.append(None)
+            shapes.append(list(outcome.shape))
+            pixels.append(outcome.contiguous().numpy().tobytes())
+        else:  # the one-line reason (decode_one never raises)
+            errors.append(str(outcome))
+            shapes.append(None)
+            pixels.append(None)
+    return pa.table(
+        {
+            "id": batch.column("id"),
+            "error": pa.array(errors, pa.string()),
+            "shape": pa.array(shapes, pa.list_(pa.int32())),
+            "pixels": pa.array(pixels, pa.binary()),
+        }
+    )
+
+
+def classify_schema() -> pa.Schema:
+    """The project's Parquet classify schema (parquet_output.CLASSIFY_SCHEMA)."""
+    import pyarrow as pa
+
+    prediction = pa.struct([("label", pa.string()), ("index", pa.int32()), ("score", pa.float64())])
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("error", pa.string()),
+            ("label", pa.string()),
+            ("index", pa.int32()),
+            ("score", pa.float64()),
+            ("predictions", pa.list_(prediction)),
+        ]
+    )
+
+
+def embed_schema(dim: int) -> pa.Schema:
+    """The project's Parquet embed schema (parquet_output.embed_schema(dim))."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [("path", pa.string()), ("error", pa.string()), ("embedding", pa.list_(pa.float32(), dim))]
+    )
+
+
+def text(value: str) -> str:
+    """Parquet strings are UTF-8: undecodable bytes become ``\\udcXX`` escapes
+    (parquet_output.text)."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class ModelActor:
+    """Model stage: one actor per replica, the model loaded once in the constructor.
+
+    Rows in: (id, error, shape, pixels) [+ file when writing parts]; rows out: (id, error,
+    labels, indices, scores) for classify, (id, error, embedding) for embed, or, with
+    ``parts_dir``, (id, error) after writing the batch as a Parquet part.
+    """
+
+    def __init__(
+        self,
+        options: RayOptions,
+        batch_size: int,
+        threads: int | None,
+        parts_dir: str | None = None,
+        run_tag: str = "",
+        dim: int = 0,
+    ) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the actor's CPUs
+        _test_hook("actor-start")
+        self.options = options
+        self.batch_size = batch_size
+        self.runner = load_runner(options)
+        # The decode tasks resized and cropped already: the runner only normalises.
+        self.runner.spec = dataclasses.replace(
+            self.runner.spec, do_resize=False, do_center_crop=False
+        )
+        self.parts_dir = Path(parts_dir) if parts_dir else None
+        self.run_tag = run_tag
+        self.dim = dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import numpy as np
+        import torch
+
+        from convnext_cli.pipeline import InMemoryImage
+
+        ids = batch.column("id").to_pylist()
+        items = []
+        for i, error, shape, data in zip(
+            ids,
+            batch.column("error").to_pylist(),
+            batch.column("shape").to_pylist(),
+            batch.column("pixels").to_pylist(),
+            strict=True,
+        ):
+            if error is not None:
+                items.append(InMemoryImage(str(i), None, error))
+                continue
+            array = np.frombuffer(data, dtype=np.uint8).reshape(shape)
+            items.append(InMemoryImage(str(i), torch.from_numpy(array.copy())))
+        options = self.options
+        if options.task == "classify":
+            batches = self.runner.classify(items, options.top_k, self.batch_size, workers=0)
+        else:
+            batches = self.runner.embed(items, options.normalize, self.batch_size, workers=0)
+        results = [r for results in batches for r in results]
+        _test_hook("actor-call", ids[0] if ids else -1)
+        if self.parts_dir is not None:
+            files = [os.fsdecode(f) for f in batch.column("file").to_pylist()]
+            return self._write_part(ids, files, results)
+        return self._columns(ids, results)
+
+    def _columns(self, ids: list[int], results: list[Result]) -> pa.Table:
+        import pyarrow as pa
+
+        errors = [r.error for r in results]
+        if self.options.task == "embed":
+            vectors = [
+                None if r.error is not None or r.embedding is None else r.embedding.numpy()
+                for r in results
+            ]
+            return pa.table(
+                {
+                    "id": pa.array(ids, pa.int64()),
+                    "error": pa.array(errors, pa.string()),
+                    "embedding": pa.array(
+                        [None if v is None else v.tolist() for v in vectors],
+                        pa.list_(pa.float32()),
+                    ),
+                }
+            )
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.int64()),
+                "error": pa.array(errors, pa.string()),
+                "labels": pa.array([[p.label for p in r.predictions] for r in results]),
+                "indices": pa.array(
+                    [[p.index for p in r.predictions] for r in results], pa.list_(pa.int32())
+                ),
+                "scores": pa.array(
+                    [[float(p.score) for p in r.predictions] for r in results],
+                    pa.list_(pa.float64()),
+                ),
+            }
+        )
+
+    def _write_part(self, ids: list[int], files: list[str], results: list[Result]) -> pa.Table:
+        """This batch as one part file, named by its first and last ids: a retried batch
+        rewrites the same file, so no row is ever written twice."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        assert self.parts_dir is not None
+        rows = [self._row(text(path), result) for path, result in zip(files, results, strict=True)]
+        schema = classify_schema() if self.options.task == "classify" else embed_schema(self.dim)
+        metadata = {METADATA_KEY: json.dumps(dict(self.options.metadata), sort_keys=True)}
+        table = pa.Table.from_pylist(rows, schema=schema.with_metadata(metadata))
+        name = f"part-{self.run_tag}-{min(ids):010d}-{max(ids):010d}.parquet"
+        final = self.parts_dir / name
+        temporary = self.parts_dir / f".{name}.{os.getpid()}.tmp"
+        pq.write_table(table, temporary)
+        os.replace(temporary, final)
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.int64()),
+                "error": pa.array([r.error for r in results], pa.string()),
+            }
+        )
+
+    def _row(self, path: str, result: Result) -> dict[str, Any]:
+        """One Parquet row, as parquet_output.ParquetRecordWriter._row makes it."""
+        row: dict[str, Any] = {"path": path, "error": result.error}
+        if self.options.task == "embed":
+            ok = result.embedding is not None and result.error is None
+            row["embedding"] = result.embedding.float().tolist() if ok else None  # type: ignore[union-attr]
+            return row
+        predictions = [
+            {"label": p.label, "index": p.index, "score": float(p.score)}
+            for p in result.predictions
+        ]
+        top = predictions[0] if predictions and result.error is None else None
+        row.update(
+            label=top["label"] if top else None,
+            index=top["index"] if top else None,
+            score=top["score"] if top else None,
+            predictions=predictions if result.error is None else None,
+        )
+        return row
+
+
+def build_dataset(
+    ray: Any,
+    paths: Sequence[str],
+    options: RayOptions,
+    spec: PreprocessSpec,
+    plan: ActorPlan,
+    parts_dir: str | None = None,
+    run_tag: str = "",
+    dim: int = 0,
+) -> Any:
+    """The lazy Ray Dataset: rows -> decode tasks -> model actors."""
+    import pyarrow as pa
+
+    # one block per DECODE_ROWS inputs, made here (no repartition stage)
+    blocks = [
+        pa.table(
+            {
+                "id": pa.array(range(start, min(start + DECODE_ROWS, len(paths))), pa.int64()),
+                "file": pa.array(
+                    [os.fsencode(p) for p in paths[start : start + DECODE_ROWS]], pa.binary()
+                ),
+            }
+        )
+        for start in range(0, len(paths), DECODE_ROWS)
+    ]
+    ds = ray.data.from_arrow(blocks)
+    # with parts, the model stage writes the paths: the file column comes along
+    decoded = ds.map_batches(
+        decode_rows if parts_dir is None else _decode_keeping_file,
+        fn_kwargs={"spec": spec},
+        batch_size=DECODE_ROWS,
+        batch_format="pyarrow",
+        num_cpus=plan.decode_cpus,
+    )
+    from ray.data import ActorPoolStrategy
+
+    return decoded.map_batches(
+        ModelActor,
+        fn_constructor_kwargs={
+            "options": options,
+            "batch_size": plan.batch_size,
+            "threads": plan.threads,
+            "parts_dir": parts_dir,
+            "run_tag": run_tag,
+            "dim": dim,
+        },
+        compute=ActorPoolStrategy(min_size=plan.replicas, max_size=plan.replicas),
+        # the runner splits a call into model batches itself; a part is one call
+        batch_size=plan.batch_size if parts_dir is None else max(plan.batch_size, PART_ROWS),
+        batch_format="pyarrow",
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus or None,
+    )
+
+
+def _decode_keeping_file(batch: pa.Table, spec: PreprocessSpec) -> pa.Table:
+    return decode_rows(batch, spec).append_column("file", batch.column("file"))
+
+
+# --- the two ways out ----------------------------------------------------------------------
+
+
+def results_from_table(table: pa.Table, paths: Sequence[str], task: str) -> list[Result]:
+    """Model-stage rows back into Result objects, with each input's own path."""
+    from convnext_cli.pipeline import Prediction, Result
+
+    ids = table.column("id").to_pylist()
+    errors = table.column("error").to_pylist()
+    out = []
+    if task == "embed":
+        import numpy as np
+        import torch
+
+        vectors = table.column("embedding").to_pylist()
+        for i, error, vector in zip(ids, errors, vectors, strict=True):
+            embedding = None
+            if error is None and vector is not None:
+                embedding = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+            out.append(Result(path=paths[i], error=error, embedding=embedding))
+        return out
+    columns = zip(
+        ids,
+        errors,
+        table.column("labels").to_pylist(),
+        table.column("indices").to_pylist(),
+        table.column("scores").to_pylist(),
+        strict=True,
+    )
+    for i, error, labels, indices, scores in columns:
+        predictions = [
+            Prediction(label, index, score)
+            for label, index, score in zip(labels or [], indices or [], scores or [], strict=True)
+        ]
+        out.append(Result(path=paths[i], error=error, predictions=predictions))
+    return out
+
+
+def _stream(
+    paths: Sequence[str], options: RayOptions, parts_dir: str | None
+) -> Iterator[list[Result]]:
+    from convnext_cli.pipeline import Result
+
+    if not paths:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    with contextlib.ExitStack() as stack:
+        # the checkpoint is read (torch imported, weights checked) while Ray starts
+        with ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(read_preprocessing, options.model, options.task)
+            try:
+                ray = stack.enter_context(ray_session(options))
+            except BaseException:
+                reading.result()  # a bad model is the error to report, not Ray's
+                raise
+            spec, dim = reading.result()
+        plan = plan_actors(ray.cluster_resources(), options)
+        ds = build_dataset(ray, paths, options, spec, plan, parts_dir, run_tag, dim)
+        expected = 0
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            if table.num_rows == 0:
+                continue
+            if parts_dir is None:
+                results = results_from_table(table, paths, options.task)
+            else:
+                results = [
+                    Result(path=paths[i], error=e)
+                    for i, e in zip(
+                        table.column("id").to_pylist(),
+                        table.column("error").to_pylist(),
+                        strict=True,
+                    )
+                ]
+            for offset, result in enumerate(results):
+                if result.path != paths[expected + offset]:
+                    raise RuntimeError("Ray returned the records out of order")
+            expected += len(results)
+            yield results
+        if expected != len(paths):
+            raise RuntimeError(f"Ray returned {expected} records for {len(paths)} inputs")
+
+
+def run_on_ray(paths: Sequence[str], options: RayOptions) -> Iterator[list[Result]]:
+    """Every input's Result, in input order, batch by batch (what Runner.classify/embed
+    yield), computed on Ray: the driver receives plain columns and builds the Results.
+
+    Raises UsageError without Ray, for a bad model (before Ray starts), or a classify on a
+    feature model.  Progress is the caller's, from the batches.
+    """
+    require_ray()
+    return _stream(list(paths), options, None)
+
+
+def write_parts_on_ray(
+    paths: Sequence[str], options: RayOptions, folder: str | os.PathLike[str]
+) -> Iterator[list[Result]]:
+    """Records written by the model actors as Parquet part files into ``folder`` (created),
+    the project's Parquet columns, one row per input, none through the driver.
+
+    Yields, in input order, light Results (path and error only) for progress and the exit
+    code.  A part is named ``part-<run>-<first id>-<last id>.parquet`` and written under a
+    temporary name then renamed; :func:`done_paths` lists what a folder already holds.
+    """
+    require_ray()
+    target = Path(folder)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{target}: cannot write output ({exc.strerror})") from exc
+    return _stream(list(paths), options, str(target.resolve()))
+
+
+def done_paths(folder: str | os.PathLike[str], include_errors: bool = True) -> set[str]:
+    """The ``path`` values of every readable part in ``folder`` (for ``--resume``: skip the
+    inputs whose ``text(path)`` is in it); without ``include_errors``, only the rows that
+    succeeded.  Temporary files of an interrupted write are ignored (and removed); a part
+    that cannot be read is ignored too."""
+    import pyarrow.parquet as pq
+
+    target = Path(folder)
+    if not target.is_dir():
+        return set()
+    for stale in target.glob(".part-*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    done: set[str] = set()
+    for part in sorted(target.glob(PART_GLOB)):
+        try:
+            table = pq.read_table(part, columns=["path", "error"])
+        except Exception:
+            continue
+        for path, error in zip(
+            table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True
+        ):
+            if path is not None and (include_errors or error is None):
+                done.add(path)
+    return done

@@ -1,0 +1,305 @@
+"""The Ray Data engine: the local engine's records, whatever Ray kills on the way.
+
+One local Ray for the module (loopback, its own short temporary folder, no dashboard),
+started by the fixture and shut down by it.  The stages record their process ids in a
+folder only these tests name (``CONVNEXT_RAY_TEST_DIR``), so that a test can ``kill -9`` a
+model actor or a decoding worker mid-run, and read a per-call pause from it, so that the
+kill lands while there is work left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from convnext_cli import ray_engine
+from convnext_cli.cli.batch_run import load_runner
+from convnext_cli.pipeline import Result
+
+ray = pytest.importorskip("ray")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="cnr-hooks-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_ray(hooks: Path) -> Iterator[None]:
+    """A Ray of its own for this module, on 127.0.0.1, with a short temporary folder."""
+    temp = tempfile.mkdtemp(prefix="cnr-", dir="/tmp")
+    os.environ[ray_engine.TEST_DIR_ENV] = str(hooks)  # inherited by Ray's workers
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        _temp_dir=temp,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        os.environ.pop(ray_engine.TEST_DIR_ENV, None)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture()
+def clean_hooks(hooks: Path) -> Path:
+    for name in ("pids", "delay-decode", "delay-actor"):
+        (hooks / name).unlink(missing_ok=True)
+    return hooks
+
+
+@pytest.fixture(scope="module")
+def inputs(photos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The sample photos, one under a name that is not UTF-8, then broken files: empty,
+    truncated, text named .png."""
+    broken = tmp_path_factory.mktemp("broken")
+    odd = os.path.join(os.fsencode(broken), b"caf\xe9.jpg")
+    with open(odd, "wb") as out:
+        out.write(photos[0].read_bytes())
+    (broken / "empty.jpg").write_bytes(b"")
+    (broken / "truncated.jpg").write_bytes(photos[-1].read_bytes()[:300])
+    (broken / "text.png").write_text("this is not a picture\n")
+    paths = [str(p) for p in photos]
+    names = ("empty.jpg", "truncated.jpg", "text.png")
+    return [*paths, os.fsdecode(odd), *(str(broken / n) for n in names)]
+
+
+def local_records(model: Path, paths: list[str], task: str, **kw: object) -> list[Result]:
+    runner = load_runner(str(model), "cpu", "float32")
+    if task == "classify":
+        return [r for b in runner.classify(paths, workers=0, **kw) for r in b]  # type: ignore[arg-type]
+    return [r for b in runner.embed(paths, workers=0, **kw) for r in b]  # type: ignore[arg-type]
+
+
+def options(model: Path, task: str = "classify", **kw: object) -> ray_engine.RayOptions:
+    return ray_engine.RayOptions(task=task, model=str(model), device="cpu", dtype="float32", **kw)  # type: ignore[arg-type]
+
+
+def assert_same(ray_results: list[Result], local: list[Result]) -> None:
+    assert [r.path for r in ray_results] == [r.path for r in local]
+    for got, want in zip(ray_results, local, strict=True):
+        assert got.error == want.error, got.path
+        assert [p.index for p in got.predictions] == [p.index for p in want.predictions]
+        assert [p.label for p in got.predictions] == [p.label for p in want.predictions]
+        for g, w in zip(got.predictions, want.predictions, strict=True):
+            assert abs(g.score - w.score) <= 1e-6
+        if want.embedding is None:
+            assert got.embedding is None
+        else:
+            assert got.embedding is not None
+            diff = (got.embedding - want.embedding).norm() / want.embedding.norm()
+            assert float(diff) <= 1e-6
+
+
+def events(hooks: Path) -> list[tuple[str, int, int]]:
+    path = hooks / "pids"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        event, pid, first = line.split()[:3]
+        out.append((event, int(pid), int(first)))
+    return out
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# --- no Ray, no cluster ----------------------------------------------------------------------
+
+
+def test_without_ray_the_import_works_and_the_call_is_a_usage_error() -> None:
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from convnext_cli import ray_engine\n"
+        "from convnext_cli.errors import UsageError\n"
+        "try:\n"
+        "    ray_engine.run_on_ray(['x.jpg'], ray_engine.RayOptions('classify', 'm'))\n"
+        "except UsageError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ray_engine.NEEDS_RAY
+
+
+def test_actor_plan() -> None:
+    opts = ray_engine.RayOptions(task="classify", model="m")
+    two = ray_engine.plan_actors({"CPU": 2.0}, opts)
+    assert (two.replicas, two.num_gpus, two.threads, two.batch_size) == (1, 0.0, 2, 8)
+    assert two.num_cpus + two.decode_cpus <= 1.0  # an actor and a decode task fit in 1 CPU
+    gpus = ray_engine.plan_actors({"CPU": 32.0, "GPU": 4.0}, opts)
+    assert (gpus.replicas, gpus.num_gpus, gpus.batch_size) == (4, 1.0, 32)
+    cpus = ray_engine.plan_actors(
+        {"CPU": 64.0, "GPU": 4.0}, ray_engine.RayOptions("embed", "m", device="cpu")
+    )
+    assert (cpus.replicas, cpus.num_gpus, cpus.threads) == (8, 0.0, 8)
+    for plan in (two, gpus, cpus):  # never equal: Ray Data would fuse decoding into the actors
+        assert (plan.num_cpus, plan.num_gpus) != (plan.decode_cpus, 0.0)
+    with pytest.raises(ray_engine.UsageError):
+        ray_engine.RayOptions(task="classify", model="m", replicas=0)
+
+
+# --- on a local Ray ------------------------------------------------------------------------
+
+
+def test_classify_gives_the_local_records(
+    local_ray: None, clean_hooks: Path, v1_checkpoint: Path, inputs: list[str]
+) -> None:
+    local = local_records(v1_checkpoint, inputs, "classify", top_k=5)
+    assert sum(r.error is not None for r in local) == 3
+    batches = list(ray_engine.run_on_ray(inputs, options(v1_checkpoint, top_k=5)))
+    assert_same([r for b in batches for r in b], local)
+    started = [e for e in events(clean_hooks) if e[0] == "decode"]
+    actors = {pid for event, pid, _ in events(clean_hooks) if event.startswith("actor")}
+    # decoding ran in its own tasks, not fused into the model actors
+    assert started and not {pid for _, pid, _ in started} & actors
+
+
+def test_embed_gives_the_local_records(
+    local_ray: None, clean_hooks: Path, v2_checkpoint: Path, inputs: list[str]
+) -> None:
+    local = local_records(v2_checkpoint, inputs, "embed", normalize=True)
+    got = list(ray_engine.run_on_ray(inputs, options(v2_checkpoint, "embed", normalize=True)))
+    assert_same([r for b in got for r in b], local)
+
+
+def test_a_model_actor_killed_mid_run_loses_and_repeats_nothing(
+    local_ray: None, clean_hooks: Path, v1_checkpoint: Path, photos: list[Path]
+) -> None:
+    paths = [str(p) for p in photos] * 8  # 48 inputs, 6 model calls of 8
+    local = local_records(v1_checkpoint, paths, "classify", top_k=3)
+    (clean_hooks / "delay-actor").write_text("0.4")
+    stream = ray_engine.run_on_ray(paths, options(v1_checkpoint, top_k=3, batch_size=8))
+    got = list(next(stream))
+    victim = next(pid for event, pid, _ in events(clean_hooks) if event == "actor-call")
+    os.kill(victim, signal.SIGKILL)
+    killed_at = len(events(clean_hooks))
+    for batch in stream:
+        got += batch
+    assert_same(got, local)  # one record per input, in order, none duplicated
+    after = [(event, pid) for event, pid, _ in events(clean_hooks)[killed_at:]]
+    assert any(event == "actor-call" and pid != victim for event, pid in after), (
+        "no replacement actor ran a batch after the kill"
+    )
+
+
+def test_a_decoding_worker_killed_mid_task_is_retried(
+    local_ray: None, clean_hooks: Path, v1_checkpoint: Path, photos: list[Path]
+) -> None:
+    paths = [str(p) for p in photos] * 6  # 36 inputs, 3 decode tasks of 16
+    local = local_records(v1_checkpoint, paths, "classify", top_k=3)
+    (clean_hooks / "delay-decode").write_text("3")
+    stream = ray_engine.run_on_ray(paths, options(v1_checkpoint, top_k=3))
+    got: list[Result] = []
+
+    def kill_first_decoder() -> None:
+        wait_for(lambda: any(e[0] == "decode" for e in events(clean_hooks)))
+        _, pid, first = next(e for e in events(clean_hooks) if e[0] == "decode")
+        os.kill(pid, signal.SIGKILL)
+        kill_first_decoder.first = first  # type: ignore[attr-defined]
+
+    import threading
+
+    killer = threading.Thread(target=kill_first_decoder)
+    killer.start()
+    for batch in stream:
+        got += batch
+    killer.join()
+    assert_same(got, local)
+    first = kill_first_decoder.first  # type: ignore[attr-defined]
+    tries = [e for e in events(clean_hooks) if e[0] == "decode" and e[2] == first]
+    assert len(tries) >= 2, "the killed decode task was not run again"
+
+
+def test_parquet_parts_read_back_with_duckdb_and_resume(
+    local_ray: None, clean_hooks: Path, v1_checkpoint: Path, inputs: list[str], tmp_path: Path
+) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    out = tmp_path / "out"
+    first, rest = inputs[:5], inputs[5:]
+    light = [
+        r
+        for b in ray_engine.write_parts_on_ray(first, options(v1_checkpoint, top_k=3), out)
+        for r in b
+    ]
+    assert [r.path for r in light] == first
+    assert ray_engine.done_paths(out) == {ray_engine.text(p) for p in first}
+    todo = [p for p in inputs if ray_engine.text(p) not in ray_engine.done_paths(out)]
+    assert todo == rest
+    list(ray_engine.write_parts_on_ray(todo, options(v1_checkpoint, top_k=3), out))
+    (out / ".part-x.parquet.123.tmp").write_bytes(b"half a part")  # an interrupted write
+    names = {ray_engine.text(p) for p in inputs}
+    assert ray_engine.done_paths(out) == names
+    assert not list(out.glob(".*.tmp"))
+    assert len(ray_engine.done_paths(out, include_errors=False)) == len(inputs) - 3
+
+    local_run = local_records(v1_checkpoint, inputs, "classify", top_k=3)
+    local = {ray_engine.text(r.path): r for r in local_run}
+    rows = duckdb.sql(
+        f"select path, error, label, index, score, predictions "
+        f"from read_parquet('{out}/part-*.parquet') order by path"
+    ).fetchall()
+    assert sorted(r[0] for r in rows) == sorted(names)  # one row per input
+    for path, error, label, index, score, predictions in rows:
+        want = local[path]
+        assert error == want.error
+        if want.error is not None:
+            assert label is None and predictions is None
+            continue
+        assert (label, index) == (want.predictions[0].label, want.predictions[0].index)
+        assert abs(score - want.predictions[0].score) <= 1e-6
+        assert [p["index"] for p in predictions] == [p.index for p in want.predictions]
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    assert schema.names == ["path", "error", "label", "index", "score", "predictions"]
+
+
+def test_parquet_embed_parts(
+    local_ray: None, clean_hooks: Path, v2_checkpoint: Path, inputs: list[str], tmp_path: Path
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "emb"
+    list(ray_engine.write_parts_on_ray(inputs, options(v2_checkpoint, "embed"), out))
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
+    assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
+    local = {ray_engine.text(r.path): r for r in local_records(v2_checkpoint, inputs, "embed")}
+    assert sorted(table.column("path").to_pylist()) == sorted(local)
+    for path, error, vector in zip(
+        *(table.column(c).to_pylist() for c in ("path", "error", "embedding")), strict=True
+    ):
+        want = local[path]
+        assert error == want.error
+        if want.embedding is not None:
+            got = torch.tensor(vector)
+            assert float((got - want.embedding).norm() / want.embedding.norm()) <= 1e-6
+        else:
+            assert vector is None
