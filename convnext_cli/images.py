@@ -23,12 +23,12 @@ Limits, all checked before any pixel is decoded:
 - Pixels: images over :data:`MAX_PIXELS` (178,956,970) pixels are refused from their header
   (decompression bombs).
 - Memory per image: the decoded pixels may take at most :data:`DEFAULT_MAX_IMAGE_BYTES`
-  (1 GiB), overridable with ``CONVNEXT_MAX_IMAGE_BYTES``.  The estimate is the decoder's
+  (1.25 GiB: every 8-bit RGB image under the pixel limit fits), overridable with ``CONVNEXT_MAX_IMAGE_BYTES``.  The estimate is the decoder's
   buffer (Pillow: 4 bytes a pixel for colour images, 1 for greyscale and palette, 2 for
   16-bit greyscale; torchvision's 16-bit PNGs: 2 bytes a sample) plus the 3-byte RGB result
   (twice the decoder's buffer while a rotated image is turned upright, if that is more).
   Conversions to RGB run in strips of rows, never as full-size float or RGBA copies.  So an
-  8-bit RGB photo of up to 153 million pixels is decoded, a 12000 x 12000 16-bit RGBA PNG
+  8-bit RGB photo of up to the pixel limit is decoded, a 12000 x 12000 16-bit RGBA PNG
   (1.58 GB by that estimate) is refused with a one-line record.  The resize that follows
   computes only what the centre crop keeps when its full output would be large (see
   :mod:`convnext_cli.preprocess`).
@@ -77,7 +77,7 @@ MAX_PIXELS = 178_956_970
 
 DEFAULT_MAX_FILE_BYTES = 256 * 1024**2
 MAX_FILE_BYTES_ENV = "CONVNEXT_MAX_FILE_BYTES"
-DEFAULT_MAX_IMAGE_BYTES = 1024**3
+DEFAULT_MAX_IMAGE_BYTES = 5 * 1024**3 // 4  # MAX_PIXELS x (4 + 3) bytes fits
 MAX_IMAGE_BYTES_ENV = "CONVNEXT_MAX_IMAGE_BYTES"
 MAX_JPEG_SCANS = 100
 MAX_TIFF_BLOCKS = 1 << 17
@@ -112,7 +112,7 @@ def max_file_bytes() -> int:
 
 
 def max_image_bytes() -> int:
-    """The per-image decoding budget, in bytes: ``CONVNEXT_MAX_IMAGE_BYTES`` or 1 GiB."""
+    """The per-image decoding budget, in bytes: ``CONVNEXT_MAX_IMAGE_BYTES`` or 1.25 GiB."""
     return _limit_from_env(MAX_IMAGE_BYTES_ENV, DEFAULT_MAX_IMAGE_BYTES)
 
 

@@ -77,14 +77,25 @@ def test_only_the_non_finite_rows_fail(
         assert got[0].predictions and all(math.isfinite(p.score) for p in got[0].predictions)
 
 
-def test_inf_in_the_weights_through_the_cli(tmp_path: Path, black_and_white: list[str]) -> None:
-    """An inf in the classifier's bias: every classify row fails, embed (which does not use
-    the head) is unaffected; the outputs are valid JSON and CSV without NaN."""
+def test_inf_in_the_weights_is_refused_at_load(tmp_path: Path, black_and_white: list[str]) -> None:
+    """An inf in the classifier's bias: the checkpoint is refused before any image, one line."""
     model = factories.hf_model(seed=5)
     with torch.no_grad():
         model.classifier.bias[3] = math.inf
     folder = factories.save_hf(model, tmp_path / "inf")
     cpu = ["-m", str(folder), "--device", "cpu", "--dtype", "float32", "--workers", "0"]
+    for command in ("classify", "embed"):
+        out = CliRunner().invoke(app, [command, *black_and_white, "--format", "jsonl", *cpu])
+        assert out.exit_code == 2, out.stderr
+        assert out.stdout == ""
+        (line,) = out.stderr.splitlines()
+        assert line.startswith("error: ") and "inf" in line.lower()
+
+
+def test_overflow_through_the_cli(huge_stem_weight: Path, black_and_white: list[str]) -> None:
+    """Finite weights whose activations overflow float32: the overflowing rows are error
+    records, the black image keeps its predictions; JSON and CSV hold no NaN or Infinity."""
+    cpu = ["-m", str(huge_stem_weight), "--device", "cpu", "--dtype", "float32", "--workers", "0"]
 
     def strict(text: str) -> object:
         return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in output"))
@@ -94,15 +105,19 @@ def test_inf_in_the_weights_through_the_cli(tmp_path: Path, black_and_white: lis
     assert out.exit_code == 1, out.stderr
     records = strict(out.stdout)
     assert [r["path"] for r in records] == black_and_white
-    assert [r.get("error") for r in records] == [NON_FINITE] * 3
+    assert [r.get("error") for r in records] == [None, NON_FINITE, NON_FINITE]
+    assert all(math.isfinite(p["score"]) for p in records[0]["predictions"])
 
     out = runner.invoke(app, ["classify", *black_and_white, "--format", "csv", *cpu])
     assert out.exit_code == 1
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
-    assert [r["error"] for r in rows] == [NON_FINITE] * 3
-    assert all(r["score"] == "" and r["label"] == "" for r in rows)
+    errors = [r for r in rows if r["error"]]
+    assert [r["error"] for r in errors] == [NON_FINITE] * 2
+    assert all(r["score"] == "" and r["label"] == "" for r in errors)
+    assert all(math.isfinite(float(r["score"])) for r in rows if not r["error"])
 
     out = runner.invoke(app, ["embed", *black_and_white, "--format", "jsonl", *cpu])
-    assert out.exit_code == 0, out.stderr
+    assert out.exit_code == 1, out.stderr
     lines = [strict(line) for line in out.stdout.splitlines()]
-    assert [len(r["embedding"]) for r in lines] == [32] * 3
+    assert [r.get("error") for r in lines] == [None, NON_FINITE, NON_FINITE]
+    assert len(lines[0]["embedding"]) == 32
