@@ -28,6 +28,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 from convnext_cli.errors import ImageError, one_line
 
@@ -35,24 +36,42 @@ IMAGE_COLUMNS = ("image", "jpg", "png", "img", "bytes", "image_bytes")
 ID_COLUMNS = ("id", "key", "__key__", "path", "file_name")
 TAR_SUFFIXES = (".tar",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
-PARQUET_READ_ROWS = 64  # rows decoded from a Parquet file at a time: bounds memory per file
 
 
 @dataclass(frozen=True)
 class Item:
-    """One input: where its bytes are, and the id its record carries as ``path``.
+    """One dataset input: where its bytes are, and the id its record carries as ``path``.
 
-    ``data`` holds bytes already in hand (a Parquet cell); ``length`` marks a byte range
-    of ``file`` (a tar member); otherwise ``file`` is read whole (within the size cap).
-    ``error`` is a failure known before reading (a broken shard, a missing cell).
+    A tar member is the byte range ``offset``, ``length`` of ``file``; a Parquet cell is row
+    ``row`` of row group ``row_group`` in ``column`` of ``file`` (read when it is decoded,
+    one row group at a time, so listing a dataset reads no image bytes).  ``error`` is a
+    failure known when listing (a broken shard).
     """
 
     id: str
     file: str | None = None
     offset: int = 0
     length: int | None = None
-    data: bytes | None = None
+    row_group: int | None = None
+    row: int = 0
+    column: str | None = None
     error: str | None = None
+
+
+def read_item(item: Item, max_bytes: int) -> bytes:
+    """The encoded image bytes of a dataset input, or ImageError with the reason."""
+    if item.error is not None:
+        raise ImageError(item.error)
+    if item.file is None:
+        raise ImageError("nothing to read")
+    if item.row_group is not None and item.column is not None:
+        data = _parquet_cell(item.file, item.row_group, item.column, item.row)
+        if len(data) > max_bytes:
+            raise ImageError(f"cell is {len(data)} bytes, over the {max_bytes}-byte limit")
+        return data
+    if item.length is None:
+        raise ImageError("nothing to read")
+    return read_range(item.file, item.offset, item.length, max_bytes)
 
 
 def is_dataset_file(name: str) -> bool:
@@ -196,7 +215,7 @@ def read_range(path: str, offset: int, length: int, max_bytes: int) -> bytes:
 def parquet_items(
     path: str, image_column: str | None = None, id_column: str | None = None
 ) -> Iterator[Item]:
-    """One item per row, its cell's bytes in hand; a few rows read at a time."""
+    """One item per row, by row group and row; only the id column is read here."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -206,19 +225,46 @@ def parquet_items(
         names = parquet.schema_arrow.names
         image = _pick_column(names, image_column, IMAGE_COLUMNS, "image", path)
         ident = _pick_id_column(names, id_column, path)
-        columns = [image] if ident is None else [image, ident]
-        for batch in parquet.iter_batches(batch_size=PARQUET_READ_ROWS, columns=columns):
-            cells = batch.column(0)
-            ids = batch.column(1).to_pylist() if ident is not None else None
-            for n in range(batch.num_rows):
-                item_id = f"{path}#{row}" if ids is None or ids[n] is None else str(ids[n])
-                yield _cell_item(item_id, cells[n])
+        for group in range(parquet.num_row_groups):
+            count = parquet.metadata.row_group(group).num_rows
+            ids: list[object] = [None] * count
+            if ident is not None:
+                ids = parquet.read_row_group(group, columns=[ident]).column(0).to_pylist()
+            for n in range(count):
+                item_id = f"{path}#{row}" if ids[n] is None else str(ids[n])
+                yield Item(item_id, file=path, row_group=group, row=n, column=image)
                 row += 1
     except _ColumnMissing as exc:
         yield Item(path, error=str(exc))
     except (pa.ArrowException, OSError, ValueError) as exc:
         where = f"after row {row}" if row else "at the start"
         yield Item(path, error=f"corrupt or unreadable Parquet file {where} ({one_line(exc)})")
+
+
+@lru_cache(maxsize=2)
+def _row_group_cells(path: str, group: int, column: str) -> list[object]:
+    """One row group's image column (decoders take consecutive rows: read once, use many)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0).to_pylist()
+
+
+def _parquet_cell(path: str, group: int, column: str, row: int) -> bytes:
+    import pyarrow as pa
+
+    try:
+        value = _row_group_cells(path, group, column)[row]
+    except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
+        raise ImageError(f"cannot read the Parquet row ({one_line(exc)})") from exc
+    if isinstance(value, dict):  # the {bytes, path} struct Hugging Face datasets writes
+        value = value.get("bytes")
+    if value is None:
+        raise ImageError("no image bytes in this row")
+    if isinstance(value, str):
+        raise ImageError("the image column holds text, not encoded image bytes")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ImageError(f"the image column holds {type(value).__name__}, not bytes")
+    return bytes(value)
 
 
 class _ColumnMissing(Exception):
@@ -245,17 +291,3 @@ def _pick_id_column(names: list[str], chosen: str | None, path: str) -> str | No
     if chosen is not None:
         return _pick_column(names, chosen, ID_COLUMNS, "id", path)
     return next((c for c in ID_COLUMNS if c in names), None)
-
-
-def _cell_item(item_id: str, cell: object) -> Item:
-    """A binary cell, or the ``{bytes, path}`` struct Hugging Face datasets writes."""
-    value = cell.as_py()  # type: ignore[attr-defined]
-    if isinstance(value, dict):
-        value = value.get("bytes")
-    if value is None:
-        return Item(item_id, error="no image bytes in this row")
-    if isinstance(value, str):
-        return Item(item_id, error="the image column holds text, not encoded image bytes")
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        return Item(item_id, error=f"the image column holds {type(value).__name__}, not bytes")
-    return Item(item_id, data=bytes(value))

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from convnext_cli import images
 from convnext_cli.errors import ImageError, UsageError, one_line
+from convnext_cli.inputs import InputRef, read_input
 from convnext_cli.jpeg_on_device import EncodedJpeg, for_device
 
 if TYPE_CHECKING:
@@ -77,10 +78,11 @@ def failure(exc: BaseException) -> str:
     return f"cannot decode image: {one_line(exc)}"  # a decoder bug must not end the run
 
 
-def decode_one(path: str, spec: PreprocessSpec, jpeg_on_device: bool) -> Outcome:
-    """Read, decode and resize one file; never raises (the error is the outcome)."""
+def decode_one(ref: InputRef, spec: PreprocessSpec, jpeg_on_device: bool) -> Outcome:
+    """Read, decode and resize one input (a file, or a dataset member or row); never raises
+    (the error is the outcome)."""
     try:
-        data = images.read_file(path)
+        data = read_input(ref)
         if jpeg_on_device:
             encoded = for_device(data)
             if encoded is not None:
@@ -205,7 +207,7 @@ class Task:
 
     id: int
     batch: int
-    items: list[tuple[int, str]]
+    items: list[tuple[int, InputRef]]
     deaths: int = 0  # how many decoding processes died while holding it
 
 
@@ -253,7 +255,7 @@ class DecodePool:
 
     # tasks
 
-    def submit(self, batch: int, items: list[tuple[int, str]], deaths: int = 0) -> None:
+    def submit(self, batch: int, items: list[tuple[int, InputRef]], deaths: int = 0) -> None:
         self._ids += 1
         self.pending.append(Task(self._ids, batch, items, deaths))
 

@@ -23,7 +23,8 @@ Limits, all checked before any pixel is decoded:
 - Pixels: images over :data:`MAX_PIXELS` (178,956,970) pixels are refused from their header
   (decompression bombs).
 - Memory per image: the decoded pixels may take at most :data:`DEFAULT_MAX_IMAGE_BYTES`
-  (1.25 GiB: every 8-bit RGB image under the pixel limit fits), overridable with ``CONVNEXT_MAX_IMAGE_BYTES``.  The estimate is the decoder's
+  (1.25 GiB: every 8-bit RGB image under the pixel limit fits), overridable with
+  ``CONVNEXT_MAX_IMAGE_BYTES``.  The estimate is the decoder's
   buffer (Pillow: 4 bytes a pixel for colour images, 1 for greyscale and palette, 2 for
   16-bit greyscale; torchvision's 16-bit PNGs: 2 bytes a sample) plus the 3-byte RGB result
   (twice the decoder's buffer while a rotated image is turned upright, if that is more).

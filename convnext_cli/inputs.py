@@ -18,7 +18,12 @@
   - a sub-folder that cannot be listed (permissions) gets a warning on stderr, as does a
     folder with no images; a folder named explicitly that cannot be listed gets an error
     record.
-- A glob contributes the matching image files, sorted.
+- A glob contributes the matching image files, sorted.  Brace patterns are expanded first,
+  as a shell would (``shards/{00000..00099}.tar``, ``{train,val}/``), for shells and
+  scripts that pass them quoted.
+- Dataset files (``.tar`` WebDataset shards, ``.parquet`` files of image bytes), named
+  explicitly, found in a folder or matched by a glob, contribute one input per image member
+  or row (see :mod:`convnext_cli.dataset_inputs`), in stored order.
 - ``-`` reads paths from standard input, one a line (only the line ending, ``\\n`` or
   ``\\r\\n``, is removed: spaces and every other character are kept; empty lines are
   skipped), or NUL-separated with ``null_separated`` (``find -print0``).  Paths are read
@@ -38,14 +43,28 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from convnext_cli.dataset_inputs import (
+    Item,
+    dataset_items,
+    expand_braces,
+    is_dataset_file,
+    read_item,
+)
 from convnext_cli.errors import NoInputsError
-from convnext_cli.images import IMAGE_EXTENSIONS
+from convnext_cli.images import IMAGE_EXTENSIONS, max_file_bytes, read_file
+
+InputRef = str | Item  # a file path, or a member/row of a dataset file
 
 GLOB_CHARS = frozenset("*?[")
 
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_listed(name: str) -> bool:
+    """What a folder listing or a glob contributes: images and dataset files."""
+    return is_image_name(name) or is_dataset_file(name)
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -82,7 +101,7 @@ def _list_entries(
                 folders.append(entry)
             elif not recursive and is_image_name(entry.name):
                 say(f"{entry.path}: a folder named like an image, not descended (try -r)")
-        elif is_image_name(entry.name):
+        elif is_listed(entry.name):
             found.append(entry.path)
     for sub in folders:
         try:
@@ -91,6 +110,18 @@ def _list_entries(
             say(f"{sub.path}: cannot list this folder ({exc.strerror or exc}), skipped")
             continue
         _list_entries(children, recursive, say, found)
+
+
+def read_input(ref: InputRef) -> bytes:
+    """An input's encoded bytes: a file (within the size cap) or a dataset member or row."""
+    if isinstance(ref, Item):
+        return read_item(ref, max_file_bytes())
+    return read_file(ref)
+
+
+def input_id(ref: InputRef) -> str:
+    """What an input's record says as ``path``: the path itself, or the dataset id."""
+    return ref.id if isinstance(ref, Item) else ref
 
 
 def read_paths(stream: IO[Any], null_separated: bool = False) -> list[str]:
@@ -115,19 +146,25 @@ def expand_inputs(
     stdin: IO[Any] | None = None,
     warn: Callable[[str], None] | None = None,
     null_separated: bool = False,
-) -> list[str]:
-    """Turn INPUTS into the ordered list of paths to process; raise NoInputsError if empty.
+    image_column: str | None = None,
+    id_column: str | None = None,
+) -> list[InputRef]:
+    """Turn INPUTS into the ordered list of inputs to process; raise NoInputsError if empty.
 
     `stdin` (default ``sys.stdin``) is read when an input is ``-``: newline-separated paths,
-    or NUL-separated ones with `null_separated`.
+    or NUL-separated ones with `null_separated`.  Dataset files become their members/rows;
+    `image_column` and `id_column` choose a Parquet file's columns.
     """
-    paths: list[str] = []
+    found: list[InputRef] = []
     say = warn or (lambda _msg: None)
-    for item in _expand(inputs, recursive, stdin or sys.stdin, say, null_separated):
-        paths.append(item)
-    if not paths:
+    for path in _expand(inputs, recursive, stdin or sys.stdin, say, null_separated):
+        if is_dataset_file(path):
+            found.extend(dataset_items(path, IMAGE_EXTENSIONS, image_column, id_column))
+        else:
+            found.append(path)
+    if not found:
         raise NoInputsError("no input images found")
-    return paths
+    return found
 
 
 def _expand(
@@ -137,29 +174,36 @@ def _expand(
     warn: Callable[[str], None],
     null_separated: bool,
 ) -> Iterator[str]:
-    for item in inputs:
-        if item == "-":
-            yield from read_paths(stdin, null_separated)
-            continue
-        path = Path(item).expanduser() if item.startswith("~") else Path(item)
-        if path.is_dir():
-            found = folder_images(path, recursive, warn)
-            if not found and is_image_name(item.rstrip("/" + os.sep)):
-                yield item  # x.jpg/ named explicitly, holding no image: an error record
-                continue
-            if not found:
-                warn(f"{item}: no images in this folder" + ("" if recursive else " (try -r)"))
-            yield from found
-        elif os.path.lexists(path) or not GLOB_CHARS.intersection(item):
-            yield str(path) if item.startswith("~") else item
-        else:
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-            images = []
-            for match in matches:
-                if os.path.isdir(match):
-                    images.extend(folder_images(Path(match), recursive, warn))
-                elif is_image_name(match):
-                    images.append(match)
-            if not images:
-                warn(f"{item}: pattern matched no images")
-            yield from images
+    for given in inputs:
+        for item in [given] if given == "-" or os.path.lexists(given) else expand_braces(given):
+            yield from _expand_one(item, recursive, stdin, warn, null_separated)
+
+
+def _expand_one(
+    item: str, recursive: bool, stdin: IO[Any], warn: Callable[[str], None], null_separated: bool
+) -> Iterator[str]:
+    if item == "-":
+        yield from read_paths(stdin, null_separated)
+        return
+    path = Path(item).expanduser() if item.startswith("~") else Path(item)
+    if path.is_dir():
+        found = folder_images(path, recursive, warn)
+        if not found and is_image_name(item.rstrip("/" + os.sep)):
+            yield item  # x.jpg/ named explicitly, holding no image: an error record
+            return
+        if not found:
+            warn(f"{item}: no images in this folder" + ("" if recursive else " (try -r)"))
+        yield from found
+    elif os.path.lexists(path) or not GLOB_CHARS.intersection(item):
+        yield str(path) if item.startswith("~") else item
+    else:
+        matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+        images = []
+        for match in matches:
+            if os.path.isdir(match):
+                images.extend(folder_images(Path(match), recursive, warn))
+            elif is_listed(match):
+                images.append(match)
+        if not images:
+            warn(f"{item}: pattern matched no images")
+        yield from images

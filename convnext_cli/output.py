@@ -28,9 +28,9 @@ from convnext_cli.output_file import OutputFile, StdoutFile, TextSink, is_stdout
 if TYPE_CHECKING:
     from convnext_cli.pipeline import Result
 
-CLASSIFY_FORMATS = ("auto", "table", "json", "jsonl", "csv")
-EMBED_FORMATS = ("auto", "jsonl", "json", "csv", "npy", "safetensors")
-BINARY_FORMATS = ("npy", "safetensors")
+CLASSIFY_FORMATS = ("auto", "table", "json", "jsonl", "csv", "parquet", "html")
+EMBED_FORMATS = ("auto", "jsonl", "json", "csv", "npy", "safetensors", "parquet")
+BINARY_FORMATS = ("npy", "safetensors", "parquet")
 
 # The -o extension picks the format when --format is not given (or is auto).  One table for
 # every command; a command refuses a format it does not write.
@@ -41,6 +41,9 @@ FORMAT_BY_EXTENSION = {
     ".csv": "csv",
     ".npy": "npy",
     ".safetensors": "safetensors",
+    ".parquet": "parquet",
+    ".html": "html",
+    ".htm": "html",
 }
 
 
@@ -81,6 +84,8 @@ def choose_format(
         )
     if fmt in BINARY_FORMATS and is_stdout(output):
         raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
+    if fmt == "html" and is_stdout(output) and stdout_is_terminal:
+        raise UsageError("--format html writes a page: name it with -o report.html")
     return fmt
 
 
@@ -165,6 +170,13 @@ class TextWriter:
     def write(self, results: list[Result]) -> None:
         self._put(self.render(results))
         self.records += len(results)
+
+    def preserve(self, records: list[bytes], header: bytes = b"") -> None:
+        """Records an earlier run wrote (``--resume``), written again as they were."""
+        if records:
+            self.raw.write(b"".join(records))
+            self.raw.flush()
+            self.records += len(records)
 
     def close(self) -> None:
         self._put(self.footer())
@@ -259,6 +271,14 @@ class EmbedCsvWriter(TextWriter):
         if self.dim is None:
             return _csv_text([["path", "error"], *self._rows(self.pending)])
         return ""
+
+    def preserve(self, records: list[bytes], header: bytes = b"") -> None:
+        """Earlier rows come with their header, which fixes the width of the rows to come."""
+        width = len(header.rstrip(b"\r\n").split(b",")) - 2
+        if records and width > 0 and self.dim is None:
+            self.dim = width
+            self._put(header.decode("utf-8", "surrogateescape"))
+        super().preserve(records)
 
 
 class TableWriter(TextWriter):
@@ -426,11 +446,61 @@ class MatrixWriter:
         self.matrix.replace_with(built)
 
 
+class HtmlWriter:
+    """The HTML report (:mod:`convnext_cli.html_report`) with the common life cycle."""
+
+    names_errors_on_stderr = False
+
+    def __init__(self, raw: OutputFile | StdoutFile, top_k: int) -> None:
+        from convnext_cli.html_report import HtmlReportWriter
+
+        self.raw = raw
+        self.records = 0
+        try:
+            self.report = HtmlReportWriter(TextSink(raw), top_k)  # type: ignore[arg-type]
+        except BaseException:
+            raw.abort()
+            raise
+
+    def write(self, results: list[Result]) -> None:
+        self.report.write(results)
+        self.records += len(results)
+
+    def close(self) -> None:
+        self.report.close()
+        self.raw.commit()
+
+    def abort(self, keep: bool = False) -> None:
+        if keep:
+            self.report.abort()  # the page ends with what it has, marked incomplete
+        self.raw.abort(keep)
+
+
 # ----------------------------------------------------------------------------- opening
 
 
-def open_writer(command: str, fmt: str, output: Path | None, top_k: int = 5) -> Writer:
-    """The writer for a command and format, opened on stdout or beside ``-o``."""
+def open_writer(
+    command: str,
+    fmt: str,
+    output: Path | None,
+    top_k: int = 5,
+    provenance: dict[str, Any] | None = None,
+    resume: bool = False,
+    retry_errors: bool = False,
+) -> Writer:
+    """The writer for a command and format, opened on stdout or beside ``-o``.
+
+    ``provenance`` (what wrote the file) goes into Parquet's metadata; ``resume`` keeps
+    the rows an earlier run of a Parquet output left (text formats get them through
+    ``preserve``).
+    """
+    if fmt == "parquet":
+        from convnext_cli.parquet_output import ParquetRecordWriter
+
+        if is_stdout(output):
+            raise UsageError("--format parquet writes a binary file: name it with -o FILE")
+        raw_file = OutputFile(output)  # type: ignore[arg-type]
+        return ParquetRecordWriter(raw_file, command, provenance, resume, retry_errors)
     if fmt in BINARY_FORMATS:
         if is_stdout(output):
             raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
@@ -445,6 +515,8 @@ def open_writer(command: str, fmt: str, output: Path | None, top_k: int = 5) -> 
         return JsonLinesWriter(raw, render)
     if fmt == "csv":
         return ClassifyCsvWriter(raw) if command == "classify" else EmbedCsvWriter(raw)
+    if fmt == "html":
+        return HtmlWriter(raw, top_k)
     raw.abort()
     raise UsageError(f"unknown format {fmt!r}")
 

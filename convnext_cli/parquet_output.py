@@ -1,6 +1,7 @@
 """Parquet output for classify and embed, through pyarrow.
 
-One row per input:
+One row per input (the path as in CSV: the name itself, or a JSON string when it is not
+plain; see :mod:`convnext_cli.names`):
 
 - classify: ``path``, ``error`` (null on success), the top-1 as ``label`` / ``index`` /
   ``score``, and the top-k as ``predictions``, a list of ``{label, index, score}`` structs;
@@ -8,7 +9,8 @@ One row per input:
 
 While a run goes, finished rows are written as small, complete Parquet files ("parts") in a
 folder beside the target, ``.NAME.parts/``, each written under a temporary name and renamed,
-one every ``rows_per_part`` rows: a kill loses at most the rows of the part not yet written,
+one every ``rows_per_part`` rows (1024; ``CONVNEXT_PARQUET_ROWS_PER_PART``) or every 10
+seconds, whichever comes first: a kill loses at most the rows of the part not yet written,
 and memory stays bounded by one part.  At the end the parts are copied, row group by row
 group, into one file beside the target, which is moved into place; the parts are removed.
 The key-value metadata ``convnext_cli`` holds what wrote the file (tool version, model,
@@ -20,18 +22,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from convnext_cli.names import path_field
+from convnext_cli.output_file import OutputFile
 
 if TYPE_CHECKING:
     from convnext_cli.pipeline import Result
 
 METADATA_KEY = "convnext_cli"
-ROWS_PER_PART = 1024
+ROWS_PER_PART = int(os.environ.get("CONVNEXT_PARQUET_ROWS_PER_PART", "1024"))
+SECONDS_PER_PART = 10.0  # a part is also written once its oldest row is this old
 
 PREDICTION = pa.struct([("label", pa.string()), ("index", pa.int32()), ("score", pa.float64())])
 CLASSIFY_SCHEMA = pa.schema(
@@ -51,49 +59,69 @@ def embed_schema(dim: int | None) -> pa.Schema:
     return pa.schema([("path", pa.string()), ("error", pa.string()), ("embedding", vector)])
 
 
-def text(value: str) -> str:
-    """Parquet strings are UTF-8: a name's undecodable bytes become ``\\udcXX`` escapes."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def parts_folder(target: Path) -> Path:
     return target.with_name(f".{target.name}.parts")
 
 
 class ParquetRecordWriter:
-    """Rows per batch into parts beside ``target``; ``close`` assembles and moves into place."""
+    """The Parquet writer, with the life cycle every writer has (see :mod:`output_file`).
+
+    ``raw`` is the locked output file beside the target: the finished file is written into
+    it at ``close`` and moved into place.  Rows go to parts in ``.NAME.parts/`` as they come.
+    A fresh run starts with no parts; with ``resume``, the target's rows and the parts an
+    interrupted run left are kept (their error rows dropped with ``retry_errors``) and
+    come first in the finished file.
+    """
+
+    names_errors_on_stderr = False
 
     def __init__(
         self,
-        target: Path,
+        raw: OutputFile,
         task: str,
         metadata: dict[str, Any] | None = None,
+        resume: bool = False,
+        retry_errors: bool = False,
         rows_per_part: int = ROWS_PER_PART,
     ) -> None:
         if task not in ("classify", "embed"):
             raise ValueError(f"unknown task {task!r}")
-        self.target = target
+        self.raw = raw
+        self.target = raw.target
         self.task = task
         self.metadata = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)}
         self.rows_per_part = rows_per_part
-        self.parts = parts_folder(target)
+        self.retry_errors = retry_errors
+        self.parts = parts_folder(self.target)
+        if not resume:
+            shutil.rmtree(self.parts, ignore_errors=True)
         self.parts.mkdir(exist_ok=True)
-        self.next_part = 1 + max(
-            (_part_number(p) for p in self.parts.glob("part-*.parquet")), default=-1
-        )
+        self.earlier = sorted(self.parts.glob("part-*.parquet"), key=_part_number)
+        if resume and self.target.is_file():
+            self.earlier.insert(0, self.target)
+        self.next_part = 1 + max((_part_number(p) for p in self.earlier), default=-1)
         self.pending: list[dict[str, Any]] = []
+        self.pending_since = time.monotonic()
         self.dim: int | None = None
+        self.records = 0
 
     # rows -----------------------------------------------------------------------------
 
     def write(self, results: list[Result]) -> None:
+        if not self.pending:
+            self.pending_since = time.monotonic()
         for result in results:
             self.pending.append(self._row(result))
-        if len(self.pending) >= self.rows_per_part and (self.task == "classify" or self.dim):
+        self.records += len(results)
+        due = (
+            len(self.pending) >= self.rows_per_part
+            or time.monotonic() - self.pending_since >= SECONDS_PER_PART
+        )
+        if due and (self.task == "classify" or self.dim):
             self._flush()
 
     def _row(self, result: Result) -> dict[str, Any]:
-        row: dict[str, Any] = {"path": text(result.path), "error": result.error}
+        row: dict[str, Any] = {"path": path_field(result.path), "error": result.error}
         if self.task == "embed":
             if result.embedding is not None and result.error is None:
                 values = result.embedding.float().tolist()
@@ -124,32 +152,39 @@ class ParquetRecordWriter:
         table = pa.Table.from_pylist(self.pending, schema=self._schema())
         final = self.parts / f"part-{self.next_part:06d}.parquet"
         temporary = final.with_suffix(".tmp")
-        pq.write_table(table, temporary)
+        pq.write_table(table.replace_schema_metadata(self.metadata), temporary)
         os.replace(temporary, final)
         self.next_part += 1
         self.pending = []
 
     # life cycle ---------------------------------------------------------------------
 
-    def close(self, before: Iterable[Path] = ()) -> None:
-        """Write what is pending, then ``before`` files and the parts as one file at ``target``."""
+    def close(self) -> None:
+        """Write what is pending, then the earlier rows and the parts as one file."""
         self._flush_any()
-        sources = [*before, *sorted(self.parts.glob("part-*.parquet"), key=_part_number)]
-        temporary = self.target.with_name(f".{self.target.name}.tmp")
-        schema = self._final_schema(sources)
-        with pq.ParquetWriter(temporary, schema.with_metadata(self.metadata)) as out:
-            for table in _row_groups(sources):
-                out.write_table(table.cast(schema))
-        os.replace(temporary, self.target)
+        new = [p for p in sorted(self.parts.glob("part-*.parquet"), key=_part_number)]
+        new = [p for p in new if p not in self.earlier]
+        schema = self._final_schema([*self.earlier, *new]).with_metadata(self.metadata)
+        with pq.ParquetWriter(self.raw.file, schema) as out:
+            for source in [*self.earlier, *new]:
+                drop_errors = self.retry_errors and source in self.earlier
+                for table in _row_groups([source]):
+                    if drop_errors:
+                        table = table.filter(pc.is_null(table.column("error")))
+                    out.write_table(table.cast(schema))
+        self.raw.commit()
         shutil.rmtree(self.parts, ignore_errors=True)
 
-    def abort(self) -> None:
-        """Keep every finished row on disk as a part (for ``--resume``); write no target."""
-        self._flush_any()
+    def abort(self, keep: bool = False) -> None:
+        """Keep every finished row on disk as a part (``--resume`` uses them); no target."""
+        try:
+            self._flush_any()
+        finally:
+            self.raw.abort(keep)
 
     def _flush_any(self) -> None:
         if self.task == "embed" and self.dim is None and self.pending:
-            self.dim = _dim_in(self.parts.glob("part-*.parquet"))
+            self.dim = _dim_in(self.earlier)
         self._flush()
 
     def _final_schema(self, sources: list[Path]) -> pa.Schema:
@@ -183,6 +218,26 @@ def _row_groups(paths: Iterable[Path]) -> Iterator[pa.Table]:
 
 def read_metadata(path: Path) -> dict[str, Any] | None:
     """What wrote a Parquet file (the ``convnext_cli`` key-value metadata), if anything did."""
-    raw = pq.read_schema(path).metadata or {}
-    value = raw.get(METADATA_KEY.encode())
-    return json.loads(value) if value else None
+    try:
+        raw = pq.read_schema(path).metadata or {}
+        value = raw.get(METADATA_KEY.encode())
+        return json.loads(value) if value else None
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+
+
+def written_by(target: Path) -> dict[str, Any] | None:
+    """The metadata of the target, else of the first readable part an interrupted run left."""
+    parts = sorted(parts_folder(target).glob("part-*.parquet"), key=_part_number)
+    for source in [target, *parts]:
+        if source.is_file():
+            found = read_metadata(source)
+            if found is not None:
+                return found
+    return None
+
+
+def earlier_sources(target: Path) -> list[Path]:
+    """The files a resumed run keeps rows from: the target, then an interrupted run's parts."""
+    parts = sorted(parts_folder(target).glob("part-*.parquet"), key=_part_number)
+    return [p for p in [target, *parts] if p.is_file()]

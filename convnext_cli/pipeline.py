@@ -30,6 +30,7 @@ from convnext_cli.decode_pool import (
 )
 from convnext_cli.errors import one_line
 from convnext_cli.images import decode_bytes
+from convnext_cli.inputs import InputRef, input_id
 from convnext_cli.jpeg_on_device import EncodedJpeg
 from convnext_cli.preprocess import PreprocessSpec
 
@@ -70,11 +71,12 @@ class InMemoryImage:
     error: str | None = None
 
 
-Input = str | InMemoryImage
+Input = InputRef | InMemoryImage  # a file path, a dataset member or row, or pixels
 
 
 def input_name(item: Input) -> str:
-    return item.name if isinstance(item, InMemoryImage) else item
+    """What the input's record says as ``path``."""
+    return item.name if isinstance(item, InMemoryImage) else input_id(item)
 
 
 def _prepare(item: Input, spec: PreprocessSpec, jpeg_on_device: bool) -> Any:

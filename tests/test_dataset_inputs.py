@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from convnext_cli.dataset_inputs import (
     Item,
     dataset_items,
     expand_braces,
     parquet_items,
-    read_range,
+    read_item,
     tar_items,
 )
+from convnext_cli.errors import ImageError
 
 EXTS = frozenset({".jpg", ".jpeg", ".png"})
 
@@ -30,11 +32,8 @@ def make_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-def read_item(item: Item) -> bytes:
-    if item.data is not None:
-        return item.data
-    assert item.file is not None and item.length is not None
-    return read_range(item.file, item.offset, item.length, 1 << 30)
+def read(item: Item) -> bytes:
+    return read_item(item, 1 << 30)
 
 
 def test_brace_expansion() -> None:
@@ -63,7 +62,7 @@ def test_tar_members_by_offset(tmp_path: Path, photos: list[Path]) -> None:
         f"{shard}#000001.png",
         f"{shard}#sub/dir/000002.PNG",
     ]
-    assert [read_item(i) for i in items] == [members[0][1], members[2][1], members[3][1]]
+    assert [read(i) for i in items] == [members[0][1], members[2][1], members[3][1]]
     assert all(i.error is None for i in items)
 
 
@@ -98,7 +97,7 @@ def test_parquet_binary_and_hf_struct(tmp_path: Path, photos: list[Path]) -> Non
     pq.write_table(pa.table({"jpg": blobs, "n": [1, 2, 3]}), plain)
     items = list(parquet_items(str(plain)))
     assert [i.id for i in items] == [f"{plain}#0", f"{plain}#1", f"{plain}#2"]
-    assert [i.data for i in items] == blobs
+    assert [read(i) for i in items] == blobs
 
     hf = tmp_path / "hf.parquet"
     structs = [{"bytes": b, "path": f"x{n}.png"} for n, b in enumerate(blobs)]
@@ -106,8 +105,9 @@ def test_parquet_binary_and_hf_struct(tmp_path: Path, photos: list[Path]) -> Non
     pq.write_table(pa.table({"image": structs, "id": ["a", "b", "c"]}), hf)
     items = list(dataset_items(str(hf), EXTS))
     assert [i.id for i in items] == ["a", "b", "c"]
-    assert items[0].data == blobs[0] and items[2].data == blobs[2]
-    assert items[1].error == "no image bytes in this row"
+    assert read(items[0]) == blobs[0] and read(items[2]) == blobs[2]
+    with pytest.raises(ImageError, match="no image bytes in this row"):
+        read(items[1])
 
 
 def test_parquet_columns_and_corruption(tmp_path: Path, photos: list[Path]) -> None:

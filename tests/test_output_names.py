@@ -183,17 +183,35 @@ def test_path_field_round_trip() -> None:
     assert path_field("new\nline.png") == '"new\\nline.png"'
 
 
-def test_null_option_is_passed_to_the_input_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
-    """-0/--null reaches expand_inputs as null_separated=True (the reading is inputs.py's)."""
-    from convnext_cli.cli import batch_run
-
-    seen: list[dict] = []
-
-    def fake_expand(inputs, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(kwargs)
-        return ["x.png"]
-
-    monkeypatch.setattr(batch_run, "expand_inputs", fake_expand)
-    batch_run.gather_inputs(["-"], recursive=False, null_separated=True)
-    batch_run.gather_inputs(["-"], recursive=False)
-    assert seen[0].get("null_separated") is True and "null_separated" not in seen[1]
+def test_null_separated_paths_from_stdin_end_to_end(
+    tmp_path: Path, photos: list[Path], v1_checkpoint: Path
+) -> None:
+    """`find -print0 | convnext classify - -0`: names with newlines, spaces and non-UTF-8
+    bytes each give one record, and the record gives the name's bytes back."""
+    names = [b"two\nlines.png", b" spaced out .png", b"caf\xe9.png", b"plain.png"]
+    for name in names:
+        shutil.copy(photos[0], os.path.join(os.fsencode(tmp_path), name))
+    stdin = b"\0".join(os.path.join(os.fsencode(tmp_path), n) for n in names) + b"\0"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convnext_cli",
+            "classify",
+            "-",
+            "-0",
+            "-m",
+            str(v1_checkpoint),
+            "--dtype",
+            "float32",
+            "--format",
+            "jsonl",
+        ],
+        input=stdin,
+        capture_output=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.decode("utf-8").splitlines()]
+    assert [os.path.basename(os.fsencode(r["path"])) for r in records] == names
+    assert all(r["predictions"] for r in records)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from convnext_cli.output_file import OutputFile
 from convnext_cli.parquet_output import ParquetRecordWriter, parts_folder, read_metadata
 from convnext_cli.pipeline import Prediction, Result
 
@@ -28,7 +29,8 @@ def classify_results(start: int, count: int) -> list[Result]:
 
 def test_classify_parts_then_one_file(tmp_path: Path) -> None:
     target = tmp_path / "labels.parquet"
-    writer = ParquetRecordWriter(target, "classify", {"model": "m", "top_k": 2}, rows_per_part=4)
+    metadata = {"model": "m", "top_k": 2}
+    writer = ParquetRecordWriter(OutputFile(target), "classify", metadata, rows_per_part=4)
     writer.write(classify_results(0, 5))
     writer.write(classify_results(5, 5))
     parts = sorted(parts_folder(target).glob("part-*.parquet"))
@@ -45,7 +47,7 @@ def test_classify_parts_then_one_file(tmp_path: Path) -> None:
     assert len(rows) == 11
     assert rows[0] == ("img0.jpg", None, "label 0", 0, 0.75, 2)
     assert rows[3] == ("img3.jpg", "cannot decode image: broken", None, None, None, None)
-    assert rows[-1][0] == "bad\\udcff name.png"
+    assert rows[-1][0] == '"bad\\udcff name.png"'  # as in CSV: a JSON string when not plain
     (top,) = con.execute(
         f"SELECT predictions[2].label FROM '{target}' WHERE path = 'img1.jpg'"
     ).fetchone()
@@ -54,7 +56,7 @@ def test_classify_parts_then_one_file(tmp_path: Path) -> None:
 
 def test_embed_fixed_size_list(tmp_path: Path) -> None:
     target = tmp_path / "emb.parquet"
-    writer = ParquetRecordWriter(target, "embed", {}, rows_per_part=2)
+    writer = ParquetRecordWriter(OutputFile(target), "embed", {}, rows_per_part=2)
     writer.write([Result(path="e0", error="empty file")])
     rows = [Result(path=f"p{n}", embedding=torch.arange(3.0) + n) for n in range(3)]
     writer.write(rows)
@@ -70,13 +72,13 @@ def test_embed_fixed_size_list(tmp_path: Path) -> None:
 
 def test_abort_keeps_finished_rows_as_parts(tmp_path: Path) -> None:
     target = tmp_path / "x.parquet"
-    writer = ParquetRecordWriter(target, "classify", {}, rows_per_part=100)
+    writer = ParquetRecordWriter(OutputFile(target), "classify", {}, rows_per_part=100)
     writer.write(classify_results(0, 3))
     writer.abort()
     (part,) = parts_folder(target).glob("part-*.parquet")
     assert pq.read_table(part).num_rows == 3 and not target.exists()
     # a later writer continues the numbering and the final file holds both runs' rows
-    again = ParquetRecordWriter(target, "classify", {"run": 2}, rows_per_part=100)
+    again = ParquetRecordWriter(OutputFile(target), "classify", {"run": 2}, resume=True)
     again.write(classify_results(3, 2))
     again.close()
     assert pq.read_table(target).column("path").to_pylist() == [f"img{n}.jpg" for n in range(5)]

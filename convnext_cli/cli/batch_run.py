@@ -6,14 +6,19 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convnext_cli import interrupts
 from convnext_cli.cli.errors import say
 from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, OutputError, UsageError
-from convnext_cli.inputs import expand_inputs
+from convnext_cli.inputs import InputRef, expand_inputs, input_id
+from convnext_cli.names import path_field
+from convnext_cli.output import choose_format, open_writer, output_targets
 from convnext_cli.output_file import is_stdout
+
+RESUMABLE_FORMATS = ("jsonl", "csv", "parquet")
 
 if TYPE_CHECKING:
     import torch
@@ -22,13 +27,23 @@ if TYPE_CHECKING:
     from convnext_cli.pipeline import Result, Runner
 
 
-def gather_inputs(inputs: list[str], recursive: bool, null_separated: bool = False) -> list[str]:
+def gather_inputs(
+    inputs: list[str],
+    recursive: bool,
+    null_separated: bool = False,
+    image_column: str | None = None,
+    id_column: str | None = None,
+) -> list[InputRef]:
     """Expand INPUTS (stdin only when '-' is given); warnings go to stderr."""
     if not inputs:
         raise UsageError("no inputs given (files, folders, globs, or '-' for stdin)")
-    extra: dict[str, Any] = {"null_separated": True} if null_separated else {}
     return expand_inputs(
-        inputs, recursive=recursive, warn=lambda msg: say(f"warning: {msg}"), **extra
+        inputs,
+        recursive=recursive,
+        warn=lambda msg: say(f"warning: {msg}"),
+        null_separated=null_separated,
+        image_column=image_column,
+        id_column=id_column,
     )
 
 
@@ -197,3 +212,272 @@ def stream_results(
     if failures:
         say(f"{failures} of {total} inputs failed")
     return EXIT_INPUT_FAILED if failures else EXIT_OK
+
+
+# ------------------------------------------------------------------------ one job, end to end
+
+
+@dataclass
+class Job:
+    """Everything classify or embed was asked to do (the options the two commands share)."""
+
+    command: str  # "classify" or "embed"
+    inputs: list[str]
+    model: str
+    fmt: str | None
+    output: Path | None
+    top_k: int = 5
+    normalize: bool = False
+    batch_size: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    recursive: bool = False
+    null: bool = False
+    workers: int | None = None
+    compile_model: bool = False
+    decode: str = "auto"
+    shard: str | None = None
+    resume: bool = False
+    retry_errors: bool = False
+    force_resume: bool = False
+    image_column: str | None = None
+    id_column: str | None = None
+    engine: str = "local"
+    ray_address: str | None = None
+    replicas: int | None = None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N) with 0 <= I < N."""
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: use I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
+def take_shard(items: list[InputRef], shard: str | None) -> list[InputRef]:
+    """Every N-th input from the I-th, by listing order (stable across runs)."""
+    if shard is None:
+        return items
+    index, count = parse_shard(shard)
+    return items[index::count]
+
+
+def _input_files(items: list[InputRef]) -> list[str]:
+    """The files the inputs read (each dataset file once), for the overwrite check."""
+    seen: dict[str, None] = {}
+    for item in items:
+        seen.setdefault(item if isinstance(item, str) else str(item.file or item.id), None)
+    return list(seen)
+
+
+def run_job(job: Job) -> int:
+    """Inputs -> (resume) -> model -> writer; returns the exit code."""
+    if job.command not in ("classify", "embed"):
+        raise UsageError(f"unknown command {job.command!r}")
+    if job.engine not in ("local", "ray"):
+        raise UsageError(f"--engine {job.engine!r}: use local or ray")
+    fmt = choose_format(job.command, job.fmt, job.output, sys.stdout.isatty())
+    if job.resume and (is_stdout(job.output) or fmt not in RESUMABLE_FORMATS):
+        raise UsageError(f"--resume needs -o FILE in {', '.join(RESUMABLE_FORMATS)}")
+    items = take_shard(
+        gather_inputs(job.inputs, job.recursive, job.null, job.image_column, job.id_column),
+        job.shard,
+    )
+    refuse_overwriting(output_targets(fmt, job.output), _input_files(items), job.model)
+    if job.engine == "ray":
+        return _run_on_ray(job, fmt, items)
+    if not job.resume and fmt != "parquet":
+        writer = open_writer(job.command, fmt, job.output, job.top_k)  # fails before loading
+
+        def batches() -> Iterator[list[Result]]:
+            runner = _load(job)
+            if fmt in RESUMABLE_FORMATS and job.output is not None and not is_stdout(job.output):
+                from convnext_cli.resume import write_provenance
+
+                provenance = make_provenance(job, runner.model.config, runner.spec)
+                write_provenance(Path(os.path.realpath(job.output)), provenance)
+            return _local_batches(job, runner, items)
+
+        return write_results(writer, batches, len(items), job.output)
+    runner = _load(job)
+    provenance = make_provenance(job, runner.model.config, runner.spec)
+    todo, writer = _open_resumable(job, fmt, items, provenance)
+    return write_results(
+        writer, lambda: _local_batches(job, runner, todo), total=len(todo), output=job.output
+    )
+
+
+def _load(job: Job) -> Runner:
+    return load_runner(job.model, job.device, job.dtype, job.compile_model, decode=job.decode)
+
+
+def _local_batches(job: Job, runner: Runner, items: list[InputRef]) -> Iterator[list[Result]]:
+    if job.command == "classify":
+        return runner.classify(
+            items, top_k=job.top_k, batch_size=job.batch_size, workers=job.workers
+        )
+    return runner.embed(
+        items, normalize=job.normalize, batch_size=job.batch_size, workers=job.workers
+    )
+
+
+def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the file."""
+    import hashlib
+    import json
+
+    from convnext_cli import __version__
+
+    model = job.model
+    if Path(model).expanduser().exists():
+        model = os.path.realpath(Path(model).expanduser())
+    config_json = json.dumps(config.to_dict(), sort_keys=True)
+    labels = len(config.labels) if job.command == "classify" else None
+    return {
+        "tool": f"convnext-cli {__version__}",
+        "command": job.command,
+        "model": model,
+        "config": hashlib.sha256(config_json.encode()).hexdigest()[:16],
+        "top_k": min(job.top_k, labels) if labels else None,
+        "normalize": job.normalize if job.command == "embed" else None,
+        "preprocess": spec.to_dict(),
+    }
+
+
+def _open_resumable(
+    job: Job, fmt: str, items: list[InputRef], provenance: dict[str, Any]
+) -> tuple[list[InputRef], Writer]:
+    """With --resume: skip what FILE already holds and open the writer that keeps it."""
+    from convnext_cli import parquet_output, resume
+
+    assert job.output is not None
+    target = Path(os.path.realpath(job.output))
+    if not job.resume:
+        writer = open_writer(job.command, fmt, job.output, job.top_k, provenance)
+        return items, writer
+    if fmt == "parquet":
+        earlier = parquet_output.written_by(target)
+        resume.check_provenance(earlier, provenance, job.output, job.force_resume)
+        recorded = resume.read_parquet_ids(parquet_output.earlier_sources(target), job.retry_errors)
+    else:
+        resume.check_provenance(
+            resume.read_provenance(target), provenance, job.output, job.force_resume
+        )
+        recorded = resume.read_text_records(
+            resume.text_sources(target), fmt, job.retry_errors, provenance["top_k"]
+        )
+    todo = [item for item in items if input_id(item) not in recorded.ids]
+    _say_resuming(job.output, len(items) - len(todo), len(todo), recorded)
+    writer = open_writer(
+        job.command, fmt, job.output, job.top_k, provenance, True, job.retry_errors
+    )
+    if fmt != "parquet":
+        _keep_records(writer, target, recorded)
+        resume.write_provenance(target, provenance)
+    return todo, writer
+
+
+def _keep_records(writer: Writer, target: Path, recorded: Any) -> None:
+    """Write the kept records into the new output, a copy of them first (kill-safe)."""
+    from convnext_cli import resume
+
+    copy = resume.copy_path(target)
+    if recorded.lines and not copy.exists():
+        temporary = copy.with_name(copy.name + ".tmp")
+        temporary.write_bytes(recorded.header + b"".join(recorded.lines))
+        os.replace(temporary, copy)
+    try:
+        writer.preserve(recorded.lines, recorded.header)  # type: ignore[attr-defined]
+    except BaseException:
+        writer.abort(keep=True)
+        raise
+    copy.unlink(missing_ok=True)
+
+
+def _say_resuming(output: Path, done: int, todo: int, recorded: Any) -> None:
+    extra = []
+    if recorded.errors_dropped:
+        extra.append(f"{recorded.errors_dropped} failed ones to retry")
+    if recorded.torn:
+        extra.append(f"{recorded.torn} cut-off record(s) to redo")
+    more = f" ({', '.join(extra)})" if extra else ""
+    say(f"resuming {output}: {done} inputs already done, {todo} to do{more}")
+
+
+def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
+    from convnext_cli import ray_engine
+    from convnext_cli.checkpoints import load_checkpoint
+
+    paths = [item for item in items if isinstance(item, str)]
+    if len(paths) != len(items):
+        raise UsageError("--engine ray reads image files (tar and Parquet inputs: --engine local)")
+    checkpoint = load_checkpoint(job.model)
+    provenance = make_provenance(job, checkpoint.config, checkpoint.preprocess)
+    options = ray_engine.RayOptions(
+        task=job.command,
+        model=job.model,
+        device=job.device,
+        dtype=job.dtype,
+        top_k=job.top_k,
+        normalize=job.normalize,
+        batch_size=job.batch_size,
+        replicas=job.replicas,
+        address=job.ray_address,
+        compile_model=job.compile_model,
+        metadata=provenance,
+    )
+    if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
+        return _ray_into_folder(job, paths, options, Path(job.output))
+    if job.output is None:
+        todo, writer = list(paths), open_writer(job.command, fmt, None, job.top_k)
+    else:
+        found, writer = _open_resumable(job, fmt, list(paths), provenance)
+        todo = [p for p in found if isinstance(p, str)]
+    return write_results(
+        writer, lambda: ray_engine.run_on_ray(todo, options), len(todo), job.output
+    )
+
+
+def _ray_into_folder(job: Job, paths: list[str], options: Any, folder: Path) -> int:
+    """``-o DIR --format parquet`` on Ray: the actors write part files into DIR."""
+    from convnext_cli import ray_engine
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    if job.resume:
+        done = ray_engine.done_paths(folder, include_errors=not job.retry_errors)
+    todo = [p for p in paths if path_field(p) not in done]
+    if job.resume:
+        say(f"resuming {folder}: {len(paths) - len(todo)} inputs already done, {len(todo)} to do")
+    return write_results(
+        FolderProgress(),  # type: ignore[arg-type]
+        lambda: ray_engine.write_parts_on_ray(todo, options, folder),
+        total=len(todo),
+        output=None,
+    )
+
+
+def _is_folder_target(output: Path) -> bool:
+    """``-o DIR/`` (or an existing folder) with --engine ray: part files written by the cluster."""
+    return str(output).endswith(("/", os.sep)) or output.is_dir()
+
+
+class FolderProgress:
+    """For ``-o DIR`` on Ray: the records are written by the cluster; this only counts them."""
+
+    names_errors_on_stderr = True
+    records = 0
+
+    def write(self, results: list[Result]) -> None:
+        self.records += len(results)
+
+    def close(self) -> None:
+        pass
+
+    def abort(self, keep: bool = False) -> None:
+        pass

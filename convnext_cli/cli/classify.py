@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
 from convnext_cli.checkpoints import DEFAULT_MODEL
-from convnext_cli.cli.batch_run import (
-    gather_inputs,
-    load_runner,
-    refuse_overwriting,
-    write_results,
-)
+from convnext_cli.cli.batch_run import Job, run_job
 from convnext_cli.cli.errors import handle_errors
 from convnext_cli.cli.options import (
     BatchOpt,
@@ -21,14 +15,22 @@ from convnext_cli.cli.options import (
     DecodeOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
+    ForceResumeOpt,
+    IdColumnOpt,
+    ImageColumnOpt,
     InputsArg,
     ModelOpt,
     NullOpt,
     OutputOpt,
+    RayAddressOpt,
     RecursiveOpt,
+    ReplicasOpt,
+    ResumeOpt,
+    RetryErrorsOpt,
+    ShardOpt,
     WorkersOpt,
 )
-from convnext_cli.output import choose_format, open_writer, output_targets
 
 
 @handle_errors
@@ -53,19 +55,45 @@ def classify(
     workers: WorkersOpt = None,
     compile_model: CompileOpt = False,
     decode: DecodeOpt = "auto",
+    shard: ShardOpt = None,
+    resume: ResumeOpt = False,
+    retry_errors: RetryErrorsOpt = False,
+    force_resume: ForceResumeOpt = False,
+    image_column: ImageColumnOpt = None,
+    id_column: IdColumnOpt = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = None,
 ) -> None:
     """Classify images: top-k labels with softmax scores, one record per input, in order.
 
     Exit code 0 when every input succeeded, 1 when any failed (the others are still
     reported), 2 for usage errors; see the README for the rest.
     """
-    fmt = choose_format("classify", fmt, output, sys.stdout.isatty())
-    paths = gather_inputs(inputs, recursive, null_separated=null)
-    refuse_overwriting(output_targets(fmt, output), paths, model)
-    writer = open_writer("classify", fmt, output, top_k)  # an unwritable -o fails before loading
-
-    def batches():  # type: ignore[no-untyped-def]
-        runner = load_runner(model, device, dtype, compile_model, decode=decode)
-        return runner.classify(paths, top_k=top_k, batch_size=batch_size, workers=workers)
-
-    raise typer.Exit(write_results(writer, batches, total=len(paths), output=output))
+    job = Job(
+        "classify",
+        inputs,
+        model,
+        fmt,
+        output,
+        top_k=top_k,
+        normalize=False,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        recursive=recursive,
+        null=null,
+        workers=workers,
+        compile_model=compile_model,
+        decode=decode,
+        shard=shard,
+        resume=resume,
+        retry_errors=retry_errors,
+        force_resume=force_resume,
+        image_column=image_column,
+        id_column=id_column,
+        engine=engine,
+        ray_address=ray_address,
+        replicas=replicas,
+    )
+    raise typer.Exit(run_job(job))

@@ -89,3 +89,79 @@ DecodeOpt = Annotated[
         "(Pillow, bit-exact with transformers) or gpu (nvjpeg through torchvision).",
     ),
 ]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Take only shard I of N (0 <= I < N): every N-th input by listing order, starting "
+        "at the I-th; N runs with I = 0..N-1 cover every input exactly once.",
+        show_default=False,
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue an interrupted run into the same -o FILE (jsonl, csv, parquet): inputs "
+        "already recorded there are skipped, new records are added.",
+    ),
+]
+RetryErrorsOpt = Annotated[
+    bool,
+    typer.Option("--retry-errors", help="With --resume: do inputs that got an error again."),
+]
+ForceResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force-resume",
+        help="With --resume: add to FILE even if another model, top-k or preprocessing wrote it.",
+    ),
+]
+ImageColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--image-column",
+        metavar="NAME",
+        help="Parquet inputs: the column of encoded image bytes (default: the first of image, "
+        "jpg, png, img, bytes, image_bytes).",
+        show_default=False,
+    ),
+]
+IdColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--id-column",
+        metavar="NAME",
+        help="Parquet inputs: the column whose value is the record's path (default: id, key, "
+        "__key__, path or file_name if present, else FILE#ROW).",
+        show_default=False,
+    ),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="local (this process and its decode workers) or ray (Ray Data: a local Ray, or "
+        "a cluster with --ray-address / RAY_ADDRESS; needs the ray extra).",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        metavar="ADDR",
+        help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).",
+        show_default=False,
+    ),
+]
+ReplicasOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--replicas",
+        min=1,
+        metavar="N",
+        help="--engine ray: model replicas (default: one per GPU; CPU actors without GPUs).",
+        show_default=False,
+    ),
+]
