@@ -5,11 +5,16 @@ Three phases, so that a signal at any moment ends the program the same way:
 - **starting** (interpreter up, imports running, arguments being parsed): nothing has been
   written yet, so the handler writes ``interrupted`` (or ``terminated``) and leaves at once
   with ``os._exit`` -- no traceback from half-done imports.
-- **running** (inside a command): SIGINT raises :class:`KeyboardInterrupt`, SIGTERM raises
-  :class:`Terminated` (a ``KeyboardInterrupt``), so the command unwinds, finishes its writer
-  and moves the output into place.  While a batch of records is being written
-  (:func:`deferred`), the signal is held and raised once the batch is complete, so no record
-  is ever cut in half.
+- **running** (inside a command, before records flow: reading inputs, loading the model):
+  there is nothing to save yet, so the handler runs the registered clean-ups (dropping the
+  output file opened beside its target, see :func:`cleanup_on_leave`), writes the line and
+  leaves at once.  An exception raised into third-party code (a half-done import, a model
+  load) could be swallowed by its ``except:`` or surface during shutdown; leaving cannot.
+- **streaming** (:func:`raising`, while records are produced and written): SIGINT raises
+  :class:`KeyboardInterrupt`, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``),
+  so the command unwinds, finishes its writer and moves the output into place.  While a
+  batch of records is being written (:func:`deferred`), the signal is held and raised once
+  the batch is complete, so no record is ever cut in half.
 - **finishing** (closing the output after a signal): a second signal leaves at once; the
   output target is untouched and the in-progress file stays beside it.
 
@@ -21,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -71,9 +76,16 @@ def install_startup_handlers() -> None:
 class _State:
     depth = 0  # nesting of deferred()
     pending: int | None = None  # a signal that arrived while deferred
+    raising = False  # records are flowing: signals raise (else: clean up and leave)
+    cleanups: list[Callable[[], None]] = []
 
 
 def _raise_or_hold(signum: int, _frame: FrameType | None) -> None:
+    if not _State.raising:
+        for cleanup in reversed(_State.cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
+        _leave_now(signum)
     if _State.depth:
         if _State.pending is not None:  # a second signal while a write is stuck: leave now
             _leave_now(signum)
@@ -94,12 +106,32 @@ def running() -> Iterator[None]:
             signal.signal(signum, handler)
         yield
         return
-    _State.depth, _State.pending = 0, None
+    _State.depth, _State.pending, _State.raising = 0, None, False
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def raising() -> Iterator[None]:
+    """While records are produced and written: a signal raises, so the writer is finished."""
+    before, _State.raising = _State.raising, True
+    try:
+        yield
+    finally:
+        _State.raising = before
+
+
+@contextlib.contextmanager
+def cleanup_on_leave(cleanup: Callable[[], None]) -> Iterator[None]:
+    """Run ``cleanup`` if a signal makes the program leave at once inside this block."""
+    _State.cleanups.append(cleanup)
+    try:
+        yield
+    finally:
+        _State.cleanups.remove(cleanup)
 
 
 @contextlib.contextmanager

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convnext_cli.errors import UsageError
+from convnext_cli.names import path_field
+from convnext_cli.parquet_output import CLASSIFY_SCHEMA, METADATA_KEY, embed_schema
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -61,7 +63,6 @@ TEST_DIR_ENV = "CONVNEXT_RAY_TEST_DIR"
 
 DECODE_ROWS = 16  # inputs per decode task batch
 PART_ROWS = 256  # inputs per model-actor call, and so per Parquet part, when writing parts
-METADATA_KEY = "convnext_cli"  # as parquet_output.METADATA_KEY
 PART_GLOB = "part-*.parquet"
 
 
@@ -337,38 +338,6 @@ def decode_rows(batch: pa.Table, spec: PreprocessSpec) -> pa.Table:
     )
 
 
-def classify_schema() -> pa.Schema:
-    """The project's Parquet classify schema (parquet_output.CLASSIFY_SCHEMA)."""
-    import pyarrow as pa
-
-    prediction = pa.struct([("label", pa.string()), ("index", pa.int32()), ("score", pa.float64())])
-    return pa.schema(
-        [
-            ("path", pa.string()),
-            ("error", pa.string()),
-            ("label", pa.string()),
-            ("index", pa.int32()),
-            ("score", pa.float64()),
-            ("predictions", pa.list_(prediction)),
-        ]
-    )
-
-
-def embed_schema(dim: int) -> pa.Schema:
-    """The project's Parquet embed schema (parquet_output.embed_schema(dim))."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [("path", pa.string()), ("error", pa.string()), ("embedding", pa.list_(pa.float32(), dim))]
-    )
-
-
-def text(value: str) -> str:
-    """Parquet strings are UTF-8: undecodable bytes become ``\\udcXX`` escapes
-    (parquet_output.text)."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 class ModelActor:
     """Model stage: one actor per replica, the model loaded once in the constructor.
 
@@ -475,8 +444,10 @@ class ModelActor:
         import pyarrow.parquet as pq
 
         assert self.parts_dir is not None
-        rows = [self._row(text(path), result) for path, result in zip(files, results, strict=True)]
-        schema = classify_schema() if self.options.task == "classify" else embed_schema(self.dim)
+        rows = [
+            self._row(path_field(path), result) for path, result in zip(files, results, strict=True)
+        ]
+        schema = CLASSIFY_SCHEMA if self.options.task == "classify" else embed_schema(self.dim)
         metadata = {METADATA_KEY: json.dumps(dict(self.options.metadata), sort_keys=True)}
         table = pa.Table.from_pylist(rows, schema=schema.with_metadata(metadata))
         name = f"part-{self.run_tag}-{min(ids):010d}-{max(ids):010d}.parquet"
@@ -686,10 +657,10 @@ def write_parts_on_ray(
 
 
 def done_paths(folder: str | os.PathLike[str], include_errors: bool = True) -> set[str]:
-    """The ``path`` values of every readable part in ``folder`` (for ``--resume``: skip the
-    inputs whose ``text(path)`` is in it); without ``include_errors``, only the rows that
-    succeeded.  Temporary files of an interrupted write are ignored (and removed); a part
-    that cannot be read is ignored too."""
+    """The ``path`` values of every readable part in ``folder`` (for ``--resume``: skip
+    the inputs whose ``names.path_field(path)`` is in it); without ``include_errors``, only
+    the rows that succeeded.  Temporary files of an interrupted write are ignored (and
+    removed); a part that cannot be read is ignored too."""
     import pyarrow.parquet as pq
 
     target = Path(folder)

@@ -24,6 +24,7 @@ import torch
 
 from convnext_cli import ray_engine
 from convnext_cli.cli.batch_run import load_runner
+from convnext_cli.names import path_field
 from convnext_cli.pipeline import Result
 
 ray = pytest.importorskip("ray")
@@ -249,18 +250,18 @@ def test_parquet_parts_read_back_with_duckdb_and_resume(
         for r in b
     ]
     assert [r.path for r in light] == first
-    assert ray_engine.done_paths(out) == {ray_engine.text(p) for p in first}
-    todo = [p for p in inputs if ray_engine.text(p) not in ray_engine.done_paths(out)]
+    assert ray_engine.done_paths(out) == {path_field(p) for p in first}
+    todo = [p for p in inputs if path_field(p) not in ray_engine.done_paths(out)]
     assert todo == rest
     list(ray_engine.write_parts_on_ray(todo, options(v1_checkpoint, top_k=3), out))
     (out / ".part-x.parquet.123.tmp").write_bytes(b"half a part")  # an interrupted write
-    names = {ray_engine.text(p) for p in inputs}
+    names = {path_field(p) for p in inputs}
     assert ray_engine.done_paths(out) == names
     assert not list(out.glob(".*.tmp"))
     assert len(ray_engine.done_paths(out, include_errors=False)) == len(inputs) - 3
 
     local_run = local_records(v1_checkpoint, inputs, "classify", top_k=3)
-    local = {ray_engine.text(r.path): r for r in local_run}
+    local = {path_field(r.path): r for r in local_run}
     rows = duckdb.sql(
         f"select path, error, label, index, score, predictions "
         f"from read_parquet('{out}/part-*.parquet') order by path"
@@ -291,7 +292,7 @@ def test_parquet_embed_parts(
     list(ray_engine.write_parts_on_ray(inputs, options(v2_checkpoint, "embed"), out))
     table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
     assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
-    local = {ray_engine.text(r.path): r for r in local_records(v2_checkpoint, inputs, "embed")}
+    local = {path_field(r.path): r for r in local_records(v2_checkpoint, inputs, "embed")}
     assert sorted(table.column("path").to_pylist()) == sorted(local)
     for path, error, vector in zip(
         *(table.column(c).to_pylist() for c in ("path", "error", "embedding")), strict=True

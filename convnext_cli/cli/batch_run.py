@@ -141,12 +141,15 @@ def write_results(
     other error: the writer aborts, the target is untouched.
     """
     try:
-        code = stream_results(
-            batches(),
-            writer,
-            total,
-            to_terminal=is_stdout(output) and sys.stdout.isatty(),
-        )
+        with interrupts.cleanup_on_leave(writer.abort):
+            produced = batches()  # loads the model: a signal here drops the output and leaves
+        with interrupts.raising():
+            code = stream_results(
+                produced,
+                writer,
+                total,
+                to_terminal=is_stdout(output) and sys.stdout.isatty(),
+            )
     except KeyboardInterrupt:
         with interrupts.finishing():
             if writer.records or is_stdout(output):  # stdout: close the JSON array anyway
