@@ -4,8 +4,8 @@ For each size (100 and 1,000 images by default: the sample photos copied over an
 into a temporary folder), two child processes, run one after the other:
 
 - local: ``python -m convnext_cli classify DIR -m CKPT --format jsonl`` (today's engine);
-- ray:   a small driver calling ``ray_engine.run_on_ray`` and printing the same JSON lines
-         (a local Ray started and shut down by the run, as ``--engine ray`` does).
+- ray:   the same command with ``--engine ray`` (a local Ray started and shut down by the
+         run).
 
 Reported per engine: the whole-process wall time (Python start, imports, model load, Ray's
 start included), the ratio ray / local, and the steady-state images/s: the records after
@@ -30,23 +30,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_images"
-
-RAY_DRIVER = """
-import json, sys
-from convnext_cli.ray_engine import RayOptions, run_on_ray
-from convnext_cli.inputs import expand_inputs
-folder, model, device, dtype, replicas = sys.argv[1:6]
-paths = expand_inputs([folder], recursive=False, warn=lambda m: None)
-options = RayOptions(task="classify", model=model, device=device, dtype=dtype,
-                     replicas=int(replicas) if replicas != "auto" else None)
-for batch in run_on_ray(paths, options):
-    for r in batch:
-        preds = [{"label": p.label, "index": p.index, "score": p.score} for p in r.predictions]
-        ok = {"path": r.path, "predictions": preds}
-        record = {"path": r.path, "error": r.error} if r.error else ok
-        sys.stdout.write(json.dumps(record) + "\\n")
-    sys.stdout.flush()
-"""
 
 
 def photo_folder(root: Path, count: int) -> Path:
@@ -133,16 +116,9 @@ def main() -> None:
                 "--dtype",
                 args.dtype,
             ]
-            ray_cmd = [
-                sys.executable,
-                "-c",
-                RAY_DRIVER,
-                str(folder),
-                str(model),
-                args.device,
-                args.dtype,
-                args.replicas,
-            ]
+            ray_cmd = [*local_cmd, "--engine", "ray"]
+            if args.replicas != "auto":
+                ray_cmd += ["--replicas", args.replicas]
             local_wall, local_steady, _ = run(local_cmd, count)
             print(
                 f"{count:>7} {'local':>6} {local_wall:>8.1f} {1.0:>6.2f} {local_steady:>13.1f}",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convnext_cli import checkpoints, layouts
+from convnext_cli import checkpoints, interrupts, layouts
 from convnext_cli.checkpoints import CONFIG_FILE, PREPROCESSOR_FILE
 from convnext_cli.config import ConvNextConfig
 from convnext_cli.errors import CheckpointError, UsageError, one_line
@@ -330,10 +330,12 @@ def replacing(target: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        # Ctrl-C while writing leaves at once (see interrupts): the temporary goes first
+        with interrupts.cleanup_on_leave(lambda: tmp.unlink(missing_ok=True)):
+            yield tmp
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -25,6 +25,7 @@ from convnext_cli.cli.benchmark import benchmark  # noqa: E402
 from convnext_cli.cli.classify import classify  # noqa: E402
 from convnext_cli.cli.convert import convert  # noqa: E402
 from convnext_cli.cli.embed import embed  # noqa: E402
+from convnext_cli.cli.env import env  # noqa: E402
 
 app = typer.Typer(
     name="convnext",
@@ -46,7 +47,7 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version."),
     ] = False,
 ) -> None:
     """Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings."""
@@ -56,6 +57,7 @@ app.command("classify")(classify)
 app.command("embed")(embed)
 app.command("convert")(convert)
 app.command("benchmark")(benchmark)
+app.command("env")(env)
 
 
 def main() -> None:
