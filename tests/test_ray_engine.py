@@ -9,6 +9,7 @@ kill lands while there is work left.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -304,3 +305,41 @@ def test_parquet_embed_parts(
             assert float((got - want.embedding).norm() / want.embedding.norm()) <= 1e-6
         else:
             assert vector is None
+
+
+def test_the_cli_engine_ray_gives_the_local_records(
+    v1_checkpoint: Path, inputs: list[str], tmp_path: Path
+) -> None:
+    """`convnext classify ... --engine ray` as a user runs it (its own local Ray, started and
+    shut down by the command): JSON lines through the driver, and Parquet parts written by
+    the actors into `-o DIR`, resumable; both equal the local engine's records."""
+    duckdb = pytest.importorskip("duckdb")
+    stdin = "".join(p + "\n" for p in inputs).encode("utf-8", "surrogateescape")
+    base = [sys.executable, "-m", "convnext_cli", "classify", "-", "-m", str(v1_checkpoint)]
+    base += ["--device", "cpu", "--dtype", "float32", "-k", "3", "--engine", "ray"]
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], input=stdin, capture_output=True, timeout=300)
+
+    local = {
+        path_field(r.path): r for r in local_records(v1_checkpoint, inputs, "classify", top_k=3)
+    }
+    out = cli("--format", "jsonl")
+    assert out.returncode == 1, out.stderr  # the broken files
+    records = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert [os.fsencode(r["path"]) for r in records] == [os.fsencode(p) for p in inputs]
+    for record in records:
+        want = local[path_field(record["path"])]
+        assert record.get("error") == want.error
+        got = [p["index"] for p in record.get("predictions", [])]
+        assert got == [p.index for p in want.predictions]
+
+    folder = tmp_path / "parts"
+    out = cli("-o", str(folder), "--format", "parquet")
+    assert out.returncode == 1, out.stderr
+    rows = duckdb.sql(f"select path, error, index from read_parquet('{folder}/*.parquet')")
+    found = {path: (error, index) for path, error, index in rows.fetchall()}
+    assert found.keys() == local.keys()
+    again = cli("-o", str(folder), "--format", "parquet", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert f"{len(inputs)} inputs already done, 0 to do" in again.stderr.decode()

@@ -466,8 +466,9 @@ def _ray_into_folder(job: Job, paths: list[str], options: Any, folder: Path) -> 
 
 
 def _is_folder_target(output: Path) -> bool:
-    """``-o DIR/`` (or an existing folder) with --engine ray: part files written by the cluster."""
-    return str(output).endswith(("/", os.sep)) or output.is_dir()
+    """With --engine ray and parquet: ``-o DIR`` (an existing folder, or a name without the
+    ``.parquet`` extension) gets part files written by the cluster."""
+    return output.is_dir() or output.suffix.lower() != ".parquet"
 
 
 class FolderProgress:
