@@ -374,7 +374,8 @@ def build_model(
         model = ConvNeXtForClassification(checkpoint.config)
     model.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device=device, dtype=dtype or torch.float32, memory_format=layout)
+    # one pass for device, dtype and layout (torch's stubs lack the memory_format overload)
+    model = model.to(device=device, dtype=dtype or torch.float32, memory_format=layout)  # type: ignore[call-overload]
     model = model.eval().requires_grad_(False)
     if fuse and channels_last and torch.device(device).type == "cpu":
         from convnext_cli.cpu_fusion import fuse_blocks
@@ -391,5 +392,5 @@ def load_model(
     """Load any supported checkpoint as a ready-to-run model (``.config``, ``.preprocess`` set)."""
     checkpoint = load_checkpoint(model)
     net = build_model(checkpoint, device=device, dtype=dtype)
-    net.preprocess = checkpoint.preprocess
+    net.preprocess = checkpoint.preprocess  # type: ignore[assignment]  # read by callers
     return net

@@ -181,8 +181,8 @@ def _ends_cleanly(archive: tarfile.TarFile, size: int) -> bool:
     offset = archive.offset
     if size - offset < tarfile.BLOCKSIZE:
         return False
-    archive.fileobj.seek(offset)  # type: ignore[union-attr]
-    block = archive.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+    archive.fileobj.seek(offset)
+    block = archive.fileobj.read(tarfile.BLOCKSIZE)
     return block == b"\0" * tarfile.BLOCKSIZE
 
 

@@ -50,7 +50,8 @@ def label2id_dict(labels: Sequence[str]) -> dict[str, int]:
 
 @cache
 def _read_label_file(filename: str) -> tuple[str, ...]:
-    text = resources.files("convnext_cli").joinpath("data", filename).read_text(encoding="utf-8")
+    data = resources.files("convnext_cli").joinpath("data")
+    text = data.joinpath(filename).read_text(encoding="utf-8")
     names = tuple(text.splitlines())
     expected = {v: k for k, v in _LABEL_FILES.items()}[filename]
     if len(names) != expected:

@@ -458,7 +458,7 @@ def _ray_into_folder(job: Job, paths: list[str], options: Any, folder: Path) -> 
     if job.resume:
         say(f"resuming {folder}: {len(paths) - len(todo)} inputs already done, {len(todo)} to do")
     return write_results(
-        FolderProgress(),  # type: ignore[arg-type]
+        FolderProgress(),
         lambda: ray_engine.write_parts_on_ray(todo, options, folder),
         total=len(todo),
         output=None,
