@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
-from convnext_cli.errors import ImageError, one_line
+from convnext_cli.errors import ImageError, UsageError, one_line
 
 IMAGE_COLUMNS = ("image", "jpg", "png", "img", "bytes", "image_bytes")
 ID_COLUMNS = ("id", "key", "__key__", "path", "file_name")
@@ -98,18 +98,38 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
+MAX_BRACE_NAMES = 1_000_000  # {0..9}{0..9}... multiplies: refuse before building it
+
+
 def expand_braces(pattern: str) -> list[str]:
     """``shards/{00000..00002}.tar`` -> three names (zero padding kept); ``{a,b}`` alternatives.
 
-    A brace group that is neither a range nor a comma list is kept literally, as the shell does.
+    A brace group that is neither a range nor a comma list is kept literally, as the shell
+    does.  A pattern that would name more than a million files is a usage error.
     """
+    total = 1
+    for group in _BRACE.finditer(pattern):
+        total *= max(1, _brace_count(group.group(1)))
+        if total > MAX_BRACE_NAMES:
+            raise UsageError(f"{pattern}: the brace pattern names over {MAX_BRACE_NAMES} files")
+    return _expand_braces(pattern)
+
+
+def _brace_count(body: str) -> int:
+    numeric = _RANGE.match(body)
+    if numeric:
+        return abs(int(numeric.group(2)) - int(numeric.group(1))) + 1
+    return len(body.split(",")) if "," in body else 1
+
+
+def _expand_braces(pattern: str) -> list[str]:
     match = next((m for m in _BRACE.finditer(pattern) if _brace_choices(m.group(1))), None)
     if match is None:
         return [pattern]
     head, tail = pattern[: match.start()], pattern[match.end() :]
     out: list[str] = []
     for choice in _brace_choices(match.group(1)):
-        out.extend(expand_braces(head + choice + tail))
+        out.extend(_expand_braces(head + choice + tail))
     return out
 
 
@@ -241,12 +261,27 @@ def parquet_items(
         yield Item(path, error=f"corrupt or unreadable Parquet file {where} ({one_line(exc)})")
 
 
+MAX_ROW_GROUP_BYTES = 1 << 30  # one row group's image column, uncompressed, is read at once
+
+
 @lru_cache(maxsize=2)
 def _row_group_cells(path: str, group: int, column: str) -> list[object]:
     """One row group's image column (decoders take consecutive rows: read once, use many)."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0).to_pylist()
+    parquet = pq.ParquetFile(path)
+    meta = parquet.metadata.row_group(group)
+    size = sum(
+        meta.column(n).total_uncompressed_size
+        for n in range(meta.num_columns)
+        if meta.column(n).path_in_schema.split(".")[0] == column
+    )
+    if size > MAX_ROW_GROUP_BYTES:
+        raise ImageError(
+            f"row group {group} holds {size} bytes of images, over the {MAX_ROW_GROUP_BYTES}-byte "
+            "limit for one read (rewrite the file with smaller row groups)"
+        )
+    return parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
 
 
 def _parquet_cell(path: str, group: int, column: str, row: int) -> bytes:

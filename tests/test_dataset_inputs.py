@@ -18,7 +18,7 @@ from convnext_cli.dataset_inputs import (
     read_item,
     tar_items,
 )
-from convnext_cli.errors import ImageError
+from convnext_cli.errors import ImageError, UsageError
 
 EXTS = frozenset({".jpg", ".jpeg", ".png"})
 
@@ -124,3 +124,24 @@ def test_parquet_columns_and_corruption(tmp_path: Path, photos: list[Path]) -> N
     broken.write_bytes(data[: len(data) // 2])
     (only,) = list(parquet_items(str(broken), image_column="pixels"))
     assert only.id == str(broken) and "Parquet" in (only.error or "")
+
+
+def test_brace_bombs_are_refused_before_expansion() -> None:
+    with pytest.raises(UsageError, match="over 1000000 files"):
+        expand_braces("x{0..9}{0..9}{0..9}{0..9}{0..9}{0..9}{0..9}.tar")
+    with pytest.raises(UsageError):
+        expand_braces("{1..100000000}.tar")
+
+
+def test_a_huge_row_group_is_an_error_per_row_not_a_huge_read(
+    tmp_path: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convnext_cli.dataset_inputs as dataset_inputs
+
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"image": [p.read_bytes() for p in photos[:2]]}), path)
+    monkeypatch.setattr(dataset_inputs, "MAX_ROW_GROUP_BYTES", 1000)
+    dataset_inputs._row_group_cells.cache_clear()
+    items = list(parquet_items(str(path)))
+    with pytest.raises(ImageError, match="over the 1000-byte limit"):
+        read(items[0])
