@@ -59,6 +59,26 @@ def embed_schema(dim: int | None) -> pa.Schema:
     return pa.schema([("path", pa.string()), ("error", pa.string()), ("embedding", vector)])
 
 
+def parquet_row(result: Result, task: str) -> dict[str, Any]:
+    """One row for a result: the columns of ``CLASSIFY_SCHEMA`` or ``embed_schema``."""
+    row: dict[str, Any] = {"path": path_field(result.path), "error": result.error}
+    if task == "embed":
+        ok = result.embedding is not None and result.error is None
+        row["embedding"] = result.embedding.float().tolist() if ok else None  # type: ignore[union-attr]
+        return row
+    predictions = [
+        {"label": p.label, "index": p.index, "score": float(p.score)} for p in result.predictions
+    ]
+    top = predictions[0] if predictions and result.error is None else None
+    row.update(
+        label=top["label"] if top else None,
+        index=top["index"] if top else None,
+        score=top["score"] if top else None,
+        predictions=predictions if result.error is None else None,
+    )
+    return row
+
+
 def parts_folder(target: Path) -> Path:
     return target.with_name(f".{target.name}.parts")
 
@@ -121,26 +141,9 @@ class ParquetRecordWriter:
             self._flush()
 
     def _row(self, result: Result) -> dict[str, Any]:
-        row: dict[str, Any] = {"path": path_field(result.path), "error": result.error}
-        if self.task == "embed":
-            if result.embedding is not None and result.error is None:
-                values = result.embedding.float().tolist()
-                self.dim = self.dim or len(values)
-                row["embedding"] = values
-            else:
-                row["embedding"] = None
-            return row
-        predictions = [
-            {"label": p.label, "index": p.index, "score": float(p.score)}
-            for p in result.predictions
-        ]
-        top = predictions[0] if predictions and result.error is None else None
-        row.update(
-            label=top["label"] if top else None,
-            index=top["index"] if top else None,
-            score=top["score"] if top else None,
-            predictions=predictions if result.error is None else None,
-        )
+        row = parquet_row(result, self.task)
+        if row.get("embedding") is not None:
+            self.dim = self.dim or len(row["embedding"])
         return row
 
     def _schema(self) -> pa.Schema:

@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convnext_cli.errors import UsageError
-from convnext_cli.names import path_field
-from convnext_cli.parquet_output import CLASSIFY_SCHEMA, METADATA_KEY, embed_schema
+from convnext_cli.parquet_output import CLASSIFY_SCHEMA, METADATA_KEY, embed_schema, parquet_row
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -444,9 +443,9 @@ class ModelActor:
         import pyarrow.parquet as pq
 
         assert self.parts_dir is not None
-        rows = [
-            self._row(path_field(path), result) for path, result in zip(files, results, strict=True)
-        ]
+        pairs = zip(files, results, strict=True)
+        task = self.options.task
+        rows = [parquet_row(dataclasses.replace(r, path=path), task) for path, r in pairs]
         schema = CLASSIFY_SCHEMA if self.options.task == "classify" else embed_schema(self.dim)
         metadata = {METADATA_KEY: json.dumps(dict(self.options.metadata), sort_keys=True)}
         table = pa.Table.from_pylist(rows, schema=schema.with_metadata(metadata))
@@ -461,26 +460,6 @@ class ModelActor:
                 "error": pa.array([r.error for r in results], pa.string()),
             }
         )
-
-    def _row(self, path: str, result: Result) -> dict[str, Any]:
-        """One Parquet row, as parquet_output.ParquetRecordWriter._row makes it."""
-        row: dict[str, Any] = {"path": path, "error": result.error}
-        if self.options.task == "embed":
-            ok = result.embedding is not None and result.error is None
-            row["embedding"] = result.embedding.float().tolist() if ok else None  # type: ignore[union-attr]
-            return row
-        predictions = [
-            {"label": p.label, "index": p.index, "score": float(p.score)}
-            for p in result.predictions
-        ]
-        top = predictions[0] if predictions and result.error is None else None
-        row.update(
-            label=top["label"] if top else None,
-            index=top["index"] if top else None,
-            score=top["score"] if top else None,
-            predictions=predictions if result.error is None else None,
-        )
-        return row
 
 
 def build_dataset(

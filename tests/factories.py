@@ -80,3 +80,16 @@ def save_hf(model, folder: Path, preprocessor: dict | None = None) -> Path:
     pre = dict(IMAGENET_PREPROCESSOR if preprocessor is None else preprocessor)
     (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return folder
+
+
+def make_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A WebDataset-style tar shard holding ``members`` (name, bytes), in order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path

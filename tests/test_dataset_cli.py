@@ -3,16 +3,15 @@ predictions, broken members/cells/shards get their own records, --shard covers e
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from factories import make_shard
 
 CLI = [sys.executable, "-m", "convnext_cli"]
 
@@ -25,15 +24,6 @@ def classify(*args: object) -> tuple[int, list[dict], str]:
     )
     records = [json.loads(line) for line in out.stdout.decode().splitlines()]
     return out.returncode, records, out.stderr.decode()
-
-
-def shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +45,7 @@ def test_tar_shards_give_the_loose_files_predictions(
             members.append((f"{i:06d}.json", b'{"caption": "x"}'))
         if n == 1:
             members.append(("999999.jpg", photos[-1].read_bytes()[:300]))  # a broken member
-        shard(folder / f"{n:05d}.tar", members)
+        make_shard(folder / f"{n:05d}.tar", members)
     code, records, _ = classify(folder / "{00000..00001}.tar", "-m", v1_checkpoint, "-k", "3")
     assert code == 1
     assert len(records) == 2 * len(photos) + 1

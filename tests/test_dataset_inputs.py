@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from factories import make_shard
 
 from convnext_cli.dataset_inputs import (
     Item,
@@ -21,15 +20,6 @@ from convnext_cli.dataset_inputs import (
 from convnext_cli.errors import ImageError, UsageError
 
 EXTS = frozenset({".jpg", ".jpeg", ".png"})
-
-
-def make_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
 
 
 def read(item: Item) -> bytes:
