@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convnext_cli.dataset_inputs import Item
 from convnext_cli.errors import UsageError
+from convnext_cli.inputs import InputRef, input_id
 from convnext_cli.parquet_output import CLASSIFY_SCHEMA, METADATA_KEY, embed_schema, parquet_row
 
 if TYPE_CHECKING:
@@ -301,6 +303,23 @@ def _test_hook(event: str, first_id: int = -1) -> None:
             time.sleep(float(delay.read().strip() or 0))
 
 
+_ITEM = b"\0item\0"  # a file path never holds NUL: a dataset member or row follows, as JSON
+
+
+def encode_ref(ref: InputRef) -> bytes:
+    """An input for the ``file`` column: a path's bytes (``os.fsencode``, any name the file
+    system allows), or a tar member / Parquet row as JSON."""
+    if isinstance(ref, str):
+        return os.fsencode(ref)
+    return _ITEM + json.dumps(dataclasses.asdict(ref)).encode("ascii")
+
+
+def decode_ref(raw: bytes) -> InputRef:
+    if raw.startswith(_ITEM):
+        return Item(**json.loads(raw[len(_ITEM) :]))
+    return os.fsdecode(raw)
+
+
 def decode_rows(batch: pa.Table, spec: PreprocessSpec) -> pa.Table:
     """Decode stage (a CPU task): (id, file) -> (id, error, shape, pixels).
 
@@ -318,7 +337,7 @@ def decode_rows(batch: pa.Table, spec: PreprocessSpec) -> pa.Table:
     shapes: list[list[int] | None] = []
     pixels: list[bytes | None] = []
     for raw in batch.column("file").to_pylist():
-        outcome = decode_one(os.fsdecode(raw), spec, False)
+        outcome = decode_one(decode_ref(raw), spec, False)
         if isinstance(outcome, torch.Tensor):
             errors.append(None)
             shapes.append(list(outcome.shape))
@@ -398,7 +417,7 @@ class ModelActor:
         results = [r for results in batches for r in results]
         _test_hook("actor-call", ids[0] if ids else -1)
         if self.parts_dir is not None:
-            files = [os.fsdecode(f) for f in batch.column("file").to_pylist()]
+            files = [input_id(decode_ref(f)) for f in batch.column("file").to_pylist()]
             return self._write_part(ids, files, results)
         return self._columns(ids, results)
 
@@ -464,7 +483,7 @@ class ModelActor:
 
 def build_dataset(
     ray: Any,
-    paths: Sequence[str],
+    paths: Sequence[InputRef],
     options: RayOptions,
     spec: PreprocessSpec,
     plan: ActorPlan,
@@ -481,7 +500,7 @@ def build_dataset(
             {
                 "id": pa.array(range(start, min(start + DECODE_ROWS, len(paths))), pa.int64()),
                 "file": pa.array(
-                    [os.fsencode(p) for p in paths[start : start + DECODE_ROWS]], pa.binary()
+                    [encode_ref(p) for p in paths[start : start + DECODE_ROWS]], pa.binary()
                 ),
             }
         )
@@ -560,12 +579,13 @@ def results_from_table(table: pa.Table, paths: Sequence[str], task: str) -> list
 
 
 def _stream(
-    paths: Sequence[str], options: RayOptions, parts_dir: str | None
+    refs: Sequence[InputRef], options: RayOptions, parts_dir: str | None
 ) -> Iterator[list[Result]]:
     from convnext_cli.pipeline import Result
 
-    if not paths:
+    if not refs:
         return
+    paths = [input_id(ref) for ref in refs]  # what each record says as its path
     from concurrent.futures import ThreadPoolExecutor
 
     run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -580,7 +600,7 @@ def _stream(
                 raise
             spec, dim = reading.result()
         plan = plan_actors(ray.cluster_resources(), options)
-        ds = build_dataset(ray, paths, options, spec, plan, parts_dir, run_tag, dim)
+        ds = build_dataset(ray, refs, options, spec, plan, parts_dir, run_tag, dim)
         expected = 0
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
             if table.num_rows == 0:
@@ -605,7 +625,7 @@ def _stream(
             raise RuntimeError(f"Ray returned {expected} records for {len(paths)} inputs")
 
 
-def run_on_ray(paths: Sequence[str], options: RayOptions) -> Iterator[list[Result]]:
+def run_on_ray(paths: Sequence[InputRef], options: RayOptions) -> Iterator[list[Result]]:
     """Every input's Result, in input order, batch by batch (what Runner.classify/embed
     yield), computed on Ray: the driver receives plain columns and builds the Results.
 
@@ -617,7 +637,7 @@ def run_on_ray(paths: Sequence[str], options: RayOptions) -> Iterator[list[Resul
 
 
 def write_parts_on_ray(
-    paths: Sequence[str], options: RayOptions, folder: str | os.PathLike[str]
+    paths: Sequence[InputRef], options: RayOptions, folder: str | os.PathLike[str]
 ) -> Iterator[list[Result]]:
     """Records written by the model actors as Parquet part files into ``folder`` (created),
     the project's Parquet columns, one row per input, none through the driver.

@@ -343,3 +343,34 @@ def test_the_cli_engine_ray_gives_the_local_records(
     again = cli("-o", str(folder), "--format", "parquet", "--resume")
     assert again.returncode == 0, again.stderr
     assert f"{len(inputs)} inputs already done, 0 to do" in again.stderr.decode()
+
+
+def test_dataset_inputs_on_ray_equal_the_local_engine(
+    v1_checkpoint: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """Tar members and Parquet rows travel to the decode tasks as references (never their
+    bytes through the driver) and give the local engine's records, errors included."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from factories import make_shard
+
+    members = [(f"{i:06d}{p.suffix}", p.read_bytes()) for i, p in enumerate(photos)]
+    shard = make_shard(tmp_path / "s.tar", [*members, ("bad.jpg", b"\xff\xd8 broken")])
+    table = pa.table({"jpg": [p.read_bytes() for p in photos] + [None]})
+    rows = tmp_path / "rows.parquet"
+    pq.write_table(table, rows)
+    base = [sys.executable, "-m", "convnext_cli", "classify", str(shard), str(rows)]
+    base += ["-m", str(v1_checkpoint), "--device", "cpu", "--dtype", "float32", "-k", "2"]
+    base += ["--format", "jsonl"]
+    local = subprocess.run(base, capture_output=True, timeout=300)
+    ray = subprocess.run([*base, "--engine", "ray"], capture_output=True, timeout=300)
+    assert local.returncode == ray.returncode == 1, ray.stderr
+    expected = [json.loads(line) for line in local.stdout.decode().splitlines()]
+    got = [json.loads(line) for line in ray.stdout.decode().splitlines()]
+    assert len(got) == 2 * len(photos) + 2
+    assert [r["path"] for r in got] == [r["path"] for r in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert g.get("error") == e.get("error")
+        assert [p["index"] for p in g.get("predictions", [])] == [
+            p["index"] for p in e.get("predictions", [])
+        ]

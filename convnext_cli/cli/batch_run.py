@@ -248,6 +248,7 @@ class Job:
     engine: str = "local"
     ray_address: str | None = None
     replicas: int | None = None
+    verbose: bool = False
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -416,9 +417,6 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
     from convnext_cli import ray_engine
     from convnext_cli.checkpoints import load_checkpoint
 
-    paths = [item for item in items if isinstance(item, str)]
-    if len(paths) != len(items):
-        raise UsageError("--engine ray reads image files (tar and Parquet inputs: --engine local)")
     checkpoint = load_checkpoint(job.model)
     provenance = make_provenance(job, checkpoint.config, checkpoint.preprocess)
     options = ray_engine.RayOptions(
@@ -432,21 +430,21 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
         replicas=job.replicas,
         address=job.ray_address,
         compile_model=job.compile_model,
+        verbose=job.verbose,
         metadata=provenance,
     )
     if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
-        return _ray_into_folder(job, paths, options, Path(job.output))
+        return _ray_into_folder(job, items, options, Path(job.output))
     if job.output is None:
-        todo, writer = list(paths), open_writer(job.command, fmt, None, job.top_k)
+        todo, writer = list(items), open_writer(job.command, fmt, None, job.top_k)
     else:
-        found, writer = _open_resumable(job, fmt, list(paths), provenance)
-        todo = [p for p in found if isinstance(p, str)]
+        todo, writer = _open_resumable(job, fmt, list(items), provenance)
     return write_results(
         writer, lambda: ray_engine.run_on_ray(todo, options), len(todo), job.output
     )
 
 
-def _ray_into_folder(job: Job, paths: list[str], options: Any, folder: Path) -> int:
+def _ray_into_folder(job: Job, paths: list[InputRef], options: Any, folder: Path) -> int:
     """``-o DIR --format parquet`` on Ray: the actors write part files into DIR."""
     from convnext_cli import ray_engine
 
@@ -454,7 +452,7 @@ def _ray_into_folder(job: Job, paths: list[str], options: Any, folder: Path) -> 
     done: set[str] = set()
     if job.resume:
         done = ray_engine.done_paths(folder, include_errors=not job.retry_errors)
-    todo = [p for p in paths if path_field(p) not in done]
+    todo = [p for p in paths if path_field(input_id(p)) not in done]
     if job.resume:
         say(f"resuming {folder}: {len(paths) - len(todo)} inputs already done, {len(todo)} to do")
     return write_results(

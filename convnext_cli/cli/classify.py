@@ -29,6 +29,7 @@ from convnext_cli.cli.options import (
     ResumeOpt,
     RetryErrorsOpt,
     ShardOpt,
+    VerboseOpt,
     WorkersOpt,
 )
 
@@ -64,6 +65,7 @@ def classify(
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
     replicas: ReplicasOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Classify images: top-k labels with softmax scores, one record per input, in order.
 
@@ -95,5 +97,6 @@ def classify(
         engine=engine,
         ray_address=ray_address,
         replicas=replicas,
+        verbose=verbose,
     )
     raise typer.Exit(run_job(job))

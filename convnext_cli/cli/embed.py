@@ -29,6 +29,7 @@ from convnext_cli.cli.options import (
     ResumeOpt,
     RetryErrorsOpt,
     ShardOpt,
+    VerboseOpt,
     WorkersOpt,
 )
 
@@ -66,6 +67,7 @@ def embed(
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
     replicas: ReplicasOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed images: the pooled feature (global average pool + final LayerNorm) per input.
 
@@ -98,5 +100,6 @@ def embed(
         engine=engine,
         ray_address=ray_address,
         replicas=replicas,
+        verbose=verbose,
     )
     raise typer.Exit(run_job(job))

@@ -165,3 +165,7 @@ ReplicasOpt = Annotated[
         show_default=False,
     ),
 ]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="--engine ray: show Ray's own logs and progress."),
+]
