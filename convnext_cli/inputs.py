@@ -37,6 +37,7 @@
 from __future__ import annotations
 
 import glob
+import operator
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +45,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from convnext_cli.dataset_inputs import (
+    PARQUET_SUFFIXES,
+    TAR_SUFFIXES,
     Item,
     dataset_items,
     expand_braces,
@@ -58,13 +61,26 @@ InputRef = str | Item  # a file path, or a member/row of a dataset file
 GLOB_CHARS = frozenset("*?[")
 
 
+LISTED_EXTENSIONS = IMAGE_EXTENSIONS | frozenset(TAR_SUFFIXES + PARQUET_SUFFIXES)
+_BY_NAME = operator.attrgetter("name")
+
+
+def _extension(name: str) -> str:
+    """``os.path.splitext(name)[1].lower()``, for the name of a folder entry, but cheaper
+    (a listing calls it once per file)."""
+    dot = name.rfind(".")
+    if dot <= 0 or not name[:dot].strip("."):
+        return ""
+    return name[dot:].lower()
+
+
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return _extension(os.path.basename(name)) in IMAGE_EXTENSIONS
 
 
 def is_listed(name: str) -> bool:
     """What a folder listing or a glob contributes: images and dataset files."""
-    return is_image_name(name) or is_dataset_file(name)
+    return _extension(os.path.basename(name)) in LISTED_EXTENSIONS
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -82,7 +98,7 @@ def folder_images(
     say = warn or (lambda _msg: None)
     top = str(folder)
     try:
-        entries = sorted(os.scandir(top), key=lambda e: e.name)
+        entries = sorted(os.scandir(top), key=_BY_NAME)
     except OSError:
         return [top]  # unreadable folder named explicitly: reported as an error record
     found: list[str] = []
@@ -96,16 +112,19 @@ def _list_entries(
     # files of this folder first, then each sub-folder's, as os.walk orders them
     folders = []
     for entry in entries:
+        name = entry.name  # _extension(name), inlined: this loop runs once per file
+        dot = name.rfind(".")
+        ext = name[dot:].lower() if dot > 0 and (name[0] != "." or name[:dot].strip(".")) else ""
         if _is_dir(entry):
             if recursive and not entry.is_symlink():
                 folders.append(entry)
-            elif not recursive and is_image_name(entry.name):
+            elif not recursive and ext in IMAGE_EXTENSIONS:
                 say(f"{entry.path}: a folder named like an image, not descended (try -r)")
-        elif is_listed(entry.name):
+        elif ext in LISTED_EXTENSIONS:
             found.append(entry.path)
     for sub in folders:
         try:
-            children = sorted(os.scandir(sub.path), key=lambda e: e.name)
+            children = sorted(os.scandir(sub.path), key=_BY_NAME)
         except OSError as exc:
             say(f"{sub.path}: cannot list this folder ({exc.strerror or exc}), skipped")
             continue
@@ -158,7 +177,8 @@ def expand_inputs(
     found: list[InputRef] = []
     say = warn or (lambda _msg: None)
     for path in _expand(inputs, recursive, stdin or sys.stdin, say, null_separated):
-        if is_dataset_file(path):
+        # .tar, .parquet, .pq end in r, t, q: a cheap test first (once per input)
+        if path[-1:] in "rRtTqQ" and is_dataset_file(path):
             found.extend(dataset_items(path, IMAGE_EXTENSIONS, image_column, id_column))
         else:
             found.append(path)
