@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -249,6 +249,12 @@ class Job:
     ray_address: str | None = None
     replicas: int | None = None
     verbose: bool = False
+
+    @classmethod
+    def from_options(cls, command: str, options: dict[str, Any]) -> Job:
+        """A job from a command's parameters (its ``locals()``), named as the fields are."""
+        names = {f.name for f in fields(cls)} - {"command"}
+        return cls(command=command, **{k: v for k, v in options.items() if k in names})
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -72,31 +72,4 @@ def classify(
     Exit code 0 when every input succeeded, 1 when any failed (the others are still
     reported), 2 for usage errors; see the README for the rest.
     """
-    job = Job(
-        "classify",
-        inputs,
-        model,
-        fmt,
-        output,
-        top_k=top_k,
-        normalize=False,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        recursive=recursive,
-        null=null,
-        workers=workers,
-        compile_model=compile_model,
-        decode=decode,
-        shard=shard,
-        resume=resume,
-        retry_errors=retry_errors,
-        force_resume=force_resume,
-        image_column=image_column,
-        id_column=id_column,
-        engine=engine,
-        ray_address=ray_address,
-        replicas=replicas,
-        verbose=verbose,
-    )
-    raise typer.Exit(run_job(job))
+    raise typer.Exit(run_job(Job.from_options("classify", locals())))

@@ -75,31 +75,4 @@ def embed(
     record (jsonl/json/csv) or, for npy/safetensors, is left out of the matrix and named
     on stderr; the paths written beside the matrix say which row is which.
     """
-    job = Job(
-        "embed",
-        inputs,
-        model,
-        fmt,
-        output,
-        top_k=5,
-        normalize=normalize,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        recursive=recursive,
-        null=null,
-        workers=workers,
-        compile_model=compile_model,
-        decode=decode,
-        shard=shard,
-        resume=resume,
-        retry_errors=retry_errors,
-        force_resume=force_resume,
-        image_column=image_column,
-        id_column=id_column,
-        engine=engine,
-        ray_address=ray_address,
-        replicas=replicas,
-        verbose=verbose,
-    )
-    raise typer.Exit(run_job(job))
+    raise typer.Exit(run_job(Job.from_options("embed", locals())))
