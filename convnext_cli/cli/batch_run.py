@@ -454,7 +454,10 @@ def _ray_into_folder(job: Job, paths: list[InputRef], options: Any, folder: Path
     """``-o DIR --format parquet`` on Ray: the actors write part files into DIR."""
     from convnext_cli import ray_engine
 
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write output ({exc.strerror})") from exc
     done: set[str] = set()
     if job.resume:
         done = ray_engine.done_paths(folder, include_errors=not job.retry_errors)
