@@ -243,8 +243,8 @@ def parquet_items(
     try:
         parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
-        image = _pick_column(names, image_column, IMAGE_COLUMNS, "image", path)
-        ident = _pick_id_column(names, id_column, path)
+        image = _pick_column(names, image_column, IMAGE_COLUMNS, "image")
+        ident = _pick_id_column(names, id_column)
         for group in range(parquet.num_row_groups):
             count = parquet.metadata.row_group(group).num_rows
             ids: list[object] = [None] * count
@@ -307,7 +307,7 @@ class _ColumnMissing(Exception):
 
 
 def _pick_column(
-    names: list[str], chosen: str | None, candidates: tuple[str, ...], what: str, path: str
+    names: list[str], chosen: str | None, candidates: tuple[str, ...], what: str
 ) -> str:
     if chosen is not None:
         if chosen not in names:
@@ -322,7 +322,7 @@ def _pick_column(
     return found
 
 
-def _pick_id_column(names: list[str], chosen: str | None, path: str) -> str | None:
+def _pick_id_column(names: list[str], chosen: str | None) -> str | None:
     if chosen is not None:
-        return _pick_column(names, chosen, ID_COLUMNS, "id", path)
+        return _pick_column(names, chosen, ID_COLUMNS, "id")
     return next((c for c in ID_COLUMNS if c in names), None)

@@ -231,12 +231,10 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
 
 def written_by(target: Path) -> dict[str, Any] | None:
     """The metadata of the target, else of the first readable part an interrupted run left."""
-    parts = sorted(parts_folder(target).glob("part-*.parquet"), key=_part_number)
-    for source in [target, *parts]:
-        if source.is_file():
-            found = read_metadata(source)
-            if found is not None:
-                return found
+    for source in earlier_sources(target):
+        found = read_metadata(source)
+        if found is not None:
+            return found
     return None
 
 

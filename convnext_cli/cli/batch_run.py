@@ -17,8 +17,7 @@ from convnext_cli.inputs import InputRef, expand_inputs, input_id
 from convnext_cli.names import path_field
 from convnext_cli.output import choose_format, open_writer, output_targets
 from convnext_cli.output_file import is_stdout
-
-RESUMABLE_FORMATS = ("jsonl", "csv", "parquet")
+from convnext_cli.resume import RESUMABLE_FORMATS
 
 if TYPE_CHECKING:
     import torch
