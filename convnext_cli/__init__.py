@@ -19,7 +19,8 @@ __all__ = ["Classifier", "load_model", "load_checkpoint", "__version__"]
 
 if TYPE_CHECKING:
     from convnext_cli.api import Classifier
-    from convnext_cli.checkpoints import load_checkpoint, load_model
+    from convnext_cli.checkpoints import load_checkpoint
+    from convnext_cli.loading import load_model
 
 
 def __getattr__(name: str) -> Any:
@@ -27,8 +28,12 @@ def __getattr__(name: str) -> Any:
         from convnext_cli.api import Classifier
 
         return Classifier
-    if name in ("load_model", "load_checkpoint"):
-        from convnext_cli import checkpoints
+    if name == "load_model":
+        from convnext_cli.loading import load_model
 
-        return getattr(checkpoints, name)
+        return load_model
+    if name == "load_checkpoint":
+        from convnext_cli.checkpoints import load_checkpoint
+
+        return load_checkpoint
     raise AttributeError(f"module 'convnext_cli' has no attribute {name!r}")

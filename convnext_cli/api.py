@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-from convnext_cli.checkpoints import DEFAULT_MODEL, build_model, load_checkpoint
-from convnext_cli.device import resolve
+import numpy as np
+import torch
+from PIL import Image, ImageOps
 
-if TYPE_CHECKING:
-    import torch
-
-    from convnext_cli.pipeline import Input, Result
+from convnext_cli.choices import DEFAULT_MODEL
+from convnext_cli.decode_pool import failure
+from convnext_cli.errors import ImageError
+from convnext_cli.images import MAX_PIXELS, pil_to_rgb
+from convnext_cli.loading import ModelSource, RunOptions, load_runner
+from convnext_cli.pipeline import InMemoryImage, Input, Result
 
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | numpy.ndarray | torch.Tensor
 
@@ -42,6 +46,10 @@ class Classifier:
     >>> clf = Classifier("facebook/convnext-tiny-224", device="cpu", dtype="float32")
     >>> clf.classify("cat.jpg")[0].predictions[0].label
     'tabby, tabby cat'
+
+    ``revision``, ``cache_dir`` and ``token`` reach the Hub; ``labels`` names a file whose
+    class names (one per line, or JSON) replace the checkpoint's.  What ``dtype="auto"``
+    and ``decode="auto"`` chose is in :attr:`notes`.
     """
 
     def __init__(
@@ -52,21 +60,25 @@ class Classifier:
         batch_size: int | None = None,
         workers: int | None = None,
         decode: str = "auto",
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        labels: str | os.PathLike[str] | None = None,
+        compile: bool = False,
     ) -> None:
-        from convnext_cli.jpeg_on_device import resolve_decode
-        from convnext_cli.pipeline import Runner
-
-        self.placement = resolve(device, dtype)
-        jpeg_on_device = resolve_decode(decode, self.placement.device)
-        self.checkpoint = load_checkpoint(model)
-        self.model = build_model(self.checkpoint, self.placement.device, self.placement.dtype)
-        self.runner = Runner(
-            self.model,
-            self.checkpoint.preprocess,
-            self.placement.device,
-            self.placement.dtype,
-            jpeg_on_device=jpeg_on_device,
+        source = ModelSource(
+            model,
+            revision=revision,
+            cache_dir=None if cache_dir is None else Path(cache_dir),
+            token=token,
+            labels=None if labels is None else Path(labels),
         )
+        loaded = load_runner(source, RunOptions(device, dtype, decode, compile=compile))
+        self.runner = loaded.runner
+        self.checkpoint = loaded.checkpoint
+        self.model = loaded.runner.model
+        self.notes = loaded.notes
         self.batch_size = batch_size
         self.workers = workers
 
@@ -97,18 +109,12 @@ def _kind(value: Any) -> str | None:
         return "path"
     module = type(value).__module__
     if module.startswith("PIL.") or module == "PIL":
-        from PIL import Image
-
         if isinstance(value, Image.Image):
             return "pil"
     if module == "numpy":
-        import numpy as np
-
         if isinstance(value, np.ndarray):
             return "array"
     if module.startswith("torch"):
-        import torch
-
         if isinstance(value, torch.Tensor):
             return "tensor"
     return None
@@ -132,9 +138,6 @@ def as_inputs(inputs: ImageInput | Iterable[ImageInput]) -> list[Input]:
 
 
 def _as_input(value: Any, number: int) -> Input:
-    from convnext_cli.decode_pool import failure
-    from convnext_cli.pipeline import InMemoryImage
-
     kind = _kind(value)
     if kind == "path":
         return os.fsdecode(value)
@@ -152,13 +155,6 @@ def _as_input(value: Any, number: int) -> Input:
 
 def _pixels(value: Any, kind: str) -> torch.Tensor:
     """An in-memory image as an RGB uint8 (3, H, W) tensor, per the decoding policy."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    from convnext_cli.errors import ImageError
-    from convnext_cli.images import MAX_PIXELS, pil_to_rgb
-
     if kind == "tensor":
         tensor = value.detach().cpu()
         if tensor.dtype != torch.uint8 or not (

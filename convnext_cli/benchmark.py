@@ -23,14 +23,15 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from convnext_cli.pipeline import Runner
+from convnext_cli.device import resolve_device, resolve_dtype
+from convnext_cli.loading import ModelSource, RunOptions, load_runner
+from convnext_cli.pipeline import Runner
 
 NOISY_P99_OVER_P50 = 1.5
 NOISE_MIN_BATCHES = 5
@@ -326,3 +327,26 @@ def sweep(
     if report is None:
         raise ValueError("sweep needs at least one runner")
     return report
+
+
+def runners_for(
+    source: ModelSource,
+    options: RunOptions,
+    dtype_names: Sequence[str],
+    on_note: Callable[[str], None] | None = None,
+) -> Iterator[Runner]:
+    """One runner per dtype (each dtype once, ``auto`` resolved first), each loaded through
+    :func:`~convnext_cli.loading.load_runner` only when the sweep asks for it."""
+    device = resolve_device(options.device)
+    seen: list[torch.dtype] = []
+    for name in dtype_names:
+        dtype, _ = resolve_dtype(name, device)
+        if dtype in seen:
+            continue
+        seen.append(dtype)
+        loaded = load_runner(source, replace(options, dtype=name))
+        for note in loaded.notes:
+            if on_note is not None:
+                on_note(note)
+        yield loaded.runner
+        del loaded

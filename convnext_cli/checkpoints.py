@@ -1,22 +1,34 @@
-"""Finding, reading and checking checkpoints.
+"""From a model reference to a checked checkpoint, and from a checkpoint to a model.
 
-locate (Hub id[@revision], Hub-layout folder, or single weights file)
-  -> read (safetensors preferred; pickles only with ``weights_only=True``)
-  -> foreign layouts renamed to transformers' keys (:mod:`convnext_cli.layouts`)
-  -> config + preprocessing spec + a key-by-key, shape-by-shape check that fails loudly.
+    locate (Hub id[@revision], Hub-layout folder, or single weights file -> CheckpointFiles)
+      -> read (JSON first; safetensors preferred; pickles only with ``weights_only=True``)
+      -> layouts: detected, renamed to transformers' keys (:mod:`convnext_cli.layouts`)
+      -> ConvNextConfig.from_state_dict (what the tensors describe), compared field by
+         field with a config.json beside transformers weights
+      -> assemble: the model built from the config, the one key-and-shape check, strict load.
+
+Both loading (classify, embed, benchmark, the Python API) and ``convert`` go through
+:func:`locate` and :func:`load_checkpoint`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+from torch import Tensor
+
+from convnext_cli import hub
+from convnext_cli.choices import DEFAULT_MODEL
 from convnext_cli.config import MAX_JSON_BYTES, ConvNextConfig, json_kind, no_duplicate_keys
-from convnext_cli.errors import CheckpointError, one_line
+from convnext_cli.errors import CheckpointError, UsageError, one_line
+from convnext_cli.hub import CONFIG_FILE, PREPROCESSOR_FILE, WEIGHT_FILES
+from convnext_cli.layouts import Layout, StateDict, rename, unwrap
+from convnext_cli.model import ConvNeXtForClassification
 from convnext_cli.preprocess import PreprocessSpec
 from convnext_cli.weights_io import (
     PICKLE_SUFFIXES,
@@ -26,146 +38,70 @@ from convnext_cli.weights_io import (
     shape_problems,
 )
 
-if TYPE_CHECKING:
-    import torch
+__all__ = ["DEFAULT_MODEL", "Checkpoint", "CheckpointFiles", "load_checkpoint", "locate"]
 
-    from convnext_cli.model import ConvNeXtForClassification
-
-DEFAULT_MODEL = "facebook/convnext-tiny-224"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-CONFIG_FILE = "config.json"
-PREPROCESSOR_FILE = "preprocessor_config.json"
+NORM_EPS = 1e-6  # the final LayerNorm of the fb, fcmae, timm and torchvision models
+HF_DEFAULT_NORM_EPS = 1e-12  # transformers' ConvNextConfig default, used by Hub checkpoints
 
 
-@dataclass
-class Checkpoint:
-    """Everything needed to build a model: config, weights (transformers keys), preprocessing."""
+# --------------------------------------------------------------------------- locating
 
-    config: ConvNextConfig
-    state_dict: dict[str, torch.Tensor]
-    preprocess: PreprocessSpec
-    source: str
-    layout: str
-    # The files it was read from (weights, config.json, preprocessor_config.json), as found:
-    # an output must never be written over one of them.
-    files: list[Path] = field(default_factory=list)
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Where a checkpoint is: its weights file, and the JSON files beside it (None: absent)."""
+
+    weights: Path
+    config: Path | None
+    preprocessor: Path | None
+    folder: bool  # the reference named a folder (or a Hub snapshot), not one weights file
 
     @property
-    def has_head(self) -> bool:
-        return "classifier.weight" in self.state_dict
+    def paths(self) -> list[Path]:
+        """Every file a run reads (an output must never be written over one of them)."""
+        return [p for p in (self.weights, self.config, self.preprocessor) if p is not None]
 
 
-def split_revision(model: str) -> tuple[str, str | None]:
-    """``org/name@rev`` -> (``org/name``, ``rev``)."""
-    if "@" in model:
-        repo_id, revision = model.rsplit("@", 1)
-        return repo_id, revision or None
-    return model, None
-
-
-def looks_like_hub_id(model: str) -> bool:
-    repo_id, _ = split_revision(model)
-    parts = repo_id.split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not repo_id.startswith((".", "~"))
-
-
-def resolve_local(model: str) -> Path:
-    """A local path as is; a Hub id downloaded (or found in the cache) to a snapshot folder."""
+def locate(
+    model: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    token: str | None = None,
+) -> CheckpointFiles:
+    """A local weights file or folder as is; a Hub id downloaded (or found in the cache)."""
     path = Path(model).expanduser()
-    if path.exists():
-        return path
-    if not looks_like_hub_id(model) or model.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
-        raise CheckpointError(f"{model}: no such file or folder, and not a Hugging Face Hub id")
-    return download_from_hub(model)
-
-
-def download_from_hub(model: str) -> Path:
-    """Fetch config, preprocessor config and weights through huggingface_hub and its cache.
-
-    ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are honoured by
-    huggingface_hub itself.  ``model.safetensors`` is preferred; ``pytorch_model.bin`` is
-    fetched only when a repo has no safetensors file.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
+    if not path.exists():
+        path = hub.download(_hub_ref(model, revision, cache_dir, token))
+    elif revision is not None:
+        raise UsageError(f"--revision {revision}: {model} is a local path, not a Hub id")
+    if not path.is_dir():
+        folder = path.parent
+        return CheckpointFiles(
+            path, _beside(folder, CONFIG_FILE), _beside(folder, PREPROCESSOR_FILE), folder=False
+        )
+    return CheckpointFiles(
+        folder_weights(path),
+        _beside(path, CONFIG_FILE),
+        _beside(path, PREPROCESSOR_FILE),
+        folder=True,
     )
 
-    repo_id, revision = split_revision(model)
-    from huggingface_hub import constants
 
-    offline = bool(constants.HF_HUB_OFFLINE)
-
-    def fetch(filename: str) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
-        except GatedRepoError as exc:
-            raise CheckpointError(f"{model}: gated repo; log in or set HF_TOKEN") from exc
-        except RepositoryNotFoundError as exc:
-            raise CheckpointError(
-                f"{model}: no such model on the Hugging Face Hub (or it is private: set HF_TOKEN)"
-            ) from exc
-        except RevisionNotFoundError as exc:
-            raise CheckpointError(f"{model}: no revision {revision!r} on the Hub") from exc
-        except HFValidationError as exc:
-            raise CheckpointError(f"{model}: not a valid Hub id ({one_line(exc)})") from exc
-        except LocalEntryNotFoundError as exc:
-            if filename != CONFIG_FILE:
-                return None  # offline, and this optional file was never cached
-            why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
-            raise CheckpointError(
-                f"{model}: {why} and the model is not in the local cache "
-                "(pass -m a local folder or weights file)"
-            ) from exc
-        except EntryNotFoundError:
-            return None
-        except Exception as exc:  # network failures come in many types
-            raise CheckpointError(f"{model}: download failed ({one_line(exc)})") from exc
-
-    with _quiet_hub_logging():
-        if fetch(CONFIG_FILE) is None:
-            raise CheckpointError(f"{model}: the repo has no config.json")
-        fetch(PREPROCESSOR_FILE)
-        for name in WEIGHT_FILES:
-            weights = fetch(name)
-            if weights is not None:
-                return weights.parent
-    raise CheckpointError(f"{model}: the repo has neither {' nor '.join(WEIGHT_FILES)}")
+def _hub_ref(
+    model: str, revision: str | None, cache_dir: Path | None, token: str | None
+) -> hub.HubRef:
+    if not hub.looks_like_hub_id(model) or model.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+        raise CheckpointError(f"{model}: no such file or folder, and not a Hugging Face Hub id")
+    repo_id, pinned = hub.split_revision(model)
+    if pinned and revision and pinned != revision:
+        raise UsageError(f"{model}: names revision {pinned!r} but --revision says {revision!r}")
+    return hub.HubRef(repo_id, revision or pinned, cache_dir, token)
 
 
-@contextlib.contextmanager
-def _quiet_hub_logging() -> Iterator[None]:
-    """huggingface_hub logs every network retry; the one-line error at the end says it all."""
-    from huggingface_hub.utils import logging as hub_logging
-
-    previous = hub_logging.get_verbosity()
-    hub_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hub_logging.set_verbosity(previous)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path`` (at most MAX_JSON_BYTES, no key given twice), or a
-    one-line CheckpointError."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(
-                f"{path}: {size} bytes is too large for a config file (at most {MAX_JSON_BYTES})"
-            )
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
-    except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({one_line(exc)})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {json_kind(data)}")
-    return data
+def _beside(folder: Path, name: str) -> Path | None:
+    path = folder / name
+    return path if path.is_file() else None
 
 
 def folder_weights(folder: Path) -> Path:
@@ -185,174 +121,163 @@ def folder_weights(folder: Path) -> Path:
     )
 
 
-def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path`` (at most MAX_JSON_BYTES, no key given twice), or a
+    one-line CheckpointError."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(
+                f"{path}: {size} bytes is too large for a config file (at most {MAX_JSON_BYTES})"
+            )
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON ({one_line(exc)})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {json_kind(data)}")
+    return data
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to build a model: config, weights (transformers keys), preprocessing."""
+
+    config: ConvNextConfig
+    state_dict: StateDict  # transformers' keys: ``convnext.``/``convnextv2.`` + ``classifier.``
+    preprocess: PreprocessSpec
+    source: str
+    layout: Layout
+    files: CheckpointFiles
+    # the config.json that describes these weights (transformers layout), as written
+    config_json: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def has_head(self) -> bool:
+        return "classifier.weight" in self.state_dict
+
+
+def load_checkpoint(
+    model: str | CheckpointFiles = DEFAULT_MODEL,
+    *,
+    layout: str | None = None,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    token: str | None = None,
+) -> Checkpoint:
     """Locate and read a checkpoint in any supported layout, with its config and preprocessing.
 
     Validation comes before anything large is built: the JSON files first (types, ranges,
-    consistency), then the weights file's structure (a safetensors header is checked
-    before a tensor is read), then dtypes and finiteness, then the config against the
-    weights' shapes (stages, depths, widths, labels) before a model is even laid out.
+    consistency), then the weights file's structure (a safetensors header is checked before
+    a tensor is read), dtypes and finiteness, then the config against what the weights'
+    shapes describe.  ``layout`` (``--from``) None or ``auto`` detects it from the key names.
     """
-    path = resolve_local(model)
-    folder = path if path.is_dir() else path.parent
-    config_path = folder / CONFIG_FILE
-    raw_config = read_json(config_path) if config_path.is_file() else None
-    if path.is_dir() and raw_config is not None and "model_type" in raw_config:
+    files = (
+        model
+        if isinstance(model, CheckpointFiles)
+        else locate(model, revision=revision, cache_dir=cache_dir, token=token)
+    )
+    config_json = read_json(files.config) if files.config is not None else None
+    if files.folder and config_json is not None and "model_type" in config_json:
         # A transformers folder's config: checked now, before the weights are read.  (Beside
         # a single weights file it may describe another model, and counts only if the
         # weights turn out to be in transformers' layout.)
-        ConvNextConfig.from_dict(raw_config, where=str(config_path))
-    pre_path = folder / PREPROCESSOR_FILE
-    preprocess = PreprocessSpec.from_file(pre_path) if pre_path.is_file() else None
-
-    weights_file = folder_weights(path) if path.is_dir() else path
-    state_dict = read_weights_file(weights_file)
-    if raw_config is not None and is_hf_layout(state_dict):
-        layout = "hf"
-        config = ConvNextConfig.from_dict(raw_config, where=str(config_path))
-        tensors = _tensors_only(state_dict, weights_file)
-        check_tensors(tensors, weights_file)
-        check_config_against_weights(config, tensors, str(config_path), str(weights_file))
-        state_dict = _normalise_hf_keys(tensors, config)
-    else:
-        from convnext_cli import layouts
-
-        state_dict = layouts.unwrap(state_dict)
-        check_tensors(state_dict, weights_file)
-        layout = layouts.detect_layout(state_dict)
-        state_dict, raw_config = layouts.to_hf(state_dict, layout)
-        config = ConvNextConfig.from_dict(raw_config, where=str(weights_file))
-        state_dict = _normalise_hf_keys(state_dict, config)
-    if config.num_channels != 3:
-        raise CheckpointError(
-            f"{config_path if layout == 'hf' else weights_file}: num_channels: the model takes "
-            f"{config.num_channels} input channels; images are decoded to RGB (3)"
-        )
-
-    if "classifier.weight" not in state_dict:
-        config.id2label = {}  # a feature model: the head is an identity
-
-    if preprocess is None:
-        preprocess = PreprocessSpec.from_dict(
-            _default_preprocessing(layout, raw_config, folder), where=f"{weights_file} (defaults)"
-        )
-    files = [weights_file] + [p for p in (config_path, pre_path) if p.is_file()]
-    checkpoint = Checkpoint(config, state_dict, preprocess, model, layout, files)
-    check_weights(checkpoint)
-    return checkpoint
-
-
-def _tensors_only(state_dict: dict[str, Any], source: Path) -> dict[str, torch.Tensor]:
-    """A transformers state dict must hold tensors only."""
-    import torch
-
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
-    return state_dict
-
-
-def check_config_against_weights(
-    config: ConvNextConfig, state_dict: dict[str, torch.Tensor], where: str, weights: str
-) -> None:
-    """config.json against what the weights' key names and shapes say, field by field.
-
-    Runs before the model is laid out (even on the meta device), so a config whose depths
-    or widths are far from the weights fails here in microseconds.
-    """
-    from convnext_cli import layouts
-
-    prefixes = tuple(t + "." for t in ("convnext", "convnextv2"))
-    body = {(k.split(".", 1)[1] if k.startswith(prefixes) else k): v for k, v in state_dict.items()}
-    try:
-        arch = layouts.infer_architecture(body)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{weights}: not a ConvNeXt ({exc})") from None
-    found: dict[str, Any] = {
-        "model_type": arch.model_type,
-        "num_stages": len(arch.depths),
-        "depths": arch.depths,
-        "hidden_sizes": arch.hidden_sizes,
-        "num_channels": arch.num_channels,
-        "patch_size": arch.patch_size,
-    }
-    num_labels = config.num_labels if arch.has_head else 0
-    problem = next(
-        (
-            f"{name} is {getattr(config, name)!r} but the weights have {value!r}"
-            for name, value in found.items()
-            if getattr(config, name) != value
-        ),
-        None,
+        ConvNextConfig.from_dict(config_json, where=str(files.config))
+    preprocess = (
+        PreprocessSpec.from_file(files.preprocessor) if files.preprocessor is not None else None
     )
-    if problem is None and num_labels != arch.num_labels:
-        problem = (
-            f"num_labels/id2label name {config.num_labels} labels but the classifier has "
-            f"{arch.num_labels} rows"
-        )
+    tensors = unwrap(read_weights_file(files.weights))
+    check_tensors(tensors, files.weights)
+    found, body, config = understand(tensors, layout, where=str(files.weights))
+    if found is Layout.HF and config_json is not None:
+        config = _config_json_for(config, config_json, files)
+    else:
+        config_json = None
+    if "classifier.weight" not in body:
+        config.id2label = {}  # a feature model: the head is an identity
+    if preprocess is None:
+        preprocess = _default_preprocessing(found, config, files)
+    source = model if isinstance(model, str) else str(files.weights)
+    return Checkpoint(
+        config, with_backbone_prefix(body, config), preprocess, source, found, files, config_json
+    )
+
+
+def understand(
+    tensors: Mapping[str, Tensor], layout: str | None = None, *, where: str = "checkpoint"
+) -> tuple[Layout, StateDict, ConvNextConfig]:
+    """A state dict's layout, its tensors under transformers' names (no backbone prefix),
+    and the config they describe (eps: transformers' default for its own layout, 1e-6 for
+    the others, whose final norm uses it)."""
+    found = Layout.resolve(tensors, layout)
+    body = rename(tensors, found)
+    eps = HF_DEFAULT_NORM_EPS if found is Layout.HF else NORM_EPS
+    return found, body, ConvNextConfig.from_state_dict(body, layer_norm_eps=eps, where=where)
+
+
+def _config_json_for(
+    inferred: ConvNextConfig, config_json: dict[str, Any], files: CheckpointFiles
+) -> ConvNextConfig:
+    """The config.json beside transformers weights, once it agrees with what they describe."""
+    config = ConvNextConfig.from_dict(config_json, where=str(files.config))
+    problem = config.architecture_differences(inferred)
     if problem is not None:
-        # The keys and shapes at fault, from the config's shape table (a dict: the limits
-        # on depths keep it small; no module is built).
-        described = layouts.Architecture(
-            v2=config.is_v2,
-            num_channels=config.num_channels,
-            patch_size=config.patch_size,
-            depths=config.depths,
-            hidden_sizes=config.hidden_sizes,
-            layer_scale=not config.is_v2 and config.layer_scale_init_value > 0,
-            num_labels=num_labels,
-        )
-        details = shape_problems(layouts.expected_shapes(described), body)
-        raise CheckpointError(f"{where}: {problem}" + (f" ({details})" if details else ""))
+        raise CheckpointError(f"{files.config}: {problem}")
+    return config
 
 
-def _default_preprocessing(layout: str, config: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _default_preprocessing(
+    layout: Layout, config: ConvNextConfig, files: CheckpointFiles
+) -> PreprocessSpec:
     """No preprocessor_config.json: a timm Hub repo's pretrained_cfg, else the layout's default."""
-    from convnext_cli import layouts
-
-    timm_config = folder / CONFIG_FILE
-    if layout == "timm" and timm_config.is_file():
+    if layout is Layout.TIMM and files.config is not None:
         try:
-            described = layouts.preprocessor_from_timm_config(read_json(timm_config))
+            described = PreprocessSpec.from_timm_config(read_json(files.config))
         except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
             raise CheckpointError(
-                f"{timm_config}: pretrained_cfg: not a timm preprocessing description "
+                f"{files.config}: pretrained_cfg: not a timm preprocessing description "
                 f"({one_line(exc)})"
             ) from None
         if described is not None:
-            return described
-    return layouts.default_preprocessor(layout, config)
+            return PreprocessSpec.from_dict(described.to_dict(), where=str(files.config))
+    spec = PreprocessSpec.for_layout(layout, config)
+    return PreprocessSpec.from_dict(spec.to_dict(), where=f"{files.weights} (defaults)")
 
 
-def is_hf_layout(state_dict: dict[str, Any]) -> bool:
-    """transformers' key names, with or without the backbone prefix."""
-    return any(k.endswith("embeddings.patch_embeddings.weight") for k in state_dict)
-
-
-def _normalise_hf_keys(state_dict: dict[str, Any], config: ConvNextConfig) -> dict[str, Any]:
-    """A classifier checkpoint keeps its keys; a bare ``ConvNextModel`` gets the backbone prefix."""
+def with_backbone_prefix(body: StateDict, config: ConvNextConfig) -> StateDict:
+    """transformers' classification-model keys: the backbone under ``convnext.``/``convnextv2.``."""
     prefix = config.base_prefix + "."
-    if any(k.startswith(prefix) for k in state_dict):
-        return state_dict
-    return {(k if k.startswith("classifier.") else prefix + k): v for k, v in state_dict.items()}
+    return {(k if k.startswith("classifier.") else prefix + k): v for k, v in body.items()}
 
 
-def expected_shapes(config: ConvNextConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter name and shape the model for this config has (no allocation)."""
-    import torch
+# --------------------------------------------------------------------------- building
 
-    from convnext_cli.model import ConvNeXtForClassification
 
+def assemble(
+    config: ConvNextConfig, state_dict: StateDict, source: object
+) -> ConvNeXtForClassification:
+    """The model ``config`` describes, with ``state_dict``'s tensors as its parameters.
+
+    This is the one key-and-shape check: the model is laid out on the meta device (no
+    memory, no random init), its keys and shapes are compared with the checkpoint's (one
+    line naming missing and unexpected keys and shape mismatches), then the tensors are
+    loaded strictly in place.
+    """
     with torch.device("meta"):
         model = ConvNeXtForClassification(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_weights(checkpoint: Checkpoint) -> None:
-    """Fail with one line naming missing and unexpected keys and shape mismatches."""
-    problems = shape_problems(expected_shapes(checkpoint.config), checkpoint.state_dict)
+    prefix = config.base_prefix + "."
+    expected = {k.removeprefix(prefix): tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    problems = shape_problems(expected, found)
     if problems:
-        raise CheckpointError(f"{checkpoint.source}: weights do not match the config: {problems}")
+        raise CheckpointError(
+            f"{source}: weights do not fit transformers' ConvNeXt (depths {config.depths}, "
+            f"widths {config.hidden_sizes}): {problems}"
+        )
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
 
 
 def build_model(
@@ -362,35 +287,17 @@ def build_model(
     channels_last: bool = True,
     fuse: bool = True,
 ) -> ConvNeXtForClassification:
-    """Instantiate the model without a random init, load the weights strictly, move and cast.
+    """:func:`assemble`, then move and cast; eval mode, no gradients.
 
     On CPU with channels_last, blocks switch to oneDNN's fused kernels (see cpu_fusion).
     """
-    import torch
+    from convnext_cli.cpu_fusion import fuse_blocks
 
-    from convnext_cli.model import ConvNeXtForClassification
-
-    with torch.device("meta"):
-        model = ConvNeXtForClassification(checkpoint.config)
-    model.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
+    model = assemble(checkpoint.config, checkpoint.state_dict, checkpoint.source)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     # one pass for device, dtype and layout (torch's stubs lack the memory_format overload)
     model = model.to(device=device, dtype=dtype or torch.float32, memory_format=layout)  # type: ignore[call-overload]
     model = model.eval().requires_grad_(False)
     if fuse and channels_last and torch.device(device).type == "cpu":
-        from convnext_cli.cpu_fusion import fuse_blocks
-
         fuse_blocks(model)
     return model
-
-
-def load_model(
-    model: str = DEFAULT_MODEL,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> ConvNeXtForClassification:
-    """Load any supported checkpoint as a ready-to-run model (``.config``, ``.preprocess`` set)."""
-    checkpoint = load_checkpoint(model)
-    net = build_model(checkpoint, device=device, dtype=dtype)
-    net.preprocess = checkpoint.preprocess  # type: ignore[assignment]  # read by callers
-    return net

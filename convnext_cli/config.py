@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from convnext_cli.errors import CheckpointError
+from convnext_cli.labels import label_name, labels_for
 
 MODEL_TYPES = ("convnext", "convnextv2")
 
@@ -53,7 +58,7 @@ class ConvNextConfig:
 
     @property
     def labels(self) -> list[str]:
-        return [self.id2label.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
+        return [self.id2label.get(i, label_name(i)) for i in range(self.num_labels)]
 
     @property
     def base_prefix(self) -> str:
@@ -70,7 +75,7 @@ class ConvNextConfig:
             depths=list(depths),
             hidden_sizes=list(widths),
             layer_scale_init_value=0.0 if v2 else 1e-6,
-            id2label={i: f"LABEL_{i}" for i in range(num_labels)},
+            id2label={i: label_name(i) for i in range(num_labels)},
         )
 
     @classmethod
@@ -115,6 +120,69 @@ class ConvNextConfig:
         cfg.validate(where)
         return cfg
 
+    @classmethod
+    def from_state_dict(
+        cls, body: Mapping[str, Tensor], *, layer_norm_eps: float = 1e-6, where: str = "weights"
+    ) -> ConvNextConfig:
+        """What transformers-named tensors (without the backbone prefix) describe.
+
+        V1 vs V2 from GRN keys, depths from block indices, widths, patch size, channels and
+        labels from shapes (ImageNet names for 1000 or 21841 classes, ``LABEL_i`` otherwise;
+        none for a headless model).  Keys and shapes are checked once, by the strict load
+        of the model built from this config.
+        """
+        stem = body.get("embeddings.patch_embeddings.weight")
+        if stem is None or stem.ndim != 4 or stem.shape[2] != stem.shape[3]:
+            shape = None if stem is None else list(stem.shape)
+            raise CheckpointError(f"{where}: no square patch-embedding convolution ({shape})")
+        depths = _stage_depths(body, where)
+        hidden = [int(stem.shape[0])]
+        for stage in range(1, len(depths)):
+            down = body.get(f"encoder.stages.{stage}.downsampling_layer.1.weight")
+            if down is None or down.ndim != 4:
+                shape = None if down is None else list(down.shape)
+                raise CheckpointError(f"{where}: stage {stage} has no downsampling conv ({shape})")
+            hidden.append(int(down.shape[0]))
+        classifier = body.get("classifier.weight")
+        if classifier is not None and classifier.ndim != 2:
+            raise CheckpointError(f"{where}: classifier.weight {list(classifier.shape)} is not 2-D")
+        v2 = any(".grn." in k for k in body)
+        layer_scale = any(k.endswith(".layer_scale_parameter") for k in body)
+        num_labels = 0 if classifier is None else int(classifier.shape[0])
+        return cls(
+            model_type="convnextv2" if v2 else "convnext",
+            num_channels=int(stem.shape[1]),
+            patch_size=int(stem.shape[2]),
+            num_stages=len(depths),
+            hidden_sizes=hidden,
+            depths=depths,
+            layer_norm_eps=layer_norm_eps,
+            layer_scale_init_value=1e-6 if layer_scale and not v2 else 0.0,
+            id2label=dict(enumerate(labels_for(num_labels))),
+        )
+
+    def architecture_differences(self, other: ConvNextConfig) -> str | None:
+        """The first architecture field (or label count) in which ``other`` differs, as a
+        phrase: ``depths is [3, 3, 9, 3] but the weights have [2, 2, 6, 2]``."""
+        for name in ("model_type", "num_stages", "depths", "hidden_sizes", "num_channels"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{name} is {mine!r} but the weights have {theirs!r}"
+        if self.patch_size != other.patch_size:
+            return f"patch_size is {self.patch_size!r} but the weights have {other.patch_size!r}"
+        if other.num_labels and self.num_labels != other.num_labels:
+            return (
+                f"num_labels/id2label name {self.num_labels} labels but the classifier has "
+                f"{other.num_labels} rows"
+            )
+        return None
+
+    def describe(self) -> str:
+        """``ConvNeXt V2, depths [2, 2, 6, 2], widths [40, 80, 160, 320], 1000 labels``."""
+        family = "ConvNeXt V2" if self.is_v2 else "ConvNeXt V1"
+        head = f"{self.num_labels} labels" if self.num_labels else "no head (feature model)"
+        return f"{family}, depths {self.depths}, widths {self.hidden_sizes}, {head}"
+
     def validate(self, where: str = "config.json") -> None:
         """Fields that must agree with each other, and a bound on the model's size."""
         if len(self.depths) != self.num_stages:
@@ -150,17 +218,23 @@ class ConvNextConfig:
         return total + prev * self.num_labels
 
     def to_dict(self) -> dict[str, Any]:
-        """A config.json dict that transformers' ConvNextConfig/ConvNextV2Config reads."""
+        """transformers' config.json for this model (a classifier, or a feature model when
+        there are no labels), read back by ``AutoConfig``/``from_pretrained`` and by
+        :meth:`from_dict`."""
+        base = "ConvNextV2" if self.is_v2 else "ConvNext"
         out: dict[str, Any] = {
+            "architectures": [f"{base}ForImageClassification" if self.id2label else f"{base}Model"],
             "model_type": self.model_type,
             "num_channels": self.num_channels,
             "patch_size": self.patch_size,
             "num_stages": self.num_stages,
-            "hidden_sizes": list(self.hidden_sizes),
             "depths": list(self.depths),
+            "hidden_sizes": list(self.hidden_sizes),
             "hidden_act": self.hidden_act,
             "layer_norm_eps": self.layer_norm_eps,
             "image_size": self.image_size,
+            "drop_path_rate": 0.0,
+            "initializer_range": 0.02,
         }
         if not self.is_v2:
             out["layer_scale_init_value"] = self.layer_scale_init_value
@@ -168,6 +242,34 @@ class ConvNextConfig:
             out["id2label"] = {str(i): name for i, name in sorted(self.id2label.items())}
             out["label2id"] = {name: i for i, name in sorted(self.id2label.items())}
         return out
+
+
+_STAGE_KEY = re.compile(r"encoder\.stages\.(\d+)\.(?:layers\.(\d+)|downsampling_layer)\.")
+
+
+def _stage_depths(body: Mapping[str, Tensor], where: str) -> list[int]:
+    """Blocks per stage, from the key names (stages and blocks numbered 0..n-1)."""
+    blocks_of: dict[int, set[int]] = {}
+    for key in body:
+        m = _STAGE_KEY.match(key)
+        if m:
+            found = blocks_of.setdefault(int(m.group(1)), set())
+            if m.group(2) is not None:
+                found.add(int(m.group(2)))
+    num_stages = max(blocks_of, default=-1) + 1
+    if num_stages == 0 or sorted(blocks_of) != list(range(num_stages)):
+        raise CheckpointError(f"{where}: stages {_numbers(blocks_of)} are not numbered 0..n-1")
+    for stage, blocks in blocks_of.items():
+        if sorted(blocks) != list(range(len(blocks))):
+            raise CheckpointError(
+                f"{where}: stage {stage}: blocks {_numbers(blocks)} are not numbered 0..n-1"
+            )
+    return [len(blocks_of[s]) for s in range(num_stages)]
+
+
+def _numbers(values: Iterable[int], limit: int = 8) -> str:
+    shown = sorted(values)
+    return str(shown[:limit])[:-1] + (", ...]" if len(shown) > limit else "]")
 
 
 # transformers' ACT2FN names that ConvNeXt configs use, mapped to torch functional names.
@@ -325,7 +427,7 @@ class _Fields:
         raw = self.raw.get("id2label")
         if raw is None:
             count = 2 if num_labels is None else num_labels
-            return {i: f"LABEL_{i}" for i in range(count)}
+            return {i: label_name(i) for i in range(count)}
         if not isinstance(raw, dict):
             raise self.fail("id2label", f"expected an object, found {json_kind(raw)}")
         if not raw:

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from convnext_cli import images
 from convnext_cli.errors import ImageError, UsageError, one_line
+from convnext_cli.gpu_jpeg import EncodedJpeg, device_decodable
 from convnext_cli.inputs import InputRef, read_input
-from convnext_cli.jpeg_on_device import EncodedJpeg, for_device
 
 if TYPE_CHECKING:
     import numpy as np
@@ -84,7 +84,7 @@ def decode_one(ref: InputRef, spec: PreprocessSpec, jpeg_on_device: bool) -> Out
     try:
         data = read_input(ref)
         if jpeg_on_device:
-            encoded = for_device(data)
+            encoded = device_decodable(data)
             if encoded is not None:
                 return encoded
         return spec.resize_and_crop(images.decode_bytes(data))

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from convnext_cli.choices import DTYPES
 from convnext_cli.errors import DeviceError
 
 if TYPE_CHECKING:
     import torch
 
-DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_NAMES = DTYPES
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,16 @@ the first time a head of that size needs names.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
+from convnext_cli.errors import UsageError, one_line
+
+MAX_LABEL_FILE_BYTES = 64 * 1024 * 1024
 IMAGENET_1K = 1000
 IMAGENET_22K = 21841
 
@@ -33,9 +39,14 @@ def labels_for(num_labels: int) -> list[str]:
     return list(_read_label_file(filename))
 
 
+def label_name(index: int) -> str:
+    """transformers' placeholder name for class ``index``, ``LABEL_7``: made only here."""
+    return f"LABEL_{index}"
+
+
 def generic_labels(num_labels: int) -> list[str]:
     """transformers' placeholder names: ``LABEL_0``, ``LABEL_1``, ..."""
-    return [f"LABEL_{i}" for i in range(num_labels)]
+    return [label_name(i) for i in range(num_labels)]
 
 
 def id2label_dict(labels: Sequence[str]) -> dict[str, str]:
@@ -57,3 +68,50 @@ def _read_label_file(filename: str) -> tuple[str, ...]:
     if len(names) != expected:
         raise RuntimeError(f"package data {filename} has {len(names)} names, expected {expected}")
     return names
+
+
+def read_labels_file(path: Path, expected: int) -> list[str]:
+    """``--labels FILE``: class names in index order, replacing a checkpoint's ``id2label``.
+
+    The file is one name per line (UTF-8; a trailing empty line is ignored), or JSON: a
+    list of names, an object ``{"0": "cat", ...}`` (an ``id2label``), or a config.json-like
+    object holding ``id2label``.  It must name exactly ``expected`` classes.
+    """
+    if expected == 0:
+        raise UsageError(f"--labels {path}: the model has no classifier (a feature model)")
+    try:
+        if path.stat().st_size > MAX_LABEL_FILE_BYTES:
+            raise UsageError(f"--labels {path}: larger than {MAX_LABEL_FILE_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--labels {path}: cannot read ({one_line(exc)})") from exc
+    names = _json_labels(text, path) if text.lstrip().startswith(("[", "{")) else None
+    if names is None:
+        names = text.splitlines()
+        if names and names[-1] == "":
+            names.pop()
+    if len(names) != expected:
+        raise UsageError(
+            f"--labels {path}: {len(names)} names, but the classifier has {expected} outputs"
+        )
+    return names
+
+
+def _json_labels(text: str, path: Path) -> list[str]:
+    try:
+        data: Any = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--labels {path}: not valid JSON ({one_line(exc)})") from exc
+    if isinstance(data, dict) and isinstance(data.get("id2label"), dict):
+        data = data["id2label"]
+    if isinstance(data, dict):
+        try:
+            ordered = sorted((int(k), v) for k, v in data.items())
+        except (TypeError, ValueError):
+            raise UsageError(f"--labels {path}: keys must be class indices 0..n-1") from None
+        if [k for k, _ in ordered] != list(range(len(ordered))):
+            raise UsageError(f"--labels {path}: keys must be class indices 0..n-1, no gaps")
+        data = [v for _, v in ordered]
+    if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+        raise UsageError(f"--labels {path}: expected a list of names or an id2label object")
+    return data

@@ -29,9 +29,9 @@ from convnext_cli.decode_pool import (
     unpack_groups,
 )
 from convnext_cli.errors import one_line
+from convnext_cli.gpu_jpeg import EncodedJpeg
 from convnext_cli.images import decode_bytes
 from convnext_cli.inputs import InputRef, input_id
-from convnext_cli.jpeg_on_device import EncodedJpeg
 from convnext_cli.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -313,7 +313,7 @@ class Runner:
         self.device = device
         self.dtype = dtype
         self.channels_last = channels_last
-        self.jpeg_on_device = jpeg_on_device  # decode JPEGs on `device` (see jpeg_on_device)
+        self.jpeg_on_device = jpeg_on_device  # decode JPEGs on `device` (see gpu_jpeg)
         self.labels = model.config.labels
         # what runs a batch: the model itself, or torch.compile'd versions of it
         self.logits_fn: Any = model
@@ -397,9 +397,9 @@ class Runner:
         on the CPU instead; one that fails there too gets its error in `results`."""
         import torch
 
-        from convnext_cli import jpeg_on_device
+        from convnext_cli import gpu_jpeg
 
-        images = jpeg_on_device.decode([e for _, e in encoded], self.device)
+        images = gpu_jpeg.decode([e for _, e in encoded], self.device)
         # shape -> (positions in the batch, (n, 3, h, w) uint8 tensors on the device)
         by_shape: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
         for positions, pixels in groups:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,7 @@ from convnext_cli.config import (
     MAX_EDGE,
     MAX_JSON_BYTES,
     MAX_RESIZE_EDGE,
+    ConvNextConfig,
     float32,
     is_int,
     is_number,
@@ -40,13 +42,31 @@ from convnext_cli.errors import CheckpointError, one_line
 if TYPE_CHECKING:
     import torch
 
-# PIL.Image.Resampling values, as preprocessor_config.json stores them.
+# PIL.Image.Resampling values, as preprocessor_config.json stores them (the one table of
+# filters: timm's ``interpolation`` names are the same words).
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+RESAMPLE_CODES = {name: code for code, name in RESAMPLE_NAMES.items()}
+BICUBIC, BILINEAR = RESAMPLE_CODES["bicubic"], RESAMPLE_CODES["bilinear"]
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+# What a checkpoint without a preprocessor_config.json gets (SPEC): short side 224, crop_pct
+# 0.875, bicubic, ImageNet mean/std.
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_CROP_PCT = 0.875
+
+# torchvision's ConvNeXt weights: the eval transform resizes the short side (bilinear) to
+# this, then centre-crops 224.  Keyed by (depths, hidden_sizes).
+TORCHVISION_RESIZE: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {
+    ((3, 3, 9, 3), (96, 192, 384, 768)): 236,  # convnext_tiny
+    ((3, 3, 27, 3), (96, 192, 384, 768)): 230,  # convnext_small
+    ((3, 3, 27, 3), (128, 256, 512, 1024)): 232,  # convnext_base
+    ((3, 3, 27, 3), (192, 384, 768, 1536)): 232,  # convnext_large
+}
+TORCHVISION_CROP = 224
 
 
 @dataclass(frozen=True)
@@ -214,6 +234,62 @@ class PreprocessSpec:
             raise CheckpointError(f"{path}: not valid JSON ({one_line(exc)})") from exc
         return cls.from_dict(raw, where=str(path))
 
+    @classmethod
+    def imagenet(
+        cls,
+        size: int = DEFAULT_IMAGE_SIZE,
+        crop_pct: float = DEFAULT_CROP_PCT,
+        resample: int = BICUBIC,
+        mean: Iterable[float] = IMAGENET_DEFAULT_MEAN,
+        std: Iterable[float] = IMAGENET_DEFAULT_STD,
+    ) -> PreprocessSpec:
+        """A complete spec with every field explicit (transformers' own defaults, size 384
+        and mean/std 0.5, are not the ImageNet ones)."""
+        return cls(
+            shortest_edge=int(size),
+            crop_pct=float(crop_pct),
+            resample=int(resample),
+            image_mean=tuple(float(x) for x in mean),
+            image_std=tuple(float(x) for x in std),
+        )
+
+    @classmethod
+    def for_layout(cls, layout: str, config: ConvNextConfig) -> PreprocessSpec:
+        """What a checkpoint of ``layout`` that comes without a preprocessor config gets.
+
+        SPEC defaults (short side ``config.image_size``, crop_pct 0.875, bicubic, ImageNet
+        mean/std), except torchvision's tiny/small/base/large weights: bilinear, short side
+        to 236/230/232 then a 224 crop, written as crop_pct = 224/236 etc.
+        """
+        if layout == "torchvision":
+            shape = (tuple(config.depths), tuple(config.hidden_sizes))
+            resize = TORCHVISION_RESIZE.get(shape)
+            if resize is not None:
+                crop_pct = exact_crop_pct(TORCHVISION_CROP, resize)
+                return cls.imagenet(config.image_size, crop_pct, BILINEAR)
+        return cls.imagenet(config.image_size)
+
+    @classmethod
+    def from_timm_config(cls, raw: Mapping[str, Any]) -> PreprocessSpec | None:
+        """The preprocessing a timm Hub repo's ``config.json`` (``pretrained_cfg``) describes.
+
+        None when it has no ``pretrained_cfg``.  timm resizes the short side to
+        ``floor(size / crop_pct)`` and centre-crops, the rule transformers applies below 384;
+        timm's 384 weights use ``crop_mode: squash`` with crop_pct 1.0, which is
+        transformers' warp at 384 and above.
+        """
+        cfg = raw.get("pretrained_cfg")
+        if not isinstance(cfg, Mapping):
+            return None
+        input_size = cfg.get("input_size") or (3, DEFAULT_IMAGE_SIZE)
+        return cls.imagenet(
+            size=int(input_size[-1]),
+            crop_pct=float(cfg.get("crop_pct") or DEFAULT_CROP_PCT),
+            resample=RESAMPLE_CODES.get(str(cfg.get("interpolation", "bicubic")), BICUBIC),
+            mean=cfg.get("mean") or IMAGENET_DEFAULT_MEAN,
+            std=cfg.get("std") or IMAGENET_DEFAULT_STD,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """A preprocessor_config.json dict that transformers reads back to the same spec."""
         out: dict[str, Any] = {
@@ -283,6 +359,19 @@ class PreprocessSpec:
 
 # Above this many pixels (100 MB of uint8 RGB), a resize computes only what the centre crop
 # keeps (see resize_crop).  A 256-pixel short side reaches it at an aspect ratio of 512.
+def exact_crop_pct(crop: int, resize: int) -> float:
+    """A crop_pct for which ``int(crop / crop_pct) == resize`` holds exactly in float arithmetic."""
+    if not 0 < crop <= resize:
+        raise ValueError(f"crop {crop} must be positive and at most resize {resize}")
+    pct = crop / resize
+    for _ in range(64):
+        got = int(crop / pct)
+        if got == resize:
+            return pct
+        pct = math.nextafter(pct, 0.0 if got < resize else 1.0)
+    raise ValueError(f"no float crop_pct gives int({crop} / crop_pct) == {resize}")
+
+
 RESIZE_PIXEL_LIMIT = 1 << 25
 
 

@@ -46,13 +46,13 @@ from typing import TYPE_CHECKING, Any
 from convnext_cli.dataset_inputs import Item
 from convnext_cli.errors import UsageError
 from convnext_cli.inputs import InputRef, input_id
+from convnext_cli.loading import ModelSource, RunOptions, load_runner, read_source
 from convnext_cli.parquet_output import CLASSIFY_SCHEMA, METADATA_KEY, embed_schema, parquet_row
+from convnext_cli.pipeline import Result, Runner
+from convnext_cli.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-    from convnext_cli.pipeline import Result, Runner
-    from convnext_cli.preprocess import PreprocessSpec
 
 NEEDS_RAY = "--engine ray needs Ray: pip install 'convnext-cli[ray]'"
 
@@ -103,6 +103,26 @@ class RayOptions:
     verbose: bool = False
     metadata: Mapping[str, Any] = field(default_factory=dict)
     temp_dir: str | None = None
+    revision: str | None = None
+    cache_dir: str | None = None
+    token: str | None = None
+    labels: str | None = None
+
+    def model_source(self) -> ModelSource:
+        """The checkpoint, as the core's loading path takes it."""
+        return ModelSource(
+            self.model,
+            revision=self.revision,
+            cache_dir=None if self.cache_dir is None else Path(self.cache_dir),
+            token=self.token,
+            labels=None if self.labels is None else Path(self.labels),
+        )
+
+    def run_options(self) -> RunOptions:
+        """An actor's run options: Ray gives each GPU actor its own GPU (CUDA_VISIBLE_DEVICES),
+        so ``cuda:N`` means ``cuda`` there; JPEGs are decoded by the CPU decode tasks."""
+        device = "cuda" if self.device.startswith("cuda") else self.device
+        return RunOptions(device, self.dtype, "cpu", self.compile_model, self.channels_last)
 
     def __post_init__(self) -> None:
         if self.task not in ("classify", "embed"):
@@ -138,39 +158,15 @@ def require_ray() -> Any:
 # --- loading: the one place an actor gets its model --------------------------------------
 
 
-def load_runner(options: RayOptions) -> Runner:
-    """Load the model once, on this process's device, as the local engine does.
-
-    This is cli/batch_run.load_runner's core without its stderr notes; swap it for the
-    core's single loading path when that lands.  JPEGs are always decoded on the CPU by
-    the decode tasks (``jpeg_on_device`` off).
-    """
-    from convnext_cli.checkpoints import build_model, load_checkpoint
-    from convnext_cli.device import resolve
-    from convnext_cli.pipeline import Runner
-
-    device = options.device
-    if device.startswith("cuda"):
-        device = "cuda"  # Ray gives each GPU actor its own GPU (CUDA_VISIBLE_DEVICES)
-    placement = resolve(device, options.dtype)
-    checkpoint = load_checkpoint(options.model)
-    net = build_model(
-        checkpoint, placement.device, placement.dtype, channels_last=options.channels_last
-    )
-    runner = Runner(
-        net, checkpoint.preprocess, placement.device, placement.dtype, options.channels_last
-    )
-    if options.compile_model:
-        runner.compile()
-    return runner
+def load_runner_in_actor(options: RayOptions) -> Runner:
+    """Load the model once, on this actor's device, through the core's one loading path."""
+    return load_runner(options.model_source(), options.run_options()).runner
 
 
-def read_preprocessing(model: str, task: str) -> tuple[PreprocessSpec, int]:
+def read_preprocessing(source: ModelSource, task: str) -> tuple[PreprocessSpec, int]:
     """On the driver, before Ray starts: the checkpoint's preprocessing and feature width,
     and the usage errors a bad model or a classify on a feature model should give."""
-    from convnext_cli.checkpoints import load_checkpoint
-
-    checkpoint = load_checkpoint(model)
+    checkpoint = read_source(source)
     if task == "classify" and not checkpoint.config.labels:
         raise UsageError(
             "this checkpoint has no classification head (a feature model): use `convnext embed`"
@@ -380,7 +376,7 @@ class ModelActor:
         _test_hook("actor-start")
         self.options = options
         self.batch_size = batch_size
-        self.runner = load_runner(options)
+        self.runner = load_runner_in_actor(options)
         # The decode tasks resized and cropped already: the runner only normalises.
         self.runner.spec = dataclasses.replace(
             self.runner.spec, do_resize=False, do_center_crop=False
@@ -592,7 +588,7 @@ def _stream(
     with contextlib.ExitStack() as stack:
         # the checkpoint is read (torch imported, weights checked) while Ray starts
         with ThreadPoolExecutor(1) as pool:
-            reading = pool.submit(read_preprocessing, options.model, options.task)
+            reading = pool.submit(read_preprocessing, options.model_source(), options.task)
             try:
                 ray = stack.enter_context(ray_session(options))
             except BaseException:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+from helpers import randomise
 
 IMAGENET_PREPROCESSOR = {
     "image_processor_type": "ConvNextImageProcessor",
@@ -23,24 +23,6 @@ IMAGENET_PREPROCESSOR = {
     "image_mean": [0.485, 0.456, 0.406],
     "image_std": [0.229, 0.224, 0.225],
 }
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter non-trivial values; norm weights stay near 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight") and p.ndim == 1:
-                p.copy_(1.0 + 0.2 * noise)
-            elif "layer_scale" in name or "gamma" in name or "grn" in name:
-                p.copy_(0.5 + 0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            else:
-                fan_in = max(1, p[0].numel()) if p.ndim > 1 else 1
-                p.copy_(noise / fan_in**0.5)
-    return model.eval()
 
 
 def hf_model(

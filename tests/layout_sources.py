@@ -14,38 +14,13 @@ from __future__ import annotations
 import re
 
 import torch
+from helpers import randomise
 from torch import nn
+
+from convnext_cli import layouts
 
 SMALL_DEPTHS = (1, 1, 2, 1)
 SMALL_DIMS = (16, 24, 32, 40)
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial values everywhere.
-
-    LayerNorm weights ~1, layer scale / GRN ~0.5, other weights ~1/sqrt(fan_in).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    norm_params = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, nn.LayerNorm)
-        for p in (m.weight, m.bias)
-        if p is not None
-    }
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            leaf = name.rsplit(".", 1)[-1]
-            if id(p) in norm_params:
-                p.copy_(1.0 + 0.2 * noise if leaf == "weight" else 0.1 * noise)
-            elif "grn" in name or leaf in ("gamma", "layer_scale", "layer_scale_parameter"):
-                p.copy_(0.5 + 0.3 * noise)
-            elif leaf == "bias" or p.ndim == 1:
-                p.copy_(0.05 * noise)
-            else:
-                p.copy_(noise / max(1, p[0].numel()) ** 0.5)
-    return model.eval()
 
 
 def pixels(seed: int = 0, size: int = 64, batch: int = 2) -> torch.Tensor:
@@ -226,3 +201,35 @@ def fcmae_checkpoint(fb_encoder: dict[str, torch.Tensor], decoder_dim: int = 8) 
     for key, shape in extra.items():
         sparse[key] = torch.randn(shape, generator=gen)
     return {"model": sparse}
+
+
+def to_hf(
+    state_dict: dict[str, torch.Tensor], layout: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """What ``convnext convert`` writes for an in-memory state dict: transformers' keys (a
+    headless model's without the backbone prefix) and config.json, after the one strict
+    key-and-shape check."""
+    from convnext_cli.checkpoints import assemble, understand, with_backbone_prefix
+
+    found, body, config = understand(layouts.unwrap(state_dict), layout)
+    if "classifier.weight" not in body:
+        config.id2label = {}
+    prefixed = with_backbone_prefix(body, config)
+    assemble(config, prefixed, found.display)
+    return (prefixed if "classifier.weight" in body else body), config.to_dict()
+
+
+def default_preprocessor(layout: str, config: dict) -> dict:
+    """The preprocessor_config.json a checkpoint of ``layout`` without one gets."""
+    from convnext_cli.config import ConvNextConfig
+    from convnext_cli.preprocess import PreprocessSpec
+
+    return PreprocessSpec.for_layout(layout, ConvNextConfig.from_dict(config)).to_dict()
+
+
+def timm_preprocessor(raw: dict) -> dict | None:
+    """What a timm Hub repo's config.json (``pretrained_cfg``) describes, or None."""
+    from convnext_cli.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec.from_timm_config(raw)
+    return None if spec is None else spec.to_dict()

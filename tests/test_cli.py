@@ -13,19 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import invoke, jsonl
 from typer.testing import CliRunner
 
-from convnext_cli.cli import app
-
 runner = CliRunner()
-
-
-def invoke(*args: str, stdin: str | None = None):
-    return runner.invoke(app, [str(a) for a in args], input=stdin)
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +28,7 @@ def broken_folder(tmp_path_factory: pytest.TempPathFactory, photos: list[Path]) 
     data = photos[-1].read_bytes()
     (folder / "c_truncated.jpg").write_bytes(data[: len(data) // 3])
     (folder / "d_text.png").write_text("not an image at all")
-    from test_images import bomb_png
+    from helpers import bomb_png
 
     (folder / "e_bomb.png").write_bytes(bomb_png(50_000, 50_000))
     shutil.copy(photos[-1], folder / "f_good.JPG")

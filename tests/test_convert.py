@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 import typer
+from helpers import save_pth
 from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -25,11 +26,6 @@ HUB_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
 IMAGENET_PRE = dict(
     factories.IMAGENET_PREPROCESSOR, size={"shortest_edge": 256}, crop_pct=0.9, resample=2
 )
-
-
-def save_pth(obj: object, path: Path) -> Path:
-    torch.save(obj, path)
-    return path
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -273,17 +269,17 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
 def test_cli_resolves_hub_ids_through_checkpoints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import convnext_cli.checkpoints as checkpoints
+    import convnext_cli.hub as hub
 
     folder = tmp_path / "snapshot"
     src.hf_model(v2=True).save_pretrained(folder)
     seen: list[str] = []
 
-    def fake_resolve(model: str) -> Path:
-        seen.append(model)
+    def fake_download(ref: hub.HubRef) -> Path:
+        seen.append(str(ref))
         return folder
 
-    monkeypatch.setattr(checkpoints, "resolve_local", fake_resolve)
+    monkeypatch.setattr(hub, "download", fake_download)
     result = CliRunner().invoke(cli(), ["facebook/convnextv2-atto", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert seen == ["facebook/convnextv2-atto"]

@@ -8,36 +8,23 @@ checkpoints) on the same RGB image, compared with ``pooler_output`` per photo.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import shutil
 from pathlib import Path
 
 import factories
+import helpers
 import numpy as np
 import pytest
 import torch
+from helpers import jsonl, relative_error
 from PIL import Image
-from typer.testing import CliRunner
-
-from convnext_cli.cli import app
 
 RELATIVE_TOLERANCE = 1e-3
 CPU = ("--dtype", "float32", "--device", "cpu")
-
-
-def invoke(*args: object, workers: int | None = 0):
-    extra = [] if workers is None else ["--workers", str(workers)]
-    return CliRunner().invoke(app, [str(a) for a in args] + extra)
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max |want|."""
-    return float(np.abs(got - want).max() / np.abs(want).max())
+invoke = functools.partial(helpers.invoke, workers=0)  # decode in this process unless told
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import composite_over_white, png_bytes
 from PIL import Image
-from test_images import composite_over_white, png_bytes
 from typer.testing import CliRunner
 
 from convnext_cli.cli import app

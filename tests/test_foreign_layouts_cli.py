@@ -21,29 +21,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from helpers import invoke, jsonl, relative_error, save_pth, save_safetensors
 from PIL import Image
-from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from convnext_cli import layouts
-from convnext_cli.cli import app
 
 PROB_TOLERANCE = 2e-3
 EMBED_RELATIVE_TOLERANCE = 1e-3
 TOP_K = 5
 CPU = ("--dtype", "float32", "--device", "cpu", "--workers", "0")
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @dataclass
@@ -57,8 +43,8 @@ class Source:
 
     def preprocessor(self) -> dict:
         """What our loader uses for this file (it has no preprocessor_config.json beside it)."""
-        _, config = layouts.to_hf(layouts.unwrap(self.state_dict))
-        return layouts.default_preprocessor(self.layout, config)
+        _, config = src.to_hf(layouts.unwrap(self.state_dict))
+        return src.default_preprocessor(self.layout, config)
 
     @torch.no_grad()
     def pixels(self, photos: list[Path]) -> torch.Tensor:
@@ -66,16 +52,6 @@ class Source:
         processor = transformers.ConvNextImageProcessor(**fields)
         images = [Image.open(p).convert("RGB") for p in photos]
         return processor(images, return_tensors="pt")["pixel_values"]
-
-
-def save_pth(obj: object, path: Path) -> Path:
-    torch.save(obj, path)
-    return path
-
-
-def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
-    return path
 
 
 def torchvision_tiny() -> torch.nn.Module:

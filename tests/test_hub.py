@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli.checkpoints import load_checkpoint, split_revision
+from convnext_cli.checkpoints import load_checkpoint
 from convnext_cli.errors import CheckpointError
+from convnext_cli.hub import split_revision
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

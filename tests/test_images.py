@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import bomb_png, composite_over_white, png_bytes
 from PIL import Image, ImageOps
 
 from convnext_cli.errors import ImageError
@@ -26,31 +25,6 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
-
-
-def png_bytes(
-    array: np.ndarray, color_type: int, bit_depth: int = 16, claim: tuple[int, int] | None = None
-) -> bytes:
-    """A minimal PNG writer (Pillow cannot write 16-bit colour PNGs).
-
-    `claim` writes another (width, height) into the header than the data holds.
-    """
-    height, width = array.shape[:2]
-    raw = array.astype(">u2" if bit_depth == 16 else "u1").reshape(height, -1).view(np.uint8)
-    scanlines = b"".join(b"\x00" + row.tobytes() for row in raw)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    width, height = claim or (width, height)
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(scanlines))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +65,6 @@ def test_modes_convert_to_rgb(photo: Image.Image, mode: str, fmt: str) -> None:
     data = encode(source, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     np.testing.assert_array_equal(as_array(decode_bytes(data)), expected)
-
-
-def composite_over_white(rgba: np.ndarray) -> np.ndarray:
-    color = rgba[..., :3].astype(np.float64)
-    alpha = rgba[..., 3:].astype(np.float64) / 255.0
-    return np.rint(color * alpha + 255.0 * (1.0 - alpha))
 
 
 def test_transparency_composited_over_white() -> None:
@@ -162,11 +130,6 @@ def test_animation_uses_first_frame() -> None:
         frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], **kwargs)
         got = as_array(decode_bytes(buffer.getvalue()))
         assert tuple(got[8, 8]) == (255, 0, 0), fmt
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG header claiming width x height, with almost no data behind it."""
-    return png_bytes(np.zeros((1, 1), dtype=np.uint8), 0, 8, claim=(width, height))
 
 
 def test_decompression_bomb_refused_before_decoding(tmp_path: Path) -> None:

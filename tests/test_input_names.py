@@ -7,13 +7,13 @@ names (JSON escapes, CSV quoting, the table) is the output's part, tested there.
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import jsonl
 
 from convnext_cli.images import decode_bytes, read_file
 from convnext_cli.inputs import expand_inputs, read_paths
@@ -99,12 +99,6 @@ def test_read_paths_accepts_text_streams_and_their_buffer() -> None:
     assert read_paths(io.TextIOWrapper(raw)) == [" a b ", os.fsdecode(b"c\xff")]
     assert read_paths(io.StringIO(" x \n\ny\n")) == [" x ", "y"]
     assert read_paths(io.BytesIO(b"p q\0r\ns\0"), null_separated=True) == ["p q", "r\ns"]
-
-
-def jsonl(stdout: bytes) -> list[dict]:
-    # how the output encodes names that are not UTF-8 is the output's part (tested there)
-    lines = stdout.decode("utf-8", "surrogateescape").split("\n")
-    return [json.loads(line) for line in lines if line]
 
 
 def test_cli_reads_hostile_names_from_a_folder_and_from_stdin(

@@ -18,6 +18,7 @@ import transformers
 
 from convnext_cli import layouts
 from convnext_cli.errors import CheckpointError, UsageError
+from convnext_cli.preprocess import exact_crop_pct
 
 ATOL = 1e-4
 
@@ -50,7 +51,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 @torch.no_grad()
 def check_logits(source: torch.nn.Module, state_dict: dict, layout: str) -> dict:
     assert layouts.detect_layout(state_dict) == layout
-    converted, config = layouts.to_hf(state_dict)
+    converted, config = src.to_hf(state_dict)
     model = hf_from(converted, config)
     x = src.pixels()
     assert_close(model(x).logits, source(x))
@@ -93,7 +94,7 @@ def test_timm_headless_keeps_final_norm() -> None:
     model = src.timm_model(num_classes=0, v2=True)
     sd = model.state_dict()
     assert not any(k.startswith("head.fc") for k in sd)
-    converted, config = layouts.to_hf(sd)
+    converted, config = src.to_hf(sd)
     assert config["architectures"] == ["ConvNextV2Model"]
     assert "id2label" not in config
     assert not any(k.startswith(("convnextv2.", "classifier.")) for k in converted)
@@ -109,7 +110,7 @@ def test_timm_without_final_norm_gets_identity_norm() -> None:
     """timm's fcmae weights: no head.norm, no head.fc."""
     model = src.timm_model(conv_mlp=True, v2=True)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    converted, config = layouts.to_hf(sd)
+    converted, config = src.to_hf(sd)
     assert torch.equal(converted["layernorm.weight"], torch.ones(src.SMALL_DIMS[-1]))
     assert torch.equal(converted["layernorm.bias"], torch.zeros(src.SMALL_DIMS[-1]))
     hf = hf_from(converted, config)
@@ -139,7 +140,7 @@ def test_torchvision_classifier() -> None:
 def test_torchvision_headless() -> None:
     model = src.torchvision_model()
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.2.")}
-    converted, config = layouts.to_hf(sd)
+    converted, config = src.to_hf(sd)
     assert config["architectures"] == ["ConvNextModel"]
     x = src.pixels(3)
     pooled = model.classifier[:2](model.avgpool(model.features(x)))
@@ -194,7 +195,7 @@ def test_fb_headless_and_unwrapped() -> None:
     hf = src.hf_model(v2=True, seed=5)
     fb = {k: v for k, v in src.fb_state_dict(hf).items() if not k.startswith("head.")}
     sd = layouts.unwrap({"model": {f"module.{k}": v for k, v in fb.items()}, "epoch": 3})
-    converted, config = layouts.to_hf(sd, "fb")
+    converted, config = src.to_hf(sd, "fb")
     assert config["architectures"] == ["ConvNextV2Model"]
     x = src.pixels(5)
     want = hf.convnextv2(x).pooler_output
@@ -204,7 +205,7 @@ def test_fb_headless_and_unwrapped() -> None:
 def test_fb_1k_and_22k_heads_get_imagenet_names() -> None:
     for num_labels, index, name in ((1000, 281, "tabby, tabby cat"), (21841, 1, "benthos")):
         hf = src.hf_model(num_labels=num_labels)
-        _, config = layouts.to_hf(src.fb_state_dict(hf))
+        _, config = src.to_hf(src.fb_state_dict(hf))
         assert len(config["id2label"]) == num_labels
         assert config["id2label"][str(index)] == name
         assert config["label2id"][name] == index
@@ -241,8 +242,8 @@ def test_fcmae_encoder_converts_to_feature_model() -> None:
     assert sd["encoder.downsample_layers.1.1.kernel"].shape == (4, *src.SMALL_DIMS[:2])
     assert sd["encoder.downsample_layers.1.1.bias"].shape == (1, src.SMALL_DIMS[1])
     assert layouts.detect_layout(sd) == "fcmae"
-    assert layouts.resolve_layout(sd, "fb") == "fcmae"
-    converted, config = layouts.to_hf(sd)
+    assert layouts.Layout.resolve(sd, "fb") == "fcmae"
+    converted, config = src.to_hf(sd)
     assert config["architectures"] == ["ConvNextV2Model"]
     assert config["layer_norm_eps"] == 1e-6
     assert set(converted) == set(hf.state_dict())
@@ -263,7 +264,7 @@ def test_fcmae_encoder_converts_to_feature_model() -> None:
 def test_hf_passes_through(v2: bool, head: bool) -> None:
     hf = src.hf_model(v2=v2, head=head, layer_norm_eps=1e-12)
     sd = hf.state_dict()
-    converted, config = layouts.to_hf(sd)
+    converted, config = src.to_hf(sd)
     assert layouts.detect_layout(sd) == "hf"
     assert set(converted) == set(sd)
     assert all(torch.equal(converted[k], sd[k]) for k in sd)
@@ -280,7 +281,7 @@ def test_hf_passes_through(v2: bool, head: bool) -> None:
 def test_hf_bare_backbone_with_classifier_gets_prefix() -> None:
     hf = src.hf_model(v2=True)
     bare = {k.removeprefix("convnextv2."): v for k, v in hf.state_dict().items()}
-    converted, config = layouts.to_hf(bare)
+    converted, config = src.to_hf(bare)
     assert set(converted) == set(hf.state_dict())
 
 
@@ -301,12 +302,12 @@ def test_timm_real_sizes_on_meta_device(name: str, depths: list, widths: list, v
 
     with torch.device("meta"):
         model = timm.create_model(name)
-    converted, config = layouts.to_hf(model.state_dict())
+    converted, config = src.to_hf(model.state_dict())
     assert config["depths"] == depths
     assert config["hidden_sizes"] == widths
     assert config["model_type"] == ("convnextv2" if v2 else "convnext")
     assert config["id2label"]["281"] == "tabby, tabby cat"
-    pre = layouts.default_preprocessor("timm", config)
+    pre = src.default_preprocessor("timm", config)
     assert (pre["crop_pct"], pre["resample"], pre["size"]) == (0.875, 3, {"shortest_edge": 224})
 
 
@@ -324,8 +325,8 @@ def test_torchvision_preprocessing_is_exact(name: str, resize: int) -> None:
 
     with torch.device("meta"):
         model = getattr(torchvision.models, name)()
-    _, config = layouts.to_hf(model.state_dict())
-    pre = json.loads(json.dumps(layouts.default_preprocessor("torchvision", config)))
+    _, config = src.to_hf(model.state_dict())
+    pre = json.loads(json.dumps(src.default_preprocessor("torchvision", config)))
     assert int(224 / pre["crop_pct"]) == resize  # transformers' ConvNextImageProcessor rule
     assert pre["resample"] == 2  # PIL bilinear, as torchvision's eval transform
     assert pre["size"] == {"shortest_edge": 224}
@@ -336,11 +337,11 @@ def test_torchvision_preprocessing_is_exact(name: str, resize: int) -> None:
 def test_exact_crop_pct_for_every_resize() -> None:
     for crop in (224, 256, 288):
         for resize in range(crop, 2 * crop):
-            assert int(crop / layouts.exact_crop_pct(crop, resize)) == resize
+            assert int(crop / exact_crop_pct(crop, resize)) == resize
 
 
 def test_default_preprocessor_is_spec_default() -> None:
-    pre = layouts.default_preprocessor("fb", {"image_size": 224})
+    pre = src.default_preprocessor("fb", {"image_size": 224})
     assert pre == {
         "image_processor_type": "ConvNextImageProcessor",
         "do_resize": True,
@@ -354,7 +355,7 @@ def test_default_preprocessor_is_spec_default() -> None:
         "image_std": [0.229, 0.224, 0.225],
     }
     custom_tv = {"depths": [1, 1, 2, 1], "hidden_sizes": list(src.SMALL_DIMS)}
-    assert layouts.default_preprocessor("torchvision", custom_tv)["crop_pct"] == 0.875
+    assert src.default_preprocessor("torchvision", custom_tv)["crop_pct"] == 0.875
 
 
 def test_timm_pretrained_cfg_preprocessing() -> None:
@@ -368,11 +369,11 @@ def test_timm_pretrained_cfg_preprocessing() -> None:
             "std": [0.5, 0.5, 0.5],
         },
     }
-    pre = layouts.preprocessor_from_timm_config(raw)
+    pre = src.timm_preprocessor(raw)
     assert pre is not None
     assert pre["size"] == {"shortest_edge": 288}
     assert (pre["crop_pct"], pre["resample"], pre["image_mean"]) == (0.95, 3, [0.5, 0.5, 0.5])
-    assert layouts.preprocessor_from_timm_config({"model_type": "convnext"}) is None
+    assert src.timm_preprocessor({"model_type": "convnext"}) is None
 
 
 # --------------------------------------------------------------------------- unwrap / errors
@@ -397,27 +398,27 @@ def test_unknown_layout_names_keys() -> None:
         layouts.detect_layout(sd)
     assert "\n" not in str(info.value)
     with pytest.raises(CheckpointError):
-        layouts.to_hf(sd)
+        src.to_hf(sd)
 
 
 def test_unexpressible_variants_are_refused() -> None:
     model = src.timm_model(head_norm_first=True)  # norm before pooling: not transformers' order
     with pytest.raises(CheckpointError, match="norm_pre"):
-        layouts.to_hf(model.state_dict())
+        src.to_hf(model.state_dict())
     model = src.timm_model(kernel_sizes=5)
     with pytest.raises(CheckpointError, match="shape mismatches.*dwconv"):
-        layouts.to_hf(model.state_dict())
+        src.to_hf(model.state_dict())
     model = src.timm_model(head_hidden_size=12)
     with pytest.raises(CheckpointError, match="pre_logits"):
-        layouts.to_hf(model.state_dict())
+        src.to_hf(model.state_dict())
 
 
 def test_wrong_layout_flag() -> None:
     sd = src.torchvision_model().state_dict()
     with pytest.raises(CheckpointError, match="timm checkpoint"):
-        layouts.to_hf(sd, "timm")
+        src.to_hf(sd, "timm")
     with pytest.raises(UsageError, match="unknown layout"):
-        layouts.to_hf(sd, "keras")
+        src.to_hf(sd, "keras")
 
 
 def test_truncated_checkpoint_is_refused() -> None:
@@ -426,4 +427,4 @@ def test_truncated_checkpoint_is_refused() -> None:
     with pytest.raises(
         CheckpointError, match=r"1 missing keys \(encoder\.stages\.2\.layers\.1\.pwconv2"
     ):
-        layouts.to_hf(sd)
+        src.to_hf(sd)

@@ -14,15 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from convnext_cli.cli import app
+from helpers import invoke
 
 CPU = ["--dtype", "float32", "--device", "cpu", "--workers", "0"]
-
-
-def invoke(*args: object, stdin: str | None = None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
 
 
 def one_error_line(result) -> str:

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from convnext_cli import ray_engine
-from convnext_cli.cli.batch_run import load_runner
+from convnext_cli.loading import RunOptions, load_runner
 from convnext_cli.names import path_field
 from convnext_cli.pipeline import Result
 
@@ -86,7 +86,7 @@ def inputs(photos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list
 
 
 def local_records(model: Path, paths: list[str], task: str, **kw: object) -> list[Result]:
-    runner = load_runner(str(model), "cpu", "float32")
+    runner = load_runner(str(model), RunOptions("cpu", "float32")).runner
     if task == "classify":
         return [r for b in runner.classify(paths, workers=0, **kw) for r in b]  # type: ignore[arg-type]
     return [r for b in runner.embed(paths, workers=0, **kw) for r in b]  # type: ignore[arg-type]

@@ -89,10 +89,10 @@ def test_progressive_photo_is_not_refused(photos: list[Path]) -> None:
 def test_many_scans_refused_in_process() -> None:
     with pytest.raises(ImageError, match="more than 100 scans"):
         decode_bytes(many_scans_jpeg(images.MAX_JPEG_SCANS, side=64))
-    from convnext_cli.jpeg_on_device import for_device
+    from convnext_cli.gpu_jpeg import device_decodable
 
     with pytest.raises(ImageError, match="scans"):  # the device path reads the same header
-        for_device(many_scans_jpeg(images.MAX_JPEG_SCANS, side=64))
+        device_decodable(many_scans_jpeg(images.MAX_JPEG_SCANS, side=64))
 
 
 def test_many_scans_jpeg_gets_an_error_record_through_the_cli(

@@ -20,8 +20,8 @@ from convnext_cli.output_file import is_stdout
 from convnext_cli.resume import RESUMABLE_FORMATS
 
 if TYPE_CHECKING:
-    import torch
 
+    from convnext_cli.loading import ModelSource, RunOptions
     from convnext_cli.output import Writer
     from convnext_cli.pipeline import Result, Runner
 
@@ -86,44 +86,6 @@ def refuse_overwriting(targets: list[Path], inputs: list[str], model: str) -> No
                 raise OutputError(
                     f"{existing[identity]}: refusing to write the output over {kind} ({path})"
                 )
-
-
-def load_runner(
-    model: str,
-    device: str,
-    dtype: str,
-    compile_model: bool = False,
-    channels_last: bool = True,
-    decode: str = "auto",
-) -> Runner:
-    """Resolve device, dtype and decoder, load the checkpoint, build the runner on the device."""
-    from convnext_cli.checkpoints import build_model, load_checkpoint
-    from convnext_cli.device import resolve
-    from convnext_cli.pipeline import Runner
-
-    placement = resolve(device, dtype)
-    jpeg_on_device = resolve_decode_choice(decode, placement.device)
-    checkpoint = load_checkpoint(model)
-    if placement.reason:
-        say(f"note: --dtype auto chose {placement.dtype_name}: {placement.reason}")
-    net = build_model(checkpoint, placement.device, placement.dtype, channels_last=channels_last)
-    runner = Runner(
-        net, checkpoint.preprocess, placement.device, placement.dtype, channels_last, jpeg_on_device
-    )
-    if compile_model:
-        say("note: compiling the model; the first batch includes the compile time")
-        runner.compile()
-    return runner
-
-
-def resolve_decode_choice(decode: str, device: torch.device) -> bool:
-    """``--decode``: whether JPEGs are decoded on the device; said on stderr when auto chose it."""
-    from convnext_cli.jpeg_on_device import resolve_decode
-
-    on_device = resolve_decode(decode, device)
-    if on_device and decode.lower() == "auto":
-        say(f"note: decoding JPEGs on {device} (nvjpeg); --decode cpu for Pillow's exact pixels")
-    return on_device
 
 
 def write_results(
@@ -248,6 +210,10 @@ class Job:
     ray_address: str | None = None
     replicas: int | None = None
     verbose: bool = False
+    revision: str | None = None
+    cache_dir: Path | None = None
+    token: str | None = None
+    labels: Path | None = None
 
     @classmethod
     def from_options(cls, command: str, options: dict[str, Any]) -> Job:
@@ -322,7 +288,25 @@ def run_job(job: Job) -> int:
 
 
 def _load(job: Job) -> Runner:
-    return load_runner(job.model, job.device, job.dtype, job.compile_model, decode=job.decode)
+    """The model, through the core's one loading path; its notes on stderr."""
+    from convnext_cli.loading import load_runner
+
+    loaded = load_runner(model_source(job), run_options(job))
+    for text in loaded.notes:
+        say(f"note: {text}")
+    return loaded.runner
+
+
+def model_source(job: Job) -> ModelSource:
+    from convnext_cli.loading import ModelSource
+
+    return ModelSource(job.model, job.revision, job.cache_dir, job.token, job.labels)
+
+
+def run_options(job: Job) -> RunOptions:
+    from convnext_cli.loading import RunOptions
+
+    return RunOptions(job.device, job.dtype, job.decode, job.compile_model)
 
 
 def _local_batches(job: Job, runner: Runner, items: list[InputRef]) -> Iterator[list[Result]]:
@@ -420,9 +404,9 @@ def _say_resuming(output: Path, done: int, todo: int, recorded: Any) -> None:
 
 def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
     from convnext_cli import ray_engine
-    from convnext_cli.checkpoints import load_checkpoint
+    from convnext_cli.loading import read_source
 
-    checkpoint = load_checkpoint(job.model)
+    checkpoint = read_source(model_source(job))
     provenance = make_provenance(job, checkpoint.config, checkpoint.preprocess)
     options = ray_engine.RayOptions(
         task=job.command,
@@ -437,6 +421,10 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
         compile_model=job.compile_model,
         verbose=job.verbose,
         metadata=provenance,
+        revision=job.revision,
+        cache_dir=None if job.cache_dir is None else str(job.cache_dir),
+        token=job.token,
+        labels=None if job.labels is None else str(job.labels),
     )
     if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
         return _ray_into_folder(job, items, options, Path(job.output))

@@ -5,26 +5,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from convnext_cli.checkpoints import DEFAULT_MODEL
-from convnext_cli.cli.batch_run import resolve_decode_choice
+from convnext_cli.choices import DEFAULT_MODEL, DTYPES
 from convnext_cli.cli.errors import handle_errors, say
 from convnext_cli.cli.options import DecodeOpt, DeviceOpt, ModelOpt, WorkersOpt
-from convnext_cli.device import DTYPE_NAMES
 from convnext_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    import torch
-
     from convnext_cli.benchmark import Report
-    from convnext_cli.checkpoints import Checkpoint
-    from convnext_cli.pipeline import Runner
 
 OUTPUT_SUFFIXES = (".png", ".svg", ".json")
 
@@ -46,7 +39,7 @@ DtypesOpt = Annotated[
     typer.Option(
         "--dtype",
         metavar="DTYPE,...",
-        help=f"Comma-separated dtypes to sweep, each one of: {', '.join(DTYPE_NAMES)}.",
+        help=f"Comma-separated dtypes to sweep, each one of: {', '.join(DTYPES)}.",
     ),
 ]
 ChannelsLastOpt = Annotated[
@@ -129,24 +122,27 @@ def benchmark(
     dtype_names = parse_dtypes(dtype)
     paths = image_files(images) if images is not None else []
 
-    from convnext_cli.benchmark import SweepOptions, sweep
+    from convnext_cli.benchmark import SweepOptions, runners_for, sweep
     from convnext_cli.benchmark_report import noise_note
-    from convnext_cli.checkpoints import load_checkpoint
-    from convnext_cli.device import resolve_device
+    from convnext_cli.loading import ModelSource, RunOptions
 
-    torch_device = resolve_device(device)
-    dtypes = resolve_dtypes(dtype_names, torch_device)
-    jpeg_on_device = resolve_decode_choice(decode, torch_device) if paths else False
-    checkpoint = load_checkpoint(model)
-    options = SweepOptions(tuple(sizes), warmup, iters, tuple(paths), workers)
-    runners = build_runners(
-        checkpoint, torch_device, dtypes, channels_last, compile_model, jpeg_on_device
+    run = RunOptions(
+        device=device,
+        decode=decode if paths else "cpu",
+        compile=compile_model,
+        channels_last=channels_last,
     )
-    report = sweep(runners, options, model_name=checkpoint.source, on_step=say)
+    runners = runners_for(ModelSource(model), run, dtype_names, on_note=_note)
+    options = SweepOptions(tuple(sizes), warmup, iters, tuple(paths), workers)
+    report = sweep(runners, options, model_name=model, on_step=say)
     note = noise_note(report)
     if note:
         say(note)
     show(report, fmt, output)
+
+
+def _note(text: str) -> None:
+    say(f"note: {text}")
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -160,15 +156,13 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def parse_dtypes(text: str) -> list[str]:
-    """--dtype's comma list, each value checked against DTYPE_NAMES (a one-line usage error)."""
+    """--dtype's comma list, each value checked against DTYPES (a one-line usage error)."""
     names = [d.strip().lower() for d in text.split(",") if d.strip()]
     if not names:
-        raise UsageError(f"--dtype: no dtype given (choose from {', '.join(DTYPE_NAMES)})")
+        raise UsageError(f"--dtype: no dtype given (choose from {', '.join(DTYPES)})")
     for name in names:
-        if name not in DTYPE_NAMES:
-            raise UsageError(
-                f"--dtype: unknown dtype {name!r} (choose from {', '.join(DTYPE_NAMES)})"
-            )
+        if name not in DTYPES:
+            raise UsageError(f"--dtype: unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
     return list(dict.fromkeys(names))
 
 
@@ -181,43 +175,6 @@ def image_files(folder: Path) -> list[str]:
     if not found:
         raise UsageError(f"--images {folder}: no images found")
     return found
-
-
-def resolve_dtypes(names: list[str], device: torch.device) -> list[torch.dtype]:
-    """Each name for this device (auto says what it chose); the same dtype only once."""
-    from convnext_cli.device import resolve_dtype
-
-    dtypes = []
-    for name in names:
-        resolved, reason = resolve_dtype(name, device)
-        if reason:
-            say(f"note: --dtype auto chose {str(resolved).removeprefix('torch.')}: {reason}")
-        if resolved not in dtypes:
-            dtypes.append(resolved)
-    return dtypes
-
-
-def build_runners(
-    checkpoint: Checkpoint,
-    device: torch.device,
-    dtypes: list[torch.dtype],
-    channels_last: bool,
-    compile_model: bool,
-    jpeg_on_device: bool,
-) -> Iterator[Runner]:
-    """One runner per dtype, each built only when the sweep asks for it."""
-    from convnext_cli.checkpoints import build_model
-    from convnext_cli.pipeline import Runner
-
-    for dtype in dtypes:
-        net = build_model(checkpoint, device, dtype, channels_last=channels_last)
-        runner = Runner(net, checkpoint.preprocess, device, dtype, channels_last, jpeg_on_device)
-        if compile_model:
-            say("note: compiling the model (the first iterations include compile time)")
-            runner.compile()
-        del net
-        yield runner
-        del runner
 
 
 def show(report: Report, fmt: ReportFormat, output: Path | None) -> None:

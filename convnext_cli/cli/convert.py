@@ -75,13 +75,8 @@ def convert(
     """
     from convnext_cli.convert import convert as run_conversion
 
-    path = Path(source).expanduser()
-    if not path.exists():
-        from convnext_cli.checkpoints import resolve_local
-
-        path = resolve_local(source)
     result = run_conversion(
-        path,
+        source,
         output_dir,
         layout=from_.lower(),
         image_size=image_size,

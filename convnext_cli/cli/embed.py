@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from convnext_cli.checkpoints import DEFAULT_MODEL
+from convnext_cli.choices import DEFAULT_MODEL
 from convnext_cli.cli.batch_run import Job, run_job
 from convnext_cli.cli.errors import handle_errors
 from convnext_cli.cli.options import (

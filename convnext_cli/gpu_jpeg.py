@@ -24,13 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from convnext_cli.choices import DECODERS
 from convnext_cli.errors import UsageError
 from convnext_cli.images import no_deprecation_warning, open_header, torchvision_io
 
 if TYPE_CHECKING:
     import torch
 
-DECODE_CHOICES = ("auto", "cpu", "gpu")
+DECODE_CHOICES = DECODERS
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _END_OF_IMAGE = b"\xff\xd9"
@@ -45,7 +46,7 @@ class EncodedJpeg:
     orientation: int = 1  # EXIF: 1 upright .. 8
 
 
-def for_device(data: bytes) -> EncodedJpeg | None:
+def device_decodable(data: bytes) -> EncodedJpeg | None:
     """The JPEG to decode on the device, or None when the CPU path should decode `data`.
 
     Raises ImageError for an image over the pixel limit, exactly as the CPU path does.

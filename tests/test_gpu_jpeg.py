@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convnext_cli import jpeg_on_device
+from convnext_cli import gpu_jpeg
 from convnext_cli.checkpoints import build_model, load_checkpoint
 from convnext_cli.cli import app
 from convnext_cli.errors import ImageError, UsageError
@@ -46,9 +46,9 @@ def test_upright_matches_pillow_exif_transpose(
 ) -> None:
     path = tmp_path / f"o{orientation}.jpg"
     path.write_bytes(jpeg(photo, orientation))
-    encoded = jpeg_on_device.for_device(path.read_bytes())
+    encoded = gpu_jpeg.device_decodable(path.read_bytes())
     assert encoded is not None and encoded.orientation == orientation
-    (ours,) = jpeg_on_device.decode([encoded], CPU)
+    (ours,) = gpu_jpeg.decode([encoded], CPU)
     expected = decode_file(path)  # Pillow: exif_transpose, convert("RGB")
     assert ours is not None and ours.shape == expected.shape
     assert torch.equal(ours, expected)
@@ -56,17 +56,17 @@ def test_upright_matches_pillow_exif_transpose(
 
 def test_which_files_go_to_the_device(photo: Image.Image) -> None:
     data = jpeg(photo)
-    assert jpeg_on_device.for_device(data) == jpeg_on_device.EncodedJpeg(data, 1)
+    assert gpu_jpeg.device_decodable(data) == gpu_jpeg.EncodedJpeg(data, 1)
     grey = jpeg(photo.convert("L"))
-    assert jpeg_on_device.for_device(grey) is not None
+    assert gpu_jpeg.device_decodable(grey) is not None
     png = io.BytesIO()
     photo.save(png, format="PNG")
-    assert jpeg_on_device.for_device(png.getvalue()) is None
+    assert gpu_jpeg.device_decodable(png.getvalue()) is None
     cmyk = io.BytesIO()
     photo.convert("CMYK").save(cmyk, format="JPEG")
-    assert jpeg_on_device.for_device(cmyk.getvalue()) is None
+    assert gpu_jpeg.device_decodable(cmyk.getvalue()) is None
     # truncated: the CPU path decodes it and reports the error
-    assert jpeg_on_device.for_device(data[: len(data) // 2]) is None
+    assert gpu_jpeg.device_decodable(data[: len(data) // 2]) is None
 
 
 def test_a_bomb_is_refused_from_the_header_before_the_device() -> None:
@@ -75,18 +75,18 @@ def test_a_bomb_is_refused_from_the_header_before_the_device() -> None:
     sof = big.index(b"\xff\xc0")
     patched = big[: sof + 5] + (20000).to_bytes(2, "big") * 2 + big[sof + 9 :]
     with pytest.raises(ImageError, match="^refused: image too large"):
-        jpeg_on_device.for_device(patched)
+        gpu_jpeg.device_decodable(patched)
 
 
 def test_resolve_decode() -> None:
-    assert jpeg_on_device.resolve_decode("auto", CPU) is False
-    assert jpeg_on_device.resolve_decode("cpu", CPU) is False
-    assert jpeg_on_device.resolve_decode("CPU", torch.device("cuda")) is False
-    assert jpeg_on_device.resolve_decode("auto", torch.device("cuda")) is True
+    assert gpu_jpeg.resolve_decode("auto", CPU) is False
+    assert gpu_jpeg.resolve_decode("cpu", CPU) is False
+    assert gpu_jpeg.resolve_decode("CPU", torch.device("cuda")) is False
+    assert gpu_jpeg.resolve_decode("auto", torch.device("cuda")) is True
     with pytest.raises(UsageError, match="needs a CUDA device"):
-        jpeg_on_device.resolve_decode("gpu", CPU)
+        gpu_jpeg.resolve_decode("gpu", CPU)
     with pytest.raises(UsageError, match="unknown --decode"):
-        jpeg_on_device.resolve_decode("nvjpeg", CPU)
+        gpu_jpeg.resolve_decode("nvjpeg", CPU)
 
 
 def test_cli_refuses_gpu_decoding_without_cuda(v1_checkpoint: Path, photos: list[Path]) -> None:
@@ -173,7 +173,7 @@ def test_rejected_by_the_device_decoder_falls_back_to_the_cpu(
     checkpoint = load_checkpoint(str(v1_checkpoint))
     model = build_model(checkpoint, CPU, torch.float32)
     expected = run(Runner(model, checkpoint.preprocess, CPU, torch.float32), mixed_folder, 0)
-    monkeypatch.setattr(jpeg_on_device, "torchvision_io", lambda: Flaky)
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: Flaky)
     runner = Runner(model, checkpoint.preprocess, CPU, torch.float32, jpeg_on_device=True)
     got = run(runner, mixed_folder, 0)
     assert "list" in calls and "Tensor" in calls

@@ -1,0 +1,136 @@
+"""The Hugging Face Hub: a model id (``org/name``, ``org/name@revision``) to a local snapshot.
+
+Only the files a ConvNeXt checkpoint needs are fetched, through huggingface_hub and its
+cache (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are honoured by
+huggingface_hub itself; ``--cache-dir``, ``--token`` and ``--revision`` override them).
+Downloads show huggingface_hub's own progress bars on stderr.  A model already in the cache
+is used without waiting on an unreachable Hub: the cached snapshot is looked up first, and
+the Hub is then asked only briefly (a short ETag timeout) whether it changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import logging as hub_logging
+
+from convnext_cli.errors import CheckpointError, one_line
+
+CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CACHED_ETAG_TIMEOUT = 3.0  # seconds to ask the Hub about a model that is already cached
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A model on the Hub, and how to reach it."""
+
+    repo_id: str
+    revision: str | None = None
+    cache_dir: Path | None = None
+    token: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def split_revision(model: str) -> tuple[str, str | None]:
+    """``org/name@rev`` -> (``org/name``, ``rev``)."""
+    if "@" in model:
+        repo_id, revision = model.rsplit("@", 1)
+        return repo_id, revision or None
+    return model, None
+
+
+def looks_like_hub_id(model: str) -> bool:
+    repo_id, _ = split_revision(model)
+    parts = repo_id.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not repo_id.startswith((".", "~"))
+
+
+def download(ref: HubRef) -> Path:
+    """The snapshot folder holding config, preprocessor config and weights of ``ref``.
+
+    ``model.safetensors`` is preferred; ``pytorch_model.bin`` is fetched only when a repo has
+    no safetensors file.  Every failure is one line naming the model.
+    """
+    with _quiet_hub_logging():
+        if _fetch(ref, CONFIG_FILE) is None:
+            raise CheckpointError(f"{ref}: the repo has no config.json")
+        _fetch(ref, PREPROCESSOR_FILE)
+        for name in WEIGHT_FILES:
+            weights = _fetch(ref, name)
+            if weights is not None:
+                return weights.parent
+    raise CheckpointError(f"{ref}: the repo has neither {' nor '.join(WEIGHT_FILES)}")
+
+
+def _cached(ref: HubRef, filename: str) -> bool:
+    found = try_to_load_from_cache(
+        ref.repo_id, filename, cache_dir=ref.cache_dir, revision=ref.revision
+    )
+    return isinstance(found, str)
+
+
+def _fetch(ref: HubRef, filename: str) -> Path | None:
+    """One file of the repo (from the cache when possible), or None when the repo lacks it."""
+    offline = bool(constants.HF_HUB_OFFLINE)
+    timeout = CACHED_ETAG_TIMEOUT if _cached(ref, filename) else constants.DEFAULT_ETAG_TIMEOUT
+    try:
+        return Path(
+            hf_hub_download(
+                ref.repo_id,
+                filename,
+                revision=ref.revision,
+                cache_dir=ref.cache_dir,
+                token=ref.token,
+                etag_timeout=timeout,
+            )
+        )
+    except GatedRepoError as exc:
+        raise CheckpointError(f"{ref}: gated repo; log in, set HF_TOKEN or pass --token") from exc
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(
+            f"{ref}: no such model on the Hugging Face Hub (or it is private: set HF_TOKEN)"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"{ref}: no revision {ref.revision!r} on the Hub") from exc
+    except HFValidationError as exc:
+        raise CheckpointError(f"{ref}: not a valid Hub id ({one_line(exc)})") from exc
+    except LocalEntryNotFoundError as exc:
+        if filename != CONFIG_FILE:
+            return None  # offline, and this optional file was never cached
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
+        raise CheckpointError(
+            f"{ref}: {why} and the model is not in the local cache "
+            "(pass -m a local folder or weights file)"
+        ) from exc
+    except EntryNotFoundError:
+        return None
+    except Exception as exc:  # network failures come in many types
+        raise CheckpointError(f"{ref}: download failed ({one_line(exc)})") from exc
+
+
+@contextlib.contextmanager
+def _quiet_hub_logging() -> Iterator[None]:
+    """huggingface_hub logs every network retry; the one-line error at the end says it all.
+    (Its download progress bars are not logging, and stay.)"""
+    previous = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(previous)

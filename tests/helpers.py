@@ -1,0 +1,118 @@
+"""What many test files need, defined once: running the CLI in-process, reading its JSON
+lines, saving weights, and giving every parameter of a model real values.
+
+(Checkpoint builders live in :mod:`factories` and :mod:`layout_sources`; terminal runs in
+:mod:`pty_helpers`.)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from convnext_cli.cli import app
+
+
+def invoke(*args: object, stdin: str | bytes | None = None, workers: int | None = None) -> Any:
+    """``convnext ARGS`` in this process (``--workers N`` appended when given)."""
+    extra = [] if workers is None else ["--workers", str(workers)]
+    return CliRunner().invoke(app, [str(a) for a in args] + extra, input=stdin)
+
+
+def jsonl(text: str | bytes) -> list[dict]:
+    """The records of JSON-lines output (bytes: names that are not UTF-8 kept as escapes)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def save_pth(obj: object, path: Path) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    return path
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial values everywhere (a fresh init leaves layer scale at 1e-6 and GRN at 0,
+    so blocks would vanish and parity would prove nothing).
+
+    LayerNorm weights ~1, layer scale / GRN ~0.5, other weights ~1/sqrt(fan_in).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.LayerNorm)
+        for p in (m.weight, m.bias)
+        if p is not None
+    }
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            leaf = name.rsplit(".", 1)[-1]
+            if id(p) in norm_params or ("norm" in name and leaf == "weight" and p.ndim == 1):
+                p.copy_(1.0 + 0.2 * noise if leaf == "weight" else 0.1 * noise)
+            elif "grn" in name or "layer_scale" in name or leaf == "gamma":
+                p.copy_(0.5 + 0.3 * noise)
+            elif leaf == "bias" or p.ndim == 1:
+                p.copy_(0.05 * noise)
+            else:
+                p.copy_(noise / max(1, p[0].numel()) ** 0.5)
+    return model.eval()
+
+
+def relative_error(got: Any, want: Any) -> float:
+    """max |got - want| / max |want| (NumPy arrays)."""
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# ----------------------------------------------------------------------- image builders
+
+
+def png_bytes(
+    array: np.ndarray, color_type: int, bit_depth: int = 16, claim: tuple[int, int] | None = None
+) -> bytes:
+    """A minimal PNG writer (Pillow cannot write 16-bit colour PNGs).
+
+    `claim` writes another (width, height) into the header than the data holds.
+    """
+    height, width = array.shape[:2]
+    raw = array.astype(">u2" if bit_depth == 16 else "u1").reshape(height, -1).view(np.uint8)
+    scanlines = b"".join(b"\x00" + row.tobytes() for row in raw)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    width, height = claim or (width, height)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(scanlines))
+        + chunk(b"IEND", b"")
+    )
+
+
+def composite_over_white(rgba: np.ndarray) -> np.ndarray:
+    color = rgba[..., :3].astype(np.float64)
+    alpha = rgba[..., 3:].astype(np.float64) / 255.0
+    return np.rint(color * alpha + 255.0 * (1.0 - alpha))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG header claiming width x height, with almost no data behind it."""
+    return png_bytes(np.zeros((1, 1), dtype=np.uint8), 0, 8, claim=(width, height))
