@@ -192,7 +192,7 @@ def load_checkpoint(
     check_tensors(tensors, files.weights)
     found, body, config = understand(tensors, layout, where=str(files.weights))
     if found is Layout.HF and config_json is not None:
-        config = _config_json_for(config, config_json, files)
+        config = _config_json_for(config, config_json, files, body)
     else:
         config_json = None
     if "classifier.weight" not in body:
@@ -218,13 +218,17 @@ def understand(
 
 
 def _config_json_for(
-    inferred: ConvNextConfig, config_json: dict[str, Any], files: CheckpointFiles
+    inferred: ConvNextConfig, config_json: dict[str, Any], files: CheckpointFiles, body: StateDict
 ) -> ConvNextConfig:
-    """The config.json beside transformers weights, once it agrees with what they describe."""
+    """The config.json beside transformers weights, once it agrees with what they describe
+    (a disagreement names the field, then the keys and shapes at fault)."""
     config = ConvNextConfig.from_dict(config_json, where=str(files.config))
     problem = config.architecture_differences(inferred)
     if problem is not None:
-        raise CheckpointError(f"{files.config}: {problem}")
+        if not inferred.num_labels:
+            config.id2label = {}
+        _, details = _laid_out(config, with_backbone_prefix(body, config))
+        raise CheckpointError(f"{files.config}: {problem}" + (f" ({details})" if details else ""))
     return config
 
 
@@ -265,12 +269,7 @@ def assemble(
     line naming missing and unexpected keys and shape mismatches), then the tensors are
     loaded strictly in place.
     """
-    with torch.device("meta"):
-        model = ConvNeXtForClassification(config)
-    prefix = config.base_prefix + "."
-    expected = {k.removeprefix(prefix): tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k.removeprefix(prefix): v for k, v in state_dict.items()}
-    problems = shape_problems(expected, found)
+    model, problems = _laid_out(config, state_dict)
     if problems:
         raise CheckpointError(
             f"{source}: weights do not fit transformers' ConvNeXt (depths {config.depths}, "
@@ -278,6 +277,18 @@ def assemble(
         )
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
+
+
+def _laid_out(
+    config: ConvNextConfig, state_dict: StateDict
+) -> tuple[ConvNeXtForClassification, str | None]:
+    """The model for ``config`` on the meta device, and how ``state_dict`` fails to fit it."""
+    with torch.device("meta"):
+        model = ConvNeXtForClassification(config)
+    prefix = config.base_prefix + "."
+    expected = {k.removeprefix(prefix): tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    return model, shape_problems(expected, found)
 
 
 def build_model(

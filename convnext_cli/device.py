@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+
+import torch
 
 from convnext_cli.choices import DTYPES
 from convnext_cli.errors import DeviceError
-
-if TYPE_CHECKING:
-    import torch
 
 DTYPE_NAMES = DTYPES
 
@@ -28,7 +26,6 @@ class Placement:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; named devices must exist."""
-    import torch
 
     name = name.strip().lower()
     if name == "auto":
@@ -56,7 +53,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def _mps_available() -> bool:
-    import torch
 
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())
@@ -65,7 +61,6 @@ def _mps_available() -> bool:
 @lru_cache(maxsize=1)
 def cpu_has_fast_bfloat16() -> bool:
     """True when the CPU has AMX tiles for bfloat16 matrix work (oneDNN uses them)."""
-    import torch
 
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if probe is not None:
@@ -82,7 +77,6 @@ def cpu_has_fast_bfloat16() -> bool:
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
     """Map a --dtype value to a torch dtype for this device; auto explains its choice."""
-    import torch
 
     name = name.strip().lower()
     if name not in DTYPE_NAMES:
@@ -104,7 +98,6 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
 
 
 def _cpu_half_supported() -> bool:
-    import torch
 
     try:
         torch.nn.functional.conv2d(

@@ -22,14 +22,12 @@ tested without a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
 
 from convnext_cli.choices import DECODERS
 from convnext_cli.errors import UsageError
 from convnext_cli.images import no_deprecation_warning, open_header, torchvision_io
-
-if TYPE_CHECKING:
-    import torch
 
 DECODE_CHOICES = DECODERS
 
@@ -90,7 +88,6 @@ def decode(encoded: list[EncodedJpeg], device: torch.device) -> list[torch.Tenso
     One batched call; if the batch fails (torchvision returns nothing then), each image is
     tried alone.  None marks an image the device decoder rejected: decode it on the CPU.
     """
-    import torch
 
     io_ops = torchvision_io()
     buffers = [torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for e in encoded]

@@ -23,7 +23,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from convnext_cli.config import (
     FLOAT32_MAX,
@@ -38,9 +43,6 @@ from convnext_cli.config import (
     no_duplicate_keys,
 )
 from convnext_cli.errors import CheckpointError, one_line
-
-if TYPE_CHECKING:
-    import torch
 
 # PIL.Image.Resampling values, as preprocessor_config.json stores them (the one table of
 # filters: timm's ``interpolation`` names are the same words).
@@ -340,7 +342,6 @@ class PreprocessSpec:
 
     def normalize(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """uint8 (N, 3, h, w) on any device -> float32 pixel values (rescale, mean/std)."""
-        import torch
 
         pixels = batch.to(torch.float32)
         if self.do_rescale and self.do_normalize:
@@ -408,8 +409,6 @@ def resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.T
     processor fails on them; its PIL processor (``ConvNextImageProcessorPil``) resizes with
     Pillow, and so does this.
     """
-    import torch
-    import torch.nn.functional as F
 
     if tuple(image.shape[-2:]) == tuple(size):
         return image
@@ -447,9 +446,6 @@ _PIL_ONLY = frozenset({4, 5})  # box, hamming
 def _pil_resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
     """Pillow's resize of a (C, H, W) uint8 image (C = 3 or 1), as transformers' PIL
     processor does it (``image_transforms.resize``: ``PIL.Image.resize`` on the uint8 image)."""
-    import numpy as np
-    import torch
-    from PIL import Image
 
     channels = image.shape[0]
     array = image.permute(1, 2, 0).cpu().numpy()
@@ -554,7 +550,6 @@ def _resize_window(
     image: torch.Tensor, size: tuple[int, int], resample: int, crop: tuple[int, int]
 ) -> torch.Tensor:
     """resize(image, size) then center_crop(crop), computing only the cropped pixels."""
-    import torch
 
     in_h, in_w = image.shape[-2:]
     row0, row1, at_row = _crop_span(size[0], crop[0])
@@ -582,8 +577,6 @@ _INTERPOLATE_MODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicub
 @lru_cache(maxsize=1)
 def _torch_has_lanczos() -> bool:
     """Newer torch has an antialiased Lanczos interpolate (torchvision >= 0.27 relies on it)."""
-    import torch
-    import torch.nn.functional as F
 
     try:
         F.interpolate(torch.zeros(1, 1, 4, 4), size=[2, 2], mode="lanczos", antialias=True)
@@ -596,8 +589,6 @@ def _native_uint8_bilinear() -> bool:
     """torchvision's rule: uint8 bilinear runs natively on AVX2/AVX-512 x86 and on Arm."""
     import platform
 
-    import torch
-
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or (
         platform.machine() in ("aarch64", "arm64")
     )
@@ -605,7 +596,6 @@ def _native_uint8_bilinear() -> bool:
 
 def center_crop(image: torch.Tensor, crop_height: int, crop_width: int) -> torch.Tensor:
     """Centre crop with offsets rounded down; zero-pad first when the image is smaller."""
-    import torch.nn.functional as F
 
     height, width = image.shape[-2:]
     if crop_width > width or crop_height > height:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from convnext_cli.errors import CheckpointError, one_line
-
-if TYPE_CHECKING:
-    import torch
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
@@ -119,8 +120,6 @@ def _is_count(value: Any) -> bool:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     check_safetensors_header(path)
     try:
@@ -132,8 +131,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_pickle(path: Path) -> dict[str, Any]:
     import argparse
     import pickle
-
-    import torch
 
     try:
         with path.open("rb") as f:
@@ -176,7 +173,6 @@ def check_tensors(tensors: Mapping[str, Any], source: object) -> None:
 
     One ``isfinite`` pass per tensor: cheap next to reading the file.
     """
-    import torch
 
     allowed = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     for key, value in tensors.items():
@@ -231,8 +227,6 @@ def save_safetensors(
     state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 ) -> None:
     """Write a state dict as safetensors (contiguous, unshared tensors)."""
-    import torch
-    from safetensors.torch import save_file
 
     # one contiguous, unshared copy of each tensor (safetensors refuses shared storage)
     tensors = {

@@ -8,6 +8,7 @@ lines, saving weights, and giving every parameter of a model real values.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -116,3 +117,20 @@ def composite_over_white(rgba: np.ndarray) -> np.ndarray:
 def bomb_png(width: int, height: int) -> bytes:
     """A PNG header claiming width x height, with almost no data behind it."""
     return png_bytes(np.zeros((1, 1), dtype=np.uint8), 0, 8, claim=(width, height))
+
+
+# ----------------------------------------------------------------------- the Hub cache
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fill_cache(cache: Path, repo_id: str, source: Path, files: list[str]) -> Path:
+    """Lay out a checkpoint exactly as huggingface_hub caches it (refs/main -> snapshot)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name in files:
+        shutil.copy(source / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot

@@ -10,24 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import COMMIT, fill_cache
 
 from convnext_cli.checkpoints import load_checkpoint
 from convnext_cli.errors import CheckpointError
 from convnext_cli.hub import split_revision
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def fill_cache(cache: Path, repo_id: str, source: Path, files: list[str]) -> Path:
-    """Lay out a checkpoint exactly as huggingface_hub caches it (refs/main -> snapshot)."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for name in files:
-        shutil.copy(source / name, snapshot / name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    return snapshot
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from convnext_cli.output_file import is_stdout
 from convnext_cli.resume import RESUMABLE_FORMATS
 
 if TYPE_CHECKING:
-
     from convnext_cli.loading import ModelSource, RunOptions
     from convnext_cli.output import Writer
     from convnext_cli.pipeline import Result, Runner
