@@ -26,7 +26,6 @@ class Placement:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; named devices must exist."""
-
     name = name.strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
@@ -53,7 +52,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def _mps_available() -> bool:
-
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())
 
@@ -61,7 +59,6 @@ def _mps_available() -> bool:
 @lru_cache(maxsize=1)
 def cpu_has_fast_bfloat16() -> bool:
     """True when the CPU has AMX tiles for bfloat16 matrix work (oneDNN uses them)."""
-
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if probe is not None:
         try:
@@ -77,7 +74,6 @@ def cpu_has_fast_bfloat16() -> bool:
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
     """Map a --dtype value to a torch dtype for this device; auto explains its choice."""
-
     name = name.strip().lower()
     if name not in DTYPE_NAMES:
         raise DeviceError(f"unknown dtype {name!r} (use {', '.join(DTYPE_NAMES)})")
@@ -98,7 +94,6 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
 
 
 def _cpu_half_supported() -> bool:
-
     try:
         torch.nn.functional.conv2d(
             torch.ones(1, 1, 2, 2, dtype=torch.float16), torch.ones(1, 1, 1, 1, dtype=torch.float16)

@@ -100,123 +100,9 @@ class PreprocessSpec:
         """
         if not isinstance(raw, dict):
             raise CheckpointError(f"{where}: expected a JSON object, found {json_kind(raw)}")
-
-        def fail(name: str, problem: str) -> CheckpointError:
-            return CheckpointError(f"{where}: {name}: {problem}")
-
-        def given(name: str) -> bool:
-            if name not in raw:
-                return False
-            if raw[name] is None:
-                raise fail(name, "is null (leave the field out for the default)")
-            return True
-
-        def edge(name: str, value: Any, limit: int = MAX_EDGE) -> int:
-            if not is_int(value):
-                raise fail(name, f"expected an integer number of pixels, found {json_kind(value)}")
-            if not 1 <= value <= limit:
-                raise fail(name, f"{value} is out of range (1..{limit})")
-            return int(value)
-
-        def number(name: str) -> float:
-            value = raw[name]
-            if not is_number(value) or not math.isfinite(float(value)):
-                raise fail(name, f"expected a finite number, found {json_kind(value)}")
-            return float(value)
-
-        kwargs: dict[str, Any] = {}
-        if given("size"):
-            size = raw["size"]
-            if isinstance(size, dict):
-                if "shortest_edge" not in size:
-                    raise fail(
-                        "size", f"ConvNeXt preprocessing needs size.shortest_edge, got {size}"
-                    )
-                kwargs["shortest_edge"] = edge("size.shortest_edge", size["shortest_edge"])
-            else:
-                kwargs["shortest_edge"] = edge("size", size)
-        if given("crop_pct"):
-            crop_pct = number("crop_pct")
-            if not 0 < crop_pct <= 1:
-                raise fail("crop_pct", f"{crop_pct} is out of range (0, 1]")
-            kwargs["crop_pct"] = crop_pct
-        if given("rescale_factor"):
-            factor = number("rescale_factor")
-            if factor <= 0:
-                raise fail("rescale_factor", f"{factor} must be greater than 0")
-            kwargs["rescale_factor"] = factor
-        if given("resample"):
-            resample = raw["resample"]
-            if not is_int(resample) or resample not in RESAMPLE_NAMES:
-                raise fail(
-                    "resample",
-                    f"{json_kind(resample)} is not a filter (0..5: "
-                    + ", ".join(f"{k} {v}" for k, v in RESAMPLE_NAMES.items())
-                    + ")",
-                )
-            kwargs["resample"] = int(resample)
-        for key in ("do_resize", "do_rescale", "do_normalize"):
-            if given(key):
-                if not isinstance(raw[key], bool):
-                    raise fail(key, f"expected true or false, found {json_kind(raw[key])}")
-                kwargs[key] = raw[key]
-        for key in ("image_mean", "image_std"):
-            if given(key):
-                value = raw[key]
-                values = [value] * 3 if is_number(value) else value
-                if (
-                    not isinstance(values, (list, tuple))
-                    or len(values) != 3
-                    or not all(is_number(v) and math.isfinite(float(v)) for v in values)
-                ):
-                    raise fail(key, f"expected 3 finite numbers (or one), found {json_kind(value)}")
-                kwargs[key] = tuple(float(v) for v in values)
-        if any(s <= 0 for s in kwargs.get("image_std", ())):
-            raise fail("image_std", f"{list(kwargs['image_std'])}: every entry must be above 0")
-        # Optional extras: null means not set (transformers writes them so).
-        center = raw.get("do_center_crop")
-        if center is not None:
-            if not isinstance(center, bool):
-                raise fail("do_center_crop", f"expected true or false, found {json_kind(center)}")
-            kwargs["do_center_crop"] = center
-        crop = raw.get("crop_size")
-        if crop is not None:
-            if isinstance(crop, dict) and "height" in crop and "width" in crop:
-                kwargs["crop_size"] = (
-                    edge("crop_size.height", crop["height"]),
-                    edge("crop_size.width", crop["width"]),
-                )
-            elif isinstance(crop, dict):
-                raise fail("crop_size", f"expected height and width, found {json_kind(crop)}")
-            else:
-                side = edge("crop_size", crop)
-                kwargs["crop_size"] = (side, side)
-        spec = cls(**kwargs)
-        if spec.do_resize and spec.shortest_edge < 384:
-            target = int(spec.shortest_edge / spec.crop_pct)
-            if target > MAX_RESIZE_EDGE:
-                raise fail(
-                    "crop_pct",
-                    f"size {spec.shortest_edge} / crop_pct {spec.crop_pct} resizes the short "
-                    f"side to {target} pixels (at most {MAX_RESIZE_EDGE})",
-                )
-        # Normalisation is affine per channel: pixels 0 and 255 bound all others.
-        if spec.do_rescale and spec.do_normalize:
-            scale = 1.0 / spec.rescale_factor
-            means = [float32(m * scale) for m in spec.image_mean]
-            stds = [float32(s * scale) for s in spec.image_std]
-        elif spec.do_normalize:
-            means, stds = list(spec.image_mean), list(spec.image_std)
-        else:
-            means, stds = [0.0] * 3, [float32(1.0 / spec.rescale_factor)] * 3
-        for m, s in zip(means, stds, strict=True):
-            values = [m, s] + [(p - m) / s if s else math.inf for p in (0.0, 255.0)]
-            if not all(math.isfinite(v) and abs(v) < FLOAT32_MAX for v in values):
-                raise CheckpointError(
-                    f"{where}: image_mean, image_std and rescale_factor give non-finite "
-                    f"pixel values (mean {list(spec.image_mean)}, std {list(spec.image_std)}, "
-                    f"rescale_factor {spec.rescale_factor})"
-                )
+        spec = cls(**_SpecFields(raw, where).read())
+        _check_resize(spec, where)
+        _check_normalisation(spec, where)
         return spec
 
     @classmethod
@@ -342,7 +228,6 @@ class PreprocessSpec:
 
     def normalize(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """uint8 (N, 3, h, w) on any device -> float32 pixel values (rescale, mean/std)."""
-
         pixels = batch.to(torch.float32)
         if self.do_rescale and self.do_normalize:
             # The processor folds the rescale into mean and std, in float32: (x - m/r) / (s/r).
@@ -360,6 +245,164 @@ class PreprocessSpec:
 
 # Above this many pixels (100 MB of uint8 RGB), a resize computes only what the centre crop
 # keeps (see resize_crop).  A 256-pixel short side reaches it at an aspect ratio of 512.
+class _SpecFields:
+    """Reading preprocessor_config.json's fields, each failure one line naming the field."""
+
+    def __init__(self, raw: dict[str, Any], where: str) -> None:
+        self.raw, self.where = raw, where
+
+    def fail(self, name: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.where}: {name}: {problem}")
+
+    def given(self, name: str) -> bool:
+        if name not in self.raw:
+            return False
+        if self.raw[name] is None:
+            raise self.fail(name, "is null (leave the field out for the default)")
+        return True
+
+    def edge(self, name: str, value: Any, limit: int = MAX_EDGE) -> int:
+        if not is_int(value):
+            raise self.fail(name, f"expected an integer number of pixels, found {json_kind(value)}")
+        if not 1 <= value <= limit:
+            raise self.fail(name, f"{value} is out of range (1..{limit})")
+        return int(value)
+
+    def number(self, name: str) -> float:
+        value = self.raw[name]
+        if not is_number(value) or not math.isfinite(float(value)):
+            raise self.fail(name, f"expected a finite number, found {json_kind(value)}")
+        return float(value)
+
+    def read(self) -> dict[str, Any]:
+        """The dataclass fields the config gives (missing ones keep the defaults)."""
+        kwargs: dict[str, Any] = {}
+        for read in (self._size, self._numbers, self._resample, self._flags, self._mean_std):
+            kwargs.update(read())
+        if any(s <= 0 for s in kwargs.get("image_std", ())):
+            raise self.fail(
+                "image_std", f"{list(kwargs['image_std'])}: every entry must be above 0"
+            )
+        kwargs.update(self._center_crop())
+        return kwargs
+
+    def _size(self) -> dict[str, Any]:
+        if not self.given("size"):
+            return {}
+        size = self.raw["size"]
+        if not isinstance(size, dict):
+            return {"shortest_edge": self.edge("size", size)}
+        if "shortest_edge" not in size:
+            raise self.fail("size", f"ConvNeXt preprocessing needs size.shortest_edge, got {size}")
+        return {"shortest_edge": self.edge("size.shortest_edge", size["shortest_edge"])}
+
+    def _numbers(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.given("crop_pct"):
+            crop_pct = self.number("crop_pct")
+            if not 0 < crop_pct <= 1:
+                raise self.fail("crop_pct", f"{crop_pct} is out of range (0, 1]")
+            out["crop_pct"] = crop_pct
+        if self.given("rescale_factor"):
+            factor = self.number("rescale_factor")
+            if factor <= 0:
+                raise self.fail("rescale_factor", f"{factor} must be greater than 0")
+            out["rescale_factor"] = factor
+        return out
+
+    def _resample(self) -> dict[str, Any]:
+        if not self.given("resample"):
+            return {}
+        resample = self.raw["resample"]
+        if not is_int(resample) or resample not in RESAMPLE_NAMES:
+            filters = ", ".join(f"{k} {v}" for k, v in RESAMPLE_NAMES.items())
+            raise self.fail("resample", f"{json_kind(resample)} is not a filter (0..5: {filters})")
+        return {"resample": int(resample)}
+
+    def _flags(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("do_resize", "do_rescale", "do_normalize"):
+            if self.given(key):
+                if not isinstance(self.raw[key], bool):
+                    raise self.fail(
+                        key, f"expected true or false, found {json_kind(self.raw[key])}"
+                    )
+                out[key] = self.raw[key]
+        return out
+
+    def _mean_std(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("image_mean", "image_std"):
+            if self.given(key):
+                value = self.raw[key]
+                values = [value] * 3 if is_number(value) else value
+                if (
+                    not isinstance(values, (list, tuple))
+                    or len(values) != 3
+                    or not all(is_number(v) and math.isfinite(float(v)) for v in values)
+                ):
+                    raise self.fail(
+                        key, f"expected 3 finite numbers (or one), found {json_kind(value)}"
+                    )
+                out[key] = tuple(float(v) for v in values)
+        return out
+
+    def _center_crop(self) -> dict[str, Any]:
+        """Optional extras: null means not set (transformers writes them so)."""
+        out: dict[str, Any] = {}
+        center = self.raw.get("do_center_crop")
+        if center is not None:
+            if not isinstance(center, bool):
+                raise self.fail(
+                    "do_center_crop", f"expected true or false, found {json_kind(center)}"
+                )
+            out["do_center_crop"] = center
+        crop = self.raw.get("crop_size")
+        if crop is None:
+            return out
+        if isinstance(crop, dict) and "height" in crop and "width" in crop:
+            height = self.edge("crop_size.height", crop["height"])
+            out["crop_size"] = (height, self.edge("crop_size.width", crop["width"]))
+        elif isinstance(crop, dict):
+            raise self.fail("crop_size", f"expected height and width, found {json_kind(crop)}")
+        else:
+            side = self.edge("crop_size", crop)
+            out["crop_size"] = (side, side)
+        return out
+
+
+def _check_resize(spec: PreprocessSpec, where: str) -> None:
+    """The short side after ``size / crop_pct`` stays under MAX_RESIZE_EDGE."""
+    if spec.do_resize and spec.shortest_edge < 384:
+        target = int(spec.shortest_edge / spec.crop_pct)
+        if target > MAX_RESIZE_EDGE:
+            raise CheckpointError(
+                f"{where}: crop_pct: size {spec.shortest_edge} / crop_pct {spec.crop_pct} "
+                f"resizes the short side to {target} pixels (at most {MAX_RESIZE_EDGE})"
+            )
+
+
+def _check_normalisation(spec: PreprocessSpec, where: str) -> None:
+    """Normalisation is affine per channel: pixels 0 and 255 bound all others, and must
+    stay finite in float32."""
+    if spec.do_rescale and spec.do_normalize:
+        scale = 1.0 / spec.rescale_factor
+        means = [float32(m * scale) for m in spec.image_mean]
+        stds = [float32(s * scale) for s in spec.image_std]
+    elif spec.do_normalize:
+        means, stds = list(spec.image_mean), list(spec.image_std)
+    else:
+        means, stds = [0.0] * 3, [float32(1.0 / spec.rescale_factor)] * 3
+    for m, s in zip(means, stds, strict=True):
+        values = [m, s] + [(p - m) / s if s else math.inf for p in (0.0, 255.0)]
+        if not all(math.isfinite(v) and abs(v) < FLOAT32_MAX for v in values):
+            raise CheckpointError(
+                f"{where}: image_mean, image_std and rescale_factor give non-finite "
+                f"pixel values (mean {list(spec.image_mean)}, std {list(spec.image_std)}, "
+                f"rescale_factor {spec.rescale_factor})"
+            )
+
+
 def exact_crop_pct(crop: int, resize: int) -> float:
     """A crop_pct for which ``int(crop / crop_pct) == resize`` holds exactly in float arithmetic."""
     if not 0 < crop <= resize:
@@ -550,7 +593,6 @@ def _resize_window(
     image: torch.Tensor, size: tuple[int, int], resample: int, crop: tuple[int, int]
 ) -> torch.Tensor:
     """resize(image, size) then center_crop(crop), computing only the cropped pixels."""
-
     in_h, in_w = image.shape[-2:]
     row0, row1, at_row = _crop_span(size[0], crop[0])
     col0, col1, at_col = _crop_span(size[1], crop[1])
@@ -577,7 +619,6 @@ _INTERPOLATE_MODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicub
 @lru_cache(maxsize=1)
 def _torch_has_lanczos() -> bool:
     """Newer torch has an antialiased Lanczos interpolate (torchvision >= 0.27 relies on it)."""
-
     try:
         F.interpolate(torch.zeros(1, 1, 4, 4), size=[2, 2], mode="lanczos", antialias=True)
     except (ValueError, NotImplementedError, RuntimeError):
@@ -596,7 +637,6 @@ def _native_uint8_bilinear() -> bool:
 
 def center_crop(image: torch.Tensor, crop_height: int, crop_width: int) -> torch.Tensor:
     """Centre crop with offsets rounded down; zero-pad first when the image is smaller."""
-
     height, width = image.shape[-2:]
     if crop_width > width or crop_height > height:
         pad_w = max(crop_width - width, 0)

@@ -78,41 +78,40 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_size = size - 8 - length
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{where}: malformed header entry")
-        dtype = info.get("dtype")
-        if dtype not in FLOAT_DTYPES_SAFETENSORS:
-            raise CheckpointError(
-                f"{where} has dtype {dtype}; weights must be floating point "
-                f"({', '.join(FLOAT_DTYPES_SAFETENSORS.values())})"
-            )
-        shape = info.get("shape")
-        offsets = info.get("data_offsets")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_count(o) for o in offsets)
-        ):
-            raise CheckpointError(f"{where}: malformed data_offsets {offsets!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        begin, end = offsets
-        if end < begin or end - begin != numel * _ITEM_SIZE[dtype]:
-            raise CheckpointError(
-                f"{where}: shape {shape} does not match its {end - begin} bytes of data"
-            )
-        if end > data_size:
-            raise CheckpointError(
-                f"{where} lies past the end of the file (truncated? it needs {end} bytes of "
-                f"data, the file has {max(data_size, 0)})"
-            )
+        if name != "__metadata__":
+            _check_header_entry(f"{path}: tensor {name!r}", info, data_size)
     return header
+
+
+def _check_header_entry(where: str, info: Any, data_size: int) -> None:
+    """One tensor's header entry: a float dtype, a shape, and offsets inside the data."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: malformed header entry")
+    dtype = info.get("dtype")
+    if dtype not in FLOAT_DTYPES_SAFETENSORS:
+        raise CheckpointError(
+            f"{where} has dtype {dtype}; weights must be floating point "
+            f"({', '.join(FLOAT_DTYPES_SAFETENSORS.values())})"
+        )
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise CheckpointError(f"{where}: malformed data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    begin, end = offsets
+    if end < begin or end - begin != numel * _ITEM_SIZE[dtype]:
+        raise CheckpointError(
+            f"{where}: shape {shape} does not match its {end - begin} bytes of data"
+        )
+    if end > data_size:
+        raise CheckpointError(
+            f"{where} lies past the end of the file (truncated? it needs {end} bytes of "
+            f"data, the file has {max(data_size, 0)})"
+        )
 
 
 def _is_count(value: Any) -> bool:
@@ -120,7 +119,6 @@ def _is_count(value: Any) -> bool:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-
     check_safetensors_header(path)
     try:
         return load_file(str(path))
@@ -227,7 +225,6 @@ def save_safetensors(
     state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 ) -> None:
     """Write a state dict as safetensors (contiguous, unshared tensors)."""
-
     # one contiguous, unshared copy of each tensor (safetensors refuses shared storage)
     tensors = {
         k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()
