@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 from convnext_cli.choices import DEFAULT_MODEL
 from convnext_cli.decode_pool import failure
 from convnext_cli.errors import ImageError
-from convnext_cli.images import MAX_PIXELS, pil_to_rgb
+from convnext_cli.images import check_pixel_count, pil_to_rgb
 from convnext_cli.loading import ModelSource, RunOptions, load_runner
 from convnext_cli.pipeline import InMemoryImage, Input, Result
 
@@ -181,14 +181,7 @@ def _pixels(value: Any, kind: str) -> torch.Tensor:
             raise ImageError(f"image has no pixels ({array.shape[1]}x{array.shape[0]})")
         value = Image.fromarray(np.ascontiguousarray(array))
     image: Image.Image = value
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise ImageError(
-            f"refused: {width}x{height} = {width * height} pixels is over the "
-            f"{MAX_PIXELS} pixel limit"
-        )
-    if width == 0 or height == 0:
-        raise ImageError(f"image has no pixels ({width}x{height})")
+    check_pixel_count(*image.size)
     try:
         image = ImageOps.exif_transpose(image) or image
         rgb = pil_to_rgb(image)

@@ -79,19 +79,10 @@ class Conversion:
         return f"{self.layout}, {self.described}"
 
 
-def convert_checkpoint(
-    source: str | Path,
-    output_dir: Path,
-    *,
-    layout: str = "auto",
-    image_size: int | None = None,
-    crop_pct: float | None = None,
-    force: bool = False,
-) -> Path:
-    """Convert ``source`` (a weights file, a folder or a Hub id) into a Hub-layout folder."""
-    return convert(
-        source, output_dir, layout=layout, image_size=image_size, crop_pct=crop_pct, force=force
-    ).output_dir
+def convert_checkpoint(source: str | Path, output_dir: Path, **options: Any) -> Path:
+    """Convert ``source`` (a weights file, a folder or a Hub id) into a Hub-layout folder;
+    ``options`` as :func:`convert` takes them.  Returns the folder."""
+    return convert(source, output_dir, **options).output_dir
 
 
 def convert(

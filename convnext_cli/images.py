@@ -252,6 +252,17 @@ def torchvision_io() -> Any:
     return tv_io
 
 
+def check_pixel_count(width: int, height: int, why: str = "") -> None:
+    """Refuse an image over :data:`MAX_PIXELS` pixels, or with none."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"refused: {width}x{height} = {width * height} pixels is over the "
+            f"{MAX_PIXELS} pixel limit{why}"
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+
+
 def open_header(data: bytes) -> Image.Image:
     """Open lazily (header only) and refuse, before any pixel is decoded: formats we do not
     advertise, decompression bombs, images over the memory budget, JPEG scan bombs."""
@@ -269,13 +280,7 @@ def open_header(data: bytes) -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"corrupt image header: {one_line(exc)}") from exc
     width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise ImageError(
-            f"refused: {width}x{height} = {width * height} pixels is over the "
-            f"{MAX_PIXELS} pixel limit (possible decompression bomb)"
-        )
-    if width == 0 or height == 0:
-        raise ImageError(f"image has no pixels ({width}x{height})")
+    check_pixel_count(width, height, why=" (possible decompression bomb)")
     needed = decode_bytes_needed(image, data)
     budget = max_image_bytes()
     if needed > budget:
