@@ -344,9 +344,6 @@ def runners_for(
         if dtype in seen:
             continue
         seen.append(dtype)
-        loaded = load_runner(source, replace(options, dtype=name))
-        for note in loaded.notes:
-            if on_note is not None:
-                on_note(note)
+        loaded = load_runner(source, replace(options, dtype=name), on_note)
         yield loaded.runner
         del loaded

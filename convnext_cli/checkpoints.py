@@ -14,7 +14,7 @@ Both loading (classify, embed, benchmark, the Python API) and ``convert`` go thr
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,11 +68,13 @@ def locate(
     revision: str | None = None,
     cache_dir: Path | None = None,
     token: str | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> CheckpointFiles:
-    """A local weights file or folder as is; a Hub id downloaded (or found in the cache)."""
+    """A local weights file or folder as is; a Hub id downloaded (or found in the cache;
+    ``on_note`` hears which)."""
     path = Path(model).expanduser()
     if not path.exists():
-        path = hub.download(_hub_ref(model, revision, cache_dir, token))
+        path = hub.download(_hub_ref(model, revision, cache_dir, token), on_note)
     elif revision is not None:
         raise UsageError(f"--revision {revision}: {model} is a local path, not a Hub id")
     if not path.is_dir():
@@ -166,6 +168,7 @@ def load_checkpoint(
     revision: str | None = None,
     cache_dir: Path | None = None,
     token: str | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> Checkpoint:
     """Locate and read a checkpoint in any supported layout, with its config and preprocessing.
 
@@ -177,7 +180,7 @@ def load_checkpoint(
     files = (
         model
         if isinstance(model, CheckpointFiles)
-        else locate(model, revision=revision, cache_dir=cache_dir, token=token)
+        else locate(model, revision=revision, cache_dir=cache_dir, token=token, on_note=on_note)
     )
     config_json = read_json(files.config) if files.config is not None else None
     if files.folder and config_json is not None and "model_type" in config_json:

@@ -3,22 +3,30 @@
 Only the files a ConvNeXt checkpoint needs are fetched, through huggingface_hub and its
 cache (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are honoured by
 huggingface_hub itself; ``--cache-dir``, ``--token`` and ``--revision`` override them).
-Downloads show huggingface_hub's own progress bars on stderr.  A model already in the cache
-is used without waiting on an unreachable Hub: the cached snapshot is looked up first, and
-the Hub is then asked only briefly (a short ETag timeout) whether it changed.
+Downloads show huggingface_hub's own progress bars on stderr, after a line saying what
+is fetched.  A model already in the cache is used without waiting on an unreachable Hub:
+the Hub is asked once, with a short timeout, whether the model changed; no answer, and the
+cached snapshot is used as is (``HF_HUB_OFFLINE=1`` skips even that question).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import (
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
@@ -31,7 +39,7 @@ from convnext_cli.errors import CheckpointError, one_line
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-CACHED_ETAG_TIMEOUT = 3.0  # seconds to ask the Hub about a model that is already cached
+CACHED_PROBE_TIMEOUT = 3.0  # seconds to ask the Hub about a model that is already cached
 
 
 @dataclass(frozen=True)
@@ -61,18 +69,26 @@ def looks_like_hub_id(model: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not repo_id.startswith((".", "~"))
 
 
-def download(ref: HubRef) -> Path:
+def download(ref: HubRef, on_note: Callable[[str], None] | None = None) -> Path:
     """The snapshot folder holding config, preprocessor config and weights of ``ref``.
 
     ``model.safetensors`` is preferred; ``pytorch_model.bin`` is fetched only when a repo has
-    no safetensors file.  Every failure is one line naming the model.
+    no safetensors file.  Every failure is one line naming the model.  ``on_note`` hears
+    what is fetched (before huggingface_hub's progress bars) or that the cache is used.
     """
+    local_only = bool(constants.HF_HUB_OFFLINE)
+    if not local_only and _cached(ref, CONFIG_FILE):
+        local_only = not _hub_answers(ref)
+        if local_only and on_note is not None:
+            on_note(f"the Hugging Face Hub did not answer; using the cached {ref}")
+    elif not local_only and on_note is not None:
+        on_note(f"fetching {ref} from the Hugging Face Hub")
     with _quiet_hub_logging():
-        if _fetch(ref, CONFIG_FILE) is None:
+        if _fetch(ref, CONFIG_FILE, local_only) is None:
             raise CheckpointError(f"{ref}: the repo has no config.json")
-        _fetch(ref, PREPROCESSOR_FILE)
+        _fetch(ref, PREPROCESSOR_FILE, local_only)
         for name in WEIGHT_FILES:
-            weights = _fetch(ref, name)
+            weights = _fetch(ref, name, local_only)
             if weights is not None:
                 return weights.parent
     raise CheckpointError(f"{ref}: the repo has neither {' nor '.join(WEIGHT_FILES)}")
@@ -85,10 +101,21 @@ def _cached(ref: HubRef, filename: str) -> bool:
     return isinstance(found, str)
 
 
-def _fetch(ref: HubRef, filename: str) -> Path | None:
+def _hub_answers(ref: HubRef) -> bool:
+    """Whether the Hub answers one metadata request for the model within a few seconds
+    (any HTTP answer counts: a missing repo or revision is then reported by the download)."""
+    url = hf_hub_url(ref.repo_id, CONFIG_FILE, revision=ref.revision)
+    try:
+        get_hf_file_metadata(url, token=ref.token, timeout=CACHED_PROBE_TIMEOUT)
+    except (HfHubHTTPError, EntryNotFoundError):
+        return True
+    except Exception:  # no connection, a timeout, a proxy failure: the Hub is out of reach
+        return False
+    return True
+
+
+def _fetch(ref: HubRef, filename: str, local_only: bool) -> Path | None:
     """One file of the repo (from the cache when possible), or None when the repo lacks it."""
-    offline = bool(constants.HF_HUB_OFFLINE)
-    timeout = CACHED_ETAG_TIMEOUT if _cached(ref, filename) else constants.DEFAULT_ETAG_TIMEOUT
     try:
         return Path(
             hf_hub_download(
@@ -97,7 +124,7 @@ def _fetch(ref: HubRef, filename: str) -> Path | None:
                 revision=ref.revision,
                 cache_dir=ref.cache_dir,
                 token=ref.token,
-                etag_timeout=timeout,
+                local_files_only=local_only,
             )
         )
     except GatedRepoError as exc:
@@ -113,6 +140,7 @@ def _fetch(ref: HubRef, filename: str) -> Path | None:
     except LocalEntryNotFoundError as exc:
         if filename != CONFIG_FILE:
             return None  # offline, and this optional file was never cached
+        offline = bool(constants.HF_HUB_OFFLINE)
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
         raise CheckpointError(
             f"{ref}: {why} and the model is not in the local cache "

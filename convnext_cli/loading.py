@@ -8,6 +8,7 @@ JPEGs are decoded on the GPU, compiling) comes back as notes for the caller to s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,12 +56,18 @@ class LoadedRunner:
     notes: list[str] = field(default_factory=list)
 
 
-def read_source(source: ModelSource | str) -> Checkpoint:
+def read_source(
+    source: ModelSource | str, on_note: Callable[[str], None] | None = None
+) -> Checkpoint:
     """The checkpoint ``source`` names, with ``--labels`` applied, checked for images (RGB)."""
     if isinstance(source, str):
         source = ModelSource(source)
     checkpoint = load_checkpoint(
-        source.model, revision=source.revision, cache_dir=source.cache_dir, token=source.token
+        source.model,
+        revision=source.revision,
+        cache_dir=source.cache_dir,
+        token=source.token,
+        on_note=on_note,
     )
     config = checkpoint.config
     if config.num_channels != 3:
@@ -76,21 +83,31 @@ def read_source(source: ModelSource | str) -> Checkpoint:
 
 
 def load_runner(
-    source: ModelSource | str = DEFAULT_MODEL, options: RunOptions | None = None
+    source: ModelSource | str = DEFAULT_MODEL,
+    options: RunOptions | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> LoadedRunner:
     """Resolve device and dtype, read and check the checkpoint, build the model on the
-    device, and wrap it in a :class:`Runner` (compiled when asked)."""
+    device, and wrap it in a :class:`Runner` (compiled when asked).
+
+    What the user should be told is in the result's ``notes``; ``on_note`` also hears each
+    one as it happens (a Hub download is announced before its progress bars).
+    """
     options = options or RunOptions()
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        if on_note is not None:
+            on_note(text)
+
     placement = resolve(options.device, options.dtype)
     decode_on_device = resolve_decode(options.decode, placement.device)
-    checkpoint = read_source(source)
-    notes = []
+    checkpoint = read_source(source, note)
     if placement.reason:
-        notes.append(f"--dtype auto chose {placement.dtype_name}: {placement.reason}")
+        note(f"--dtype auto chose {placement.dtype_name}: {placement.reason}")
     if decode_on_device and options.decode.lower() == "auto":
-        notes.append(
-            f"decoding JPEGs on {placement.device} (nvjpeg); --decode cpu for Pillow's exact pixels"
-        )
+        note(f"decoding JPEGs on {placement.device} (nvjpeg); --decode cpu for Pillow's pixels")
     net = build_model(
         checkpoint, placement.device, placement.dtype, channels_last=options.channels_last
     )
@@ -103,7 +120,7 @@ def load_runner(
         jpeg_on_device=decode_on_device,
     )
     if options.compile:
-        notes.append("compiling the model; the first batch includes the compile time")
+        note("compiling the model; the first batch includes the compile time")
         runner.compile()
     return LoadedRunner(runner, checkpoint, notes)
 

@@ -106,3 +106,73 @@ def test_cli_honours_hf_hub_cache_env(tmp_path: Path, v1_checkpoint: Path, photo
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)
     assert record["path"] == str(photos[0]) and len(record["predictions"]) == 1
+
+
+@pytest.fixture
+def silent_hub():
+    """A TCP server that accepts connections and never answers: an unreachable Hub as a
+    blackholed network shows it (each request waits for its timeout)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+def classify_through(env: dict[str, str], model: str, photo: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "convnext_cli", "classify", str(photo), "-m", model, "-k", "1",
+         "--format", "jsonl", "--device", "cpu", "--dtype", "float32", "--workers", "0"],
+        capture_output=True, text=True, env=env, timeout=150,
+    )  # fmt: skip
+
+
+def test_cached_model_does_not_wait_for_a_silent_hub(
+    tmp_path: Path, v1_checkpoint: Path, photos, silent_hub
+) -> None:
+    """Each of huggingface_hub's requests would wait its 60 s timeout (past the subprocess
+    limit); one short question to the Hub, then the cache is used."""
+    endpoint, accepted = silent_hub
+    cache = tmp_path / "hub"
+    files = ["config.json", "preprocessor_config.json", "model.safetensors"]
+    fill_cache(cache, "org/cached", v1_checkpoint, files)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": endpoint, "HF_HUB_ETAG_TIMEOUT": "60",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "60"}  # fmt: skip
+    out = classify_through(env, "org/cached", photos[0])
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 1
+    assert "did not answer; using the cached org/cached" in out.stderr
+    assert len(accepted) < len(
+        files
+    )  # a short question (httpx may connect twice), not one per file
+
+
+def test_uncached_model_says_it_fetches_then_fails_in_one_line(
+    tmp_path: Path, photos, silent_hub
+) -> None:
+    endpoint, _ = silent_hub
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": endpoint, "HF_HUB_ETAG_TIMEOUT": "1",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "1"}  # fmt: skip
+    out = classify_through(env, "org/elsewhere", photos[0])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "note: fetching org/elsewhere from the Hugging Face Hub"
+    assert lines[-1].startswith("error: org/elsewhere: ") and "Traceback" not in out.stderr

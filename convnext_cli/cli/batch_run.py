@@ -290,10 +290,11 @@ def _load(job: Job) -> Runner:
     """The model, through the core's one loading path; its notes on stderr."""
     from convnext_cli.loading import load_runner
 
-    loaded = load_runner(model_source(job), run_options(job))
-    for text in loaded.notes:
-        say(f"note: {text}")
-    return loaded.runner
+    return load_runner(model_source(job), run_options(job), on_note=_note).runner
+
+
+def _note(text: str) -> None:
+    say(f"note: {text}")
 
 
 def model_source(job: Job) -> ModelSource:
