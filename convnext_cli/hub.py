@@ -39,7 +39,11 @@ from convnext_cli.errors import CheckpointError, one_line
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-CACHED_PROBE_TIMEOUT = 3.0  # seconds to ask the Hub about a model that is already cached
+# Seconds to wait for the Hub's answer to one metadata request, before any download:
+# briefly for a model already cached (no answer: the cache is used), longer for one that
+# must be fetched (no answer: a one-line error, instead of huggingface_hub's retries).
+CACHED_PROBE_TIMEOUT = 3.0
+UNCACHED_PROBE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,7 @@ def download(ref: HubRef, on_note: Callable[[str], None] | None = None) -> Path:
     no safetensors file.  Every failure is one line naming the model.  ``on_note`` hears
     what is fetched (before huggingface_hub's progress bars) or that the cache is used.
     """
-    local_only = bool(constants.HF_HUB_OFFLINE)
-    if not local_only and _cached(ref, CONFIG_FILE):
-        local_only = not _hub_answers(ref)
-        if local_only and on_note is not None:
-            on_note(f"the Hugging Face Hub did not answer; using the cached {ref}")
-    elif not local_only and on_note is not None:
-        on_note(f"fetching {ref} from the Hugging Face Hub")
+    local_only = bool(constants.HF_HUB_OFFLINE) or _use_cache_only(ref, on_note)
     with _quiet_hub_logging():
         if _fetch(ref, CONFIG_FILE, local_only) is None:
             raise CheckpointError(f"{ref}: the repo has no config.json")
@@ -101,12 +99,32 @@ def _cached(ref: HubRef, filename: str) -> bool:
     return isinstance(found, str)
 
 
-def _hub_answers(ref: HubRef) -> bool:
-    """Whether the Hub answers one metadata request for the model within a few seconds
+def _use_cache_only(ref: HubRef, on_note: Callable[[str], None] | None) -> bool:
+    """True when the Hub does not answer but the model is cached; an error when it does not
+    answer and the model is not cached; False (download, or check for updates) otherwise."""
+    cached = _cached(ref, CONFIG_FILE)
+    timeout = CACHED_PROBE_TIMEOUT if cached else UNCACHED_PROBE_TIMEOUT
+    if not _hub_answers(ref, timeout):
+        if not cached:
+            raise CheckpointError(
+                f"{ref}: the Hugging Face Hub did not answer within {timeout:.0f} s and the "
+                "model is not in the local cache (check the network, or pass -m a local "
+                "folder or weights file)"
+            )
+        if on_note is not None:
+            on_note(f"the Hugging Face Hub did not answer; using the cached {ref}")
+        return True
+    if not cached and on_note is not None:
+        on_note(f"fetching {ref} from the Hugging Face Hub")
+    return False
+
+
+def _hub_answers(ref: HubRef, timeout: float) -> bool:
+    """Whether the Hub answers one metadata request for the model within ``timeout``
     (any HTTP answer counts: a missing repo or revision is then reported by the download)."""
     url = hf_hub_url(ref.repo_id, CONFIG_FILE, revision=ref.revision)
     try:
-        get_hf_file_metadata(url, token=ref.token, timeout=CACHED_PROBE_TIMEOUT)
+        get_hf_file_metadata(url, token=ref.token, timeout=timeout)
     except (HfHubHTTPError, EntryNotFoundError):
         return True
     except Exception:  # no connection, a timeout, a proxy failure: the Hub is out of reach

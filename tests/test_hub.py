@@ -164,15 +164,15 @@ def test_cached_model_does_not_wait_for_a_silent_hub(
     )  # a short question (httpx may connect twice), not one per file
 
 
-def test_uncached_model_says_it_fetches_then_fails_in_one_line(
+def test_uncached_model_and_a_silent_hub_fail_in_one_line(
     tmp_path: Path, photos, silent_hub
 ) -> None:
+    """huggingface_hub alone retries past the subprocess limit here."""
     endpoint, _ = silent_hub
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "0",
            "HF_ENDPOINT": endpoint, "HF_HUB_ETAG_TIMEOUT": "1",
            "HF_HUB_DOWNLOAD_TIMEOUT": "1"}  # fmt: skip
     out = classify_through(env, "org/elsewhere", photos[0])
     assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert lines[0] == "note: fetching org/elsewhere from the Hugging Face Hub"
-    assert lines[-1].startswith("error: org/elsewhere: ") and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: org/elsewhere: the Hugging Face Hub did not answer")
+    assert len(out.stderr.strip().splitlines()) == 1
