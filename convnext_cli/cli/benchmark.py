@@ -14,8 +14,19 @@ import typer
 
 from convnext_cli.checkpoints import DEFAULT_MODEL
 from convnext_cli.cli.batch_run import resolve_decode_choice
-from convnext_cli.cli.errors import handle_errors, say
-from convnext_cli.cli.options import DecodeOpt, DeviceOpt, ModelOpt, WorkersOpt
+from convnext_cli.cli.options import (
+    CacheDirOpt,
+    Decode,
+    DecodeOpt,
+    DeviceOpt,
+    LabelsOpt,
+    ModelOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    WorkersOpt,
+)
+from convnext_cli.cli.progress import configure, note
 from convnext_cli.device import DTYPE_NAMES
 from convnext_cli.errors import UsageError
 
@@ -53,11 +64,13 @@ ChannelsLastOpt = Annotated[
     bool,
     typer.Option(
         "--channels-last/--no-channels-last",
+        metavar="",
         help="NHWC memory layout (what classify and embed use).",
     ),
 ]
 CompileFirstOpt = Annotated[
-    bool, typer.Option("--compile", help="Run the model through torch.compile first.")
+    bool,
+    typer.Option("--compile", metavar="", help="Run the model through torch.compile first."),
 ]
 ImagesOpt = Annotated[
     Path | None,
@@ -100,9 +113,12 @@ SaveOpt = Annotated[
 ]
 
 
-@handle_errors
 def benchmark(
     model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
+    token: TokenOpt = None,
+    labels: LabelsOpt = None,
     batch_sizes: BatchSizesOpt = "1,8,32",
     dtype: DtypesOpt = "auto",
     device: DeviceOpt = "auto",
@@ -114,7 +130,8 @@ def benchmark(
     fmt: ReportFormatOpt = ReportFormat.table,
     output: SaveOpt = None,
     workers: WorkersOpt = None,
-    decode: DecodeOpt = "auto",
+    decode: DecodeOpt = Decode.auto,
+    quiet: QuietOpt = False,
 ) -> None:
     """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes.
 
@@ -123,6 +140,8 @@ def benchmark(
       $ convnext benchmark --device cuda --dtype float16 --images photos/ -o throughput.png
       $ convnext benchmark --compile --format json > bench.json
     """
+    configure(quiet=quiet, bar=False)
+    # revision, cache_dir, token and labels are declared here and wired by the loading code
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"-o {output}: use a .png or .svg (plot) or .json (report) file")
     sizes = parse_batch_sizes(batch_sizes)
@@ -136,16 +155,16 @@ def benchmark(
 
     torch_device = resolve_device(device)
     dtypes = resolve_dtypes(dtype_names, torch_device)
-    jpeg_on_device = resolve_decode_choice(decode, torch_device) if paths else False
+    jpeg_on_device = resolve_decode_choice(decode.value, torch_device) if paths else False
     checkpoint = load_checkpoint(model)
     options = SweepOptions(tuple(sizes), warmup, iters, tuple(paths), workers)
     runners = build_runners(
         checkpoint, torch_device, dtypes, channels_last, compile_model, jpeg_on_device
     )
-    report = sweep(runners, options, model_name=checkpoint.source, on_step=say)
-    note = noise_note(report)
-    if note:
-        say(note)
+    report = sweep(runners, options, model_name=checkpoint.source, on_step=note)
+    noise = noise_note(report)
+    if noise:
+        note(noise)
     show(report, fmt, output)
 
 
@@ -191,7 +210,7 @@ def resolve_dtypes(names: list[str], device: torch.device) -> list[torch.dtype]:
     for name in names:
         resolved, reason = resolve_dtype(name, device)
         if reason:
-            say(f"note: --dtype auto chose {str(resolved).removeprefix('torch.')}: {reason}")
+            note(f"note: --dtype auto chose {str(resolved).removeprefix('torch.')}: {reason}")
         if resolved not in dtypes:
             dtypes.append(resolved)
     return dtypes
@@ -213,7 +232,7 @@ def build_runners(
         net = build_model(checkpoint, device, dtype, channels_last=channels_last)
         runner = Runner(net, checkpoint.preprocess, device, dtype, channels_last, jpeg_on_device)
         if compile_model:
-            say("note: compiling the model (the first iterations include compile time)")
+            note("note: compiling the model (the first iterations include compile time)")
             runner.compile()
         del net
         yield runner
@@ -236,4 +255,4 @@ def show(report: Report, fmt: ReportFormat, output: Path | None) -> None:
             output.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         else:
             save_plot(report, str(output))
-        say(f"wrote {output}")
+        note(f"wrote {output}")
