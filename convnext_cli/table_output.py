@@ -2,9 +2,10 @@
 
 The table is plain aligned lines, not a box per batch: one header, printed with the first
 batch, then one line per prediction (``-k 1``: one line per image).  Its column widths are
-decided once, when it is opened, from the width of the terminal it is printed on (a file
-or a pipe: ``COLUMNS``, else 80), so every row lines up with the header and no line is
-wider than the terminal:
+decided once, with the first batch, from the width of the terminal it is printed on (a
+file or a pipe: ``COLUMNS``, else 80) and the first batch's paths (an image column no
+wider than they need leaves the labels more room), so every row lines up with the header
+and no line is wider than the terminal:
 
 - **image**: the path, relative to the current folder when that is shorter, shortened in
   the middle when too long (``photos/2024-summer…/IMG_0001.jpg``: the file name is kept
@@ -162,7 +163,9 @@ class Layout:
     bar: int  # 0: no bar
 
     @classmethod
-    def for_width(cls, width: int, top_k: int) -> Layout:
+    def for_width(cls, width: int, top_k: int, longest_path: int | None = None) -> Layout:
+        """The layout for ``width`` cells; the image column no wider than ``longest_path``
+        (the first batch's longest, in cells) needs, the label column takes the rest."""
         width = max(width, MIN_WIDTH)
         compact = top_k == 1
         rank = 0 if compact else len(str(top_k))
@@ -172,6 +175,8 @@ class Layout:
         fixed += (len(GAP) + rank if rank else 0) + (len(GAP) + index if index else 0)
         rest = width - fixed - 2 * len(GAP)  # the gaps after image and after label
         image = min(56, max(12, rest * 9 // 20))
+        if longest_path is not None:
+            image = max(min(image, longest_path), len("image"))
         return cls(width, compact, image, rank, rest - image, index, bar_cells)
 
     @property
@@ -187,6 +192,7 @@ class TableWriter(TextWriter):
         from rich.console import Console
 
         super().__init__(raw)
+        self.top_k = top_k
         self.layout = Layout.for_width(terminal_width(self.sink), top_k)
         self.console = Console(
             file=self.sink,  # type: ignore[arg-type]
@@ -285,8 +291,13 @@ class TableWriter(TextWriter):
     # ------------------------------------------------------------------ life cycle
 
     def write(self, results: list[Result]) -> None:
-        lines = [] if self.header_done else self._header_lines()
-        self.header_done = True
+        lines = []
+        if not self.header_done and results:
+            # the widths are fixed now, the image column fitted to the first batch's paths
+            longest = max(cells(shown_path(r.path, self.cwd)) for r in results)
+            self.layout = Layout.for_width(self.layout.width, self.top_k, longest)
+            lines = self._header_lines()
+            self.header_done = True
         for line in lines + self.rows(results):
             self.console.print(line, crop=True, soft_wrap=False)
         self.sink.flush()

@@ -5,8 +5,8 @@
 runs, in a pseudo-terminal 80 columns wide (stdout and stderr on the same terminal, as a
 person sees them), on a folder of 200 photos with two broken files and a checkpoint whose
 labels are as long as ImageNet-22k's: the default top-5 table, and ``-k 1``.  Writes
-``NAME-k5-80.txt`` and ``NAME-k1-80.txt``, each cut to its first 60 and last 25 lines.  The code run is the ``convnext_cli`` that
-``PYTHONPATH`` (or the installed package) gives.
+``NAME-k5-80.txt`` and ``NAME-k1-80.txt``, each cut to its first 60 and last 25 lines.  The
+code run is the ``convnext_cli`` that ``PYTHONPATH`` (or the installed package) gives.
 """
 
 from __future__ import annotations

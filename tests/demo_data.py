@@ -21,9 +21,15 @@ def long_labels(count: int = 1000) -> list[str]:
     return sorted(names, key=len, reverse=True)[:count]
 
 
-def long_label_checkpoint(folder: Path) -> Path:
-    """A tiny V1 classifier with 1000 classes named like ImageNet-22k's longest."""
-    factories.save_hf(factories.hf_model(num_labels=1000, seed=1), folder)
+def long_label_checkpoint(folder: Path, sharpen: float = 4.0) -> Path:
+    """A tiny V1 classifier with 1000 classes named like ImageNet-22k's longest; its head
+    scaled by ``sharpen`` so that, like a trained model's, its top scores stand out."""
+    import torch
+
+    model = factories.hf_model(num_labels=1000, seed=1)
+    with torch.no_grad():
+        model.classifier.weight.mul_(sharpen)
+    factories.save_hf(model, folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     labels = long_labels()

@@ -460,12 +460,15 @@ def parameters_of(function: Callable[..., Any]) -> list[inspect.Parameter]:
 SHARED_PARAMETERS = tuple(p.name for p in parameters_of(_shared))
 
 
-def with_parameters(command: F, extra: list[inspect.Parameter], plain_values: bool = False) -> F:
+def with_parameters(
+    command: F, extra: list[inspect.Parameter], plain_values: bool = False, keep: bool = True
+) -> F:
     """``command`` with ``extra`` keyword-only parameters added to the signature Typer sees.
 
-    The command keeps its own parameters; a ``**kwargs`` of it receives the extra ones (a
-    command without one must not be given any that reach it: use ``expose_value=False``).
-    ``plain_values``: enum values are handed over as plain strings.
+    The command keeps its own parameters; a ``**kwargs`` of it receives the extra ones, or,
+    with ``keep=False``, they are not passed on (Typer hands every parameter of the signature
+    to the callback, ``expose_value=False`` ones too).  ``plain_values``: enum values are
+    handed over as plain strings.
     """
     own = [
         p
@@ -477,12 +480,12 @@ def with_parameters(command: F, extra: list[inspect.Parameter], plain_values: bo
     if clash:
         raise TypeError(f"{command.__name__}: parameters declared twice: {sorted(clash)}")
     added = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in extra]
+    dropped = set() if keep else {p.name for p in extra}
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if plain_values:
-            kwargs = {k: plain(v) for k, v in kwargs.items()}
-        return command(*args, **kwargs)
+        passed = {k: plain(v) if plain_values else v for k, v in kwargs.items() if k not in dropped}
+        return command(*args, **passed)
 
     parameters = [*own, *added]
     wrapper.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
@@ -501,4 +504,4 @@ def shared_options(command: F) -> F:
 
 def with_help_option(command: F) -> F:
     """``-h/--help`` without Typer's ``<bool>`` metavar (see :data:`HelpOpt`)."""
-    return with_parameters(command, parameters_of(_help_parameter))
+    return with_parameters(command, parameters_of(_help_parameter), keep=False)
