@@ -28,13 +28,14 @@ from convnext_cli.cli.convert import convert  # noqa: E402
 from convnext_cli.cli.embed import embed  # noqa: E402
 from convnext_cli.cli.env import env  # noqa: E402
 from convnext_cli.cli.errors import handle_errors  # noqa: E402
-from convnext_cli.cli.options import with_help_option  # noqa: E402
+from convnext_cli.cli.options import HelpOpt, with_help_option  # noqa: E402
 
 app = typer.Typer(
     name="convnext",
     help="Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_help_option=False,  # -h/--help is HelpOpt (no <bool> metavar)
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, pwsh)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -50,8 +51,16 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version."),
+        typer.Option(
+            "--version",
+            "-V",
+            metavar="",
+            callback=_version,
+            is_eager=True,
+            help="Show the version.",
+        ),
     ] = False,
+    help: HelpOpt = False,
 ) -> None:
     """Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings."""
 

@@ -21,7 +21,6 @@ from convnext_cli.cli.options import (
     DeviceOpt,
     LabelsOpt,
     ModelOpt,
-    QuietOpt,
     RevisionOpt,
     TokenOpt,
     WorkersOpt,
@@ -100,6 +99,15 @@ ReportFormatOpt = Annotated[
         help="table (with a bar chart of images/s on a terminal when no -o) or json.",
     ),
 ]
+BenchQuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        metavar="",
+        help="No notes and no progress lines on stderr (the report still prints; errors too).",
+    ),
+]
 SaveOpt = Annotated[
     Path | None,
     typer.Option(
@@ -131,7 +139,7 @@ def benchmark(
     output: SaveOpt = None,
     workers: WorkersOpt = None,
     decode: DecodeOpt = Decode.auto,
-    quiet: QuietOpt = False,
+    quiet: BenchQuietOpt = False,
 ) -> None:
     """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes.
 
