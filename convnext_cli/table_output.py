@@ -286,6 +286,8 @@ class TableWriter(TextWriter):
                 continue
             for rank, p in enumerate(r.predictions, start=1):
                 lines.append(self._prediction(image if rank == 1 else "", rank, p))
+            if not r.predictions:  # nothing to show, but the image has its line
+                lines.append(self._cells(image, ""))
         return lines
 
     # ------------------------------------------------------------------ life cycle
