@@ -9,8 +9,9 @@ their rows to the partial file as they come.
 
 File names are written so that any name survives exactly (see :mod:`convnext_cli.names`):
 JSON strings with ``\\udcXX`` escapes for undecodable bytes; in CSV and the ``.paths.txt``
-sidecar the name itself, or a JSON string when the name is not plain; in the table the name
-as text (never markup) with control characters made visible.
+sidecar the name itself, or a JSON string when the name is not plain; in the table
+(:mod:`convnext_cli.table_output`) the name as text (never markup) with control characters
+made visible.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from convnext_cli.errors import OutputError, UsageError
-from convnext_cli.names import json_text, path_field, utf8_text, visible
+from convnext_cli.names import json_text, path_field, utf8_text
 from convnext_cli.output_file import OutputFile, StdoutFile, TextSink, is_stdout
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ class Writer(Protocol):
 
 
 def _score(value: float) -> float:
-    return round(float(value), 6)
+    """A score as written to json, jsonl and csv: the full float (the table rounds)."""
+    return float(value)
 
 
 def classify_record(result: Result) -> dict[str, Any]:
@@ -279,52 +281,6 @@ class EmbedCsvWriter(TextWriter):
             self.dim = width
             self._put(header.decode("utf-8", "surrogateescape"))
         super().preserve(records)
-
-
-class TableWriter(TextWriter):
-    """A rich table per batch: each image's top-k labels with a score bar.
-
-    Names are shown as text, never read as markup, with control characters made visible.
-    """
-
-    def __init__(self, raw: OutputFile | StdoutFile, top_k: int) -> None:
-        from rich.console import Console
-
-        super().__init__(raw)
-        self.console = Console(file=self.sink, highlight=False)  # type: ignore[arg-type]
-        self.top_k = top_k
-
-    def write(self, results: list[Result]) -> None:
-        from rich.bar import Bar
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(show_header=True, header_style="bold", expand=False)
-        table.add_column("image", overflow="fold", max_width=48)
-        table.add_column("#", justify="right", style="dim")
-        table.add_column("label", overflow="fold", max_width=40)
-        table.add_column("index", justify="right", style="dim")
-        table.add_column("score", justify="right")
-        table.add_column("", min_width=20, max_width=20)
-        for n, r in enumerate(results):
-            if n:
-                table.add_section()
-            name = Text(visible(r.path))
-            if r.error is not None:
-                table.add_row(name, "", Text(f"error: {visible(r.error)}", style="red"), "", "", "")
-                continue
-            for rank, p in enumerate(r.predictions, start=1):
-                table.add_row(
-                    name if rank == 1 else "",
-                    str(rank),
-                    Text(visible(p.label), style="bold" if rank == 1 else ""),
-                    str(p.index),
-                    f"{p.score:.4f}",
-                    Bar(size=1.0, begin=0.0, end=p.score, width=20, color="green"),
-                )
-        self.console.print(table)
-        self.sink.flush()
-        self.records += len(results)
 
 
 # ----------------------------------------------------------------------------- matrices
@@ -508,6 +464,8 @@ def open_writer(
     raw: OutputFile | StdoutFile = StdoutFile() if is_stdout(output) else OutputFile(output)  # type: ignore[arg-type]
     render = classify_record_json if command == "classify" else embed_record_json
     if fmt == "table":
+        from convnext_cli.table_output import TableWriter
+
         return TableWriter(raw, top_k)
     if fmt == "json":
         return JsonArrayWriter(raw, render)

@@ -54,15 +54,19 @@ def run_attached(
     stdin: bytes | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 300,
+    columns: int = 120,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> Attached:
-    """Run the CLI; ``stdout`` is tty|file|pipe, ``stderr`` is tty|file|pipe|same."""
+    """Run the CLI; ``stdout`` is tty|file|pipe, ``stderr`` is tty|file|pipe|same.
+
+    Terminals are ``columns`` wide (and ``COLUMNS`` says so too)."""
     cleanup: list[int] = []
     readers: list[tuple[int, list[bytes]]] = []
     files: dict[str, tempfile._TemporaryFileWrapper] = {}
 
     def attach(kind: str, name: str) -> int:
         if kind == "tty":
-            master, slave = _terminal()
+            master, slave = _terminal(columns)
             readers.append((master, sinks[name]))
             cleanup.append(slave)
             return slave
@@ -84,7 +88,8 @@ def run_attached(
         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
         stdout=out_fd,
         stderr=err_fd,
-        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", **(env or {})},
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns), **(env or {})},
+        cwd=cwd,
         start_new_session=True,  # the terminal may become its controlling terminal
     )
     for fd in cleanup:  # only the child holds the writing ends now

@@ -233,10 +233,12 @@ def test_unknown_layout_names_keys(tmp_path: Path) -> None:
 
 
 def cli() -> typer.Typer:
+    """The convert command alone, registered as the real app registers it (errors handled)."""
+    from convnext_cli.cli import register
     from convnext_cli.cli.convert import convert as convert_command
 
     app = typer.Typer()
-    app.command()(convert_command)
+    register(app, "convert", convert_command)
     return app
 
 

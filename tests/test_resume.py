@@ -123,10 +123,16 @@ def test_kill_9_then_resume_gives_one_record_per_input(
     for key, value in expected.items():
         if isinstance(value, list) and value and isinstance(value[0], float):
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6)
-        elif fmt == "parquet" and isinstance(value, list):
-            assert [(p["index"], round(p["score"], 6)) for p in got[key]] == [  # type: ignore[index]
-                (p["index"], round(p["score"], 6)) for p in value
+        elif command == "classify" and fmt != "csv" and isinstance(value, list):
+            # scores are written at full precision: a batch made of other images may change
+            # their last float32 bits
+            ours: list = got[key]  # type: ignore[assignment]
+            assert [(p["label"], p["index"]) for p in ours] == [
+                (p["label"], p["index"]) for p in value
             ]
+            assert [p["score"] for p in ours] == pytest.approx(
+                [p["score"] for p in value], rel=1e-5, abs=1e-6
+            )
         else:
             assert got[key] == value
     assert not list(tmp_path.glob(".out.*.partial")) and not list(tmp_path.glob(".*.parts"))

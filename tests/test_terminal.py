@@ -66,14 +66,15 @@ def test_records_arrive_on_stdout(
 
 def test_same_terminal_records_are_clean_lines(v1_checkpoint: Path, photos: list[Path]) -> None:
     """stdout and stderr on one terminal: every record on its own line, none glued to the bar,
-    and the bar gone at the end."""
+    and the bar gone at the end (the summary line from stderr comes last)."""
     run = run_attached(
         classify_args(v1_checkpoint, photos, "--format", "jsonl"), stdout="tty", stderr="same"
     )
     assert run.returncode == 0, run.stdout.decode(errors="replace")
     assert BAR in run.stdout  # the bar was there on the terminal
     shown = [line for line in screen(run.stdout) if line]
-    assert [json.loads(line)["path"] for line in shown] == [str(p) for p in photos], shown
+    assert shown[-1].startswith(f"classified {len(photos)} images in "), shown
+    assert [json.loads(line)["path"] for line in shown[:-1]] == [str(p) for p in photos], shown
 
 
 def test_output_file_with_terminals(
@@ -95,7 +96,9 @@ def test_format_auto_is_a_table_only_on_a_terminal(
     run = run_attached(classify_args(v1_checkpoint, photos[:2]), stdout=stdout, stderr="tty")
     assert run.returncode == 0, run.stderr.decode(errors="replace")
     if table:
-        assert "│" in run.stdout.decode() and "score" in run.stdout.decode()
+        shown = screen(run.stdout)
+        assert shown[0].split()[:2] == ["image", "label"] and "score" in shown[0]  # -k 1
+        assert set(shown[1]) == {"─"}
         assert json_lines(run.stdout) == []
     else:
         assert len(json_lines(run.stdout)) == 2

@@ -16,7 +16,8 @@ if Path(sys.argv[0]).stem == "convnext":
     # with one line and exit 130 (python -m convnext_cli installs this in __main__)
     install_startup_handlers()
 
-from typing import Annotated  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -26,13 +27,16 @@ from convnext_cli.cli.classify import classify  # noqa: E402
 from convnext_cli.cli.convert import convert  # noqa: E402
 from convnext_cli.cli.embed import embed  # noqa: E402
 from convnext_cli.cli.env import env  # noqa: E402
+from convnext_cli.cli.errors import handle_errors  # noqa: E402
+from convnext_cli.cli.options import HelpOpt, with_help_option  # noqa: E402
 
 app = typer.Typer(
     name="convnext",
     help="Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_help_option=False,  # -h/--help is HelpOpt (no <bool> metavar)
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, pwsh)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -47,17 +51,32 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version."),
+        typer.Option(
+            "--version",
+            "-V",
+            metavar="",
+            callback=_version,
+            is_eager=True,
+            help="Show the version.",
+        ),
     ] = False,
+    help: HelpOpt = False,
 ) -> None:
     """Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings."""
 
 
-app.command("classify")(classify)
-app.command("embed")(embed)
-app.command("convert")(convert)
-app.command("benchmark")(benchmark)
-app.command("env")(env)
+def register(app: typer.Typer, name: str, command: Callable[..., Any]) -> None:
+    """Add a command: its errors mapped to one stderr line and an exit code
+    (:func:`~convnext_cli.cli.errors.handle_errors`), and ``-h/--help``.  Every command goes
+    through here, so none can forget either."""
+    app.command(name, add_help_option=False)(with_help_option(handle_errors(command)))
+
+
+register(app, "classify", classify)
+register(app, "embed", embed)
+register(app, "convert", convert)
+register(app, "benchmark", benchmark)
+register(app, "env", env)
 
 
 def main() -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convnext_cli import interrupts
 from convnext_cli.cli.errors import say
+from convnext_cli.cli.progress import Batches, TotalLike, configure, note, track
 from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, OutputError, UsageError
 from convnext_cli.inputs import InputRef, expand_inputs, input_id
 from convnext_cli.names import path_field
@@ -89,8 +90,8 @@ def refuse_overwriting(targets: list[Path], inputs: list[str], model: str) -> No
 
 def write_results(
     writer: Writer,
-    batches: Callable[[], Iterator[list[Result]]],
-    total: int,
+    batches: Callable[[], Iterable[list[Result]]],
+    total: TotalLike,
     output: Path | None,
 ) -> int:
     """Run ``batches`` (which loads the model) into an open writer and end its life cycle.
@@ -129,51 +130,20 @@ def write_results(
 
 
 def stream_results(
-    batches: Iterator[list[Result]],
+    batches: Iterable[list[Result]],
     writer: Writer,
-    total: int,
+    total: TotalLike,
     to_terminal: bool = False,
 ) -> int:
-    """Write every batch as it finishes, with a progress bar when stderr is a terminal.
+    """Write every batch as it finishes, with a progress bar and a closing summary on stderr
+    (:func:`convnext_cli.cli.progress.track`).
 
     The bar lives on stderr and never captures stdout.  When the results go to a terminal
     too (``to_terminal``), the bar is taken down while a batch is printed, so results and
     bar never share a line.  Returns the exit code: 0 when every input succeeded, 1 when any
     failed.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    failures = 0
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        redirect_stdout=False,
-        disable=not console.is_terminal,
-    )
-    pause = to_terminal and console.is_terminal
-    with progress:
-        task = progress.add_task("images", total=total)
-        for results in batches:
-            if pause:
-                progress.stop()
-            with interrupts.deferred():
-                writer.write(results)
-            for result in results:
-                if result.error is not None:
-                    failures += 1
-                    if writer.names_errors_on_stderr:
-                        say(f"error: {result.path}: {result.error}")
-            progress.advance(task, len(results))
-            if pause:
-                progress.start()
-    if failures:
-        say(f"{failures} of {total} inputs failed")
+    failures = track(batches, writer, total, to_terminal)
     return EXIT_INPUT_FAILED if failures else EXIT_OK
 
 
@@ -209,6 +179,9 @@ class Job:
     ray_address: str | None = None
     replicas: int | None = None
     verbose: bool = False
+    quiet: bool = False  # -q: no notes, bar or summary on stderr (cli/progress.py)
+    progress: bool = True  # --no-progress: False
+    # model loading (huggingface_hub); --labels replaces the checkpoint's id2label
     revision: str | None = None
     cache_dir: Path | None = None
     token: str | None = None
@@ -216,7 +189,11 @@ class Job:
 
     @classmethod
     def from_options(cls, command: str, options: dict[str, Any]) -> Job:
-        """A job from a command's parameters (its ``locals()``), named as the fields are."""
+        """A job from a command's parameters, named as the fields are (``--no-progress``
+        arrives as ``no_progress``)."""
+        options = dict(options)
+        if "no_progress" in options:
+            options["progress"] = not options.pop("no_progress")
         names = {f.name for f in fields(cls)} - {"command"}
         return cls(command=command, **{k: v for k, v in options.items() if k in names})
 
@@ -253,6 +230,7 @@ def run_job(job: Job) -> int:
     """Inputs -> (resume) -> model -> writer; returns the exit code."""
     if job.command not in ("classify", "embed"):
         raise UsageError(f"unknown command {job.command!r}")
+    configure(quiet=job.quiet, bar=job.progress)
     if job.engine not in ("local", "ray"):
         raise UsageError(f"--engine {job.engine!r}: use local or ray")
     fmt = choose_format(job.command, job.fmt, job.output, sys.stdout.isatty())
@@ -294,7 +272,7 @@ def _load(job: Job) -> Runner:
 
 
 def _note(text: str) -> None:
-    say(f"note: {text}")
+    note(f"note: {text}")
 
 
 def model_source(job: Job) -> ModelSource:
@@ -309,14 +287,16 @@ def run_options(job: Job) -> RunOptions:
     return RunOptions(job.device, job.dtype, job.decode, job.compile_model)
 
 
-def _local_batches(job: Job, runner: Runner, items: list[InputRef]) -> Iterator[list[Result]]:
+def _local_batches(job: Job, runner: Runner, items: list[InputRef]) -> Batches:
     if job.command == "classify":
-        return runner.classify(
+        batches = runner.classify(
             items, top_k=job.top_k, batch_size=job.batch_size, workers=job.workers
         )
-    return runner.embed(
+        return Batches(batches, _verb(job.command), runner.device, runner.dtype)
+    batches = runner.embed(
         items, normalize=job.normalize, batch_size=job.batch_size, workers=job.workers
     )
+    return Batches(batches, _verb(job.command), runner.device, runner.dtype)
 
 
 def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
@@ -399,7 +379,7 @@ def _say_resuming(output: Path, done: int, todo: int, recorded: Any) -> None:
     if recorded.torn:
         extra.append(f"{recorded.torn} cut-off record(s) to redo")
     more = f" ({', '.join(extra)})" if extra else ""
-    say(f"resuming {output}: {done} inputs already done, {todo} to do{more}")
+    note(f"resuming {output}: {done} inputs already done, {todo} to do{more}")
 
 
 def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
@@ -433,7 +413,10 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
     else:
         todo, writer = _open_resumable(job, fmt, list(items), provenance)
     return write_results(
-        writer, lambda: ray_engine.run_on_ray(todo, options), len(todo), job.output
+        writer,
+        lambda: Batches(ray_engine.run_on_ray(todo, options), _verb(job.command), "ray"),
+        len(todo),
+        job.output,
     )
 
 
@@ -450,13 +433,19 @@ def _ray_into_folder(job: Job, paths: list[InputRef], options: Any, folder: Path
         done = ray_engine.done_paths(folder, include_errors=not job.retry_errors)
     todo = [p for p in paths if path_field(input_id(p)) not in done]
     if job.resume:
-        say(f"resuming {folder}: {len(paths) - len(todo)} inputs already done, {len(todo)} to do")
+        note(f"resuming {folder}: {len(paths) - len(todo)} inputs already done, {len(todo)} to do")
     return write_results(
         FolderProgress(),
-        lambda: ray_engine.write_parts_on_ray(todo, options, folder),
+        lambda: Batches(
+            ray_engine.write_parts_on_ray(todo, options, folder), _verb(job.command), "ray"
+        ),
         total=len(todo),
         output=None,
     )
+
+
+def _verb(command: str) -> str:
+    return "classified" if command == "classify" else "embedded"
 
 
 def _is_folder_target(output: Path) -> bool:

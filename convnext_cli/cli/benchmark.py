@@ -12,8 +12,18 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from convnext_cli.choices import DEFAULT_MODEL, DTYPES
-from convnext_cli.cli.errors import handle_errors, say
-from convnext_cli.cli.options import DecodeOpt, DeviceOpt, ModelOpt, WorkersOpt
+from convnext_cli.cli.options import (
+    CacheDirOpt,
+    Decode,
+    DecodeOpt,
+    DeviceOpt,
+    LabelsOpt,
+    ModelOpt,
+    RevisionOpt,
+    TokenOpt,
+    WorkersOpt,
+)
+from convnext_cli.cli.progress import configure, note
 from convnext_cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -46,11 +56,13 @@ ChannelsLastOpt = Annotated[
     bool,
     typer.Option(
         "--channels-last/--no-channels-last",
+        metavar="",
         help="NHWC memory layout (what classify and embed use).",
     ),
 ]
 CompileFirstOpt = Annotated[
-    bool, typer.Option("--compile", help="Run the model through torch.compile first.")
+    bool,
+    typer.Option("--compile", metavar="", help="Run the model through torch.compile first."),
 ]
 ImagesOpt = Annotated[
     Path | None,
@@ -80,6 +92,15 @@ ReportFormatOpt = Annotated[
         help="table (with a bar chart of images/s on a terminal when no -o) or json.",
     ),
 ]
+BenchQuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        metavar="",
+        help="No notes and no progress lines on stderr (the report still prints; errors too).",
+    ),
+]
 SaveOpt = Annotated[
     Path | None,
     typer.Option(
@@ -93,9 +114,12 @@ SaveOpt = Annotated[
 ]
 
 
-@handle_errors
 def benchmark(
     model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
+    token: TokenOpt = None,
+    labels: LabelsOpt = None,
     batch_sizes: BatchSizesOpt = "1,8,32",
     dtype: DtypesOpt = "auto",
     device: DeviceOpt = "auto",
@@ -107,7 +131,8 @@ def benchmark(
     fmt: ReportFormatOpt = ReportFormat.table,
     output: SaveOpt = None,
     workers: WorkersOpt = None,
-    decode: DecodeOpt = "auto",
+    decode: DecodeOpt = Decode.auto,
+    quiet: BenchQuietOpt = False,
 ) -> None:
     """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes.
 
@@ -116,6 +141,7 @@ def benchmark(
       $ convnext benchmark --device cuda --dtype float16 --images photos/ -o throughput.png
       $ convnext benchmark --compile --format json > bench.json
     """
+    configure(quiet=quiet, bar=False)
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"-o {output}: use a .png or .svg (plot) or .json (report) file")
     sizes = parse_batch_sizes(batch_sizes)
@@ -128,21 +154,22 @@ def benchmark(
 
     run = RunOptions(
         device=device,
-        decode=decode if paths else "cpu",
+        decode=decode.value if paths else "cpu",
         compile=compile_model,
         channels_last=channels_last,
     )
-    runners = runners_for(ModelSource(model), run, dtype_names, on_note=_note)
+    source = ModelSource(model, revision, cache_dir, token, labels)
+    runners = runners_for(source, run, dtype_names, on_note=_note)
     options = SweepOptions(tuple(sizes), warmup, iters, tuple(paths), workers)
-    report = sweep(runners, options, model_name=model, on_step=say)
-    note = noise_note(report)
-    if note:
-        say(note)
+    report = sweep(runners, options, model_name=model, on_step=note)
+    noise = noise_note(report)
+    if noise:
+        note(noise)
     show(report, fmt, output)
 
 
 def _note(text: str) -> None:
-    say(f"note: {text}")
+    note(f"note: {text}")
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -193,4 +220,4 @@ def show(report: Report, fmt: ReportFormat, output: Path | None) -> None:
             output.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         else:
             save_plot(report, str(output))
-        say(f"wrote {output}")
+        note(f"wrote {output}")

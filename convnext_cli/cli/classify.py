@@ -2,74 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from convnext_cli.choices import DEFAULT_MODEL
 from convnext_cli.cli.batch_run import Job, run_job
-from convnext_cli.cli.errors import handle_errors
-from convnext_cli.cli.options import (
-    BatchOpt,
-    CompileOpt,
-    DecodeOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EngineOpt,
-    ForceResumeOpt,
-    IdColumnOpt,
-    ImageColumnOpt,
-    InputsArg,
-    ModelOpt,
-    NullOpt,
-    OutputOpt,
-    RayAddressOpt,
-    RecursiveOpt,
-    ReplicasOpt,
-    ResumeOpt,
-    RetryErrorsOpt,
-    ShardOpt,
-    VerboseOpt,
-    WorkersOpt,
-)
+from convnext_cli.cli.options import ClassifyFormat, InputsArg, shared_options
+
+TopKOpt = Annotated[
+    int, typer.Option("--top-k", "-k", min=1, metavar="N", help="Labels per image.")
+]
+ClassifyFormatOpt = Annotated[
+    ClassifyFormat,
+    typer.Option(
+        "--format",
+        case_sensitive=False,
+        help="auto: the -o extension, else a table on a terminal and JSON lines otherwise. "
+        "parquet and html need -o.",
+    ),
+]
 
 
-@handle_errors
+@shared_options
 def classify(
     inputs: InputsArg,
-    model: ModelOpt = DEFAULT_MODEL,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels per image.")] = 5,
-    fmt: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="auto (the -o extension; else a table on a terminal, JSON lines otherwise), "
-            "table, json, jsonl or csv.",
-        ),
-    ] = "auto",
-    output: OutputOpt = None,
-    batch_size: BatchOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    recursive: RecursiveOpt = False,
-    null: NullOpt = False,
-    workers: WorkersOpt = None,
-    compile_model: CompileOpt = False,
-    decode: DecodeOpt = "auto",
-    shard: ShardOpt = None,
-    resume: ResumeOpt = False,
-    retry_errors: RetryErrorsOpt = False,
-    force_resume: ForceResumeOpt = False,
-    image_column: ImageColumnOpt = None,
-    id_column: IdColumnOpt = None,
-    engine: EngineOpt = "local",
-    ray_address: RayAddressOpt = None,
-    replicas: ReplicasOpt = None,
-    verbose: VerboseOpt = False,
+    top_k: TopKOpt = 5,
+    fmt: ClassifyFormatOpt = ClassifyFormat.auto,
+    **shared: Any,
 ) -> None:
     """Classify images: top-k labels with softmax scores, one record per input, in order.
 
     Exit code 0 when every input succeeded, 1 when any failed (the others are still
     reported), 2 for usage errors; see the README for the rest.
+
+    Examples:
+      $ convnext classify photos/ -k 3
+      $ convnext classify photos/ -r -o labels.jsonl
+      $ convnext classify cat.jpg -m facebook/convnextv2-tiny-22k-384 --format json
+      $ find . -name '*.png' -print0 | convnext classify - -0 -o labels.csv
+      $ convnext classify shards/*.tar -o labels.parquet --resume
     """
-    raise typer.Exit(run_job(Job.from_options("classify", locals())))
+    options = {**shared, "inputs": inputs, "top_k": top_k, "fmt": fmt}
+    raise typer.Exit(run_job(Job.from_options("classify", options)))

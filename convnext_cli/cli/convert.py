@@ -7,14 +7,23 @@ from typing import Annotated
 
 import typer
 
-from convnext_cli.cli.errors import handle_errors, say
+from convnext_cli.cli.errors import say
+from convnext_cli.cli.options import Layout
 
 
-@handle_errors
+class Source(str):
+    """What convert reads: a weights file, a checkpoint folder or a Hub id."""
+
+
+Source.__name__ = "file|folder|hub id"  # how Typer's help names the argument's type
+
+
 def convert(
     source: Annotated[
-        str,
+        Source,
         typer.Argument(
+            metavar="SOURCE",
+            parser=Source,
             help="A weights file (.safetensors, .pth, .pt, .bin) in any supported layout, a "
             "folder holding model.safetensors or pytorch_model.bin, or a Hub id.",
             show_default=False,
@@ -23,6 +32,7 @@ def convert(
     output_dir: Annotated[
         Path,
         typer.Argument(
+            metavar="OUTPUT_DIR",
             help="Folder to write config.json, model.safetensors and preprocessor_config.json "
             "into (created; must be empty unless --force; must not hold SOURCE, symlinks "
             "resolved). Each file is written to a temporary and renamed into place.",
@@ -30,18 +40,20 @@ def convert(
         ),
     ],
     from_: Annotated[
-        str,
+        Layout,
         typer.Option(
             "--from",
+            case_sensitive=False,
             help="Source layout: auto (detect from the key names), hf (transformers), fb "
             "(facebookresearch ConvNeXt / ConvNeXt-V2, FCMAE included), fcmae, timm or "
             "torchvision.",
         ),
-    ] = "auto",
+    ] = Layout.auto,
     image_size: Annotated[
         int | None,
         typer.Option(
             "--image-size",
+            metavar="N",
             help="Input resolution: sets preprocessor size.shortest_edge and config image_size "
             "(default: the source's, else 224).",
             show_default=False,
@@ -51,6 +63,7 @@ def convert(
         float | None,
         typer.Option(
             "--crop-pct",
+            metavar="F",
             help="Centre-crop fraction: below 384 px the short side is resized to "
             "size / crop_pct, then cropped (default: the source's, else 0.875; torchvision "
             "weights 224/236, 224/230 or 224/232).",
@@ -61,6 +74,7 @@ def convert(
         bool,
         typer.Option(
             "--force",
+            metavar="",
             help="Write into a non-empty OUTPUT_DIR, replacing its config, weights and "
             "preprocessor files (a symlink among them is replaced, never written through).",
         ),
@@ -72,13 +86,19 @@ def convert(
     depths, widths and head size are read from the weights.  Heads of 1000 and 21841
     classes get the ImageNet-1k / ImageNet-22k names; a headless checkpoint becomes a
     feature model.  The output folder path is printed on stdout.
+
+    Examples:
+      $ convnext convert convnext_tiny_1k_224_ema.pth convnext-tiny/
+      $ convnext convert convnextv2_tiny_22k_384_ema.pt convnextv2-tiny-384/ --image-size 384
+      $ convnext convert timm-weights.safetensors out/ --from timm
+      $ convnext classify photos/ -m convnext-tiny/
     """
     from convnext_cli.convert import convert as run_conversion
 
     result = run_conversion(
         source,
         output_dir,
-        layout=from_.lower(),
+        layout=from_.value,
         image_size=image_size,
         crop_pct=crop_pct,
         force=force,

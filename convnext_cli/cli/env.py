@@ -10,13 +10,15 @@ import typer
 
 def env(
     as_json: Annotated[
-        bool, typer.Option("--json", help="One JSON object instead of text.")
+        bool, typer.Option("--json", metavar="", help="One JSON object instead of text.")
     ] = False,
 ) -> None:
     """Print what a bug report needs: versions of the tool, Python, torch, torchvision,
     CUDA and cuDNN; the devices found and what --device auto / --dtype auto choose.
 
-    Example: convnext env --json > env.json
+    Examples:
+      $ convnext env
+      $ convnext env --json > env.json
     """
     from rich.console import Console
     from rich.table import Table

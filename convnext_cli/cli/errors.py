@@ -75,4 +75,5 @@ def handle_errors(command: F) -> F:
             )
             raise typer.Exit(EXIT_SOFTWARE) from None
 
+    wrapper.handles_errors = True  # type: ignore[attr-defined]  # wrappers around it copy it
     return wrapper  # type: ignore[return-value]

@@ -1,17 +1,138 @@
-"""Option and argument aliases shared by the commands (one definition, one help text)."""
+"""Option and argument aliases shared by the commands (one definition, one help text).
+
+- Choice lists are ``str`` enums: Typer shows them in ``--help``, completes them in the shell
+  and refuses anything else with its usage message (exit 2).  Their values equal the
+  core's own tuples (``output.CLASSIFY_FORMATS``, ``device.DTYPE_NAMES``, ...; a test
+  checks), and :func:`shared_options` hands the commands plain strings, not enum members.
+- Every value shows a readable metavar (``PATH``, ``N``, ``MODEL``, ``DEVICE``...); flags show
+  none, ``--help`` included (:data:`HelpOpt` replaces Typer's own).
+- :func:`shared_options` declares the options classify and embed share exactly once (the
+  parameters of :func:`_shared`); :func:`with_parameters` is the mechanism.
+
+Nothing here imports torch, PIL or numpy: ``convnext --help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+import typing
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
+from convnext_cli.choices import DEFAULT_MODEL
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# ------------------------------------------------------------------------------- choices
+
+
+class ClassifyFormat(str, Enum):
+    auto = "auto"
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    parquet = "parquet"
+    html = "html"
+
+
+class EmbedFormat(str, Enum):
+    auto = "auto"
+    jsonl = "jsonl"
+    json = "json"
+    csv = "csv"
+    npy = "npy"
+    safetensors = "safetensors"
+    parquet = "parquet"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Decode(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Layout(str, Enum):
+    auto = "auto"
+    hf = "hf"
+    fb = "fb"
+    fcmae = "fcmae"
+    timm = "timm"
+    torchvision = "torchvision"
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+def plain(value: Any) -> Any:
+    """An enum member as its value (``f"{Dtype.auto}"`` would say ``Dtype.auto``)."""
+    return value.value if isinstance(value, Enum) else value
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def parse_device(value: str) -> str:
+    """``--device``: auto, cpu, cuda, cuda:N or mps (whether it exists is checked at load)."""
+    if isinstance(value, str) and _DEVICE.fullmatch(value.strip().lower()):
+        return value.strip().lower()
+    raise typer.BadParameter(f"{value!r} is not auto, cpu, cuda, cuda:N or mps")
+
+
+def _complete_device(incomplete: str) -> list[str]:
+    return [d for d in ("auto", "cpu", "cuda", "cuda:0", "mps") if d.startswith(incomplete)]
+
+
+# ------------------------------------------------------------------------------- panels
+
+MODEL_PANEL = "Model and device"
+INPUT_PANEL = "Inputs"
+OUTPUT_PANEL = "Output and progress"
+RESUME_PANEL = "Resuming"
+RAY_PANEL = "Ray engine"
+
+# ------------------------------------------------------------------------------- aliases
+
+
+def _show_help(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        typer.echo(ctx.get_help(), nl=False)
+        raise typer.Exit()
+
+
+HelpOpt = Annotated[
+    bool,
+    typer.Option(
+        "--help",
+        "-h",
+        metavar="",
+        is_eager=True,
+        expose_value=False,
+        callback=_show_help,
+        help="Show this message and exit.",
+    ),
+]
 InputsArg = Annotated[
     list[str],
     typer.Argument(
-        help="Image files, folders, globs, or '-' to read paths from stdin (one a line; "
-        "NUL-separated with -0).",
+        metavar="INPUTS",
+        help="Image files, folders, globs, .tar shards, .parquet files, or '-' to read paths "
+        "from stdin (one a line; NUL-separated with -0).",
         show_default=False,
     ),
 ]
@@ -20,20 +141,73 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
+        metavar="MODEL",
         help="Hub id (optionally id@revision), Hub-layout folder, or a single weights file "
         "(transformers, facebookresearch, timm or torchvision layout).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision",
+        metavar="REV",
+        help="Hub revision (branch, tag or commit) of MODEL; the same as MODEL@REV.",
+        show_default=False,
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        metavar="DIR",
+        help="Where Hub downloads are cached (default: huggingface_hub's cache, under HF_HOME).",
+        show_default=False,
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        metavar="TOKEN",
+        help="Hub access token for private or gated models (default: HF_TOKEN, or the token "
+        "saved by `hf auth login`).",
+        show_default=False,
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+LabelsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--labels",
+        metavar="FILE",
+        help="Class names replacing the checkpoint's id2label: a text file with one label per "
+        "line, or a JSON list or {index: label} object.",
+        show_default=False,
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 DeviceOpt = Annotated[
     str,
-    typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
+    typer.Option(
+        "--device",
+        metavar="DEVICE",
+        parser=parse_device,
+        autocompletion=_complete_device,
+        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
+        rich_help_panel=MODEL_PANEL,
+    ),
 ]
 DtypeOpt = Annotated[
-    str,
+    Dtype,
     typer.Option(
         "--dtype",
-        help="auto, float32, float16 or bfloat16. auto is float32, except bfloat16 on CPUs "
-        "with AMX units (said on stderr).",
+        case_sensitive=False,
+        help="auto is float32, except bfloat16 on CPUs with AMX units (said on stderr); "
+        "float16 and bfloat16 are opt-in speed modes.",
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 BatchOpt = Annotated[
@@ -42,8 +216,10 @@ BatchOpt = Annotated[
         "--batch-size",
         "-b",
         min=1,
+        metavar="N",
         help="Images per batch. Default: 8 on the CPU (activations stay in cache), 32 on a GPU.",
         show_default=False,
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 WorkersOpt = Annotated[
@@ -51,42 +227,50 @@ WorkersOpt = Annotated[
     typer.Option(
         "--workers",
         min=0,
+        metavar="N",
         help="Decoding worker processes (0: decode in the main process). Default: none for "
         "a single batch; on a GPU the cores but one, on the CPU one per four cores (max 8).",
         show_default=False,
+        rich_help_panel=MODEL_PANEL,
     ),
-]
-RecursiveOpt = Annotated[
-    bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of folder inputs.")
-]
-OutputOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--output",
-        "-o",
-        help="Write results to FILE instead of stdout ('-': stdout); its extension (.jsonl, "
-        ".json, .csv, .npy, .safetensors) picks the format unless --format says. Written "
-        "beside FILE and moved into place; never over an input or a checkpoint.",
-        show_default=False,
-    ),
-]
-NullOpt = Annotated[
-    bool,
-    typer.Option("--null", "-0", help="Paths on stdin ('-') are NUL-separated (find -print0)."),
 ]
 CompileOpt = Annotated[
     bool,
     typer.Option(
         "--compile",
+        metavar="",
         help="Run the model through torch.compile (slow first batch; pays off on long runs).",
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 DecodeOpt = Annotated[
-    str,
+    Decode,
     typer.Option(
         "--decode",
+        case_sensitive=False,
         help="Where JPEGs are decoded: auto (on the GPU when the model runs on CUDA), cpu "
         "(Pillow, bit-exact with transformers) or gpu (nvjpeg through torchvision).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+RecursiveOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recursive",
+        "-r",
+        metavar="",
+        help="Descend into sub-folders of folder inputs.",
+        rich_help_panel=INPUT_PANEL,
+    ),
+]
+NullOpt = Annotated[
+    bool,
+    typer.Option(
+        "--null",
+        "-0",
+        metavar="",
+        help="Paths on stdin ('-') are NUL-separated (find -print0).",
+        rich_help_panel=INPUT_PANEL,
     ),
 ]
 ShardOpt = Annotated[
@@ -97,25 +281,7 @@ ShardOpt = Annotated[
         help="Take only shard I of N (0 <= I < N): every N-th input by listing order, starting "
         "at the I-th; N runs with I = 0..N-1 cover every input exactly once.",
         show_default=False,
-    ),
-]
-ResumeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--resume",
-        help="Continue an interrupted run into the same -o FILE (jsonl, csv, parquet): inputs "
-        "already recorded there are skipped, new records are added.",
-    ),
-]
-RetryErrorsOpt = Annotated[
-    bool,
-    typer.Option("--retry-errors", help="With --resume: do inputs that got an error again."),
-]
-ForceResumeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--force-resume",
-        help="With --resume: add to FILE even if another model, top-k or preprocessing wrote it.",
+        rich_help_panel=INPUT_PANEL,
     ),
 ]
 ImageColumnOpt = Annotated[
@@ -126,6 +292,7 @@ ImageColumnOpt = Annotated[
         help="Parquet inputs: the column of encoded image bytes (default: the first of image, "
         "jpg, png, img, bytes, image_bytes).",
         show_default=False,
+        rich_help_panel=INPUT_PANEL,
     ),
 ]
 IdColumnOpt = Annotated[
@@ -136,14 +303,78 @@ IdColumnOpt = Annotated[
         help="Parquet inputs: the column whose value is the record's path (default: id, key, "
         "__key__, path or file_name if present, else FILE#ROW).",
         show_default=False,
+        rich_help_panel=INPUT_PANEL,
+    ),
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Write results to FILE instead of stdout ('-': stdout); its extension (.jsonl, "
+        ".json, .csv, .parquet, .html, .npy, .safetensors) picks the format unless --format "
+        "says. Written beside FILE and moved into place; never over an input or a checkpoint.",
+        show_default=False,
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        metavar="",
+        help="No notes, no progress bar, no closing summary on stderr; warnings and errors "
+        "still print.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+NoProgressOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-progress",
+        metavar="",
+        help="No progress bar (it shows only when stderr is a terminal anyway).",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        metavar="",
+        help="Continue an interrupted run into the same -o FILE (jsonl, csv, parquet): inputs "
+        "already recorded there are skipped, new records are added.",
+        rich_help_panel=RESUME_PANEL,
+    ),
+]
+RetryErrorsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retry-errors",
+        metavar="",
+        help="With --resume: do inputs that got an error again.",
+        rich_help_panel=RESUME_PANEL,
+    ),
+]
+ForceResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force-resume",
+        metavar="",
+        help="With --resume: add to FILE even if another model, top-k or preprocessing wrote it.",
+        rich_help_panel=RESUME_PANEL,
     ),
 ]
 EngineOpt = Annotated[
-    str,
+    Engine,
     typer.Option(
         "--engine",
+        case_sensitive=False,
         help="local (this process and its decode workers) or ray (Ray Data: a local Ray, or "
         "a cluster with --ray-address / RAY_ADDRESS; needs the ray extra).",
+        rich_help_panel=RAY_PANEL,
     ),
 ]
 RayAddressOpt = Annotated[
@@ -153,6 +384,7 @@ RayAddressOpt = Annotated[
         metavar="ADDR",
         help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).",
         show_default=False,
+        rich_help_panel=RAY_PANEL,
     ),
 ]
 ReplicasOpt = Annotated[
@@ -163,9 +395,113 @@ ReplicasOpt = Annotated[
         metavar="N",
         help="--engine ray: model replicas (default: one per GPU; CPU actors without GPUs).",
         show_default=False,
+        rich_help_panel=RAY_PANEL,
     ),
 ]
 VerboseOpt = Annotated[
     bool,
-    typer.Option("--verbose", "-v", help="--engine ray: show Ray's own logs and progress."),
+    typer.Option(
+        "--verbose",
+        "-v",
+        metavar="",
+        help="--engine ray: show Ray's own logs and progress.",
+        rich_help_panel=RAY_PANEL,
+    ),
 ]
+
+
+# ------------------------------------------------------------------- one declaration
+
+
+def _shared(
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
+    token: TokenOpt = None,
+    labels: LabelsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    compile_model: CompileOpt = False,
+    decode: DecodeOpt = Decode.auto,
+    recursive: RecursiveOpt = False,
+    null: NullOpt = False,
+    shard: ShardOpt = None,
+    image_column: ImageColumnOpt = None,
+    id_column: IdColumnOpt = None,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+    no_progress: NoProgressOpt = False,
+    resume: ResumeOpt = False,
+    retry_errors: RetryErrorsOpt = False,
+    force_resume: ForceResumeOpt = False,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The options classify and embed share: these parameters, declared once."""
+
+
+def _help_parameter(help: HelpOpt = False) -> None:
+    """Where :data:`HelpOpt` is read from as a parameter."""
+
+
+def parameters_of(function: Callable[..., Any]) -> list[inspect.Parameter]:
+    """``function``'s parameters with their annotations evaluated (Typer reads them)."""
+    hints = typing.get_type_hints(function, include_extras=True)
+    return [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in inspect.signature(function).parameters.values()
+    ]
+
+
+SHARED_PARAMETERS = tuple(p.name for p in parameters_of(_shared))
+
+
+def with_parameters(
+    command: F, extra: list[inspect.Parameter], plain_values: bool = False, keep: bool = True
+) -> F:
+    """``command`` with ``extra`` keyword-only parameters added to the signature Typer sees.
+
+    The command keeps its own parameters; a ``**kwargs`` of it receives the extra ones, or,
+    with ``keep=False``, they are not passed on (Typer hands every parameter of the signature
+    to the callback, ``expose_value=False`` ones too).  ``plain_values``: enum values are
+    handed over as plain strings.
+    """
+    own = [
+        p
+        for p in parameters_of(command)
+        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    ]
+    names = {p.name for p in own}
+    clash = names & {p.name for p in extra}
+    if clash:
+        raise TypeError(f"{command.__name__}: parameters declared twice: {sorted(clash)}")
+    added = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in extra]
+    dropped = set() if keep else {p.name for p in extra}
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        passed = {k: plain(v) if plain_values else v for k, v in kwargs.items() if k not in dropped}
+        return command(*args, **passed)
+
+    parameters = [*own, *added]
+    wrapper.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper  # type: ignore[return-value]
+
+
+def shared_options(command: F) -> F:
+    """Give a command the options classify and embed share (:func:`_shared`'s parameters).
+
+    The command declares only its own parameters and a ``**shared`` that receives these;
+    every value (its own too) arrives as a plain string, not an enum member.
+    """
+    return with_parameters(command, parameters_of(_shared), plain_values=True)
+
+
+def with_help_option(command: F) -> F:
+    """``-h/--help`` without Typer's ``<bool>`` metavar (see :data:`HelpOpt`)."""
+    return with_parameters(command, parameters_of(_help_parameter), keep=False)

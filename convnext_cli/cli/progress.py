@@ -1,0 +1,255 @@
+"""What a run says on stderr while it goes and when it ends: notes, a progress bar, a summary.
+
+- **Quiet is one setting for the whole process**, :data:`SETTINGS`, set by :func:`configure`
+  (``run_job`` does it from the Job's ``quiet`` and ``progress``; ``benchmark`` from its
+  ``-q``).  :func:`note` is how informational lines are printed (``note: --dtype auto chose
+  ...``, ``resuming ...``): nothing under ``-q``.  Warnings and errors go through
+  :func:`~convnext_cli.cli.errors.say` and always print.
+- **The bar** (stderr a terminal, not ``--no-progress``, not ``-q``) says what it knows and
+  labels it: ``120/202 images  16.2 img/s  elapsed 0:07  ETA 0:05  2 failed``.  The number
+  of inputs may not be known yet (listing still going): ``total`` is an int, None, or an
+  object whose ``.total`` is None until it is; it is looked at after every batch, and until
+  it is known the bar shows the count and the rate but no ETA.  The rate is rich's
+  estimate over the last 30 s; the ETA divides what is left by it.
+- **The summary**, one line on stderr when the run ends (any stderr, not under ``-q``):
+  ``classified 200 images (3 failed) in 12.3 s, 16.2 img/s on cpu float32``.  The time is
+  from the first batch requested to the last written: model loading is not in it.  The
+  device and dtype come from the batches (:class:`Batches`) when they say them.  Under
+  ``-q`` a run with failures still ends with ``3 of 200 inputs failed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from convnext_cli.cli.errors import say
+
+if TYPE_CHECKING:
+    from rich.progress import Task
+    from rich.text import Text
+
+    from convnext_cli.pipeline import Result
+
+
+@dataclass
+class Settings:
+    quiet: bool = False  # -q: no notes, no bar, no summary
+    bar: bool = True  # --no-progress: False
+
+
+SETTINGS = Settings()
+
+
+def configure(quiet: bool = False, bar: bool = True) -> None:
+    """Set what this process says on stderr (see the module's docstring)."""
+    SETTINGS.quiet = quiet
+    SETTINGS.bar = bar
+
+
+def note(message: str) -> None:
+    """An informational line on stderr; nothing under ``-q``."""
+    if not SETTINGS.quiet:
+        say(message)
+
+
+class HasTotal(Protocol):
+    """Something that learns the number of inputs while they are listed."""
+
+    @property
+    def total(self) -> int | None: ...
+
+
+TotalLike = int | None | HasTotal
+
+
+def current_total(total: TotalLike) -> int | None:
+    if total is None or isinstance(total, int):
+        return total
+    return total.total
+
+
+class Batches(Iterator["list[Result]"]):
+    """Batches of results (an iterator of them) that say where they were computed and what
+    was done to them.
+
+    ``Batches(runner.classify(...), "classified", runner.device, runner.dtype)``: the
+    summary then ends ``on cpu float32``.
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[list[Result]],
+        verb: str = "processed",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        self.batches = iter(batches)
+        self.verb = verb
+        self.device = device
+        self.dtype = dtype
+
+    def __next__(self) -> list[Result]:
+        return next(self.batches)
+
+    def close(self) -> None:
+        """Close the batches' generator (its decode workers stop) if it has one."""
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()
+
+    def where(self) -> str | None:
+        """``cpu float32``, ``cuda:0 bfloat16``, or None when not known."""
+        parts = [str(v).removeprefix("torch.") for v in (self.device, self.dtype) if v]
+        return " ".join(parts) or None
+
+
+def clock(seconds: float) -> str:
+    """``0:07``, ``12:03``, ``1:02:03``."""
+    seconds = max(0, int(seconds + 0.5))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def rate_text(rate: float | None) -> str:
+    if rate is None or rate <= 0:
+        return "- img/s"
+    return f"{rate:.1f} img/s" if rate < 100 else f"{rate:.0f} img/s"
+
+
+def _stats(task: Task) -> Text:
+    """``120/202  16.2 img/s  elapsed 0:07  ETA 0:05  2 failed`` (the parts known so far)."""
+    from rich.text import Text
+
+    done = int(task.completed)
+    total = None if task.total is None else int(task.total)
+    text = Text(f"{done}/{total}" if total is not None else f"{done}", style="progress.download")
+    text.append(" images" if total is None else "")
+    speed = task.speed
+    text.append(f"  {rate_text(speed)}", style="progress.data.speed")
+    text.append(f"  elapsed {clock(task.elapsed or 0.0)}", style="progress.elapsed")
+    if total is not None and speed:
+        text.append(f"  ETA {clock(max(0, total - done) / speed)}", style="progress.remaining")
+    failed = task.fields.get("failed", 0)
+    if failed:
+        text.append(f"  {failed} failed", style="bold red")
+    return text
+
+
+class RunProgress:
+    """The bar while batches are written, the counts for the summary.
+
+    ``pause_for_stdout``: the results go to the same terminal, so the bar is taken down
+    while a batch is printed (results and bar never share a line).
+    """
+
+    def __init__(
+        self, total: TotalLike, label: str = "images", pause_for_stdout: bool = False
+    ) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
+        from rich.table import Column
+
+        class StatsColumn(ProgressColumn):
+            def render(self, task: Task) -> Text:
+                return _stats(task)
+
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.started = time.monotonic()
+        console = Console(stderr=True)
+        self.shown = SETTINGS.bar and not SETTINGS.quiet and console.is_terminal
+        self.progress = Progress(
+            # the bar takes what the words leave; the words never wrap
+            TextColumn(
+                "[progress.description]{task.description}", table_column=Column(no_wrap=True)
+            ),
+            BarColumn(bar_width=None, table_column=Column(ratio=1)),
+            StatsColumn(table_column=Column(no_wrap=True)),
+            console=console,
+            transient=True,
+            redirect_stdout=False,
+            expand=True,
+            disable=not self.shown,
+        )
+        self.task = self.progress.add_task(label, total=current_total(total), failed=0)
+        self.pause = pause_for_stdout and self.shown
+
+    def __enter__(self) -> RunProgress:
+        self.started = time.monotonic()
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Take the bar down while results are printed on its terminal."""
+        if self.pause:
+            self.progress.stop()
+        try:
+            yield
+        finally:
+            if self.pause:
+                self.progress.start()
+
+    def advance(self, count: int, failed: int = 0) -> None:
+        self.done += count
+        self.failed += failed
+        update: dict[str, Any] = {"advance": count, "failed": self.failed}
+        total = current_total(self.total)
+        if total is not None:
+            update["total"] = total
+        self.progress.update(self.task, **update)
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self, verb: str = "processed", where: str | None = None) -> str:
+        """``classified 200 images (3 failed) in 12.3 s, 16.2 img/s on cpu float32``."""
+        seconds = self.seconds()
+        noun = "image" if self.done == 1 else "images"
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        rate = rate_text(self.done / seconds if seconds > 0 and self.done else None)
+        on = f" on {where}" if where else ""
+        return f"{verb} {self.done} {noun}{failed} in {seconds:.1f} s, {rate}{on}"
+
+
+def track(
+    batches: Iterable[list[Result]],
+    writer: Any,
+    total: TotalLike,
+    to_terminal: bool = False,
+) -> int:
+    """Write every batch as it finishes (``writer.write``), with the bar, then the summary.
+
+    Returns the number of failed inputs.  A writer whose format leaves failures out
+    (``names_errors_on_stderr``) gets each one named on stderr, quiet or not.
+    """
+    from convnext_cli import interrupts
+
+    verb = batches.verb if isinstance(batches, Batches) else "processed"
+    where = batches.where() if isinstance(batches, Batches) else None
+    label = {"classified": "classifying", "embedded": "embedding"}.get(verb, "images")
+    with RunProgress(total, label, pause_for_stdout=to_terminal) as progress:
+        for results in batches:
+            with progress.paused(), interrupts.deferred():
+                writer.write(results)
+            failed = 0
+            for result in results:
+                if result.error is not None:
+                    failed += 1
+                    if writer.names_errors_on_stderr:
+                        say(f"error: {result.path}: {result.error}")
+            progress.advance(len(results), failed)
+    if not SETTINGS.quiet:
+        say(progress.summary(verb, where))
+    elif progress.failed:
+        say(f"{progress.failed} of {progress.done} inputs failed")
+    return progress.failed

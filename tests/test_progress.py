@@ -1,0 +1,188 @@
+"""Progress that tells the truth: elapsed time, images/s, a labelled ETA and the failures so
+far on a terminal; one summary line at the end on any stderr; -q and --no-progress."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from convnext_cli.cli import app, progress
+from convnext_cli.cli.progress import Batches, RunProgress, clock, note, track
+from convnext_cli.pipeline import Prediction, Result
+
+REPO = Path(__file__).resolve().parent.parent
+BAR = "━"
+SUMMARY = re.compile(
+    r"classified (\d+) images?(?: \((\d+) failed\))? in \d+\.\d s, [\d.]+ img/s on cpu float32"
+)
+pty_only = pytest.mark.skipif(sys.platform == "win32", reason="needs pseudo-terminals")
+
+
+@pytest.fixture(autouse=True)
+def default_settings():
+    yield
+    progress.configure()  # tests here change the process-wide setting
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+class Listing:
+    """A total that is not known until the listing ends."""
+
+    total: int | None = None
+
+
+def test_unknown_total_shows_count_and_rate_then_eta() -> None:
+    listing = Listing()
+    run = RunProgress(listing)
+    task = run.progress.tasks[0]
+    assert task.total is None
+    run.advance(8)
+    text = progress._stats(task).plain
+    assert text.startswith("8 images") and "img/s" in text and "elapsed" in text
+    assert "ETA" not in text
+    listing.total = 20
+    run.advance(8, failed=1)
+    assert task.total == 20 and task.completed == 16
+    task._progress.clear()  # rich's speed samples: make the rate known and steady
+    from rich.progress import ProgressSample
+
+    task._progress.extend([ProgressSample(0.0, 0), ProgressSample(2.0, 16)])
+    text = progress._stats(task).plain
+    assert text.startswith("16/20") and "8.0 img/s" in text and "ETA 0:01" in text
+    assert text.endswith("1 failed")
+
+
+def test_total_as_int_or_none() -> None:
+    assert RunProgress(7).progress.tasks[0].total == 7
+    assert RunProgress(None).progress.tasks[0].total is None
+
+
+def test_clock() -> None:
+    assert [clock(s) for s in (0, 7.4, 61, 3600 + 62)] == ["0:00", "0:07", "1:01", "1:01:02"]
+
+
+class Collect:
+    names_errors_on_stderr = True
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+
+    def write(self, results: list[Result]) -> None:
+        self.results.extend(results)
+
+
+def batches() -> list[list[Result]]:
+    good = Result("a.jpg", predictions=[Prediction("cat", 1, 0.9)])
+    return [[good, Result("b.jpg", error="empty file")], [good]]
+
+
+def test_summary_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    writer = Collect()
+    failed = track(Batches(batches(), "classified", "cpu", "torch.float32"), writer, 3)
+    assert failed == 1 and len(writer.results) == 3
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: b.jpg: empty file"  # a format that leaves failures out names them
+    assert SUMMARY.fullmatch(err[-1]) and SUMMARY.fullmatch(err[-1]).groups() == ("3", "1")
+
+
+def test_quiet(capsys: pytest.CaptureFixture[str]) -> None:
+    progress.configure(quiet=True)
+    note("note: not shown")
+    failed = track(Batches(batches(), "classified"), Collect(), 3)
+    assert failed == 1
+    # under -q: the errors, and the failure count (the exit code says 1), nothing else
+    assert capsys.readouterr().err.splitlines() == [
+        "error: b.jpg: empty file",
+        "1 of 3 inputs failed",
+    ]
+    progress.configure(quiet=False)
+    note("note: shown")
+    assert capsys.readouterr().err == "note: shown\n"
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def classify_args(checkpoint: Path, photos: list[Path], *extra: str) -> list[str]:
+    common = ["-m", checkpoint, "-b", "1", "--workers", "0", "--device", "cpu"]
+    return ["classify", *map(str, photos), *map(str, common), "--dtype", "float32", *extra]
+
+
+def stderr_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+@pty_only
+def test_bar_on_a_terminal_says_rate_and_eta(v1_checkpoint: Path, photos: list[Path]) -> None:
+    from pty_helpers import run_attached, screen
+
+    run = run_attached(classify_args(v1_checkpoint, photos), stdout="file", stderr="tty")
+    assert run.returncode == 0, stderr_text(run.stderr)
+    err = stderr_text(run.stderr)
+    frames = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", f) for f in re.split(r"[\r\n]", err)]
+    bars = [f for f in frames if BAR in f]
+    assert bars, err
+    assert all("img/s" in f and "elapsed" in f for f in bars)
+    assert any(re.search(rf"\b{len(photos)}/{len(photos)}\b.*ETA \d+:\d\d", f) for f in bars)
+    shown = [line for line in screen(run.stderr) if line]
+    assert len(shown) == 1 and SUMMARY.fullmatch(shown[0]), shown  # the bar is gone
+
+
+@pty_only
+def test_no_progress_and_quiet_on_a_terminal(v1_checkpoint: Path, photos: list[Path]) -> None:
+    from pty_helpers import run_attached
+
+    args = classify_args(v1_checkpoint, photos[:2], "--format", "jsonl")
+    plain = run_attached([*args, "--no-progress"], stdout="file", stderr="tty")
+    assert plain.returncode == 0
+    err = stderr_text(plain.stderr).strip()
+    assert BAR not in err and "\x1b[" not in err
+    assert SUMMARY.fullmatch(err)  # the summary, and only it
+    quiet = run_attached([*args, "-q"], stdout="file", stderr="tty")
+    assert quiet.returncode == 0 and quiet.stderr == b""
+    assert len([line for line in quiet.stdout.splitlines() if line.startswith(b"{")]) == 2
+
+
+def test_not_a_terminal_no_bar_summary_unless_quiet(
+    v1_checkpoint: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really")
+    args = classify_args(v1_checkpoint, [photos[0], broken])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert BAR not in result.stderr and "\x1b[" not in result.stderr
+    match = SUMMARY.fullmatch(result.stderr.strip().splitlines()[-1])
+    assert match and match.groups() == ("2", "1")
+    quiet = CliRunner().invoke(app, [*args, "-q"])
+    assert quiet.exit_code == 1 and quiet.stderr == "1 of 2 inputs failed\n"
+
+
+def test_quiet_silences_notes(v1_checkpoint: Path, photos: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "labels.jsonl"
+    first = CliRunner().invoke(app, classify_args(v1_checkpoint, photos[:2], "-o", str(out)))
+    assert first.exit_code == 0
+    again = classify_args(v1_checkpoint, photos[:3], "-o", str(out), "--resume")
+    resumed = CliRunner().invoke(app, again)
+    assert resumed.exit_code == 0 and "resuming" in resumed.stderr  # a note
+    assert SUMMARY.fullmatch(resumed.stderr.strip().splitlines()[-1]).groups() == ("1", None)
+    out.unlink()
+    CliRunner().invoke(app, classify_args(v1_checkpoint, photos[:2], "-o", str(out)))
+    quiet = CliRunner().invoke(app, [*again, "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    assert len(out.read_text().splitlines()) == 3
+
+
+def test_embed_summary(v1_checkpoint: Path, photos: list[Path]) -> None:
+    args = ["embed", str(photos[0]), "-m", str(v1_checkpoint), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--dtype", "float32"])
+    assert result.exit_code == 0
+    assert re.fullmatch(
+        r"embedded 1 image in \d+\.\d s, [\d.]+ img/s on cpu float32", result.stderr.strip()
+    )
