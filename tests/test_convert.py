@@ -277,7 +277,7 @@ def test_cli_resolves_hub_ids_through_checkpoints(
     src.hf_model(v2=True).save_pretrained(folder)
     seen: list[str] = []
 
-    def fake_download(ref: hub.HubRef) -> Path:
+    def fake_download(ref: hub.HubRef, on_note: object = None) -> Path:
         seen.append(str(ref))
         return folder
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from convnext_cli.cli.errors import say
-from convnext_cli.cli.options import Layout
+from convnext_cli.cli.options import CacheDirOpt, Layout, RevisionOpt, TokenOpt
 
 
 class Source(str):
@@ -18,67 +18,78 @@ class Source(str):
 Source.__name__ = "file|folder|hub id"  # how Typer's help names the argument's type
 
 
+SourceArg = Annotated[
+    Source,
+    typer.Argument(
+        metavar="SOURCE",
+        parser=Source,
+        help="A weights file (.safetensors, .pth, .pt, .bin) in any supported layout, a "
+        "folder holding model.safetensors or pytorch_model.bin, or a Hub id.",
+        show_default=False,
+    ),
+]
+OutputDirArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="OUTPUT_DIR",
+        help="Folder to write config.json, model.safetensors and preprocessor_config.json "
+        "into (created; must be empty unless --force; must not hold SOURCE, symlinks "
+        "resolved). Each file is written to a temporary and renamed into place.",
+        show_default=False,
+    ),
+]
+FromOpt = Annotated[
+    Layout,
+    typer.Option(
+        "--from",
+        case_sensitive=False,
+        help="Source layout: auto (detect from the key names), hf (transformers), fb "
+        "(facebookresearch ConvNeXt / ConvNeXt-V2, FCMAE included), fcmae, timm or "
+        "torchvision.",
+    ),
+]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--image-size",
+        metavar="N",
+        help="Input resolution: sets preprocessor size.shortest_edge and config image_size "
+        "(default: the source's, else 224).",
+        show_default=False,
+    ),
+]
+CropPctOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--crop-pct",
+        metavar="F",
+        help="Centre-crop fraction: below 384 px the short side is resized to "
+        "size / crop_pct, then cropped (default: the source's, else 0.875; torchvision "
+        "weights 224/236, 224/230 or 224/232).",
+        show_default=False,
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        metavar="",
+        help="Write into a non-empty OUTPUT_DIR, replacing its config, weights and "
+        "preprocessor files (a symlink among them is replaced, never written through).",
+    ),
+]
+
+
 def convert(
-    source: Annotated[
-        Source,
-        typer.Argument(
-            metavar="SOURCE",
-            parser=Source,
-            help="A weights file (.safetensors, .pth, .pt, .bin) in any supported layout, a "
-            "folder holding model.safetensors or pytorch_model.bin, or a Hub id.",
-            show_default=False,
-        ),
-    ],
-    output_dir: Annotated[
-        Path,
-        typer.Argument(
-            metavar="OUTPUT_DIR",
-            help="Folder to write config.json, model.safetensors and preprocessor_config.json "
-            "into (created; must be empty unless --force; must not hold SOURCE, symlinks "
-            "resolved). Each file is written to a temporary and renamed into place.",
-            show_default=False,
-        ),
-    ],
-    from_: Annotated[
-        Layout,
-        typer.Option(
-            "--from",
-            case_sensitive=False,
-            help="Source layout: auto (detect from the key names), hf (transformers), fb "
-            "(facebookresearch ConvNeXt / ConvNeXt-V2, FCMAE included), fcmae, timm or "
-            "torchvision.",
-        ),
-    ] = Layout.auto,
-    image_size: Annotated[
-        int | None,
-        typer.Option(
-            "--image-size",
-            metavar="N",
-            help="Input resolution: sets preprocessor size.shortest_edge and config image_size "
-            "(default: the source's, else 224).",
-            show_default=False,
-        ),
-    ] = None,
-    crop_pct: Annotated[
-        float | None,
-        typer.Option(
-            "--crop-pct",
-            metavar="F",
-            help="Centre-crop fraction: below 384 px the short side is resized to "
-            "size / crop_pct, then cropped (default: the source's, else 0.875; torchvision "
-            "weights 224/236, 224/230 or 224/232).",
-            show_default=False,
-        ),
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            metavar="",
-            help="Write into a non-empty OUTPUT_DIR, replacing its config, weights and "
-            "preprocessor files (a symlink among them is replaced, never written through).",
-        ),
-    ] = False,
+    source: SourceArg,
+    output_dir: OutputDirArg,
+    from_: FromOpt = Layout.auto,
+    image_size: ImageSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    force: ForceOpt = False,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Convert a ConvNeXt / ConvNeXt V2 checkpoint to a transformers (Hub-layout) folder.
 
@@ -102,6 +113,9 @@ def convert(
         image_size=image_size,
         crop_pct=crop_pct,
         force=force,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
     )
     say(f"converted {source} ({result.summary()}) -> {result.output_dir}")
     typer.echo(str(result.output_dir))
