@@ -143,6 +143,7 @@ class ActorPlan:
     threads: int | None  # torch threads in a CPU actor (None: leave torch's default)
     decode_cpus: float  # what each decode task asks for
     batch_size: int
+    decode_tasks: int | None = None  # decode tasks at once (None: as many as fit)
 
 
 def require_ray() -> Any:
@@ -280,7 +281,13 @@ def plan_actors(resources: Mapping[str, float], options: RayOptions) -> ActorPla
     replicas = options.replicas or max(1, int(cpus) // 8)
     threads = max(1, int(cpus) // replicas)
     actor_cpus = 0.25 if small else float(max(2, threads - 1))
-    return ActorPlan(replicas, actor_cpus, 0.0, threads, decode_cpus, options.batch_size or 8)
+    # CPU actors: the model is the slow stage, decoding needs a fraction of the cores (as
+    # the local engine's one decode worker per four cores); every extra decode process
+    # only pays torch's import and competes with the model for the same cores
+    decode_tasks = max(1, int(cpus) // 4)
+    return ActorPlan(
+        replicas, actor_cpus, 0.0, threads, decode_cpus, options.batch_size or 8, decode_tasks
+    )
 
 
 # --- the stages ----------------------------------------------------------------------------
@@ -504,14 +511,16 @@ def build_dataset(
     ]
     ds = ray.data.from_arrow(blocks)
     # with parts, the model stage writes the paths: the file column comes along
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
     decoded = ds.map_batches(
         decode_rows if parts_dir is None else _decode_keeping_file,
         fn_kwargs={"spec": spec},
         batch_size=DECODE_ROWS,
         batch_format="pyarrow",
         num_cpus=plan.decode_cpus,
+        compute=TaskPoolStrategy(size=plan.decode_tasks),
     )
-    from ray.data import ActorPoolStrategy
 
     return decoded.map_batches(
         ModelActor,
