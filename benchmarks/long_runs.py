@@ -102,7 +102,7 @@ def resume_overhead(root: Path, model: Path, count: int = 10_000) -> None:
     cli = [sys.executable, "-m", "convnext_cli", "classify"]
     one_s, _, _ = timed([*cli, str(single), *common, "-o", str(root / "one.jsonl")])
     resume_s, _, result = timed([*cli, str(folder), *common, "-o", str(output), "--resume"])
-    assert f"{count} inputs already done, 0 to do" in result.stderr.decode(), result.stderr
+    assert f"{count} inputs already done" in result.stderr.decode(), result.stderr
     print(
         f"resume: {count} done inputs skipped in {resume_s:.2f} s against {one_s:.2f} s for a "
         f"one-image run: overhead {resume_s - one_s:.2f} s (target < 2 s)",

@@ -6,8 +6,9 @@ Each contributes one input per image, with an id that names where it came from:
   named on the command line or found in a folder, then ``#``, then the member's name inside
   the archive).  Members are found by image extension (as in folders); the others (``.json``,
   ``.txt``, ``.cls`` ...) are WebDataset metadata and are skipped.  Members are read in place
-  (``pread`` at the member's offset), never extracted to disk.  Only uncompressed tar is read:
-  a compressed archive cannot be read member by member without decompressing all of it.
+  (``pread`` at the member's offset, the archive kept open by each decoding process), never
+  extracted to disk.  Only uncompressed tar is read: a compressed archive cannot be read
+  member by member without decompressing all of it.
 - a Parquet row: the value of the id column when there is one (``--id-column``, else a
   column named ``id``, ``key``, ``__key__``, ``path`` or ``file_name`` when present), else
   ``FILE#ROW`` with the 0-based row number in the file.  The image column (``--image-column``,
@@ -22,6 +23,7 @@ they are bytes handed to the same decoder, with the same size cap.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -29,6 +31,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from convnext_cli.errors import ImageError, UsageError, one_line
 
@@ -107,12 +110,18 @@ def expand_braces(pattern: str) -> list[str]:
     A brace group that is neither a range nor a comma list is kept literally, as the shell
     does.  A pattern that would name more than a million files is a usage error.
     """
+    check_braces(pattern)
+    return _expand_braces(pattern)
+
+
+def check_braces(pattern: str) -> None:
+    """UsageError when a brace pattern would name more than a million files (counted, not
+    expanded)."""
     total = 1
     for group in _BRACE.finditer(pattern):
         total *= max(1, _brace_count(group.group(1)))
         if total > MAX_BRACE_NAMES:
             raise UsageError(f"{pattern}: the brace pattern names over {MAX_BRACE_NAMES} files")
-    return _expand_braces(pattern)
 
 
 def _brace_count(body: str) -> int:
@@ -211,22 +220,59 @@ def _tar_reason(exc: BaseException) -> str:
 
 
 def read_range(path: str, offset: int, length: int, max_bytes: int) -> bytes:
-    """``length`` bytes of a regular file at ``offset`` (a tar member), within the size cap."""
+    """``length`` bytes of a regular file at ``offset`` (a tar member), within the size cap.
+
+    The archive stays open in this process for the members that follow (one ``pread`` per
+    member; see :func:`_archive`), as a decoding process reads a shard's members in a row.
+    """
     if length > max_bytes:
         raise ImageError(f"member is {length} bytes, over the {max_bytes}-byte limit")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise ImageError(f"cannot read archive: {exc.strerror or one_line(exc)}") from exc
+    fd = _archive(path)
     try:
         data = os.pread(fd, length, offset)
     except OSError as exc:
+        _forget_archive(path)
         raise ImageError(f"cannot read archive member: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
     if len(data) != length:
         raise ImageError("truncated archive member")
     return data
+
+
+OPEN_ARCHIVES = 8  # tar shards a process keeps open (the least recently read is closed)
+_archives: dict[str, int] = {}  # path -> descriptor, least recently read first
+_archives_pid = 0  # the process that opened them: a forked child opens its own
+
+
+def _archive(path: str) -> int:
+    """A descriptor for a shard, opened once per process (non-blocking, a regular file only)."""
+    global _archives_pid
+    if _archives_pid != os.getpid():
+        _archives.clear()  # a forked child: the parent's descriptors are the parent's
+        _archives_pid = os.getpid()
+    fd = _archives.pop(path, None)
+    if fd is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise ImageError(f"cannot read archive: {exc.strerror or one_line(exc)}") from exc
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        if not regular:
+            os.close(fd)
+            raise ImageError("not a regular file (cannot read it as an archive)")
+        while len(_archives) >= OPEN_ARCHIVES:
+            os.close(_archives.pop(next(iter(_archives))))
+    _archives[path] = fd  # most recently read last
+    return fd
+
+
+def _forget_archive(path: str) -> None:
+    fd = _archives.pop(path, None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 # -------------------------------------------------------------------------------- parquet
@@ -249,7 +295,11 @@ def parquet_items(
             count = parquet.metadata.row_group(group).num_rows
             ids: list[object] = [None] * count
             if ident is not None:
-                ids = parquet.read_row_group(group, columns=[ident]).column(0).to_pylist()
+                ids = (
+                    parquet.read_row_group(group, columns=[ident], use_threads=False)
+                    .column(0)
+                    .to_pylist()
+                )
             for n in range(count):
                 item_id = f"{path}#{row}" if ids[n] is None else str(ids[n])
                 yield Item(item_id, file=path, row_group=group, row=n, column=image)
@@ -264,12 +314,19 @@ def parquet_items(
 MAX_ROW_GROUP_BYTES = 1 << 30  # one row group's image column, uncompressed, is read at once
 
 
-@lru_cache(maxsize=2)
-def _row_group_cells(path: str, group: int, column: str) -> list[object]:
-    """One row group's image column (decoders take consecutive rows: read once, use many)."""
+@lru_cache(maxsize=4)
+def _parquet_file(path: str, pid: int) -> Any:
+    """An open Parquet file, once per process (`pid` keeps a forked child off its parent's)."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    return pq.ParquetFile(path)
+
+
+@lru_cache(maxsize=2)
+def _row_group_column(path: str, group: int, column: str, pid: int) -> Any:
+    """One row group's image column, as Arrow holds it (decoders take consecutive rows: read
+    once, then each cell is copied out when its row is decoded)."""
+    parquet = _parquet_file(path, pid)
     meta = parquet.metadata.row_group(group)
     size = sum(
         meta.column(n).total_uncompressed_size
@@ -281,14 +338,15 @@ def _row_group_cells(path: str, group: int, column: str) -> list[object]:
             f"row group {group} holds {size} bytes of images, over the {MAX_ROW_GROUP_BYTES}-byte "
             "limit for one read (rewrite the file with smaller row groups)"
         )
-    return parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
+    # one thread: the decoding processes are the parallelism
+    return parquet.read_row_group(group, columns=[column], use_threads=False).column(0)
 
 
 def _parquet_cell(path: str, group: int, column: str, row: int) -> bytes:
     import pyarrow as pa
 
     try:
-        value = _row_group_cells(path, group, column)[row]
+        value = _row_group_column(path, group, column, os.getpid())[row].as_py()
     except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
         raise ImageError(f"cannot read the Parquet row ({one_line(exc)})") from exc
     if isinstance(value, dict):  # the {bytes, path} struct Hugging Face datasets writes

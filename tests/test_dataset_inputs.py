@@ -131,7 +131,7 @@ def test_a_huge_row_group_is_an_error_per_row_not_a_huge_read(
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"image": [p.read_bytes() for p in photos[:2]]}), path)
     monkeypatch.setattr(dataset_inputs, "MAX_ROW_GROUP_BYTES", 1000)
-    dataset_inputs._row_group_cells.cache_clear()
+    dataset_inputs._row_group_column.cache_clear()
     items = list(parquet_items(str(path)))
     with pytest.raises(ImageError, match="over the 1000-byte limit"):
         read(items[0])

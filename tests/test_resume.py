@@ -156,7 +156,7 @@ def test_retry_errors_and_error_records_count_as_done(
     assert run(args).returncode == 1
     again = run([*args, "--resume"])
     assert again.returncode == 0  # nothing left to do: the error record counts as done
-    assert f"{COUNT} inputs already done, 0 to do" in again.stderr.decode()
+    assert f"{COUNT} inputs already done\n" in again.stderr.decode()
     (many / "zz_broken.png").write_bytes((many / "000.png").read_bytes())
     try:
         retried = run([*args, "--resume", "--retry-errors"])
