@@ -365,17 +365,26 @@ def run_job(job: Job) -> int:
     if not job.resume and fmt != "parquet":
         stream = InputStream(items)
         writer = open_writer(job.command, fmt, job.output, job.top_k)  # fails before loading
+        created: list[Path] = []
 
         def batches() -> Iterator[list[Result]]:
             runner = _load(job)
             if fmt in RESUMABLE_FORMATS and job.output is not None and not is_stdout(job.output):
-                from convnext_cli.resume import write_provenance
+                from convnext_cli.resume import provenance_path, write_provenance
 
+                target = Path(os.path.realpath(job.output))
+                if not provenance_path(target).exists():
+                    created.append(provenance_path(target))
                 provenance = make_provenance(job, runner.model.config, runner.spec)
-                write_provenance(Path(os.path.realpath(job.output)), provenance)
+                write_provenance(target, provenance)
             return _local_batches(job, runner, stream)
 
-        return write_results(writer, batches, stream, job.output)
+        try:
+            return write_results(writer, batches, stream, job.output)
+        except Exception:  # the output was dropped (a refusal mid-run, say): so is its record
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise
     runner = _load(job)
     provenance = make_provenance(job, runner.model.config, runner.spec)
     todo, writer = _open_resumable(job, fmt, items, provenance)
