@@ -28,7 +28,9 @@ import os
 import re
 import stat
 import tarfile
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -314,19 +316,30 @@ def parquet_items(
 MAX_ROW_GROUP_BYTES = 1 << 30  # one row group's image column, uncompressed, is read at once
 
 
-@lru_cache(maxsize=4)
-def _parquet_file(path: str, pid: int) -> Any:
-    """An open Parquet file, once per process (`pid` keeps a forked child off its parent's)."""
+@lru_cache(maxsize=8)
+def _parquet_file(path: str, pid: int, thread: int) -> Any:
+    """An open Parquet file, once per process and thread (`pid` keeps a forked child off its
+    parent's; the thread reading ahead has its own).
+
+    A decoding process maps the file into memory (about half the cost of reading a row
+    group: no copy of the compressed pages); the main process reads it, since a file cut
+    short while mapped ends the process that maps it (SIGBUS), which a decoding process may
+    do (its inputs get error records) and the run may not.
+    """
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path)
+    return pq.ParquetFile(path, memory_map=_in_decoding_process())
 
 
-@lru_cache(maxsize=2)
-def _row_group_column(path: str, group: int, column: str, pid: int) -> Any:
-    """One row group's image column, as Arrow holds it (decoders take consecutive rows: read
-    once, then each cell is copied out when its row is decoded)."""
-    parquet = _parquet_file(path, pid)
+def _in_decoding_process() -> bool:
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
+
+
+def _read_row_group(path: str, group: int, column: str) -> Any:
+    """One row group's image column, as Arrow holds it, within the size cap."""
+    parquet = _parquet_file(path, os.getpid(), threading.get_ident())
     meta = parquet.metadata.row_group(group)
     size = sum(
         meta.column(n).total_uncompressed_size
@@ -342,11 +355,62 @@ def _row_group_column(path: str, group: int, column: str, pid: int) -> Any:
     return parquet.read_row_group(group, columns=[column], use_threads=False).column(0)
 
 
+class _RowGroups:
+    """The row groups a process is decoding, read once each: the current one, and (in a
+    decoding process) the next one, read ahead by a thread while the current one's images
+    are decoded.  At most two are held; decoders take consecutive rows, so a row group
+    is read again only by a process that comes back to it."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.held: dict[tuple[str, int, str], Future[Any]] = {}
+        self.reader: ThreadPoolExecutor | None = None
+
+    def column(self, path: str, group: int, column: str) -> Any:
+        if self.pid != os.getpid():  # a forked child: nothing of its parent's
+            self.pid, self.held, self.reader = os.getpid(), {}, None
+        key = (path, group, column)
+        held = self.held.pop(key, None)
+        if held is None:
+            held = Future()
+            try:
+                held.set_result(_read_row_group(path, group, column))
+            except Exception as exc:
+                held.set_exception(exc)
+        following = (path, group + 1, column)
+        ahead = self.held.get(following)
+        self.held = {key: held}  # the current one, and the next one
+        if ahead is not None:
+            self.held[following] = ahead
+        else:
+            self._read_ahead(path, group + 1, column)
+        return held.result()
+
+    def _read_ahead(self, path: str, group: int, column: str) -> None:
+        if not _in_decoding_process():
+            return  # no thread in the main process, which forks the decoding processes
+        try:
+            groups = _parquet_file(path, os.getpid(), threading.get_ident()).num_row_groups
+        except Exception:
+            return
+        if group >= groups:
+            return
+        if self.reader is None:
+            self.reader = ThreadPoolExecutor(1, thread_name_prefix="convnext-parquet")
+        self.held[(path, group, column)] = self.reader.submit(_read_row_group, path, group, column)
+
+    def clear(self) -> None:
+        self.held.clear()
+
+
+_row_groups = _RowGroups()
+
+
 def _parquet_cell(path: str, group: int, column: str, row: int) -> bytes:
     import pyarrow as pa
 
     try:
-        value = _row_group_column(path, group, column, os.getpid())[row].as_py()
+        value = _row_groups.column(path, group, column)[row].as_py()
     except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
         raise ImageError(f"cannot read the Parquet row ({one_line(exc)})") from exc
     if isinstance(value, dict):  # the {bytes, path} struct Hugging Face datasets writes
