@@ -1,20 +1,27 @@
 """What long runs cost: listing a huge tree, resuming, and dataset inputs against loose files.
 
-Three measurements, each a fresh child process timed whole (interpreter start included)
-against a peer run in the same go:
+Each measurement is a fresh child process (interpreter start included), against a peer
+run in the same go; peak memory is the child's own (measured by a small parent of its own).
 
-1. **Listing**: a generated tree of empty ``.jpg`` files (1,000 folders of 1,000 by default)
-   expanded by ``convnext_cli.inputs.expand_inputs(recursive=True)`` in a child, against
+1. **Listing**: a generated tree of empty ``.jpg`` files (1,000 folders of 1,000 by
+   default), and one flat folder of as many, streamed by
+   ``convnext_cli.inputs.iter_inputs(recursive=True)`` in a child, against
    ``find ROOT -type f``; peak RSS of the child.  Targets: peak under 500 MB, time within
-   2x of ``find``.
-2. **Resume overhead**: ``convnext classify --resume`` on a folder of 10,000 inputs whose
-   records are all in ``-o`` already, against the same command on one input; the
-   difference is what skipping 10,000 done inputs costs.  Target: under 2 s.
+   2x of ``find``.  Then **time to first record**: ``convnext classify TREE -r`` against
+   ``convnext classify ONE_IMAGE`` (the same start-up and model load): the difference is
+   what the listing delays the first record by, to compare with the whole listing's time.
+2. **Resume**: ``convnext classify --resume`` on a folder of 10,000 inputs whose records
+   are all in ``-o`` already, against the same command on one input (target: under 2 s
+   more); and a resume that keeps 1,000,000 records (``--resume-records``) against a
+   one-image run: its extra time and peak memory (target: a few hundred MB at most).
 3. **Dataset inputs**: the same photos as loose files, as one WebDataset tar shard and as
-   one Parquet file, classified with the tests' tiny model (so the run is decode-bound);
-   images/s of each.  Target: tar and Parquet at least as fast as loose files.
+   one Parquet file (row groups of 256, dictionary encoding off, as distinct photos would
+   be stored: the sample photos repeat), classified with the tests' tiny model (so the run
+   is decode-bound), in interleaved rounds; the best images/s of each, whole run and
+   between the first and the last record.  Target: tar and Parquet at least as fast as
+   loose files.
 
-    python benchmarks/long_runs.py                  # all three
+    python benchmarks/long_runs.py                  # all of them
     python benchmarks/long_runs.py --files 1000000 --skip-datasets
 """
 
@@ -23,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,25 +40,69 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_images"
 sys.path.insert(0, str(REPO / "tests"))
+CLI = [sys.executable, "-m", "convnext_cli"]
 
 LIST_CHILD = """
 import sys
-from convnext_cli.inputs import expand_inputs
-found = expand_inputs([sys.argv[1]], recursive=True)
-print(len(found))
+try:
+    from convnext_cli.inputs import iter_inputs
+except ImportError:  # a version from before the listing was streamed
+    from convnext_cli.inputs import expand_inputs as iter_inputs
+print(sum(1 for _ in iter_inputs([sys.argv[1]], recursive=True)))
+"""
+
+# runs a command and reports its wall time and its own peak RSS (not its siblings')
+MEASURE = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+print(json.dumps({
+    "seconds": time.perf_counter() - start,
+    "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    "code": done.returncode,
+    "lines": done.stdout.count(b"\\n"),
+    "stdout": done.stdout.decode(errors="replace")[-2000:],
+    "stderr": done.stderr.decode(errors="replace")[-2000:],
+}))
 """
 
 
-def timed(cmd: list[str], **kwargs) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(seconds, peak RSS of the child in MB, result) of one child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def measured(cmd: list[str]) -> dict:
+    """{seconds, peak_mb, code, stdout, stderr} of one child process."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, check=True)
+    result = json.loads(out.stdout)
+    if result["code"] not in (0, 1):
+        raise SystemExit(f"{cmd[:4]} failed ({result['code']}):\n{result['stderr']}")
+    return result
+
+
+def first_record_seconds(cmd: list[str]) -> float:
+    """Seconds from starting `cmd` to its first line on stdout; the run is then stopped."""
     start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, **kwargs)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if result.returncode not in (0, 1):
-        raise SystemExit(f"{cmd[:4]} failed ({result.returncode}):\n{result.stderr.decode()}")
-    return seconds, max(peak, before) / 1024, result
+    proc.kill()
+    proc.wait()
+    if not line:
+        raise SystemExit(f"{cmd[:4]}: no record")
+    return seconds
+
+
+def record_times(cmd: list[str]) -> tuple[float, float, float, int]:
+    """(first record, last record, exit) in seconds from the start, and the record count."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    first = last = 0.0
+    count = 0
+    for _ in proc.stdout:
+        last = time.perf_counter() - start
+        first = first or last
+        count += 1
+    proc.wait()
+    return first, last, time.perf_counter() - start, count
 
 
 def make_tree(root: Path, files: int, per_folder: int = 1000) -> None:
@@ -63,24 +113,50 @@ def make_tree(root: Path, files: int, per_folder: int = 1000) -> None:
         os.close(os.open(folder / f"{n % per_folder:06d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
 
 
-def listing(root: Path, files: int) -> None:
-    start = time.perf_counter()
-    make_tree(root / "tree", files)
-    print(f"made {files} empty files in {time.perf_counter() - start:.1f} s", flush=True)
-    find_s, _, found = timed(["find", str(root / "tree"), "-type", "f"])
-    ours_s, peak, listed = timed([sys.executable, "-c", LIST_CHILD, str(root / "tree")])
-    assert int(listed.stdout) == files == len(found.stdout.splitlines())
-    print(
-        f"listing {files} files: find {find_s:.2f} s, convnext {ours_s:.2f} s "
-        f"({ours_s / find_s:.2f}x find; target <= 2x), peak RSS {peak:.0f} MB (target < 500)",
-        flush=True,
-    )
-
-
 def tiny_model(root: Path) -> Path:
     import factories
 
     return factories.save_hf(factories.hf_model(num_labels=1000, seed=1), root / "tiny")
+
+
+def common(model: Path) -> list[str]:
+    return ["-m", str(model), "--device", "cpu", "--dtype", "float32", "--format", "jsonl"]
+
+
+def listing(root: Path, files: int, flat_files: int, model: Path) -> None:
+    start = time.perf_counter()
+    make_tree(root / "tree", files)
+    if flat_files:
+        make_tree(root / "flat", flat_files, per_folder=flat_files)
+    print(f"made {files + flat_files} empty files in {time.perf_counter() - start:.1f} s")
+    trees = [("tree", files, "1,000 folders")]
+    if flat_files:
+        trees.append(("flat/00000", flat_files, "one folder"))
+    list_s = {}
+    for name, count, shape in trees:
+        find = measured(["find", str(root / name), "-type", "f"])
+        ours = measured([sys.executable, "-c", LIST_CHILD, str(root / name)])
+        assert int(ours["stdout"]) == count == find["lines"], (ours["stdout"], find["lines"])
+        list_s[name] = ours["seconds"]
+        print(
+            f"listing {count} files ({shape}): find {find['seconds']:.2f} s, convnext "
+            f"{ours['seconds']:.2f} s ({ours['seconds'] / find['seconds']:.2f}x find; target "
+            f"<= 2x), peak RSS {ours['peak_mb']:.0f} MB (target < 500)",
+            flush=True,
+        )
+    one = root / "one"
+    one.mkdir()
+    shutil.copy(next(p for p in sorted(SAMPLES.iterdir()) if p.suffix == ".png"), one)
+    classify = [*CLI, "classify", *common(model), "--workers", "0"]
+    for name, count, shape in trees:
+        base = min(first_record_seconds([*classify, str(one)]) for _ in range(2))
+        tree = min(first_record_seconds([*classify, str(root / name), "-r"]) for _ in range(2))
+        print(
+            f"first record, {count} files ({shape}): {tree:.2f} s against {base:.2f} s for one "
+            f"image: the listing delays it {tree - base:.2f} s (the whole listing takes "
+            f"{list_s[name]:.2f} s)",
+            flush=True,
+        )
 
 
 def resume_overhead(root: Path, model: Path, count: int = 10_000) -> None:
@@ -95,22 +171,46 @@ def resume_overhead(root: Path, model: Path, count: int = 10_000) -> None:
         records.append(json.dumps({"path": str(path), "predictions": preds}) + "\n")
     output = root / "done.jsonl"
     output.write_text("".join(records))
-    single = root / "one"
+    single = root / "single"
     single.mkdir()
     shutil.copy(photo, single / "one.png")
-    common = ["-m", str(model), "--device", "cpu", "--dtype", "float32"]
-    cli = [sys.executable, "-m", "convnext_cli", "classify"]
-    one_s, _, _ = timed([*cli, str(single), *common, "-o", str(root / "one.jsonl")])
-    resume_s, _, result = timed([*cli, str(folder), *common, "-o", str(output), "--resume"])
-    assert f"{count} inputs already done, 0 to do" in result.stderr.decode(), result.stderr
+    cli = [*CLI, "classify", *common(model)]
+    one = measured([*cli, str(single), "-o", str(root / "one.jsonl")])
+    resumed = measured([*cli, str(folder), "-o", str(output), "--resume"])
+    assert f"{count} inputs already done" in resumed["stderr"], resumed["stderr"]
     print(
-        f"resume: {count} done inputs skipped in {resume_s:.2f} s against {one_s:.2f} s for a "
-        f"one-image run: overhead {resume_s - one_s:.2f} s (target < 2 s)",
+        f"resume: {count} done inputs skipped in {resumed['seconds']:.2f} s against "
+        f"{one['seconds']:.2f} s for a one-image run: overhead "
+        f"{resumed['seconds'] - one['seconds']:.2f} s (target < 2 s)",
         flush=True,
     )
 
 
-def datasets(root: Path, model: Path, count: int) -> None:
+def resume_memory(root: Path, model: Path, count: int) -> None:
+    """A resume that keeps `count` records (of other inputs) and adds one."""
+    output = root / "kept.jsonl"
+    preds = json.dumps([{"label": "tabby, tabby cat", "index": 281, "score": 0.5}] * 5)
+    with open(output, "w") as out:
+        for n in range(count):
+            out.write(
+                f'{{"path": "/photos/{n // 1000:04d}/{n:07d}.jpg", "predictions": {preds}}}\n'
+            )
+    size = output.stat().st_size
+    single = root / "single"
+    cli = [*CLI, "classify", *common(model), "--workers", "0", str(single)]
+    one = measured([*cli, "-o", str(root / "one.jsonl")])
+    resumed = measured([*cli, "-o", str(output), "--resume"])
+    assert "inputs already done" in resumed["stderr"], resumed["stderr"]
+    print(
+        f"resume keeping {count} records ({size / 1e6:.0f} MB): {resumed['seconds']:.2f} s, peak "
+        f"RSS {resumed['peak_mb']:.0f} MB, against {one['seconds']:.2f} s and "
+        f"{one['peak_mb']:.0f} MB for a one-image run: +{resumed['peak_mb'] - one['peak_mb']:.0f} "
+        "MB",
+        flush=True,
+    )
+
+
+def datasets(root: Path, model: Path, count: int, rounds: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from factories import make_shard
@@ -127,22 +227,34 @@ def datasets(root: Path, model: Path, count: int) -> None:
         blobs.append(data)
     shard = make_shard(root / "photos.tar", members)
     table = root / "photos.parquet"
-    pq.write_table(pa.table({"image": blobs}), table, row_group_size=256)
-    cli = [sys.executable, "-m", "convnext_cli", "classify"]
-    common = ["-m", str(model), "--device", "cpu", "--dtype", "float32", "--format", "jsonl"]
-    rates = {}
-    for name, source in (("loose files", loose), ("tar shard", shard), ("parquet", table)):
-        best = min(timed([*cli, str(source), *common])[0] for _ in range(2))
-        rates[name] = count / best
-    base = rates["loose files"]
-    for name, rate in rates.items():
-        print(f"{count} images as {name:12s} {rate:7.1f} img/s  ({rate / base:.2f}x loose)")
+    pq.write_table(pa.table({"image": blobs}), table, row_group_size=256, use_dictionary=False)
+    cli = [*CLI, "classify", *common(model)]
+    sources = [("loose files", loose), ("tar shard", shard), ("parquet", table)]
+    whole: dict[str, float] = {name: 0.0 for name, _ in sources}
+    steady: dict[str, float] = {name: 0.0 for name, _ in sources}
+    for n in range(rounds):
+        for name, source in sources[n % 3 :] + sources[: n % 3]:  # each goes first once
+            first, last, end, records = record_times([*cli, str(source)])
+            assert records == count, (name, records)
+            whole[name] = max(whole[name], count / end)
+            # between the first and the last record: the first batch's records come together
+            steady[name] = max(steady[name], (count - 8) / (last - first))
+    for name, _ in sources:
+        print(
+            f"{count} images as {name:12s} {whole[name]:6.1f} img/s whole run "
+            f"({whole[name] / whole['loose files']:.2f}x loose), {steady[name]:6.1f} img/s "
+            f"first to last record ({steady[name] / steady['loose files']:.2f}x loose)",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=1_000_000)
+    parser.add_argument("--flat-files", type=int, default=None, help="default: --files")
+    parser.add_argument("--resume-records", type=int, default=1_000_000)
     parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-listing", action="store_true")
     parser.add_argument("--skip-resume", action="store_true")
     parser.add_argument("--skip-datasets", action="store_true")
@@ -150,13 +262,15 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="long-runs-", dir="/tmp"))
     try:
         print(f"{os.cpu_count()} CPUs", flush=True)
-        if not args.skip_listing:
-            listing(root, args.files)
         model = tiny_model(root)
+        if not args.skip_listing:
+            flat = args.files if args.flat_files is None else args.flat_files
+            listing(root, args.files, flat, model)
         if not args.skip_resume:
             resume_overhead(root, model)
+            resume_memory(root, model, args.resume_records)
         if not args.skip_datasets:
-            datasets(root, model, args.images)
+            datasets(root, model, args.images, args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -6,8 +6,9 @@ Each contributes one input per image, with an id that names where it came from:
   named on the command line or found in a folder, then ``#``, then the member's name inside
   the archive).  Members are found by image extension (as in folders); the others (``.json``,
   ``.txt``, ``.cls`` ...) are WebDataset metadata and are skipped.  Members are read in place
-  (``pread`` at the member's offset), never extracted to disk.  Only uncompressed tar is read:
-  a compressed archive cannot be read member by member without decompressing all of it.
+  (``pread`` at the member's offset, the archive kept open by each decoding process), never
+  extracted to disk.  Only uncompressed tar is read: a compressed archive cannot be read
+  member by member without decompressing all of it.
 - a Parquet row: the value of the id column when there is one (``--id-column``, else a
   column named ``id``, ``key``, ``__key__``, ``path`` or ``file_name`` when present), else
   ``FILE#ROW`` with the 0-based row number in the file.  The image column (``--image-column``,
@@ -22,13 +23,17 @@ they are bytes handed to the same decoder, with the same size cap.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import tarfile
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from convnext_cli.errors import ImageError, UsageError, one_line
 
@@ -107,12 +112,18 @@ def expand_braces(pattern: str) -> list[str]:
     A brace group that is neither a range nor a comma list is kept literally, as the shell
     does.  A pattern that would name more than a million files is a usage error.
     """
+    check_braces(pattern)
+    return _expand_braces(pattern)
+
+
+def check_braces(pattern: str) -> None:
+    """UsageError when a brace pattern would name more than a million files (counted, not
+    expanded)."""
     total = 1
     for group in _BRACE.finditer(pattern):
         total *= max(1, _brace_count(group.group(1)))
         if total > MAX_BRACE_NAMES:
             raise UsageError(f"{pattern}: the brace pattern names over {MAX_BRACE_NAMES} files")
-    return _expand_braces(pattern)
 
 
 def _brace_count(body: str) -> int:
@@ -211,22 +222,59 @@ def _tar_reason(exc: BaseException) -> str:
 
 
 def read_range(path: str, offset: int, length: int, max_bytes: int) -> bytes:
-    """``length`` bytes of a regular file at ``offset`` (a tar member), within the size cap."""
+    """``length`` bytes of a regular file at ``offset`` (a tar member), within the size cap.
+
+    The archive stays open in this process for the members that follow (one ``pread`` per
+    member; see :func:`_archive`), as a decoding process reads a shard's members in a row.
+    """
     if length > max_bytes:
         raise ImageError(f"member is {length} bytes, over the {max_bytes}-byte limit")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise ImageError(f"cannot read archive: {exc.strerror or one_line(exc)}") from exc
+    fd = _archive(path)
     try:
         data = os.pread(fd, length, offset)
     except OSError as exc:
+        _forget_archive(path)
         raise ImageError(f"cannot read archive member: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
     if len(data) != length:
         raise ImageError("truncated archive member")
     return data
+
+
+OPEN_ARCHIVES = 8  # tar shards a process keeps open (the least recently read is closed)
+_archives: dict[str, int] = {}  # path -> descriptor, least recently read first
+_archives_pid = 0  # the process that opened them: a forked child opens its own
+
+
+def _archive(path: str) -> int:
+    """A descriptor for a shard, opened once per process (non-blocking, a regular file only)."""
+    global _archives_pid
+    if _archives_pid != os.getpid():
+        _archives.clear()  # a forked child: the parent's descriptors are the parent's
+        _archives_pid = os.getpid()
+    fd = _archives.pop(path, None)
+    if fd is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise ImageError(f"cannot read archive: {exc.strerror or one_line(exc)}") from exc
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        if not regular:
+            os.close(fd)
+            raise ImageError("not a regular file (cannot read it as an archive)")
+        while len(_archives) >= OPEN_ARCHIVES:
+            os.close(_archives.pop(next(iter(_archives))))
+    _archives[path] = fd  # most recently read last
+    return fd
+
+
+def _forget_archive(path: str) -> None:
+    fd = _archives.pop(path, None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 # -------------------------------------------------------------------------------- parquet
@@ -249,7 +297,11 @@ def parquet_items(
             count = parquet.metadata.row_group(group).num_rows
             ids: list[object] = [None] * count
             if ident is not None:
-                ids = parquet.read_row_group(group, columns=[ident]).column(0).to_pylist()
+                ids = (
+                    parquet.read_row_group(group, columns=[ident], use_threads=False)
+                    .column(0)
+                    .to_pylist()
+                )
             for n in range(count):
                 item_id = f"{path}#{row}" if ids[n] is None else str(ids[n])
                 yield Item(item_id, file=path, row_group=group, row=n, column=image)
@@ -264,12 +316,30 @@ def parquet_items(
 MAX_ROW_GROUP_BYTES = 1 << 30  # one row group's image column, uncompressed, is read at once
 
 
-@lru_cache(maxsize=2)
-def _row_group_cells(path: str, group: int, column: str) -> list[object]:
-    """One row group's image column (decoders take consecutive rows: read once, use many)."""
+@lru_cache(maxsize=8)
+def _parquet_file(path: str, pid: int, thread: int) -> Any:
+    """An open Parquet file, once per process and thread (`pid` keeps a forked child off its
+    parent's; the thread reading ahead has its own).
+
+    A decoding process maps the file into memory (about half the cost of reading a row
+    group: no copy of the compressed pages); the main process reads it, since a file cut
+    short while mapped ends the process that maps it (SIGBUS), which a decoding process may
+    do (its inputs get error records) and the run may not.
+    """
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    return pq.ParquetFile(path, memory_map=_in_decoding_process())
+
+
+def _in_decoding_process() -> bool:
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
+
+
+def _read_row_group(path: str, group: int, column: str) -> Any:
+    """One row group's image column, as Arrow holds it, within the size cap."""
+    parquet = _parquet_file(path, os.getpid(), threading.get_ident())
     meta = parquet.metadata.row_group(group)
     size = sum(
         meta.column(n).total_uncompressed_size
@@ -281,14 +351,66 @@ def _row_group_cells(path: str, group: int, column: str) -> list[object]:
             f"row group {group} holds {size} bytes of images, over the {MAX_ROW_GROUP_BYTES}-byte "
             "limit for one read (rewrite the file with smaller row groups)"
         )
-    return parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
+    # one thread: the decoding processes are the parallelism
+    return parquet.read_row_group(group, columns=[column], use_threads=False).column(0)
+
+
+class _RowGroups:
+    """The row groups a process is decoding, read once each: the current one, and (in a
+    decoding process) the next one, read ahead by a thread while the current one's images
+    are decoded.  At most two are held; decoders take consecutive rows, so a row group
+    is read again only by a process that comes back to it."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.held: dict[tuple[str, int, str], Future[Any]] = {}
+        self.reader: ThreadPoolExecutor | None = None
+
+    def column(self, path: str, group: int, column: str) -> Any:
+        if self.pid != os.getpid():  # a forked child: nothing of its parent's
+            self.pid, self.held, self.reader = os.getpid(), {}, None
+        key = (path, group, column)
+        held = self.held.pop(key, None)
+        if held is None:
+            held = Future()
+            try:
+                held.set_result(_read_row_group(path, group, column))
+            except Exception as exc:
+                held.set_exception(exc)
+        following = (path, group + 1, column)
+        ahead = self.held.get(following)
+        self.held = {key: held}  # the current one, and the next one
+        if ahead is not None:
+            self.held[following] = ahead
+        else:
+            self._read_ahead(path, group + 1, column)
+        return held.result()
+
+    def _read_ahead(self, path: str, group: int, column: str) -> None:
+        if not _in_decoding_process():
+            return  # no thread in the main process, which forks the decoding processes
+        try:
+            groups = _parquet_file(path, os.getpid(), threading.get_ident()).num_row_groups
+        except Exception:
+            return
+        if group >= groups:
+            return
+        if self.reader is None:
+            self.reader = ThreadPoolExecutor(1, thread_name_prefix="convnext-parquet")
+        self.held[(path, group, column)] = self.reader.submit(_read_row_group, path, group, column)
+
+    def clear(self) -> None:
+        self.held.clear()
+
+
+_row_groups = _RowGroups()
 
 
 def _parquet_cell(path: str, group: int, column: str, row: int) -> bytes:
     import pyarrow as pa
 
     try:
-        value = _row_group_cells(path, group, column)[row]
+        value = _row_groups.column(path, group, column)[row].as_py()
     except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
         raise ImageError(f"cannot read the Parquet row ({one_line(exc)})") from exc
     if isinstance(value, dict):  # the {bytes, path} struct Hugging Face datasets writes

@@ -1,4 +1,7 @@
-"""Expanding command-line INPUTS (files, folders, globs, ``-`` for stdin) into an ordered path list.
+"""Expanding command-line INPUTS (files, folders, globs, ``-`` for stdin) into ordered inputs.
+
+The inputs come as a stream (:func:`iter_inputs`): a run starts on the first folder's images
+while the rest of a huge tree is still being listed, and memory never holds the whole listing.
 
 - A file named explicitly is always tried, whatever its extension, and whatever it is: a
   FIFO, a device, a socket, a broken symlink or a symlink loop named explicitly gets an
@@ -39,15 +42,18 @@ from __future__ import annotations
 import glob
 import operator
 import os
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, cast
 
 from convnext_cli.dataset_inputs import (
     PARQUET_SUFFIXES,
     TAR_SUFFIXES,
     Item,
+    check_braces,
     dataset_items,
     expand_braces,
     is_dataset_file,
@@ -95,40 +101,75 @@ def folder_images(
 ) -> list[str]:
     """Entries named like images in a folder (optionally its sub-folders), sorted by relative
     path; see the module docstring for what is listed."""
+    return list(iter_folder_images(folder, recursive, warn))
+
+
+def iter_folder_images(
+    folder: Path | str, recursive: bool, warn: Callable[[str], None] | None = None
+) -> Iterator[str]:
+    """:func:`folder_images`, one folder at a time: a folder's files (sorted) come as soon as
+    that folder is read, then each sub-folder's, depth first, as ``os.walk`` orders them.
+
+    Memory holds the names of the folder being read and the sub-folders still to visit on
+    the way down, never the whole tree; an explicit stack, so depth is not a recursion limit.
+    """
     say = warn or (lambda _msg: None)
     top = str(folder)
     try:
-        entries = sorted(os.scandir(top), key=_BY_NAME)
+        files, folders = _scan(top, recursive, say)
     except OSError:
-        return [top]  # unreadable folder named explicitly: reported as an error record
-    found: list[str] = []
-    _list_entries(entries, recursive, say, found)
-    return found
-
-
-def _list_entries(
-    entries: list[os.DirEntry[str]], recursive: bool, say: Callable[[str], None], found: list[str]
-) -> None:
-    # files of this folder first, then each sub-folder's, as os.walk orders them
-    folders = []
-    for entry in entries:
-        name = entry.name  # _extension(name), inlined: this loop runs once per file
-        dot = name.rfind(".")
-        ext = name[dot:].lower() if dot > 0 and (name[0] != "." or name[:dot].strip(".")) else ""
-        if _is_dir(entry):
-            if recursive and not entry.is_symlink():
-                folders.append(entry)
-            elif not recursive and ext in IMAGE_EXTENSIONS:
-                say(f"{entry.path}: a folder named like an image, not descended (try -r)")
-        elif ext in LISTED_EXTENSIONS:
-            found.append(entry.path)
-    for sub in folders:
-        try:
-            children = sorted(os.scandir(sub.path), key=_BY_NAME)
-        except OSError as exc:
-            say(f"{sub.path}: cannot list this folder ({exc.strerror or exc}), skipped")
+        yield top  # unreadable folder named explicitly: reported as an error record
+        return
+    prefix = _as_prefix(top)
+    yield from map(prefix.__add__, files)  # = os.path.join(top, name), as DirEntry.path is
+    # (folder as a prefix, its sub-folders' names still to visit), deepest last
+    stack: list[tuple[str, Iterator[str]]] = [(prefix, iter(folders))]
+    while stack:
+        parent, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
             continue
-        _list_entries(children, recursive, say, found)
+        path = parent + name
+        try:
+            files, folders = _scan(path, recursive, say)
+        except OSError as exc:
+            say(f"{path}: cannot list this folder ({exc.strerror or exc}), skipped")
+            continue
+        prefix = _as_prefix(path)
+        yield from map(prefix.__add__, files)
+        if folders:
+            stack.append((prefix, iter(folders)))
+
+
+def _as_prefix(folder: str) -> str:
+    return folder if folder.endswith(os.sep) else folder + os.sep
+
+
+def _scan(folder: str, recursive: bool, say: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    """(names of the listed files, names of the sub-folders to descend into) of one folder,
+    each sorted; raises OSError when the folder cannot be read."""
+    files: list[str] = []
+    folders: list[str] = []
+    skipped: list[str] = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = entry.name  # _extension(name), inlined: this loop runs once per file
+            dot = name.rfind(".")
+            plain = dot > 0 and (name[0] != "." or name[:dot].strip("."))
+            ext = name[dot:].lower() if plain else ""
+            if _is_dir(entry):
+                if recursive and not entry.is_symlink():
+                    folders.append(name)
+                elif not recursive and ext in IMAGE_EXTENSIONS:
+                    skipped.append(entry.path)
+            elif ext in LISTED_EXTENSIONS:
+                files.append(name)
+    files.sort()
+    folders.sort()
+    for path in sorted(skipped):
+        say(f"{path}: a folder named like an image, not descended (try -r)")
+    return files, folders
 
 
 def read_input(ref: InputRef) -> bytes:
@@ -149,14 +190,66 @@ def read_paths(stream: IO[Any], null_separated: bool = False) -> list[str]:
     Binary streams (or text streams with a ``buffer``, like ``sys.stdin``) are read as bytes
     and decoded with :func:`os.fsdecode`, so non-UTF-8 names survive.
     """
+    return list(iter_paths(stream, null_separated))
+
+
+def iter_paths(stream: IO[Any], null_separated: bool = False) -> Iterator[str]:
+    """:func:`read_paths`, each path as soon as its separator arrives (a pipe that is still
+    being written gives its first paths before it ends)."""
+    separator = b"\0" if null_separated else b"\n"
+    rest = b""
+    for chunk in _chunks_of(stream):
+        pieces = (rest + chunk).split(separator)
+        rest = pieces.pop()
+        for piece in pieces:
+            if not null_separated and piece.endswith(b"\r"):
+                piece = piece[:-1]
+            if piece:
+                yield os.fsdecode(piece)
+    if not null_separated and rest.endswith(b"\r"):
+        rest = rest[:-1]
+    if rest:
+        yield os.fsdecode(rest)
+
+
+def _chunks_of(stream: IO[Any]) -> Iterator[bytes]:
+    """A stream's bytes as they come.
+
+    A stream on a file descriptor (stdin) is read to its end by a thread, whatever the run
+    takes from it: a caller that writes all the paths before it reads any result cannot
+    deadlock against a run whose output pipe is full (memory holds what is read ahead, as
+    it held all of stdin before the listing was streamed).  The thread reads the descriptor
+    itself (``os.read``), so it holds no lock of ``sys.stdin`` that a forked decoding
+    process would inherit.
+    """
     binary = getattr(stream, "buffer", stream)
-    data = binary.read()
-    raw = data if isinstance(data, bytes) else os.fsencode(data)
-    if null_separated:
-        items = raw.split(b"\0")
-    else:
-        items = [line[:-1] if line.endswith(b"\r") else line for line in raw.split(b"\n")]
-    return [os.fsdecode(item) for item in items if item]
+    try:
+        fd = binary.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is None:
+        read = getattr(binary, "read1", None) or binary.read  # read1: what is there
+        while chunk := read(1 << 16):
+            yield chunk if isinstance(chunk, bytes) else os.fsencode(chunk)
+        return
+    import queue
+    import threading
+
+    chunks: queue.SimpleQueue[bytes | OSError] = queue.SimpleQueue()
+
+    def pump() -> None:
+        try:
+            while data := os.read(fd, 1 << 16):
+                chunks.put(data)
+        except OSError as exc:
+            chunks.put(exc)
+        chunks.put(b"")
+
+    threading.Thread(target=pump, name="convnext-paths", daemon=True).start()
+    while chunk := chunks.get():
+        if isinstance(chunk, OSError):
+            raise chunk
+        yield chunk
 
 
 def expand_inputs(
@@ -174,17 +267,118 @@ def expand_inputs(
     or NUL-separated ones with `null_separated`.  Dataset files become their members/rows;
     `image_column` and `id_column` choose a Parquet file's columns.
     """
-    found: list[InputRef] = []
+    return list(
+        iter_inputs(inputs, recursive, stdin, warn, null_separated, image_column, id_column)
+    )
+
+
+def iter_inputs(
+    inputs: Iterable[str],
+    recursive: bool = False,
+    stdin: IO[Any] | None = None,
+    warn: Callable[[str], None] | None = None,
+    null_separated: bool = False,
+    image_column: str | None = None,
+    id_column: str | None = None,
+) -> Iterator[InputRef]:
+    """:func:`expand_inputs` as a stream, in the same order: each folder is read when the
+    listing reaches it, each dataset file's members or rows as they are read, stdin as it
+    arrives.  Brace patterns naming too many files are refused here, before anything is
+    listed; NoInputsError comes when the stream ends having given nothing."""
+    given = list(inputs)
+    for pattern in given:
+        if pattern != "-" and not os.path.lexists(pattern):
+            check_braces(pattern)
+    return _listed(given, recursive, stdin, warn, null_separated, image_column, id_column)
+
+
+def _listed(
+    inputs: list[str],
+    recursive: bool,
+    stdin: IO[Any] | None,
+    warn: Callable[[str], None] | None,
+    null_separated: bool,
+    image_column: str | None,
+    id_column: str | None,
+) -> Iterator[InputRef]:
     say = warn or (lambda _msg: None)
+    listed = False
     for path in _expand(inputs, recursive, stdin or sys.stdin, say, null_separated):
         # .tar, .parquet, .pq end in r, t, q: a cheap test first (once per input)
         if path[-1:] in "rRtTqQ" and is_dataset_file(path):
-            found.extend(dataset_items(path, IMAGE_EXTENSIONS, image_column, id_column))
+            for item in dataset_items(path, IMAGE_EXTENSIONS, image_column, id_column):
+                listed = True
+                yield item
         else:
-            found.append(path)
-    if not found:
+            listed = True
+            yield path
+    if not listed:
         raise NoInputsError("no input images found")
-    return found
+
+
+class SupportsTotal(Protocol):
+    """What a progress bar reads off a stream of inputs: the total, None until it is known."""
+
+    @property
+    def total(self) -> int | None: ...
+
+
+LISTING_AHEAD = 250_000  # inputs listed ahead of the run (about 40 MB of names)
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_END = object()
+
+
+class InputStream(Iterator[InputRef]):
+    """The inputs a run processes, handed out once, in order, as they are listed.
+
+    A thread lists (and filters) ahead of the run, at most :data:`LISTING_AHEAD` inputs
+    ahead, so the first batch starts at once while ``total`` becomes known as soon as the
+    listing ends (for runs of up to LISTING_AHEAD inputs, almost at once: the progress bar
+    gets its ETA); ``count`` is how many it has given so far.  An error while listing (a
+    refused -o, no inputs at all) is raised here, in order, after the inputs before it.
+    """
+
+    def __init__(self, source: Iterable[InputRef]) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=LISTING_AHEAD)
+        self.count = 0
+        self.total: int | None = None
+        self._done = False
+        thread = threading.Thread(target=self._list, args=(iter(source),), daemon=True)
+        thread.start()
+
+    def _list(self, source: Iterator[InputRef]) -> None:
+        listed = 0
+        try:
+            for item in source:
+                self._queue.put(item)
+                listed += 1
+        except BaseException as exc:  # handed to the run, which raises it in order
+            self._queue.put(_Failed(exc))
+            return
+        self.total = listed
+        self._queue.put(_END)
+
+    def __iter__(self) -> InputStream:
+        return self
+
+    def __next__(self) -> InputRef:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Failed):
+            self._done = True
+            raise item.exc
+        self.count += 1
+        return cast(InputRef, item)
 
 
 def _expand(
@@ -203,27 +397,31 @@ def _expand_one(
     item: str, recursive: bool, stdin: IO[Any], warn: Callable[[str], None], null_separated: bool
 ) -> Iterator[str]:
     if item == "-":
-        yield from read_paths(stdin, null_separated)
+        yield from iter_paths(stdin, null_separated)
         return
     path = Path(item).expanduser() if item.startswith("~") else Path(item)
     if path.is_dir():
-        found = folder_images(path, recursive, warn)
-        if not found and is_image_name(item.rstrip("/" + os.sep)):
+        images = iter_folder_images(path, recursive, warn)
+        first = next(images, None)
+        if first is not None:
+            yield first
+            yield from images
+        elif is_image_name(item.rstrip("/" + os.sep)):
             yield item  # x.jpg/ named explicitly, holding no image: an error record
-            return
-        if not found:
+        else:
             warn(f"{item}: no images in this folder" + ("" if recursive else " (try -r)"))
-        yield from found
     elif os.path.lexists(path) or not GLOB_CHARS.intersection(item):
         yield str(path) if item.startswith("~") else item
     else:
         matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-        images = []
+        found = False
         for match in matches:
             if os.path.isdir(match):
-                images.extend(folder_images(Path(match), recursive, warn))
+                for image in iter_folder_images(Path(match), recursive, warn):
+                    found = True
+                    yield image
             elif is_listed(match):
-                images.append(match)
-        if not images:
+                found = True
+                yield match
+        if not found:
             warn(f"{item}: pattern matched no images")
-        yield from images

@@ -5,6 +5,10 @@ while the model runs on the previous batch; the main process normalises on the t
 device, runs the model and yields one list of results per batch, in input order.  Memory
 is bounded by the batches in flight (``workers x 2``), never by the number of inputs.
 
+Inputs may be a stream (a listing still going on): they are taken a batch at a time, as
+the batches in flight make room, so the first results come before the stream ends.  Only
+a few batches are read ahead, to choose the number of workers (see :func:`plan_workers`).
+
 Every input yields exactly one result: its predictions or embedding, or the one-line
 reason it has none.  A decoder that crashes or hangs costs one input (see decode_pool); an
 image the model cannot run on (too small with resizing off) gets its own error, the rest
@@ -14,8 +18,9 @@ of its batch is run without it; a row whose outputs are not all finite (broken w
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -97,23 +102,25 @@ class DecodedBatch:
     shape (one group unless resizing is off); with ``pin_memory`` the whole uint8 group is
     pinned once, so that its host-to-device copy can run asynchronously."""
 
-    indices: list[int]
+    indices: list[int]  # the inputs' numbers in the whole run
+    inputs: list[Input]
     errors: list[str | None]
     groups: list[tuple[list[int], torch.Tensor]]  # positions in the batch, (n, 3, h, w) uint8
     encoded: list[tuple[int, EncodedJpeg]] = field(default_factory=list)  # for the device
 
     def pin_memory(self) -> DecodedBatch:
         groups = [(positions, pixels.pin_memory()) for positions, pixels in self.groups]
-        return DecodedBatch(self.indices, self.errors, groups, self.encoded)
+        return DecodedBatch(self.indices, self.inputs, self.errors, groups, self.encoded)
 
 
 class _PendingBatch:
     """A batch being assembled from what the decoders return, in any order."""
 
-    def __init__(self, indices: list[int]) -> None:
-        self.indices = indices
-        self.errors: list[str | None] = [None] * len(indices)
-        self.waiting = len(indices)
+    def __init__(self, start: int, inputs: list[Input]) -> None:
+        self.indices = list(range(start, start + len(inputs)))
+        self.inputs = inputs
+        self.errors: list[str | None] = [None] * len(inputs)
+        self.waiting = len(inputs)
         self.parts: list[tuple[list[int], torch.Tensor]] = []
         self.encoded: list[tuple[int, EncodedJpeg]] = []
 
@@ -149,7 +156,7 @@ class _PendingBatch:
                 positions = [p for part, _ in parts for p in part]
                 groups.append((positions, torch.cat([pixels for _, pixels in parts])))
         self.encoded.sort(key=lambda item: item[0])
-        return DecodedBatch(self.indices, self.errors, groups, self.encoded)
+        return DecodedBatch(self.indices, self.inputs, self.errors, groups, self.encoded)
 
 
 def default_batch_size(device_type: str) -> int:
@@ -203,6 +210,9 @@ def plan_workers(
     - ``0``: decode in the main process (no crash isolation, no deadline: only the
       structural checks in images.py guard it).
     - ``N``: :func:`cap_workers`, each prefetching 2 batches.
+
+    With a stream of inputs, `num_inputs` need only be counted up to
+    :func:`planning_lookahead`: any larger count gives the same plan.
     """
     if requested is None:
         workers = default_workers(num_inputs, batch_size, device_type)
@@ -213,8 +223,33 @@ def plan_workers(
     return workers, workers * TASKS_PER_WORKER
 
 
+def planning_lookahead(requested: int | None, batch_size: int) -> int:
+    """How many inputs :func:`plan_workers` needs to see: a count this large decides the
+    plan as the full count would (the default looks at whether there is more than one
+    batch; ``--workers N`` at whether there are more batches than it can use)."""
+    usable = min(requested, usable_cores()) if requested is not None else 1
+    return max(1, batch_size) * max(1, usable) + 1
+
+
+def lookahead(items: Iterable[Input], count: int) -> tuple[int, Iterable[Input]]:
+    """(how many inputs there are, up to `count`; the same inputs, none lost): a list is
+    counted as it is, a stream is read `count` inputs ahead."""
+    if isinstance(items, Sized):
+        return len(items), items
+    stream = iter(items)
+    ahead = list(itertools.islice(stream, count))
+    return len(ahead), itertools.chain(ahead, stream)
+
+
+def _chunks(items: Iterable[Input], size: int) -> Iterator[list[Input]]:
+    """Consecutive batches of `size` inputs (the last one shorter), taken when asked for."""
+    stream = iter(items)
+    while chunk := list(itertools.islice(stream, max(1, size))):
+        yield chunk
+
+
 def decoded_batches(
-    items: Sequence[Input],
+    items: Iterable[Input],
     spec: PreprocessSpec,
     batch_size: int,
     workers: int,
@@ -226,15 +261,18 @@ def decoded_batches(
     """Batches of decoded inputs, in order, from `workers` processes (0: in this process).
 
     At most `prefetch` batches (default ``workers x 2``) are decoded ahead of the one the
-    caller is using.  Inputs already in memory are resized here; only files go to workers.
+    caller is using, and no more inputs are taken from `items` than those batches hold: a
+    stream is read as the run goes.  Inputs already in memory are resized here; only files
+    go to workers.
     """
-    starts = range(0, len(items), batch_size)
+    chunks = _chunks(items, batch_size)
     if workers <= 0:
-        for start in starts:
-            indices = list(range(start, min(start + batch_size, len(items))))
-            pending = _PendingBatch(indices)
-            for position, index in enumerate(indices):
-                pending.add(position, _prepare(items[index], spec, jpeg_on_device))
+        start = 0
+        for chunk in chunks:
+            pending = _PendingBatch(start, chunk)
+            for position, item in enumerate(chunk):
+                pending.add(position, _prepare(item, spec, jpeg_on_device))
+            start += len(chunk)
             decoded = pending.finish()
             yield decoded.pin_memory() if pin_memory else decoded
         return
@@ -256,28 +294,32 @@ def decoded_batches(
         error,
     )
     ahead = max(1, prefetch if prefetch is not None else workers * TASKS_PER_WORKER)
-    queued = iter(enumerate(starts))
+    submitted = 0  # batches taken from the inputs
+    start = 0  # the number of the next input
+    number = 0  # the batch the caller gets next
     try:
-        for number, _ in enumerate(starts):
+        while True:
             while len(batches) < ahead:
-                nxt = next(queued, None)
-                if nxt is None:
+                taken = next(chunks, None)
+                if taken is None:
                     break
-                seq, start = nxt
-                indices = list(range(start, min(start + batch_size, len(items))))
-                pending = batches[seq] = _PendingBatch(indices)
+                pending = batches[submitted] = _PendingBatch(start, taken)
+                start += len(taken)
                 files = []
-                for position, index in enumerate(indices):
-                    item = items[index]
+                for position, item in enumerate(taken):
                     if isinstance(item, InMemoryImage):
                         pending.add(position, _prepare(item, spec, jpeg_on_device))
                     else:
                         files.append((position, item))
                 if files:
-                    pool.submit(seq, files)
+                    pool.submit(submitted, files)
+                submitted += 1
+            if number not in batches:
+                return  # the inputs have ended and every batch was handed over
             while batches[number].waiting > 0:
                 pool.poll()
             decoded = batches.pop(number).finish()
+            number += 1
             yield decoded.pin_memory() if pin_memory else decoded
     finally:
         pool.close()
@@ -340,13 +382,14 @@ class Runner:
         return batch
 
     def _run(
-        self, paths: Sequence[Input], batch_size: int | None, workers: int | None, fn: Any
+        self, paths: Iterable[Input], batch_size: int | None, workers: int | None, fn: Any
     ) -> Iterator[list[Result]]:
         import torch
 
         if batch_size is None:
             batch_size = default_batch_size(self.device.type)
-        workers, prefetch = plan_workers(workers, len(paths), batch_size, self.device.type)
+        known, paths = lookahead(paths, planning_lookahead(workers, batch_size))
+        workers, prefetch = plan_workers(workers, known, batch_size, self.device.type)
         pin = self.device.type == "cuda"
         batches = decoded_batches(
             paths,
@@ -359,8 +402,8 @@ class Runner:
         )
         for decoded in batches:
             results = [
-                Result(path=input_name(paths[i]), error=err)
-                for i, err in zip(decoded.indices, decoded.errors, strict=True)
+                Result(path=input_name(item), error=err)
+                for item, err in zip(decoded.inputs, decoded.errors, strict=True)
             ]
             with torch.inference_mode():
                 groups = decoded.groups
@@ -426,12 +469,13 @@ class Runner:
 
     def classify(
         self,
-        paths: Sequence[Input],
+        paths: Iterable[Input],
         top_k: int = 5,
         batch_size: int | None = None,
         workers: int | None = None,
     ) -> Iterator[list[Result]]:
-        """Top-k softmax predictions for every path, one list of results per batch."""
+        """Top-k softmax predictions for every path, one list of results per batch (`paths`
+        may be a stream: it is read as the batches go)."""
         if not self.labels:
             from convnext_cli.errors import UsageError
 
@@ -466,7 +510,7 @@ class Runner:
 
     def embed(
         self,
-        paths: Sequence[Input],
+        paths: Iterable[Input],
         normalize: bool = False,
         batch_size: int | None = None,
         workers: int | None = None,

@@ -17,14 +17,17 @@ or preprocessing differs is refused unless forced, so one file never mixes two m
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
+import itertools
 import json
 import os
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from convnext_cli.errors import UsageError
 from convnext_cli.names import read_path_field
@@ -45,22 +48,34 @@ def copy_path(target: Path) -> Path:
 
 @dataclass
 class Recorded:
-    """The records kept from earlier runs, in the order they were found."""
+    """What earlier runs recorded: the ids done, and (text formats) where the kept records are.
 
-    lines: list[bytes] = field(default_factory=list)  # text formats: raw records, kept
-    header: bytes = b""  # CSV: the header line of the file the records came from
+    Only the ids are held in memory.  The kept records themselves (text formats) are written,
+    as they are read, to the copy beside the target (:func:`copy_path`), ``header`` first;
+    ``ends`` holds where each record ends in it, counted from the end of the header, so they
+    can be handed on record by record without reading them back whole.
+    """
+
     ids: set[str] = field(default_factory=set)
+    header: bytes = b""  # CSV: the header line of the file the records came from
+    ends: array[int] = field(default_factory=lambda: array("q"))
     errors_dropped: int = 0
     torn: int = 0
 
-    def add(self, record_id: str, raw: bytes, is_error: bool, retry_errors: bool) -> None:
+    @property
+    def kept(self) -> int:
+        """How many records are kept (text formats)."""
+        return len(self.ends)
+
+    def add(self, record_id: str, is_error: bool, retry_errors: bool) -> bool:
+        """Count a record in; False when it is not kept (seen already, or an error to retry)."""
         if record_id in self.ids:
-            return
+            return False
         if is_error and retry_errors:
             self.errors_dropped += 1
-            return
+            return False
         self.ids.add(record_id)
-        self.lines.append(raw)
+        return True
 
 
 # ------------------------------------------------------------------------ provenance
@@ -109,34 +124,77 @@ def text_sources(target: Path) -> list[Path]:
     return [p for p in (copy_path(target), partial_path(target), target) if p.is_file()]
 
 
-def read_text_records(
-    sources: Iterable[Path], fmt: str, retry_errors: bool, top_k: int | None = None
+def keep_text_records(
+    sources: Iterable[Path],
+    copy: Path,
+    fmt: str,
+    retry_errors: bool,
+    top_k: int | None = None,
 ) -> Recorded:
+    """Read every source once, record by record, and write the records kept (the first seen
+    of each id; no torn ones; no errors with ``retry_errors``) to ``copy``, atomically.
+
+    Memory holds the set of ids and one offset per kept record, never the records: a file
+    of a million records is copied through a 64 KiB buffer.  ``copy`` may be one of the
+    sources (a resume that was itself killed): it is read before it is replaced.
+    """
     recorded = Recorded()
-    for source in sources:
-        data = source.read_bytes()
-        if fmt == "jsonl":
-            _jsonl_records(data, recorded, retry_errors)
-        else:
-            _csv_records(data, recorded, retry_errors, top_k)
+    temporary = copy.with_name(copy.name + ".tmp")
+    written = 0
+    with open(temporary, "wb") as out:
+        for source in sources:
+            records = _jsonl_records if fmt == "jsonl" else _csv_records
+            for record_id, raw, is_error in records(source, recorded, top_k):
+                if not recorded.add(record_id, is_error, retry_errors):
+                    continue
+                if not written:
+                    out.write(recorded.header)
+                out.write(raw)
+                written += len(raw)
+                recorded.ends.append(written)
+    if written:
+        os.replace(temporary, copy)
+    else:
+        temporary.unlink(missing_ok=True)
     return recorded
 
 
-def _jsonl_records(data: bytes, recorded: Recorded, retry_errors: bool) -> None:
-    for raw in data.splitlines(keepends=True):
-        try:
-            if not raw.endswith(b"\n"):
-                raise ValueError("torn")
-            record = json.loads(raw)
-            record_id = record["path"]
-            complete = "error" in record or "predictions" in record or "embedding" in record
-            if not isinstance(record_id, str) or not complete:
-                raise ValueError("incomplete")
-        except (ValueError, KeyError, TypeError):
-            if raw.strip():
-                recorded.torn += 1
-            continue
-        recorded.add(record_id, raw, "error" in record, retry_errors)
+def kept_records(
+    copy: Path, recorded: Recorded, chunk_bytes: int = 1 << 22
+) -> Iterator[list[bytes]]:
+    """The records :func:`keep_text_records` wrote to ``copy``, about ``chunk_bytes`` of them
+    (at least one record) at a time."""
+    ends = recorded.ends
+    with open(copy, "rb") as handle:
+        handle.seek(len(recorded.header))
+        start = 0  # where the next record starts, counted from the end of the header
+        first = 0  # the next record's number
+        while first < len(ends):
+            last = max(first + 1, bisect.bisect_right(ends, start + chunk_bytes, lo=first))
+            data = handle.read(ends[last - 1] - start)
+            bounds = [0, *(end - start for end in ends[first:last])]
+            yield [data[a:b] for a, b in itertools.pairwise(bounds)]
+            start, first = ends[last - 1], last
+
+
+def _jsonl_records(
+    source: Path, recorded: Recorded, top_k: int | None
+) -> Iterator[tuple[str, bytes, bool]]:
+    with open(source, "rb") as handle:
+        for raw in handle:
+            try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("torn")
+                record = json.loads(raw)
+                record_id = record["path"]
+                complete = "error" in record or "predictions" in record or "embedding" in record
+                if not isinstance(record_id, str) or not complete:
+                    raise ValueError("incomplete")
+            except (ValueError, KeyError, TypeError):
+                if raw.strip():
+                    recorded.torn += 1
+                continue
+            yield record_id, raw, "error" in record
 
 
 def csv_header(data: bytes) -> bytes:
@@ -144,26 +202,34 @@ def csv_header(data: bytes) -> bytes:
     return data[: end + 1] if end >= 0 else b""
 
 
-def _csv_records(data: bytes, recorded: Recorded, retry_errors: bool, top_k: int | None) -> None:
+def _csv_records(
+    source: Path, recorded: Recorded, top_k: int | None
+) -> Iterator[tuple[str, bytes, bool]]:
     """Rows grouped by path (classify writes one row per rank); the last group may be torn."""
-    header = csv_header(data)
-    recorded.header = recorded.header or header
-    body = data[len(header) :]
-    complete = body.endswith(b"\n")
-    groups = list(_csv_groups(body, classify=header.startswith(b"path,rank,")))
-    for n, (record_id, raw, is_error, ranks) in enumerate(groups):
-        last = n == len(groups) - 1
-        short = top_k is not None and not is_error and ranks is not None and ranks < top_k
-        if last and (not complete or short):
-            recorded.torn += 1
-            continue
-        recorded.add(record_id, raw, is_error, retry_errors)
+    with open(source, "rb") as handle:
+        first_line = handle.readline()
+        header = csv_header(first_line)
+        recorded.header = recorded.header or header
+        size = os.fstat(handle.fileno()).st_size
+        complete = size > len(header) and os.pread(handle.fileno(), 1, size - 1) == b"\n"
+        body: IO[bytes] = handle if header else io.BytesIO(first_line)
+        text = io.TextIOWrapper(body, encoding="utf-8", errors="surrogateescape", newline="")
+        groups = _csv_groups(text, classify=header.startswith(b"path,rank,"))
+        previous = next(groups, None)
+        while previous is not None:
+            current = next(groups, None)
+            record_id, raw, is_error, ranks = previous
+            short = top_k is not None and not is_error and ranks is not None and ranks < top_k
+            if current is None and (not complete or short):
+                recorded.torn += 1
+            else:
+                yield record_id, raw, is_error
+            previous = current
 
 
-def _csv_groups(body: bytes, classify: bool) -> Iterator[tuple[str, bytes, bool, int | None]]:
+def _csv_groups(text: IO[str], classify: bool) -> Iterator[tuple[str, bytes, bool, int | None]]:
     """(id, raw rows, is error, number of rank rows or None for embed rows)."""
-    text = body.decode("utf-8", "surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(text)
     current: str | None = None
     rows: list[list[str]] = []
     for row in reader:
@@ -194,28 +260,53 @@ def _csv_group(
     return record_id, raw, is_error, ranks
 
 
+def refuse_if_locked(target: Path, display: object) -> None:
+    """The OutputError a writer would give when another run holds ``.NAME.partial``, before
+    resuming reads and copies what that run is writing."""
+    from convnext_cli.errors import OutputError
+    from convnext_cli.output_file import partial_path
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory lock
+        return
+    partial = partial_path(target)
+    try:
+        fd = os.open(partial, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # none there: nobody is writing it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise OutputError(
+            f"{display}: another convnext run is writing it (lock held on {partial})"
+        ) from None
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------ parquet
 
 
 def read_parquet_ids(sources: Iterable[Path], retry_errors: bool) -> Recorded:
-    """Ids recorded in Parquet files (the target and the parts of an interrupted run)."""
+    """Ids recorded in Parquet files (the target and the parts of an interrupted run), read
+    a batch of rows at a time; a file that cannot be read to its end counts for nothing."""
     import pyarrow.parquet as pq
 
     recorded = Recorded()
     for source in sources:
+        found: list[tuple[str, bool]] = []
         try:
-            table = pq.read_table(source, columns=["path", "error"])
+            with pq.ParquetFile(source) as parquet:
+                for batch in parquet.iter_batches(
+                    batch_size=1 << 16, columns=["path", "error"], use_threads=False
+                ):
+                    paths = batch.column(0).to_pylist()
+                    failed = batch.column(1).is_valid().to_pylist()
+                    found.extend(zip(paths, failed, strict=True))
         except Exception:  # a part cut off by a kill: its rows are done again
             recorded.torn += 1
             continue
-        for path, error in zip(
-            table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True
-        ):
-            record_id = read_path_field(path)
-            if record_id in recorded.ids:
-                continue
-            if error is not None and retry_errors:
-                recorded.errors_dropped += 1
-                continue
-            recorded.ids.add(record_id)
+        for path, is_error in found:
+            recorded.add(read_path_field(path), is_error, retry_errors)
     return recorded

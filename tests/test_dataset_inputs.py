@@ -131,7 +131,50 @@ def test_a_huge_row_group_is_an_error_per_row_not_a_huge_read(
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"image": [p.read_bytes() for p in photos[:2]]}), path)
     monkeypatch.setattr(dataset_inputs, "MAX_ROW_GROUP_BYTES", 1000)
-    dataset_inputs._row_group_cells.cache_clear()
+    dataset_inputs._row_groups.clear()
     items = list(parquet_items(str(path)))
     with pytest.raises(ImageError, match="over the 1000-byte limit"):
+        read(items[0])
+
+
+def test_each_row_group_is_read_once_and_the_next_one_ahead(
+    tmp_path: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoding process reads a row group once for all its rows, and the next one in a
+    thread while the current one is decoded; the cells are the bytes written."""
+    import convnext_cli.dataset_inputs as dataset_inputs
+
+    blobs = [photos[n % len(photos)].read_bytes() for n in range(10)]
+    path = tmp_path / "groups.parquet"
+    pq.write_table(pa.table({"image": blobs}), path, row_group_size=4)  # groups of 4, 4, 2
+    reads: list[int] = []
+    real_read = dataset_inputs._read_row_group
+
+    def counted(file: str, group: int, column: str) -> object:
+        reads.append(group)
+        return real_read(file, group, column)
+
+    monkeypatch.setattr(dataset_inputs, "_read_row_group", counted)
+    monkeypatch.setattr(dataset_inputs, "_in_decoding_process", lambda: True)
+    dataset_inputs._row_groups.clear()
+    assert [read(item) for item in parquet_items(str(path))] == blobs
+    assert sorted(reads) == [0, 1, 2]
+    assert reads[:2] == [0, 1]  # group 1 was asked for while group 0 was being used
+
+
+def test_tar_shards_stay_open_a_few_at_a_time(tmp_path: Path, photos: list[Path]) -> None:
+    import convnext_cli.dataset_inputs as dataset_inputs
+
+    shards = []
+    for n in range(dataset_inputs.OPEN_ARCHIVES + 3):
+        members = [(f"{n:03d}-{i}.png", photos[(n + i) % 6].read_bytes()) for i in range(2)]
+        shards.append((make_shard(tmp_path / f"{n:03d}.tar", members), members))
+    for shard, members in shards + shards[:2]:
+        assert [read(i) for i in tar_items(str(shard), EXTS)] == [data for _, data in members]
+        assert len(dataset_inputs._archives) <= dataset_inputs.OPEN_ARCHIVES
+    # a shard that is gone after listing: its members fail, one by one, with the reason
+    items = list(tar_items(str(shards[-1][0]), EXTS))
+    dataset_inputs._forget_archive(str(shards[-1][0]))
+    shards[-1][0].unlink()
+    with pytest.raises(ImageError, match="cannot read archive"):
         read(items[0])

@@ -3,6 +3,7 @@ stream batches to a writer and finish it (also on Ctrl-C / SIGTERM)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -14,7 +15,7 @@ from convnext_cli import interrupts
 from convnext_cli.cli.errors import say
 from convnext_cli.cli.progress import Batches, TotalLike, configure, note, track
 from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, OutputError, UsageError
-from convnext_cli.inputs import InputRef, expand_inputs, input_id
+from convnext_cli.inputs import InputRef, InputStream, input_id, iter_inputs
 from convnext_cli.names import path_field
 from convnext_cli.output import choose_format, open_writer, output_targets
 from convnext_cli.output_file import is_stdout
@@ -32,11 +33,16 @@ def gather_inputs(
     null_separated: bool = False,
     image_column: str | None = None,
     id_column: str | None = None,
-) -> list[InputRef]:
-    """Expand INPUTS (stdin only when '-' is given); warnings go to stderr."""
+) -> Iterator[InputRef]:
+    """Expand INPUTS (stdin only when '-' is given) as a stream; warnings go to stderr.
+
+    The first input is listed here, so that "no input images found" (and a brace pattern
+    naming too many files) is a usage error before anything is opened or loaded; the rest
+    are listed as the run takes them.
+    """
     if not inputs:
         raise UsageError("no inputs given (files, folders, globs, or '-' for stdin)")
-    return expand_inputs(
+    listing = iter_inputs(
         inputs,
         recursive=recursive,
         warn=lambda msg: say(f"warning: {msg}"),
@@ -44,6 +50,8 @@ def gather_inputs(
         image_column=image_column,
         id_column=id_column,
     )
+    first = next(listing)  # NoInputsError when there is none
+    return itertools.chain([first], listing)
 
 
 def checkpoint_files(model: str) -> list[str]:
@@ -69,23 +77,56 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def refuse_overwriting(targets: list[Path], inputs: list[str], model: str) -> None:
-    """An output that is (symlinks and hard links included) an input or a checkpoint file is
-    refused before anything is opened for writing."""
+def _existing_targets(targets: list[Path]) -> dict[tuple[int, int], Path]:
     existing = {}
     for target in targets:
         identity = _identity(target)
         if identity is not None:
             existing[identity] = target
+    return existing
+
+
+def _refused(target: Path, kind: str, path: str) -> OutputError:
+    return OutputError(f"{target}: refusing to write the output over {kind} ({path})")
+
+
+def refuse_overwriting(targets: list[Path], inputs: Iterable[str], model: str) -> None:
+    """An output that is (symlinks and hard links included) an input or a checkpoint file is
+    refused before anything is opened for writing.
+
+    `inputs` are the files known before the run: all of them (``--engine ray``), or the files
+    named on the command line (the local engine, whose listing is streamed: the inputs found
+    in folders, globs and stdin are checked as they are listed, by :func:`watch_overwriting`).
+    """
+    existing = _existing_targets(targets)
     if not existing:
         return
     for kind, paths in (("an input", inputs), ("a checkpoint file", checkpoint_files(model))):
         for path in paths:
             identity = _identity(path)
             if identity in existing:
-                raise OutputError(
-                    f"{existing[identity]}: refusing to write the output over {kind} ({path})"
-                )
+                raise _refused(existing[identity], kind, path)
+
+
+def watch_overwriting(items: Iterable[InputRef], targets: list[Path]) -> Iterator[InputRef]:
+    """The inputs, each checked as it is listed: one that is an output target (through a
+    symlink or a hard link too) raises the same OutputError as :func:`refuse_overwriting`,
+    mid-run; the writer is then aborted and the target left untouched.  Only when a target
+    exists already (otherwise no input can be it): then one ``stat`` per input file, once
+    per dataset file."""
+    existing = _existing_targets(targets)
+    if not existing:
+        yield from items
+        return
+    last = None
+    for item in items:
+        path = item if isinstance(item, str) else str(item.file or item.id)
+        if path != last:
+            identity = _identity(path)
+            if identity in existing:
+                raise _refused(existing[identity], "an input", path)
+            last = path
+        yield item
 
 
 def write_results(
@@ -210,20 +251,33 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def take_shard(items: list[InputRef], shard: str | None) -> list[InputRef]:
-    """Every N-th input from the I-th, by listing order (stable across runs)."""
+def take_shard(items: Iterable[InputRef], shard: str | None) -> Iterable[InputRef]:
+    """Every N-th input from the I-th, by listing order (stable across runs); a list gives a
+    list, a stream a stream."""
     if shard is None:
         return items
     index, count = parse_shard(shard)
-    return items[index::count]
+    if isinstance(items, list):
+        return items[index::count]
+    return itertools.islice(items, index, None, count)
 
 
-def _input_files(items: list[InputRef]) -> list[str]:
+def _input_files(items: Iterable[InputRef]) -> list[str]:
     """The files the inputs read (each dataset file once), for the overwrite check."""
     seen: dict[str, None] = {}
     for item in items:
         seen.setdefault(item if isinstance(item, str) else str(item.file or item.id), None)
     return list(seen)
+
+
+def _named_files(inputs: list[str]) -> list[str]:
+    """The inputs named on the command line that are files (checked before anything runs)."""
+    named = []
+    for given in inputs:
+        path = os.path.expanduser(given) if given.startswith("~") else given
+        if given != "-" and os.path.isfile(path):
+            named.append(path)
+    return named
 
 
 def run_job(job: Job) -> int:
@@ -236,31 +290,45 @@ def run_job(job: Job) -> int:
     fmt = choose_format(job.command, job.fmt, job.output, sys.stdout.isatty())
     if job.resume and (is_stdout(job.output) or fmt not in RESUMABLE_FORMATS):
         raise UsageError(f"--resume needs -o FILE in {', '.join(RESUMABLE_FORMATS)}")
-    items = take_shard(
-        gather_inputs(job.inputs, job.recursive, job.null, job.image_column, job.id_column),
-        job.shard,
-    )
-    refuse_overwriting(output_targets(fmt, job.output), _input_files(items), job.model)
+    listing = gather_inputs(job.inputs, job.recursive, job.null, job.image_column, job.id_column)
+    items = take_shard(listing, job.shard)
+    targets = output_targets(fmt, job.output)
     if job.engine == "ray":
+        items = list(items)  # Ray Data takes the whole list
+        refuse_overwriting(targets, _input_files(items), job.model)
         return _run_on_ray(job, fmt, items)
+    # the local engine streams: the first batch runs while the listing goes on
+    refuse_overwriting(targets, _named_files(job.inputs), job.model)
+    items = watch_overwriting(items, targets)
     if not job.resume and fmt != "parquet":
+        stream = InputStream(items)
         writer = open_writer(job.command, fmt, job.output, job.top_k)  # fails before loading
+        created: list[Path] = []
 
         def batches() -> Iterator[list[Result]]:
             runner = _load(job)
             if fmt in RESUMABLE_FORMATS and job.output is not None and not is_stdout(job.output):
-                from convnext_cli.resume import write_provenance
+                from convnext_cli.resume import provenance_path, write_provenance
 
+                target = Path(os.path.realpath(job.output))
+                if not provenance_path(target).exists():
+                    created.append(provenance_path(target))
                 provenance = make_provenance(job, runner.model.config, runner.spec)
-                write_provenance(Path(os.path.realpath(job.output)), provenance)
-            return _local_batches(job, runner, items)
+                write_provenance(target, provenance)
+            return _local_batches(job, runner, stream)
 
-        return write_results(writer, batches, len(items), job.output)
+        try:
+            return write_results(writer, batches, stream, job.output)
+        except Exception:  # the output was dropped (a refusal mid-run, say): so is its record
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise
     runner = _load(job)
     provenance = make_provenance(job, runner.model.config, runner.spec)
     todo, writer = _open_resumable(job, fmt, items, provenance)
+    total = len(todo) if isinstance(todo, list) else todo
     return write_results(
-        writer, lambda: _local_batches(job, runner, todo), total=len(todo), output=job.output
+        writer, lambda: _local_batches(job, runner, todo), total=total, output=job.output
     )
 
 
@@ -287,7 +355,7 @@ def run_options(job: Job) -> RunOptions:
     return RunOptions(job.device, job.dtype, job.decode, job.compile_model)
 
 
-def _local_batches(job: Job, runner: Runner, items: list[InputRef]) -> Batches:
+def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef]) -> Batches:
     if job.command == "classify":
         batches = runner.classify(
             items, top_k=job.top_k, batch_size=job.batch_size, workers=job.workers
@@ -323,16 +391,20 @@ def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
 
 
 def _open_resumable(
-    job: Job, fmt: str, items: list[InputRef], provenance: dict[str, Any]
-) -> tuple[list[InputRef], Writer]:
-    """With --resume: skip what FILE already holds and open the writer that keeps it."""
+    job: Job, fmt: str, items: Iterable[InputRef], provenance: dict[str, Any]
+) -> tuple[list[InputRef] | InputStream, Writer]:
+    """With --resume: skip what FILE already holds and open the writer that keeps it.
+
+    A list of inputs (``--engine ray``) gives the list still to do; a stream gives an
+    :class:`InputStream` of them, filtered as they are listed (one set lookup each).
+    """
     from convnext_cli import parquet_output, resume
 
     assert job.output is not None
     target = Path(os.path.realpath(job.output))
     if not job.resume:
         writer = open_writer(job.command, fmt, job.output, job.top_k, provenance)
-        return items, writer
+        return (items if isinstance(items, list) else InputStream(items)), writer
     if fmt == "parquet":
         earlier = parquet_output.written_by(target)
         resume.check_provenance(earlier, provenance, job.output, job.force_resume)
@@ -341,45 +413,78 @@ def _open_resumable(
         resume.check_provenance(
             resume.read_provenance(target), provenance, job.output, job.force_resume
         )
-        recorded = resume.read_text_records(
-            resume.text_sources(target), fmt, job.retry_errors, provenance["top_k"]
+        resume.refuse_if_locked(target, job.output)
+        recorded = resume.keep_text_records(
+            resume.text_sources(target),
+            resume.copy_path(target),
+            fmt,
+            job.retry_errors,
+            provenance["top_k"],
         )
-    todo = [item for item in items if input_id(item) not in recorded.ids]
-    _say_resuming(job.output, len(items) - len(todo), len(todo), recorded)
+    done = recorded.ids
+    todo: list[InputRef] | InputStream
+    if isinstance(items, list):
+        todo = [item for item in items if input_id(item) not in done]
+        _say_resuming(job.output, len(items) - len(todo), len(todo), recorded)
+    else:
+        todo = InputStream(item for item in items if input_id(item) not in done)
+        _say_resuming(job.output, len(done), None, recorded)
     writer = open_writer(
         job.command, fmt, job.output, job.top_k, provenance, True, job.retry_errors
     )
     if fmt != "parquet":
         _keep_records(writer, target, recorded)
         resume.write_provenance(target, provenance)
-    return todo, writer
+    return todo, _KeepingWriter(writer)
+
+
+class _KeepingWriter:
+    """A resumed run's writer: aborted (an error, a refusal mid-run), it keeps its partial
+    file, which holds the records of the earlier runs as well as its own, for the next
+    ``--resume``; the target is untouched either way."""
+
+    def __init__(self, writer: Writer) -> None:
+        self._writer = writer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    def write(self, results: list[Result]) -> None:
+        self._writer.write(results)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def abort(self, keep: bool = False) -> None:
+        self._writer.abort(keep=True)
 
 
 def _keep_records(writer: Writer, target: Path, recorded: Any) -> None:
-    """Write the kept records into the new output, a copy of them first (kill-safe)."""
+    """Write the kept records into the new output from the copy :func:`resume.keep_text_records`
+    made of them (kill-safe: the copy goes only once they are all in the new output), a few
+    MiB at a time."""
     from convnext_cli import resume
 
     copy = resume.copy_path(target)
-    if recorded.lines and not copy.exists():
-        temporary = copy.with_name(copy.name + ".tmp")
-        temporary.write_bytes(recorded.header + b"".join(recorded.lines))
-        os.replace(temporary, copy)
     try:
-        writer.preserve(recorded.lines, recorded.header)  # type: ignore[attr-defined]
+        if recorded.kept:
+            for records in resume.kept_records(copy, recorded):
+                writer.preserve(records, recorded.header)  # type: ignore[attr-defined]
     except BaseException:
         writer.abort(keep=True)
         raise
     copy.unlink(missing_ok=True)
 
 
-def _say_resuming(output: Path, done: int, todo: int, recorded: Any) -> None:
+def _say_resuming(output: Path, done: int, todo: int | None, recorded: Any) -> None:
     extra = []
     if recorded.errors_dropped:
         extra.append(f"{recorded.errors_dropped} failed ones to retry")
     if recorded.torn:
         extra.append(f"{recorded.torn} cut-off record(s) to redo")
     more = f" ({', '.join(extra)})" if extra else ""
-    note(f"resuming {output}: {done} inputs already done, {todo} to do{more}")
+    rest = "" if todo is None else f", {todo} to do"
+    note(f"resuming {output}: {done} inputs already done{rest}{more}")
 
 
 def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
@@ -411,7 +516,8 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
     if job.output is None:
         todo, writer = list(items), open_writer(job.command, fmt, None, job.top_k)
     else:
-        todo, writer = _open_resumable(job, fmt, list(items), provenance)
+        pending, writer = _open_resumable(job, fmt, list(items), provenance)
+        todo = pending if isinstance(pending, list) else list(pending)
     return write_results(
         writer,
         lambda: Batches(ray_engine.run_on_ray(todo, options), _verb(job.command), "ray"),

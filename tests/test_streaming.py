@@ -1,0 +1,241 @@
+"""Listing at scale: the local engine streams its inputs.
+
+The first records are written while the listing is still going on (a folder that takes
+forever to read, stdin still open), in the order a full listing gives; --shard and the
+refusal to write -o over an input hold per input as it is listed; an empty stream is
+still "no input images found" (exit 2).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from convnext_cli.cli import app
+from convnext_cli.inputs import InputStream, expand_inputs, iter_inputs
+
+CLI = [sys.executable, "-m", "convnext_cli"]
+CPU = ["--device", "cpu", "--dtype", "float32", "-k", "1", "-b", "4"]
+TIMEOUT = 120
+
+# os.scandir, slowed down: reading a folder whose name ends in "-slow" waits until the file
+# named by CONVNEXT_TEST_RELEASE exists (a huge tree, or a network file system, mid-listing)
+SLOW_LISTING = """
+import os, sys, time
+real_scandir = os.scandir
+def scandir(path="."):
+    if str(path).rstrip("/").endswith("-slow"):
+        release = os.environ["CONVNEXT_TEST_RELEASE"]
+        deadline = time.monotonic() + 120
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return real_scandir(path)
+os.scandir = scandir
+sys.argv = ["convnext", *sys.argv[1:]]
+from convnext_cli.cli import main
+main()
+"""
+
+
+def read_line_within(stream: io.BufferedReader, seconds: float) -> bytes:
+    """One line from a pipe, or b'' if none comes within `seconds`."""
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    return got[0] if got else b""
+
+
+@pytest.fixture
+def tree(tmp_path: Path, photos: list[Path]) -> Path:
+    """tree/a/ with 8 photos, then tree/b-slow/ with 4 more (listed last, slowly)."""
+    root = tmp_path / "tree"
+    for folder, count in (("a", 8), ("b-slow", 4)):
+        (root / folder).mkdir(parents=True)
+        for n in range(count):
+            photo = photos[n % len(photos)]
+            shutil.copy(photo, root / folder / f"{n:02d}{photo.suffix}")
+    return root
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_first_records_come_before_the_listing_ends(
+    workers: str, tree: Path, v1_checkpoint: Path, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    env = dict(os.environ, CONVNEXT_TEST_RELEASE=str(release))
+    args = ["classify", str(tree), "-r", "-m", str(v1_checkpoint), *CPU, "--format", "jsonl"]
+    with open(tmp_path / "stderr", "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SLOW_LISTING, *args, "--workers", workers],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )
+    try:
+        assert proc.stdout is not None
+        first = read_line_within(proc.stdout, TIMEOUT)
+        # a record is out, and the listing is still held at tree/b-slow
+        assert json.loads(first)["path"] == str(tree / "a" / "00.png")
+        assert proc.poll() is None and not release.exists()
+        release.touch()
+        out = proc.stdout.read()
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (tmp_path / "stderr").read_text()
+    paths = [json.loads(first)["path"]] + [json.loads(x)["path"] for x in out.splitlines()]
+    assert paths == expand_inputs([str(tree)], recursive=True)
+
+
+def test_first_records_come_before_stdin_ends(
+    photos: list[Path], v1_checkpoint: Path, tmp_path: Path
+) -> None:
+    """``-``: paths are taken as they arrive; the pipe is still open when the first record
+    is written."""
+    proc = subprocess.Popen(
+        [*CLI, "classify", "-", "-m", str(v1_checkpoint), *CPU, "--workers", "1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    listing = [str(photos[n % len(photos)]) for n in range(20)]
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("".join(f"{p}\n" for p in listing[:12]).encode())
+        proc.stdin.flush()
+        first = read_line_within(proc.stdout, TIMEOUT)
+        assert json.loads(first)["path"] == listing[0]
+        assert proc.poll() is None  # waiting for more paths
+        proc.stdin.write("".join(f"{p}\n" for p in listing[12:]).encode())
+        proc.stdin.close()
+        out = proc.stdout.read()
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert [json.loads(first)["path"]] + [json.loads(x)["path"] for x in out.splitlines()] == (
+        listing
+    )
+
+
+def test_a_stream_of_paths_written_whole_before_reading_does_not_deadlock(
+    tmp_path: Path, v1_checkpoint: Path
+) -> None:
+    """A caller that writes all of stdin before it reads any output (more than either pipe
+    holds) still gets every record: stdin is drained while the run writes."""
+    listing = [str(tmp_path / f"missing-{n:05d}.jpg") for n in range(3000)]
+    proc = subprocess.Popen(
+        [*CLI, "classify", "-", "-m", str(v1_checkpoint), *CPU, "--workers", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin = proc.stdin
+
+    def write_all() -> None:
+        stdin.write("".join(f"{p}\n" for p in listing).encode())
+        stdin.close()
+
+    try:
+        writer = threading.Thread(target=write_all, daemon=True)
+        writer.start()
+        writer.join(TIMEOUT)  # everything written before a single record is read
+        assert not writer.is_alive(), "the run stopped reading its stdin"
+        out = proc.stdout.read()
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1  # every path is missing: an error record each
+    assert [json.loads(x)["path"] for x in out.splitlines()] == listing
+
+
+def test_an_input_listed_mid_run_that_is_the_output_is_refused(
+    tree: Path, v1_checkpoint: Path, tmp_path: Path
+) -> None:
+    """-o names a file that the listing meets only later (tree/b-slow/03.png): the run stops
+    there with the usual one-line refusal (exit 2); the file is untouched and no partial
+    output is left."""
+    victim = tree / "b-slow" / "03.png"
+    before = victim.read_bytes()
+    result = CliRunner().invoke(
+        app,
+        ["classify", str(tree), "-r", "-m", str(v1_checkpoint), *CPU, "--workers", "0"]
+        + ["--format", "jsonl", "-o", str(victim)],
+    )
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "refusing to write the output over an input" in lines[0]
+    assert victim.read_bytes() == before
+    assert sorted(p.name for p in victim.parent.iterdir()) == [
+        "00.png",
+        "01.png",
+        "02.png",
+        "03.png",
+    ]
+
+
+def test_shards_of_a_stream_match_shards_of_the_list(tree: Path, v1_checkpoint: Path) -> None:
+    listed = expand_inputs([str(tree)], recursive=True)
+    seen = []
+    for index in range(3):
+        result = CliRunner().invoke(
+            app,
+            ["classify", str(tree), "-r", "-m", str(v1_checkpoint), *CPU, "--workers", "0"]
+            + ["--format", "jsonl", "--shard", f"{index}/3"],
+        )
+        assert result.exit_code == 0, result.stderr
+        got = [json.loads(x)["path"] for x in result.stdout.splitlines()]
+        assert got == listed[index::3]
+        seen += got
+    assert sorted(seen) == sorted(listed)
+
+
+def test_empty_streams_are_a_usage_error(tmp_path: Path) -> None:
+    for args, stdin in ((["-"], ""), ([str(tmp_path)], None)):
+        result = CliRunner().invoke(app, ["classify", *args], input=stdin)
+        assert result.exit_code == 2
+        assert "no input images found" in result.stderr
+
+
+def test_input_stream_knows_its_total_only_at_the_end(tree: Path) -> None:
+    stream = InputStream(iter_inputs([str(tree)], recursive=True))
+    assert stream.total is None
+    first = [next(stream) for _ in range(3)]
+    assert stream.total is None and stream.count == 3
+    rest = list(stream)
+    assert stream.total == 12 == len(first) + len(rest)
+
+
+def test_a_deep_tree_is_listed_without_recursion_limits(tmp_path: Path) -> None:
+    """Deeper than Python's recursion limit (the listing keeps its own stack)."""
+    chain = [tmp_path]
+    try:
+        for _ in range(sys.getrecursionlimit() + 50):
+            chain.append(chain[-1] / "d")
+            chain[-1].mkdir()
+        (chain[-1] / "x.jpg").write_bytes(b"x")
+        assert expand_inputs([str(tmp_path)], recursive=True) == [str(chain[-1] / "x.jpg")]
+    finally:  # rmtree itself recurses
+        (chain[-1] / "x.jpg").unlink(missing_ok=True)
+        for folder in reversed(chain[1:]):
+            if folder.exists():
+                folder.rmdir()
