@@ -152,19 +152,26 @@ def _scan(folder: str, recursive: bool, say: Callable[[str], None]) -> tuple[lis
     files: list[str] = []
     folders: list[str] = []
     skipped: list[str] = []
+    listed, images, add = LISTED_EXTENSIONS, IMAGE_EXTENSIONS, files.append
     with os.scandir(folder) as entries:
-        for entry in entries:
-            name = entry.name  # _extension(name), inlined: this loop runs once per file
+        for entry in entries:  # once per file: _extension and _is_dir, inlined
+            name = entry.name
             dot = name.rfind(".")
-            plain = dot > 0 and (name[0] != "." or name[:dot].strip("."))
-            ext = name[dot:].lower() if plain else ""
-            if _is_dir(entry):
-                if recursive and not entry.is_symlink():
-                    folders.append(name)
-                elif not recursive and ext in IMAGE_EXTENSIONS:
-                    skipped.append(entry.path)
-            elif ext in LISTED_EXTENSIONS:
-                files.append(name)
+            if dot > 0 and (name[0] != "." or name[:dot].strip(".")):
+                ext = name[dot:].lower()
+            else:
+                ext = ""
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                if ext in listed:
+                    add(name)
+            elif recursive and not entry.is_symlink():
+                folders.append(name)
+            elif not recursive and ext in images:
+                skipped.append(entry.path)
     files.sort()
     folders.sort()
     for path in sorted(skipped):
