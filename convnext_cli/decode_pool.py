@@ -32,18 +32,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
 
 from convnext_cli import images
 from convnext_cli.errors import ImageError, UsageError, one_line
 from convnext_cli.gpu_jpeg import EncodedJpeg, device_decodable
 from convnext_cli.inputs import InputRef, read_input
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-
-    from convnext_cli.preprocess import PreprocessSpec
+from convnext_cli.preprocess import PreprocessSpec
 
 DEFAULT_DECODE_TIMEOUT = 30.0  # seconds per image: read, decode, resize
 TIMEOUT_ENV = "CONVNEXT_DECODE_TIMEOUT"
@@ -119,7 +117,6 @@ def _die_with_parent() -> None:
 
 def _pack(outcomes: list[tuple[int, Outcome]]) -> dict[str, Any]:
     """A task's outcomes as picklable parts: pixels stacked by shape into NumPy arrays."""
-    import torch
 
     errors: list[tuple[int, str]] = []
     encoded: list[tuple[int, EncodedJpeg]] = []
@@ -160,8 +157,6 @@ def _worker_main(
         with contextlib.suppress(OSError):
             os.close(fd)
     try:
-        import torch
-
         # one thread: the OpenMP pool inherited through fork would deadlock with more
         torch.set_num_threads(1)
         outbox: queue.Queue[Any] = queue.Queue()
@@ -462,7 +457,6 @@ class DecodePool:
 
 
 def unpack_groups(packed: dict[str, Any]) -> list[tuple[list[int], torch.Tensor]]:
-    import torch
 
     groups: list[tuple[list[int], np.ndarray]] = packed["groups"]
     return [(positions, torch.from_numpy(array)) for positions, array in groups]

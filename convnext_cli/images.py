@@ -54,38 +54,34 @@ PNG decoder returns their full depth, so they are decoded there.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
-import os
 import re
-import stat
 import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from convnext_cli.errors import ImageError, one_line
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-    from PIL import Image
+from convnext_cli.image_files import (
+    MAX_IMAGE_BYTES_ENV,
+    max_image_bytes,
+    read_file,
+)
 
 # Pillow's own refusal threshold (2 x Image.MAX_IMAGE_PIXELS at its default), fixed here so
 # a library user who changes Pillow's global does not change this tool's policy.
 MAX_PIXELS = 178_956_970
 
-DEFAULT_MAX_FILE_BYTES = 256 * 1024**2
-MAX_FILE_BYTES_ENV = "CONVNEXT_MAX_FILE_BYTES"
-DEFAULT_MAX_IMAGE_BYTES = 5 * 1024**3 // 4  # MAX_PIXELS x (4 + 3) bytes fits
-MAX_IMAGE_BYTES_ENV = "CONVNEXT_MAX_IMAGE_BYTES"
 MAX_JPEG_SCANS = 100
 MAX_TIFF_BLOCKS = 1 << 17
 PNG_BASE_CHUNKS = 4096  # plus one chunk per PNG_BYTES_PER_CHUNK bytes of file
 PNG_BYTES_PER_CHUNK = 512
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Pillow format names decoded.  Pillow's JPEG opener also returns MPO images (the JPEG
 # variant with extra images that some cameras write), whose first image is decoded.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -94,128 +90,11 @@ SUPPORTED_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _ORIENTATION_TAG = 0x0112
 _STRIP_PIXELS = 1 << 20  # rows converted to RGB at a time: about a million pixels
-_SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def _limit_from_env(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    match = re.fullmatch(r"(\d+)\s*([kKmMgG]?)(?:i?[bB])?", raw)
-    if not match or int(match[1]) <= 0:
-        raise ImageError(f"{name}={raw!r} is not a positive number of bytes (e.g. 268435456, 256M)")
-    return int(match[1]) * _SIZE_SUFFIXES[match[2].lower()]
-
-
-def max_file_bytes() -> int:
-    """The largest file read, in bytes: ``CONVNEXT_MAX_FILE_BYTES`` or 256 MiB."""
-    return _limit_from_env(MAX_FILE_BYTES_ENV, DEFAULT_MAX_FILE_BYTES)
-
-
-def max_image_bytes() -> int:
-    """The per-image decoding budget, in bytes: ``CONVNEXT_MAX_IMAGE_BYTES`` or 1.25 GiB."""
-    return _limit_from_env(MAX_IMAGE_BYTES_ENV, DEFAULT_MAX_IMAGE_BYTES)
-
-
-def check_limits() -> None:
-    """Raise UsageError (exit 2, one line) if a limit's environment variable is malformed.
-
-    The CLI may call this once at start-up; otherwise every input fails with that line.
-    """
-    from convnext_cli.errors import UsageError
-
-    try:
-        max_file_bytes()
-        max_image_bytes()
-    except ImageError as exc:
-        raise UsageError(str(exc)) from exc
 
 
 def decode_file(path: str | Path) -> torch.Tensor:
     """Read and decode one image file to a (3, H, W) uint8 tensor, or raise ImageError."""
     return decode_bytes(read_file(path))
-
-
-_KIND_NAMES = (
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _not_regular(path: str | Path, mode: int) -> ImageError:
-    if stat.S_ISDIR(mode):
-        try:
-            os.listdir(path)
-        except OSError as exc:
-            return ImageError(f"is a folder that cannot be read ({exc.strerror or one_line(exc)})")
-        return ImageError("is a directory, not an image")
-    for test, name in _KIND_NAMES:
-        if test(mode):
-            return ImageError(f"is {name}, not a regular file")
-    return ImageError("is not a regular file")
-
-
-def _open_error(path: str | Path, exc: OSError) -> ImageError:
-    if exc.errno == errno.ELOOP:
-        return ImageError("cannot read file: symlink loop (too many levels of symbolic links)")
-    if exc.errno == errno.ENOENT and os.path.islink(path):
-        return ImageError("cannot read file: broken symlink (its target does not exist)")
-    if exc.errno == errno.ENXIO:
-        return ImageError("is a socket or device that cannot be opened, not a regular file")
-    return ImageError(f"cannot read file: {exc.strerror or one_line(exc)}")
-
-
-def read_file(path: str | Path) -> bytes:
-    """A regular file's bytes, or ImageError with the one-line reason it cannot be read.
-
-    Never blocks and never reads without end: anything but a regular file is refused from
-    its ``stat`` before it is opened, the open is non-blocking (should the file be swapped
-    for a FIFO in between, ``fstat`` refuses it), and at most :func:`max_file_bytes` are read.
-    """
-    limit = max_file_bytes()
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise _open_error(path, exc) from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise _not_regular(path, info.st_mode)
-    if info.st_size > limit:
-        raise _too_big(info.st_size, limit)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise _open_error(path, exc) from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise _not_regular(path, info.st_mode)
-        with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
-            # sized by the stat (no 256 MiB buffer for a small file), then whatever the file
-            # grew by (or all of a /proc file, whose size reads 0), still capped
-            data = stream.read(min(limit, info.st_size) + 1)
-            while len(data) <= limit:
-                more = stream.read(limit + 1 - len(data))
-                if not more:
-                    break
-                data += more
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or one_line(exc)}") from exc
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise _too_big(len(data), limit)
-    return data
-
-
-def _too_big(size: int, limit: int) -> ImageError:
-    return ImageError(
-        f"refused: file is over the {limit}-byte limit ({size} bytes; "
-        f"raise it with {MAX_FILE_BYTES_ENV})"
-    )
 
 
 def decode_bytes(data: bytes) -> torch.Tensor:
@@ -266,7 +145,6 @@ def check_pixel_count(width: int, height: int, why: str = "") -> None:
 def open_header(data: bytes) -> Image.Image:
     """Open lazily (header only) and refuse, before any pixel is decoded: formats we do not
     advertise, decompression bombs, images over the memory budget, JPEG scan bombs."""
-    from PIL import Image, UnidentifiedImageError
 
     check_structure(data)
     try:
@@ -356,7 +234,6 @@ def count_tiff_blocks(data: bytes) -> int:
 def _unidentified(data: bytes) -> ImageError:
     """Name the format of a file Pillow could open but we do not decode, from its magic
     bytes only (the format plugins' ``accept`` checks; no foreign decoder runs)."""
-    from PIL import Image
 
     Image.init()
     prefix = data[:16]
@@ -461,7 +338,6 @@ def _torchvision_reason(exc: Exception) -> str:
 def _decode_png16(io_ops: Any, data: bytes) -> torch.Tensor:
     """16-bit PNG: torchvision keeps all 16 bits, which are then scaled to 8 (v / 257, rounded),
     a strip of rows at a time (no full-size float copy)."""
-    import torch
 
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
@@ -485,7 +361,6 @@ def _decode_png16(io_ops: Any, data: bytes) -> torch.Tensor:
 
 def _to_rgb(pixels: torch.Tensor) -> torch.Tensor:
     """(C, H, W) float in 0..255 with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) -> RGB uint8."""
-    import torch
 
     channels = pixels.shape[0]
     if channels in (2, 4):
@@ -497,8 +372,6 @@ def _to_rgb(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
-    import torch
-    from PIL import ImageOps
 
     try:
         image.seek(0)  # first frame of an animation
@@ -514,7 +387,6 @@ def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
 def _rgb_array(image: Image.Image) -> np.ndarray:
     """A decoded image as an (H, W, 3) uint8 array, converted a strip of rows at a time:
     the only full-size buffers are Pillow's own and the result."""
-    import numpy as np
 
     width, height = image.size
     out = np.empty((height, width, 3), dtype=np.uint8)
@@ -530,7 +402,6 @@ def _rgb_array(image: Image.Image) -> np.ndarray:
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB per the decoding policy."""
-    from PIL import Image
 
     mode = image.mode
     if mode == "RGB":
@@ -538,7 +409,6 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit (or 32-bit integer) greyscale: value / 257, rounded, clipped to 0..255.
-        import numpy as np
 
         grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255)
         return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")

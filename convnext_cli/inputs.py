@@ -5,7 +5,7 @@ while the rest of a huge tree is still being listed, and memory never holds the 
 
 - A file named explicitly is always tried, whatever its extension, and whatever it is: a
   FIFO, a device, a socket, a broken symlink or a symlink loop named explicitly gets an
-  error record (see :func:`convnext_cli.images.read_file`, which refuses them without
+  error record (see :func:`convnext_cli.image_files.read_file`, which refuses them without
   blocking).  A folder named explicitly contributes its images; one named like an image
   (``x.jpg/``) that holds none gets an error record ("is a directory, not an image").
 - A folder contributes the entries in it whose names end in an image extension
@@ -60,7 +60,7 @@ from convnext_cli.dataset_inputs import (
     read_item,
 )
 from convnext_cli.errors import NoInputsError
-from convnext_cli.images import IMAGE_EXTENSIONS, max_file_bytes, read_file
+from convnext_cli.image_files import IMAGE_EXTENSIONS, max_file_bytes, read_file
 
 InputRef = str | Item  # a file path, or a member/row of a dataset file
 

@@ -22,7 +22,9 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from convnext_cli.decode_pool import (
     TASKS_PER_WORKER,
@@ -37,12 +39,8 @@ from convnext_cli.errors import one_line
 from convnext_cli.gpu_jpeg import EncodedJpeg
 from convnext_cli.images import decode_bytes
 from convnext_cli.inputs import InputRef, input_id
+from convnext_cli.model import ConvNeXtForClassification
 from convnext_cli.preprocess import PreprocessSpec
-
-if TYPE_CHECKING:
-    import torch
-
-    from convnext_cli.model import ConvNeXtForClassification
 
 
 @dataclass
@@ -143,7 +141,6 @@ class _PendingBatch:
         self.waiting -= sum(len(positions) for positions, _ in groups)
 
     def finish(self) -> DecodedBatch:
-        import torch
 
         by_shape: dict[tuple[int, ...], list[tuple[list[int], torch.Tensor]]] = {}
         for positions, pixels in self.parts:
@@ -363,7 +360,6 @@ class Runner:
 
     def compile(self) -> None:
         """torch.compile the model (on the plain path: Inductor does its own fusion)."""
-        import torch
 
         from convnext_cli.cpu_fusion import unfuse_blocks
 
@@ -373,7 +369,6 @@ class Runner:
 
     def _to_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, h, w) on the host -> normalised model input on the device."""
-        import torch
 
         batch = pixels.to(self.device, non_blocking=True)
         batch = self.spec.normalize(batch, self.dtype)
@@ -384,7 +379,6 @@ class Runner:
     def _run(
         self, paths: Iterable[Input], batch_size: int | None, workers: int | None, fn: Any
     ) -> Iterator[list[Result]]:
-        import torch
 
         if batch_size is None:
             batch_size = default_batch_size(self.device.type)
@@ -438,7 +432,6 @@ class Runner:
         """Decode a batch's JPEGs on the device, resize them there, and merge them into the
         host-decoded groups of the same shape.  A JPEG the device decoder rejects is decoded
         on the CPU instead; one that fails there too gets its error in `results`."""
-        import torch
 
         from convnext_cli import gpu_jpeg
 
@@ -484,8 +477,7 @@ class Runner:
             )
         k = max(1, min(top_k, len(self.labels)))
 
-        def fill(batch: torch.Tensor, results: list[Result]) -> None:
-            import torch
+        def put_top_k(batch: torch.Tensor, results: list[Result]) -> None:
 
             logits = self.logits_fn(batch).float()
             probs = logits.softmax(dim=-1)
@@ -506,7 +498,7 @@ class Runner:
                     for s, i in zip(row_scores, row_indices, strict=True)
                 ]
 
-        return self._run(paths, batch_size, workers, fill)
+        return self._run(paths, batch_size, workers, put_top_k)
 
     def embed(
         self,
@@ -517,8 +509,7 @@ class Runner:
     ) -> Iterator[list[Result]]:
         """The pooled feature (transformers' pooler_output) for every path, per batch."""
 
-        def fill(batch: torch.Tensor, results: list[Result]) -> None:
-            import torch
+        def put_embeddings(batch: torch.Tensor, results: list[Result]) -> None:
 
             features = self.embed_fn(batch).float()
             if normalize:
@@ -530,4 +521,4 @@ class Runner:
                 else:
                     result.error = NON_FINITE
 
-        return self._run(paths, batch_size, workers, fill)
+        return self._run(paths, batch_size, workers, put_embeddings)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from convnext_cli.cli import app, batch_run
+from convnext_cli.cli import app, jobs
 from convnext_cli.cli.options import (
     SHARED_PARAMETERS,
     ClassifyFormat,
@@ -167,9 +167,9 @@ def test_shared_options_declared_once_and_reach_the_job(
     for name, command in (("classify", classify.classify), ("embed", embed.embed)):
         names = [p.name for p in parameters_of(command)]
         assert set(names) == own[name] | set(SHARED_PARAMETERS), name
-    jobs: list[batch_run.Job] = []
+    jobs: list[jobs.Job] = []
 
-    def capture(job: batch_run.Job) -> int:
+    def capture(job: jobs.Job) -> int:
         jobs.append(job)
         return 0
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from convnext_cli import images
+from convnext_cli import image_files
 from convnext_cli.errors import ImageError, UsageError
-from convnext_cli.images import decode_bytes, read_file
+from convnext_cli.image_files import read_file
+from convnext_cli.images import decode_bytes
 from convnext_cli.inputs import expand_inputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,7 +118,7 @@ def test_named_explicitly_gets_one_error_record(
     if kind == "unreadable" and IS_ROOT:
         pytest.skip("root reads files whatever their permissions")
     hostile = make_hostile(kind, tmp_path, request)
-    env = {images.MAX_FILE_BYTES_ENV: "1000"} if kind == "too-big" else None
+    env = {image_files.MAX_FILE_BYTES_ENV: "1000"} if kind == "too-big" else None
     run, records = classify(str(hostile), str(good), checkpoint=v1_checkpoint, env=env)
     assert [r["path"] for r in records] == [str(hostile), str(good)]
     assert KINDS[kind] in records[0]["error"]
@@ -214,16 +215,16 @@ def test_read_cap_and_its_environment_variable(
 ) -> None:
     path = tmp_path / "x.png"
     path.write_bytes(b"\x00" * 5000)
-    assert images.max_file_bytes() == 256 * 1024**2
-    monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, "4K")
-    assert images.max_file_bytes() == 4096
+    assert image_files.max_file_bytes() == 256 * 1024**2
+    monkeypatch.setenv(image_files.MAX_FILE_BYTES_ENV, "4K")
+    assert image_files.max_file_bytes() == 4096
     with pytest.raises(ImageError, match="over the 4096-byte limit"):
         read_file(path)
-    monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, "5000")
+    monkeypatch.setenv(image_files.MAX_FILE_BYTES_ENV, "5000")
     assert len(read_file(path)) == 5000
-    monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, "lots")
+    monkeypatch.setenv(image_files.MAX_FILE_BYTES_ENV, "lots")
     with pytest.raises(UsageError, match="CONVNEXT_MAX_FILE_BYTES"):
-        images.check_limits()
+        image_files.check_limits()
     with pytest.raises(ImageError, match="CONVNEXT_MAX_FILE_BYTES"):
         read_file(path)
 
@@ -233,7 +234,7 @@ def test_proc_files_and_growing_files_are_read_to_the_cap(monkeypatch: pytest.Mo
     if not status.exists():
         pytest.skip("no /proc")
     assert os.stat(status).st_size == 0 and b"VmRSS" in read_file(status)
-    monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, "64")
+    monkeypatch.setenv(image_files.MAX_FILE_BYTES_ENV, "64")
     with pytest.raises(ImageError, match="over the 64-byte limit"):
         read_file(status)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import jsonl
 
-from convnext_cli.images import decode_bytes, read_file
+from convnext_cli.image_files import read_file
+from convnext_cli.images import decode_bytes
 from convnext_cli.inputs import expand_inputs, read_paths
 
 REPO = Path(__file__).resolve().parent.parent

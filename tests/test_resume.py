@@ -230,7 +230,7 @@ def test_resume_holds_the_ids_not_the_records(tmp_path: Path) -> None:
     records, as before, took 147 MB."""
     import tracemalloc
 
-    from convnext_cli.cli.batch_run import Job, _open_resumable
+    from convnext_cli.cli.jobs import Job, _open_resumable
 
     output = tmp_path / "out.jsonl"
     preds = json.dumps([{"label": "tabby, tabby cat", "index": 281, "score": 0.5}] * 3)

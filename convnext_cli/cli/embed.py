@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from convnext_cli.cli.batch_run import Job, run_job
+from convnext_cli.cli.jobs import Job, run_job
 from convnext_cli.cli.options import EmbedFormat, InputsArg, shared_options
 
 EmbedFormatOpt = Annotated[
