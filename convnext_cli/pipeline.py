@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,16 +264,41 @@ def decoded_batches(
     """
     chunks = _chunks(items, batch_size)
     if workers <= 0:
-        start = 0
-        for chunk in chunks:
-            pending = _PendingBatch(start, chunk)
-            for position, item in enumerate(chunk):
-                pending.add(position, _prepare(item, spec, jpeg_on_device))
-            start += len(chunk)
-            decoded = pending.finish()
+        batches = _decoded_here(chunks, spec, jpeg_on_device)
+    else:
+        ahead = max(1, prefetch if prefetch is not None else workers * TASKS_PER_WORKER)
+        wait = decode_timeout() if timeout is None else timeout
+        batches = _decoded_by_workers(chunks, spec, workers, jpeg_on_device, ahead, wait)
+    try:
+        for decoded in batches:
             yield decoded.pin_memory() if pin_memory else decoded
-        return
+    finally:
+        batches.close()  # stops the decode workers at once when the caller stops early
 
+
+def _decoded_here(
+    chunks: Iterator[list[Input]], spec: PreprocessSpec, jpeg_on_device: bool
+) -> Generator[DecodedBatch, None, None]:
+    """Each chunk decoded in this process, one after the other."""
+    start = 0
+    for chunk in chunks:
+        pending = _PendingBatch(start, chunk)
+        for position, item in enumerate(chunk):
+            pending.add(position, _prepare(item, spec, jpeg_on_device))
+        start += len(chunk)
+        yield pending.finish()
+
+
+def _decoded_by_workers(
+    chunks: Iterator[list[Input]],
+    spec: PreprocessSpec,
+    workers: int,
+    jpeg_on_device: bool,
+    ahead: int,
+    timeout: float,
+) -> Generator[DecodedBatch, None, None]:
+    """Chunks decoded by a :class:`DecodePool`, at most ``ahead`` batches in flight, handed
+    over in order."""
     batches: dict[int, _PendingBatch] = {}
 
     def done(task: Task, packed: dict[str, Any]) -> None:
@@ -282,15 +307,7 @@ def decoded_batches(
     def error(task: Task, position: int, message: str) -> None:
         batches[task.batch].add(position, message)
 
-    pool = DecodePool(
-        workers,
-        spec,
-        jpeg_on_device,
-        decode_timeout() if timeout is None else timeout,
-        done,
-        error,
-    )
-    ahead = max(1, prefetch if prefetch is not None else workers * TASKS_PER_WORKER)
+    pool = DecodePool(workers, spec, jpeg_on_device, timeout, done, error)
     submitted = 0  # batches taken from the inputs
     start = 0  # the number of the next input
     number = 0  # the batch the caller gets next
@@ -317,7 +334,7 @@ def decoded_batches(
                 pool.poll()
             decoded = batches.pop(number).finish()
             number += 1
-            yield decoded.pin_memory() if pin_memory else decoded
+            yield decoded
     finally:
         pool.close()
 
