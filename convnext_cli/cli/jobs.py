@@ -432,9 +432,10 @@ def _open_resumable(
     writer = open_writer(
         job.command, fmt, job.output, job.top_k, provenance, True, job.retry_errors
     )
-    if fmt != "parquet":
-        _keep_records(writer, target, recorded)
-        resume.write_provenance(target, provenance)
+    if fmt == "parquet":
+        return todo, writer  # its parts stay on disk whatever ends the run
+    _keep_records(writer, target, recorded)
+    resume.write_provenance(target, provenance)
     return todo, _KeepingWriter(writer)
 
 
