@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -216,13 +217,19 @@ def test_empty_streams_are_a_usage_error(tmp_path: Path) -> None:
         assert "no input images found" in result.stderr
 
 
-def test_input_stream_knows_its_total_only_at_the_end(tree: Path) -> None:
+def test_input_stream_knows_its_total_when_the_listing_ends(tree: Path) -> None:
+    """Listed ahead in a thread: the total is known while inputs are still to be handed
+    out (the progress bar's ETA), and the inputs still come one at a time, in order."""
     stream = InputStream(iter_inputs([str(tree)], recursive=True))
-    assert stream.total is None
     first = [next(stream) for _ in range(3)]
-    assert stream.total is None and stream.count == 3
+    assert stream.count == 3
+    deadline = time.monotonic() + 60
+    while stream.total is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.total == 12 and stream.count == 3
     rest = list(stream)
-    assert stream.total == 12 == len(first) + len(rest)
+    assert len(first) + len(rest) == 12 == stream.count
+    assert first + rest == list(iter_inputs([str(tree)], recursive=True))
 
 
 def test_a_deep_tree_is_listed_without_recursion_limits(tmp_path: Path) -> None:
