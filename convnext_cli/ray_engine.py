@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convnext_cli.checkpoints import Checkpoint
 from convnext_cli.dataset_inputs import Item
 from convnext_cli.errors import UsageError
 from convnext_cli.inputs import InputRef, input_id
@@ -107,6 +108,9 @@ class RayOptions:
     cache_dir: str | None = None
     token: str | None = None
     labels: str | None = None
+    # the checkpoint's preprocessing and feature width, when the caller has read it
+    # (checkpoint_facts): the driver then does not read it a second time
+    facts: tuple[PreprocessSpec, int] | None = None
 
     def model_source(self) -> ModelSource:
         """The checkpoint, as the core's loading path takes it."""
@@ -167,7 +171,12 @@ def load_runner_in_actor(options: RayOptions) -> Runner:
 def read_preprocessing(source: ModelSource, task: str) -> tuple[PreprocessSpec, int]:
     """On the driver, before Ray starts: the checkpoint's preprocessing and feature width,
     and the usage errors a bad model or a classify on a feature model should give."""
-    checkpoint = read_source(source)
+    return checkpoint_facts(read_source(source), task)
+
+
+def checkpoint_facts(checkpoint: Checkpoint, task: str) -> tuple[PreprocessSpec, int]:
+    """What the decode tasks and the driver need of a checkpoint already read: its
+    preprocessing and feature width (and the refusal of a classify on a feature model)."""
     if task == "classify" and not checkpoint.config.labels:
         raise UsageError(
             "this checkpoint has no classification head (a feature model): use `convnext embed`"
@@ -595,15 +604,18 @@ def _stream(
 
     run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     with contextlib.ExitStack() as stack:
-        # the checkpoint is read (torch imported, weights checked) while Ray starts
-        with ThreadPoolExecutor(1) as pool:
-            reading = pool.submit(read_preprocessing, options.model_source(), options.task)
-            try:
-                ray = stack.enter_context(ray_session(options))
-            except BaseException:
-                reading.result()  # a bad model is the error to report, not Ray's
-                raise
-            spec, dim = reading.result()
+        if options.facts is not None:  # the caller has read the checkpoint already
+            ray = stack.enter_context(ray_session(options))
+            spec, dim = options.facts
+        else:  # the checkpoint is read (torch imported, weights checked) while Ray starts
+            with ThreadPoolExecutor(1) as pool:
+                reading = pool.submit(read_preprocessing, options.model_source(), options.task)
+                try:
+                    ray = stack.enter_context(ray_session(options))
+                except BaseException:
+                    reading.result()  # a bad model is the error to report, not Ray's
+                    raise
+                spec, dim = reading.result()
         plan = plan_actors(ray.cluster_resources(), options)
         ds = build_dataset(ray, refs, options, spec, plan, parts_dir, run_tag, dim)
         expected = 0

@@ -494,6 +494,8 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
 
     checkpoint = read_source(model_source(job))
     provenance = make_provenance(job, checkpoint.config, checkpoint.preprocess)
+    facts = ray_engine.checkpoint_facts(checkpoint, job.command)
+    del checkpoint  # its tensors: the actors load their own
     options = ray_engine.RayOptions(
         task=job.command,
         model=job.model,
@@ -511,6 +513,7 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
         cache_dir=None if job.cache_dir is None else str(job.cache_dir),
         token=job.token,
         labels=None if job.labels is None else str(job.labels),
+        facts=facts,
     )
     if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
         return _ray_into_folder(job, items, options, Path(job.output))
