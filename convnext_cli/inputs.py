@@ -259,24 +259,14 @@ def _chunks_of(stream: IO[Any]) -> Iterator[bytes]:
         yield chunk
 
 
-def expand_inputs(
-    inputs: Iterable[str],
-    recursive: bool = False,
-    stdin: IO[Any] | None = None,
-    warn: Callable[[str], None] | None = None,
-    null_separated: bool = False,
-    image_column: str | None = None,
-    id_column: str | None = None,
-) -> list[InputRef]:
+def expand_inputs(inputs: Iterable[str], **options: Any) -> list[InputRef]:
     """Turn INPUTS into the ordered list of inputs to process; raise NoInputsError if empty.
 
-    `stdin` (default ``sys.stdin``) is read when an input is ``-``: newline-separated paths,
-    or NUL-separated ones with `null_separated`.  Dataset files become their members/rows;
-    `image_column` and `id_column` choose a Parquet file's columns.
+    The options are :func:`iter_inputs`'s: ``recursive``, ``stdin`` (default ``sys.stdin``,
+    read when an input is ``-``: newline-separated paths, or NUL-separated ones with
+    ``null_separated``), ``warn``, and ``image_column``/``id_column`` for Parquet files.
     """
-    return list(
-        iter_inputs(inputs, recursive, stdin, warn, null_separated, image_column, id_column)
-    )
+    return list(iter_inputs(inputs, **options))
 
 
 def iter_inputs(
