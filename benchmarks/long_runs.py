@@ -18,8 +18,8 @@ run in the same go; peak memory is the child's own (measured by a small parent o
    one Parquet file (row groups of 256, dictionary encoding off, as distinct photos would
    be stored: the sample photos repeat), classified with the tests' tiny model (so the run
    is decode-bound), in interleaved rounds; the best images/s of each, whole run and
-   between the first and the last record.  Target: tar and Parquet at least as fast as
-   loose files.
+   between the first and the last record (``--workers N`` for another decoding plan than
+   the default).  Target: tar and Parquet at least as fast as loose files.
 
     python benchmarks/long_runs.py                  # all of them
     python benchmarks/long_runs.py --files 1000000 --skip-datasets
@@ -210,7 +210,7 @@ def resume_memory(root: Path, model: Path, count: int) -> None:
     )
 
 
-def datasets(root: Path, model: Path, count: int, rounds: int) -> None:
+def datasets(root: Path, model: Path, count: int, rounds: int, workers: str | None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from factories import make_shard
@@ -228,7 +228,7 @@ def datasets(root: Path, model: Path, count: int, rounds: int) -> None:
     shard = make_shard(root / "photos.tar", members)
     table = root / "photos.parquet"
     pq.write_table(pa.table({"image": blobs}), table, row_group_size=256, use_dictionary=False)
-    cli = [*CLI, "classify", *common(model)]
+    cli = [*CLI, "classify", *common(model), *(["--workers", workers] if workers else [])]
     sources = [("loose files", loose), ("tar shard", shard), ("parquet", table)]
     whole: dict[str, float] = {name: 0.0 for name, _ in sources}
     steady: dict[str, float] = {name: 0.0 for name, _ in sources}
@@ -254,7 +254,8 @@ def main() -> None:
     parser.add_argument("--flat-files", type=int, default=None, help="default: --files")
     parser.add_argument("--resume-records", type=int, default=1_000_000)
     parser.add_argument("--images", type=int, default=600)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", default=None, help="--workers for the dataset runs")
     parser.add_argument("--skip-listing", action="store_true")
     parser.add_argument("--skip-resume", action="store_true")
     parser.add_argument("--skip-datasets", action="store_true")
@@ -270,7 +271,7 @@ def main() -> None:
             resume_overhead(root, model)
             resume_memory(root, model, args.resume_records)
         if not args.skip_datasets:
-            datasets(root, model, args.images, args.rounds)
+            datasets(root, model, args.images, args.rounds, args.workers)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
