@@ -39,10 +39,11 @@ while the rest of a huge tree is still being listed, and memory never holds the 
 
 from __future__ import annotations
 
+import collections
 import glob
+import itertools
 import operator
 import os
-import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -68,7 +69,6 @@ GLOB_CHARS = frozenset("*?[")
 
 
 LISTED_EXTENSIONS = IMAGE_EXTENSIONS | frozenset(TAR_SUFFIXES + PARQUET_SUFFIXES)
-_BY_NAME = operator.attrgetter("name")
 
 
 def _extension(name: str) -> str:
@@ -108,20 +108,31 @@ def iter_folder_images(
     folder: Path | str, recursive: bool, warn: Callable[[str], None] | None = None
 ) -> Iterator[str]:
     """:func:`folder_images`, one folder at a time: a folder's files (sorted) come as soon as
-    that folder is read, then each sub-folder's, depth first, as ``os.walk`` orders them.
+    that folder is read, then each sub-folder's, depth first, as ``os.walk`` orders them."""
+    chunks = _folder_chunks(str(folder), recursive, warn)
+    return itertools.chain.from_iterable(paths for paths, _datasets in chunks)
+
+
+Chunk = tuple[list[str], bool]  # listed paths, and whether any may be a dataset file
+
+
+def _folder_chunks(
+    top: str, recursive: bool, warn: Callable[[str], None] | None
+) -> Iterator[Chunk]:
+    """:func:`iter_folder_images` as lists: each folder's listed paths, sorted, in lists of
+    at most :data:`_SCAN_BLOCK`, each with whether it names dataset files.
 
     Memory holds the names of the folder being read and the sub-folders still to visit on
     the way down, never the whole tree; an explicit stack, so depth is not a recursion limit.
     """
     say = warn or (lambda _msg: None)
-    top = str(folder)
     try:
-        files, folders = _scan(top, recursive, say)
+        files, folders, datasets = _scan(top, recursive, say)
     except OSError:
-        yield top  # unreadable folder named explicitly: reported as an error record
+        yield [top], False  # unreadable folder named explicitly: reported as an error record
         return
     prefix = _as_prefix(top)
-    yield from map(prefix.__add__, files)  # = os.path.join(top, name), as DirEntry.path is
+    yield from _paths(prefix, files, datasets)
     # (folder as a prefix, its sub-folders' names still to visit), deepest last
     stack: list[tuple[str, Iterator[str]]] = [(prefix, iter(folders))]
     while stack:
@@ -132,51 +143,110 @@ def iter_folder_images(
             continue
         path = parent + name
         try:
-            files, folders = _scan(path, recursive, say)
+            files, folders, datasets = _scan(path, recursive, say)
         except OSError as exc:
             say(f"{path}: cannot list this folder ({exc.strerror or exc}), skipped")
             continue
         prefix = _as_prefix(path)
-        yield from map(prefix.__add__, files)
+        yield from _paths(prefix, files, datasets)
         if folders:
             stack.append((prefix, iter(folders)))
+
+
+def _paths(prefix: str, names: list[str], datasets: bool) -> Iterator[Chunk]:
+    """The paths of a folder's names, :data:`_SCAN_BLOCK` at a time (what a path adds to
+    its name is held for one block only)."""
+    for start in range(0, len(names), _SCAN_BLOCK):
+        # prefix + name = os.path.join(folder, name), as DirEntry.path is
+        yield list(map(prefix.__add__, names[start : start + _SCAN_BLOCK])), datasets
 
 
 def _as_prefix(folder: str) -> str:
     return folder if folder.endswith(os.sep) else folder + os.sep
 
 
-def _scan(folder: str, recursive: bool, say: Callable[[str], None]) -> tuple[list[str], list[str]]:
-    """(names of the listed files, names of the sub-folders to descend into) of one folder,
-    each sorted; raises OSError when the folder cannot be read."""
+_NAME = operator.attrgetter("name")
+_IS_DIR = os.DirEntry.is_dir
+_LISTED_SUFFIXES = tuple(LISTED_EXTENSIONS)
+
+
+_SCAN_BLOCK = 4096  # entries held at once: a folder of a million holds its names only
+
+
+def _scan(
+    folder: str, recursive: bool, say: Callable[[str], None]
+) -> tuple[list[str], list[str], bool]:
+    """(names of the listed files, names of the sub-folders to descend into, whether any
+    file may be a dataset file) of one folder, each sorted; raises OSError when the folder
+    cannot be read.
+
+    A listing's cost is per entry, so entries are taken a block at a time and a block
+    without sub-folders (the common case) is done as a whole: ``map`` over the entries, the
+    extensions checked on the joined names.  A block with a sub-folder, or whose entries
+    cannot all be typed, is done entry by entry.
+    """
     files: list[str] = []
     folders: list[str] = []
     skipped: list[str] = []
-    listed, images, add = LISTED_EXTENSIONS, IMAGE_EXTENSIONS, files.append
-    with os.scandir(folder) as entries:
-        for entry in entries:  # once per file: _extension and _is_dir, inlined
-            name = entry.name
-            dot = name.rfind(".")
-            if dot > 0 and (name[0] != "." or name[:dot].strip(".")):
-                ext = name[dot:].lower()
-            else:
-                ext = ""
+    datasets = False
+    with os.scandir(folder) as listing:
+        while entries := list(itertools.islice(listing, _SCAN_BLOCK)):
+            names = list(map(_NAME, entries))
             try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if not is_dir:
-                if ext in listed:
-                    add(name)
-            elif recursive and not entry.is_symlink():
-                folders.append(name)
-            elif not recursive and ext in images:
-                skipped.append(entry.path)
+                kinds: list[bool] | None = list(map(_IS_DIR, entries))  # from the listing
+            except OSError:  # a symlink loop, a permission: decided entry by entry
+                kinds = None
+            if kinds is not None and True not in kinds:
+                listed, some = _listed_names(names)
+                files += listed
+                datasets = datasets or some
+                continue
+            plain: list[str] = []
+            types = kinds or map(_is_dir, entries)
+            for entry, name, is_dir in zip(entries, names, types, strict=True):
+                if not is_dir:
+                    plain.append(name)
+                elif recursive and not entry.is_symlink():
+                    folders.append(name)
+                elif not recursive and _extension(name) in IMAGE_EXTENSIONS:
+                    skipped.append(entry.path)
+            listed, some = _listed_names(plain)
+            files += listed
+            datasets = datasets or some
     files.sort()
     folders.sort()
     for path in sorted(skipped):
         say(f"{path}: a folder named like an image, not descended (try -r)")
-    return files, folders
+    return files, folders, datasets
+
+
+def _listed_names(names: list[str]) -> tuple[list[str], bool]:
+    """(The names, of files in one folder, that end in a listed extension, as
+    :func:`is_listed` decides; whether any may be a dataset file), for all the names at
+    once where it can: each name ends in a NUL in ``joined``, and only names (none holds
+    one), so a name's extension followed by a NUL is found at its end only."""
+    if not names:
+        return names, False
+    joined = "\0".join(names).lower() + "\0"
+    if joined[0] == "." or "\0." in joined:  # a dot file: ".jpg" has no extension
+        listed = [name for name in names if _extension(name) in LISTED_EXTENSIONS]
+        return listed, _names_datasets(joined)
+    # no name starts with a dot, so a name's last dot starts its extension
+    first = names[0]
+    extension = first[first.rfind(".") :].lower()
+    if extension in LISTED_EXTENSIONS and joined.count(extension + "\0") == len(names):
+        return names, extension not in IMAGE_EXTENSIONS  # all alike
+    suffixes = _LISTED_SUFFIXES
+    listed = [name for name in names if name.lower().endswith(suffixes)]
+    return listed, _names_datasets(joined)
+
+
+_DATASET_ENDINGS = tuple(suffix + "\0" for suffix in TAR_SUFFIXES + PARQUET_SUFFIXES)
+
+
+def _names_datasets(joined: str) -> bool:
+    """Whether lower-cased names, each ended by a NUL, hold a dataset file's."""
+    return any(ending in joined for ending in _DATASET_ENDINGS)
 
 
 def read_input(ref: InputRef) -> bytes:
@@ -298,17 +368,35 @@ def _listed(
     image_column: str | None,
     id_column: str | None,
 ) -> Iterator[InputRef]:
+    return itertools.chain.from_iterable(
+        _listed_chunks(inputs, recursive, stdin, warn, null_separated, image_column, id_column)
+    )
+
+
+def _listed_chunks(
+    inputs: list[str],
+    recursive: bool,
+    stdin: IO[Any] | None,
+    warn: Callable[[str], None] | None,
+    null_separated: bool,
+    image_column: str | None,
+    id_column: str | None,
+) -> Iterator[list[InputRef]]:
     say = warn or (lambda _msg: None)
     listed = False
-    for path in _expand(inputs, recursive, stdin or sys.stdin, say, null_separated):
-        # .tar, .parquet, .pq end in r, t, q: a cheap test first (once per input)
-        if path[-1:] in "rRtTqQ" and is_dataset_file(path):
-            for item in dataset_items(path, IMAGE_EXTENSIONS, image_column, id_column):
+    for paths, datasets in _expand(inputs, recursive, stdin or sys.stdin, say, null_separated):
+        if not datasets:
+            listed = listed or bool(paths)
+            yield cast(list[InputRef], paths)
+            continue
+        for path in paths:
+            if is_dataset_file(path):
+                for item in dataset_items(path, IMAGE_EXTENSIONS, image_column, id_column):
+                    listed = True
+                    yield [item]
+            else:
                 listed = True
-                yield item
-        else:
-            listed = True
-            yield path
+                yield [path]
     if not listed:
         raise NoInputsError("no input images found")
 
@@ -339,10 +427,19 @@ class InputStream(Iterator[InputRef]):
     listing ends (for runs of up to LISTING_AHEAD inputs, almost at once: the progress bar
     gets its ETA); ``count`` is how many it has given so far.  An error while listing (a
     refused -o, no inputs at all) is raised here, in order, after the inputs before it.
+
+    The inputs pass through a ``deque`` (its ``append`` and ``popleft`` are atomic), not a
+    ``queue.Queue``, whose locks cost more than the listing itself: each side only waits,
+    on an event, when the deque is empty (the run) or full (the listing), after saying so
+    and looking once more, so neither can miss the other's wake-up.
     """
 
     def __init__(self, source: Iterable[InputRef]) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=LISTING_AHEAD)
+        self._items: collections.deque[Any] = collections.deque()
+        self._filled = threading.Event()  # set by the listing for a run waiting on it
+        self._drained = threading.Event()  # set by the run for a listing waiting on it
+        self._run_waits = False
+        self._listing_waits = False
         self.count = 0
         self.total: int | None = None
         self._done = False
@@ -350,16 +447,36 @@ class InputStream(Iterator[InputRef]):
         thread.start()
 
     def _list(self, source: Iterator[InputRef]) -> None:
+        items, append, filled = self._items, self._items.append, self._filled
         listed = 0
         try:
-            for item in source:
-                self._queue.put(item)
+            for item in source:  # once per input: _put, inlined
+                if len(items) >= LISTING_AHEAD:
+                    self._wait_for_room()
+                append(item)
                 listed += 1
+                if self._run_waits:
+                    filled.set()
         except BaseException as exc:  # handed to the run, which raises it in order
-            self._queue.put(_Failed(exc))
+            self._put(_Failed(exc))
             return
         self.total = listed
-        self._queue.put(_END)
+        self._put(_END)
+
+    def _put(self, item: Any) -> None:
+        if len(self._items) >= LISTING_AHEAD:
+            self._wait_for_room()
+        self._items.append(item)
+        if self._run_waits:
+            self._filled.set()
+
+    def _wait_for_room(self) -> None:
+        self._drained.clear()
+        self._listing_waits = True
+        while len(self._items) >= LISTING_AHEAD:
+            self._drained.wait()
+            self._drained.clear()
+        self._listing_waits = False
 
     def __iter__(self) -> InputStream:
         return self
@@ -367,7 +484,12 @@ class InputStream(Iterator[InputRef]):
     def __next__(self) -> InputRef:
         if self._done:
             raise StopIteration
-        item = self._queue.get()
+        try:
+            item = self._items.popleft()
+        except IndexError:
+            item = self._wait()
+        if self._listing_waits:
+            self._drained.set()
         if item is _END:
             self._done = True
             raise StopIteration
@@ -377,6 +499,18 @@ class InputStream(Iterator[InputRef]):
         self.count += 1
         return cast(InputRef, item)
 
+    def _wait(self) -> Any:
+        """The next item, once the listing has put it."""
+        while True:
+            self._filled.clear()
+            self._run_waits = True
+            try:
+                return self._items.popleft()  # put before the listing saw _run_waits
+            except IndexError:
+                self._filled.wait()
+            finally:
+                self._run_waits = False
+
 
 def _expand(
     inputs: Iterable[str],
@@ -384,7 +518,7 @@ def _expand(
     stdin: IO[Any],
     warn: Callable[[str], None],
     null_separated: bool,
-) -> Iterator[str]:
+) -> Iterator[Chunk]:
     for given in inputs:
         for item in [given] if given == "-" or os.path.lexists(given) else expand_braces(given):
             yield from _expand_one(item, recursive, stdin, warn, null_separated)
@@ -392,33 +526,34 @@ def _expand(
 
 def _expand_one(
     item: str, recursive: bool, stdin: IO[Any], warn: Callable[[str], None], null_separated: bool
-) -> Iterator[str]:
+) -> Iterator[Chunk]:
+    """The paths one INPUT names, in lists (a folder's at a time, or one by one), each with
+    whether it may name a dataset file."""
     if item == "-":
-        yield from iter_paths(stdin, null_separated)
+        yield from (([path], True) for path in iter_paths(stdin, null_separated))
         return
     path = Path(item).expanduser() if item.startswith("~") else Path(item)
     if path.is_dir():
-        images = iter_folder_images(path, recursive, warn)
-        first = next(images, None)
-        if first is not None:
-            yield first
-            yield from images
-        elif is_image_name(item.rstrip("/" + os.sep)):
-            yield item  # x.jpg/ named explicitly, holding no image: an error record
-        else:
+        found = False
+        for paths in _folder_chunks(str(path), recursive, warn):
+            found = True
+            yield paths
+        if not found and is_image_name(item.rstrip("/" + os.sep)):
+            yield [item], False  # x.jpg/ named explicitly, holding no image: an error record
+        elif not found:
             warn(f"{item}: no images in this folder" + ("" if recursive else " (try -r)"))
     elif os.path.lexists(path) or not GLOB_CHARS.intersection(item):
-        yield str(path) if item.startswith("~") else item
+        yield [str(path) if item.startswith("~") else item], True
     else:
         matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
         found = False
         for match in matches:
             if os.path.isdir(match):
-                for image in iter_folder_images(Path(match), recursive, warn):
+                for paths in _folder_chunks(str(Path(match)), recursive, warn):
                     found = True
-                    yield image
+                    yield paths
             elif is_listed(match):
                 found = True
-                yield match
+                yield [match], True
         if not found:
             warn(f"{item}: pattern matched no images")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,142 @@ def test_a_deep_tree_is_listed_without_recursion_limits(tmp_path: Path) -> None:
         for folder in reversed(chain[1:]):
             if folder.exists():
                 folder.rmdir()
+
+
+# Names that a folder-at-a-time listing could get wrong: case, dot files (".jpg" has no
+# extension, "..a.jpg" has), several dots, extensions followed by more, a newline, bytes
+# that are not UTF-8, a character whose lower case is longer ("İ"), dataset files.
+AWKWARD_NAMES = [
+    "a.jpg",
+    "B.JPG",
+    "c.Jpeg",
+    "d.png.txt",
+    "e",
+    "f.",
+    ".jpg",
+    "..jpg",
+    "...",
+    ".hidden.png",
+    "..a.jpg",
+    "g.tar",
+    "h.PARQUET",
+    "i.pq",
+    "j.jpg\n",
+    "k .webp",
+    "İ.JPG",
+    "İİİ",
+    "l.tiff",
+    "m.tif",
+    "n.gif.",
+    os.fsdecode(b"\xff\xfe.jpg"),
+    os.fsdecode(b"o\xff"),
+    "-p.bmp",
+    "[q].png",
+]
+
+
+def reference_listing(folder: Path, recursive: bool) -> list[str]:
+    """The documented policy, one entry at a time with the public is_listed (the oracle)."""
+    from convnext_cli.inputs import is_listed
+
+    files, folders = [], []
+    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir and is_listed(entry.name):
+            files.append(entry.path)
+        elif is_dir and recursive and not entry.is_symlink():
+            folders.append(Path(entry.path))
+    return files + [path for sub in folders for path in reference_listing(sub, recursive)]
+
+
+def awkward_tree(root: Path, alike: int) -> Path:
+    """A folder of awkward names, of `alike` plain .jpg files (a block all alike), of special
+    files named like images, and a sub-folder of each kind."""
+    root.mkdir()
+    for name in AWKWARD_NAMES:
+        (root / name).write_bytes(b"")
+    for n in range(alike):
+        (root / f"{n:05d}.jpg").write_bytes(b"")
+    os.mkfifo(root / "fifo.jpg")
+    (root / "broken.png").symlink_to(root / "nowhere")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    (root / "sub.jpg").mkdir()
+    (root / "sub.jpg" / "inner.png").write_bytes(b"")
+    (root / "sub").mkdir()
+    (root / "sub" / "x.JPEG").write_bytes(b"")
+    (root / "link.jpg").symlink_to(root / "sub")
+    only = root / "only-alike"
+    only.mkdir()
+    for n in range(alike):
+        (only / f"{n:05d}.{'JPG' if n % 7 == 0 else 'jpg'}").write_bytes(b"")
+    dots = root / "dots"
+    dots.mkdir()
+    for name in (".jpg", "a.jpg", "b.jpg"):  # all end in .jpg, one has no extension
+        (dots / name).write_bytes(b"")
+    tars = root / "tars"
+    tars.mkdir()
+    for n in range(5):
+        (tars / f"{n}.tar").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("block", [3, 4096])
+@pytest.mark.parametrize("recursive", [True, False])
+def test_folder_listing_decides_as_one_entry_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, recursive: bool
+) -> None:
+    """The listing takes a folder's entries a block at a time and decides a block without
+    sub-folders as a whole (the fast path); it must list exactly what the per-entry policy
+    lists, in the same order, with blocks of 3 (every kind of block, mixed) and of 4096
+    (whole folders), and say of every chunk holding a dataset file that it may."""
+    from convnext_cli import inputs
+
+    monkeypatch.setattr(inputs, "_SCAN_BLOCK", block)
+    root = awkward_tree(tmp_path / "awkward", alike=20)
+    expected = reference_listing(root, recursive)
+    assert str(root / "a.jpg") in expected and str(root / "fifo.jpg") in expected
+    assert str(root / "dots" / ".jpg") not in expected
+    if recursive:
+        assert str(root / "sub" / "x.JPEG") in expected and str(root / "dots" / "a.jpg") in expected
+
+    chunks = list(inputs._folder_chunks(str(root), recursive, None))
+    assert [path for paths, _ in chunks for path in paths] == expected
+    assert inputs.folder_images(root, recursive) == expected
+    for paths, datasets in chunks:
+        assert datasets or not any(inputs.is_dataset_file(path) for path in paths)
+    # and in a whole listing, the dataset files become their (here: broken) members
+    listed = expand_inputs([str(root)], recursive=recursive)
+    plain = [item for item in listed if isinstance(item, str)]
+    assert plain == [path for path in expected if not inputs.is_dataset_file(path)]
+    assert len(listed) > len(plain)
+
+
+def test_input_stream_hands_over_every_input_with_a_small_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listing and the run meet through a deque: with a window of 5 inputs, a listing
+    that pauses and a run that pauses, every input comes once, in order, and an error
+    raised by the listing comes after the inputs before it."""
+    from convnext_cli import inputs
+
+    monkeypatch.setattr(inputs, "LISTING_AHEAD", 5)
+
+    def listing() -> Iterator[str]:
+        for n in range(3000):
+            if n % 700 == 0:
+                time.sleep(0.02)  # the run waits for the listing
+            yield f"{n:05d}.jpg"
+        raise OSError("the disk went away")
+
+    stream = InputStream(listing())
+    got: list[str] = []
+    with pytest.raises(OSError, match="the disk went away"):
+        for path in stream:
+            got.append(path)
+            if len(got) % 500 == 0:
+                time.sleep(0.02)  # the listing waits for the run (window full)
+    assert got == [f"{n:05d}.jpg" for n in range(3000)] and stream.count == 3000
+    assert list(stream) == []
