@@ -356,21 +356,8 @@ def iter_inputs(
     for pattern in given:
         if pattern != "-" and not os.path.lexists(pattern):
             check_braces(pattern)
-    return _listed(given, recursive, stdin, warn, null_separated, image_column, id_column)
-
-
-def _listed(
-    inputs: list[str],
-    recursive: bool,
-    stdin: IO[Any] | None,
-    warn: Callable[[str], None] | None,
-    null_separated: bool,
-    image_column: str | None,
-    id_column: str | None,
-) -> Iterator[InputRef]:
-    return itertools.chain.from_iterable(
-        _listed_chunks(inputs, recursive, stdin, warn, null_separated, image_column, id_column)
-    )
+    chunks = _listed_chunks(given, recursive, stdin, warn, null_separated, image_column, id_column)
+    return itertools.chain.from_iterable(chunks)
 
 
 def _listed_chunks(
