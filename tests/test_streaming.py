@@ -48,6 +48,13 @@ main()
 """
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a child a test started if it is still running (a failed assertion, a timeout)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def read_line_within(stream: io.BufferedReader, seconds: float) -> bytes:
     """One line from a pipe, or b'' if none comes within `seconds`."""
     got: list[bytes] = []
@@ -94,9 +101,7 @@ def test_first_records_come_before_the_listing_ends(
         proc.wait(timeout=TIMEOUT)
     finally:
         release.touch()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert proc.returncode == 0, (tmp_path / "stderr").read_text()
     paths = [json.loads(first)["path"]] + [json.loads(x)["path"] for x in out.splitlines()]
     assert paths == expand_inputs([str(tree)], recursive=True)
@@ -126,9 +131,7 @@ def test_first_records_come_before_stdin_ends(
         out = proc.stdout.read()
         proc.wait(timeout=TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert proc.returncode == 0
     assert [json.loads(first)["path"]] + [json.loads(x)["path"] for x in out.splitlines()] == (
         listing
@@ -162,9 +165,7 @@ def test_a_stream_of_paths_written_whole_before_reading_does_not_deadlock(
         out = proc.stdout.read()
         proc.wait(timeout=TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert proc.returncode == 1  # every path is missing: an error record each
     assert [json.loads(x)["path"] for x in out.splitlines()] == listing
 
