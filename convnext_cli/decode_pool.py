@@ -117,7 +117,6 @@ def _die_with_parent() -> None:
 
 def _pack(outcomes: list[tuple[int, Outcome]]) -> dict[str, Any]:
     """A task's outcomes as picklable parts: pixels stacked by shape into NumPy arrays."""
-
     errors: list[tuple[int, str]] = []
     encoded: list[tuple[int, EncodedJpeg]] = []
     by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
@@ -457,6 +456,5 @@ class DecodePool:
 
 
 def unpack_groups(packed: dict[str, Any]) -> list[tuple[list[int], torch.Tensor]]:
-
     groups: list[tuple[list[int], np.ndarray]] = packed["groups"]
     return [(positions, torch.from_numpy(array)) for positions, array in groups]

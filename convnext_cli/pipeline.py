@@ -141,7 +141,6 @@ class _PendingBatch:
         self.waiting -= sum(len(positions) for positions, _ in groups)
 
     def finish(self) -> DecodedBatch:
-
         by_shape: dict[tuple[int, ...], list[tuple[list[int], torch.Tensor]]] = {}
         for positions, pixels in self.parts:
             by_shape.setdefault(tuple(pixels.shape[1:]), []).append((positions, pixels))
@@ -377,7 +376,6 @@ class Runner:
 
     def compile(self) -> None:
         """torch.compile the model (on the plain path: Inductor does its own fusion)."""
-
         from convnext_cli.cpu_fusion import unfuse_blocks
 
         unfuse_blocks(self.model)
@@ -386,7 +384,6 @@ class Runner:
 
     def _to_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, h, w) on the host -> normalised model input on the device."""
-
         batch = pixels.to(self.device, non_blocking=True)
         batch = self.spec.normalize(batch, self.dtype)
         if self.channels_last:
@@ -495,7 +492,6 @@ class Runner:
         k = max(1, min(top_k, len(self.labels)))
 
         def put_top_k(batch: torch.Tensor, results: list[Result]) -> None:
-
             logits = self.logits_fn(batch).float()
             probs = logits.softmax(dim=-1)
             finite = (torch.isfinite(logits) & torch.isfinite(probs)).all(dim=-1)
@@ -527,7 +523,6 @@ class Runner:
         """The pooled feature (transformers' pooler_output) for every path, per batch."""
 
         def put_embeddings(batch: torch.Tensor, results: list[Result]) -> None:
-
             features = self.embed_fn(batch).float()
             if normalize:
                 features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
