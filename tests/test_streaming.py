@@ -235,15 +235,30 @@ def test_input_stream_knows_its_total_when_the_listing_ends(tree: Path) -> None:
 
 
 def test_a_deep_tree_is_listed_without_recursion_limits(tmp_path: Path) -> None:
-    """Deeper than Python's recursion limit (the listing keeps its own stack)."""
+    """Deeper than Python's recursion limit (the listing keeps its own stack).
+
+    The limit is lowered for the test rather than the tree built past the process's own
+    limit: torch._dynamo raises that to thousands once imported, and a tree that deep has
+    paths longer than PATH_MAX (4,096 bytes), which no listing can open.
+    """
+    depth_now = 0
+    frame = sys._getframe()
+    while frame.f_back is not None:
+        frame, depth_now = frame.f_back, depth_now + 1
+    limit = depth_now + 150  # room for the listing's own calls, not for one per folder
     chain = [tmp_path]
+    old_limit = sys.getrecursionlimit()
     try:
-        for _ in range(sys.getrecursionlimit() + 50):
+        for _ in range(limit + 50):
             chain.append(chain[-1] / "d")
             chain[-1].mkdir()
         (chain[-1] / "x.jpg").write_bytes(b"x")
-        assert expand_inputs([str(tmp_path)], recursive=True) == [str(chain[-1] / "x.jpg")]
+        sys.setrecursionlimit(limit)
+        listed = expand_inputs([str(tmp_path)], recursive=True)
+        sys.setrecursionlimit(old_limit)
+        assert listed == [str(chain[-1] / "x.jpg")]
     finally:  # rmtree itself recurses
+        sys.setrecursionlimit(old_limit)
         (chain[-1] / "x.jpg").unlink(missing_ok=True)
         for folder in reversed(chain[1:]):
             if folder.exists():
