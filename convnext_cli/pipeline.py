@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,10 @@ from convnext_cli.images import decode_bytes
 from convnext_cli.inputs import InputRef, input_id
 from convnext_cli.model import ConvNeXtForClassification
 from convnext_cli.preprocess import PreprocessSpec
+from convnext_cli.thread_tuner import ThreadTuner
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count the user chose
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (the physical cores)
 
 
 @dataclass
@@ -194,7 +199,11 @@ def cap_workers(requested: int, num_inputs: int, batch_size: int) -> int:
 
 
 def plan_workers(
-    requested: int | None, num_inputs: int, batch_size: int, device_type: str
+    requested: int | None,
+    num_inputs: int,
+    batch_size: int,
+    device_type: str,
+    tuned: bool = False,
 ) -> tuple[int, int]:
     """(worker processes, batches decoded ahead) for a run.
 
@@ -202,7 +211,10 @@ def plan_workers(
       that is 0, one guard process decoding one batch at a time while the model waits,
       so that a decoder crash or time bomb costs one input, not the run, at the price of
       a pipe copy per batch and of resizing on one thread (a forked process cannot use
-      the OpenMP pool it inherits).
+      the OpenMP pool it inherits).  With `tuned` (the model's CPU threads are chosen by
+      measuring, see :mod:`convnext_cli.thread_tuner`) and more than one batch, the guard
+      process decodes the next batch while the model runs: the tuner gives it a core
+      when decoding is what the run waits for.
     - ``0``: decode in the main process (no crash isolation, no deadline: only the
       structural checks in images.py guard it).
     - ``N``: :func:`cap_workers`, each prefetching 2 batches.
@@ -213,7 +225,7 @@ def plan_workers(
     if requested is None:
         workers = default_workers(num_inputs, batch_size, device_type)
         if workers == 0:
-            return 1, 1
+            return 1, (TASKS_PER_WORKER if tuned and num_inputs > batch_size else 1)
         return workers, workers * TASKS_PER_WORKER
     workers = cap_workers(requested, num_inputs, batch_size)
     return workers, workers * TASKS_PER_WORKER
@@ -253,7 +265,7 @@ def decoded_batches(
     jpeg_on_device: bool = False,
     prefetch: int | None = None,
     timeout: float | None = None,
-) -> Iterator[DecodedBatch]:
+) -> Generator[DecodedBatch, None, None]:
     """Batches of decoded inputs, in order, from `workers` processes (0: in this process).
 
     At most `prefetch` batches (default ``workers x 2``) are decoded ahead of the one the
@@ -373,6 +385,7 @@ class Runner:
         # what runs a batch: the model itself, or torch.compile'd versions of it
         self.logits_fn: Any = model
         self.embed_fn: Any = model.embed
+        self.compiled = False
 
     def compile(self) -> None:
         """torch.compile the model (on the plain path: Inductor does its own fusion)."""
@@ -381,6 +394,7 @@ class Runner:
         unfuse_blocks(self.model)
         self.logits_fn = torch.compile(self.model)
         self.embed_fn = torch.compile(self.model.embed)
+        self.compiled = True
 
     def _to_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, h, w) on the host -> normalised model input on the device."""
@@ -397,7 +411,14 @@ class Runner:
         if batch_size is None:
             batch_size = default_batch_size(self.device.type)
         known, paths = lookahead(paths, planning_lookahead(workers, batch_size))
-        workers, prefetch = plan_workers(workers, known, batch_size, self.device.type)
+        threads = self._tunable_threads()
+        workers, prefetch = plan_workers(
+            workers, known, batch_size, self.device.type, tuned=threads > 1
+        )
+        tuner = None
+        if threads > 1 and workers > 0 and prefetch > 1 and known > batch_size:
+            # every core for the model, or the decoders' cores left to them: measured
+            tuner = ThreadTuner([threads, max(1, threads - workers)])
         pin = self.device.type == "cuda"
         batches = decoded_batches(
             paths,
@@ -408,18 +429,42 @@ class Runner:
             jpeg_on_device=self.jpeg_on_device,
             prefetch=prefetch,
         )
-        for decoded in batches:
-            results = [
-                Result(path=input_name(item), error=err)
-                for item, err in zip(decoded.inputs, decoded.errors, strict=True)
-            ]
-            with torch.inference_mode():
-                groups = decoded.groups
-                if decoded.encoded:
-                    groups = self._with_device_decoded(groups, decoded.encoded, results)
-                for positions, pixels in groups:
-                    self._forward(fn, pixels, [results[p] for p in positions])
-            yield results
+        try:
+            while True:
+                asked = time.perf_counter()
+                decoded = next(batches, None)
+                if decoded is None:
+                    break
+                waited = time.perf_counter() - asked  # the model waiting for decoding
+                results = [
+                    Result(path=input_name(item), error=err)
+                    for item, err in zip(decoded.inputs, decoded.errors, strict=True)
+                ]
+                with torch.inference_mode():
+                    groups = decoded.groups
+                    if decoded.encoded:
+                        groups = self._with_device_decoded(groups, decoded.encoded, results)
+                    for positions, pixels in groups:
+                        self._forward(fn, pixels, [results[p] for p in positions])
+                if tuner is not None and (changed := tuner.batch_done(len(results), waited)):
+                    torch.set_num_threads(changed)
+                yield results
+        finally:
+            batches.close()  # stops the decode workers at once when the caller stops early
+            if tuner is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _tunable_threads(self) -> int:
+        """The model's CPU threads when :class:`ThreadTuner` may change them during a run,
+        else 0: a float32, eager run on the CPU whose thread count the user did not set
+        (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, or ``torch.set_num_threads`` before the
+        run, which the tuner would not know to keep)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or self.compiled:
+            return 0
+        if any(os.environ.get(name) for name in THREAD_ENV):
+            return 0
+        threads = torch.get_num_threads()
+        return threads if threads == DEFAULT_THREADS else 0
 
     def _forward(self, fn: Any, pixels: torch.Tensor, results: list[Result]) -> None:
         """Run `fn` on a group; if it raises, run its images one by one, so that only the

@@ -1,0 +1,230 @@
+"""The model's CPU thread count, chosen by measuring during the run (thread_tuner.py).
+
+The tuner itself is driven by a fake clock whose cost per image depends on the thread count
+it chose, so what it converges to is known; the Runner's use of it is checked on a real run:
+the counts it returns are applied, the results are bit-identical to an untuned run, the
+process's thread count is restored, and runs whose numbers could depend on the thread
+count (bfloat16), or whose count the user chose, are left alone.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from convnext_cli import pipeline
+from convnext_cli.checkpoints import build_model, load_checkpoint
+from convnext_cli.pipeline import Runner, default_workers, plan_workers
+from convnext_cli.thread_tuner import FIRST_EXPLOIT, PROBE, SETTLE, ThreadTuner
+
+Costs = Callable[[int, int], tuple[float, float]]
+
+
+def simulate(cost: Costs, batches: int, choices: tuple[int, ...] = (2, 1)) -> list[int]:
+    """The thread count each batch ran with, when a batch of 8 at `threads` costs
+    ``cost(batch number, threads)[0]`` seconds per image, of which the model spent the share
+    ``cost(...)[1]`` waiting for the batch to be decoded."""
+    now = [0.0]
+    tuner = ThreadTuner(choices, clock=lambda: now[0])
+    used = []
+    for n in range(batches):
+        used.append(tuner.threads)
+        per_image, waiting = cost(n, tuner.threads)
+        now[0] += 8 * per_image
+        tuner.batch_done(8, waited=8 * per_image * waiting)
+    return used
+
+
+DECODE_BOUND = {2: (1.0, 0.6), 1: (0.7, 0.4)}  # the model waits; one thread is faster
+MODEL_BOUND = {2: (0.5, 0.0), 1: (0.8, 0.0)}  # the decoder keeps up: every core for the model
+
+
+def test_a_decode_bound_run_moves_to_fewer_threads() -> None:
+    used = simulate(lambda n, t: DECODE_BOUND[t], 300)
+    first_look = 1 + SETTLE + PROBE  # the clock starts at the first batch
+    assert used[:first_look] == [2] * first_look  # every core first
+    assert used.count(1) / len(used) > 0.9
+    # one thread keeps the model waiting: more threads are not worth a look again
+    assert used[first_look:] == [1] * (len(used) - first_look)
+
+
+def test_a_model_bound_run_never_leaves_every_core() -> None:
+    assert simulate(lambda n, t: MODEL_BOUND[t], 300) == [2] * 300
+
+
+def test_a_waiting_model_that_one_thread_does_not_help_comes_back() -> None:
+    """The model waits, so one thread is tried; it is slower, so the run goes back, and
+    looks again only after the exploit period."""
+    used = simulate(lambda n, t: {2: (1.0, 0.5), 1: (1.6, 0.3)}[t], 300)
+    tried = 1 + SETTLE + PROBE
+    assert used[tried : tried + SETTLE + PROBE] == [1] * (SETTLE + PROBE)
+    assert used.count(2) / len(used) > 0.85
+    assert used[-50:].count(2) >= 50 - (SETTLE + PROBE)  # at most one look at the other
+
+
+def test_noise_does_not_hide_a_clear_difference() -> None:
+    rng = random.Random(7)
+
+    def noisy(n: int, threads: int) -> tuple[float, float]:
+        per_image, waiting = DECODE_BOUND[threads]
+        return per_image * rng.uniform(0.8, 1.25), waiting * rng.uniform(0.5, 1.5)
+
+    used = simulate(noisy, 400)
+    assert used.count(1) / len(used) > 0.8
+
+
+def test_a_run_that_changes_character_is_followed() -> None:
+    """Small photos first (model-bound), then large ones (decode-bound): the tuner looks
+    again after its exploit period and moves; large ones then small: it moves back."""
+    flip = 150
+
+    def small_then_large(n: int, threads: int) -> tuple[float, float]:
+        return (MODEL_BOUND if n < flip else DECODE_BOUND)[threads]
+
+    used = simulate(small_then_large, 600)
+    assert used[:flip] == [2] * flip
+    assert used[-100:] == [1] * 100
+    moved = next(n for n in range(flip, 600) if used[n : n + 20] == [1] * 20)
+    assert moved - flip <= 4 * FIRST_EXPLOIT  # the exploit period doubles, from 32 up
+
+    def large_then_small(n: int, threads: int) -> tuple[float, float]:
+        return (DECODE_BOUND if n < flip else MODEL_BOUND)[threads]
+
+    used = simulate(large_then_small, 600)
+    assert used[flip - 10 : flip] == [1] * 10
+    assert used[-100:].count(2) >= 100 - (SETTLE + PROBE)
+
+
+def test_one_choice_never_switches_and_odd_batches_are_harmless() -> None:
+    now = [0.0]
+    tuner = ThreadTuner([4, 4], clock=lambda: now[0])
+    assert tuner.choices == [4]
+    for images in [8, 0, 8, 3, 8] * 40:
+        now[0] += 1.0
+        assert tuner.batch_done(images) is None
+    assert tuner.switches == 0
+    with pytest.raises(ValueError):
+        ThreadTuner([])
+
+
+# --- in a run ---------------------------------------------------------------------------
+
+
+class Scripted(ThreadTuner):
+    """Switches every batch between its two counts, and records the count each batch ran
+    with (what torch had when the batch ended)."""
+
+    made: list[Scripted] = []
+
+    def __init__(self, choices: list[int], **kwargs: object) -> None:
+        super().__init__(choices)
+        self.ran_with: list[int] = []
+        Scripted.made.append(self)
+
+    def batch_done(self, images: int) -> int | None:
+        self.ran_with.append(torch.get_num_threads())
+        other = [n for n in self.choices if n != self.threads]
+        if other:
+            self.threads = other[0]
+            return self.threads
+        return None
+
+
+def _runner(checkpoint: Path, dtype: torch.dtype) -> Runner:
+    loaded = load_checkpoint(str(checkpoint))
+    model = build_model(loaded, torch.device("cpu"), dtype)
+    return Runner(model, loaded.preprocess, torch.device("cpu"), dtype)
+
+
+def _inputs(photos: list[Path], count: int) -> list[str]:
+    return [str(photos[n % len(photos)]) for n in range(count)]
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> type[Scripted]:
+    Scripted.made = []
+    monkeypatch.setattr(pipeline, "ThreadTuner", Scripted)
+    for name in pipeline.THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return Scripted
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: nothing to tune")
+def test_a_tuned_run_applies_the_counts_and_its_results_do_not_change(
+    v1_checkpoint: Path, photos: list[Path], scripted: type[Scripted]
+) -> None:
+    runner = _runner(v1_checkpoint, torch.float32)
+    before = torch.get_num_threads()
+    assert before == pipeline.DEFAULT_THREADS
+    paths = _inputs(photos, 40)
+    tuned = [r for batch in runner.classify(paths, top_k=5, batch_size=8) for r in batch]
+    assert len(scripted.made) == 1
+    ran_with = scripted.made[0].ran_with
+    assert len(ran_with) == 5 and len(set(ran_with)) == 2  # the counts were applied
+    assert torch.get_num_threads() == before  # and put back
+    plain = [r for batch in runner.classify(paths, top_k=5, batch_size=8, workers=0) for r in batch]
+    assert len(scripted.made) == 1  # decoding in this process: nothing overlaps, no tuning
+    assert [r.path for r in tuned] == paths
+    assert [[(p.index, p.score) for p in r.predictions] for r in tuned] == [
+        [(p.index, p.score) for p in r.predictions] for r in plain
+    ]
+    # embeddings too, bit for bit
+    tuned_e = [r for batch in runner.embed(paths, batch_size=8) for r in batch]
+    plain_e = [r for batch in runner.embed(paths, batch_size=8, workers=0) for r in batch]
+    assert len(scripted.made) == 2
+    for a, b in zip(tuned_e, plain_e, strict=True):
+        assert a.embedding is not None and b.embedding is not None
+        assert torch.equal(a.embedding, b.embedding)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: nothing to tune")
+def test_a_run_stopped_early_gets_its_thread_count_back(
+    v1_checkpoint: Path, photos: list[Path], scripted: type[Scripted]
+) -> None:
+    runner = _runner(v1_checkpoint, torch.float32)
+    before = torch.get_num_threads()
+    batches = runner.classify(_inputs(photos, 40), batch_size=8)
+    next(batches)
+    assert torch.get_num_threads() != before  # the scripted tuner switched after batch 1
+    batches.close()
+    assert torch.get_num_threads() == before
+
+
+def test_what_is_never_tuned(
+    v1_checkpoint: Path,
+    photos: list[Path],
+    scripted: type[Scripted],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    paths = _inputs(photos, 24)
+    # bfloat16: its matrix products depend on the thread count, a run's numbers must not
+    runner = _runner(v1_checkpoint, torch.bfloat16)
+    assert sum(len(b) for b in runner.classify(paths, batch_size=8)) == 24
+    # one batch: nothing to measure
+    runner = _runner(v1_checkpoint, torch.float32)
+    assert sum(len(b) for b in runner.classify(paths[:8], batch_size=8)) == 8
+    # the user chose the thread count
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert sum(len(b) for b in runner.classify(paths, batch_size=8)) == 24
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    # torch.compile'd models are not tuned (their kernels were built for a thread count)
+    runner.compiled = True
+    assert sum(len(b) for b in runner.classify(paths, batch_size=8)) == 24
+    assert scripted.made == []
+
+
+def test_the_plan_overlaps_decoding_when_tuned() -> None:
+    """Where the default plan has no decoding process of its own (a small CPU), a tuned
+    run's guard process decodes the next batch while the model runs."""
+    plain = plan_workers(None, 100, 8, "cpu")
+    tuned = plan_workers(None, 100, 8, "cpu", tuned=True)
+    if default_workers(100, 8, "cpu") == 0:
+        assert plain == (1, 1) and tuned == (1, 2)
+    else:
+        assert plain == tuned
+    assert plan_workers(None, 8, 8, "cpu", tuned=True) == (1, 1)  # one batch
+    assert plan_workers(2, 100, 8, "cpu", tuned=True) == plan_workers(2, 100, 8, "cpu")
