@@ -125,7 +125,8 @@ class Scripted(ThreadTuner):
         self.ran_with: list[int] = []
         Scripted.made.append(self)
 
-    def batch_done(self, images: int) -> int | None:
+    def batch_done(self, images: int, waited: float = 0.0) -> int | None:
+        assert images > 0 and waited >= 0
         self.ran_with.append(torch.get_num_threads())
         other = [n for n in self.choices if n != self.threads]
         if other:
