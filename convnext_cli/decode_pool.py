@@ -179,13 +179,16 @@ def _worker_main(
                 break
             task_id, items = task
             outcomes = []
+            started = time.perf_counter()
             for n, (position, path) in enumerate(items):
                 progress[2] = time.monotonic()
                 progress[1] = n
                 progress[0] = task_id
                 outcomes.append((position, decode_one(path, spec, jpeg_on_device)))
                 progress[0] = -1
-            outbox.put((task_id, _pack(outcomes)))
+            packed = _pack(outcomes)
+            packed["seconds"] = time.perf_counter() - started  # how busy decoding keeps us
+            outbox.put((task_id, packed))
         outbox.put(None)
         sender.join()
     except BaseException:

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from collections.abc import Generator, Iterable, Iterator, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -110,10 +109,11 @@ class DecodedBatch:
     errors: list[str | None]
     groups: list[tuple[list[int], torch.Tensor]]  # positions in the batch, (n, 3, h, w) uint8
     encoded: list[tuple[int, EncodedJpeg]] = field(default_factory=list)  # for the device
+    decoding: float = 0.0  # seconds the decoding processes spent on it (reading included)
 
     def pin_memory(self) -> DecodedBatch:
         groups = [(positions, pixels.pin_memory()) for positions, pixels in self.groups]
-        return DecodedBatch(self.indices, self.inputs, self.errors, groups, self.encoded)
+        return replace(self, groups=groups)
 
 
 class _PendingBatch:
@@ -126,6 +126,7 @@ class _PendingBatch:
         self.waiting = len(inputs)
         self.parts: list[tuple[list[int], torch.Tensor]] = []
         self.encoded: list[tuple[int, EncodedJpeg]] = []
+        self.decoding = 0.0
 
     def add(self, position: int, outcome: Any) -> None:
         if isinstance(outcome, str):
@@ -140,6 +141,7 @@ class _PendingBatch:
         for position, error in packed["errors"]:
             self.errors[position] = error
         self.encoded += packed["encoded"]
+        self.decoding += packed.get("seconds", 0.0)
         groups = unpack_groups(packed)
         self.parts += groups
         self.waiting -= len(packed["errors"]) + len(packed["encoded"])
@@ -157,7 +159,9 @@ class _PendingBatch:
                 positions = [p for part, _ in parts for p in part]
                 groups.append((positions, torch.cat([pixels for _, pixels in parts])))
         self.encoded.sort(key=lambda item: item[0])
-        return DecodedBatch(self.indices, self.inputs, self.errors, groups, self.encoded)
+        return DecodedBatch(
+            self.indices, self.inputs, self.errors, groups, self.encoded, self.decoding
+        )
 
 
 def default_batch_size(device_type: str) -> int:
@@ -418,7 +422,7 @@ class Runner:
         tuner = None
         if threads > 1 and workers > 0 and prefetch > 1 and known > batch_size:
             # every core for the model, or the decoders' cores left to them: measured
-            tuner = ThreadTuner([threads, max(1, threads - workers)])
+            tuner = ThreadTuner([threads, max(1, threads - workers)], settle=prefetch)
         pin = self.device.type == "cuda"
         batches = decoded_batches(
             paths,
@@ -430,12 +434,7 @@ class Runner:
             prefetch=prefetch,
         )
         try:
-            while True:
-                asked = time.perf_counter()
-                decoded = next(batches, None)
-                if decoded is None:
-                    break
-                waited = time.perf_counter() - asked  # the model waiting for decoding
+            for decoded in batches:
                 results = [
                     Result(path=input_name(item), error=err)
                     for item, err in zip(decoded.inputs, decoded.errors, strict=True)
@@ -446,7 +445,9 @@ class Runner:
                         groups = self._with_device_decoded(groups, decoded.encoded, results)
                     for positions, pixels in groups:
                         self._forward(fn, pixels, [results[p] for p in positions])
-                if tuner is not None and (changed := tuner.batch_done(len(results), waited)):
+                # the decoders' load: their seconds on this batch, per decoding process
+                load = decoded.decoding / workers if workers > 0 else 0.0
+                if tuner is not None and (changed := tuner.batch_done(len(results), load)):
                     torch.set_num_threads(changed)
                 yield results
         finally:

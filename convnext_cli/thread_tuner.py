@@ -3,21 +3,23 @@
 On a CPU run the model's intra-op threads and the decoding processes share the same cores.
 Which split is faster depends on the run, not the machine:
 
-- a large model on ordinary photos is bound by the model: every core should run the model
-  (the decoders fit into the gaps), and the model never waits for a batch;
-- a small model, or large photos, is bound by decoding: the model waits for batches, and
-  its OpenMP team, sharing its cores with a decoder, loses more in its barriers than it
-  gains (measured on 2 cores, a decode-bound run: 1.2-1.3x faster with the model on one
-  thread than on two).
+- a large model on ordinary photos is bound by the model: every core should run the model,
+  and the decoders, idle most of the time, fit into the gaps;
+- a small model, or large photos, is bound by decoding: the decoders are busy all the
+  time, and the model's OpenMP team, sharing its cores with them, loses more in its
+  barriers than it gains (measured on 2 cores, a decode-bound run: 1.2-1.4x faster with
+  the model on one thread than on two).  How long the model waits for a batch does not
+  show this: its passes, slowed by the sharing, hide the wait.
 
 So the run measures it.  :class:`ThreadTuner` starts with the first choice (every core),
-measures a few batches, and tries another count only where the measurements say it may
-help: fewer threads when the model spends more than :data:`WAIT_SHARE` of its time waiting
-for decoded batches, more threads when it does not wait.  Of the counts tried it keeps the
-one with the shortest time per image (the median: the machine is noisy), and looks again
-after 32 batches, then 64, ..., at most 512, so a run whose images change character finds
-the new best.  A batch right after a switch is not measured: it was decoded under the old
-split.  A model-bound run thus never leaves every core.
+measures a few batches, and tries another count only where the decoders' load says it may
+help: fewer threads when the decoding processes are busy more than :data:`BUSY_SHARE` of
+the time, more threads when they are not.  Of the counts tried it keeps the one with the
+shortest time per image (the median: the machine is noisy), and looks again after 32
+batches, then 64, ..., at most 512, so a run whose images change character finds the new
+best.  The batches decoded ahead when it switches (``settle``: the prefetch) are not
+measured: they were decoded under the old split, and would flatter the new one.
+A model-bound run thus never leaves every core.
 
 Only float32 runs are tuned (see ``Runner``): their results are bit-identical whatever the
 thread count, while bfloat16 matrix products are not, and a run's numbers must not depend
@@ -31,11 +33,10 @@ import time
 from collections.abc import Callable, Sequence
 
 PROBE = 3  # batches measured on a thread count before deciding
-SETTLE = 1  # batches after a switch that are not measured
 FIRST_EXPLOIT = 32  # batches on the best count before looking again
 MAX_EXPLOIT = 512
 WINDOW = 8  # recent measurements kept per thread count
-WAIT_SHARE = 0.15  # the model waits for batches this share of the time: fewer threads may help
+BUSY_SHARE = 0.5  # decoders busy more than this share of the time: fewer threads may help
 
 
 class ThreadTuner:
@@ -45,18 +46,20 @@ class ThreadTuner:
     def __init__(
         self,
         choices: Sequence[int],
+        settle: int = 1,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.choices = list(dict.fromkeys(choices))  # in order of preference, no repeats
         if not self.choices:
             raise ValueError("no thread counts to choose from")
         self.clock = clock
+        self.settle = max(0, settle)  # batches after a switch that are not measured
         self.threads = self.choices[0]
         self.cost: dict[int, list[float]] = {n: [] for n in self.choices}  # s per image
-        self.waits: dict[int, list[float]] = {n: [] for n in self.choices}  # share waiting
+        self.busy: dict[int, list[float]] = {n: [] for n in self.choices}  # decoders' share
         self._last: float | None = None  # when the previous batch ended
-        # the first batch only starts the clock; the next one still carries the start-up
-        self._skip = SETTLE
+        # the first batch only starts the clock; the next ones were decoded during start-up
+        self._skip = self.settle
         self._measured = 0  # batches measured since the current count was set
         self._trying: list[int] | None = None  # None: not yet decided what to try
         self._round = [self.threads]  # the counts measured in this round
@@ -64,9 +67,10 @@ class ThreadTuner:
         self._exploiting = 0  # batches left on the chosen count before looking again
         self.switches = 0
 
-    def batch_done(self, images: int, waited: float = 0.0) -> int | None:
-        """A batch of `images` went through the model, which waited `waited` seconds for
-        it: the thread count for the next batch, or None to keep the current one."""
+    def batch_done(self, images: int, decoding: float = 0.0) -> int | None:
+        """A batch of `images` went through the model; each decoding process spent
+        `decoding` seconds on it (on average): the thread count for the next batch, or None
+        to keep the current one."""
         now = self.clock()
         last, self._last = self._last, now
         if last is None or images <= 0 or now <= last:
@@ -76,7 +80,7 @@ class ThreadTuner:
             return None
         cycle = now - last
         self._keep(self.cost[self.threads], cycle / images)
-        self._keep(self.waits[self.threads], min(1.0, max(0.0, waited) / cycle))
+        self._keep(self.busy[self.threads], min(1.0, max(0.0, decoding) / cycle))
         self._measured += 1
         if self._exploiting > 0:
             self._exploiting -= 1
@@ -95,18 +99,18 @@ class ThreadTuner:
         return self._switch(best) if best != self.threads else None
 
     def _worth(self, threads: int) -> bool:
-        """Whether `threads` may beat the current count, by how much the model waits now."""
-        waiting = statistics.median(self.waits[self.threads][-PROBE:])
-        return waiting > WAIT_SHARE if threads < self.threads else waiting <= WAIT_SHARE
+        """Whether `threads` may beat the current count, by how busy the decoders are now."""
+        busy = statistics.median(self.busy[self.threads][-PROBE:])
+        return busy > BUSY_SHARE if threads < self.threads else busy <= BUSY_SHARE
 
     def _switch(self, threads: int) -> int:
         if threads not in self._round:
             self._round.append(threads)
             self.cost[threads].clear()  # measured afresh: the run may have changed since
-            self.waits[threads].clear()
+            self.busy[threads].clear()
         self.threads = threads
         self._measured = 0
-        self._skip = SETTLE
+        self._skip = self.settle
         self.switches += 1
         return threads
 
