@@ -24,31 +24,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 CLI = [sys.executable, "-m", "convnext_cli", "classify"]
-
-
-def record_times(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, int]:
-    """(first record, last record, exit) in seconds from the start, and the record count."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    assert proc.stdout is not None
-    first = last = 0.0
-    count = 0
-    for _ in proc.stdout:
-        last = time.perf_counter() - start
-        first = first or last
-        count += 1
-    proc.wait()
-    return first, last, time.perf_counter() - start, count
 
 
 def large_photos(folder: Path, count: int) -> Path:
@@ -78,6 +61,7 @@ def repeated_samples(folder: Path, count: int) -> Path:
 
 def compare(name: str, model: Path, photos: Path, count: int, rounds: int) -> None:
     import torch
+    from long_runs import record_times
 
     cmd = [*CLI, "-m", str(model), "--device", "cpu", "--dtype", "float32", "--format", "jsonl"]
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}

@@ -94,10 +94,12 @@ def first_record_seconds(cmd: list[str]) -> float:
     return seconds
 
 
-def record_times(cmd: list[str]) -> tuple[float, float, float, int]:
+def record_times(
+    cmd: list[str], env: dict[str, str] | None = None
+) -> tuple[float, float, float, int]:
     """(first record, last record, exit) in seconds from the start, and the record count."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
     first = last = 0.0
     count = 0
