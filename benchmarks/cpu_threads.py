@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +42,8 @@ def large_photos(folder: Path, count: int) -> Path:
     made = []
     for n, source in enumerate(sources):
         path = folder / f"large_{n:02d}.jpg"
-        Image.open(source).convert("RGB").resize((4000, 3000), Image.BICUBIC).save(path, quality=90)
+        large = Image.open(source).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
+        large.save(path, quality=90)
         made.append(path)
     for n in range(len(made), count):
         os.link(made[n % len(made)], folder / f"large_{n:05d}.jpg")
@@ -61,27 +61,19 @@ def repeated_samples(folder: Path, count: int) -> Path:
 
 def compare(name: str, model: Path, photos: Path, count: int, rounds: int) -> None:
     import torch
-    from long_runs import record_times
+    from long_runs import best_and_median, interleaved_rates
 
     cmd = [*CLI, "-m", str(model), "--device", "cpu", "--dtype", "float32", "--format", "jsonl"]
+    cmd.append(str(photos))
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    peers = {
-        "tuned": base,
-        "fixed": dict(base, OMP_NUM_THREADS=str(torch.get_num_threads())),
+    runs = {
+        "tuned": (cmd, base),
+        "fixed": (cmd, dict(base, OMP_NUM_THREADS=str(torch.get_num_threads()))),
     }
-    whole: dict[str, list[float]] = {k: [] for k in peers}
-    steady: dict[str, list[float]] = {k: [] for k in peers}
-    for n in range(rounds):
-        order = list(peers)[n % 2 :] + list(peers)[: n % 2]
-        for peer in order:
-            first, last, end, records = record_times([*cmd, str(photos)], peers[peer])
-            assert records == count, (name, peer, records)
-            whole[peer].append(count / end)
-            steady[peer].append((count - 8) / (last - first))
+    whole, steady = interleaved_rates(runs, count, rounds)
 
     def ratio(rates: dict[str, list[float]]) -> str:
-        best = max(rates["tuned"]) / max(rates["fixed"])
-        median = statistics.median(rates["tuned"]) / statistics.median(rates["fixed"])
+        best, median = best_and_median(rates, "tuned", "fixed")
         return (
             f"{max(rates['tuned']):6.1f} against {max(rates['fixed']):6.1f} img/s "
             f"({best:.2f}x; median {median:.2f}x)"

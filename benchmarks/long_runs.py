@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -247,20 +248,11 @@ def datasets(root: Path, model: Path, count: int, rounds: int, workers: str | No
         ("parquet", table),
         ("loose copy", copy),  # the noise floor
     ]
-    whole: dict[str, list[float]] = {name: [] for name, _ in sources}
-    steady: dict[str, list[float]] = {name: [] for name, _ in sources}
-    for n in range(rounds):
-        turn = n % len(sources)
-        for name, source in sources[turn:] + sources[:turn]:  # each goes first in turn
-            first, last, end, records = record_times([*cli, str(source)])
-            assert records == count, (name, records)
-            whole[name].append(count / end)
-            # between the first and the last record: the first batch's records come together
-            steady[name].append((count - 8) / (last - first))
+    runs = {name: ([*cli, str(source)], None) for name, source in sources}
+    whole, steady = interleaved_rates(runs, count, rounds)
 
     def ratios(rates: dict[str, list[float]], name: str) -> str:
-        best = max(rates[name]) / max(rates["loose files"])
-        median = statistics.median(rates[name]) / statistics.median(rates["loose files"])
+        best, median = best_and_median(rates, name, "loose files")
         return f"{max(rates[name]):6.1f} img/s ({best:.2f}x loose; median {median:.2f}x)"
 
     for name, _ in sources:
@@ -269,6 +261,34 @@ def datasets(root: Path, model: Path, count: int, rounds: int, workers: str | No
             f"first to last record {ratios(steady, name)}",
             flush=True,
         )
+
+
+Rates = dict[str, list[float]]
+
+
+def interleaved_rates(
+    runs: Mapping[str, tuple[list[str], dict[str, str] | None]], count: int, rounds: int
+) -> tuple[Rates, Rates]:
+    """Images/s of each named (command, environment) over `rounds` interleaved rounds, each
+    going first in turn: (whole run, between the first and the last record)."""
+    names = list(runs)
+    whole: Rates = {name: [] for name in names}
+    steady: Rates = {name: [] for name in names}
+    for n in range(rounds):
+        turn = n % len(names)
+        for name in names[turn:] + names[:turn]:
+            first, last, end, records = record_times(*runs[name])
+            assert records == count, (name, records)
+            whole[name].append(count / end)
+            # between the first and the last record: the first batch's records come together
+            steady[name].append((count - 8) / (last - first))
+    return whole, steady
+
+
+def best_and_median(rates: Rates, name: str, peer: str) -> tuple[float, float]:
+    """`name` against `peer`: the ratio of their best rates, and of their medians."""
+    best = max(rates[name]) / max(rates[peer])
+    return best, statistics.median(rates[name]) / statistics.median(rates[peer])
 
 
 def main() -> None:
