@@ -369,14 +369,15 @@ NO_AUTH_WARNING = (
 )
 
 
-def _join_settings(address: str) -> dict[str, str | None]:
+def _join_settings(address: str, verbose: bool = False) -> dict[str, str | None]:
     """The environment to join the user's cluster with: the user's own token (Ray's lookup:
     ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) when the cluster
     asks for one, which Ray does not send to an explicit address unless
     ``RAY_AUTH_MODE=token``; one warning line when the cluster has no authentication."""
     if os.environ.get("RAY_AUTH_MODE"):
         return {}  # the user's explicit choice
-    requires = cluster_requires_token(address)
+    with _silenced_stderr(not verbose):  # Ray's C++ line about the refused probe
+        requires = cluster_requires_token(address)
     if requires is False:
         with contextlib.suppress(OSError, ValueError):
             print(NO_AUTH_WARNING.format(address=address), file=sys.stderr, flush=True)
@@ -416,7 +417,7 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
     with contextlib.ExitStack() as stack:
         if address:
             check_reachable(address)
-            stack.enter_context(_environ(_join_settings(address)))
+            stack.enter_context(_environ(_join_settings(address, options.verbose)))
             with _silenced_stderr(not options.verbose):
                 ray.init(address=address, logging_level=level, log_to_driver=options.verbose)
         else:

@@ -87,8 +87,10 @@ def listening(pids: list[int]) -> list[tuple[str, int, int]]:
 
 
 def is_loopback(address: str) -> bool:
-    return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1") or (
-        address.startswith("::ffff:127.")
+    return (
+        address.startswith("127.")
+        or address in ("::1", "::ffff:127.0.0.1")
+        or (address.startswith("::ffff:127."))
     )
 
 
@@ -159,6 +161,7 @@ def test_the_local_ray_is_on_loopback_with_its_own_token(
         assert run.stdin is not None
         run.stdin.write("".join(p + "\n" for p in paths).encode())
         run.stdin.close()
+        run.stdin = None
         deadline = time.monotonic() + 240
         while not (hooks / "pids").exists() or "actor-call" not in (hooks / "pids").read_text():
             assert run.poll() is None, run.stderr.read() if run.stderr else ""
