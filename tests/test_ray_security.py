@@ -135,7 +135,11 @@ def home(tmp_path: Path) -> Path:
 
 
 def test_the_local_ray_is_on_loopback_with_its_own_token(
-    v1_checkpoint: Path, photos: list[Path], tmp_path: Path, home: Path
+    v1_checkpoint: Path,
+    photos: list[Path],
+    tmp_path: Path,
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     hooks = tmp_path / "hooks"
     hooks.mkdir()
@@ -185,6 +189,16 @@ def test_the_local_ray_is_on_loopback_with_its_own_token(
         gcs_ports = [port for _, port, pid in sockets if pid == gcs[0]]
         address = f"127.0.0.1:{gcs_ports[0]}"
         assert ray_engine.cluster_requires_token(address) is True
+        # --ray-address to it: the user's token is passed through (Ray sends none to an
+        # explicit address unless RAY_AUTH_MODE=token); without one, a usage error
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
+        assert ray_engine._join_settings(address) == {"RAY_AUTH_MODE": "token"}
+        monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+        with pytest.raises(UsageError, match="the cluster needs its token"):
+            ray_engine._join_settings(address)
         # another process on loopback, without the token: refused
         stranger = subprocess.run(
             [sys.executable, "-c", connect_code(), address],
