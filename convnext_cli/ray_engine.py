@@ -85,10 +85,14 @@ class RayOptions:
       device the actors run on: 32 on a GPU, 8 on the CPU).
     - ``replicas``: model actors (None: one per GPU in the cluster, or CPU actors when
       there is no GPU or ``device`` is ``cpu``: see :func:`plan_actors`).  All of them
-      are started at once (``min_size == max_size``).
+      are started at once (``min_size == max_size``); more than the GPUs of a cluster is
+      a usage error when the model runs on CUDA.
     - ``address``: a Ray cluster to join (None: ``RAY_ADDRESS``, else a local Ray started
-      for the run and shut down at its end).  When Ray is already initialised in this
-      process, that instance is used and left running.
+      for the run, on 127.0.0.1 only and with a token of its own, and shut down at its
+      end).  When Ray is already initialised in this process, that instance is used and
+      left running.
+    - ``decode``: ``--decode``; the decode tasks always decode on the CPU (a ``gpu`` the
+      caller says is not honoured: :func:`decode_notice`).
     - ``verbose``: Ray's own logging and the workers' output on stderr (else only errors).
     - ``metadata``: the ``convnext_cli`` key-value metadata of the Parquet parts.
     - ``temp_dir``: a local Ray's temporary folder (None: a fresh one under /tmp, removed
