@@ -328,6 +328,17 @@ def split_address(address: str) -> tuple[str, int] | None:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_reachable(address: str, timeout: float = REACH_TIMEOUT) -> None:
     """A usage error, at once, when nothing answers at ``address`` (Ray itself would retry
     for a minute or more)."""
@@ -422,7 +433,14 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
         if address:
             check_reachable(address)
             stack.enter_context(_environ(_join_settings(address, options.verbose)))
-            with _silenced_stderr(not options.verbose):
+            target = split_address(address)
+            # a cluster on this machine's loopback: this driver's node address is 127.0.0.1
+            # too (else Ray looks for a node on the routable address, and waits)
+            on_loopback = target is not None and _is_loopback(target[0])
+            with contextlib.ExitStack() as init:
+                if on_loopback and not address.startswith("ray://"):
+                    init.enter_context(_loopback_only())
+                init.enter_context(_silenced_stderr(not options.verbose))
                 ray.init(address=address, logging_level=level, log_to_driver=options.verbose)
         else:
             stack.enter_context(_environ(stack.enter_context(_private_token())))

@@ -288,15 +288,32 @@ def open_head(home: Path, tmp_path: Path) -> Iterator[str]:
 
 
 def test_a_cluster_without_authentication_gets_one_warning_line(
-    open_head: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    open_head: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    v1_checkpoint: Path,
+    photos: list[Path],
+    home: Path,
 ) -> None:
     assert open_head.startswith("127.0.0.1:")
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     assert ray_engine.cluster_requires_token(open_head) is False
     assert ray_engine._join_settings(open_head) == {}
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [ray_engine.NO_AUTH_WARNING.format(address=open_head)]
+    warning = ray_engine.NO_AUTH_WARNING.format(address=open_head)
+    assert err == [warning]
     assert os.environ.get("RAY_AUTH_MODE") is None  # the probe left this process as it was
+    # the whole command, joining it: the warning once, and the records
+    paths = [str(p) for p in photos[:3]]
+    command = [sys.executable, "-m", "convnext_cli", "classify", *paths, "-m", str(v1_checkpoint)]
+    command += ["--device", "cpu", "--dtype", "float32", "--format", "jsonl", "-k", "2"]
+    command += ["--engine", "ray", "--ray-address", open_head]
+    env = bare_env(home)
+    env.pop(ray_engine.LOOPBACK_ENV)  # the command joins a loopback address by itself
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.splitlines().count(warning) == 1, out.stderr
+    assert [json.loads(line)["path"] for line in out.stdout.splitlines()] == paths
 
 
 # --- GPUs and decoding --------------------------------------------------------------------
