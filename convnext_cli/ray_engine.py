@@ -438,7 +438,7 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
             # too (else Ray looks for a node on the routable address, and waits)
             on_loopback = target is not None and _is_loopback(target[0])
             with contextlib.ExitStack() as init:
-                if False and not address.startswith("ray://"):
+                if on_loopback and not address.startswith("ray://"):
                     init.enter_context(_loopback_only())
                 init.enter_context(_silenced_stderr(not options.verbose))
                 ray.init(address=address, logging_level=level, log_to_driver=options.verbose)

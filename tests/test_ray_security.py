@@ -310,7 +310,7 @@ def test_a_cluster_without_authentication_gets_one_warning_line(
     command += ["--engine", "ray", "--ray-address", open_head]
     env = bare_env(home)
     env.pop(ray_engine.LOOPBACK_ENV)  # the command joins a loopback address by itself
-    out = subprocess.run(command, capture_output=True, text=True, timeout=90, env=env, cwd=REPO)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.splitlines().count(warning) == 1, out.stderr
     assert [json.loads(line)["path"] for line in out.stdout.splitlines()] == paths
