@@ -33,7 +33,9 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -66,6 +68,9 @@ TEST_DIR_ENV = "CONVNEXT_RAY_TEST_DIR"
 DECODE_ROWS = 16  # inputs per decode task batch
 PART_ROWS = 256  # inputs per model-actor call, and so per Parquet part, when writing parts
 PART_GLOB = "part-*.parquet"
+REACH_TIMEOUT = 5.0  # seconds for a --ray-address to answer
+# set to 0, Ray takes 127.0.0.1 for its node address (see _loopback_only)
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,14 @@ class RayOptions:
       device the actors run on: 32 on a GPU, 8 on the CPU).
     - ``replicas``: model actors (None: one per GPU in the cluster, or CPU actors when
       there is no GPU or ``device`` is ``cpu``: see :func:`plan_actors`).  All of them
-      are started at once (``min_size == max_size``).
+      are started at once (``min_size == max_size``); more than the GPUs of a cluster is
+      a usage error when the model runs on CUDA.
     - ``address``: a Ray cluster to join (None: ``RAY_ADDRESS``, else a local Ray started
-      for the run and shut down at its end).  When Ray is already initialised in this
-      process, that instance is used and left running.
+      for the run, on 127.0.0.1 only and with a token of its own, and shut down at its
+      end).  When Ray is already initialised in this process, that instance is used and
+      left running.
+    - ``decode``: ``--decode``; the decode tasks always decode on the CPU (a ``gpu`` the
+      caller says is not honoured: :func:`decode_notice`).
     - ``verbose``: Ray's own logging and the workers' output on stderr (else only errors).
     - ``metadata``: the ``convnext_cli`` key-value metadata of the Parquet parts.
     - ``temp_dir``: a local Ray's temporary folder (None: a fresh one under /tmp, removed
@@ -108,6 +117,7 @@ class RayOptions:
     cache_dir: str | None = None
     token: str | None = None
     labels: str | None = None
+    decode: str = "auto"  # --decode: the decode tasks run Pillow on the CPU (decode_notice)
     # the checkpoint's preprocessing and feature width, when the caller has read it
     # (checkpoint_facts): the driver then does not read it a second time
     facts: tuple[PreprocessSpec, int] | None = None
@@ -129,6 +139,8 @@ class RayOptions:
         return RunOptions(device, self.dtype, "cpu", self.compile_model, self.channels_last)
 
     def __post_init__(self) -> None:
+        if self.decode.lower() not in ("auto", "cpu", "gpu"):
+            raise UsageError(f"unknown --decode {self.decode!r} (use auto, cpu, gpu)")
         if self.task not in ("classify", "embed"):
             raise UsageError(f"unknown task {self.task!r}: classify or embed")
         if self.replicas is not None and self.replicas < 1:
@@ -148,6 +160,18 @@ class ActorPlan:
     decode_cpus: float  # what each decode task asks for
     batch_size: int
     decode_tasks: int | None = None  # decode tasks at once (None: as many as fit)
+
+
+def decode_notice(decode: str) -> str | None:
+    """The line to say for a ``--decode`` the Ray engine does not honour: its decode tasks
+    run on the CPU (Pillow) and send pixels to the model actors, which never see the JPEG
+    bytes; ``gpu`` (nvjpeg in the actors) is not done there.  None for auto and cpu."""
+    if decode.lower() == "gpu":
+        return (
+            "warning: --engine ray decodes JPEGs in CPU tasks (Pillow): --decode gpu is "
+            "not used there (use the local engine for nvjpeg)"
+        )
+    return None
 
 
 def require_ray() -> Any:
@@ -226,10 +250,171 @@ def _silenced_stderr(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _environ(changes: Mapping[str, str | None]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` (None: unset) for the block, restored after it."""
+    saved = {name: os.environ.get(name) for name in changes}
+    try:
+        for name, value in changes.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _reload_auth_settings()
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _reload_auth_settings()
+
+
+def _reload_auth_settings() -> None:
+    """Ray reads ``RAY_AUTH_MODE`` into its config and caches the token it loads: make this
+    process see the environment as it is now (what Ray itself does when it turns token
+    authentication on)."""
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray's servers on 127.0.0.1 only.
+
+    ``_node_ip_address="127.0.0.1"`` does not do it: ``ray.init`` replaces a loopback
+    address by the machine's routable one, and its servers (GCS, raylet, every worker) then
+    listen on all interfaces.  Without a node address, Ray takes 127.0.0.1 when it believes
+    clusters are off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when ``ray`` is
+    imported, hence the constant too), and its servers then bind 127.0.0.1 alone.
+    """
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with _environ({LOOPBACK_ENV: "0"}):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+@contextlib.contextmanager
+def _private_token() -> Iterator[dict[str, str | None]]:
+    """A fresh random token for one local Ray, in a file in a private (0700) folder removed
+    at the end; the environment that gives it to the driver and, by inheritance, to every
+    process Ray starts (the user's own ``RAY_AUTH_TOKEN`` and ``~/.ray`` token unused)."""
+    folder = tempfile.mkdtemp(prefix="convnext-ray-auth-")  # mode 0700
+    try:
+        path = os.path.join(folder, "token")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(secrets.token_hex(32))
+        yield {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": path, "RAY_AUTH_TOKEN": None}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of a GCS address ``HOST:PORT`` (or ``ray://HOST:PORT``); None for what
+    is not one (``auto``, a bare host)."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_reachable(address: str, timeout: float = REACH_TIMEOUT) -> None:
+    """A usage error, at once, when nothing answers at ``address`` (Ray itself would retry
+    for a minute or more)."""
+    target = split_address(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError) or reason == "timed out":
+            reason = f"no answer within {timeout:g} s"
+        raise UsageError(f"--ray-address {address}: cannot reach a Ray cluster ({reason})") from exc
+
+
+def cluster_requires_token(address: str) -> bool | None:
+    """Whether the GCS at ``address`` refuses a caller without a token: a call with
+    authentication off in this process.  None when it cannot be told (a Ray Client
+    ``ray://`` address, or no answer)."""
+    if address.startswith("ray://") or split_address(address) is None:
+        return None
+    from ray.exceptions import AuthenticationError
+
+    with _environ({"RAY_AUTH_MODE": "disabled"}):
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
+
+        try:
+            client = GcsClient(address=address)
+            client.internal_kv_get(b"convnext-probe", None, timeout=REACH_TIMEOUT)
+        except AuthenticationError:
+            return True
+        except Exception as exc:  # RpcError and the like
+            if "auth" in str(exc).lower():
+                return True
+            return None
+    return False
+
+
+NO_AUTH_WARNING = (
+    "warning: the Ray cluster at {address} has no authentication: anyone who can reach it "
+    "can run code there (start it with RAY_AUTH_MODE=token)"
+)
+
+
+def _join_settings(address: str, verbose: bool = False) -> dict[str, str | None]:
+    """The environment to join the user's cluster with: the user's own token (Ray's lookup:
+    ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) when the cluster
+    asks for one, which Ray does not send to an explicit address unless
+    ``RAY_AUTH_MODE=token``; one warning line when the cluster has no authentication."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return {}  # the user's explicit choice
+    with _silenced_stderr(not verbose):  # Ray's C++ line about the refused probe
+        requires = cluster_requires_token(address)
+    if requires is False:
+        with contextlib.suppress(OSError, ValueError):
+            print(NO_AUTH_WARNING.format(address=address), file=sys.stderr, flush=True)
+        return {}
+    if requires is None:
+        return {}
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
+
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        raise UsageError(
+            f"--ray-address {address}: the cluster needs its token: set RAY_AUTH_TOKEN or "
+            "RAY_AUTH_TOKEN_PATH (or put it in ~/.ray/auth_token)"
+        )
+    return {"RAY_AUTH_MODE": "token"}
+
+
+@contextlib.contextmanager
 def ray_session(options: RayOptions) -> Iterator[Any]:
     """Ray for one run: the instance already initialised here, the cluster at
-    ``options.address`` / ``RAY_ADDRESS``, or a local one on 127.0.0.1 started for the run.
-    Only what this function started is shut down (never ``ray stop``)."""
+    ``options.address`` / ``RAY_ADDRESS``, or a local one started for the run: on 127.0.0.1
+    only, with a token of its own (:func:`_private_token`).  Only what this function
+    started is shut down (never ``ray stop``)."""
     ray = require_ray()
     if ray.is_initialized():
         quiet_ray_data(options.verbose)
@@ -244,32 +429,45 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     temp_dir = None
-    with _silenced_stderr(not options.verbose):
+    with contextlib.ExitStack() as stack:
         if address:
-            ray.init(address=address, logging_level=level, log_to_driver=options.verbose)
+            check_reachable(address)
+            stack.enter_context(_environ(_join_settings(address, options.verbose)))
+            target = split_address(address)
+            # a cluster on this machine's loopback: this driver's node address is 127.0.0.1
+            # too (else Ray looks for a node on the routable address, and waits)
+            on_loopback = target is not None and _is_loopback(target[0])
+            with contextlib.ExitStack() as init:
+                if on_loopback and not address.startswith("ray://"):
+                    init.enter_context(_loopback_only())
+                init.enter_context(_silenced_stderr(not options.verbose))
+                ray.init(address=address, logging_level=level, log_to_driver=options.verbose)
         else:
+            stack.enter_context(_environ(stack.enter_context(_private_token())))
             temp_dir = options.temp_dir or tempfile.mkdtemp(prefix="convnext-ray-", dir="/tmp")
-            ray.init(
-                address="local",  # never join an instance found through ray_current_cluster
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                logging_level=level,
-                log_to_driver=options.verbose,
-                _temp_dir=temp_dir,
-            )
-    try:
-        quiet_ray_data(options.verbose)
-        yield ray
-    finally:
-        ray.shutdown()
-        if temp_dir and not options.temp_dir and not options.verbose:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            with _loopback_only(), _silenced_stderr(not options.verbose):
+                ray.init(
+                    address="local",  # never join an instance found through ray_current_cluster
+                    include_dashboard=False,
+                    logging_level=level,
+                    log_to_driver=options.verbose,
+                    _temp_dir=temp_dir,
+                )
+        try:
+            quiet_ray_data(options.verbose)
+            yield ray
+        finally:
+            ray.shutdown()
+            if temp_dir and not options.temp_dir and not options.verbose:
+                shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def plan_actors(resources: Mapping[str, float], options: RayOptions) -> ActorPlan:
     """Model actors for the cluster's resources (``ray.cluster_resources()``).
 
-    - GPUs (and ``device`` not ``cpu``): ``replicas`` or one per GPU, one GPU each.
+    - GPUs (and ``device`` not ``cpu``): ``replicas`` or one per GPU, one GPU each;
+      ``replicas`` above the GPU count is a usage error (those actors would wait forever
+      for a GPU), and so is a ``cuda`` device on a cluster without one.
     - no GPU: ``replicas`` or one CPU actor per 8 CPUs (at least 1), each running torch on
       its share of the CPUs (``threads``).
     - CPUs asked: on a small machine (4 CPUs or fewer) a decode task asks for half a CPU
@@ -283,7 +481,15 @@ def plan_actors(resources: Mapping[str, float], options: RayOptions) -> ActorPla
     gpus = int(resources.get("GPU", 0))
     small = cpus <= 4
     decode_cpus = 0.5 if small else 1.0
+    if gpus == 0 and options.device.startswith("cuda"):
+        raise UsageError(f"--device {options.device}: the Ray cluster reports no GPU")
     if gpus > 0 and options.device not in ("cpu", "mps"):
+        if options.replicas is not None and options.replicas > gpus:
+            # each actor asks for a whole GPU: the ones above the count would never start
+            raise UsageError(
+                f"--replicas {options.replicas}: the Ray cluster reports {gpus} GPU(s), one "
+                f"per replica; use --replicas {gpus} or fewer (or --device cpu)"
+            )
         replicas = options.replicas or gpus
         actor_cpus = 0.25 if small else 1.0
         return ActorPlan(replicas, actor_cpus, 1.0, None, decode_cpus, options.batch_size or 32)

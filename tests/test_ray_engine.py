@@ -9,6 +9,7 @@ kill lands while there is work left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,22 +43,25 @@ def hooks() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def local_ray(hooks: Path) -> Iterator[None]:
-    """A Ray of its own for this module, on 127.0.0.1, with a short temporary folder."""
+    """A Ray of its own for this module, on 127.0.0.1 only and with a token of its own (as
+    the engine starts one), with a short temporary folder."""
     temp = tempfile.mkdtemp(prefix="cnr-", dir="/tmp")
     os.environ[ray_engine.TEST_DIR_ENV] = str(hooks)  # inherited by Ray's workers
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        address="local",
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
-        _temp_dir=temp,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ray_engine._environ(stack.enter_context(ray_engine._private_token())))
+        with ray_engine._loopback_only():
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+                _temp_dir=temp,
+            )
+        try:
+            yield
+        finally:
+            ray.shutdown()
         os.environ.pop(ray_engine.TEST_DIR_ENV, None)
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -513,8 +513,12 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
         cache_dir=None if job.cache_dir is None else str(job.cache_dir),
         token=job.token,
         labels=None if job.labels is None else str(job.labels),
+        decode=job.decode,
         facts=facts,
     )
+    notice = ray_engine.decode_notice(job.decode)
+    if notice:
+        say(notice)
     if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
         return _ray_into_folder(job, items, options, Path(job.output))
     if job.output is None:
