@@ -82,11 +82,46 @@ def test_resolve_decode() -> None:
     assert gpu_jpeg.resolve_decode("auto", CPU) is False
     assert gpu_jpeg.resolve_decode("cpu", CPU) is False
     assert gpu_jpeg.resolve_decode("CPU", torch.device("cuda")) is False
-    assert gpu_jpeg.resolve_decode("auto", torch.device("cuda")) is True
+    # auto is exact: CPU decoding on every device, unless the user asks for gpu
+    assert gpu_jpeg.resolve_decode("auto", torch.device("cuda")) is False
     with pytest.raises(UsageError, match="needs a CUDA device"):
         gpu_jpeg.resolve_decode("gpu", CPU)
     with pytest.raises(UsageError, match="unknown --decode"):
         gpu_jpeg.resolve_decode("nvjpeg", CPU)
+
+
+def test_the_probe_decodes_a_tiny_jpeg() -> None:
+    assert gpu_jpeg.probe(CPU) is None  # torchvision's CPU decoder stands in for nvjpeg
+
+
+def test_a_failing_device_decoder_falls_back_to_cpu_decoding_with_one_note(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = torchvision_io()
+
+    class Broken:
+        ImageReadMode = real.ImageReadMode
+
+        @staticmethod
+        def decode_jpeg(data, mode, device):
+            raise RuntimeError("nvjpeg: library not initialised\n(status 5)")
+
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: Broken)
+    notes: list[str] = []
+    assert gpu_jpeg.resolve_decode("gpu", torch.device("cuda"), notes.append) is False
+    assert notes == [
+        "--decode gpu: the device JPEG decoder failed a test image (nvjpeg: library not "
+        "initialised (status 5)); decoding JPEGs on the CPU instead"
+    ]
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: None)
+    notes.clear()
+    assert gpu_jpeg.resolve_decode("gpu", torch.device("cuda"), notes.append) is False
+    assert notes == [
+        "--decode gpu: torchvision's JPEG decoder is absent; decoding JPEGs on the CPU instead"
+    ]
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: real)
+    monkeypatch.setattr(gpu_jpeg, "probe", lambda device: None)
+    assert gpu_jpeg.resolve_decode("gpu", torch.device("cuda"), notes.append) is True
 
 
 def test_cli_refuses_gpu_decoding_without_cuda(v1_checkpoint: Path, photos: list[Path]) -> None:

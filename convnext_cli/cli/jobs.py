@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 from convnext_cli import interrupts
 from convnext_cli.cli.errors import say
 from convnext_cli.cli.progress import Batches, TotalLike, configure, note, track
-from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, OutputError, UsageError
+from convnext_cli.errors import (
+    EXIT_INPUT_FAILED,
+    EXIT_OK,
+    DeviceFailure,
+    OutputError,
+    UsageError,
+)
 from convnext_cli.inputs import InputRef, InputStream, input_id, iter_inputs
 from convnext_cli.names import path_field
 from convnext_cli.output import choose_format, open_writer, output_targets
@@ -139,7 +145,8 @@ def write_results(
 
     Finished: the writer closes (the output is moved into place).  Ctrl-C or SIGTERM: the
     records written so far are closed into a valid file and moved into place (an output
-    file with no record yet is dropped, its target untouched), then the interrupt goes on.  Any
+    file with no record yet is dropped, its target untouched), then the interrupt goes on; a
+    device failure (DeviceFailure, exit 70) likewise.  Any
     other error: the writer aborts, the target is untouched.
     """
     try:
@@ -152,7 +159,7 @@ def write_results(
                 total,
                 to_terminal=is_stdout(output) and sys.stdout.isatty(),
             )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, DeviceFailure):  # a dead GPU ends the run as Ctrl-C does
         with interrupts.finishing():
             if writer.records or is_stdout(output):  # stdout: close the JSON array anyway
                 writer.close()
