@@ -320,7 +320,7 @@ def run_job(job: Job) -> int:
                 target = Path(os.path.realpath(job.output))
                 if not provenance_path(target).exists():
                     created.append(provenance_path(target))
-                provenance = make_provenance(job, runner.model.config, runner.spec)
+                provenance = make_provenance(job, runner.model.config, runner.spec, runner)
                 write_provenance(target, provenance)
             return _local_batches(job, runner, stream)
 
@@ -331,7 +331,7 @@ def run_job(job: Job) -> int:
                 path.unlink(missing_ok=True)
             raise
     runner = _load(job)
-    provenance = make_provenance(job, runner.model.config, runner.spec)
+    provenance = make_provenance(job, runner.model.config, runner.spec, runner)
     todo, writer = _open_resumable(job, fmt, items, provenance)
     total = len(todo) if isinstance(todo, list) else todo
     return write_results(
@@ -374,8 +374,9 @@ def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef]) -> Batch
     return Batches(batches, _verb(job.command), runner.device, runner.dtype)
 
 
-def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
-    """What a resumed run must share with the run that wrote the file."""
+def make_provenance(job: Job, config: Any, spec: Any, runner: Any = None) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the file (with the runner:
+    its device, dtype and JPEG decoder too, which change the numbers)."""
     import hashlib
     import json
 
@@ -394,6 +395,15 @@ def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
         "top_k": min(job.top_k, labels) if labels else None,
         "normalize": job.normalize if job.command == "embed" else None,
         "preprocess": spec.to_dict(),
+        **(
+            {
+                "device": str(runner.device),
+                "dtype": str(runner.dtype).removeprefix("torch."),
+                "decode": "gpu" if runner.jpeg_on_device else "cpu",
+            }
+            if runner is not None
+            else {}
+        ),
     }
 
 
