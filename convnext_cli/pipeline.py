@@ -581,7 +581,9 @@ class Runner:
                 with torch.inference_mode():
                     groups = decoded.groups
                     if decoded.encoded:
-                        groups = self._with_device_decoded(groups, decoded.encoded, results)
+                        groups = self._with_device_decoded(
+                            groups, decoded.encoded, results, decoded.inputs
+                        )
                     for positions, pixels in groups:
                         self._launch(head, pixels, [results[p] for p in positions], parts)
                     readback = Readback(parts, head)
@@ -681,37 +683,75 @@ class Runner:
         groups: list[tuple[list[int], torch.Tensor]],
         encoded: list[tuple[int, EncodedJpeg]],
         results: list[Result],
+        inputs: list[Input] | None = None,
     ) -> list[tuple[list[int], torch.Tensor]]:
         """Decode a batch's JPEGs on the device, resize them there, and merge them into the
-        host-decoded groups of the same shape.  A JPEG the device decoder rejects is decoded
-        on the CPU instead; one that fails there too gets its error in `results`."""
+        host-decoded groups of the same shape.  A JPEG the device decoder rejects (CMYK,
+        corrupt...) goes back to a decode worker process, with its deadline and crash
+        isolation; one that fails there too gets its error in `results`."""
 
         from convnext_cli import gpu_jpeg
 
         images = gpu_jpeg.decode([e for _, e in encoded], self.device)
+        if self.device.type == "cuda":
+            # torchvision's nvjpeg decoder writes on its own stream: wait for it before its
+            # buffers are used on ours
+            torch.cuda.synchronize(self.device)
         # shape -> (positions in the batch, (n, 3, h, w) uint8 tensors on the device)
         by_shape: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
         for positions, pixels in groups:
-            by_shape[tuple(pixels.shape[1:])] = (
-                list(positions),
-                [pixels.to(self.device, non_blocking=True)],
-            )
+            by_shape[tuple(pixels.shape[1:])] = (list(positions), [self._to_device(pixels)])
+        rejected: list[tuple[int, EncodedJpeg]] = []
         for (position, jpeg), image in zip(encoded, images, strict=True):
+            if image is None:
+                rejected.append((position, jpeg))
+                continue
             try:
-                pixels = self.spec.resize_and_crop(
-                    decode_bytes(jpeg.data) if image is None else image
-                )
+                pixels = self.spec.resize_and_crop(image)
             except Exception as exc:
                 results[position].error = failure(exc)
                 continue
             positions, tensors = by_shape.setdefault(tuple(pixels.shape), ([], []))
             positions.append(position)
-            tensors.append(pixels.to(self.device)[None])
+            tensors.append(pixels[None])
+        for positions, pixels in self._decode_rejected(rejected, results, inputs):
+            into, tensors = by_shape.setdefault(tuple(pixels.shape[1:]), ([], []))
+            into += positions
+            tensors.append(self._to_device(pixels))
         return [
             (positions, tensors[0] if len(tensors) == 1 else torch.cat(tensors))
             for positions, tensors in by_shape.values()
             if positions
         ]
+
+    def _decode_rejected(
+        self,
+        rejected: list[tuple[int, EncodedJpeg]],
+        results: list[Result],
+        inputs: list[Input] | None,
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """What the device decoder rejected, decoded on the CPU by one decode worker (its
+        deadline and crash isolation, never Pillow in this process): groups by shape, with
+        the positions in the batch; a failure is the input's error."""
+        if not rejected:
+            return []
+        if inputs is None:  # no input to hand a worker: decode the bytes here, as before
+            out = []
+            for position, jpeg in rejected:
+                try:
+                    pixels = self.spec.resize_and_crop(decode_bytes(jpeg.data))
+                except Exception as exc:
+                    results[position].error = failure(exc)
+                    continue
+                out.append(([position], pixels[None]))
+            return out
+        items = [inputs[position] for position, _ in rejected]
+        (redo,) = decoded_batches(items, self.spec, len(items), workers=1)
+        mapped = [rejected[n][0] for n in range(len(items))]
+        for n, error in enumerate(redo.errors):
+            if error is not None:
+                results[mapped[n]].error = error
+        return [([mapped[n] for n in positions], pixels) for positions, pixels in redo.groups]
 
     def classify(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convnext_cli import gpu_jpeg
+from convnext_cli import decode_pool, gpu_jpeg, pipeline
 from convnext_cli.checkpoints import build_model, load_checkpoint
 from convnext_cli.cli import app
 from convnext_cli.errors import ImageError, UsageError
@@ -187,10 +188,14 @@ def test_device_path_matches_the_cpu_path(
 
 
 def test_rejected_by_the_device_decoder_falls_back_to_the_cpu(
-    v1_checkpoint: Path, mixed_folder: list[Path], monkeypatch: pytest.MonkeyPatch
+    v1_checkpoint: Path,
+    mixed_folder: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """A batch the device decoder fails is retried image by image; the images it still
-    rejects are decoded by Pillow, so nothing is lost and the results are the same."""
+    rejects go to a decode worker (Pillow there), so nothing is
+    lost and the results are the same."""
     real = torchvision_io()
     rejected = mixed_folder[1].read_bytes()
     calls = []
@@ -209,9 +214,23 @@ def test_rejected_by_the_device_decoder_falls_back_to_the_cpu(
     model = build_model(checkpoint, CPU, torch.float32)
     expected = run(Runner(model, checkpoint.preprocess, CPU, torch.float32), mixed_folder, 0)
     monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: Flaky)
+    # where the rejected JPEG is decoded again: a decode worker, not this process
+    where = tmp_path / "decoded-in"
+    real_decode_one = decode_pool.decode_one
+
+    def decode_one(ref, spec, jpeg_on_device):
+        with open(where, "a") as f:
+            f.write(f"{os.getpid()} {ref}\n")
+        return real_decode_one(ref, spec, jpeg_on_device)
+
+    monkeypatch.setattr(decode_pool, "decode_one", decode_one)
+    monkeypatch.setattr(pipeline, "decode_bytes", None)  # never Pillow in the main process
     runner = Runner(model, checkpoint.preprocess, CPU, torch.float32, jpeg_on_device=True)
     got = run(runner, mixed_folder, 0)
     assert "list" in calls and "Tensor" in calls
+    (line,) = where.read_text().splitlines()
+    pid, ref = line.split(" ", 1)
+    assert int(pid) != os.getpid() and ref == str(mixed_folder[1])
     assert [r.error for r in got] == [r.error for r in expected]
     for a, b in zip(got, expected, strict=True):
         assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
