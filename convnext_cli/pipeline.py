@@ -510,7 +510,9 @@ class Runner:
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
-        self._copy_stream.wait_stream(compute)  # the buffer it reuses is free
+        # no wait on the compute stream: the copy of batch i+1 runs while batch i computes
+        # (its pinned source is held by the caching host allocator until the copy is done;
+        # its device block is marked used by the compute stream below)
         with torch.cuda.stream(self._copy_stream):
             batch = pixels.to(self.device, non_blocking=True)
         compute.wait_stream(self._copy_stream)
@@ -600,6 +602,7 @@ class Runner:
                 yield finish(behind)
         finally:
             batches.close()  # stops the decode workers at once when the caller stops early
+            self.pad_rows = None  # the compiled shape is this run's
             if tuner is not None and torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
 
