@@ -6,7 +6,9 @@ batch on the device in one call, applies the orientation with tensor flips and r
 there.  Whatever the device decoder is not trusted with is decoded on the CPU as before:
 files that are not JPEGs, CMYK/YCCK JPEGs, files that do not end in an end-of-image
 marker (truncated ones, which the CPU path reports as errors, and ones with trailing
-data), and any image the device decoder rejects.
+data), and any image the device decoder rejects (sent back to a decode worker, with its
+deadline and crash isolation: see ``Runner._decode_rejected``).  Only ``--decode gpu``
+decodes here; ``auto`` is CPU decoding, the exact path.
 
 The header is read by :func:`convnext_cli.images.open_header`, so the CPU path's refusals
 hold here too, before anything reaches the device: only the advertised formats, the pixel
