@@ -9,7 +9,12 @@ The measuring loop of ``convnext benchmark``, apart from its options and present
 
 Timing follows the usual rules: warm-up iterations first, ``torch.cuda.synchronize`` around
 every timed region on CUDA (``torch.mps.synchronize`` on MPS), latency measured per batch,
-throughput as images over the summed batch times.  Peak memory is CUDA's max allocated
+throughput as images over the summed batch times.  Model-only rows start from a normalised
+batch on the device ("model"); on CUDA "model+copy" rows start from a uint8 batch in pinned
+host memory (copy and normalisation included).  End-to-end rows report the first batch
+(worker start-up, pipeline fill) as ``startup_s``, apart from ``steady_images_per_s``.
+Compiled models compile one static graph per batch size, so rows do not depend on the
+order of ``-b``.  Peak memory is CUDA's max allocated
 memory (reset per configuration) on a GPU, the process's peak resident set on a CPU.
 
 A row is flagged ``noisy`` when its p99 batch latency is more than ``NOISY_P99_OVER_P50``
@@ -40,7 +45,7 @@ NOISE_RULE = f"p99 > {NOISY_P99_OVER_P50}x p50 over >= {NOISE_MIN_BATCHES} timed
 
 @dataclass
 class Row:
-    mode: str  # "model" or "end-to-end"
+    mode: str  # "model", "model+copy" or "end-to-end"
     dtype: str
     batch_size: int
     images: int
@@ -53,6 +58,10 @@ class Row:
     memory_kind: str  # "cuda max allocated" or "process peak RSS"
     spread: float = 0.0  # p99 / p50 over the batches the noise check looks at
     noisy: bool = False  # spread above NOISY_P99_OVER_P50 with enough batches to tell
+    # end to end: the first batch (starting the decode workers, filling the pipeline) apart
+    # from the steady rate over the batches after it
+    startup_s: float = 0.0
+    steady_images_per_s: float = 0.0
 
 
 @dataclass
@@ -77,6 +86,9 @@ class SweepOptions:
     iters: int = 10
     images: tuple[str, ...] = ()  # also time end to end over these files when given
     workers: int | None = None  # decoding workers end to end (None: the pipeline's default)
+    # also time "model+copy" rows (uint8 pinned host batch -> copy, normalise, model);
+    # None: on CUDA only, where the copy is real work
+    copy_rows: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -243,38 +255,69 @@ class BenchmarkRunner:
     def sweep(self) -> Report:
         """Every batch size model-only, then (with images) every batch size end to end."""
         report = Report(self.header())
+        if getattr(self.runner, "compiled", False):
+            # one static graph per batch size (Runner.compile: dynamic=False), so that no row
+            # depends on the order of -b; dynamo keeps at most `recompile_limit` of them
+            import torch._dynamo.config as dynamo_config
+
+            needed = len(self.options.batch_sizes) * 2 + 2
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
+        copy_rows = self.options.copy_rows
+        if copy_rows is None:
+            copy_rows = self.device.type == "cuda"
         for size in self.options.batch_sizes:
             self.on_step(f"timing model-only, {self.dtype_name}, batch {size}")
             report.rows.append(self.time_model(size))
+            if copy_rows:
+                self.on_step(f"timing model+copy, {self.dtype_name}, batch {size}")
+                report.rows.append(self.time_model(size, with_copy=True))
         if self.options.images:
             for size in self.options.batch_sizes:
                 self.on_step(f"timing end-to-end, {self.dtype_name}, batch {size}")
                 report.rows.append(self.time_end_to_end(size))
         return report
 
-    def time_model(self, batch_size: int) -> Row:
-        """Model-only: the same random batch, `warmup` untimed then `iters` timed forwards."""
+    def time_model(self, batch_size: int, with_copy: bool = False) -> Row:
+        """Model-only: the same random batch, `warmup` untimed then `iters` timed forwards
+        (a compiled model gets at least one untimed forward: its compilation).
+
+        ``with_copy`` ("model+copy" rows): each forward starts from a uint8 batch in pinned
+        host memory, copied to the device and normalised as a run does; the plain "model"
+        rows start from a normalised batch already on the device."""
         runner, options = self.runner, self.options
         edge = runner.spec.shortest_edge
-        pixels = torch.randn(batch_size, 3, edge, edge, device=self.device).to(runner.dtype)
-        if runner.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
         forward = runner.logits_fn
+        if with_copy:
+            host = torch.randint(0, 256, (batch_size, 3, edge, edge), dtype=torch.uint8)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+
+            def step() -> None:
+                forward(runner._to_input(host))
+        else:
+            pixels = torch.randn(batch_size, 3, edge, edge, device=self.device).to(runner.dtype)
+            if runner.channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+
+            def step() -> None:
+                forward(pixels)
+
+        warmup = max(options.warmup, 1 if getattr(runner, "compiled", False) else 0)
         reset_peak_memory(self.device)
         latencies: list[float] = []
         with torch.inference_mode():
-            for _ in range(options.warmup):
-                forward(pixels)
+            for _ in range(warmup):
+                step()
             self.sync()
             for _ in range(options.iters):
                 start = self.clock()
-                forward(pixels)
+                step()
                 self.sync()
                 latencies.append(self.clock() - start)
         memory = peak_memory(self.device)
-        return make_row(
-            "model", runner.dtype, batch_size, batch_size * options.iters, latencies, memory
-        )
+        mode = "model+copy" if with_copy else "model"
+        images = batch_size * options.iters
+        return make_row(mode, runner.dtype, batch_size, images, latencies, memory)
 
     def time_end_to_end(self, batch_size: int) -> Row:
         """Decode + preprocess + model over every image; latency = time between finished batches."""
@@ -300,6 +343,11 @@ class BenchmarkRunner:
         )
         row.seconds = round(total, 4)
         row.images_per_s = round(count / total, 2) if total > 0 else 0.0
+        if latencies:
+            first = min(batch_size, count)
+            row.startup_s = round(latencies[0], 4)
+            rest = total - latencies[0]
+            row.steady_images_per_s = round((count - first) / rest, 2) if rest > 0 else 0.0
         return row
 
     def _classify(self, paths: Sequence[str], batch_size: int) -> Iterable[Sequence[Any]]:

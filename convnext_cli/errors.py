@@ -53,6 +53,14 @@ class ImageError(ConvNextError):
     exit_code = EXIT_INPUT_FAILED
 
 
+class DeviceFailure(ConvNextError):
+    """The device failed in a way no later batch survives (a CUDA error other than out of
+    memory, such as an illegal memory access, which poisons the CUDA context): the run stops
+    at once, its finished records kept as for Ctrl-C."""
+
+    exit_code = EXIT_SOFTWARE
+
+
 def one_line(message: object) -> str:
     """Collapse a message to a single line, for error records and stderr."""
     text = " ".join(str(message).split())

@@ -6,7 +6,9 @@ batch on the device in one call, applies the orientation with tensor flips and r
 there.  Whatever the device decoder is not trusted with is decoded on the CPU as before:
 files that are not JPEGs, CMYK/YCCK JPEGs, files that do not end in an end-of-image
 marker (truncated ones, which the CPU path reports as errors, and ones with trailing
-data), and any image the device decoder rejects.
+data), and any image the device decoder rejects (sent back to a decode worker, with its
+deadline and crash isolation: see ``Runner._decode_rejected``).  Only ``--decode gpu``
+decodes here; ``auto`` is CPU decoding, the exact path.
 
 The header is read by :func:`convnext_cli.images.open_header`, so the CPU path's refusals
 hold here too, before anything reaches the device: only the advertised formats, the pixel
@@ -21,12 +23,13 @@ tested without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from convnext_cli.choices import DECODERS
-from convnext_cli.errors import UsageError
+from convnext_cli.errors import UsageError, one_line
 from convnext_cli.images import no_deprecation_warning, open_header, torchvision_io
 
 DECODE_CHOICES = DECODERS
@@ -61,25 +64,51 @@ def device_decodable(data: bytes) -> EncodedJpeg | None:
     return EncodedJpeg(data, orientation if 1 <= orientation <= 8 else 1)
 
 
-def resolve_decode(choice: str, device: torch.device) -> bool:
+def resolve_decode(
+    choice: str, device: torch.device, on_note: Callable[[str], None] | None = None
+) -> bool:
     """Whether to decode JPEGs on `device`, for ``--decode auto|cpu|gpu``.
 
-    auto decodes on the GPU whenever the model runs on CUDA and torchvision has its JPEG
-    decoder: nvjpeg turns a batch of photos into pixels on the GPU, where a handful of CPU
-    processes decoding full-size photos would otherwise feed a GPU that classifies them
-    many times faster than they can decode.
+    auto decodes on the CPU: Pillow's pixels, the same results on every device (nvjpeg's
+    pixels and the resize on the GPU differ from them by a grey level or two).  gpu needs a
+    CUDA device; at load one tiny JPEG is decoded there (:func:`probe`): a torchvision
+    without a working nvjpeg would otherwise fail every batch, so then the run decodes on
+    the CPU, and ``on_note`` hears one line saying why.
     """
     choice = choice.lower()
     if choice not in DECODE_CHOICES:
         raise UsageError(f"unknown --decode {choice!r} (use {', '.join(DECODE_CHOICES)})")
     if choice == "gpu" and device.type != "cuda":
         raise UsageError(f"--decode gpu needs a CUDA device; the model runs on {device}")
-    if choice == "cpu" or device.type != "cuda":
+    if choice != "gpu":
         return False  # and torchvision stays unimported: its import costs seconds
-    available = torchvision_io() is not None
-    if choice == "gpu" and not available:
-        raise UsageError("--decode gpu needs torchvision's JPEG decoder, absent here")
-    return available
+    problem = probe(device)
+    if problem is not None:
+        if on_note is not None:
+            on_note(f"--decode gpu: {problem}; decoding JPEGs on the CPU instead")
+        return False
+    return True
+
+
+def probe(device: torch.device) -> str | None:
+    """Decode one tiny JPEG on `device`: None when that works, else why not (one line)."""
+    io_ops = torchvision_io()
+    if io_ops is None:
+        return "torchvision's JPEG decoder is absent"
+    import io
+
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(encoded, format="JPEG", quality=95)
+    data = torch.frombuffer(bytearray(encoded.getvalue()), dtype=torch.uint8)
+    try:
+        with no_deprecation_warning():
+            image = io_ops.decode_jpeg([data], mode=io_ops.ImageReadMode.RGB, device=device)[0]
+        ok = tuple(image.shape) == (3, 16, 16) and abs(int(image[0, 8, 8]) - 200) < 16
+    except Exception as exc:  # any failure of the device decoder means: do not use it
+        return f"the device JPEG decoder failed a test image ({one_line(exc)[:200]})"
+    return None if ok else "the device JPEG decoder returned wrong pixels for a test image"
 
 
 def decode(encoded: list[EncodedJpeg], device: torch.device) -> list[torch.Tensor | None]:

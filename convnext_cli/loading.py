@@ -102,12 +102,10 @@ def load_runner(
             on_note(text)
 
     placement = resolve(options.device, options.dtype)
-    decode_on_device = resolve_decode(options.decode, placement.device)
+    decode_on_device = resolve_decode(options.decode, placement.device, note)
     checkpoint = read_source(source, note)
     if placement.reason:
         note(f"--dtype auto chose {placement.dtype_name}: {placement.reason}")
-    if decode_on_device and options.decode.lower() == "auto":
-        note(f"decoding JPEGs on {placement.device} (nvjpeg); --decode cpu for Pillow's pixels")
     net = build_model(
         checkpoint, placement.device, placement.dtype, channels_last=options.channels_last
     )
@@ -119,6 +117,7 @@ def load_runner(
         channels_last=options.channels_last,
         jpeg_on_device=decode_on_device,
     )
+    runner.on_note = note  # a batch halved after running out of device memory
     if options.compile:
         note("compiling the model; the first batch includes the compile time")
         runner.compile()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Generator, Iterable, Iterator, Sized
+from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from convnext_cli.decode_pool import (
     failure,
     unpack_groups,
 )
-from convnext_cli.errors import one_line
+from convnext_cli.errors import DeviceFailure, one_line
 from convnext_cli.gpu_jpeg import EncodedJpeg
 from convnext_cli.images import decode_bytes
 from convnext_cli.inputs import InputRef, input_id
@@ -164,10 +164,14 @@ class _PendingBatch:
         )
 
 
-def default_batch_size(device_type: str) -> int:
-    """8 on the CPU, where larger batches spill the activations out of cache (measured on
-    2 cores, convnext-tiny bfloat16: 69 images/s at batch 8, 41 at batch 32); 32 on a GPU."""
-    return 8 if device_type == "cpu" else 32
+def default_batch_size(
+    device_type: str, image_size: int = 224, device: torch.device | None = None
+) -> int:
+    """The batch a run uses without ``-b``: see :func:`convnext_cli.device.default_batch_size`
+    (8 on the CPU, 256 on a data-centre GPU at 224 pixels)."""
+    from convnext_cli.device import default_batch_size as for_device
+
+    return for_device(device or torch.device(device_type), image_size)
 
 
 def usable_cores() -> int:
@@ -178,8 +182,10 @@ def usable_cores() -> int:
 
 
 def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") -> int:
-    """Decoding processes that overlap the model: none for a single batch; on a GPU, the
-    cores but one (at most 8); on the CPU one per four cores (at most 8).
+    """Decoding processes that overlap the model: none for a single batch; on a GPU, every
+    usable core (CPU affinity) but what the main process keeps (one core, and one more per
+    16: it queues batches, copies them and writes the results); on the CPU one per four
+    cores.  No fixed cap: a 64-core machine feeding a GPU decodes on 60.
 
     On the CPU the model's threads already use every core, and a decoder process fighting
     them for cores costs more than it overlaps (measured on 2 cores: bfloat16, 100 photos,
@@ -191,8 +197,8 @@ def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") 
         return 0
     cores = usable_cores()
     if device_type == "cpu":
-        return min(8, cores // 4)
-    return max(1, min(8, cores - 1))
+        return cores // 4
+    return max(1, cores - 1 - cores // 16)
 
 
 def cap_workers(requested: int, num_inputs: int, batch_size: int) -> int:
@@ -355,6 +361,7 @@ def _decoded_by_workers(
 
 
 NON_FINITE = "model produced non-finite values"
+OUT_OF_MEMORY = "out of device memory even alone"
 
 
 def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
@@ -367,8 +374,88 @@ def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
     result.embedding = None
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error: the batch is halved, the run goes on."""
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+# Words in a CUDA runtime error that no later batch survives (the context is poisoned).
+_STICKY = ("cuda error", "illegal memory access", "device-side assert", "cublas_status",
+           "cudnn_status", "cuda driver", "unspecified launch failure")  # fmt: skip
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A device error other than out of memory (torch.AcceleratorError, or a RuntimeError
+    reporting a CUDA error): every later batch would fail too, so the run stops."""
+    if is_out_of_memory(exc):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(word in text for word in _STICKY)
+
+
+def device_failure(exc: BaseException) -> DeviceFailure:
+    return DeviceFailure(
+        f"the device failed, stopping (finished records kept): {one_line(exc)[:300]}"
+    )
+
+
+@dataclass
+class Head:
+    """What a command computes from a batch: `launch` runs the model on the device and
+    returns its outputs (float32, one row per image); `store` puts those rows, once on the
+    host, into the results."""
+
+    launch: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    store: Callable[[tuple[torch.Tensor, ...], list[Result]], None]
+
+
+class Readback:
+    """A batch's outputs on their way to the host: copied with ``non_blocking`` into pinned
+    memory after the batch is queued, waited for (:meth:`finish`) only once the next batch
+    is queued too, so that the device never waits for the host."""
+
+    def __init__(self, parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]], head: Head):
+        self.head = head
+        self.event: Any = None
+        self.parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []
+        for results, outputs in parts:
+            host = []
+            for out in outputs:
+                if out.device.type == "cuda":
+                    buffer = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    buffer.copy_(out, non_blocking=True)
+                    host.append(buffer)
+                else:
+                    host.append(out)
+            self.parts.append((results, tuple(host)))
+        if any(out.device.type == "cuda" for _, outputs in parts for out in outputs):
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def finish(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        for results, outputs in self.parts:
+            self.head.store(outputs, results)
+
+
 class Runner:
-    """A loaded model on a device, turning paths into results batch by batch."""
+    """A loaded model on a device, turning paths into results batch by batch.
+
+    On CUDA a batch is copied to the device on a side stream from pinned memory, runs on
+    the compute stream, and its results are read back one batch behind (batch i+1 is
+    queued before batch i's outputs are waited for): `overlap` is on for CUDA, off on the
+    CPU, where there is nothing to overlap and results come as soon as they are computed.
+    A CUDA out-of-memory error halves the batch for the rest of the run (one note); any
+    other CUDA error raises :class:`DeviceFailure` (exit 70, finished records kept).
+    With ``--compile``, every group is padded to the run's batch size and the padding rows
+    dropped, so the compiled model sees one shape and compiles once.
+    """
 
     def __init__(
         self,
@@ -390,30 +477,67 @@ class Runner:
         self.logits_fn: Any = model
         self.embed_fn: Any = model.embed
         self.compiled = False
+        self.overlap = device.type == "cuda"  # read results back one batch behind
+        self.on_note: Callable[[str], None] | None = None  # hears the out-of-memory note
+        self.max_rows: int | None = None  # the batch after an out-of-memory error
+        self.pad_rows: int | None = None  # compiled: the one batch shape (set per run)
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stats_ready = False
+        self._copy_stream: Any = None
 
     def compile(self) -> None:
         """torch.compile the model (on the plain path: Inductor does its own fusion)."""
         from convnext_cli.cpu_fusion import unfuse_blocks
 
         unfuse_blocks(self.model)
-        self.logits_fn = torch.compile(self.model)
-        self.embed_fn = torch.compile(self.model.embed)
+        # dynamic=False: one static shape, which the padding in _to_input keeps constant
+        self.logits_fn = torch.compile(self.model, dynamic=False)
+        self.embed_fn = torch.compile(self.model.embed, dynamic=False)
         self.compiled = True
 
+    def _normalization(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """mean/std on the device, built once (see PreprocessSpec.normalization)."""
+        if not self._stats_ready:
+            self._stats = self.spec.normalization(self.device)
+            self._stats_ready = True
+        return self._stats
+
+    def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels on the device: on CUDA, copied on a side stream (from pinned memory
+        the copy overlaps the model), which the compute stream then waits for."""
+        if pixels.device == self.device or self.device.type != "cuda":
+            return pixels.to(self.device, non_blocking=True)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        # no wait on the compute stream: the copy of batch i+1 runs while batch i computes
+        # (its pinned source is held by the caching host allocator until the copy is done;
+        # its device block is marked used by the compute stream below)
+        with torch.cuda.stream(self._copy_stream):
+            batch = pixels.to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        batch.record_stream(compute)
+        return batch
+
     def _to_input(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, h, w) on the host -> normalised model input on the device."""
-        batch = pixels.to(self.device, non_blocking=True)
-        batch = self.spec.normalize(batch, self.dtype)
+        """uint8 (N, 3, h, w) on the host -> normalised model input on the device, padded
+        with zero rows to the compiled batch shape when there is one."""
+        batch = self._to_device(pixels)
+        batch = self.spec.normalize(batch, self.dtype, self._normalization())
+        rows = self.pad_rows
+        if rows is not None and batch.shape[0] < rows:
+            padding = batch.new_zeros((rows - batch.shape[0], *batch.shape[1:]))
+            batch = torch.cat([batch, padding])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
     def _run(
-        self, paths: Iterable[Input], batch_size: int | None, workers: int | None, fn: Any
+        self, paths: Iterable[Input], batch_size: int | None, workers: int | None, head: Head
     ) -> Iterator[list[Result]]:
 
         if batch_size is None:
-            batch_size = default_batch_size(self.device.type)
+            batch_size = default_batch_size(self.device.type, self._image_size(), self.device)
         known, paths = lookahead(paths, planning_lookahead(workers, batch_size))
         threads = self._tunable_threads()
         workers, prefetch = plan_workers(
@@ -423,6 +547,8 @@ class Runner:
         if threads > 1 and workers > 0 and prefetch > 1 and known > batch_size:
             # every core for the model, or the decoders' cores left to them: measured
             tuner = ThreadTuner([threads, max(1, threads - workers)], settle=prefetch)
+        if self.compiled:
+            self.pad_rows = min(batch_size, self.max_rows or batch_size)
         pin = self.device.type == "cuda"
         batches = decoded_batches(
             paths,
@@ -433,27 +559,58 @@ class Runner:
             jpeg_on_device=self.jpeg_on_device,
             prefetch=prefetch,
         )
+        behind: tuple[list[Result], Readback, float] | None = None
+
+        def finish(done: tuple[list[Result], Readback, float]) -> list[Result]:
+            results, readback, load = done
+            try:
+                readback.finish()
+            except Exception as exc:
+                if is_device_failure(exc):
+                    raise device_failure(exc) from exc
+                raise
+            if tuner is not None and (changed := tuner.batch_done(len(results), load)):
+                torch.set_num_threads(changed)
+            return results
+
         try:
             for decoded in batches:
                 results = [
                     Result(path=input_name(item), error=err)
                     for item, err in zip(decoded.inputs, decoded.errors, strict=True)
                 ]
+                parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []
                 with torch.inference_mode():
                     groups = decoded.groups
                     if decoded.encoded:
-                        groups = self._with_device_decoded(groups, decoded.encoded, results)
+                        groups = self._with_device_decoded(
+                            groups, decoded.encoded, results, decoded.inputs
+                        )
                     for positions, pixels in groups:
-                        self._forward(fn, pixels, [results[p] for p in positions])
+                        self._launch(head, pixels, [results[p] for p in positions], parts)
+                    readback = Readback(parts, head)
                 # the decoders' load: their seconds on this batch, per decoding process
                 load = decoded.decoding / workers if workers > 0 else 0.0
-                if tuner is not None and (changed := tuner.batch_done(len(results), load)):
-                    torch.set_num_threads(changed)
-                yield results
+                if behind is not None:
+                    yield finish(behind)
+                    behind = None
+                if self.overlap:
+                    behind = (results, readback, load)
+                else:
+                    yield finish((results, readback, load))
+            if behind is not None:
+                yield finish(behind)
         finally:
             batches.close()  # stops the decode workers at once when the caller stops early
+            self.pad_rows = None  # the compiled shape is this run's
             if tuner is not None and torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+
+    def _image_size(self) -> int:
+        crop = self.spec.crop_size
+        if self.spec.do_center_crop and crop:
+            return max(crop)
+        return int(self.spec.shortest_edge) if self.spec.do_resize else 224
 
     def _tunable_threads(self) -> int:
         """The model's CPU threads when :class:`ThreadTuner` may change them during a run,
@@ -467,20 +624,61 @@ class Runner:
         threads = torch.get_num_threads()
         return threads if threads == DEFAULT_THREADS else 0
 
-    def _forward(self, fn: Any, pixels: torch.Tensor, results: list[Result]) -> None:
-        """Run `fn` on a group; if it raises, run its images one by one, so that only the
-        image the model cannot take (say, too small with resizing off) gets the error."""
+    def _outputs(self, head: Head, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = pixels.shape[0]
+        return tuple(out[:rows] for out in head.launch(self._to_input(pixels)))
+
+    def _out_of_memory(self, rows: int) -> None:
+        """Halve the batch for the rest of the run, with one note."""
+        smaller = max(1, rows // 2)
+        if self.max_rows is None and self.on_note is not None:
+            self.on_note(
+                f"the device ran out of memory at batch {rows}; going on with batch {smaller} "
+                "(-b sets it)"
+            )
+        self.max_rows = smaller
+        if self.pad_rows is not None:
+            self.pad_rows = smaller
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _launch(
+        self,
+        head: Head,
+        pixels: torch.Tensor,
+        results: list[Result],
+        parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]],
+    ) -> None:
+        """Queue `head` on a group (in slices of at most `max_rows`); if it raises, run its
+        images one by one, so that only the image the model cannot take (say, too small with
+        resizing off) gets the error.  Out of memory: halve and retry; another device error:
+        :class:`DeviceFailure`."""
+        rows = len(results)
+        limit = self.max_rows
+        if limit is not None and rows > limit:
+            for start in range(0, rows, limit):
+                part = results[start : start + limit]
+                self._launch(head, pixels[start : start + limit], part, parts)
+            return
         try:
-            fn(self._to_input(pixels), results)
+            parts.append((results, self._outputs(head, pixels)))
             return
         except Exception as exc:
-            if len(results) == 1:
+            if is_device_failure(exc):
+                raise device_failure(exc) from exc
+            if is_out_of_memory(exc) and rows > 1:
+                self._out_of_memory(rows)
+                self._launch(head, pixels, results, parts)
+                return
+            if rows == 1:
                 _model_failed(results[0], pixels[0], exc)
                 return
         for one, result in zip(pixels, results, strict=True):
             try:
-                fn(self._to_input(one[None]), [result])
+                parts.append(([result], self._outputs(head, one[None])))
             except Exception as exc:
+                if is_device_failure(exc):
+                    raise device_failure(exc) from exc
                 _model_failed(result, one, exc)
 
     def _with_device_decoded(
@@ -488,37 +686,75 @@ class Runner:
         groups: list[tuple[list[int], torch.Tensor]],
         encoded: list[tuple[int, EncodedJpeg]],
         results: list[Result],
+        inputs: list[Input] | None = None,
     ) -> list[tuple[list[int], torch.Tensor]]:
         """Decode a batch's JPEGs on the device, resize them there, and merge them into the
-        host-decoded groups of the same shape.  A JPEG the device decoder rejects is decoded
-        on the CPU instead; one that fails there too gets its error in `results`."""
+        host-decoded groups of the same shape.  A JPEG the device decoder rejects (CMYK,
+        corrupt...) goes back to a decode worker process, with its deadline and crash
+        isolation; one that fails there too gets its error in `results`."""
 
         from convnext_cli import gpu_jpeg
 
         images = gpu_jpeg.decode([e for _, e in encoded], self.device)
+        if self.device.type == "cuda":
+            # torchvision's nvjpeg decoder writes on its own stream: wait for it before its
+            # buffers are used on ours
+            torch.cuda.synchronize(self.device)
         # shape -> (positions in the batch, (n, 3, h, w) uint8 tensors on the device)
         by_shape: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
         for positions, pixels in groups:
-            by_shape[tuple(pixels.shape[1:])] = (
-                list(positions),
-                [pixels.to(self.device, non_blocking=True)],
-            )
+            by_shape[tuple(pixels.shape[1:])] = (list(positions), [self._to_device(pixels)])
+        rejected: list[tuple[int, EncodedJpeg]] = []
         for (position, jpeg), image in zip(encoded, images, strict=True):
+            if image is None:
+                rejected.append((position, jpeg))
+                continue
             try:
-                pixels = self.spec.resize_and_crop(
-                    decode_bytes(jpeg.data) if image is None else image
-                )
+                pixels = self.spec.resize_and_crop(image)
             except Exception as exc:
                 results[position].error = failure(exc)
                 continue
             positions, tensors = by_shape.setdefault(tuple(pixels.shape), ([], []))
             positions.append(position)
-            tensors.append(pixels.to(self.device)[None])
+            tensors.append(pixels[None])
+        for positions, pixels in self._decode_rejected(rejected, results, inputs):
+            into, tensors = by_shape.setdefault(tuple(pixels.shape[1:]), ([], []))
+            into += positions
+            tensors.append(self._to_device(pixels))
         return [
             (positions, tensors[0] if len(tensors) == 1 else torch.cat(tensors))
             for positions, tensors in by_shape.values()
             if positions
         ]
+
+    def _decode_rejected(
+        self,
+        rejected: list[tuple[int, EncodedJpeg]],
+        results: list[Result],
+        inputs: list[Input] | None,
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """What the device decoder rejected, decoded on the CPU by one decode worker (its
+        deadline and crash isolation, never Pillow in this process): groups by shape, with
+        the positions in the batch; a failure is the input's error."""
+        if not rejected:
+            return []
+        if inputs is None:  # no input to hand a worker: decode the bytes here, as before
+            out = []
+            for position, jpeg in rejected:
+                try:
+                    pixels = self.spec.resize_and_crop(decode_bytes(jpeg.data))
+                except Exception as exc:
+                    results[position].error = failure(exc)
+                    continue
+                out.append(([position], pixels[None]))
+            return out
+        items = [inputs[position] for position, _ in rejected]
+        (redo,) = decoded_batches(items, self.spec, len(items), workers=1)
+        mapped = [rejected[n][0] for n in range(len(items))]
+        for n, error in enumerate(redo.errors):
+            if error is not None:
+                results[mapped[n]].error = error
+        return [([mapped[n] for n in positions], pixels) for positions, pixels in redo.groups]
 
     def classify(
         self,
@@ -537,17 +773,17 @@ class Runner:
             )
         k = max(1, min(top_k, len(self.labels)))
 
-        def put_top_k(batch: torch.Tensor, results: list[Result]) -> None:
+        def launch_top_k(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
             logits = self.logits_fn(batch).float()
             probs = logits.softmax(dim=-1)
             finite = (torch.isfinite(logits) & torch.isfinite(probs)).all(dim=-1)
             scores, indices = probs.topk(k, dim=-1)
+            return finite, scores, indices
+
+        def put_top_k(outputs: tuple[torch.Tensor, ...], results: list[Result]) -> None:
+            finite, scores, indices = (out.tolist() for out in outputs)
             for result, ok, row_scores, row_indices in zip(
-                results,
-                finite.cpu().tolist(),
-                scores.cpu().tolist(),
-                indices.cpu().tolist(),
-                strict=True,
+                results, finite, scores, indices, strict=True
             ):
                 if not ok:
                     result.error = NON_FINITE
@@ -557,7 +793,7 @@ class Runner:
                     for s, i in zip(row_scores, row_indices, strict=True)
                 ]
 
-        return self._run(paths, batch_size, workers, put_top_k)
+        return self._run(paths, batch_size, workers, Head(launch_top_k, put_top_k))
 
     def embed(
         self,
@@ -568,15 +804,18 @@ class Runner:
     ) -> Iterator[list[Result]]:
         """The pooled feature (transformers' pooler_output) for every path, per batch."""
 
-        def put_embeddings(batch: torch.Tensor, results: list[Result]) -> None:
-            features = self.embed_fn(batch).float()
+        def features(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.embed_fn(batch).float()
             if normalize:
-                features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            finite = torch.isfinite(features).all(dim=-1)
-            for result, ok, row in zip(results, finite.cpu().tolist(), features.cpu(), strict=True):
+                out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            return torch.isfinite(out).all(dim=-1), out
+
+        def put_embeddings(outputs: tuple[torch.Tensor, ...], results: list[Result]) -> None:
+            finite, rows = outputs
+            for result, ok, row in zip(results, finite.tolist(), rows, strict=True):
                 if ok:
                     result.embedding = row
                 else:
                     result.error = NON_FINITE
 
-        return self._run(paths, batch_size, workers, put_embeddings)
+        return self._run(paths, batch_size, workers, Head(features, put_embeddings))

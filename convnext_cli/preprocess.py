@@ -226,18 +226,32 @@ class PreprocessSpec:
             image = center_crop(image, *self.crop_size)
         return image
 
-    def normalize(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """uint8 (N, 3, h, w) on any device -> float32 pixel values (rescale, mean/std)."""
-        pixels = batch.to(torch.float32)
-        if self.do_rescale and self.do_normalize:
+    def normalization(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) as (3, 1, 1) float32 tensors on `device`, the rescale folded in, or
+        None without normalisation: built once per run (a tensor made from a list on a GPU
+        is a host-to-device copy and a synchronisation)."""
+        if not self.do_normalize:
+            return None
+        mean = torch.tensor(self.image_mean, device=device)
+        std = torch.tensor(self.image_std, device=device)
+        if self.do_rescale:
             # The processor folds the rescale into mean and std, in float32: (x - m/r) / (s/r).
-            mean = torch.tensor(self.image_mean, device=batch.device) * (1.0 / self.rescale_factor)
-            std = torch.tensor(self.image_std, device=batch.device) * (1.0 / self.rescale_factor)
-            pixels = (pixels - mean[:, None, None]) / std[:, None, None]
-        elif self.do_normalize:
-            mean = torch.tensor(self.image_mean, device=batch.device)
-            std = torch.tensor(self.image_std, device=batch.device)
-            pixels = (pixels - mean[:, None, None]) / std[:, None, None]
+            mean = mean * (1.0 / self.rescale_factor)
+            std = std * (1.0 / self.rescale_factor)
+        return mean[:, None, None], std[:, None, None]
+
+    def normalize(
+        self,
+        batch: torch.Tensor,
+        dtype: torch.dtype | None = None,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """uint8 (N, 3, h, w) on any device -> float32 pixel values (rescale, mean/std);
+        `stats` is :meth:`normalization` for the batch's device, when the caller keeps it."""
+        pixels = batch.to(torch.float32)
+        if self.do_normalize:
+            mean, std = stats if stats is not None else self.normalization(batch.device)  # type: ignore[misc]
+            pixels = (pixels - mean) / std
         elif self.do_rescale:
             pixels = pixels * self.rescale_factor
         return pixels if dtype is None else pixels.to(dtype)

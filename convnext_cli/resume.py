@@ -35,6 +35,8 @@ from convnext_cli.names import read_path_field
 RESUMABLE_FORMATS = ("jsonl", "csv", "parquet")
 # what must match between the run that wrote a file and the one resuming it
 PROVENANCE_KEYS = ("command", "model", "config", "top_k", "normalize", "preprocess")
+# where and how it ran (the numbers differ with them): compared when the file records them
+RUN_KEYS = ("device", "dtype", "decode")
 
 
 def provenance_path(target: Path) -> Path:
@@ -88,6 +90,7 @@ def check_provenance(
     if recorded is None or force:
         return
     different = [k for k in PROVENANCE_KEYS if recorded.get(k) != current.get(k)]
+    different += [k for k in RUN_KEYS if k in recorded and recorded[k] != current.get(k)]
     if different:
         what = ", ".join(different)
         raise UsageError(

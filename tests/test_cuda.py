@@ -110,3 +110,22 @@ def test_gpu_jpeg_decoding_matches_pillow(
         scores = {p["index"]: p["score"] for p in b["predictions"]}
         for p in a["predictions"][:3]:
             assert abs(scores.get(p["index"], 0.0) - p["score"]) <= 2e-3, a["path"]
+
+
+def test_cuda_overlapped_batches_match_cpu(v1_checkpoint: Path, photos: list[Path]) -> None:
+    """Several batches through the side-stream copy and the one-batch-behind readback, and
+    the embeddings too: float32 on CUDA (TF32 off) equals the CPU within float rounding."""
+    cpu = classify(v1_checkpoint, photos, "cpu", "float32", "-b", "2")
+    gpu = classify(v1_checkpoint, photos, "cuda", "float32", "-b", "2")
+    assert [r["path"] for r in gpu] == [r["path"] for r in cpu]
+    for a, b in zip(cpu, gpu, strict=True):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+
+
+def test_cuda_auto_dtype_is_native(v1_checkpoint: Path, photos: list[Path]) -> None:
+    from convnext_cli.device import resolve
+
+    placement = resolve("cuda", "auto")
+    major, _ = torch.cuda.get_device_capability()
+    assert placement.dtype == (torch.bfloat16 if major >= 8 else torch.float16)
+    assert torch.backends.cudnn.benchmark is True

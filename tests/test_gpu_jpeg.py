@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convnext_cli import gpu_jpeg
+from convnext_cli import decode_pool, gpu_jpeg, pipeline
 from convnext_cli.checkpoints import build_model, load_checkpoint
 from convnext_cli.cli import app
 from convnext_cli.errors import ImageError, UsageError
@@ -82,11 +83,46 @@ def test_resolve_decode() -> None:
     assert gpu_jpeg.resolve_decode("auto", CPU) is False
     assert gpu_jpeg.resolve_decode("cpu", CPU) is False
     assert gpu_jpeg.resolve_decode("CPU", torch.device("cuda")) is False
-    assert gpu_jpeg.resolve_decode("auto", torch.device("cuda")) is True
+    # auto is exact: CPU decoding on every device, unless the user asks for gpu
+    assert gpu_jpeg.resolve_decode("auto", torch.device("cuda")) is False
     with pytest.raises(UsageError, match="needs a CUDA device"):
         gpu_jpeg.resolve_decode("gpu", CPU)
     with pytest.raises(UsageError, match="unknown --decode"):
         gpu_jpeg.resolve_decode("nvjpeg", CPU)
+
+
+def test_the_probe_decodes_a_tiny_jpeg() -> None:
+    assert gpu_jpeg.probe(CPU) is None  # torchvision's CPU decoder stands in for nvjpeg
+
+
+def test_a_failing_device_decoder_falls_back_to_cpu_decoding_with_one_note(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = torchvision_io()
+
+    class Broken:
+        ImageReadMode = real.ImageReadMode
+
+        @staticmethod
+        def decode_jpeg(data, mode, device):
+            raise RuntimeError("nvjpeg: library not initialised\n(status 5)")
+
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: Broken)
+    notes: list[str] = []
+    assert gpu_jpeg.resolve_decode("gpu", torch.device("cuda"), notes.append) is False
+    assert notes == [
+        "--decode gpu: the device JPEG decoder failed a test image (nvjpeg: library not "
+        "initialised (status 5)); decoding JPEGs on the CPU instead"
+    ]
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: None)
+    notes.clear()
+    assert gpu_jpeg.resolve_decode("gpu", torch.device("cuda"), notes.append) is False
+    assert notes == [
+        "--decode gpu: torchvision's JPEG decoder is absent; decoding JPEGs on the CPU instead"
+    ]
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: real)
+    monkeypatch.setattr(gpu_jpeg, "probe", lambda device: None)
+    assert gpu_jpeg.resolve_decode("gpu", torch.device("cuda"), notes.append) is True
 
 
 def test_cli_refuses_gpu_decoding_without_cuda(v1_checkpoint: Path, photos: list[Path]) -> None:
@@ -152,10 +188,14 @@ def test_device_path_matches_the_cpu_path(
 
 
 def test_rejected_by_the_device_decoder_falls_back_to_the_cpu(
-    v1_checkpoint: Path, mixed_folder: list[Path], monkeypatch: pytest.MonkeyPatch
+    v1_checkpoint: Path,
+    mixed_folder: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """A batch the device decoder fails is retried image by image; the images it still
-    rejects are decoded by Pillow, so nothing is lost and the results are the same."""
+    rejects go to a decode worker (Pillow there), so nothing is
+    lost and the results are the same."""
     real = torchvision_io()
     rejected = mixed_folder[1].read_bytes()
     calls = []
@@ -174,9 +214,23 @@ def test_rejected_by_the_device_decoder_falls_back_to_the_cpu(
     model = build_model(checkpoint, CPU, torch.float32)
     expected = run(Runner(model, checkpoint.preprocess, CPU, torch.float32), mixed_folder, 0)
     monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: Flaky)
+    # where the rejected JPEG is decoded again: a decode worker, not this process
+    where = tmp_path / "decoded-in"
+    real_decode_one = decode_pool.decode_one
+
+    def decode_one(ref, spec, jpeg_on_device):
+        with open(where, "a") as f:
+            f.write(f"{os.getpid()} {ref}\n")
+        return real_decode_one(ref, spec, jpeg_on_device)
+
+    monkeypatch.setattr(decode_pool, "decode_one", decode_one)
+    monkeypatch.setattr(pipeline, "decode_bytes", None)  # never Pillow in the main process
     runner = Runner(model, checkpoint.preprocess, CPU, torch.float32, jpeg_on_device=True)
     got = run(runner, mixed_folder, 0)
     assert "list" in calls and "Tensor" in calls
+    (line,) = where.read_text().splitlines()
+    pid, ref = line.split(" ", 1)
+    assert int(pid) != os.getpid() and ref == str(mixed_folder[1])
     assert [r.error for r in got] == [r.error for r in expected]
     for a, b in zip(got, expected, strict=True):
         assert [p.index for p in a.predictions] == [p.index for p in b.predictions]

@@ -41,7 +41,12 @@ class ReportFormat(str, Enum):
 BatchSizesOpt = Annotated[
     str,
     typer.Option(
-        "--batch-sizes", "-b", metavar="N,N,...", help="Comma-separated batch sizes to sweep."
+        "--batch-sizes",
+        "-b",
+        metavar="N,N,...",
+        help="Comma-separated batch sizes to sweep (default: 1,8,32; on CUDA 1,32,256, as "
+        "timm's benchmark).",
+        show_default=False,
     ),
 ]
 DtypesOpt = Annotated[
@@ -120,7 +125,7 @@ def benchmark(
     cache_dir: CacheDirOpt = None,
     token: TokenOpt = None,
     labels: LabelsOpt = None,
-    batch_sizes: BatchSizesOpt = "1,8,32",
+    batch_sizes: BatchSizesOpt = "",
     dtype: DtypesOpt = "auto",
     device: DeviceOpt = "auto",
     channels_last: ChannelsLastOpt = True,
@@ -144,6 +149,10 @@ def benchmark(
     configure(quiet=quiet, bar=False)
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"-o {output}: use a .png or .svg (plot) or .json (report) file")
+    if not batch_sizes:
+        from convnext_cli.device import resolve_device
+
+        batch_sizes = "1,32,256" if resolve_device(device).type == "cuda" else "1,8,32"
     sizes = parse_batch_sizes(batch_sizes)
     dtype_names = parse_dtypes(dtype)
     paths = image_files(images) if images is not None else []

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 from convnext_cli import interrupts
 from convnext_cli.cli.errors import say
 from convnext_cli.cli.progress import Batches, TotalLike, configure, note, track
-from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, OutputError, UsageError
+from convnext_cli.errors import (
+    EXIT_INPUT_FAILED,
+    EXIT_OK,
+    DeviceFailure,
+    OutputError,
+    UsageError,
+)
 from convnext_cli.inputs import InputRef, InputStream, input_id, iter_inputs
 from convnext_cli.names import path_field
 from convnext_cli.output import choose_format, open_writer, output_targets
@@ -139,7 +145,8 @@ def write_results(
 
     Finished: the writer closes (the output is moved into place).  Ctrl-C or SIGTERM: the
     records written so far are closed into a valid file and moved into place (an output
-    file with no record yet is dropped, its target untouched), then the interrupt goes on.  Any
+    file with no record yet is dropped, its target untouched), then the interrupt goes on; a
+    device failure (DeviceFailure, exit 70) likewise.  Any
     other error: the writer aborts, the target is untouched.
     """
     try:
@@ -152,7 +159,7 @@ def write_results(
                 total,
                 to_terminal=is_stdout(output) and sys.stdout.isatty(),
             )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, DeviceFailure):  # a dead GPU ends the run as Ctrl-C does
         with interrupts.finishing():
             if writer.records or is_stdout(output):  # stdout: close the JSON array anyway
                 writer.close()
@@ -313,7 +320,7 @@ def run_job(job: Job) -> int:
                 target = Path(os.path.realpath(job.output))
                 if not provenance_path(target).exists():
                     created.append(provenance_path(target))
-                provenance = make_provenance(job, runner.model.config, runner.spec)
+                provenance = make_provenance(job, runner.model.config, runner.spec, runner)
                 write_provenance(target, provenance)
             return _local_batches(job, runner, stream)
 
@@ -324,7 +331,7 @@ def run_job(job: Job) -> int:
                 path.unlink(missing_ok=True)
             raise
     runner = _load(job)
-    provenance = make_provenance(job, runner.model.config, runner.spec)
+    provenance = make_provenance(job, runner.model.config, runner.spec, runner)
     todo, writer = _open_resumable(job, fmt, items, provenance)
     total = len(todo) if isinstance(todo, list) else todo
     return write_results(
@@ -367,8 +374,9 @@ def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef]) -> Batch
     return Batches(batches, _verb(job.command), runner.device, runner.dtype)
 
 
-def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
-    """What a resumed run must share with the run that wrote the file."""
+def make_provenance(job: Job, config: Any, spec: Any, runner: Any = None) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the file (with the runner:
+    its device, dtype and JPEG decoder too, which change the numbers)."""
     import hashlib
     import json
 
@@ -387,6 +395,15 @@ def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
         "top_k": min(job.top_k, labels) if labels else None,
         "normalize": job.normalize if job.command == "embed" else None,
         "preprocess": spec.to_dict(),
+        **(
+            {
+                "device": str(runner.device),
+                "dtype": str(runner.dtype).removeprefix("torch."),
+                "decode": "gpu" if runner.jpeg_on_device else "cpu",
+            }
+            if runner is not None
+            else {}
+        ),
     }
 
 

@@ -248,8 +248,8 @@ DecodeOpt = Annotated[
     typer.Option(
         "--decode",
         case_sensitive=False,
-        help="Where JPEGs are decoded: auto (on the GPU when the model runs on CUDA), cpu "
-        "(Pillow, bit-exact with transformers) or gpu (nvjpeg through torchvision).",
+        help="Where JPEGs are decoded: auto (= cpu: the same pixels on every device), cpu "
+        "(Pillow, bit-exact with transformers) or gpu (nvjpeg through torchvision, faster).",
         rich_help_panel=MODEL_PANEL,
     ),
 ]

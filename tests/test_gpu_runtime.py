@@ -1,0 +1,316 @@
+"""GPU behaviour that is logic, tested on the CPU: the dtype and batch chosen for a GPU
+(against mocked device capabilities), out-of-memory backoff and sticky device errors
+(simulated), one compilation per run (Inductor on the CPU), results read back one batch
+behind (call order recorded), decode workers scaled to the usable cores."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from convnext_cli import device as device_mod
+from convnext_cli import pipeline
+from convnext_cli.checkpoints import build_model, load_checkpoint
+from convnext_cli.cli import app
+from convnext_cli.errors import DeviceFailure
+from convnext_cli.model import ConvNeXtForClassification
+from convnext_cli.pipeline import Runner
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def backend_flags():
+    """resolve() sets these process-wide: put them back after each test."""
+    cuda_matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cuda_matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
+    precision = torch.get_float32_matmul_precision()
+    cudnn.benchmark = False
+    yield
+    cuda_matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved
+    torch.set_float32_matmul_precision(precision)
+
+
+def fake_gpu(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], memory_gib: float = 80
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda *a: SimpleNamespace(total_memory=int(memory_gib * 2**30)),
+    )
+
+
+@pytest.mark.parametrize(
+    "capability,expected",
+    [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16)],
+)
+def test_dtype_auto_on_cuda_follows_the_compute_capability(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: torch.dtype
+) -> None:
+    fake_gpu(monkeypatch, capability)
+    placement = device_mod.resolve("cuda", "auto")
+    assert placement.dtype == expected
+    assert f"compute capability {capability[0]}.{capability[1]}" in placement.reason
+    assert torch.backends.cudnn.benchmark is True
+    # bfloat16/float16 runs may use TF32 for what stays float32
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+
+
+def test_float32_on_cuda_is_exact_tf32_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpu(monkeypatch, (9, 0))
+    placement = device_mod.resolve("cuda", "float32")
+    assert placement.dtype == torch.float32 and placement.reason == ""
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_cpu_dtype_and_flags_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bfloat16", lambda: False)
+    assert device_mod.resolve("cpu", "auto").dtype == torch.float32
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_default_batch_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpu(monkeypatch, (9, 0), memory_gib=141)
+    assert device_mod.default_batch_size(CUDA) == 256
+    assert device_mod.default_batch_size(CUDA, 384) == 80
+    assert device_mod.default_batch_size(CUDA, 4000) == 8
+    fake_gpu(monkeypatch, (7, 5), memory_gib=8)
+    assert device_mod.default_batch_size(CUDA) == 64
+    assert device_mod.default_batch_size(CPU) == 8
+    assert pipeline.default_batch_size("cpu") == 8
+
+
+def test_decode_workers_scale_to_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert pipeline.default_workers(10_000, 256, "cuda") == 59  # 64 - 1 - 64 // 16
+    assert pipeline.default_workers(10_000, 8, "cpu") == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert pipeline.default_workers(10_000, 256, "cuda") == 1
+    assert pipeline.default_workers(100, 256, "cuda") == 0  # one batch: no workers
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+@pytest.fixture(scope="module")
+def runner_parts(v1_checkpoint: Path):
+    checkpoint = load_checkpoint(str(v1_checkpoint))
+    model = build_model(checkpoint, CPU, torch.float32)
+    return model, checkpoint.preprocess
+
+
+def results_of(runner: Runner, paths: list[str], batch_size: int = 2) -> list:
+    return [r for batch in runner.classify(paths, top_k=5, batch_size=batch_size, workers=0)
+            for r in batch]  # fmt: skip
+
+
+def same(a: list, b: list) -> None:
+    assert [r.path for r in a] == [r.path for r in b]
+    assert [r.error for r in a] == [r.error for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert [p.index for p in x.predictions] == [p.index for p in y.predictions]
+        for p, q in zip(x.predictions, y.predictions, strict=True):
+            assert p.score == pytest.approx(q.score, abs=1e-5)
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(runner_parts, photos: list[Path]) -> None:
+    model, spec = runner_parts
+    paths = [str(p) for p in photos] * 2
+    expected = results_of(Runner(model, spec, CPU, torch.float32), paths, batch_size=4)
+    runner = Runner(model, spec, CPU, torch.float32)
+    notes: list[str] = []
+    runner.on_note = notes.append
+    seen: list[int] = []
+
+    def limited(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(batch.shape[0])
+        if batch.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return model(batch)
+
+    runner.logits_fn = limited
+    got = results_of(runner, paths, batch_size=4)
+    same(got, expected)
+    assert all(r.error is None for r in got)
+    assert notes == ["the device ran out of memory at batch 4; going on with batch 2 (-b sets it)"]
+    assert runner.max_rows == 1
+    # once halved, later batches start at the smaller size: 4, 2, then only ones
+    assert seen[:3] == [4, 2, 1] and 4 not in seen[3:]
+
+
+def test_a_single_image_out_of_memory_is_its_own_error(runner_parts, photos) -> None:
+    model, spec = runner_parts
+    runner = Runner(model, spec, CPU, torch.float32)
+
+    def never(batch: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    runner.logits_fn = never
+    got = results_of(runner, [str(photos[0])], batch_size=1)
+    assert got[0].error is not None and "CUDA out of memory" in got[0].error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors"),
+        torch.AcceleratorError("CUDA error: unspecified launch failure"),
+    ],
+)
+def test_a_sticky_device_error_stops_the_run(runner_parts, photos, error) -> None:
+    model, spec = runner_parts
+    runner = Runner(model, spec, CPU, torch.float32)
+    calls = []
+
+    def dies(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        if len(calls) > 1:
+            raise error
+        return model(batch)
+
+    runner.logits_fn = dies
+    batches = runner.classify([str(p) for p in photos], batch_size=2, workers=0)
+    assert len(next(batches)) == 2
+    with pytest.raises(DeviceFailure, match="^the device failed, stopping"):
+        next(batches)
+    assert calls == [2, 2]  # no image-by-image retry, no error record per image
+
+
+def test_cli_exits_70_on_a_sticky_device_error_keeping_finished_records(
+    v1_checkpoint: Path, photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ConvNeXtForClassification.forward
+    calls = []
+
+    def forward(self, x):
+        calls.append(x.shape[0])
+        if len(calls) > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self, x)
+
+    monkeypatch.setattr(ConvNeXtForClassification, "forward", forward)
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["classify", *map(str, photos), "-m", str(v1_checkpoint), "--device", "cpu",
+         "--dtype", "float32", "-b", "2", "-o", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 70, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the device failed, stopping"), lines
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in photos[:2]]
+    assert all(r.get("error") is None for r in records)
+
+
+def test_results_are_read_back_one_batch_behind(runner_parts, photos: list[Path]) -> None:
+    """Batch i+1 is queued on the device before batch i's outputs are read back."""
+    model, spec = runner_parts
+    paths = [str(p) for p in photos[:6]]
+    expected = results_of(Runner(model, spec, CPU, torch.float32), paths)
+    log: list[str] = []
+    runner = Runner(model, spec, CPU, torch.float32)
+    runner.overlap = True  # as on CUDA
+
+    def logged(batch: torch.Tensor) -> torch.Tensor:
+        log.append("queue")
+        return model(batch)
+
+    runner.logits_fn = logged
+    real_finish = pipeline.Readback.finish
+
+    def finish(self: pipeline.Readback) -> None:
+        log.append("read")
+        real_finish(self)
+
+    pipeline.Readback.finish = finish  # type: ignore[method-assign]
+    try:
+        got = []
+        for batch in runner.classify(paths, top_k=5, batch_size=2, workers=0):
+            log.append("yield")
+            got += batch
+    finally:
+        pipeline.Readback.finish = real_finish  # type: ignore[method-assign]
+    assert log == ["queue", "queue", "read", "yield", "queue", "read", "yield", "read", "yield"]
+    same(got, expected)
+
+
+def test_on_the_cpu_results_come_as_each_batch_finishes(runner_parts, photos) -> None:
+    model, spec = runner_parts
+    runner = Runner(model, spec, CPU, torch.float32)
+    assert runner.overlap is False
+    log: list[str] = []
+    runner.logits_fn = lambda batch: (log.append("queue"), model(batch))[1]
+    for _ in runner.classify([str(p) for p in photos[:4]], batch_size=2, workers=0):
+        log.append("yield")
+    assert log == ["queue", "yield", "queue", "yield"]
+
+
+def test_mean_and_std_are_built_once_per_run(runner_parts, photos, monkeypatch) -> None:
+    model, spec = runner_parts
+    runner = Runner(model, spec, CPU, torch.float32)
+    built = []
+    real = type(spec).normalization
+    monkeypatch.setattr(
+        type(spec), "normalization", lambda self, device: (built.append(1), real(self, device))[1]
+    )
+    results_of(runner, [str(p) for p in photos[:6]])
+    assert len(built) == 1
+
+
+# ---------------------------------------------------------------------- compile once
+
+
+def test_compile_compiles_once_with_a_partial_batch_and_a_failed_image(
+    runner_parts,
+    v1_checkpoint: Path,
+    photos: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch._inductor.compile_fx import compile_fx
+
+    model, spec = runner_parts
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    small = tmp_path / "small.png"
+    Image.open(photos[0]).convert("RGB").resize((40, 30)).save(small)
+    # batch 4: [4 good], [3 good + broken] (shrunk), [1] (partial)
+    paths = [str(p) for p in photos[:4]] + [str(p) for p in photos[4:6]] + [str(broken)]
+    paths += [str(small), str(photos[0])]
+    expected = results_of(Runner(model, spec, CPU, torch.float32), paths, batch_size=4)
+
+    compilations: list[list[tuple[int, ...]]] = []
+
+    def counting(gm, example_inputs):
+        compilations.append([tuple(t.shape) for t in example_inputs if hasattr(t, "shape")])
+        return compile_fx(gm, example_inputs)
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, **kw))
+    torch._dynamo.reset()
+    own = build_model(load_checkpoint(str(v1_checkpoint)), CPU, torch.float32)
+    runner = Runner(own, spec, CPU, torch.float32)
+    runner.compile()
+    try:
+        got = results_of(runner, paths, batch_size=4)
+    finally:
+        torch._dynamo.reset()
+    assert len(compilations) == 1, compilations
+    assert sum(r.error is not None for r in got) == 1
+    same(got, expected)
