@@ -136,9 +136,13 @@ def benchmark(
 ) -> None:
     """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes.
 
+    The model alone runs on random input of its own resolution; --images adds end-to-end
+    rows (decode + preprocess + model) over a folder of images.
+
     Examples:
-      $ convnext benchmark -m facebook/convnext-tiny-224 -b 1,8,32 --dtype float32,bfloat16
-      $ convnext benchmark --device cuda --dtype float16 --images photos/ -o throughput.png
+      $ convnext benchmark -b 1,8,32 --dtype float32,bfloat16
+      $ convnext benchmark --device cuda --dtype float16 -o throughput.png
+      $ convnext benchmark -m facebook/convnextv2-tiny-22k-224 --images photos/
       $ convnext benchmark --compile --format json > bench.json
     """
     configure(quiet=quiet, bar=False)
