@@ -59,8 +59,9 @@ def choose_format(
 ) -> str:
     """The format to write: --format, else the -o extension, else the command's default.
 
-    ``auto`` (or no --format) is the -o extension when it is a known one; otherwise a table
-    when classify writes to a terminal and JSON lines everywhere else.  An explicit format
+    ``auto`` (or no --format) is the -o extension, which must then be a known one (``-o
+    out.txt`` is a usage error: say --format); without -o, a table when classify writes to
+    a terminal and JSON lines everywhere else.  An explicit format
     that contradicts the -o extension is a usage error, so is a format the command lacks.
     """
     formats = CLASSIFY_FORMATS if command == "classify" else EMBED_FORMATS
@@ -76,6 +77,13 @@ def choose_format(
                     f"(use {', '.join(f for f in formats if f != 'auto')})"
                 )
             return by_extension
+        if output is not None and not is_stdout(output) and not output.is_dir():
+            known = ", ".join(f".{f}" for f in formats if f not in ("auto", "table"))
+            ending = f"the extension {output.suffix!r}" if output.suffix else "no extension"
+            raise UsageError(
+                f"-o {output}: {ending} names no format; name the file {known}, "
+                "or say which with --format"
+            )
         if command == "classify" and is_stdout(output) and stdout_is_terminal:
             return "table"
         return "jsonl"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -367,6 +368,15 @@ def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
     result.embedding = None
 
 
+@dataclass
+class RunTimes:
+    """Where a runner's time went, over every input it was given (for the CLI's summary)."""
+
+    images: int = 0
+    decode: float = 0.0  # seconds decoding (the decode processes' own, summed; else waited)
+    model: float = 0.0  # seconds in the model (and the device decoder), results on the host
+
+
 class Runner:
     """A loaded model on a device, turning paths into results batch by batch."""
 
@@ -390,6 +400,7 @@ class Runner:
         self.logits_fn: Any = model
         self.embed_fn: Any = model.embed
         self.compiled = False
+        self.times = RunTimes()
 
     def compile(self) -> None:
         """torch.compile the model (on the plain path: Inductor does its own fusion)."""
@@ -433,8 +444,12 @@ class Runner:
             jpeg_on_device=self.jpeg_on_device,
             prefetch=prefetch,
         )
+        times = self.times
         try:
+            waited = time.perf_counter()
             for decoded in batches:
+                got = time.perf_counter()
+                times.decode += decoded.decoding if workers > 0 else got - waited
                 results = [
                     Result(path=input_name(item), error=err)
                     for item, err in zip(decoded.inputs, decoded.errors, strict=True)
@@ -445,11 +460,14 @@ class Runner:
                         groups = self._with_device_decoded(groups, decoded.encoded, results)
                     for positions, pixels in groups:
                         self._forward(fn, pixels, [results[p] for p in positions])
+                times.model += time.perf_counter() - got
+                times.images += len(results)
                 # the decoders' load: their seconds on this batch, per decoding process
                 load = decoded.decoding / workers if workers > 0 else 0.0
                 if tuner is not None and (changed := tuner.batch_done(len(results), load)):
                     torch.set_num_threads(changed)
                 yield results
+                waited = time.perf_counter()
         finally:
             batches.close()  # stops the decode workers at once when the caller stops early
             if tuner is not None and torch.get_num_threads() != threads:

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from convnext_cli import interrupts
 from convnext_cli.cli.errors import say
-from convnext_cli.cli.progress import Batches, TotalLike, configure, note, track
+from convnext_cli.cli.progress import (
+    Batches,
+    TotalLike,
+    configure,
+    interrupted_note,
+    note,
+    track,
+)
 from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, OutputError, UsageError
 from convnext_cli.inputs import InputRef, InputStream, input_id, iter_inputs
 from convnext_cli.names import path_field
@@ -134,14 +141,17 @@ def write_results(
     batches: Callable[[], Iterable[list[Result]]],
     total: TotalLike,
     output: Path | None,
+    fmt: str | None = None,
 ) -> int:
     """Run ``batches`` (which loads the model) into an open writer and end its life cycle.
 
     Finished: the writer closes (the output is moved into place).  Ctrl-C or SIGTERM: the
     records written so far are closed into a valid file and moved into place (an output
     file with no record yet is dropped, its target untouched), then the interrupt goes on.  Any
-    other error: the writer aborts, the target is untouched.
+    other error: the writer aborts, the target is untouched.  ``fmt``: the output's format
+    (whether ``--resume`` can continue it is said on Ctrl-C).
     """
+    shown = None if output is None or is_stdout(output) else str(output)
     try:
         with interrupts.cleanup_on_leave(writer.abort):
             produced = batches()  # loads the model: a signal here drops the output and leaves
@@ -151,6 +161,7 @@ def write_results(
                 writer,
                 total,
                 to_terminal=is_stdout(output) and sys.stdout.isatty(),
+                output=shown,
             )
     except KeyboardInterrupt:
         with interrupts.finishing():
@@ -158,6 +169,10 @@ def write_results(
                 writer.close()
             else:
                 writer.abort()
+            resumable = (fmt or (output.suffix.lstrip(".") if output else "")) in RESUMABLE_FORMATS
+            said = interrupted_note(writer.records, shown, resumable)
+            if said is not None:
+                say(said)
         raise
     except BaseException:
         writer.abort()
@@ -175,6 +190,7 @@ def stream_results(
     writer: Writer,
     total: TotalLike,
     to_terminal: bool = False,
+    output: str | None = None,
 ) -> int:
     """Write every batch as it finishes, with a progress bar and a closing summary on stderr
     (:func:`convnext_cli.cli.progress.track`).
@@ -184,7 +200,7 @@ def stream_results(
     bar never share a line.  Returns the exit code: 0 when every input succeeded, 1 when any
     failed.
     """
-    failures = track(batches, writer, total, to_terminal)
+    failures = track(batches, writer, total, to_terminal, output)
     return EXIT_INPUT_FAILED if failures else EXIT_OK
 
 
@@ -318,7 +334,7 @@ def run_job(job: Job) -> int:
             return _local_batches(job, runner, stream)
 
         try:
-            return write_results(writer, batches, stream, job.output)
+            return write_results(writer, batches, stream, job.output, fmt)
         except Exception:  # the output was dropped (a refusal mid-run, say): so is its record
             for path in created:
                 path.unlink(missing_ok=True)
@@ -328,7 +344,7 @@ def run_job(job: Job) -> int:
     todo, writer = _open_resumable(job, fmt, items, provenance)
     total = len(todo) if isinstance(todo, list) else todo
     return write_results(
-        writer, lambda: _local_batches(job, runner, todo), total=total, output=job.output
+        writer, lambda: _local_batches(job, runner, todo), total=total, output=job.output, fmt=fmt
     )
 
 
@@ -355,16 +371,23 @@ def run_options(job: Job) -> RunOptions:
     return RunOptions(job.device, job.dtype, job.decode, job.compile_model)
 
 
+def _note_top_k_cap(job: Job, labels: int) -> None:
+    """``-k 2000`` on a 1000-class model gives 1000 predictions: said, not silent."""
+    if job.command == "classify" and labels and job.top_k > labels:
+        note(f"note: -k {job.top_k} is more than the model's {labels} classes: {labels} each")
+
+
 def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef]) -> Batches:
     if job.command == "classify":
+        _note_top_k_cap(job, len(runner.labels or ()))
         batches = runner.classify(
             items, top_k=job.top_k, batch_size=job.batch_size, workers=job.workers
         )
-        return Batches(batches, _verb(job.command), runner.device, runner.dtype)
+        return Batches(batches, _verb(job.command), runner.device, runner.dtype, runner.times)
     batches = runner.embed(
         items, normalize=job.normalize, batch_size=job.batch_size, workers=job.workers
     )
-    return Batches(batches, _verb(job.command), runner.device, runner.dtype)
+    return Batches(batches, _verb(job.command), runner.device, runner.dtype, runner.times)
 
 
 def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
@@ -493,6 +516,7 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
     from convnext_cli.loading import read_source
 
     checkpoint = read_source(model_source(job))
+    _note_top_k_cap(job, len(checkpoint.config.labels or ()))
     provenance = make_provenance(job, checkpoint.config, checkpoint.preprocess)
     facts = ray_engine.checkpoint_facts(checkpoint, job.command)
     del checkpoint  # its tensors: the actors load their own
@@ -527,6 +551,7 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
         lambda: Batches(ray_engine.run_on_ray(todo, options), _verb(job.command), "ray"),
         len(todo),
         job.output,
+        fmt,
     )
 
 
