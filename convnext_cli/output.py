@@ -60,8 +60,8 @@ def choose_format(
     """The format to write: --format, else the -o extension, else the command's default.
 
     ``auto`` (or no --format) is the -o extension, which must then be a known one (``-o
-    out.txt`` is a usage error: say --format); without -o, a table when classify writes to
-    a terminal and JSON lines everywhere else.  An explicit format
+    out.txt`` is a usage error: say --format); without -o, a table on a terminal (embed's
+    shows the first values only) and JSON lines everywhere else.  An explicit format
     that contradicts the -o extension is a usage error, so is a format the command lacks.
     """
     formats = CLASSIFY_FORMATS if command == "classify" else EMBED_FORMATS
@@ -84,8 +84,8 @@ def choose_format(
                 f"-o {output}: {ending} names no format; name the file {known}, "
                 "or say which with --format"
             )
-        if command == "classify" and is_stdout(output) and stdout_is_terminal:
-            return "table"
+        if is_stdout(output) and stdout_is_terminal:
+            return "table"  # embed's is a short one (convnext_cli.embed_table)
         return "jsonl"
     if by_extension is not None and by_extension != fmt:
         raise UsageError(
@@ -471,6 +471,10 @@ def open_writer(
         return MatrixWriter(output, fmt)  # type: ignore[arg-type]
     raw: OutputFile | StdoutFile = StdoutFile() if is_stdout(output) else OutputFile(output)  # type: ignore[arg-type]
     render = classify_record_json if command == "classify" else embed_record_json
+    if fmt == "table" and command == "embed":
+        from convnext_cli.embed_table import EmbedTableWriter
+
+        return EmbedTableWriter(raw)
     if fmt == "table":
         from convnext_cli.table_output import TableWriter
 

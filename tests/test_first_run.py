@@ -207,3 +207,28 @@ def test_pipe_into_head_leaves_no_frozen_bar(photos: list[Path], v1_checkpoint: 
     shown = [line for line in screen(data) if line.strip()]
     assert len(shown) == 2, shown
     assert all(line.startswith('{"path": ') for line in shown), shown
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals")
+def test_embed_on_a_terminal_is_a_short_table_and_piped_stays_jsonl(
+    photos: list[Path], v1_checkpoint: Path, tmp_path: Path
+) -> None:
+    from pty_helpers import run_attached
+
+    missing = tmp_path / "nonexist.jpg"
+    args = ["embed", *photos[:3], missing, "-m", v1_checkpoint, *CPU]
+    shown = run_attached(args, stdout="tty", stderr="file", columns=80)
+    assert shown.returncode == 1
+    lines = [line for line in screen(shown.stdout) if line.strip()]
+    assert all(len(line) <= 80 for line in lines), lines
+    assert len(lines) == 3 + 4, lines  # hint, header, rule, one line per input
+    assert "-o feats.npy" in lines[0] and re.match(r"first \d+ of 32 values", lines[0])
+    assert lines[1].split() == ["image", "dim", "norm", "values"]
+    for line, photo in zip(lines[3:6], photos[:3], strict=True):
+        path, dim, norm, *values = line.split()
+        assert path.startswith("/") and (path == str(photo) or "…" in path)  # as typed
+        assert dim == "32" and float(norm) > 0 and 1 <= len(values) <= 10
+    assert lines[6].startswith(str(missing)[:10]) and "✗ error: no such file" in lines[6]
+    piped = run_attached(args, stdout="pipe", stderr="file", columns=80)
+    records = [json.loads(line) for line in piped.stdout.decode().splitlines()]
+    assert [len(r.get("embedding", [])) for r in records] == [32, 32, 32, 0]
