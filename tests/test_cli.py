@@ -161,7 +161,7 @@ def test_stdin_glob_and_recursive(v1_checkpoint: Path, photos: list[Path], tmp_p
     assert piped.exit_code == 1
     records = jsonl(piped.stdout)
     assert records[0]["path"] == str(photos[3]) and "predictions" in records[0]
-    assert "No such file" in records[1]["error"]
+    assert records[1]["error"] == "no such file"
 
 
 @pytest.mark.parametrize(

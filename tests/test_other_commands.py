@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from convnext_cli.benchmark import Report, Row
 from convnext_cli.environment import cudnn_version
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,3 +63,54 @@ def test_cudnn_version_as_cudnn_writes_it() -> None:
     assert cudnn_version(90100) == "9.1.0"
     assert cudnn_version(8902) == "8.9.2"
     assert cudnn_version(8700) == "8.7.0"
+
+
+def bench_row(mode: str, dtype: str, batch: int, rate: float, ms: float = 1234.5) -> Row:
+    return Row(mode, dtype, batch, 10, 10 / rate, rate, ms, ms * 9, ms * 9.9, 123456.0,
+               "process peak RSS", spread=9.9, noisy=True)  # fmt: skip
+
+
+def bench_report(*rows: Row, device: str = "cpu") -> Report:
+    header = dict(
+        model="facebook/convnext-tiny-224", architecture="convnext", parameters_m=28.6,
+        image_size=224, device=device, device_name="AMD EPYC", torch="2", torchvision="0",
+        convnext_cli="0", channels_last=True, compile=False, warmup=3, iters=10,
+        noise_rule="p99 > 1.5x p50",
+    )  # fmt: skip
+    return Report(header, list(rows))
+
+
+def test_benchmark_table_keeps_every_header_at_80_columns() -> None:
+    import io
+
+    from rich.console import Console
+
+    from convnext_cli.benchmark_report import print_report
+
+    report = bench_report(
+        bench_row("end-to-end", "bfloat16", 128, 1234.5, 12345.6),
+        bench_row("model", "bfloat16", 128, 99999.9, 12345.6),
+    )
+    console = Console(record=True, width=80, file=io.StringIO(), color_system=None)
+    print_report(report, console, bars=False)
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    assert "…" not in text and "peak MB" in text, text
+
+
+def test_benchmark_warns_of_a_cold_model_row_and_notes_float16_on_cpu() -> None:
+    from convnext_cli.benchmark_report import speed_notes
+
+    report = bench_report(
+        bench_row("model", "float32", 8, 20.0),
+        bench_row("end-to-end", "float32", 8, 25.0),  # faster than the model alone
+        bench_row("model", "float32", 1, 10.0),
+        bench_row("end-to-end", "float32", 1, 9.0),
+    )
+    notes = speed_notes(report)
+    assert len(notes) == 1 and notes[0].startswith("warning: end-to-end float32 b=8 ran faster")
+    assert "--warmup" in notes[0]
+    fp16 = bench_report(bench_row("model", "float16", 1, 0.3))
+    assert any("float16 on the CPU is emulated" in n for n in speed_notes(fp16))
+    on_gpu = bench_report(bench_row("model", "float16", 1, 300.0), device="cuda:0")
+    assert speed_notes(on_gpu) == []

@@ -23,6 +23,7 @@ from convnext_cli.cli.options import (
     TokenOpt,
     WorkersOpt,
 )
+from convnext_cli.cli.errors import say
 from convnext_cli.cli.progress import configure, note
 from convnext_cli.errors import UsageError
 
@@ -153,7 +154,7 @@ def benchmark(
     paths = image_files(images) if images is not None else []
 
     from convnext_cli.benchmark import SweepOptions, runners_for, sweep
-    from convnext_cli.benchmark_report import noise_note
+    from convnext_cli.benchmark_report import noise_note, speed_notes
     from convnext_cli.loading import ModelSource, RunOptions
 
     run = RunOptions(
@@ -169,6 +170,8 @@ def benchmark(
     noise = noise_note(report)
     if noise:
         note(noise)
+    for said in speed_notes(report):
+        (say if said.startswith("warning:") else note)(said)
     show(report, fmt, output)
 
 
