@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from convnext_cli.choices import DEFAULT_MODEL, DTYPES
+from convnext_cli.cli.errors import say
 from convnext_cli.cli.options import (
     CacheDirOpt,
     Decode,
@@ -23,7 +24,6 @@ from convnext_cli.cli.options import (
     TokenOpt,
     WorkersOpt,
 )
-from convnext_cli.cli.errors import say
 from convnext_cli.cli.progress import configure, note
 from convnext_cli.errors import UsageError
 
