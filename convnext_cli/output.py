@@ -77,12 +77,15 @@ def choose_format(
                     f"(use {', '.join(f for f in formats if f != 'auto')})"
                 )
             return by_extension
-        if output is not None and not is_stdout(output) and not output.is_dir():
+        if output is not None and not is_stdout(output) and _names_a_file(output):
             known = ", ".join(f".{f}" for f in formats if f not in ("auto", "table"))
-            ending = f"the extension {output.suffix!r}" if output.suffix else "no extension"
+            what = (
+                f"the extension {output.suffix!r} names no format"
+                if output.suffix
+                else "the name has no extension to pick a format"
+            )
             raise UsageError(
-                f"-o {output}: {ending} names no format; name the file {known}, "
-                "or say which with --format"
+                f"-o {output}: {what}; name the file {known}, or say which with --format"
             )
         if is_stdout(output) and stdout_is_terminal:
             return "table"  # embed's is a short one (convnext_cli.embed_table)
@@ -96,6 +99,17 @@ def choose_format(
     if fmt == "html" and is_stdout(output) and stdout_is_terminal:
         raise UsageError("--format html writes a page: name it with -o report.html")
     return fmt
+
+
+def _names_a_file(output: Path) -> bool:
+    """``-o`` names a regular file (or one to create): not a folder (refused later, as
+    such), not a device or pipe (``/dev/null``, ``/dev/full``, a FIFO: written as is)."""
+    import stat
+
+    try:
+        return stat.S_ISREG(output.stat().st_mode)
+    except OSError:
+        return True  # to be created
 
 
 class Writer(Protocol):
@@ -425,6 +439,10 @@ class HtmlWriter:
         except BaseException:
             raw.abort()
             raise
+
+    def set_run_info(self, info: dict[str, str]) -> None:
+        """What made the report (shown on the page): see HtmlReportWriter.set_run_info."""
+        self.report.set_run_info(info)
 
     def write(self, results: list[Result]) -> None:
         self.report.write(results)

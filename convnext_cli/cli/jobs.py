@@ -323,6 +323,8 @@ def run_job(job: Job) -> int:
 
         def batches() -> Iterator[list[Result]]:
             runner = _load(job)
+            if hasattr(writer, "set_run_info"):  # the HTML report says what made it
+                writer.set_run_info(run_info(job, runner))
             if fmt in RESUMABLE_FORMATS and job.output is not None and not is_stdout(job.output):
                 from convnext_cli.resume import provenance_path, write_provenance
 
@@ -346,6 +348,32 @@ def run_job(job: Job) -> int:
     return write_results(
         writer, lambda: _local_batches(job, runner, todo), total=total, output=job.output, fmt=fmt
     )
+
+
+def run_info(job: Job, runner: Runner) -> dict[str, str]:
+    """What a report shows about the run that made it."""
+    import shlex
+    from datetime import datetime, timezone
+
+    from convnext_cli import __version__
+
+    labels = len(runner.labels or ())
+    spec = runner.spec.to_dict() if hasattr(runner.spec, "to_dict") else {}
+    size = spec.get("size") or spec.get("crop_size") or spec.get("image_size")
+    info = {
+        "model": job.model + (f"@{job.revision}" if job.revision else ""),
+        "device": f"{runner.device} {str(runner.dtype).removeprefix('torch.')}",
+        "top-k": str(min(job.top_k, labels) if labels else job.top_k),
+        "classes": str(labels),
+    }
+    if isinstance(size, dict):
+        size = size.get("shortest_edge") or size.get("height")
+    if size:
+        info["input"] = f"{size} px"
+    info["made"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info["by"] = f"convnext-cli {__version__}"
+    info["command"] = shlex.join(["convnext", *sys.argv[1:]])
+    return info
 
 
 def _load(job: Job) -> Runner:
