@@ -7,6 +7,7 @@ imports torch.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -65,6 +66,40 @@ def results_table(report: Report) -> Table:
             f"{r.peak_memory_mb:.0f}",
         )
     return table
+
+
+def fitted_table(report: Report, width: int) -> Table:
+    """:func:`results_table`, its columns one space apart instead of two when that is what
+    lets every header and value fit ``width`` cells (no ``peak …``)."""
+    table = results_table(report)
+    natural = Console(width=10_000, file=io.StringIO()).measure(table).maximum
+    if natural > width:
+        table.padding = (0, 0, 0, 1)
+    return table
+
+
+def speed_notes(report: Report) -> list[str]:
+    """Warnings and notes on what the rows mean: an end-to-end row faster than the model
+    alone (same dtype and batch size: the model's warm-up was too short, its first batches
+    were timed cold), and float16 on the CPU (emulated there: far slower than float32)."""
+    notes = []
+    model = {(r.dtype, r.batch_size): r for r in report.rows if r.mode == "model"}
+    for row in report.rows:
+        alone = model.get((row.dtype, row.batch_size))
+        if row.mode == "end-to-end" and alone and row.images_per_s > alone.images_per_s:
+            notes.append(
+                f"warning: end-to-end {row.dtype} b={row.batch_size} ran faster "
+                f"({row.images_per_s:.1f} images/s) than the model alone "
+                f"({alone.images_per_s:.1f}): the model's timing looks cold (too short a "
+                "warm-up); try more --warmup and --iters"
+            )
+    device = str(report.header.get("device", ""))
+    if device.startswith("cpu") and any(r.dtype == "float16" for r in report.rows):
+        notes.append(
+            "note: float16 on the CPU is emulated (no float16 arithmetic there), so it runs "
+            "far slower than float32; bfloat16 is the CPU's reduced-precision mode"
+        )
+    return notes
 
 
 def table_footer(report: Report) -> Text:
@@ -139,7 +174,7 @@ def bar(fraction: float, width: int) -> str:
 def print_report(report: Report, console: Console, bars: bool) -> None:
     """The table (with its header and footer), then the bar chart when `bars`."""
     console.print(header_text(report))
-    console.print(results_table(report))
+    console.print(fitted_table(report, console.width))
     console.print(table_footer(report))
     if bars:
         console.print()

@@ -74,7 +74,15 @@ def locate(
     ``on_note`` hears which)."""
     path = Path(model).expanduser()
     if not path.exists():
-        path = hub.download(_hub_ref(model, revision, cache_dir, token), on_note)
+        ref = _hub_ref(model, revision, cache_dir, token)
+        try:
+            path = hub.download(ref, on_note)
+        except CheckpointError as exc:
+            if model == DEFAULT_MODEL or not _meant_local(path):
+                raise
+            raise CheckpointError(
+                f"no local file or folder {model} exists, so it was tried as a Hub id: {exc}"
+            ) from exc
     elif revision is not None:
         raise UsageError(f"--revision {revision}: {model} is a local path, not a Hub id")
     if not path.is_dir():
@@ -88,6 +96,12 @@ def locate(
         _beside(path, PREPROCESSOR_FILE),
         folder=True,
     )
+
+
+def _meant_local(path: Path) -> bool:
+    """Whether a path that does not exist reads as a local one rather than ``org/name``: one
+    name only, or a folder above it that exists."""
+    return len(path.parts) == 1 or path.parent.is_dir()
 
 
 def _hub_ref(

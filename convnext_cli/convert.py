@@ -250,6 +250,16 @@ def write_folder(
         raise UsageError(f"{output_dir}: cannot write ({one_line(exc)})") from exc
 
 
+def _mode_for(target: Path) -> int:
+    import stat
+
+    if target.is_file() and not target.is_symlink():
+        return stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def replacing(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed over
@@ -260,10 +270,14 @@ def replacing(target: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    # mkstemp makes it 0600 (and a writer may make its own): the file gets the mode `cp`
+    # would give, an existing target's own (not through a symlink), else 0666 less the umask
+    mode = _mode_for(target)
     try:
         # Ctrl-C while writing leaves at once (see interrupts): the temporary goes first
         with interrupts.cleanup_on_leave(lambda: tmp.unlink(missing_ok=True)):
             yield tmp
+            os.chmod(tmp, mode)
             with tmp.open("rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)

@@ -110,6 +110,15 @@ def _hub_settings() -> dict[str, str]:
     return settings
 
 
+def cudnn_version(number: int) -> str:
+    """torch's cuDNN version number as cuDNN writes it: 92400 -> ``9.24.0`` (cuDNN 9 and
+    later: major * 10000 + minor * 100 + patch), 8902 -> ``8.9.2`` (earlier: major * 1000)."""
+    major_unit = 10000 if number >= 90000 else 1000
+    major, rest = divmod(number, major_unit)
+    minor, patch = divmod(rest, 100)
+    return f"{major}.{minor}.{patch}"
+
+
 def collect() -> Environment:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return Environment(
@@ -118,7 +127,7 @@ def collect() -> Environment:
         platform=platform.platform(),
         packages={name: _version(name) for name in PACKAGES},
         cuda=torch.version.cuda,
-        cudnn=str(cudnn) if cudnn else None,
+        cudnn=cudnn_version(cudnn) if cudnn else None,
         auto_device=str(resolve_device("auto")),
         devices=_devices(),
         cpu_threads=torch.get_num_threads(),

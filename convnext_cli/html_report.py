@@ -167,6 +167,11 @@ def make_thumbnail(data: bytes, size: int = THUMBNAIL_SIZE) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _attr(text: str) -> str:
+    """``text`` for an attribute (a tooltip): as the page shows it, quotes escaped."""
+    return html.escape(plain_text(text), quote=True)
+
+
 def _score_text(score: float) -> str:
     return f"{score:.4f}" if math.isfinite(score) else "n/a"
 
@@ -197,9 +202,15 @@ class HtmlReportWriter:
         self.images = 0
         self.failed = 0
         self.top_labels: Counter[str] = Counter()
+        self.run_info: dict[str, str] = {}  # what made the page (set_run_info)
         self.closed = False
         self.stream.write(_ascii(_head(self.title)))
         self.stream.flush()
+
+    def set_run_info(self, info: dict[str, str]) -> None:
+        """What made the page (model, device, dtype, settings, when, the command line),
+        shown above the cards; the page's summary, written at the end, carries it."""
+        self.run_info = dict(info)
 
     def write(self, results: list[Result]) -> None:
         uris = self._thumbnails(results)
@@ -269,7 +280,7 @@ class HtmlReportWriter:
         for rank, p in enumerate(result.predictions, start=1):
             rows.append(
                 f"<li{' class=top' if rank == 1 else ''}>"
-                f'<span class="label">{display_text(p.label)}</span>'
+                f'<span class="label" title="{_attr(p.label)}">{display_text(p.label)}</span>'
                 f'<span class="bar"><i style="width:{_bar_width(p.score)}%"></i></span>'
                 f'<span class="score" title="{float(p.score)!r} (class {p.index})">'
                 f"{_score_text(p.score)}</span></li>"
@@ -278,6 +289,15 @@ class HtmlReportWriter:
             f'<article class="card">{thumb}<div class="body"><div class="path">{path}</div>'
             f'<ol class="preds">{"".join(rows)}</ol></div></article>\n'
         )
+
+    def _run_info_html(self) -> str:
+        if not self.run_info:
+            return ""
+        items = "".join(
+            f"<div><dt>{html.escape(name)}</dt><dd>{display_text(value)}</dd></div>"
+            for name, value in self.run_info.items()
+        )
+        return f'<dl class="runinfo">{items}</dl>'
 
     def _summary(self, complete: bool) -> str:
         ok = self.images - self.failed
@@ -294,7 +314,7 @@ class HtmlReportWriter:
             share = count / ok * 100 if ok else 0.0
             chips.append(
                 f'<button type="button" class="chip" data-q="top:{html.escape(plain_text(label))}">'
-                f'<span class="label">{display_text(label)}</span>'
+                f'<span class="label" title="{_attr(label)}">{display_text(label)}</span>'
                 f'<span class="bar"><i style="width:{share:.2f}%"></i></span>'
                 f'<span class="count">{count}</span></button>'
             )
@@ -310,7 +330,7 @@ class HtmlReportWriter:
             f'<div class="stats"><span class="stat"><b>{self.images}</b> images</span>'
             f'<span class="stat"><b>{ok}</b> classified</span>{failed}'
             f'<span class="stat">top-{self.top_k} labels per image</span></div>'
-            f"{state}{labels}</section>\n"
+            f"{self._run_info_html()}{state}{labels}</section>\n"
         )
 
 
@@ -331,14 +351,19 @@ header h1{font-size:18px;margin:0;font-weight:600;flex:0 1 auto;overflow-wrap:an
 border:1px solid var(--line);background:var(--card);color:var(--fg)}
 #shown{color:var(--dim);font-variant-numeric:tabular-nums}
 #summary{order:1;padding:12px 20px 0}
-main{order:2;display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));
+main{order:2;display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,460px),1fr));
 gap:12px;padding:12px 20px 24px}
+.runinfo{display:flex;flex-wrap:wrap;gap:2px 20px;margin:8px 0 0;color:var(--dim);
+font-size:12px}
+.runinfo div{display:flex;gap:4px;min-width:0;max-width:100%}
+.runinfo dt{font-weight:600}
+.runinfo dd{margin:0;overflow-wrap:anywhere;color:var(--fg)}
 .stats{display:flex;flex-wrap:wrap;gap:8px 20px;align-items:baseline}
 .stat{color:var(--dim);font:inherit;background:none;border:0;padding:0}
 .stat b{color:var(--fg);font-size:18px;margin-right:3px}
 button.stat.bad,button.stat.bad b{color:var(--bad);cursor:pointer}
 .incomplete{color:var(--bad);font-weight:600;margin:6px 0 0}
-.toplabels{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));
+.toplabels{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,320px),1fr));
 gap:2px 20px;margin-top:8px}
 .toplabels h2{grid-column:1/-1;font-size:13px;font-weight:600;color:var(--dim);margin:0 0 2px;
 text-transform:uppercase;letter-spacing:.04em}
@@ -362,9 +387,11 @@ overflow-wrap:anywhere;white-space:pre-wrap;margin-bottom:6px}
 .esc{background:var(--esc);color:var(--fg);border-radius:2px;padding:0 1px}
 .error{color:var(--bad);font-weight:600;overflow-wrap:anywhere}
 .preds{list-style:none;margin:0;padding:0}
-.preds li{display:grid;grid-template-columns:minmax(0,1fr) 90px 52px;gap:8px;
-align-items:center;padding:1px 0}
-.label{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.preds li{display:grid;grid-template-columns:minmax(0,1fr) 64px 52px;gap:8px;
+align-items:start;padding:2px 0}
+.preds .bar{margin-top:5px}
+.label{overflow-wrap:anywhere;min-width:0}
+.chip .label{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .preds .top .label{font-weight:600}
 .bar{height:8px;background:var(--bar);border-radius:4px;overflow:hidden}
 .bar i{display:block;height:100%;background:var(--acc2)}
@@ -372,6 +399,10 @@ align-items:center;padding:1px 0}
 .score{text-align:right;font-variant-numeric:tabular-nums;color:var(--dim)}
 .top .score{color:var(--fg)}
 [hidden]{display:none!important}
+@media (max-width:520px){header,#summary{padding-left:10px;padding-right:10px}
+main{padding:10px 10px 20px;gap:8px}
+.card{gap:8px;padding:8px}.thumb{width:64px;height:64px}
+.preds li{grid-template-columns:minmax(0,1fr) 36px 48px;gap:6px}}
 """
 
 _SCRIPT = """

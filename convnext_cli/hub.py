@@ -104,32 +104,45 @@ def _use_cache_only(ref: HubRef, on_note: Callable[[str], None] | None) -> bool:
     answer and the model is not cached; False (download, or check for updates) otherwise."""
     cached = _cached(ref, CONFIG_FILE)
     timeout = CACHED_PROBE_TIMEOUT if cached else UNCACHED_PROBE_TIMEOUT
-    if not _hub_answers(ref, timeout):
+    problem = _hub_problem(ref, timeout)
+    if problem is not None:
         if not cached:
             raise CheckpointError(
-                f"{ref}: the Hugging Face Hub did not answer within {timeout:.0f} s and the "
-                "model is not in the local cache (check the network, or pass -m a local "
-                "folder or weights file)"
+                f"{ref}: {problem}, and the model is not in the local cache; to go on, "
+                "check the network (or proxy), pass -m a local folder or weights file, or, "
+                "with the model in a cache, set HF_HUB_OFFLINE=1 (and --cache-dir DIR)"
             )
         if on_note is not None:
-            on_note(f"the Hugging Face Hub did not answer; using the cached {ref}")
+            on_note(f"{problem}; using the cached {ref}")
         return True
     if not cached and on_note is not None:
         on_note(f"fetching {ref} from the Hugging Face Hub")
     return False
 
 
-def _hub_answers(ref: HubRef, timeout: float) -> bool:
-    """Whether the Hub answers one metadata request for the model within ``timeout``
-    (any HTTP answer counts: a missing repo or revision is then reported by the download)."""
+def _hub_problem(ref: HubRef, timeout: float) -> str | None:
+    """None when the Hub answers one metadata request for the model within ``timeout`` (any
+    HTTP answer counts: a missing repo or revision is then reported by the download); else
+    what went wrong, in words: no answer in time, or no connection at all."""
     url = hf_hub_url(ref.repo_id, CONFIG_FILE, revision=ref.revision)
     try:
         get_hf_file_metadata(url, token=ref.token, timeout=timeout)
     except (HfHubHTTPError, EntryNotFoundError):
-        return True
-    except Exception:  # no connection, a timeout, a proxy failure: the Hub is out of reach
-        return False
-    return True
+        return None
+    except Exception as exc:  # no connection, a timeout, a proxy failure: out of reach
+        if any("timeout" in type(e).__name__.lower() for e in _chain(exc)):
+            return f"the Hugging Face Hub did not answer within {timeout:.0f} s"
+        return "could not reach the Hugging Face Hub (no connection)"
+    return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def _fetch(ref: HubRef, filename: str, local_only: bool) -> Path | None:
@@ -159,10 +172,10 @@ def _fetch(ref: HubRef, filename: str, local_only: bool) -> Path | None:
         if filename != CONFIG_FILE:
             return None  # offline, and this optional file was never cached
         offline = bool(constants.HF_HUB_OFFLINE)
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
+        why = "HF_HUB_OFFLINE is set" if offline else "could not reach the Hugging Face Hub"
         raise CheckpointError(
-            f"{ref}: {why} and the model is not in the local cache "
-            "(pass -m a local folder or weights file)"
+            f"{ref}: {why}, and the model is not in the local cache "
+            "(pass -m a local folder or weights file, or --cache-dir the cache that holds it)"
         ) from exc
     except EntryNotFoundError:
         return None

@@ -83,6 +83,8 @@ def _open_error(path: str | Path, exc: OSError) -> ImageError:
         return ImageError("cannot read file: symlink loop (too many levels of symbolic links)")
     if exc.errno == errno.ENOENT and os.path.islink(path):
         return ImageError("cannot read file: broken symlink (its target does not exist)")
+    if exc.errno == errno.ENOENT:
+        return ImageError("no such file")
     if exc.errno == errno.ENXIO:
         return ImageError("is a socket or device that cannot be opened, not a regular file")
     return ImageError(f"cannot read file: {exc.strerror or one_line(exc)}")

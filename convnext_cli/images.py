@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from convnext_cli.decoder_messages import pillow_words
 from convnext_cli.errors import ImageError, one_line
 from convnext_cli.image_files import (
     MAX_IMAGE_BYTES_ENV,
@@ -156,7 +157,7 @@ def open_header(data: bytes) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise _unidentified(data) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(f"corrupt image header: {one_line(exc)}") from exc
+        raise ImageError(f"cannot read the image header: {pillow_words(exc)}") from exc
     width, height = image.size
     check_pixel_count(width, height, why=" (possible decompression bomb)")
     needed = decode_bytes_needed(image, data)
@@ -379,7 +380,7 @@ def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
         ImageOps.exif_transpose(image, in_place=True)
         rgb = _rgb_array(image)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(f"cannot decode image: {one_line(exc)}") from exc
+        raise ImageError(f"cannot decode image: {pillow_words(exc)}") from exc
     # (H, W, 3) -> (3, H, W) as a view: channels-last memory, which the resize kernels prefer
     return torch.from_numpy(rgb).permute(2, 0, 1)
 

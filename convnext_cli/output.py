@@ -59,8 +59,9 @@ def choose_format(
 ) -> str:
     """The format to write: --format, else the -o extension, else the command's default.
 
-    ``auto`` (or no --format) is the -o extension when it is a known one; otherwise a table
-    when classify writes to a terminal and JSON lines everywhere else.  An explicit format
+    ``auto`` (or no --format) is the -o extension, which must then be a known one (``-o
+    out.txt`` is a usage error: say --format); without -o, a table on a terminal (embed's
+    shows the first values only) and JSON lines everywhere else.  An explicit format
     that contradicts the -o extension is a usage error, so is a format the command lacks.
     """
     formats = CLASSIFY_FORMATS if command == "classify" else EMBED_FORMATS
@@ -76,8 +77,18 @@ def choose_format(
                     f"(use {', '.join(f for f in formats if f != 'auto')})"
                 )
             return by_extension
-        if command == "classify" and is_stdout(output) and stdout_is_terminal:
-            return "table"
+        if output is not None and not is_stdout(output) and _names_a_file(output):
+            known = ", ".join(f".{f}" for f in formats if f not in ("auto", "table"))
+            what = (
+                f"the extension {output.suffix!r} names no format"
+                if output.suffix
+                else "the name has no extension to pick a format"
+            )
+            raise UsageError(
+                f"-o {output}: {what}; name the file {known}, or say which with --format"
+            )
+        if is_stdout(output) and stdout_is_terminal:
+            return "table"  # embed's is a short one (convnext_cli.embed_table)
         return "jsonl"
     if by_extension is not None and by_extension != fmt:
         raise UsageError(
@@ -88,6 +99,17 @@ def choose_format(
     if fmt == "html" and is_stdout(output) and stdout_is_terminal:
         raise UsageError("--format html writes a page: name it with -o report.html")
     return fmt
+
+
+def _names_a_file(output: Path) -> bool:
+    """``-o`` names a regular file (or one to create): not a folder (refused later, as
+    such), not a device or pipe (``/dev/null``, ``/dev/full``, a FIFO: written as is)."""
+    import stat
+
+    try:
+        return stat.S_ISREG(output.stat().st_mode)
+    except OSError:
+        return True  # to be created
 
 
 class Writer(Protocol):
@@ -418,6 +440,10 @@ class HtmlWriter:
             raw.abort()
             raise
 
+    def set_run_info(self, info: dict[str, str]) -> None:
+        """What made the report (shown on the page): see HtmlReportWriter.set_run_info."""
+        self.report.set_run_info(info)
+
     def write(self, results: list[Result]) -> None:
         self.report.write(results)
         self.records += len(results)
@@ -463,6 +489,10 @@ def open_writer(
         return MatrixWriter(output, fmt)  # type: ignore[arg-type]
     raw: OutputFile | StdoutFile = StdoutFile() if is_stdout(output) else OutputFile(output)  # type: ignore[arg-type]
     render = classify_record_json if command == "classify" else embed_record_json
+    if fmt == "table" and command == "embed":
+        from convnext_cli.embed_table import EmbedTableWriter
+
+        return EmbedTableWriter(raw)
     if fmt == "table":
         from convnext_cli.table_output import TableWriter
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -444,6 +445,15 @@ class Readback:
             self.head.store(outputs, results)
 
 
+@dataclass
+class RunTimes:
+    """Where a runner's time went, over every input it was given (for the CLI's summary)."""
+
+    images: int = 0
+    decode: float = 0.0  # seconds decoding (the decode processes' own, summed; else waited)
+    model: float = 0.0  # seconds in the model (and the device decoder), results on the host
+
+
 class Runner:
     """A loaded model on a device, turning paths into results batch by batch.
 
@@ -484,6 +494,7 @@ class Runner:
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stats_ready = False
         self._copy_stream: Any = None
+        self.times = RunTimes()
 
     def compile(self) -> None:
         """torch.compile the model (on the plain path: Inductor does its own fusion)."""
@@ -573,8 +584,12 @@ class Runner:
                 torch.set_num_threads(changed)
             return results
 
+        times = self.times
         try:
+            waited = time.perf_counter()
             for decoded in batches:
+                got = time.perf_counter()
+                times.decode += decoded.decoding if workers > 0 else got - waited
                 results = [
                     Result(path=input_name(item), error=err)
                     for item, err in zip(decoded.inputs, decoded.errors, strict=True)
@@ -589,6 +604,8 @@ class Runner:
                     for positions, pixels in groups:
                         self._launch(head, pixels, [results[p] for p in positions], parts)
                     readback = Readback(parts, head)
+                times.model += time.perf_counter() - got
+                times.images += len(results)
                 # the decoders' load: their seconds on this batch, per decoding process
                 load = decoded.decoding / workers if workers > 0 else 0.0
                 if behind is not None:
@@ -598,6 +615,7 @@ class Runner:
                     behind = (results, readback, load)
                 else:
                     yield finish((results, readback, load))
+                waited = time.perf_counter()
             if behind is not None:
                 yield finish(behind)
         finally:

@@ -7,8 +7,8 @@ file or a pipe: ``COLUMNS``, else 80) and the first batch's paths (an image colu
 wider than they need leaves the labels more room), so every row lines up with the header
 and no line is wider than the terminal:
 
-- **image**: the path, relative to the current folder when that is shorter, shortened in
-  the middle when too long (``photos/2024-summer…/IMG_0001.jpg``: the file name is kept
+- **image**: the path in the form it was given (or listed from a folder given), shortened in
+  the middle only when too long (``photos/2024-summer…/IMG_0001.jpg``: the file name is kept
   whole while it fits, else its end); never wrapped.
 - **label**: cut with ``…`` when too long (ImageNet-22k names are comma lists of up to 175
   characters); the top label in bold.
@@ -115,17 +115,11 @@ def shorten_path(path: str, width: int) -> str:
     return shorten_middle(name if sep else path, width)
 
 
-def shown_path(path: str, cwd: str | None) -> str:
-    """The path as the table shows it: relative to ``cwd`` when that is shorter, visible."""
-    text = path
-    if cwd is not None and os.path.isabs(path):
-        try:
-            relative = os.path.relpath(path, cwd)
-        except ValueError:  # another drive (Windows)
-            relative = path
-        if len(relative) < len(path):
-            text = relative
-    return visible(text)
+def shown_path(path: str, cwd: str | None = None) -> str:
+    """The path as the table shows it: in the form the user gave it (an absolute path stays
+    absolute, ``./x`` stays ``./x``), control characters made visible; only
+    :func:`shorten_path` shortens it, when it does not fit.  (``cwd`` is not used.)"""
+    return visible(path)
 
 
 def bar(score: float, width: int) -> str:

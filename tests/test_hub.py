@@ -158,7 +158,7 @@ def test_cached_model_does_not_wait_for_a_silent_hub(
     out = classify_through(env, "org/cached", photos[0])
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 1
-    assert "did not answer; using the cached org/cached" in out.stderr
+    assert "did not answer within 3 s; using the cached org/cached" in out.stderr
     assert len(accepted) < len(
         files
     )  # a short question (httpx may connect twice), not one per file

@@ -149,11 +149,11 @@ def test_table_shows_names_literally(
 ) -> None:
     """One row per input, markup look-alikes as written, control characters as escapes.
 
-    Run in the folder (names shown relative to it, whole) with one batch (the name column
-    fits the first batch's names)."""
+    Run in the folder, given as ``.`` (paths shown in that form, whole) with one batch (the
+    name column fits the first batch's names)."""
     out = tmp_path / "table.txt"
     args = ["--format", "table", "-b", "32", *(["-o", str(out)] if where == "file" else [])]
-    stdout = run(hostile_folder, v1_checkpoint, "classify", *args, cwd=hostile_folder)
+    stdout = run(b".", v1_checkpoint, "classify", *args, cwd=hostile_folder)
     data = out.read_bytes() if where == "file" else stdout
     text = data.decode("utf-8")
     assert "\x1b" not in text and "\x07" not in text and "\x7f" not in text
@@ -162,7 +162,8 @@ def test_table_shows_names_literally(
     assert all(re.search(r"\b0\.\d{4}\b", row) for row in rows)
     for name in HOSTILE:  # each name whole, at the start of its own row
         shown = visible(os.fsdecode(name))
-        assert sum(row.startswith(shown + "  ") for row in rows) == 1, shown
+        # the folder given as ".": its paths shown as listed from it, "./NAME" (as typed)
+        assert sum(row.startswith((f"./{shown}  ", f"{shown}  ")) for row in rows) == 1, rows
     assert "\\x1b[31mred" in text and "caf\\xe9" in text and "new\\nline" in text
 
 

@@ -17,8 +17,29 @@ from convnext_cli.pipeline import Prediction, Result
 REPO = Path(__file__).resolve().parent.parent
 BAR = "━"
 SUMMARY = re.compile(
-    r"classified (\d+) images?(?: \((\d+) failed\))? in \d+\.\d s, [\d.]+ img/s on cpu float32"
+    r"classified (\d+) images?(?: \((\d+) failed[^)]*\))? in \d+\.\d s on cpu float32"
+    r"(?:, written to \S+)?"
 )
+TIMES = re.compile(
+    r"  \d+\.\d s start-up and model load, \d+\.\d s for the images \([\d.-]+ img/s\)"
+)
+SPEED = re.compile(r"  Speed: \d+\.\d ms decode, \d+\.\d ms model per image")
+
+
+def closing(lines: list[str]) -> re.Match[str] | None:
+    """The summary's first line (matched), checked with the lines that follow it: the time
+    split, then (when the runner timed itself) the per-image speed, and nothing after."""
+    lines = [line for line in lines if line.strip()]
+    for i, line in enumerate(lines):
+        match = SUMMARY.fullmatch(line)
+        if match:
+            rest = lines[i + 1 :]
+            assert rest and TIMES.fullmatch(rest[0]), lines
+            assert len(rest) <= 2 and all(SPEED.fullmatch(r) for r in rest[1:]), lines
+            return match
+    return None
+
+
 pty_only = pytest.mark.skipif(sys.platform == "win32", reason="needs pseudo-terminals")
 
 
@@ -88,7 +109,9 @@ def test_summary_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert failed == 1 and len(writer.results) == 3
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: b.jpg: empty file"  # a format that leaves failures out names them
-    assert SUMMARY.fullmatch(err[-1]) and SUMMARY.fullmatch(err[-1]).groups() == ("3", "1")
+    match = closing(err)
+    assert match and match.groups() == ("3", "1")
+    assert "1 failed: empty file" in err[1]
 
 
 def test_quiet(capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,7 +154,8 @@ def test_bar_on_a_terminal_says_rate_and_eta(v1_checkpoint: Path, photos: list[P
     assert all("img/s" in f and "elapsed" in f for f in bars)
     assert any(re.search(rf"\b{len(photos)}/{len(photos)}\b.*ETA \d+:\d\d", f) for f in bars)
     shown = [line for line in screen(run.stderr) if line]
-    assert len(shown) == 1 and SUMMARY.fullmatch(shown[0]), shown  # the bar is gone
+    assert SUMMARY.fullmatch(shown[0]) and closing(shown), shown  # the bar is gone
+    assert len(shown) == 3, shown  # summary, time split, speed
 
 
 @pty_only
@@ -143,7 +167,7 @@ def test_no_progress_and_quiet_on_a_terminal(v1_checkpoint: Path, photos: list[P
     assert plain.returncode == 0
     err = stderr_text(plain.stderr).strip()
     assert BAR not in err and "\x1b[" not in err
-    assert SUMMARY.fullmatch(err)  # the summary, and only it
+    assert SUMMARY.fullmatch(err.splitlines()[0]) and closing(err.splitlines())  # only it
     quiet = run_attached([*args, "-q"], stdout="file", stderr="tty")
     assert quiet.returncode == 0 and quiet.stderr == b""
     assert len([line for line in quiet.stdout.splitlines() if line.startswith(b"{")]) == 2
@@ -158,7 +182,7 @@ def test_not_a_terminal_no_bar_summary_unless_quiet(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert BAR not in result.stderr and "\x1b[" not in result.stderr
-    match = SUMMARY.fullmatch(result.stderr.strip().splitlines()[-1])
+    match = closing(result.stderr.strip().splitlines())
     assert match and match.groups() == ("2", "1")
     quiet = CliRunner().invoke(app, [*args, "-q"])
     assert quiet.exit_code == 1 and quiet.stderr == "1 of 2 inputs failed\n"
@@ -171,7 +195,8 @@ def test_quiet_silences_notes(v1_checkpoint: Path, photos: list[Path], tmp_path:
     again = classify_args(v1_checkpoint, photos[:3], "-o", str(out), "--resume")
     resumed = CliRunner().invoke(app, again)
     assert resumed.exit_code == 0 and "resuming" in resumed.stderr  # a note
-    assert SUMMARY.fullmatch(resumed.stderr.strip().splitlines()[-1]).groups() == ("1", None)
+    match = closing(resumed.stderr.strip().splitlines())
+    assert match and match.groups() == ("1", None) and f"written to {out}" in match.group(0)
     out.unlink()
     CliRunner().invoke(app, classify_args(v1_checkpoint, photos[:2], "-o", str(out)))
     quiet = CliRunner().invoke(app, [*again, "-q"])
@@ -183,6 +208,6 @@ def test_embed_summary(v1_checkpoint: Path, photos: list[Path]) -> None:
     args = ["embed", str(photos[0]), "-m", str(v1_checkpoint), "--device", "cpu"]
     result = CliRunner().invoke(app, [*args, "--dtype", "float32"])
     assert result.exit_code == 0
-    assert re.fullmatch(
-        r"embedded 1 image in \d+\.\d s, [\d.]+ img/s on cpu float32", result.stderr.strip()
-    )
+    lines = result.stderr.strip().splitlines()
+    assert re.fullmatch(r"embedded 1 image in \d+\.\d s on cpu float32", lines[0]), lines
+    assert TIMES.fullmatch(lines[1]) and SPEED.fullmatch(lines[2]) and len(lines) == 3

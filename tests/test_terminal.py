@@ -73,8 +73,9 @@ def test_same_terminal_records_are_clean_lines(v1_checkpoint: Path, photos: list
     assert run.returncode == 0, run.stdout.decode(errors="replace")
     assert BAR in run.stdout  # the bar was there on the terminal
     shown = [line for line in screen(run.stdout) if line]
-    assert shown[-1].startswith(f"classified {len(photos)} images in "), shown
-    assert [json.loads(line)["path"] for line in shown[:-1]] == [str(p) for p in photos], shown
+    assert shown[-3].startswith(f"classified {len(photos)} images in "), shown
+    assert shown[-2].startswith("  ") and shown[-1].startswith("  Speed: "), shown
+    assert [json.loads(line)["path"] for line in shown[:-3]] == [str(p) for p in photos], shown
 
 
 def test_output_file_with_terminals(

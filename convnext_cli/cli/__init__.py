@@ -6,6 +6,7 @@ fast, and each command imports what it needs when it runs.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -28,11 +29,12 @@ from convnext_cli.cli.convert import convert  # noqa: E402
 from convnext_cli.cli.embed import embed  # noqa: E402
 from convnext_cli.cli.env import env  # noqa: E402
 from convnext_cli.cli.errors import handle_errors  # noqa: E402
+from convnext_cli.cli.help import HelpCommand, HelpGroup, reflow  # noqa: E402
 from convnext_cli.cli.options import HelpOpt, with_help_option  # noqa: E402
 
 app = typer.Typer(
     name="convnext",
-    help="Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings.",
+    cls=HelpGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_help_option=False,  # -h/--help is HelpOpt (no <bool> metavar)
@@ -62,14 +64,31 @@ def _root(
     ] = False,
     help: HelpOpt = False,
 ) -> None:
-    """Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings."""
+    """Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings.
+
+    Models come from the Hugging Face Hub (default facebook/convnext-tiny-224), a local
+    Hub-layout folder or a single weights file.  `convnext COMMAND --help` shows each
+    command's options and examples.
+
+    Examples:
+      $ convnext classify photos/ -k 3
+      $ convnext classify photos/ -r -o labels.jsonl
+      $ convnext embed photos/ -o features.npy
+      $ convnext convert convnext_tiny_1k_224_ema.pth convnext-tiny/
+      $ convnext classify photos/ -m convnext-tiny/
+      $ convnext benchmark -b 1,8 --images photos/
+      $ convnext env
+    """
 
 
 def register(app: typer.Typer, name: str, command: Callable[..., Any]) -> None:
     """Add a command: its errors mapped to one stderr line and an exit code
     (:func:`~convnext_cli.cli.errors.handle_errors`), and ``-h/--help``.  Every command goes
     through here, so none can forget either."""
-    app.command(name, add_help_option=False)(with_help_option(handle_errors(command)))
+    help_text = reflow(inspect.getdoc(command))
+    app.command(name, cls=HelpCommand, help=help_text, add_help_option=False)(
+        with_help_option(handle_errors(command))
+    )
 
 
 register(app, "classify", classify)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from convnext_cli.choices import DEFAULT_MODEL, DTYPES
+from convnext_cli.cli.errors import say
 from convnext_cli.cli.options import (
     CacheDirOpt,
     Decode,
@@ -141,9 +142,13 @@ def benchmark(
 ) -> None:
     """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes.
 
+    The model alone runs on random input of its own resolution; --images adds end-to-end
+    rows (decode + preprocess + model) over a folder of images.
+
     Examples:
-      $ convnext benchmark -m facebook/convnext-tiny-224 -b 1,8,32 --dtype float32,bfloat16
-      $ convnext benchmark --device cuda --dtype float16 --images photos/ -o throughput.png
+      $ convnext benchmark -b 1,8,32 --dtype float32,bfloat16
+      $ convnext benchmark --device cuda --dtype float16 -o throughput.png
+      $ convnext benchmark -m facebook/convnextv2-tiny-22k-224 --images photos/
       $ convnext benchmark --compile --format json > bench.json
     """
     configure(quiet=quiet, bar=False)
@@ -158,7 +163,7 @@ def benchmark(
     paths = image_files(images) if images is not None else []
 
     from convnext_cli.benchmark import SweepOptions, runners_for, sweep
-    from convnext_cli.benchmark_report import noise_note
+    from convnext_cli.benchmark_report import noise_note, speed_notes
     from convnext_cli.loading import ModelSource, RunOptions
 
     run = RunOptions(
@@ -174,6 +179,8 @@ def benchmark(
     noise = noise_note(report)
     if noise:
         note(noise)
+    for said in speed_notes(report):
+        (say if said.startswith("warning:") else note)(said)
     show(report, fmt, output)
 
 

@@ -38,7 +38,8 @@ def classify(
     Examples:
       $ convnext classify photos/ -k 3
       $ convnext classify photos/ -r -o labels.jsonl
-      $ convnext classify cat.jpg -m facebook/convnextv2-tiny-22k-384 --format json
+      $ convnext classify cat.jpg -m facebook/convnextv2-tiny-22k-384
+      $ convnext classify photos/ --format json > labels.json
       $ find . -name '*.png' -print0 | convnext classify - -0 -o labels.csv
       $ convnext classify shards/*.tar -o labels.parquet --resume
     """

@@ -42,6 +42,7 @@ FromOpt = Annotated[
     Layout,
     typer.Option(
         "--from",
+        metavar="LAYOUT",
         case_sensitive=False,
         help="Source layout: auto (detect from the key names), hf (transformers), fb "
         "(facebookresearch ConvNeXt / ConvNeXt-V2, FCMAE included), fcmae, timm or "
@@ -100,7 +101,7 @@ def convert(
 
     Examples:
       $ convnext convert convnext_tiny_1k_224_ema.pth convnext-tiny/
-      $ convnext convert convnextv2_tiny_22k_384_ema.pt convnextv2-tiny-384/ --image-size 384
+      $ convnext convert convnextv2_tiny_22k_384_ema.pt v2-384/ --image-size 384
       $ convnext convert timm-weights.safetensors out/ --from timm
       $ convnext classify photos/ -m convnext-tiny/
     """

@@ -39,7 +39,7 @@ def embed(
     Examples:
       $ convnext embed photos/ -o features.npy
       $ convnext embed photos/ --normalize -o features.safetensors
-      $ convnext embed photos/ -m facebook/convnextv2-tiny-22k-224 -o features.parquet
+      $ convnext embed imgs/ -m facebook/convnextv2-tiny-22k-224 -o emb.parquet
       $ convnext embed cat.jpg | jq '.embedding | length'
     """
     options = {**shared, "inputs": inputs, "fmt": fmt, "normalize": normalize}

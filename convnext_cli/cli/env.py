@@ -16,6 +16,8 @@ def env(
     """Print what a bug report needs: versions of the tool, Python, torch, torchvision,
     CUDA and cuDNN; the devices found and what --device auto / --dtype auto choose.
 
+    Paste its output into a bug report; --json gives the same as one object.
+
     Examples:
       $ convnext env
       $ convnext env --json > env.json

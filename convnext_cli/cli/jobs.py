@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from convnext_cli import interrupts
 from convnext_cli.cli.errors import say
-from convnext_cli.cli.progress import Batches, TotalLike, configure, note, track
+from convnext_cli.cli.progress import (
+    Batches,
+    TotalLike,
+    configure,
+    interrupted_note,
+    note,
+    track,
+)
 from convnext_cli.errors import (
     EXIT_INPUT_FAILED,
     EXIT_OK,
@@ -140,15 +147,18 @@ def write_results(
     batches: Callable[[], Iterable[list[Result]]],
     total: TotalLike,
     output: Path | None,
+    fmt: str | None = None,
 ) -> int:
     """Run ``batches`` (which loads the model) into an open writer and end its life cycle.
 
     Finished: the writer closes (the output is moved into place).  Ctrl-C or SIGTERM: the
     records written so far are closed into a valid file and moved into place (an output
     file with no record yet is dropped, its target untouched), then the interrupt goes on; a
-    device failure (DeviceFailure, exit 70) likewise.  Any
-    other error: the writer aborts, the target is untouched.
+    device failure (DeviceFailure, exit 70) likewise.  Any other error: the writer aborts, the
+    target is untouched.  ``fmt``: the output's format (whether ``--resume`` can continue it
+    is said on Ctrl-C).
     """
+    shown = None if output is None or is_stdout(output) else str(output)
     try:
         with interrupts.cleanup_on_leave(writer.abort):
             produced = batches()  # loads the model: a signal here drops the output and leaves
@@ -158,6 +168,7 @@ def write_results(
                 writer,
                 total,
                 to_terminal=is_stdout(output) and sys.stdout.isatty(),
+                output=shown,
             )
     except (KeyboardInterrupt, DeviceFailure):  # a dead GPU ends the run as Ctrl-C does
         with interrupts.finishing():
@@ -165,6 +176,10 @@ def write_results(
                 writer.close()
             else:
                 writer.abort()
+            resumable = (fmt or (output.suffix.lstrip(".") if output else "")) in RESUMABLE_FORMATS
+            said = interrupted_note(writer.records, shown, resumable)
+            if said is not None:
+                say(said)
         raise
     except BaseException:
         writer.abort()
@@ -182,6 +197,7 @@ def stream_results(
     writer: Writer,
     total: TotalLike,
     to_terminal: bool = False,
+    output: str | None = None,
 ) -> int:
     """Write every batch as it finishes, with a progress bar and a closing summary on stderr
     (:func:`convnext_cli.cli.progress.track`).
@@ -191,7 +207,7 @@ def stream_results(
     bar never share a line.  Returns the exit code: 0 when every input succeeded, 1 when any
     failed.
     """
-    failures = track(batches, writer, total, to_terminal)
+    failures = track(batches, writer, total, to_terminal, output)
     return EXIT_INPUT_FAILED if failures else EXIT_OK
 
 
@@ -314,6 +330,8 @@ def run_job(job: Job) -> int:
 
         def batches() -> Iterator[list[Result]]:
             runner = _load(job)
+            if hasattr(writer, "set_run_info"):  # the HTML report says what made it
+                writer.set_run_info(run_info(job, runner))
             if fmt in RESUMABLE_FORMATS and job.output is not None and not is_stdout(job.output):
                 from convnext_cli.resume import provenance_path, write_provenance
 
@@ -325,7 +343,7 @@ def run_job(job: Job) -> int:
             return _local_batches(job, runner, stream)
 
         try:
-            return write_results(writer, batches, stream, job.output)
+            return write_results(writer, batches, stream, job.output, fmt)
         except Exception:  # the output was dropped (a refusal mid-run, say): so is its record
             for path in created:
                 path.unlink(missing_ok=True)
@@ -335,8 +353,34 @@ def run_job(job: Job) -> int:
     todo, writer = _open_resumable(job, fmt, items, provenance)
     total = len(todo) if isinstance(todo, list) else todo
     return write_results(
-        writer, lambda: _local_batches(job, runner, todo), total=total, output=job.output
+        writer, lambda: _local_batches(job, runner, todo), total=total, output=job.output, fmt=fmt
     )
+
+
+def run_info(job: Job, runner: Runner) -> dict[str, str]:
+    """What a report shows about the run that made it."""
+    import shlex
+    from datetime import datetime, timezone
+
+    from convnext_cli import __version__
+
+    labels = len(runner.labels or ())
+    spec = runner.spec.to_dict() if hasattr(runner.spec, "to_dict") else {}
+    size = spec.get("size") or spec.get("crop_size") or spec.get("image_size")
+    info = {
+        "model": job.model + (f"@{job.revision}" if job.revision else ""),
+        "device": f"{runner.device} {str(runner.dtype).removeprefix('torch.')}",
+        "top-k": str(min(job.top_k, labels) if labels else job.top_k),
+        "classes": str(labels),
+    }
+    if isinstance(size, dict):
+        size = size.get("shortest_edge") or size.get("height")
+    if size:
+        info["input"] = f"{size} px"
+    info["made"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info["by"] = f"convnext-cli {__version__}"
+    info["command"] = shlex.join(["convnext", *sys.argv[1:]])
+    return info
 
 
 def _load(job: Job) -> Runner:
@@ -362,16 +406,23 @@ def run_options(job: Job) -> RunOptions:
     return RunOptions(job.device, job.dtype, job.decode, job.compile_model)
 
 
+def _note_top_k_cap(job: Job, labels: int) -> None:
+    """``-k 2000`` on a 1000-class model gives 1000 predictions: said, not silent."""
+    if job.command == "classify" and labels and job.top_k > labels:
+        note(f"note: -k {job.top_k} is more than the model's {labels} classes: {labels} each")
+
+
 def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef]) -> Batches:
     if job.command == "classify":
+        _note_top_k_cap(job, len(runner.labels or ()))
         batches = runner.classify(
             items, top_k=job.top_k, batch_size=job.batch_size, workers=job.workers
         )
-        return Batches(batches, _verb(job.command), runner.device, runner.dtype)
+        return Batches(batches, _verb(job.command), runner.device, runner.dtype, runner.times)
     batches = runner.embed(
         items, normalize=job.normalize, batch_size=job.batch_size, workers=job.workers
     )
-    return Batches(batches, _verb(job.command), runner.device, runner.dtype)
+    return Batches(batches, _verb(job.command), runner.device, runner.dtype, runner.times)
 
 
 def make_provenance(job: Job, config: Any, spec: Any, runner: Any = None) -> dict[str, Any]:
@@ -510,6 +561,7 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
     from convnext_cli.loading import read_source
 
     checkpoint = read_source(model_source(job))
+    _note_top_k_cap(job, len(checkpoint.config.labels or ()))
     provenance = make_provenance(job, checkpoint.config, checkpoint.preprocess)
     facts = ray_engine.checkpoint_facts(checkpoint, job.command)
     del checkpoint  # its tensors: the actors load their own
@@ -548,6 +600,7 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
         lambda: Batches(ray_engine.run_on_ray(todo, options), _verb(job.command), "ray"),
         len(todo),
         job.output,
+        fmt,
     )
 
 

@@ -11,17 +11,28 @@
   object whose ``.total`` is None until it is; it is looked at after every batch, and until
   it is known the bar shows the count and the rate but no ETA.  The rate is rich's
   estimate over the last 30 s; the ETA divides what is left by it.
-- **The summary**, one line on stderr when the run ends (any stderr, not under ``-q``):
-  ``classified 200 images (3 failed) in 12.3 s, 16.2 img/s on cpu float32``.  The time is
-  from the first batch requested to the last written: model loading is not in it.  The
-  device and dtype come from the batches (:class:`Batches`) when they say them.  Under
-  ``-q`` a run with failures still ends with ``3 of 200 inputs failed``.
+- **The summary**, on stderr when the run ends (any stderr, not under ``-q``): what was
+  done, the whole wall time of the process, where, and the file ``-o`` wrote::
+
+      classified 200 images (3 failed: 2 no such file, 1 cannot decode image) in 14.1 s
+      on cpu float32, written to labels.jsonl
+        1.8 s start-up and model load, 12.3 s for the images (16.2 img/s)
+        Speed: 4.1 ms decode, 40.2 ms model per image
+
+  (the first two are one line).  ``Speed`` comes from the runner's own clocks
+  (:class:`~convnext_cli.pipeline.RunTimes`, handed over by :class:`Batches`); decode time
+  is what the decoding processes spent, summed over them.  Under ``-q`` a run with failures
+  still ends with ``3 of 200 inputs failed``.
+- **Ctrl-C** mid-run (:func:`interrupted_note`): how many records were kept, where, and
+  that ``--resume`` continues.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -86,11 +97,13 @@ class Batches(Iterator["list[Result]"]):
         verb: str = "processed",
         device: Any = None,
         dtype: Any = None,
+        times: Any = None,
     ) -> None:
         self.batches = iter(batches)
         self.verb = verb
         self.device = device
         self.dtype = dtype
+        self.times = times  # a pipeline.RunTimes, or None (Ray: the actors time themselves)
 
     def __next__(self) -> list[Result]:
         return next(self.batches)
@@ -105,6 +118,31 @@ class Batches(Iterator["list[Result]"]):
         """``cpu float32``, ``cuda:0 bfloat16``, or None when not known."""
         parts = [str(v).removeprefix("torch.") for v in (self.device, self.dtype) if v]
         return " ".join(parts) or None
+
+
+_IMPORTED = time.monotonic()
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (from /proc where there is one: the interpreter's
+    own start-up counts too; else since this module was imported)."""
+    try:
+        with open("/proc/self/stat") as stat_file:
+            started_ticks = int(stat_file.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as uptime_file:
+            uptime = float(uptime_file.read().split()[0])
+        age = uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+        if age >= 0:
+            return max(age, time.monotonic() - _IMPORTED)
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.monotonic() - _IMPORTED
+
+
+def failure_kind(error: str) -> str:
+    """``cannot decode image: the file ends too early (...)`` -> ``cannot decode image``."""
+    kind = error.split(":", 1)[0].strip()
+    return kind if len(kind) <= 40 else kind[:39] + "…"
 
 
 def clock(seconds: float) -> str:
@@ -140,6 +178,19 @@ def _stats(task: Task) -> Text:
     return text
 
 
+PIPE_HOLD = 0.3  # seconds the bar stays blank after records went into a pipe
+
+
+def _stdout_is_pipe() -> bool:
+    import stat
+    import sys
+
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class RunProgress:
     """The bar while batches are written, the counts for the summary.
 
@@ -158,13 +209,27 @@ class RunProgress:
             def render(self, task: Task) -> Text:
                 return _stats(task)
 
+        owner = self
+
+        class HoldingProgress(Progress):
+            """Draws nothing (a blank line) while :attr:`RunProgress.hold_until` is ahead."""
+
+            def get_renderable(self) -> Any:
+                if time.monotonic() < owner.hold_until:
+                    from rich.text import Text
+
+                    return Text("")
+                return super().get_renderable()
+
         self.total = total
         self.done = 0
         self.failed = 0
+        self.kinds: Counter[str] = Counter()  # failures by kind (failure_kind)
         self.started = time.monotonic()
         console = Console(stderr=True)
         self.shown = SETTINGS.bar and not SETTINGS.quiet and console.is_terminal
-        self.progress = Progress(
+        self.hold_until = 0.0
+        self.progress = HoldingProgress(
             # the bar takes what the words leave; the words never wrap
             TextColumn(
                 "[progress.description]{task.description}", table_column=Column(no_wrap=True)
@@ -179,6 +244,10 @@ class RunProgress:
         )
         self.task = self.progress.add_task(label, total=current_total(total), failed=0)
         self.pause = pause_for_stdout and self.shown
+        # stdout a pipe (`| head`, `| jq .`): what reads it may print on this terminal; the
+        # bar's line is left blank while a batch is written and a moment after, so that
+        # those lines land on a blank line, not after a frozen bar
+        self.piped = self.shown and not self.pause and _stdout_is_pipe()
 
     def __enter__(self) -> RunProgress:
         self.started = time.monotonic()
@@ -193,11 +262,16 @@ class RunProgress:
         """Take the bar down while results are printed on its terminal."""
         if self.pause:
             self.progress.stop()
+        elif self.piped:
+            self.hold_until = time.monotonic() + PIPE_HOLD
+            self.progress.refresh()  # the line blank before the records go out
         try:
             yield
         finally:
             if self.pause:
                 self.progress.start()
+            elif self.piped:
+                self.hold_until = time.monotonic() + PIPE_HOLD
 
     def advance(self, count: int, failed: int = 0) -> None:
         self.done += count
@@ -211,14 +285,43 @@ class RunProgress:
     def seconds(self) -> float:
         return time.monotonic() - self.started
 
-    def summary(self, verb: str = "processed", where: str | None = None) -> str:
-        """``classified 200 images (3 failed) in 12.3 s, 16.2 img/s on cpu float32``."""
+    def summary(
+        self,
+        verb: str = "processed",
+        where: str | None = None,
+        times: Any = None,
+        output: str | None = None,
+        wall: float | None = None,
+    ) -> str:
+        """The closing lines (see the module docstring)."""
         seconds = self.seconds()
+        wall = max(seconds, process_seconds() if wall is None else wall)
         noun = "image" if self.done == 1 else "images"
-        failed = f" ({self.failed} failed)" if self.failed else ""
-        rate = rate_text(self.done / seconds if seconds > 0 and self.done else None)
+        failed = ""
+        if self.failed:
+            kinds = self.kinds.most_common()
+            if len(kinds) == 1 and kinds[0][1] == self.failed:
+                failed = f" ({self.failed} failed: {kinds[0][0]})"
+            elif kinds:
+                shown = ", ".join(f"{n} {kind}" for kind, n in kinds[:3])
+                failed = f" ({self.failed} failed: {shown}{', ...' if len(kinds) > 3 else ''})"
+            else:
+                failed = f" ({self.failed} failed)"
         on = f" on {where}" if where else ""
-        return f"{verb} {self.done} {noun}{failed} in {seconds:.1f} s, {rate}{on}"
+        written = f", written to {output}" if output else ""
+        rate = rate_text(self.done / seconds if seconds > 0 and self.done else None)
+        lines = [
+            f"{verb} {self.done} {noun}{failed} in {wall:.1f} s{on}{written}",
+            f"  {wall - seconds:.1f} s start-up and model load, {seconds:.1f} s for the "
+            f"images ({rate})",
+        ]
+        count = getattr(times, "images", 0)
+        if count:
+            lines.append(
+                f"  Speed: {1000 * times.decode / count:.1f} ms decode, "
+                f"{1000 * times.model / count:.1f} ms model per image"
+            )
+        return "\n".join(lines)
 
 
 def track(
@@ -226,8 +329,10 @@ def track(
     writer: Any,
     total: TotalLike,
     to_terminal: bool = False,
+    output: str | None = None,
 ) -> int:
-    """Write every batch as it finishes (``writer.write``), with the bar, then the summary.
+    """Write every batch as it finishes (``writer.write``), with the bar, then the summary
+    (``output``: the file it names as written).
 
     Returns the number of failed inputs.  A writer whose format leaves failures out
     (``names_errors_on_stderr``) gets each one named on stderr, quiet or not.
@@ -236,6 +341,7 @@ def track(
 
     verb = batches.verb if isinstance(batches, Batches) else "processed"
     where = batches.where() if isinstance(batches, Batches) else None
+    times = batches.times if isinstance(batches, Batches) else None
     label = {"classified": "classifying", "embedded": "embedding"}.get(verb, "images")
     with RunProgress(total, label, pause_for_stdout=to_terminal) as progress:
         for results in batches:
@@ -245,11 +351,28 @@ def track(
             for result in results:
                 if result.error is not None:
                     failed += 1
+                    progress.kinds[failure_kind(result.error)] += 1
                     if writer.names_errors_on_stderr:
                         say(f"error: {result.path}: {result.error}")
             progress.advance(len(results), failed)
     if not SETTINGS.quiet:
-        say(progress.summary(verb, where))
+        for line in progress.summary(verb, where, times, output).splitlines():
+            say(line)
     elif progress.failed:
         say(f"{progress.failed} of {progress.done} inputs failed")
     return progress.failed
+
+
+def interrupted_note(records: int, output: str | None, resumable: bool) -> str | None:
+    """What Ctrl-C (or SIGTERM) mid-run leaves: ``kept 12 records in out.jsonl; run the same
+    command with --resume to continue``.  None for stdout (nothing to continue into)."""
+    if output is None:
+        return None
+    noun = "record" if records == 1 else "records"
+    if not records:
+        return f"no record was finished; {output} was not written"
+    if resumable:
+        how = "run the same command with --resume to continue"
+    else:
+        how = "--resume continues only jsonl, csv and parquet outputs"
+    return f"kept {records} {noun} in {output}; {how}"
