@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from convnext_cli.errors import UsageError
+from convnext_cli.image_files import parse_json
 from convnext_cli.names import path_field
 from convnext_cli.output_file import OutputFile
 
@@ -224,9 +226,10 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
     try:
         raw = pq.read_schema(path).metadata or {}
         value = raw.get(METADATA_KEY.encode())
-        return json.loads(value) if value else None
-    except (pa.ArrowException, OSError, ValueError):
+        found = parse_json(value, str(path)) if value else None
+    except (pa.ArrowException, OSError, ValueError, UsageError):
         return None
+    return found if isinstance(found, dict) else None
 
 
 def written_by(target: Path) -> dict[str, Any] | None:
