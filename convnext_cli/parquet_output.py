@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from convnext_cli.errors import UsageError
 from convnext_cli.image_files import parse_json
-from convnext_cli.names import path_field
+from convnext_cli.names import path_field, utf8_text
 from convnext_cli.output_file import OutputFile
 
 if TYPE_CHECKING:
@@ -63,13 +63,15 @@ def embed_schema(dim: int | None) -> pa.Schema:
 
 def parquet_row(result: Result, task: str) -> dict[str, Any]:
     """One row for a result: the columns of ``CLASSIFY_SCHEMA`` or ``embed_schema``."""
-    row: dict[str, Any] = {"path": path_field(result.path), "error": result.error}
+    error = None if result.error is None else utf8_text(result.error)
+    row: dict[str, Any] = {"path": path_field(result.path), "error": error}
     if task == "embed":
         ok = result.embedding is not None and result.error is None
         row["embedding"] = result.embedding.float().tolist() if ok else None  # type: ignore[union-attr]
         return row
     predictions = [
-        {"label": p.label, "index": p.index, "score": float(p.score)} for p in result.predictions
+        {"label": utf8_text(p.label), "index": p.index, "score": float(p.score)}
+        for p in result.predictions
     ]
     top = predictions[0] if predictions and result.error is None else None
     row.update(

@@ -292,7 +292,7 @@ def _csv_rows(reader: Any, source: Path | None) -> Iterator[list[str]]:
         except csv.Error as exc:
             raise UsageError(
                 f"{source}: line {reader.line_num + 1}: not a CSV record this tool wrote "
-                f"({one_line(exc)}; fields are at most {MAX_CSV_FIELD_CHARS} characters)"
+                f"({one_line(exc)})"
             ) from None
         yield row
 
