@@ -13,6 +13,7 @@ Both loading (classify, embed, benchmark, the Python API) and ``convert`` go thr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,8 +103,10 @@ def _hub_ref(
 
 
 def _beside(folder: Path, name: str) -> Path | None:
+    """``folder/name`` when there is anything by that name: what is not a regular file (a
+    FIFO, a broken symlink) is then refused with one line when it is read, not skipped."""
     path = folder / name
-    return path if path.is_file() else None
+    return path if os.path.lexists(path) else None
 
 
 def folder_weights(folder: Path) -> Path:

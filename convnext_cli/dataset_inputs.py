@@ -217,19 +217,19 @@ class _BoundedTarInfo(tarfile.TarInfo):
         fileobj: Any = archive.fileobj
         left = os.fstat(fileobj.fileno()).st_size - fileobj.tell()
         if self.size > MAX_TAR_HEADER_BYTES or self.size > left:
-            raise tarfile.SubsequentHeaderError(
+            raise tarfile.ReadError(
                 f"the extended header (long name or PAX) at byte {self.offset} claims "
                 f"{self.size} bytes: over the {MAX_TAR_HEADER_BYTES}-byte limit or past the "
                 "end of the file"
             )
 
-    def _proc_gnulong(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
-        self._check_extension(tarfile)
-        return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+    def _proc_gnulong(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_extension(archive)
+        return super()._proc_gnulong(archive)  # type: ignore[misc]
 
-    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
-        self._check_extension(tarfile)
-        return super()._proc_pax(tarfile)  # type: ignore[misc]
+    def _proc_pax(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_extension(archive)
+        return super()._proc_pax(archive)  # type: ignore[misc]
 
 
 def _ends_cleanly(archive: tarfile.TarFile, size: int) -> bool:

@@ -95,7 +95,7 @@ def _not_regular(path: str | Path, mode: int) -> ImageError:
             os.listdir(path)
         except OSError as exc:
             return ImageError(f"is a folder that cannot be read ({exc.strerror or one_line(exc)})")
-        return ImageError("is a directory, not an image")
+        return ImageError("is a directory, not a file")
     for test, name in _KIND_NAMES:
         if test(mode):
             return ImageError(f"is {name}, not a regular file")
