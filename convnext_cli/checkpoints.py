@@ -13,7 +13,7 @@ Both loading (classify, embed, benchmark, the Python API) and ``convert`` go thr
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from convnext_cli.choices import DEFAULT_MODEL
 from convnext_cli.config import MAX_JSON_BYTES, ConvNextConfig, json_kind, no_duplicate_keys
 from convnext_cli.errors import CheckpointError, UsageError, one_line
 from convnext_cli.hub import CONFIG_FILE, PREPROCESSOR_FILE, WEIGHT_FILES
+from convnext_cli.image_files import read_json_file
 from convnext_cli.layouts import Layout, StateDict, rename, unwrap
 from convnext_cli.model import ConvNeXtForClassification
 from convnext_cli.preprocess import PreprocessSpec
@@ -116,8 +117,10 @@ def _hub_ref(
 
 
 def _beside(folder: Path, name: str) -> Path | None:
+    """``folder/name`` when there is anything by that name: what is not a regular file (a
+    FIFO, a broken symlink) is then refused with one line when it is read, not skipped."""
     path = folder / name
-    return path if path.is_file() else None
+    return path if os.path.lexists(path) else None
 
 
 def folder_weights(folder: Path) -> Path:
@@ -140,15 +143,9 @@ def folder_weights(folder: Path) -> Path:
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path`` (at most MAX_JSON_BYTES, no key given twice), or a
     one-line CheckpointError."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(
-                f"{path}: {size} bytes is too large for a config file (at most {MAX_JSON_BYTES})"
-            )
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
-    except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({one_line(exc)})") from exc
+    data = read_json_file(
+        path, error=CheckpointError, limit=MAX_JSON_BYTES, object_pairs_hook=no_duplicate_keys
+    )
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {json_kind(data)}")
     return data

@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from convnext_cli.errors import CheckpointError
+from convnext_cli.image_files import MAX_JSON_FILE_BYTES
 from convnext_cli.labels import label_name, labels_for
 
 MODEL_TYPES = ("convnext", "convnextv2")
@@ -304,7 +305,7 @@ MAX_PARAMETERS = 20_000_000_000
 MAX_EDGE = 4096  # size.shortest_edge and crop_size
 MAX_RESIZE_EDGE = 8192  # int(shortest_edge / crop_pct): the short side before the crop
 FLOAT32_MAX = 3.4028234663852886e38
-MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json (ImageNet-22k labels: about 1 MB)
+MAX_JSON_BYTES = MAX_JSON_FILE_BYTES  # config.json (ImageNet-22k labels: about 1 MB)
 
 
 def json_kind(value: Any) -> str:

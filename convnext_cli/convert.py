@@ -34,9 +34,10 @@ from convnext_cli.checkpoints import (
     locate,
 )
 from convnext_cli.choices import LAYOUTS
-from convnext_cli.config import ConvNextConfig
-from convnext_cli.errors import UsageError, one_line
+from convnext_cli.config import MAX_JSON_BYTES, ConvNextConfig
+from convnext_cli.errors import CheckpointError, UsageError, one_line
 from convnext_cli.hub import CONFIG_FILE, PREPROCESSOR_FILE
+from convnext_cli.image_files import read_json_file
 from convnext_cli.layouts import Layout
 from convnext_cli.preprocess import PreprocessSpec
 from convnext_cli.weights_io import save_safetensors
@@ -211,7 +212,9 @@ def choose_preprocessor(
     (timm's pretrained_cfg, or the layout's default); then ``--image-size``/``--crop-pct``."""
     files = checkpoint.files
     if files.preprocessor is not None:
-        pre = json.loads(files.preprocessor.read_text(encoding="utf-8"))
+        pre = read_json_file(files.preprocessor, error=CheckpointError, limit=MAX_JSON_BYTES)
+        if not isinstance(pre, dict):
+            raise CheckpointError(f"{files.preprocessor}: expected a JSON object")
     else:
         pre = checkpoint.preprocess.to_dict()
     if image_size is not None:

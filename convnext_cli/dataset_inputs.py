@@ -36,6 +36,7 @@ from functools import lru_cache
 from typing import Any
 
 from convnext_cli.errors import ImageError, UsageError, one_line
+from convnext_cli.image_files import MAX_TAR_HEADER_BYTES, open_regular, open_regular_binary
 
 IMAGE_COLUMNS = ("image", "jpg", "png", "img", "bytes", "image_bytes")
 ID_COLUMNS = ("id", "key", "__key__", "path", "file_name")
@@ -180,7 +181,7 @@ def _tar_members(
 ) -> Iterator[Item]:
     last = "the start"
     try:
-        archive = tarfile.open(fileobj=handle, mode="r:")  # type: ignore[call-overload]
+        archive = tarfile.open(fileobj=handle, mode="r:", tarinfo=_BoundedTarInfo)  # type: ignore[call-overload]
     except (tarfile.TarError, OSError, EOFError) as exc:
         yield Item(shard, error=f"not a readable tar archive ({_tar_reason(exc)})")
         return
@@ -205,6 +206,30 @@ def _tar_members(
         return
     if not _ends_cleanly(archive, size):
         yield Item(shard, error=f"truncated or corrupt tar archive after {last!r}")
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extension blocks (a GNU long name or long link, a PAX header),
+    which tarfile reads whole into memory, are refused past MAX_TAR_HEADER_BYTES or past
+    the end of the file, before they are read."""
+
+    def _check_extension(self, archive: tarfile.TarFile) -> None:
+        fileobj: Any = archive.fileobj
+        left = os.fstat(fileobj.fileno()).st_size - fileobj.tell()
+        if self.size > MAX_TAR_HEADER_BYTES or self.size > left:
+            raise tarfile.ReadError(
+                f"the extended header (long name or PAX) at byte {self.offset} claims "
+                f"{self.size} bytes: over the {MAX_TAR_HEADER_BYTES}-byte limit or past the "
+                "end of the file"
+            )
+
+    def _proc_gnulong(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_extension(archive)
+        return super()._proc_gnulong(archive)  # type: ignore[misc]
+
+    def _proc_pax(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_extension(archive)
+        return super()._proc_pax(archive)  # type: ignore[misc]
 
 
 def _ends_cleanly(archive: tarfile.TarFile, size: int) -> bool:
@@ -289,7 +314,12 @@ def parquet_items(
 
     row = 0
     try:
-        parquet = pq.ParquetFile(path)
+        handle = open_regular_binary(path)
+    except ImageError as exc:
+        yield Item(path, error=f"cannot read Parquet file: {exc}")
+        return
+    try:
+        parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
         image = _pick_column(names, image_column, IMAGE_COLUMNS, "image")
         ident = _pick_id_column(names, id_column)
@@ -311,6 +341,8 @@ def parquet_items(
     except (pa.ArrowException, OSError, ValueError) as exc:
         where = f"after row {row}" if row else "at the start"
         yield Item(path, error=f"corrupt or unreadable Parquet file {where} ({one_line(exc)})")
+    finally:
+        handle.close()
 
 
 MAX_ROW_GROUP_BYTES = 1 << 30  # one row group's image column, uncompressed, is read at once
@@ -328,6 +360,7 @@ def _parquet_file(path: str, pid: int, thread: int) -> Any:
     """
     import pyarrow.parquet as pq
 
+    os.close(open_regular(path))  # never a FIFO or a device, whatever it became since
     return pq.ParquetFile(path, memory_map=_in_decoding_process())
 
 

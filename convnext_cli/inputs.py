@@ -60,8 +60,13 @@ from convnext_cli.dataset_inputs import (
     is_dataset_file,
     read_item,
 )
-from convnext_cli.errors import NoInputsError
-from convnext_cli.image_files import IMAGE_EXTENSIONS, max_file_bytes, read_file
+from convnext_cli.errors import NoInputsError, UsageError
+from convnext_cli.image_files import (
+    IMAGE_EXTENSIONS,
+    MAX_LIST_LINE_BYTES,
+    max_file_bytes,
+    read_file,
+)
 
 InputRef = str | Item  # a file path, or a member/row of a dataset file
 
@@ -272,12 +277,19 @@ def read_paths(stream: IO[Any], null_separated: bool = False) -> list[str]:
 
 def iter_paths(stream: IO[Any], null_separated: bool = False) -> Iterator[str]:
     """:func:`read_paths`, each path as soon as its separator arrives (a pipe that is still
-    being written gives its first paths before it ends)."""
+    being written gives its first paths before it ends).  A path longer than
+    MAX_LIST_LINE_BYTES (``/dev/zero``, a binary file) is a usage error before more of it
+    is held."""
     separator = b"\0" if null_separated else b"\n"
     rest = b""
     for chunk in _chunks_of(stream):
         pieces = (rest + chunk).split(separator)
         rest = pieces.pop()
+        if len(rest) > MAX_LIST_LINE_BYTES or any(len(p) > MAX_LIST_LINE_BYTES for p in pieces):
+            raise UsageError(
+                f"<stdin>: a path longer than {MAX_LIST_LINE_BYTES} bytes "
+                "(not a list of paths, one a line)"
+            )
         for piece in pieces:
             if not null_separated and piece.endswith(b"\r"):
                 piece = piece[:-1]

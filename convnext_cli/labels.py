@@ -9,7 +9,6 @@ the first time a head of that size needs names.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
@@ -17,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from convnext_cli.errors import UsageError, one_line
+from convnext_cli.image_files import MAX_JSON_FILE_BYTES, parse_json, read_small_file
 
-MAX_LABEL_FILE_BYTES = 64 * 1024 * 1024
+MAX_LABEL_FILE_BYTES = MAX_JSON_FILE_BYTES
 IMAGENET_1K = 1000
 IMAGENET_22K = 21841
 
@@ -79,11 +79,10 @@ def read_labels_file(path: Path, expected: int) -> list[str]:
     """
     if expected == 0:
         raise UsageError(f"--labels {path}: the model has no classifier (a feature model)")
+    data = read_small_file(path, f"--labels {path}", limit=MAX_LABEL_FILE_BYTES)
     try:
-        if path.stat().st_size > MAX_LABEL_FILE_BYTES:
-            raise UsageError(f"--labels {path}: larger than {MAX_LABEL_FILE_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise UsageError(f"--labels {path}: cannot read ({one_line(exc)})") from exc
     names = _json_labels(text, path) if text.lstrip().startswith(("[", "{")) else None
     if names is None:
@@ -98,10 +97,7 @@ def read_labels_file(path: Path, expected: int) -> list[str]:
 
 
 def _json_labels(text: str, path: Path) -> list[str]:
-    try:
-        data: Any = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"--labels {path}: not valid JSON ({one_line(exc)})") from exc
+    data: Any = parse_json(text, f"--labels {path}")
     if isinstance(data, dict) and isinstance(data.get("id2label"), dict):
         data = data["id2label"]
     if isinstance(data, dict):

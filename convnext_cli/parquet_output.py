@@ -31,7 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from convnext_cli.names import path_field
+from convnext_cli.errors import UsageError
+from convnext_cli.image_files import parse_json
+from convnext_cli.names import path_field, utf8_text
 from convnext_cli.output_file import OutputFile
 
 if TYPE_CHECKING:
@@ -61,13 +63,15 @@ def embed_schema(dim: int | None) -> pa.Schema:
 
 def parquet_row(result: Result, task: str) -> dict[str, Any]:
     """One row for a result: the columns of ``CLASSIFY_SCHEMA`` or ``embed_schema``."""
-    row: dict[str, Any] = {"path": path_field(result.path), "error": result.error}
+    error = None if result.error is None else utf8_text(result.error)
+    row: dict[str, Any] = {"path": path_field(result.path), "error": error}
     if task == "embed":
         ok = result.embedding is not None and result.error is None
         row["embedding"] = result.embedding.float().tolist() if ok else None  # type: ignore[union-attr]
         return row
     predictions = [
-        {"label": p.label, "index": p.index, "score": float(p.score)} for p in result.predictions
+        {"label": utf8_text(p.label), "index": p.index, "score": float(p.score)}
+        for p in result.predictions
     ]
     top = predictions[0] if predictions and result.error is None else None
     row.update(
@@ -224,9 +228,10 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
     try:
         raw = pq.read_schema(path).metadata or {}
         value = raw.get(METADATA_KEY.encode())
-        return json.loads(value) if value else None
-    except (pa.ArrowException, OSError, ValueError):
+        found = parse_json(value, str(path)) if value else None
+    except (pa.ArrowException, OSError, ValueError, UsageError):
         return None
+    return found if isinstance(found, dict) else None
 
 
 def written_by(target: Path) -> dict[str, Any] | None:

@@ -17,7 +17,6 @@ target device) keeps the bytes that cross processes and the host-to-device copy 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ from convnext_cli.config import (
     json_kind,
     no_duplicate_keys,
 )
-from convnext_cli.errors import CheckpointError, one_line
+from convnext_cli.errors import CheckpointError
+from convnext_cli.image_files import read_json_file
 
 # PIL.Image.Resampling values, as preprocessor_config.json stores them (the one table of
 # filters: timm's ``interpolation`` names are the same words).
@@ -108,18 +108,9 @@ class PreprocessSpec:
     @classmethod
     def from_file(cls, path: Path) -> PreprocessSpec:
         """:meth:`from_dict` on a JSON file (duplicate keys refused)."""
-        try:
-            if path.stat().st_size > MAX_JSON_BYTES:
-                raise CheckpointError(f"{path}: too large for a preprocessor config")
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CheckpointError(
-                f"{path}: unreadable preprocessor config ({one_line(exc)})"
-            ) from exc
-        try:
-            raw = json.loads(text, object_pairs_hook=no_duplicate_keys)
-        except (ValueError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({one_line(exc)})") from exc
+        raw = read_json_file(
+            path, error=CheckpointError, limit=MAX_JSON_BYTES, object_pairs_hook=no_duplicate_keys
+        )
         return cls.from_dict(raw, where=str(path))
 
     @classmethod

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from convnext_cli.errors import UsageError
+from convnext_cli.errors import ImageError, UsageError, one_line
+from convnext_cli.image_files import (
+    MAX_CSV_FIELD_CHARS,
+    bounded_lines,
+    open_regular_binary,
+    read_json_file,
+)
 from convnext_cli.names import read_path_field
 
 RESUMABLE_FORMATS = ("jsonl", "csv", "parquet")
@@ -100,13 +106,13 @@ def check_provenance(
 
 
 def read_provenance(target: Path) -> dict[str, Any] | None:
+    """``.NAME.run.json``, read through the one safe reader (a regular file of at most
+    MAX_JSON_FILE_BYTES, nested at most MAX_JSON_DEPTH deep); None when there is none."""
     path = provenance_path(target)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable record of the earlier run ({exc})") from exc
+    name = f"{path}: unreadable record of the earlier run"
+    data = read_json_file(path, name)
     return data if isinstance(data, dict) else None
 
 
@@ -124,7 +130,23 @@ def text_sources(target: Path) -> list[Path]:
     """The target and what interrupted runs left beside it, newest state first."""
     from convnext_cli.output_file import partial_path
 
+    check_resumable(target)
     return [p for p in (copy_path(target), partial_path(target), target) if p.is_file()]
+
+
+def check_resumable(target: Path) -> None:
+    """A target that --resume cannot read or add to (a FIFO, a socket: opening either would
+    block) is a usage error, before anything is opened.  Devices (``/dev/null``) are
+    written as they are, with nothing to resume."""
+    import stat
+
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return  # none yet (or unreadable: the writer says so)
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket"
+        raise UsageError(f"{target}: --resume needs a regular file; this is {kind}")
 
 
 def keep_text_records(
@@ -180,11 +202,21 @@ def kept_records(
             start, first = ends[last - 1], last
 
 
+def _open_source(source: Path) -> IO[bytes]:
+    """A resume source opened through the one safe open (a regular file, never blocking)."""
+    try:
+        return open_regular_binary(source)
+    except ImageError as exc:
+        raise UsageError(f"{source}: cannot resume from it ({exc})") from None
+
+
 def _jsonl_records(
     source: Path, recorded: Recorded, top_k: int | None
 ) -> Iterator[tuple[str, bytes, bool]]:
-    with open(source, "rb") as handle:
-        for raw in handle:
+    """Complete records, a line at a time (at most MAX_RECORD_LINE_BYTES: a longer line is a
+    usage error naming the file); a line that is not a complete record is redone."""
+    with _open_source(source) as handle:
+        for raw in bounded_lines(handle, str(source)):
             try:
                 if not raw.endswith(b"\n"):
                     raise ValueError("torn")
@@ -193,7 +225,7 @@ def _jsonl_records(
                 complete = "error" in record or "predictions" in record or "embedding" in record
                 if not isinstance(record_id, str) or not complete:
                     raise ValueError("incomplete")
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 if raw.strip():
                     recorded.torn += 1
                 continue
@@ -209,15 +241,16 @@ def _csv_records(
     source: Path, recorded: Recorded, top_k: int | None
 ) -> Iterator[tuple[str, bytes, bool]]:
     """Rows grouped by path (classify writes one row per rank); the last group may be torn."""
-    with open(source, "rb") as handle:
-        first_line = handle.readline()
+    with _open_source(source) as handle:
+        lines = bounded_lines(handle, str(source))
+        first_line = next(lines, b"")
         header = csv_header(first_line)
         recorded.header = recorded.header or header
         size = os.fstat(handle.fileno()).st_size
         complete = size > len(header) and os.pread(handle.fileno(), 1, size - 1) == b"\n"
-        body: IO[bytes] = handle if header else io.BytesIO(first_line)
-        text = io.TextIOWrapper(body, encoding="utf-8", errors="surrogateescape", newline="")
-        groups = _csv_groups(text, classify=header.startswith(b"path,rank,"))
+        body = lines if header else iter([first_line])
+        text = (line.decode("utf-8", "surrogateescape") for line in body)
+        groups = _csv_groups(text, classify=header.startswith(b"path,rank,"), source=source)
         previous = next(groups, None)
         while previous is not None:
             current = next(groups, None)
@@ -230,12 +263,18 @@ def _csv_records(
             previous = current
 
 
-def _csv_groups(text: IO[str], classify: bool) -> Iterator[tuple[str, bytes, bool, int | None]]:
-    """(id, raw rows, is error, number of rank rows or None for embed rows)."""
+def _csv_groups(
+    text: Iterable[str], classify: bool, source: Path | None = None
+) -> Iterator[tuple[str, bytes, bool, int | None]]:
+    """(id, raw rows, is error, number of rank rows or None for embed rows).
+
+    A field over MAX_CSV_FIELD_CHARS, or anything else csv cannot parse, is a usage error
+    naming the file and the line (a kill tears only the end of a line, which parses)."""
+    csv.field_size_limit(MAX_CSV_FIELD_CHARS)
     reader = csv.reader(text)
     current: str | None = None
     rows: list[list[str]] = []
-    for row in reader:
+    for row in _csv_rows(reader, source):
         if not row:
             continue
         if current is not None and row[0] != current:
@@ -245,6 +284,20 @@ def _csv_groups(text: IO[str], classify: bool) -> Iterator[tuple[str, bytes, boo
         rows.append(row)
     if current is not None:
         yield _csv_group(current, rows, classify)
+
+
+def _csv_rows(reader: Any, source: Path | None) -> Iterator[list[str]]:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise UsageError(
+                f"{source}: line {reader.line_num + 1}: not a CSV record this tool wrote "
+                f"({one_line(exc)})"
+            ) from None
+        yield row
 
 
 def _csv_group(
@@ -275,7 +328,7 @@ def refuse_if_locked(target: Path, display: object) -> None:
         return
     partial = partial_path(target)
     try:
-        fd = os.open(partial, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(partial, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return  # none there: nobody is writing it
     try:
@@ -300,7 +353,7 @@ def read_parquet_ids(sources: Iterable[Path], retry_errors: bool) -> Recorded:
     for source in sources:
         found: list[tuple[str, bool]] = []
         try:
-            with pq.ParquetFile(source) as parquet:
+            with _open_source(source) as handle, pq.ParquetFile(handle) as parquet:
                 for batch in parquet.iter_batches(
                     batch_size=1 << 16, columns=["path", "error"], use_threads=False
                 ):
@@ -311,5 +364,20 @@ def read_parquet_ids(sources: Iterable[Path], retry_errors: bool) -> Recorded:
             recorded.torn += 1
             continue
         for path, is_error in found:
-            recorded.add(read_path_field(path), is_error, retry_errors)
+            record_id = _parquet_id(path)
+            if record_id is None:
+                recorded.torn += 1  # a row no input can claim (no path): not a record
+                continue
+            recorded.add(record_id, is_error, retry_errors)
     return recorded
+
+
+def _parquet_id(value: object) -> str | None:
+    """A Parquet row's ``path`` as a record id: None for a null (or non-text) path; a field
+    that is not the JSON its leading quote promises is taken as it is (as in CSV)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return read_path_field(value)
+    except (ValueError, RecursionError):
+        return value

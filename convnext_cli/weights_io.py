@@ -7,15 +7,17 @@ arbitrary object.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from convnext_cli.errors import CheckpointError, one_line
+from convnext_cli.errors import CheckpointError, ImageError, one_line
+from convnext_cli.image_files import open_regular_binary, parse_json
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
@@ -51,11 +53,9 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
     not lists of non-negative integers, and data offsets that disagree with the shape or lie
     past the end of the file (a truncated file, or a header claiming huge tensors).
     """
-    import json
-
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
+        with _open(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -68,12 +68,7 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
             raw = f.read(length)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({one_line(exc)})") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: not a safetensors file (bad header: {one_line(exc)})"
-        ) from exc
+    header = parse_json(raw, f"{path}: not a safetensors file (bad header)", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_size = size - 8 - length
@@ -118,6 +113,14 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _open(path: Path) -> IO[bytes]:
+    """A weights file opened through the one safe open (a regular file, never blocking)."""
+    try:
+        return open_regular_binary(path)
+    except ImageError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     check_safetensors_header(path)
     try:
@@ -131,7 +134,7 @@ def _read_pickle(path: Path) -> dict[str, Any]:
     import pickle
 
     try:
-        with path.open("rb") as f:
+        with _open(path) as f:
             magic = f.read(4)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({one_line(exc)})") from exc

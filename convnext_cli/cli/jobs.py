@@ -474,6 +474,7 @@ def _open_resumable(
         writer = open_writer(job.command, fmt, job.output, job.top_k, provenance)
         return (items if isinstance(items, list) else InputStream(items)), writer
     if fmt == "parquet":
+        resume.check_resumable(target)
         earlier = parquet_output.written_by(target)
         resume.check_provenance(earlier, provenance, job.output, job.force_resume)
         recorded = resume.read_parquet_ids(parquet_output.earlier_sources(target), job.retry_errors)
