@@ -170,16 +170,17 @@ def write_results(
                 to_terminal=is_stdout(output) and sys.stdout.isatty(),
                 output=shown,
             )
-    except (KeyboardInterrupt, DeviceFailure):  # a dead GPU ends the run as Ctrl-C does
+    except (KeyboardInterrupt, DeviceFailure) as stop:  # a dead GPU ends the run as Ctrl-C does
         with interrupts.finishing():
             if writer.records or is_stdout(output):  # stdout: close the JSON array anyway
                 writer.close()
             else:
                 writer.abort()
-            resumable = (fmt or (output.suffix.lstrip(".") if output else "")) in RESUMABLE_FORMATS
-            said = interrupted_note(writer.records, shown, resumable)
-            if said is not None:
-                say(said)
+            if isinstance(stop, KeyboardInterrupt):  # a device failure says it in its one line
+                kind = fmt or (output.suffix.lstrip(".") if output else "")
+                said = interrupted_note(writer.records, shown, kind in RESUMABLE_FORMATS)
+                if said is not None:
+                    say(said)
         raise
     except BaseException:
         writer.abort()
