@@ -41,6 +41,7 @@ from convnext_cli import images
 from convnext_cli.errors import ImageError, UsageError, one_line
 from convnext_cli.gpu_jpeg import EncodedJpeg, device_decodable
 from convnext_cli.inputs import InputRef, read_input
+from convnext_cli.limits import MAX_DECODE_TIMEOUT
 from convnext_cli.preprocess import PreprocessSpec
 
 DEFAULT_DECODE_TIMEOUT = 30.0  # seconds per image: read, decode, resize
@@ -62,8 +63,11 @@ def decode_timeout() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise UsageError(f"{TIMEOUT_ENV}={raw!r}: use a positive number of seconds")
+    if not 0 < value <= MAX_DECODE_TIMEOUT:  # above a week: a typo, and too large for a wait
+        raise UsageError(
+            f"{TIMEOUT_ENV}={raw!r}: use a positive number of seconds, "
+            f"at most {MAX_DECODE_TIMEOUT}"
+        )
     return value
 
 
