@@ -58,17 +58,29 @@ def env_int(name: str, default: int, low: int, high: int) -> int:
     return parse_int(raw, name, low, high)
 
 
+def env_seconds(name: str, default: float, high: float) -> float:
+    """Environment variable ``name`` as seconds in (0, high]; ``default`` when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= high:  # nan and inf too; above the bound: a typo, too long for a wait
+        raise UsageError(f"{name}={raw!r}: use a positive number of seconds, at most {high}")
+    return value
+
+
 def check_environment() -> None:
     """Every environment variable the tool parses as a number, checked once before a run:
     a malformed or out-of-range value is one UsageError naming it, not a failure later (in
     every input, at an import, or deep in a wait).  ``COLUMNS``/``LINES`` are not errors: see
     :func:`convnext_cli.startup.sane_terminal_size`."""
-    from convnext_cli.decode_pool import decode_timeout
     from convnext_cli.image_files import check_limits
-    from convnext_cli.parquet_output import rows_per_part_from_env
 
     check_limits()
-    decode_timeout()
-    rows_per_part_from_env()
+    env_seconds("CONVNEXT_DECODE_TIMEOUT", 30.0, MAX_DECODE_TIMEOUT)  # decode_pool.TIMEOUT_ENV
+    env_int("CONVNEXT_PARQUET_ROWS_PER_PART", 1, 1, MAX_PARQUET_ROWS_PER_PART)
     for name in HUB_INT_ENV:
         env_int(name, 0, 0, MAX_HUB_TIMEOUT)
