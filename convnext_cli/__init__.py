@@ -30,8 +30,10 @@ def _started_as_cli() -> bool:
 if _started_as_cli():
     # Ctrl-C from our first instruction on: one line and exit 130 (SIGTERM: 143), never a
     # traceback from a half-done import; convnext_cli.interrupts takes over from here.
+    # (_signal, the built-in module under `signal`, imports in microseconds: `signal`
+    # imports enum first, a window in which Python's own handler would still answer.)
+    import _signal
     import os as _os
-    import signal as _signal
 
     def _leave_at_once(signum: int, _frame: object) -> None:
         terminated = signum == _signal.SIGTERM

@@ -59,9 +59,9 @@ class ClosedStdout(io.TextIOBase):
     def _closed(self, *_args: Any, **_kwargs: Any) -> NoReturn:
         raise OutputError(STDOUT_CLOSED_MESSAGE)
 
-    write = _closed  # type: ignore[assignment]
-    writelines = _closed  # type: ignore[assignment]
-    fileno = _closed  # type: ignore[assignment]
+    write = _closed
+    writelines = _closed
+    fileno = _closed
 
     def writable(self) -> bool:
         return True
