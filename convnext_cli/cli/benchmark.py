@@ -32,7 +32,6 @@ from convnext_cli.limits import (
     MAX_WARMUP,
     check_environment,
     is_int,
-    parse_int,
 )
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
@@ -197,7 +196,11 @@ def parse_batch_sizes(text: str) -> list[int]:
         raise UsageError(f"-b: at most {MAX_BATCH_SIZES} batch sizes, got {len(parts)}")
     if not all(is_int(v) for v in parts):
         raise UsageError(f"-b: expected comma-separated integers, got {text!r}")
-    values = [parse_int(v, "-b/--batch-size", 1, MAX_BATCH_SIZE) for v in parts]
+    values = [int(v) for v in parts]
+    if any(not 1 <= v <= MAX_BATCH_SIZE for v in values):
+        raise UsageError(
+            f"-b: batch sizes must be positive integers up to {MAX_BATCH_SIZE}, got {text!r}"
+        )
     return list(dict.fromkeys(values))
 
 
