@@ -11,7 +11,45 @@ Heavy imports (torch) happen on first use of these names, not on ``import convne
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import sys as _sys
+
+
+def _started_as_cli() -> bool:
+    """The `convnext` script or ``python -m convnext_cli``; not ``import convnext_cli``, and
+    not a decoding worker (multiprocessing copies the parent's ``sys.argv`` into a spawned
+    child, but not its ``sys.orig_argv``)."""
+    argv = getattr(_sys, "orig_argv", [])
+    script = _sys.argv[0] if _sys.argv else ""
+    name = script.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".exe")
+    if name == "convnext" and script in argv:
+        return True
+    modules = ("convnext_cli", "convnext_cli.__main__")
+    return any(a == "-m" and b in modules for a, b in zip(argv, argv[1:], strict=False))
+
+
+if _started_as_cli():
+    # Ctrl-C from our first instruction on: one line and exit 130 (SIGTERM: 143), never a
+    # traceback from a half-done import; convnext_cli.interrupts takes over from here.
+    # (_signal, the built-in module under `signal`, imports in microseconds: `signal`
+    # imports enum first, a window in which Python's own handler would still answer.)
+    import _signal
+    import os as _os
+
+    def _leave_at_once(signum: int, _frame: object) -> None:
+        terminated = signum == _signal.SIGTERM
+        try:
+            _os.write(2, b"terminated\n" if terminated else b"interrupted\n")
+        except OSError:
+            pass
+        _os._exit(143 if terminated else 130)
+
+    for _signum in (_signal.SIGINT, _signal.SIGTERM):
+        try:
+            _signal.signal(_signum, _leave_at_once)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 __version__ = "0.1.0"
 

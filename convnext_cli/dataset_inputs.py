@@ -24,12 +24,14 @@ they are bytes handed to the same decoder, with the same size cap.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import os
 import re
 import stat
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -105,44 +107,62 @@ _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
 MAX_BRACE_NAMES = 1_000_000  # {0..9}{0..9}... multiplies: refuse before building it
+MAX_BRACE_PATTERN = 4096  # characters (PATH_MAX): a longer brace pattern is refused
 
 
 def expand_braces(pattern: str) -> list[str]:
     """``shards/{00000..00002}.tar`` -> three names (zero padding kept); ``{a,b}`` alternatives.
 
-    A brace group that is neither a range nor a comma list is kept literally, as the shell
-    does.  A pattern that would name more than a million files is a usage error.
+    One pass over the pattern: each innermost ``{...}`` that is a range or a comma list is
+    expanded, and what it expands to is not expanded again, so a nested ``{0..{1..3}}``
+    gives ``{0..1}``, ``{0..2}``, ``{0..3}`` literally, as bash does.  A brace group that is
+    neither a range nor a comma list is kept literally, as the shell does.  A pattern that
+    would name more than a million files, or is longer than 4096 characters, is a usage
+    error (checked before anything is built).
     """
-    check_braces(pattern)
-    return _expand_braces(pattern)
+    groups = check_braces(pattern)
+    if not groups:
+        return [pattern]
+    pieces: list[list[str]] = []
+    last = 0
+    for match, choices in groups:
+        pieces.append([pattern[last : match.start()]])
+        pieces.append(choices())
+        last = match.end()
+    pieces.append([pattern[last:]])
+    return ["".join(parts) for parts in itertools.product(*pieces)]
 
 
-def check_braces(pattern: str) -> None:
-    """UsageError when a brace pattern would name more than a million files (counted, not
-    expanded)."""
+def check_braces(pattern: str) -> list[tuple[re.Match[str], Callable[[], list[str]]]]:
+    """UsageError when a brace pattern is too long or would name more than a million files
+    (counted, not expanded); else its expandable groups, each with how to list its choices."""
+    if "{" not in pattern:
+        return []
+    if len(pattern) > MAX_BRACE_PATTERN:
+        raise UsageError(
+            f"{pattern[:60]}...: a brace pattern is at most {MAX_BRACE_PATTERN} characters "
+            f"(this one has {len(pattern)})"
+        )
     total = 1
+    groups: list[tuple[re.Match[str], Callable[[], list[str]]]] = []
     for group in _BRACE.finditer(pattern):
-        total *= max(1, _brace_count(group.group(1)))
+        body = group.group(1)
+        count = _brace_count(body)
+        if count == 0:
+            continue  # kept literally
+        total *= count
         if total > MAX_BRACE_NAMES:
             raise UsageError(f"{pattern}: the brace pattern names over {MAX_BRACE_NAMES} files")
+        groups.append((group, functools.partial(_brace_choices, body)))
+    return groups
 
 
 def _brace_count(body: str) -> int:
+    """How many names a group gives (0: not a range or a list, kept literally)."""
     numeric = _RANGE.match(body)
     if numeric:
         return abs(int(numeric.group(2)) - int(numeric.group(1))) + 1
-    return len(body.split(",")) if "," in body else 1
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    match = next((m for m in _BRACE.finditer(pattern) if _brace_choices(m.group(1))), None)
-    if match is None:
-        return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    out: list[str] = []
-    for choice in _brace_choices(match.group(1)):
-        out.extend(_expand_braces(head + choice + tail))
-    return out
+    return len(body.split(",")) if "," in body else 0
 
 
 def _brace_choices(body: str) -> list[str]:

@@ -38,9 +38,10 @@ import numpy as np
 import torch
 
 from convnext_cli import images
-from convnext_cli.errors import ImageError, UsageError, one_line
+from convnext_cli.errors import ImageError, one_line
 from convnext_cli.gpu_jpeg import EncodedJpeg, device_decodable
 from convnext_cli.inputs import InputRef, read_input
+from convnext_cli.limits import MAX_DECODE_TIMEOUT, env_seconds
 from convnext_cli.preprocess import PreprocessSpec
 
 DEFAULT_DECODE_TIMEOUT = 30.0  # seconds per image: read, decode, resize
@@ -55,16 +56,7 @@ Outcome = Any  # torch.Tensor | EncodedJpeg | str
 
 def decode_timeout() -> float:
     """The per-image decoding deadline in seconds: ``CONVNEXT_DECODE_TIMEOUT`` or 30."""
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_DECODE_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise UsageError(f"{TIMEOUT_ENV}={raw!r}: use a positive number of seconds")
-    return value
+    return env_seconds(TIMEOUT_ENV, DEFAULT_DECODE_TIMEOUT, MAX_DECODE_TIMEOUT)
 
 
 def failure(exc: BaseException) -> str:

@@ -31,6 +31,7 @@ MAX_FILE_BYTES_ENV = "CONVNEXT_MAX_FILE_BYTES"
 DEFAULT_MAX_IMAGE_BYTES = 5 * 1024**3 // 4  # MAX_PIXELS x (4 + 3) bytes fits
 MAX_IMAGE_BYTES_ENV = "CONVNEXT_MAX_IMAGE_BYTES"
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+MAX_LIMIT_BYTES = 1024**4  # a limit above 1 TiB is a typo, and would overflow a read size
 
 # ---- limits for the files that are not images (README: robustness, non-image files) -----
 # config.json, preprocessor_config.json, --labels, .NAME.run.json (ImageNet-22k's config
@@ -53,10 +54,13 @@ def _limit_from_env(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
-    match = re.fullmatch(r"(\d+)\s*([kKmMgG]?)(?:i?[bB])?", raw)
+    match = re.fullmatch(r"([0-9]{1,30})\s*([kKmMgG]?)(?:i?[bB])?", raw)
     if not match or int(match[1]) <= 0:
         raise ImageError(f"{name}={raw!r} is not a positive number of bytes (e.g. 268435456, 256M)")
-    return int(match[1]) * _SIZE_SUFFIXES[match[2].lower()]
+    value = int(match[1]) * _SIZE_SUFFIXES[match[2].lower()]
+    if value > MAX_LIMIT_BYTES:
+        raise ImageError(f"{name}={raw!r} is over the largest limit, 1024G")
+    return value
 
 
 def max_file_bytes() -> int:

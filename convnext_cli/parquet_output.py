@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from convnext_cli.errors import UsageError
 from convnext_cli.image_files import parse_json
+from convnext_cli.limits import MAX_PARQUET_ROWS_PER_PART, env_int
 from convnext_cli.names import path_field, utf8_text
 from convnext_cli.output_file import OutputFile
 
@@ -40,8 +41,15 @@ if TYPE_CHECKING:
     from convnext_cli.pipeline import Result
 
 METADATA_KEY = "convnext_cli"
-ROWS_PER_PART = int(os.environ.get("CONVNEXT_PARQUET_ROWS_PER_PART", "1024"))
+ROWS_PER_PART = 1024
+ROWS_PER_PART_ENV = "CONVNEXT_PARQUET_ROWS_PER_PART"
 SECONDS_PER_PART = 10.0  # a part is also written once its oldest row is this old
+
+
+def rows_per_part_from_env() -> int:
+    """``CONVNEXT_PARQUET_ROWS_PER_PART`` (1 to 1,000,000), else 1024."""
+    return env_int(ROWS_PER_PART_ENV, ROWS_PER_PART, 1, MAX_PARQUET_ROWS_PER_PART)
+
 
 PREDICTION = pa.struct([("label", pa.string()), ("index", pa.int32()), ("score", pa.float64())])
 CLASSIFY_SCHEMA = pa.schema(
@@ -106,7 +114,7 @@ class ParquetRecordWriter:
         metadata: dict[str, Any] | None = None,
         resume: bool = False,
         retry_errors: bool = False,
-        rows_per_part: int = ROWS_PER_PART,
+        rows_per_part: int | None = None,
     ) -> None:
         if task not in ("classify", "embed"):
             raise ValueError(f"unknown task {task!r}")
@@ -114,7 +122,7 @@ class ParquetRecordWriter:
         self.target = raw.target
         self.task = task
         self.metadata = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)}
-        self.rows_per_part = rows_per_part
+        self.rows_per_part = rows_per_part or rows_per_part_from_env()
         self.retry_errors = retry_errors
         self.parts = parts_folder(self.target)
         if not resume:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -34,6 +35,37 @@ def jsonl(text: str | bytes) -> list[dict]:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "surrogateescape")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# Two runs whose batch composition or thread count may differ (another -b, --workers, -r
+# adding an image to a batch, the thread tuner, another processor) agree on labels, indices,
+# paths and counts exactly, and on scores and embeddings to the last float32 digits only.
+SCORE_ABS = 1e-6
+SCORE_REL = 1e-5
+
+
+def assert_records_close(
+    got: Any, want: Any, abs: float = SCORE_ABS, rel: float = SCORE_REL, where: str = "records"
+) -> None:
+    """``got`` equals ``want`` (records, lists of them, dicts, JSON) with floats compared
+    within ``abs`` / ``rel``; every other value (labels, indices, paths, errors, keys,
+    lengths) exactly.  The one comparison for results of two runs."""
+    if isinstance(want, bool) or isinstance(got, bool):
+        assert got == want, f"{where}: {got!r} != {want!r}"
+    elif isinstance(want, float) or isinstance(got, float):
+        assert isinstance(got, (int, float)) and isinstance(want, (int, float)), where
+        assert got == pytest.approx(want, abs=abs, rel=rel), f"{where}: {got!r} != {want!r}"
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), f"{where}: keys differ"
+        for key in want:
+            assert_records_close(got[key], want[key], abs, rel, f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)), f"{where}: {type(got).__name__}"
+        assert len(got) == len(want), f"{where}: {len(got)} items, want {len(want)}"
+        for index, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_records_close(a, b, abs, rel, f"{where}[{index}]")
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
 
 
 def save_pth(obj: object, path: Path) -> Path:

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import assert_records_close
 from PIL import Image
 
 from convnext_cli import image_files
@@ -150,7 +151,8 @@ def test_folder_listing_same_with_and_without_recursion(
     assert "album.jpg" in flat.stderr and "not descended" in flat.stderr
 
     deep, deep_records = classify(str(folder), "-r", checkpoint=v1_checkpoint)
-    assert [r for r in deep_records if "inner.png" not in r["path"]] == flat_records
+    # inner.png joins a batch with -r: scores may change in their last float32 digits
+    assert_records_close([r for r in deep_records if "inner.png" not in r["path"]], flat_records)
     assert [Path(r["path"]).name for r in deep_records if "inner" in r["path"]] == ["inner.png"]
     assert deep.returncode == 1
 

@@ -10,12 +10,16 @@ import inspect
 import sys
 from pathlib import Path
 
+from convnext_cli import startup
 from convnext_cli.interrupts import install_startup_handlers
 
 if Path(sys.argv[0]).stem == "convnext":
     # the `convnext` script: Ctrl-C while typer, rich and the commands are imported ends
-    # with one line and exit 130 (python -m convnext_cli installs this in __main__)
+    # with one line and exit 130 (convnext_cli/__init__.py installed the same handler at
+    # its first line; python -m convnext_cli installs this in __main__); closed standard
+    # streams and a malformed COLUMNS are set straight before typer and rich are imported
     install_startup_handlers()
+    startup.prepare()
 
 from collections.abc import Callable  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
@@ -28,9 +32,10 @@ from convnext_cli.cli.classify import classify  # noqa: E402
 from convnext_cli.cli.convert import convert  # noqa: E402
 from convnext_cli.cli.embed import embed  # noqa: E402
 from convnext_cli.cli.env import env  # noqa: E402
-from convnext_cli.cli.errors import handle_errors  # noqa: E402
+from convnext_cli.cli.errors import handle_errors, say  # noqa: E402
 from convnext_cli.cli.help import HelpCommand, HelpGroup, reflow  # noqa: E402
 from convnext_cli.cli.options import HelpOpt, with_help_option  # noqa: E402
+from convnext_cli.errors import ConvNextError, one_line  # noqa: E402
 
 app = typer.Typer(
     name="convnext",
@@ -99,4 +104,9 @@ register(app, "env", env)
 
 
 def main() -> None:
-    app()
+    startup.prepare()  # again for callers of main(): cheap, and a no-op the second time
+    try:
+        app()
+    except ConvNextError as exc:  # outside a command: --help or --version into a closed stdout
+        say(f"error: {one_line(exc)}")
+        sys.exit(exc.exit_code)

@@ -25,7 +25,16 @@ from convnext_cli.cli.options import (
     WorkersOpt,
 )
 from convnext_cli.cli.progress import configure, note
-from convnext_cli.errors import UsageError
+from convnext_cli.errors import OutputError, UsageError
+from convnext_cli.limits import (
+    MAX_BATCH_SIZE,
+    MAX_BATCH_SIZES,
+    MAX_ITERS,
+    MAX_WARMUP,
+    check_environment,
+    is_int,
+)
+from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
 if TYPE_CHECKING:
     from convnext_cli.benchmark import Report
@@ -79,12 +88,15 @@ ImagesOpt = Annotated[
         show_default=False,
     ),
 ]
-WarmupOpt = Annotated[int, typer.Option("--warmup", min=0, metavar="N", help="Untimed iterations.")]
+WarmupOpt = Annotated[
+    int, typer.Option("--warmup", min=0, max=MAX_WARMUP, metavar="N", help="Untimed iterations.")
+]
 ItersOpt = Annotated[
     int,
     typer.Option(
         "--iters",
         min=1,
+        max=MAX_ITERS,
         metavar="N",
         help="Timed iterations. A row whose p99 latency is over 1.5x its p50 (with 5 or "
         "more timed batches) is flagged noisy.",
@@ -152,6 +164,9 @@ def benchmark(
       $ convnext benchmark --compile --format json > bench.json
     """
     configure(quiet=quiet, bar=False)
+    check_environment()
+    if stdout_closed():  # the report always goes to stdout
+        raise OutputError(STDOUT_CLOSED_MESSAGE)
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"-o {output}: use a .png or .svg (plot) or .json (report) file")
     if not batch_sizes:
@@ -189,12 +204,19 @@ def _note(text: str) -> None:
 
 
 def parse_batch_sizes(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise UsageError(f"-b: expected comma-separated integers, got {text!r}") from exc
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"-b: batch sizes must be positive integers, got {text!r}")
+    """-b's comma list: each a whole number in 1..MAX_BATCH_SIZE, at most MAX_BATCH_SIZES."""
+    parts = [v for v in text.split(",") if v.strip()]
+    if not parts:
+        raise UsageError(f"-b: expected comma-separated integers, got {text!r}")
+    if len(parts) > MAX_BATCH_SIZES:
+        raise UsageError(f"-b: at most {MAX_BATCH_SIZES} batch sizes, got {len(parts)}")
+    if not all(is_int(v) for v in parts):
+        raise UsageError(f"-b: expected comma-separated integers, got {text!r}")
+    values = [int(v) for v in parts]
+    if any(not 1 <= v <= MAX_BATCH_SIZE for v in values):
+        raise UsageError(
+            f"-b: batch sizes must be positive integers up to {MAX_BATCH_SIZE}, got {text!r}"
+        )
     return list(dict.fromkeys(values))
 
 

@@ -8,9 +8,10 @@ import typer
 
 from convnext_cli.cli.jobs import Job, run_job
 from convnext_cli.cli.options import ClassifyFormat, InputsArg, shared_options
+from convnext_cli.limits import MAX_TOP_K
 
 TopKOpt = Annotated[
-    int, typer.Option("--top-k", "-k", min=1, metavar="N", help="Labels per image.")
+    int, typer.Option("--top-k", "-k", min=1, max=MAX_TOP_K, metavar="N", help="Labels per image.")
 ]
 ClassifyFormatOpt = Annotated[
     ClassifyFormat,

@@ -9,6 +9,7 @@ import typer
 
 from convnext_cli.cli.errors import say
 from convnext_cli.cli.options import CacheDirOpt, Layout, RevisionOpt, TokenOpt
+from convnext_cli.limits import MAX_IMAGE_SIZE
 
 
 class Source(str):
@@ -53,6 +54,8 @@ ImageSizeOpt = Annotated[
     int | None,
     typer.Option(
         "--image-size",
+        min=1,
+        max=MAX_IMAGE_SIZE,
         metavar="N",
         help="Input resolution: sets preprocessor size.shortest_edge and config image_size "
         "(default: the source's, else 224).",

@@ -29,10 +29,12 @@ from convnext_cli.errors import (
     UsageError,
 )
 from convnext_cli.inputs import InputRef, InputStream, input_id, iter_inputs
+from convnext_cli.limits import MAX_SHARDS, check_environment, is_int
 from convnext_cli.names import path_field
 from convnext_cli.output import choose_format, open_writer, output_targets
 from convnext_cli.output_file import is_stdout
 from convnext_cli.resume import RESUMABLE_FORMATS
+from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
 if TYPE_CHECKING:
     from convnext_cli.loading import ModelSource, RunOptions
@@ -265,12 +267,13 @@ class Job:
 
 def parse_shard(text: str) -> tuple[int, int]:
     """``I/N`` -> (I, N) with 0 <= I < N."""
-    try:
-        index_text, count_text = text.split("/")
-        index, count = int(index_text), int(count_text)
-    except ValueError:
-        raise UsageError(f"--shard {text!r}: use I/N, e.g. 0/4") from None
-    if count < 1 or not 0 <= index < count:
+    parts = text.split("/")
+    if len(parts) != 2 or not all(is_int(part) for part in parts):
+        raise UsageError(f"--shard {text!r}: use I/N, e.g. 0/4")
+    index, count = int(parts[0]), int(parts[1])
+    if not 1 <= count <= MAX_SHARDS:
+        raise UsageError(f"--shard {text!r}: N must be 1 to {MAX_SHARDS}")
+    if not 0 <= index < count:
         raise UsageError(f"--shard {text!r}: need 0 <= I < N")
     return index, count
 
@@ -311,6 +314,9 @@ def run_job(job: Job) -> int:
     configure(quiet=job.quiet, bar=job.progress)
     if job.engine not in ("local", "ray"):
         raise UsageError(f"--engine {job.engine!r}: use local or ray")
+    check_environment()
+    if is_stdout(job.output) and stdout_closed():
+        raise OutputError(STDOUT_CLOSED_MESSAGE)
     fmt = choose_format(job.command, job.fmt, job.output, sys.stdout.isatty())
     if job.resume and (is_stdout(job.output) or fmt not in RESUMABLE_FORMATS):
         raise UsageError(f"--resume needs -o FILE in {', '.join(RESUMABLE_FORMATS)}")

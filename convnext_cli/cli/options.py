@@ -26,6 +26,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from convnext_cli.choices import DEFAULT_MODEL
+from convnext_cli.limits import MAX_BATCH_SIZE, MAX_REPLICAS, MAX_WORKERS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -216,6 +217,7 @@ BatchOpt = Annotated[
         "--batch-size",
         "-b",
         min=1,
+        max=MAX_BATCH_SIZE,
         metavar="N",
         help="Images per batch. Default: 8 on the CPU (activations stay in cache), 32 on a GPU.",
         show_default=False,
@@ -227,6 +229,7 @@ WorkersOpt = Annotated[
     typer.Option(
         "--workers",
         min=0,
+        max=MAX_WORKERS,
         metavar="N",
         help="Decoding worker processes (0: decode in the main process). Default: none for "
         "a single batch; on a GPU the cores but one, on the CPU one per four cores (max 8).",
@@ -392,6 +395,7 @@ ReplicasOpt = Annotated[
     typer.Option(
         "--replicas",
         min=1,
+        max=MAX_REPLICAS,
         metavar="N",
         help="--engine ray: model replicas (default: one per GPU; CPU actors without GPUs).",
         show_default=False,
