@@ -187,8 +187,10 @@ class HtmlReportWriter:
         title: str | None = None,
         thumbnailer: Thumbnailer | None = file_thumbnailer,
         workers: int = THUMBNAIL_WORKERS,
+        scores: str = "probs",
     ) -> None:
         self.stream = stream
+        self.scores = scores  # probs, logits or log-probs (classify --scores)
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self.top_k = top_k
@@ -198,6 +200,16 @@ class HtmlReportWriter:
         self.failed = 0
         self.top_labels: Counter[str] = Counter()
         self.closed = False
+
+    def _bar(self, score: float) -> str:
+        """Probabilities as they are, log-probabilities as probabilities, logits as none."""
+        if self.scores == "logits":
+            return "0"
+        return _bar_width(math.exp(score) if self.scores == "log-probs" else score)
+
+    def _per_image(self) -> str:
+        text = f"top-{self.top_k} labels" if self.top_k > 0 else "every label"
+        return text + (" per image" if self.scores == "probs" else f" per image ({self.scores})")
         self.stream.write(_ascii(_head(self.title)))
         self.stream.flush()
 
@@ -270,7 +282,7 @@ class HtmlReportWriter:
             rows.append(
                 f"<li{' class=top' if rank == 1 else ''}>"
                 f'<span class="label">{display_text(p.label)}</span>'
-                f'<span class="bar"><i style="width:{_bar_width(p.score)}%"></i></span>'
+                f'<span class="bar"><i style="width:{self._bar(p.score)}%"></i></span>'
                 f'<span class="score" title="{float(p.score)!r} (class {p.index})">'
                 f"{_score_text(p.score)}</span></li>"
             )
@@ -309,7 +321,7 @@ class HtmlReportWriter:
             '</main>\n<section id="summary">'
             f'<div class="stats"><span class="stat"><b>{self.images}</b> images</span>'
             f'<span class="stat"><b>{ok}</b> classified</span>{failed}'
-            f'<span class="stat">top-{self.top_k} labels per image</span></div>'
+            f'<span class="stat">{self._per_image()}</span></div>'
             f"{state}{labels}</section>\n"
         )
 

@@ -17,6 +17,7 @@ made visible.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import struct
 from pathlib import Path
@@ -108,11 +109,20 @@ def _score(value: float) -> float:
     return float(value)
 
 
-def classify_record(result: Result) -> dict[str, Any]:
+DEFAULT_SCORES = "probs"
+# the CSV column that holds the scores, by what they are (classify --scores)
+SCORE_COLUMN = {"probs": "score", "logits": "logit", "log-probs": "log_prob"}
+
+
+def classify_record(result: Result, scores: str = DEFAULT_SCORES) -> dict[str, Any]:
+    """One classify record; with ``--scores logits`` or ``log-probs`` it says so in a
+    ``scores`` field (a record without one holds probabilities, as every earlier file does)."""
     if result.error is not None:
         return {"path": result.path, "error": result.error}
+    marker = {} if scores == DEFAULT_SCORES else {"scores": scores}
     return {
         "path": result.path,
+        **marker,
         "predictions": [
             {"label": p.label, "index": p.index, "score": _score(p.score)}
             for p in result.predictions
@@ -120,8 +130,8 @@ def classify_record(result: Result) -> dict[str, Any]:
     }
 
 
-def classify_record_json(result: Result) -> str:
-    return json_text(classify_record(result))
+def classify_record_json(result: Result, scores: str = DEFAULT_SCORES) -> str:
+    return json_text(classify_record(result, scores))
 
 
 def _floats_json(values: list[float]) -> str:
@@ -223,10 +233,15 @@ def _csv_text(rows: list[list[Any]]) -> str:
 
 
 class ClassifyCsvWriter(TextWriter):
-    """``path,rank,label,index,score,error``: one row per prediction, one per failed input."""
+    """``path,rank,label,index,score,error``: one row per prediction, one per failed input
+    (the ``score`` column is ``logit`` or ``log_prob`` with ``--scores``)."""
+
+    def __init__(self, raw: OutputFile | StdoutFile, scores: str = DEFAULT_SCORES) -> None:
+        self.score_column = SCORE_COLUMN[scores]
+        super().__init__(raw)
 
     def header(self) -> str:
-        return _csv_text([["path", "rank", "label", "index", "score", "error"]])
+        return _csv_text([["path", "rank", "label", "index", self.score_column, "error"]])
 
     def render(self, results: list[Result]) -> str:
         rows: list[list[Any]] = []
@@ -407,13 +422,15 @@ class HtmlWriter:
 
     names_errors_on_stderr = False
 
-    def __init__(self, raw: OutputFile | StdoutFile, top_k: int) -> None:
+    def __init__(
+        self, raw: OutputFile | StdoutFile, top_k: int, scores: str = DEFAULT_SCORES
+    ) -> None:
         from convnext_cli.html_report import HtmlReportWriter
 
         self.raw = raw
         self.records = 0
         try:
-            self.report = HtmlReportWriter(TextSink(raw), top_k)  # type: ignore[arg-type]
+            self.report = HtmlReportWriter(TextSink(raw), top_k, scores=scores)  # type: ignore[arg-type]
         except BaseException:
             raw.abort()
             raise
@@ -443,8 +460,11 @@ def open_writer(
     provenance: dict[str, Any] | None = None,
     resume: bool = False,
     retry_errors: bool = False,
+    scores: str = DEFAULT_SCORES,
 ) -> Writer:
     """The writer for a command and format, opened on stdout or beside ``-o``.
+
+    ``scores`` (classify) says what the scores are: ``probs``, ``logits`` or ``log-probs``.
 
     ``provenance`` (what wrote the file) goes into Parquet's metadata; ``resume`` keeps
     the rows an earlier run of a Parquet output left (text formats get them through
@@ -462,19 +482,23 @@ def open_writer(
             raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
         return MatrixWriter(output, fmt)  # type: ignore[arg-type]
     raw: OutputFile | StdoutFile = StdoutFile() if is_stdout(output) else OutputFile(output)  # type: ignore[arg-type]
-    render = classify_record_json if command == "classify" else embed_record_json
+    render: Any = embed_record_json
+    if command == "classify":
+        render = classify_record_json
+        if scores != DEFAULT_SCORES:
+            render = functools.partial(classify_record_json, scores=scores)
     if fmt == "table":
         from convnext_cli.table_output import TableWriter
 
-        return TableWriter(raw, top_k)
+        return TableWriter(raw, top_k, scores)
     if fmt == "json":
         return JsonArrayWriter(raw, render)
     if fmt == "jsonl":
         return JsonLinesWriter(raw, render)
     if fmt == "csv":
-        return ClassifyCsvWriter(raw) if command == "classify" else EmbedCsvWriter(raw)
+        return ClassifyCsvWriter(raw, scores) if command == "classify" else EmbedCsvWriter(raw)
     if fmt == "html":
-        return HtmlWriter(raw, top_k)
+        return HtmlWriter(raw, top_k, scores)
     raw.abort()
     raise UsageError(f"unknown format {fmt!r}")
 

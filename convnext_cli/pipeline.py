@@ -355,6 +355,7 @@ def _decoded_by_workers(
 
 
 NON_FINITE = "model produced non-finite values"
+SCORE_KINDS = ("probs", "logits", "log-probs")  # what classify's scores are (--scores)
 
 
 def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
@@ -526,26 +527,38 @@ class Runner:
         top_k: int = 5,
         batch_size: int | None = None,
         workers: int | None = None,
+        scores: str = "probs",
     ) -> Iterator[list[Result]]:
-        """Top-k softmax predictions for every path, one list of results per batch (`paths`
-        may be a stream: it is read as the batches go)."""
+        """Top-k predictions for every path, one list of results per batch (`paths` may be a
+        stream: it is read as the batches go).  `scores`: ``probs`` (softmax), ``logits``
+        or ``log-probs`` (log-softmax); the ranking is the same for all three.  A `top_k` of
+        0 or more than the classes gives every class."""
+        if scores not in SCORE_KINDS:
+            from convnext_cli.errors import UsageError
+
+            raise UsageError(f"--scores {scores!r}: use {', '.join(SCORE_KINDS)}")
         if not self.labels:
             from convnext_cli.errors import UsageError
 
             raise UsageError(
                 "this checkpoint has no classification head (a feature model): use `convnext embed`"
             )
-        k = max(1, min(top_k, len(self.labels)))
+        k = len(self.labels) if top_k <= 0 else max(1, min(top_k, len(self.labels)))
 
         def put_top_k(batch: torch.Tensor, results: list[Result]) -> None:
             logits = self.logits_fn(batch).float()
-            probs = logits.softmax(dim=-1)
-            finite = (torch.isfinite(logits) & torch.isfinite(probs)).all(dim=-1)
-            scores, indices = probs.topk(k, dim=-1)
+            if scores == "logits":
+                values = logits
+            elif scores == "log-probs":
+                values = logits.log_softmax(dim=-1)
+            else:
+                values = logits.softmax(dim=-1)
+            finite = (torch.isfinite(logits) & torch.isfinite(values)).all(dim=-1)
+            top, indices = values.topk(k, dim=-1)
             for result, ok, row_scores, row_indices in zip(
                 results,
                 finite.cpu().tolist(),
-                scores.cpu().tolist(),
+                top.cpu().tolist(),
                 indices.cpu().tolist(),
                 strict=True,
             ):

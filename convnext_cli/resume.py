@@ -34,7 +34,7 @@ from convnext_cli.names import read_path_field
 
 RESUMABLE_FORMATS = ("jsonl", "csv", "parquet")
 # what must match between the run that wrote a file and the one resuming it
-PROVENANCE_KEYS = ("command", "model", "config", "top_k", "normalize", "preprocess")
+PROVENANCE_KEYS = ("command", "model", "config", "top_k", "normalize", "preprocess", "scores")
 
 
 def provenance_path(target: Path) -> Path:

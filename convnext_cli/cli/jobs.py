@@ -200,7 +200,8 @@ class Job:
     model: str
     fmt: str | None
     output: Path | None
-    top_k: int = 5
+    top_k: int = 5  # 0: every class (-k all)
+    scores: str = "probs"  # classify --scores: probs, logits or log-probs
     normalize: bool = False
     batch_size: int | None = None
     device: str = "auto"
@@ -302,7 +303,9 @@ def run_job(job: Job) -> int:
     items = watch_overwriting(items, targets)
     if not job.resume and fmt != "parquet":
         stream = InputStream(items)
-        writer = open_writer(job.command, fmt, job.output, job.top_k)  # fails before loading
+        writer = open_writer(  # fails before loading
+            job.command, fmt, job.output, job.top_k, scores=job.scores
+        )
         created: list[Path] = []
 
         def batches() -> Iterator[list[Result]]:
@@ -358,7 +361,11 @@ def run_options(job: Job) -> RunOptions:
 def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef]) -> Batches:
     if job.command == "classify":
         batches = runner.classify(
-            items, top_k=job.top_k, batch_size=job.batch_size, workers=job.workers
+            items,
+            top_k=job.top_k,
+            batch_size=job.batch_size,
+            workers=job.workers,
+            scores=job.scores,
         )
         return Batches(batches, _verb(job.command), runner.device, runner.dtype)
     batches = runner.embed(
@@ -379,14 +386,18 @@ def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
         model = os.path.realpath(Path(model).expanduser())
     config_json = json.dumps(config.to_dict(), sort_keys=True)
     labels = len(config.labels) if job.command == "classify" else None
+    # what the scores are, recorded only when not probabilities (files from before --scores
+    # hold probabilities and say nothing), so that --resume refuses to mix them
+    scores = {"scores": job.scores} if job.command == "classify" and job.scores != "probs" else {}
     return {
         "tool": f"convnext-cli {__version__}",
         "command": job.command,
         "model": model,
         "config": hashlib.sha256(config_json.encode()).hexdigest()[:16],
-        "top_k": min(job.top_k, labels) if labels else None,
+        "top_k": min(job.top_k or labels, labels) if labels else None,
         "normalize": job.normalize if job.command == "embed" else None,
         "preprocess": spec.to_dict(),
+        **scores,
     }
 
 
@@ -403,7 +414,7 @@ def _open_resumable(
     assert job.output is not None
     target = Path(os.path.realpath(job.output))
     if not job.resume:
-        writer = open_writer(job.command, fmt, job.output, job.top_k, provenance)
+        writer = open_writer(job.command, fmt, job.output, job.top_k, provenance, scores=job.scores)
         return (items if isinstance(items, list) else InputStream(items)), writer
     if fmt == "parquet":
         earlier = parquet_output.written_by(target)
@@ -430,7 +441,14 @@ def _open_resumable(
         todo = InputStream(item for item in items if input_id(item) not in done)
         _say_resuming(job.output, len(done), None, recorded)
     writer = open_writer(
-        job.command, fmt, job.output, job.top_k, provenance, True, job.retry_errors
+        job.command,
+        fmt,
+        job.output,
+        job.top_k,
+        provenance,
+        True,
+        job.retry_errors,
+        scores=job.scores,
     )
     if fmt == "parquet":
         return todo, writer  # its parts stay on disk whatever ends the run
@@ -502,6 +520,7 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
         device=job.device,
         dtype=job.dtype,
         top_k=job.top_k,
+        scores=job.scores,
         normalize=job.normalize,
         batch_size=job.batch_size,
         replicas=job.replicas,
@@ -518,7 +537,8 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
     if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
         return _ray_into_folder(job, items, options, Path(job.output))
     if job.output is None:
-        todo, writer = list(items), open_writer(job.command, fmt, None, job.top_k)
+        todo = list(items)
+        writer = open_writer(job.command, fmt, None, job.top_k, scores=job.scores)
     else:
         pending, writer = _open_resumable(job, fmt, list(items), provenance)
         todo = pending if isinstance(pending, list) else list(pending)
