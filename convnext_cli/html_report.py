@@ -200,6 +200,8 @@ class HtmlReportWriter:
         self.failed = 0
         self.top_labels: Counter[str] = Counter()
         self.closed = False
+        self.stream.write(_ascii(_head(self.title)))
+        self.stream.flush()
 
     def _bar(self, score: float) -> str:
         """Probabilities as they are, log-probabilities as probabilities, logits as none."""
@@ -210,8 +212,6 @@ class HtmlReportWriter:
     def _per_image(self) -> str:
         text = f"top-{self.top_k} labels" if self.top_k > 0 else "every label"
         return text + (" per image" if self.scores == "probs" else f" per image ({self.scores})")
-        self.stream.write(_ascii(_head(self.title)))
-        self.stream.flush()
 
     def write(self, results: list[Result]) -> None:
         uris = self._thumbnails(results)

@@ -62,6 +62,9 @@ class Result:
     error: str | None = None
     predictions: list[Prediction] = field(default_factory=list)
     embedding: torch.Tensor | None = None  # 1-D float32 on the CPU
+    # embed --stage / --backbone: each stage's feature, float32 on the CPU, in the order
+    # asked: (C,) pooled, or the (C, H, W) map with --pool none
+    features: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,7 @@ def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
     )
     result.predictions = []
     result.embedding = None
+    result.features = None
 
 
 class Runner:
@@ -578,8 +582,21 @@ class Runner:
         normalize: bool = False,
         batch_size: int | None = None,
         workers: int | None = None,
+        stages: list[str] | None = None,
+        pool: str = "avg",
+        backbone: bool = False,
     ) -> Iterator[list[Result]]:
-        """The pooled feature (transformers' pooler_output) for every path, per batch."""
+        """The pooled feature (transformers' pooler_output) for every path, per batch.
+
+        With `stages` (``stem``, ``stage1`` ..) or `backbone`, each result's ``features``
+        holds those stages' outputs instead (see :func:`stage_request`): globally
+        average-pooled to (C,) (`pool` ``avg``) or the whole (C, H, W) map (``none``).
+        """
+        if stages or backbone:
+            chosen = stage_request(self.model.config, stages, backbone)
+            return self._run(
+                paths, batch_size, workers, self._put_stages(chosen, pool, backbone, normalize)
+            )
 
         def put_embeddings(batch: torch.Tensor, results: list[Result]) -> None:
             features = self.embed_fn(batch).float()
@@ -593,3 +610,57 @@ class Runner:
                     result.error = NON_FINITE
 
         return self._run(paths, batch_size, workers, put_embeddings)
+
+    def _put_stages(self, stages: list[str], pool: str, backbone: bool, normalize: bool) -> Any:
+        body = self.model.backbone
+
+        def put_stages(batch: torch.Tensor, results: list[Result]) -> None:
+            maps = [m.float() for m in body.stage_maps(batch, stages, backbone)]
+            if pool == "avg":
+                maps = [m.mean(dim=(-2, -1)) for m in maps]
+                if normalize:
+                    maps = [m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12) for m in maps]
+            finite = torch.stack([torch.isfinite(m.flatten(1)).all(dim=1) for m in maps]).all(0)
+            rows = [m.cpu() for m in maps]
+            for n, (result, ok) in enumerate(zip(results, finite.tolist(), strict=True)):
+                if ok:
+                    result.features = {name: m[n] for name, m in zip(stages, rows, strict=True)}
+                else:
+                    result.error = NON_FINITE
+
+        return put_stages
+
+
+POOLS = ("avg", "none")  # embed --pool
+
+
+def stage_request(config: Any, stages: list[str] | None, backbone: bool) -> list[str]:
+    """The stages ``embed --stage`` / ``--backbone`` gives, checked against the model.
+
+    Without `stages`, ``--backbone`` gives the config.json's ``out_features`` (else every
+    stage whose LayerNorm the checkpoint holds); with `backbone` every stage must have
+    its LayerNorm in the checkpoint, as transformers' ``ConvNextBackbone`` has.
+    """
+    from convnext_cli.errors import UsageError
+
+    names = config.stage_names
+    if backbone and not config.backbone_norms:
+        raise UsageError(
+            "--backbone: this checkpoint holds no backbone LayerNorms "
+            "(hidden_states_norms.*, as transformers' ConvNextBackbone saves); "
+            "use --stage NAME for the plain stage outputs"
+        )
+    if not stages:  # --backbone alone
+        stages = list(config.out_features or config.backbone_norms)
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise UsageError(f"--stage {unknown[0]}: this model's stages are {', '.join(names)}")
+    stages = list(dict.fromkeys(stages))
+    missing = [s for s in stages if s not in config.backbone_norms]
+    if backbone and missing:
+        held = ", ".join(config.backbone_norms) or "none"
+        raise UsageError(
+            f"--backbone: the checkpoint has no LayerNorm for {', '.join(missing)} "
+            f"(hidden_states_norms.*; it has: {held}); drop --backbone for the plain stage output"
+        )
+    return stages

@@ -34,7 +34,12 @@ from convnext_cli.names import read_path_field
 
 RESUMABLE_FORMATS = ("jsonl", "csv", "parquet")
 # what must match between the run that wrote a file and the one resuming it
-PROVENANCE_KEYS = ("command", "model", "config", "top_k", "normalize", "preprocess", "scores")
+# (scores: classify --scores; features: embed --stage/--pool/--backbone; both absent when
+# not asked for, as in files written before them)
+PROVENANCE_KEYS = (
+    *("command", "model", "config", "top_k", "normalize", "preprocess"),
+    *("scores", "features"),
+)
 
 
 def provenance_path(target: Path) -> Path:

@@ -7,7 +7,7 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,6 +203,10 @@ class Job:
     top_k: int = 5  # 0: every class (-k all)
     scores: str = "probs"  # classify --scores: probs, logits or log-probs
     normalize: bool = False
+    # embed --stage / --pool / --backbone (none of them: transformers' pooler_output)
+    stages: list[str] = field(default_factory=list)
+    pool: str = "avg"
+    backbone: bool = False
     batch_size: int | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -238,6 +242,31 @@ class Job:
             options["progress"] = not options.pop("no_progress")
         names = {f.name for f in fields(cls)} - {"command"}
         return cls(command=command, **{k: v for k, v in options.items() if k in names})
+
+
+def check_features_request(job: Job, fmt: str) -> None:
+    """embed --stage / --pool / --backbone: what the format and engine can hold, before
+    anything is loaded (the stage names are checked against the model once it is)."""
+    from convnext_cli.pipeline import POOLS
+
+    if job.command != "embed":
+        return
+    if job.pool not in POOLS:
+        raise UsageError(f"--pool {job.pool!r}: use {', '.join(POOLS)}")
+    if not (job.stages or job.backbone):
+        if job.pool != "avg":
+            raise UsageError("--pool applies to --stage/--backbone features")
+        return
+    if job.engine != "local":
+        raise UsageError("--stage/--backbone run on the local engine only")
+    if job.pool == "none" and fmt not in ("npy", "safetensors", "parquet"):
+        raise UsageError(
+            f"--pool none gives (C, H, W) maps: use npy, safetensors or parquet, not {fmt}"
+        )
+    if job.pool == "none" and job.normalize:
+        raise UsageError("--normalize applies to pooled features, not to --pool none maps")
+    if fmt == "npy" and len(set(job.stages)) > 1:
+        raise UsageError("npy holds one array: one --stage, or several in safetensors or parquet")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -289,6 +318,7 @@ def run_job(job: Job) -> int:
     if job.engine not in ("local", "ray"):
         raise UsageError(f"--engine {job.engine!r}: use local or ray")
     fmt = choose_format(job.command, job.fmt, job.output, sys.stdout.isatty())
+    check_features_request(job, fmt)
     if job.resume and (is_stdout(job.output) or fmt not in RESUMABLE_FORMATS):
         raise UsageError(f"--resume needs -o FILE in {', '.join(RESUMABLE_FORMATS)}")
     listing = gather_inputs(job.inputs, job.recursive, job.null, job.image_column, job.id_column)
@@ -369,7 +399,13 @@ def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef]) -> Batch
         )
         return Batches(batches, _verb(job.command), runner.device, runner.dtype)
     batches = runner.embed(
-        items, normalize=job.normalize, batch_size=job.batch_size, workers=job.workers
+        items,
+        normalize=job.normalize,
+        batch_size=job.batch_size,
+        workers=job.workers,
+        stages=job.stages or None,
+        pool=job.pool,
+        backbone=job.backbone,
     )
     return Batches(batches, _verb(job.command), runner.device, runner.dtype)
 
@@ -388,7 +424,11 @@ def make_provenance(job: Job, config: Any, spec: Any) -> dict[str, Any]:
     labels = len(config.labels) if job.command == "classify" else None
     # what the scores are, recorded only when not probabilities (files from before --scores
     # hold probabilities and say nothing), so that --resume refuses to mix them
-    scores = {"scores": job.scores} if job.command == "classify" and job.scores != "probs" else {}
+    scores: dict[str, Any] = (
+        {"scores": job.scores} if job.command == "classify" and job.scores != "probs" else {}
+    )
+    if job.command == "embed" and (job.stages or job.backbone):  # likewise
+        scores["features"] = {"stages": job.stages, "pool": job.pool, "backbone": job.backbone}
     return {
         "tool": f"convnext-cli {__version__}",
         "command": job.command,

@@ -72,6 +72,7 @@ class Layout(str, Enum):
     fcmae = "fcmae"
     timm = "timm"
     torchvision = "torchvision"
+    keras = "keras"
 
 
 class Engine(str, Enum):
