@@ -124,10 +124,10 @@ class ConvNextConfig:
             image_size=field_check.square("image_size", LIMITS["image_size"], 224),
             id2label=field_check.id2label(),
         )
-        cfg.out_features = _out_features(raw, cfg.stage_names, where)
         if model_type == "convnextv2":
             cfg.layer_scale_init_value = 0.0
         cfg.validate(where)
+        cfg.out_features = _out_features(raw, cfg.stage_names, where)
         return cfg
 
     @classmethod
