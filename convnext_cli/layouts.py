@@ -26,7 +26,7 @@ Each :class:`Layout` member carries its display name, its rename rules and its d
     timm's ``ConvNeXt`` (``stem.``, ``stages.i.downsample.``, ``stages.i.blocks.j.``,
     ``conv_dw``, ``mlp.fc1``/``mlp.fc2`` as Linear or, for atto..nano, 1x1 convolutions,
     1-D ``mlp.grn`` parameters, ``head.norm``, ``head.fc``).
-``keras``
+``tf``
     transformers' TensorFlow models (``TFConvNextForImageClassification``,
     ``TFConvNextV2...``, ``TFConvNextModel``) saved as Keras HDF5 weights (``tf_model.h5``):
     ``<layer>/<model name>/convnext/encoder/stages.0/layers.0/dwconv/kernel:0`` and so on.
@@ -265,7 +265,7 @@ def _is_keras_key(key: str) -> bool:
 
 def keras_to_hf(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Keras HDF5 weight paths to transformers' PyTorch names, kernels transposed (see the
-    ``keras`` layout in the module docstring)."""
+    ``tf`` layout in the module docstring)."""
     out: StateDict = {}
     for path, value in state_dict.items():
         parts = [p for p in path.removesuffix(":0").replace("_._", "/").split("/") if p]
@@ -431,7 +431,7 @@ class Layout(str, Enum):
         lambda keys: "features.0.0.weight" in keys,
     )
     KERAS = (
-        "keras",
+        "tf",
         "TensorFlow/Keras",
         HF_RULES,
         lambda keys: any(_is_keras_key(k) for k in keys),

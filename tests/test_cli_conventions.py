@@ -70,7 +70,7 @@ def test_help_shows_choices_and_readable_metavars() -> None:
     classify_help = help_text("classify")
     assert "auto|float32|float16|bfloat16" in classify_help
     assert "auto|table|json|jsonl|csv|parquet|html" in " ".join(classify_help.split())
-    assert "<auto|hf|fb|fcmae|timm|torchvision>" in help_text("convert")
+    assert "<auto|hf|fb|fcmae|timm|torchvision|tf>" in help_text("convert")
     for name in ("MODEL", "DEVICE", "FILE", "DIR", "REV", "TOKEN", " N ", "I/N"):
         assert name in classify_help, name
     for command in COMMANDS:
@@ -163,7 +163,10 @@ def test_help_with_completion_still_imports_nothing_heavy() -> None:
 def test_shared_options_declared_once_and_reach_the_job(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    own = {"classify": {"inputs", "top_k", "fmt"}, "embed": {"inputs", "fmt", "normalize"}}
+    own = {
+        "classify": {"inputs", "top_k", "scores", "fmt"},
+        "embed": {"inputs", "fmt", "normalize", "stage", "pool", "backbone"},
+    }
     for name, command in (("classify", classify.classify), ("embed", embed.embed)):
         names = [p.name for p in parameters_of(command)]
         assert set(names) == own[name] | set(SHARED_PARAMETERS), name

@@ -66,7 +66,7 @@ FromOpt = Annotated[
         case_sensitive=False,
         help="Source layout: auto (detect from the key names), hf (transformers), fb "
         "(facebookresearch ConvNeXt / ConvNeXt-V2, FCMAE included), fcmae, timm, "
-        "torchvision or keras (TensorFlow tf_model.h5; needs the tf extra).",
+        "torchvision or tf (TensorFlow/Keras tf_model.h5; needs the tf extra).",
     ),
 ]
 ImageSizeOpt = Annotated[

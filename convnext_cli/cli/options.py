@@ -72,7 +72,7 @@ class Layout(str, Enum):
     fcmae = "fcmae"
     timm = "timm"
     torchvision = "torchvision"
-    keras = "keras"
+    tf = "tf"
 
 
 class Engine(str, Enum):
