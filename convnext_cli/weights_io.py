@@ -106,6 +106,7 @@ def read_h5_weights(path: Path) -> dict[str, torch.Tensor]:
     check_h5_superblock(path)
     size = path.stat().st_size
     tensors: dict[str, torch.Tensor] = {}
+    total = 0  # bytes read so far: all the datasets together fit in the file (no filters)
     try:
         with h5py.File(str(path), "r", locking=False) as f:
             pending: list[tuple[str, Any]] = [("", f)]
@@ -120,7 +121,8 @@ def read_h5_weights(path: Path) -> dict[str, torch.Tensor]:
                     if isinstance(item, h5py.Group):
                         pending.append((where + "/", item))
                         continue
-                    tensors[where] = _h5_tensor(path, where, item, size, h5py)
+                    tensors[where] = _h5_tensor(path, where, item, size, size - total)
+                    total += tensors[where].numel() * tensors[where].element_size()
                     if len(tensors) > MAX_H5_DATASETS:
                         raise CheckpointError(f"{path}: more than {MAX_H5_DATASETS} datasets")
     except CheckpointError:
@@ -134,7 +136,11 @@ def read_h5_weights(path: Path) -> dict[str, torch.Tensor]:
     return dict(sorted(tensors.items()))
 
 
-def _h5_tensor(path: Path, where: str, dataset: Any, size: int, h5py: Any) -> torch.Tensor:
+def _h5_tensor(path: Path, where: str, dataset: Any, size: int, room: int) -> torch.Tensor:
+    """One dataset as a tensor; `size`: the file's bytes, `room`: those not yet claimed by
+    the datasets read before it."""
+    import math
+
     import numpy as np
 
     if dataset.is_virtual or dataset.external:
@@ -143,10 +149,11 @@ def _h5_tensor(path: Path, where: str, dataset: Any, size: int, h5py: Any) -> to
         raise CheckpointError(
             f"{path}: {where} has dtype {dataset.dtype}; weights must be floating point"
         )
-    nbytes = int(np.prod(dataset.shape, dtype=np.int64)) * dataset.dtype.itemsize
-    if nbytes > size:
+    nbytes = math.prod(int(n) for n in dataset.shape) * dataset.dtype.itemsize
+    if nbytes > room:
         raise CheckpointError(
-            f"{path}: {where} claims {nbytes} bytes of data, more than the file's {size}"
+            f"{path}: {where} claims {nbytes} bytes of data, more than the file holds "
+            "(compressed HDF5 weights are not read)"
         )
     if dataset.chunks is None and nbytes:
         offset = dataset.id.get_offset()

@@ -180,9 +180,16 @@ def test_hostile_h5_files_are_one_line(tmp_path: Path, photos: list[Path]) -> No
             dtype="f4",
             external=[(str(outside), 0, 4096)],
         )
+    with h5py.File(tmp_path / "huge.h5", "w") as f:  # 40 GB claimed, nothing stored
+        f.create_dataset(
+            "convnext/m/convnext/layernorm/gamma:0",
+            shape=(100_000, 100_000),
+            dtype="f4",
+            chunks=(1000, 1000),
+        )
     with h5py.File(tmp_path / "link.h5", "w") as f:
         f["convnext/x"] = h5py.ExternalLink(str(folder / "tf_model.h5"), "/convnext")
-    for name in [*cases, "ints.h5", "external.h5", "link.h5"]:
+    for name in [*cases, "ints.h5", "external.h5", "huge.h5", "link.h5"]:
         out = invoke("classify", photos[0], "-m", tmp_path / name)
         assert out.exit_code == 2, (name, out.output)
         lines = out.output.strip().splitlines()
