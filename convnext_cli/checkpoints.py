@@ -32,6 +32,7 @@ from convnext_cli.layouts import Layout, StateDict, rename, unwrap
 from convnext_cli.model import ConvNeXtForClassification
 from convnext_cli.preprocess import PreprocessSpec
 from convnext_cli.weights_io import (
+    H5_SUFFIXES,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     check_tensors,
@@ -41,6 +42,8 @@ from convnext_cli.weights_io import (
 
 __all__ = ["DEFAULT_MODEL", "Checkpoint", "CheckpointFiles", "load_checkpoint", "locate"]
 
+# transformers' own weights, PyTorch or TensorFlow: their config.json describes them
+TRANSFORMERS_LAYOUTS = (Layout.HF, Layout.KERAS)
 NORM_EPS = 1e-6  # the final LayerNorm of the fb, fcmae, timm and torchvision models
 HF_DEFAULT_NORM_EPS = 1e-12  # transformers' ConvNextConfig default, used by Hub checkpoints
 
@@ -108,7 +111,9 @@ def _meant_local(path: Path) -> bool:
 def _hub_ref(
     model: str, revision: str | None, cache_dir: Path | None, token: str | None
 ) -> hub.HubRef:
-    if not hub.looks_like_hub_id(model) or model.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+    if not hub.looks_like_hub_id(model) or model.endswith(
+        SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + H5_SUFFIXES
+    ):
         raise CheckpointError(f"{model}: no such file or folder, and not a Hugging Face Hub id")
     repo_id, pinned = hub.split_revision(model)
     if pinned and revision and pinned != revision:
@@ -130,7 +135,7 @@ def folder_weights(folder: Path) -> Path:
             return folder / name
     if any(folder.glob("*.index.json")):
         raise CheckpointError(f"{folder}: sharded checkpoints are not supported")
-    suffixes = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+    suffixes = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + H5_SUFFIXES
     candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
     if len(candidates) == 1:
         return candidates[0]
@@ -205,7 +210,7 @@ def load_checkpoint(
     tensors = unwrap(read_weights_file(files.weights))
     check_tensors(tensors, files.weights)
     found, body, config = understand(tensors, layout, where=str(files.weights))
-    if found is Layout.HF and config_json is not None:
+    if found in TRANSFORMERS_LAYOUTS and config_json is not None:
         config = _config_json_for(config, config_json, files, body)
     else:
         config_json = None
@@ -227,7 +232,7 @@ def understand(
     the others, whose final norm uses it)."""
     found = Layout.resolve(tensors, layout)
     body = rename(tensors, found)
-    eps = HF_DEFAULT_NORM_EPS if found is Layout.HF else NORM_EPS
+    eps = HF_DEFAULT_NORM_EPS if found in TRANSFORMERS_LAYOUTS else NORM_EPS
     return found, body, ConvNextConfig.from_state_dict(body, layer_norm_eps=eps, where=where)
 
 
@@ -237,6 +242,7 @@ def _config_json_for(
     """The config.json beside transformers weights, once it agrees with what they describe
     (a disagreement names the field, then the keys and shapes at fault)."""
     config = ConvNextConfig.from_dict(config_json, where=str(files.config))
+    config.backbone_norms = inferred.backbone_norms  # what the weights hold
     problem = config.architecture_differences(inferred)
     if problem is not None:
         if not inferred.num_labels:

@@ -4,7 +4,7 @@ defaults, and the core's tables of what it accepts, are both built from these.""
 from __future__ import annotations
 
 DEFAULT_MODEL = "facebook/convnext-tiny-224"
-LAYOUTS = ("hf", "fb", "fcmae", "timm", "torchvision")  # --from, besides auto
+LAYOUTS = ("hf", "fb", "fcmae", "timm", "torchvision", "tf")  # --from, besides auto
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # --dtype
 DECODERS = ("auto", "cpu", "gpu")  # --decode
 ENGINES = ("local", "ray")  # --engine

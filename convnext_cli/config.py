@@ -48,6 +48,15 @@ class ConvNextConfig:
     layer_scale_init_value: float = 1e-6
     image_size: int = 224
     id2label: dict[int, str] = field(default_factory=dict)
+    # transformers' backbone (ConvNextBackbone): the stages whose LayerNorm the weights hold
+    # (``hidden_states_norms.<stage>``), and the config.json's out_features / out_indices
+    backbone_norms: list[str] = field(default_factory=list)
+    out_features: list[str] | None = None
+
+    @property
+    def stage_names(self) -> list[str]:
+        """``stem``, ``stage1`` .. ``stageN``: transformers' names of ``hidden_states[i]``."""
+        return ["stem", *(f"stage{i}" for i in range(1, self.num_stages + 1))]
 
     @property
     def is_v2(self) -> bool:
@@ -119,6 +128,7 @@ class ConvNextConfig:
         if model_type == "convnextv2":
             cfg.layer_scale_init_value = 0.0
         cfg.validate(where)
+        cfg.out_features = _out_features(raw, cfg.stage_names, where)
         return cfg
 
     @classmethod
@@ -150,6 +160,8 @@ class ConvNextConfig:
         v2 = any(".grn." in k for k in body)
         layer_scale = any(k.endswith(".layer_scale_parameter") for k in body)
         num_labels = 0 if classifier is None else int(classifier.shape[0])
+        names = ["stem", *(f"stage{i}" for i in range(1, len(depths) + 1))]
+        norms = {m.group(1) for k in body if (m := _NORM_KEY.fullmatch(k))}
         return cls(
             model_type="convnextv2" if v2 else "convnext",
             num_channels=int(stem.shape[1]),
@@ -160,6 +172,7 @@ class ConvNextConfig:
             layer_norm_eps=layer_norm_eps,
             layer_scale_init_value=1e-6 if layer_scale and not v2 else 0.0,
             id2label=dict(enumerate(labels_for(num_labels))),
+            backbone_norms=[n for n in names if n in norms] + sorted(norms - set(names)),
         )
 
     def architecture_differences(self, other: ConvNextConfig) -> str | None:
@@ -242,7 +255,36 @@ class ConvNextConfig:
         if self.id2label:
             out["id2label"] = {str(i): name for i, name in sorted(self.id2label.items())}
             out["label2id"] = {name: i for i, name in sorted(self.id2label.items())}
+        if self.backbone_norms:  # a backbone's weights: which maps it gives
+            out["out_features"] = list(self.out_features or self.backbone_norms)
+            out["stage_names"] = self.stage_names
         return out
+
+
+_NORM_KEY = re.compile(r"hidden_states_norms\.(\w+)\.weight")
+
+
+def _out_features(raw: dict[str, Any], names: list[str], where: str) -> list[str] | None:
+    """config.json's ``out_features`` (stage names) or ``out_indices`` (0 = stem), checked."""
+    features, indices = raw.get("out_features"), raw.get("out_indices")
+    if features is None and indices is None:
+        return None
+    if features is not None:
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise CheckpointError(f"{where}: out_features must be a list of stage names")
+        unknown = [f for f in features if f not in names]
+        if unknown:
+            raise CheckpointError(
+                f"{where}: out_features {unknown} are not stages (use {', '.join(names)})"
+            )
+        return [n for n in names if n in features]
+    if not isinstance(indices, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and -len(names) <= i < len(names)
+        for i in indices
+    ):
+        raise CheckpointError(f"{where}: out_indices must be stage numbers 0..{len(names) - 1}")
+    chosen = {names[i] for i in indices}
+    return [n for n in names if n in chosen]
 
 
 _STAGE_KEY = re.compile(r"encoder\.stages\.(\d+)\.(?:layers\.(\d+)|downsampling_layer)\.")

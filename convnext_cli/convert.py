@@ -1,4 +1,5 @@
-"""`convnext convert`: any supported ConvNeXt checkpoint in, a Hub-layout folder out.
+"""`convnext convert`: any supported ConvNeXt checkpoint in, a Hub-layout folder (or, with
+an ``.onnx`` name or ``--to onnx``, an ONNX model: :func:`export_onnx`) out.
 
 The folder holds ``config.json`` (transformers' ConvNextConfig / ConvNextV2Config),
 ``model.safetensors`` (metadata ``{"format": "pt"}``) and ``preprocessor_config.json``
@@ -292,3 +293,144 @@ def replacing(target: Path) -> Iterator[Path]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     with replacing(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- ONNX
+
+ONNX_OPSET = 18
+ONNX_INPUT = "pixel_values"
+
+
+@dataclass
+class OnnxExport:
+    """An ONNX file written, for the CLI's summary line."""
+
+    source: Path
+    output: Path
+    layout: Layout
+    output_name: str  # logits, or pooler_output for a feature model
+    input_shape: tuple[int, int, int]  # (3, H, W) after the preprocessing
+    described: str = ""
+
+    def summary(self) -> str:
+        shape = "x".join(str(n) for n in self.input_shape)
+        return f"{self.layout}, {self.described}; input N x {shape}, output {self.output_name}"
+
+
+def check_onnx_output(output: Path, files: CheckpointFiles, force: bool) -> None:
+    """An existing file only with ``force``; never a folder, never a source file (symlinks
+    resolved)."""
+    if output.is_dir():
+        raise UsageError(f"{output}: is a folder; name the .onnx file to write")
+    real = output.resolve()
+    for path in files.paths:
+        if path.resolve() == real:
+            raise UsageError(f"{output}: is the source itself ({path}); choose another name")
+    if output.exists() and not force:
+        raise UsageError(f"{output}: exists (use --force to replace it)")
+
+
+def export_onnx(
+    source: str | Path,
+    output: Path,
+    *,
+    layout: str = "auto",
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    force: bool = False,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    token: str | None = None,
+) -> OnnxExport:
+    """The checkpoint as an ONNX model (float32, opset 18, through torch.onnx's exporter).
+
+    Input ``pixel_values``: float32 (N, 3, H, W), RGB, preprocessed as the metadata's
+    ``preprocessor_config`` says (resize and crop to H x W, scale to [0, 1], normalise by
+    ``image_mean``/``image_std``), with a dynamic batch dimension N.  Output ``logits``
+    (N, labels), or ``pooler_output`` (N, C) for a feature model.  Metadata (ONNX
+    ``metadata_props``): ``preprocessor_config`` and ``config`` (the JSON that convert
+    writes into a Hub folder), ``id2label`` (JSON), ``input``/``output`` (the tensor names)
+    and ``producer``.  It is for deployment (ONNX Runtime, OpenVINO, ...), not speed: on
+    the CPU this tool's own runs are as fast or faster (see the README).
+    """
+    import torch
+
+    from convnext_cli import __version__
+    from convnext_cli.checkpoints import build_model
+
+    output = Path(output).expanduser()
+    check_options(layout, image_size, crop_pct)
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "ONNX export needs onnx and onnxscript: pip install 'convnext-cli[onnx]'"
+        ) from None
+    files = locate(str(source), revision=revision, cache_dir=cache_dir, token=token)
+    check_onnx_output(output, files, force)
+    checkpoint = load_checkpoint(files, layout=layout)
+    config = config_json(checkpoint, image_size)
+    preprocessor = choose_preprocessor(checkpoint, image_size, crop_pct)
+    spec = PreprocessSpec.from_dict(preprocessor, where=f"{output} (preprocessing)")
+    model = build_model(checkpoint, "cpu", torch.float32, channels_last=False, fuse=False)
+    height, width = spec.resize_and_crop(torch.zeros(3, 480, 640, dtype=torch.uint8)).shape[1:]
+    # a feature model's head is an identity: its forward gives the pooled feature
+    name = "logits" if checkpoint.has_head else "pooler_output"
+    example = torch.zeros(2, checkpoint.config.num_channels, height, width)
+    metadata = {
+        "preprocessor_config": json.dumps(preprocessor, sort_keys=True),
+        "config": json.dumps(config, sort_keys=True),
+        "id2label": json.dumps(
+            {str(i): label for i, label in enumerate(checkpoint.config.labels)}, sort_keys=True
+        ),
+        "input": ONNX_INPUT,
+        "output": name,
+        "producer": f"convnext-cli {__version__}",
+    }
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(output) as tmp:
+            _export(model, example, tmp, name, metadata)
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write ({one_line(exc)})") from exc
+    return OnnxExport(
+        Path(str(source)),
+        output,
+        checkpoint.layout,
+        name,
+        (checkpoint.config.num_channels, int(height), int(width)),
+        checkpoint.config.describe(),
+    )
+
+
+def _export(
+    module: Any, example: Any, path: Path, output_name: str, metadata: dict[str, str]
+) -> None:
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[ONNX_INPUT],
+            output_names=[output_name],
+            dynamic_shapes={"pixel_values": {0: batch}},
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "convnext-cli"
+    onnx.save_model(proto, str(path))

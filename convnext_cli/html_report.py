@@ -192,8 +192,10 @@ class HtmlReportWriter:
         title: str | None = None,
         thumbnailer: Thumbnailer | None = file_thumbnailer,
         workers: int = THUMBNAIL_WORKERS,
+        scores: str = "probs",
     ) -> None:
         self.stream = stream
+        self.scores = scores  # probs, logits or log-probs (classify --scores)
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self.top_k = top_k
@@ -211,6 +213,16 @@ class HtmlReportWriter:
         """What made the page (model, device, dtype, settings, when, the command line),
         shown above the cards; the page's summary, written at the end, carries it."""
         self.run_info = dict(info)
+
+    def _bar(self, score: float) -> str:
+        """Probabilities as they are, log-probabilities as probabilities, logits as none."""
+        if self.scores == "logits":
+            return "0"
+        return _bar_width(math.exp(score) if self.scores == "log-probs" else score)
+
+    def _per_image(self) -> str:
+        text = f"top-{self.top_k} labels" if self.top_k > 0 else "every label"
+        return text + (" per image" if self.scores == "probs" else f" per image ({self.scores})")
 
     def write(self, results: list[Result]) -> None:
         uris = self._thumbnails(results)
@@ -281,7 +293,7 @@ class HtmlReportWriter:
             rows.append(
                 f"<li{' class=top' if rank == 1 else ''}>"
                 f'<span class="label" title="{_attr(p.label)}">{display_text(p.label)}</span>'
-                f'<span class="bar"><i style="width:{_bar_width(p.score)}%"></i></span>'
+                f'<span class="bar"><i style="width:{self._bar(p.score)}%"></i></span>'
                 f'<span class="score" title="{float(p.score)!r} (class {p.index})">'
                 f"{_score_text(p.score)}</span></li>"
             )
@@ -329,7 +341,7 @@ class HtmlReportWriter:
             '</main>\n<section id="summary">'
             f'<div class="stats"><span class="stat"><b>{self.images}</b> images</span>'
             f'<span class="stat"><b>{ok}</b> classified</span>{failed}'
-            f'<span class="stat">top-{self.top_k} labels per image</span></div>'
+            f'<span class="stat">{self._per_image()}</span></div>'
             f"{self._run_info_html()}{state}{labels}</section>\n"
         )
 

@@ -38,7 +38,7 @@ from convnext_cli.errors import CheckpointError, one_line
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "tf_model.h5")
 # Seconds to wait for the Hub's answer to one metadata request, before any download:
 # briefly for a model already cached (no answer: the cache is used), longer for one that
 # must be fetched (no answer: a one-line error, instead of huggingface_hub's retries).

@@ -26,6 +26,14 @@ Each :class:`Layout` member carries its display name, its rename rules and its d
     timm's ``ConvNeXt`` (``stem.``, ``stages.i.downsample.``, ``stages.i.blocks.j.``,
     ``conv_dw``, ``mlp.fc1``/``mlp.fc2`` as Linear or, for atto..nano, 1x1 convolutions,
     1-D ``mlp.grn`` parameters, ``head.norm``, ``head.fc``).
+``tf``
+    transformers' TensorFlow models (``TFConvNextForImageClassification``,
+    ``TFConvNextV2...``, ``TFConvNextModel``) saved as Keras HDF5 weights (``tf_model.h5``):
+    ``<layer>/<model name>/convnext/encoder/stages.0/layers.0/dwconv/kernel:0`` and so on.
+    Mapped as transformers' ``convert_tf_weight_name_to_pt_weight_name`` does (``:0``
+    dropped, ``_._`` a level, the model's name dropped, ``kernel``/``gamma`` -> ``weight``,
+    ``beta`` -> ``bias``), kernels transposed to PyTorch's layout (Conv2D (kh, kw, in, out)
+    -> (out, in, kh, kw), Dense (in, out) -> (out, in)); then transformers' rules.
 ``torchvision``
     torchvision's ``convnext_*`` (``features.N``, ``block.0/2/3/5``, ``layer_scale`` of shape
     (C, 1, 1), ``classifier.0``/``classifier.2``).
@@ -163,8 +171,11 @@ _BLOCK = r"encoder.stages.{s}.layers.{b}."
 _DOWN = r"encoder.stages.{s}.downsampling_layer."
 
 HF_RULES = (
-    _rule(r"(?:convnext|convnextv2)\.((?:embeddings|encoder|layernorm)\..+)", r"\1"),
-    _rule(r"((?:embeddings|encoder|layernorm)\..+)", r"\1"),
+    _rule(
+        r"(?:convnext|convnextv2)\.((?:embeddings|encoder|layernorm|hidden_states_norms)\..+)",
+        r"\1",
+    ),
+    _rule(r"((?:embeddings|encoder|layernorm|hidden_states_norms)\..+)", r"\1"),
     _rule(r"(classifier\.(?:weight|bias))", r"\1"),
 )
 
@@ -240,6 +251,42 @@ TORCHVISION_RULES = (
     _rule(r"classifier\.0\.(weight|bias)", r"layernorm.\1"),
     _rule(r"classifier\.2\.(weight|bias)", r"classifier.\1"),
 )
+
+
+# --------------------------------------------------------------------------- Keras
+
+# where transformers' names begin once the HDF5 layer group and the model's name are dropped
+_HF_ROOTS = ("convnext", "convnextv2", "embeddings", "encoder", "layernorm", "classifier")
+
+
+def _is_keras_key(key: str) -> bool:
+    return key.endswith(":0") and "/" in key
+
+
+def keras_to_hf(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Keras HDF5 weight paths to transformers' PyTorch names, kernels transposed (see the
+    ``tf`` layout in the module docstring)."""
+    out: StateDict = {}
+    for path, value in state_dict.items():
+        parts = [p for p in path.removesuffix(":0").replace("_._", "/").split("/") if p]
+        if len(parts) > 1:
+            parts = parts[1:]  # the HDF5 group of the top-level Keras layer
+        if len(parts) > 1 and parts[0] not in _HF_ROOTS:
+            parts = parts[1:]  # the model's name (level zero in transformers' mapping)
+        last = parts[-1] if parts else ""
+        if last == "kernel" and value.ndim == 4:  # Conv2D (kh, kw, in/groups, out)
+            value = value.permute(3, 2, 0, 1)
+        elif last == "kernel" and value.ndim == 2:  # Dense (in, out)
+            value = value.t()
+        if last in ("kernel", "gamma"):
+            parts[-1] = "weight"
+        elif last == "beta":
+            parts[-1] = "bias"
+        key = ".".join(parts)
+        if key in out:
+            raise CheckpointError(f"Keras checkpoint: two weights map to {key} ({path})")
+        out[key] = value.contiguous()
+    return out
 
 
 def _apply_rules(rules: Iterable[Rule], key: str, value: Tensor) -> tuple[str, Tensor] | None:
@@ -383,6 +430,13 @@ class Layout(str, Enum):
         TORCHVISION_RULES,
         lambda keys: "features.0.0.weight" in keys,
     )
+    KERAS = (
+        "tf",
+        "TensorFlow/Keras",
+        HF_RULES,
+        lambda keys: any(_is_keras_key(k) for k in keys),
+        keras_to_hf,
+    )
 
     def __str__(self) -> str:
         return self.value
@@ -396,7 +450,7 @@ class Layout(str, Enum):
             raise CheckpointError(
                 f"not a ConvNeXt checkpoint in any known layout ({len(keys)} tensors; keys "
                 f"include {_show(state_dict)}); expected transformers, facebookresearch "
-                "(ConvNeXt, ConvNeXt-V2, FCMAE), timm or torchvision weights"
+                "(ConvNeXt, ConvNeXt-V2, FCMAE), timm, torchvision or TensorFlow/Keras weights"
             )
         return found
 

@@ -163,6 +163,36 @@ class ConvNeXt(nn.Module):
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps)
+        # transformers' ConvNextBackbone: one channels-first LayerNorm per output stage, only
+        # when the checkpoint holds them (``hidden_states_norms.<stage>``)
+        widths = dict(
+            zip(config.stage_names, [config.hidden_sizes[0], *config.hidden_sizes], strict=True)
+        )
+        if config.backbone_norms:
+            self.hidden_states_norms = nn.ModuleDict(
+                {name: LayerNorm2d(widths[name], eps=1e-6) for name in config.backbone_norms}
+            )
+
+    def stage_maps(
+        self, pixel_values: torch.Tensor, stages: list[str], backbone: bool = False
+    ) -> list[torch.Tensor]:
+        """The feature maps (N, C, H, W) of the named stages, in the order given: ``stem`` is
+        transformers' ``hidden_states[0]``, ``stageI`` its ``hidden_states[I]``; with
+        `backbone`, each through its own LayerNorm (``ConvNextBackbone.feature_maps``).
+        Stages past the last one asked for are not run."""
+        names = self.config.stage_names
+        wanted = {names.index(name) for name in stages}
+        found: dict[str, torch.Tensor] = {}
+        x = self.embeddings(pixel_values)
+        for index in range(max(wanted) + 1):
+            if index > 0:
+                x = self.encoder.stages[index - 1](x)
+            if index in wanted:
+                found[names[index]] = x
+        if backbone:
+            norms = self.hidden_states_norms
+            found = {name: norms[name](found[name]) for name in found}
+        return [found[name] for name in stages]
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, C_last, H/32, W/32)."""

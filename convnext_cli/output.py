@@ -17,7 +17,9 @@ made visible.
 from __future__ import annotations
 
 import csv
+import functools
 import io
+import math
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,6 +29,8 @@ from convnext_cli.names import json_text, path_field, utf8_text
 from convnext_cli.output_file import OutputFile, StdoutFile, TextSink, is_stdout
 
 if TYPE_CHECKING:
+    import torch
+
     from convnext_cli.pipeline import Result
 
 CLASSIFY_FORMATS = ("auto", "table", "json", "jsonl", "csv", "parquet", "html")
@@ -130,11 +134,20 @@ def _score(value: float) -> float:
     return float(value)
 
 
-def classify_record(result: Result) -> dict[str, Any]:
+DEFAULT_SCORES = "probs"
+# the CSV column that holds the scores, by what they are (classify --scores)
+SCORE_COLUMN = {"probs": "score", "logits": "logit", "log-probs": "log_prob"}
+
+
+def classify_record(result: Result, scores: str = DEFAULT_SCORES) -> dict[str, Any]:
+    """One classify record; with ``--scores logits`` or ``log-probs`` it says so in a
+    ``scores`` field (a record without one holds probabilities, as every earlier file does)."""
     if result.error is not None:
         return {"path": result.path, "error": result.error}
+    marker = {} if scores == DEFAULT_SCORES else {"scores": scores}
     return {
         "path": result.path,
+        **marker,
         "predictions": [
             {"label": p.label, "index": p.index, "score": _score(p.score)}
             for p in result.predictions
@@ -142,8 +155,8 @@ def classify_record(result: Result) -> dict[str, Any]:
     }
 
 
-def classify_record_json(result: Result) -> str:
-    return json_text(classify_record(result))
+def classify_record_json(result: Result, scores: str = DEFAULT_SCORES) -> str:
+    return json_text(classify_record(result, scores))
 
 
 def _floats_json(values: list[float]) -> str:
@@ -154,8 +167,14 @@ def _floats_json(values: list[float]) -> str:
 def embed_record_json(result: Result) -> str:
     if result.error is not None:
         return json_text({"path": result.path, "error": result.error})
-    assert result.embedding is not None
     path = json_text(result.path)
+    if result.features is not None:  # --stage / --backbone: one key per stage, pooled
+        parts = [
+            f"{json_text(name)}: {_floats_json(value.tolist())}"
+            for name, value in result.features.items()
+        ]
+        return f'{{"path": {path}, {", ".join(parts)}}}'
+    assert result.embedding is not None
     return f'{{"path": {path}, "embedding": {_floats_json(result.embedding.tolist())}}}'
 
 
@@ -245,10 +264,15 @@ def _csv_text(rows: list[list[Any]]) -> str:
 
 
 class ClassifyCsvWriter(TextWriter):
-    """``path,rank,label,index,score,error``: one row per prediction, one per failed input."""
+    """``path,rank,label,index,score,error``: one row per prediction, one per failed input
+    (the ``score`` column is ``logit`` or ``log_prob`` with ``--scores``)."""
+
+    def __init__(self, raw: OutputFile | StdoutFile, scores: str = DEFAULT_SCORES) -> None:
+        self.score_column = SCORE_COLUMN[scores]
+        super().__init__(raw)
 
     def header(self) -> str:
-        return _csv_text([["path", "rank", "label", "index", "score", "error"]])
+        return _csv_text([["path", "rank", "label", "index", self.score_column, "error"]])
 
     def render(self, results: list[Result]) -> str:
         rows: list[list[Any]] = []
@@ -273,20 +297,27 @@ class EmbedCsvWriter(TextWriter):
         rows: list[list[Any]] = []
         for r in results:
             path = path_field(r.path)
-            if r.error is not None or r.embedding is None:
+            row = flat_features(r)
+            if r.error is not None or row is None:
                 rows.append([path, utf8_text(r.error or ""), *([""] * (self.dim or 0))])
             else:
-                rows.append([path, "", *(f"{v:.9g}" for v in r.embedding.tolist())])
+                rows.append([path, "", *(f"{v:.9g}" for v in row.tolist())])
         return rows
 
     def render(self, results: list[Result]) -> str:
         if self.dim is None:
-            first = next((r for r in results if r.embedding is not None), None)
+            first = next((r for r in results if flat_features(r) is not None), None)
             if first is None:
                 self.pending.extend(results)
                 return ""
-            self.dim = first.embedding.numel()  # type: ignore[union-attr]
-            header = [["path", "error", *(f"f{i}" for i in range(self.dim))]]
+            self.dim = flat_features(first).numel()  # type: ignore[union-attr]
+            if first.features is not None:  # stage1_0 .. stage1_{C-1}, stage2_0 ..
+                names = [
+                    f"{name}_{i}" for name, v in first.features.items() for i in range(v.numel())
+                ]
+            else:
+                names = [f"f{i}" for i in range(self.dim)]
+            header = [["path", "error", *names]]
             results, self.pending = self.pending + results, []
             return _csv_text(header + self._rows(results))
         return _csv_text(self._rows(results))
@@ -310,8 +341,26 @@ class EmbedCsvWriter(TextWriter):
 NPY_HEADER_SIZE = 128  # magic, version, length and a space-padded dict: rewritten per batch
 
 
-def npy_header(rows: int, dim: int) -> bytes:
-    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}"
+def flat_features(result: Result) -> torch.Tensor | None:
+    """A result's embedding, or its stage features one after the other, as one 1-D row."""
+    if result.features is not None:
+        import torch
+
+        return torch.cat([v.reshape(-1) for v in result.features.values()])
+    return result.embedding
+
+
+def feature_shapes(result: Result) -> dict[str, tuple[int, ...]]:
+    """The name and per-input shape of every tensor a result holds (``embeddings``: (D,))."""
+    if result.features is not None:
+        return {name: tuple(v.shape) for name, v in result.features.items()}
+    assert result.embedding is not None
+    return {"embeddings": (result.embedding.numel(),)}
+
+
+def npy_header(rows: int, dim: int | tuple[int, ...]) -> bytes:
+    tail = ", ".join(str(n) for n in ((dim,) if isinstance(dim, int) else dim))
+    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {tail}), }}"
     body_size = NPY_HEADER_SIZE - 10
     body = text.ljust(body_size - 1) + "\n"
     if len(body) != body_size:
@@ -344,6 +393,7 @@ class MatrixWriter:
         self.rows = 0
         self.records = 0
         self.dim: int | None = None
+        self.shapes: dict[str, tuple[int, ...]] | None = None  # each tensor's row shape
         self.paths: list[str] = []
         self.errors: dict[str, str] = {}
         self.matrix = OutputFile(output)
@@ -361,12 +411,20 @@ class MatrixWriter:
     def write(self, results: list[Result]) -> None:
         lines = []
         for r in results:
-            if r.embedding is None:
+            row = flat_features(r)
+            if row is None:
                 self.errors[r.path] = r.error or "no embedding"
                 continue
-            if self.dim is None:
-                self.dim = r.embedding.numel()
-            self.matrix.write(r.embedding.float().contiguous().numpy().tobytes())
+            if self.shapes is None:
+                self.shapes = feature_shapes(r)
+                self.dim = row.numel()
+            elif feature_shapes(r) != self.shapes:
+                raise OutputError(
+                    f"{self.matrix.display}: {r.path}: features of shape "
+                    f"{list(feature_shapes(r).values())} after {list(self.shapes.values())}; "
+                    "one matrix needs one shape (resize the images, or use --pool avg)"
+                )
+            self.matrix.write(row.float().contiguous().numpy().tobytes())
             self.rows += 1
             if self.sidecar is not None:
                 lines.append(path_field(r.path) + "\n")
@@ -375,8 +433,14 @@ class MatrixWriter:
         if self.sidecar is not None:
             self.sidecar.write("".join(lines).encode("utf-8", "backslashreplace"))
             self.sidecar.flush()
-        self.matrix.pwrite(npy_header(self.rows, self.dim or 0), 0)
+        self.matrix.pwrite(npy_header(self.rows, self._npy_shape()), 0)
         self.records += len(results)
+
+    def _npy_shape(self) -> int | tuple[int, ...]:
+        """The npy's shape past the rows: (D,), or the one stage's (C,) / (C, H, W)."""
+        if self.shapes is None or len(self.shapes) != 1:
+            return self.dim or 0
+        return next(iter(self.shapes.values()))
 
     def close(self) -> None:
         if self.sidecar is not None:
@@ -398,22 +462,35 @@ class MatrixWriter:
         metadata = {"paths": json_text(self.paths)}
         if self.errors:
             metadata["errors"] = json_text(self.errors)
-        header = {
-            "__metadata__": metadata,
-            "embeddings": {
+        shapes = self.shapes or {"embeddings": (dim,)}
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        segments: list[
+            tuple[int, int]
+        ] = []  # (start within a row, length) in bytes, per tensor in file order
+        for name, shape in shapes.items():
+            size = math.prod(shape) * 4
+            header[name] = {
                 "dtype": "F32",
-                "shape": [self.rows, dim],
-                "data_offsets": [0, self.rows * dim * 4],
-            },
-        }
+                "shape": [self.rows, *shape],
+                "data_offsets": [offset, offset + self.rows * size],
+            }
+            segments.append((sum(s for _, s in segments), size))
+            offset += self.rows * size
         text = json_text(header).encode("utf-8")
         text += b" " * (-len(text) % 8)
         built = self.matrix.partial.with_name(self.matrix.partial.name + ".tmp")
         try:
             with open(built, "wb") as out, open(self.matrix.partial, "rb") as rows:
                 out.write(struct.pack("<Q", len(text)) + text)
-                rows.seek(NPY_HEADER_SIZE)
-                shutil.copyfileobj(rows, out, 1 << 20)
+                if len(segments) == 1:
+                    rows.seek(NPY_HEADER_SIZE)
+                    shutil.copyfileobj(rows, out, 1 << 20)
+                else:  # one tensor after the other: a pass over the rows per stage
+                    for start, size in segments:
+                        for n in range(self.rows):
+                            rows.seek(NPY_HEADER_SIZE + n * dim * 4 + start)
+                            out.write(rows.read(size))
                 out.flush()
         except OSError as exc:
             built.unlink(missing_ok=True)
@@ -429,13 +506,15 @@ class HtmlWriter:
 
     names_errors_on_stderr = False
 
-    def __init__(self, raw: OutputFile | StdoutFile, top_k: int) -> None:
+    def __init__(
+        self, raw: OutputFile | StdoutFile, top_k: int, scores: str = DEFAULT_SCORES
+    ) -> None:
         from convnext_cli.html_report import HtmlReportWriter
 
         self.raw = raw
         self.records = 0
         try:
-            self.report = HtmlReportWriter(TextSink(raw), top_k)  # type: ignore[arg-type]
+            self.report = HtmlReportWriter(TextSink(raw), top_k, scores=scores)  # type: ignore[arg-type]
         except BaseException:
             raw.abort()
             raise
@@ -469,8 +548,11 @@ def open_writer(
     provenance: dict[str, Any] | None = None,
     resume: bool = False,
     retry_errors: bool = False,
+    scores: str = DEFAULT_SCORES,
 ) -> Writer:
     """The writer for a command and format, opened on stdout or beside ``-o``.
+
+    ``scores`` (classify) says what the scores are: ``probs``, ``logits`` or ``log-probs``.
 
     ``provenance`` (what wrote the file) goes into Parquet's metadata; ``resume`` keeps
     the rows an earlier run of a Parquet output left (text formats get them through
@@ -488,7 +570,11 @@ def open_writer(
             raise UsageError(f"--format {fmt} writes a binary file: name it with -o FILE")
         return MatrixWriter(output, fmt)  # type: ignore[arg-type]
     raw: OutputFile | StdoutFile = StdoutFile() if is_stdout(output) else OutputFile(output)  # type: ignore[arg-type]
-    render = classify_record_json if command == "classify" else embed_record_json
+    render: Any = embed_record_json
+    if command == "classify":
+        render = classify_record_json
+        if scores != DEFAULT_SCORES:
+            render = functools.partial(classify_record_json, scores=scores)
     if fmt == "table" and command == "embed":
         from convnext_cli.embed_table import EmbedTableWriter
 
@@ -496,15 +582,15 @@ def open_writer(
     if fmt == "table":
         from convnext_cli.table_output import TableWriter
 
-        return TableWriter(raw, top_k)
+        return TableWriter(raw, top_k, scores)
     if fmt == "json":
         return JsonArrayWriter(raw, render)
     if fmt == "jsonl":
         return JsonLinesWriter(raw, render)
     if fmt == "csv":
-        return ClassifyCsvWriter(raw) if command == "classify" else EmbedCsvWriter(raw)
+        return ClassifyCsvWriter(raw, scores) if command == "classify" else EmbedCsvWriter(raw)
     if fmt == "html":
-        return HtmlWriter(raw, top_k)
+        return HtmlWriter(raw, top_k, scores)
     raw.abort()
     raise UsageError(f"unknown format {fmt!r}")
 

@@ -69,10 +69,46 @@ def embed_schema(dim: int | None) -> pa.Schema:
     return pa.schema([("path", pa.string()), ("error", pa.string()), ("embedding", vector)])
 
 
+def features_schema(shapes: dict[str, tuple[int, ...]]) -> pa.Schema:
+    """embed --stage / --backbone: one column per stage, a fixed-size list of float32 for a
+    pooled (C,) feature, a fixed-shape tensor (C, H, W) column for a whole map."""
+    columns = [("path", pa.string()), ("error", pa.string())]
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            columns.append((name, pa.list_(pa.float32(), shape[0])))
+        else:
+            columns.append((name, pa.fixed_shape_tensor(pa.float32(), list(shape))))
+    return pa.schema(columns)
+
+
+def feature_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows of stage features as a table of ``schema`` (tensor columns built from flat
+    storage; a failed input's tensors are null)."""
+    arrays = []
+    for column in schema:
+        values = [row.get(column.name) for row in rows]
+        if isinstance(column.type, pa.FixedShapeTensorType):
+            storage = pa.array(
+                [None if v is None else v.reshape(-1).tolist() for v in values],
+                type=column.type.storage_type,
+            )
+            arrays.append(pa.ExtensionArray.from_storage(column.type, storage))
+        elif pa.types.is_fixed_size_list(column.type):
+            arrays.append(
+                pa.array([None if v is None else v.tolist() for v in values], type=column.type)
+            )
+        else:
+            arrays.append(pa.array(values, type=column.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def parquet_row(result: Result, task: str) -> dict[str, Any]:
     """One row for a result: the columns of ``CLASSIFY_SCHEMA`` or ``embed_schema``."""
     error = None if result.error is None else utf8_text(result.error)
     row: dict[str, Any] = {"path": path_field(result.path), "error": error}
+    if task == "embed" and result.features is not None:
+        row.update({name: value.float() for name, value in result.features.items()})
+        return row
     if task == "embed":
         ok = result.embedding is not None and result.error is None
         row["embedding"] = result.embedding.float().tolist() if ok else None  # type: ignore[union-attr]
@@ -135,6 +171,7 @@ class ParquetRecordWriter:
         self.pending: list[dict[str, Any]] = []
         self.pending_since = time.monotonic()
         self.dim: int | None = None
+        self.shapes: dict[str, tuple[int, ...]] | None = None  # embed --stage / --backbone
         self.records = 0
 
     # rows -----------------------------------------------------------------------------
@@ -149,10 +186,12 @@ class ParquetRecordWriter:
             len(self.pending) >= self.rows_per_part
             or time.monotonic() - self.pending_since >= SECONDS_PER_PART
         )
-        if due and (self.task == "classify" or self.dim):
+        if due and (self.task == "classify" or self.dim or self.shapes):
             self._flush()
 
     def _row(self, result: Result) -> dict[str, Any]:
+        if result.features is not None and self.shapes is None:
+            self.shapes = {name: tuple(v.shape) for name, v in result.features.items()}
         row = parquet_row(result, self.task)
         if row.get("embedding") is not None:
             self.dim = self.dim or len(row["embedding"])
@@ -164,7 +203,10 @@ class ParquetRecordWriter:
     def _flush(self) -> None:
         if not self.pending:
             return
-        table = pa.Table.from_pylist(self.pending, schema=self._schema())
+        if self.shapes is not None:
+            table = feature_table(self.pending, features_schema(self.shapes))
+        else:
+            table = pa.Table.from_pylist(self.pending, schema=self._schema())
         final = self.parts / f"part-{self.next_part:06d}.parquet"
         temporary = final.with_suffix(".tmp")
         pq.write_table(table.replace_schema_metadata(self.metadata), temporary)
@@ -198,13 +240,18 @@ class ParquetRecordWriter:
             self.raw.abort(keep)
 
     def _flush_any(self) -> None:
-        if self.task == "embed" and self.dim is None and self.pending:
+        if self.shapes is None and self.pending and _features_in(self.earlier):
+            self.shapes = _features_in(self.earlier)
+        if self.task == "embed" and self.dim is None and self.pending and self.shapes is None:
             self.dim = _dim_in(self.earlier)
         self._flush()
 
     def _final_schema(self, sources: list[Path]) -> pa.Schema:
         if self.task == "classify":
             return CLASSIFY_SCHEMA
+        shapes = self.shapes or _features_in(sources)
+        if shapes:
+            return features_schema(shapes)
         return embed_schema(self.dim or _dim_in(sources))
 
 
@@ -215,10 +262,29 @@ def _part_number(path: Path) -> int:
         return -1
 
 
+def _features_in(paths: Iterable[Path]) -> dict[str, tuple[int, ...]] | None:
+    """The stage columns and shapes of earlier files (embed --stage), if they have them."""
+    for path in paths:
+        schema = pq.read_schema(path)
+        if "embedding" in schema.names:
+            return None
+        shapes: dict[str, tuple[int, ...]] = {}
+        for column in schema:
+            if isinstance(column.type, pa.FixedShapeTensorType):
+                shapes[column.name] = tuple(column.type.shape)
+            elif pa.types.is_fixed_size_list(column.type):
+                shapes[column.name] = (int(column.type.list_size),)
+        return shapes or None
+    return None
+
+
 def _dim_in(paths: Iterable[Path]) -> int | None:
     """The embedding width recorded in earlier files, if any has one."""
     for path in paths:
-        field = pq.read_schema(path).field("embedding")
+        schema = pq.read_schema(path)
+        if "embedding" not in schema.names:
+            continue
+        field = schema.field("embedding")
         if pa.types.is_fixed_size_list(field.type):
             return int(field.type.list_size)
     return None

@@ -63,6 +63,9 @@ class Result:
     error: str | None = None
     predictions: list[Prediction] = field(default_factory=list)
     embedding: torch.Tensor | None = None  # 1-D float32 on the CPU
+    # embed --stage / --backbone: each stage's feature, float32 on the CPU, in the order
+    # asked: (C,) pooled, or the (C, H, W) map with --pool none
+    features: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,7 @@ def _decoded_by_workers(
 
 NON_FINITE = "model produced non-finite values"
 OUT_OF_MEMORY = "out of device memory even alone"
+SCORE_KINDS = ("probs", "logits", "log-probs")  # what classify's scores are (--scores)
 
 
 def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
@@ -373,6 +377,7 @@ def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
     )
     result.predictions = []
     result.embedding = None
+    result.features = None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -780,28 +785,40 @@ class Runner:
         top_k: int = 5,
         batch_size: int | None = None,
         workers: int | None = None,
+        scores: str = "probs",
     ) -> Iterator[list[Result]]:
-        """Top-k softmax predictions for every path, one list of results per batch (`paths`
-        may be a stream: it is read as the batches go)."""
+        """Top-k predictions for every path, one list of results per batch (`paths` may be a
+        stream: it is read as the batches go).  `scores`: ``probs`` (softmax), ``logits``
+        or ``log-probs`` (log-softmax); the ranking is the same for all three.  A `top_k` of
+        0 or more than the classes gives every class."""
+        if scores not in SCORE_KINDS:
+            from convnext_cli.errors import UsageError
+
+            raise UsageError(f"--scores {scores!r}: use {', '.join(SCORE_KINDS)}")
         if not self.labels:
             from convnext_cli.errors import UsageError
 
             raise UsageError(
                 "this checkpoint has no classification head (a feature model): use `convnext embed`"
             )
-        k = max(1, min(top_k, len(self.labels)))
+        k = len(self.labels) if top_k <= 0 else max(1, min(top_k, len(self.labels)))
 
         def launch_top_k(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
             logits = self.logits_fn(batch).float()
-            probs = logits.softmax(dim=-1)
-            finite = (torch.isfinite(logits) & torch.isfinite(probs)).all(dim=-1)
-            scores, indices = probs.topk(k, dim=-1)
-            return finite, scores, indices
+            if scores == "logits":
+                values = logits
+            elif scores == "log-probs":
+                values = logits.log_softmax(dim=-1)
+            else:
+                values = logits.softmax(dim=-1)
+            finite = (torch.isfinite(logits) & torch.isfinite(values)).all(dim=-1)
+            top, indices = values.topk(k, dim=-1)
+            return finite, top, indices
 
         def put_top_k(outputs: tuple[torch.Tensor, ...], results: list[Result]) -> None:
-            finite, scores, indices = (out.tolist() for out in outputs)
+            finite, top, indices = (out.tolist() for out in outputs)
             for result, ok, row_scores, row_indices in zip(
-                results, finite, scores, indices, strict=True
+                results, finite, top, indices, strict=True
             ):
                 if not ok:
                     result.error = NON_FINITE
@@ -819,8 +836,21 @@ class Runner:
         normalize: bool = False,
         batch_size: int | None = None,
         workers: int | None = None,
+        stages: list[str] | None = None,
+        pool: str = "avg",
+        backbone: bool = False,
     ) -> Iterator[list[Result]]:
-        """The pooled feature (transformers' pooler_output) for every path, per batch."""
+        """The pooled feature (transformers' pooler_output) for every path, per batch.
+
+        With `stages` (``stem``, ``stage1`` ..) or `backbone`, each result's ``features``
+        holds those stages' outputs instead (see :func:`stage_request`): globally
+        average-pooled to (C,) (`pool` ``avg``) or the whole (C, H, W) map (``none``).
+        """
+        if stages or backbone:
+            chosen = stage_request(self.model.config, stages, backbone)
+            return self._run(
+                paths, batch_size, workers, self._put_stages(chosen, pool, backbone, normalize)
+            )
 
         def features(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
             out = self.embed_fn(batch).float()
@@ -837,3 +867,60 @@ class Runner:
                     result.error = NON_FINITE
 
         return self._run(paths, batch_size, workers, Head(features, put_embeddings))
+
+    def _put_stages(self, stages: list[str], pool: str, backbone: bool, normalize: bool) -> Head:
+        body = self.model.backbone
+
+        def launch_stages(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            maps = [m.float() for m in body.stage_maps(batch, stages, backbone)]
+            if pool == "avg":
+                maps = [m.mean(dim=(-2, -1)) for m in maps]
+                if normalize:
+                    maps = [m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12) for m in maps]
+            finite = torch.stack([torch.isfinite(m.flatten(1)).all(dim=1) for m in maps]).all(0)
+            return (finite, *maps)
+
+        def put_stages(outputs: tuple[torch.Tensor, ...], results: list[Result]) -> None:
+            finite, *rows = outputs
+            for n, (result, ok) in enumerate(zip(results, finite.tolist(), strict=True)):
+                if ok:
+                    result.features = {name: m[n] for name, m in zip(stages, rows, strict=True)}
+                else:
+                    result.error = NON_FINITE
+
+        return Head(launch_stages, put_stages)
+
+
+POOLS = ("avg", "none")  # embed --pool
+
+
+def stage_request(config: Any, stages: list[str] | None, backbone: bool) -> list[str]:
+    """The stages ``embed --stage`` / ``--backbone`` gives, checked against the model.
+
+    Without `stages`, ``--backbone`` gives the config.json's ``out_features`` (else every
+    stage whose LayerNorm the checkpoint holds); with `backbone` every stage must have
+    its LayerNorm in the checkpoint, as transformers' ``ConvNextBackbone`` has.
+    """
+    from convnext_cli.errors import UsageError
+
+    names = config.stage_names
+    if backbone and not config.backbone_norms:
+        raise UsageError(
+            "--backbone: this checkpoint holds no backbone LayerNorms "
+            "(hidden_states_norms.*, as transformers' ConvNextBackbone saves); "
+            "use --stage NAME for the plain stage outputs"
+        )
+    if not stages:  # --backbone alone
+        stages = list(config.out_features or config.backbone_norms)
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise UsageError(f"--stage {unknown[0]}: this model's stages are {', '.join(names)}")
+    stages = list(dict.fromkeys(stages))
+    missing = [s for s in stages if s not in config.backbone_norms]
+    if backbone and missing:
+        held = ", ".join(config.backbone_norms) or "none"
+        raise UsageError(
+            f"--backbone: the checkpoint has no LayerNorm for {', '.join(missing)} "
+            f"(hidden_states_norms.*; it has: {held}); drop --backbone for the plain stage output"
+        )
+    return stages

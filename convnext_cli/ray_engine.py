@@ -104,6 +104,7 @@ class RayOptions:
     device: str = "auto"
     dtype: str = "auto"
     top_k: int = 5
+    scores: str = "probs"  # classify: probs, logits or log-probs
     normalize: bool = False
     batch_size: int | None = None
     replicas: int | None = None
@@ -629,7 +630,9 @@ class ModelActor:
             items.append(InMemoryImage(str(i), torch.from_numpy(array.copy())))
         options = self.options
         if options.task == "classify":
-            batches = self.runner.classify(items, options.top_k, self.batch_size, workers=0)
+            batches = self.runner.classify(
+                items, options.top_k, self.batch_size, workers=0, scores=options.scores
+            )
         else:
             batches = self.runner.embed(items, options.normalize, self.batch_size, workers=0)
         results = [r for results in batches for r in results]

@@ -40,7 +40,12 @@ from convnext_cli.names import read_path_field
 
 RESUMABLE_FORMATS = ("jsonl", "csv", "parquet")
 # what must match between the run that wrote a file and the one resuming it
-PROVENANCE_KEYS = ("command", "model", "config", "top_k", "normalize", "preprocess")
+# (scores: classify --scores; features: embed --stage/--pool/--backbone; both absent when
+# not asked for, as in files written before them)
+PROVENANCE_KEYS = (
+    *("command", "model", "config", "top_k", "normalize", "preprocess"),
+    *("scores", "features"),
+)
 # where and how it ran (the numbers differ with them): compared when the file records them
 RUN_KEYS = ("device", "dtype", "decode")
 

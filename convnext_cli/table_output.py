@@ -24,6 +24,7 @@ when the output is a terminal (and ``NO_COLOR`` is unset); the layout is the sam
 
 from __future__ import annotations
 
+import math
 import os
 import textwrap
 from dataclasses import dataclass
@@ -182,11 +183,13 @@ class Layout:
 class TableWriter(TextWriter):
     """The table for people (see the module's docstring), with the text writers' life cycle."""
 
-    def __init__(self, raw: OutputFile | StdoutFile, top_k: int) -> None:
+    def __init__(self, raw: OutputFile | StdoutFile, top_k: int, scores: str = "probs") -> None:
         from rich.console import Console
 
         super().__init__(raw)
+        top_k = top_k if top_k > 0 else 1000  # -k all: room for a 4-digit rank
         self.top_k = top_k
+        self.scores = scores  # probs, logits or log-probs (classify --scores)
         self.layout = Layout.for_width(terminal_width(self.sink), top_k)
         self.console = Console(
             file=self.sink,  # type: ignore[arg-type]
@@ -227,7 +230,8 @@ class TableWriter(TextWriter):
         label = Text(GAP + "label".ljust(layout.label))
         if layout.index:
             label.append(GAP + "index")
-        label.append(GAP + "score".rjust(SCORE_WIDTH))
+        heading = {"logits": "logit", "log-probs": "log-p"}.get(self.scores, "score")
+        label.append(GAP + heading.rjust(SCORE_WIDTH))
         head = self._cells("image", "#", label)
         head.stylize("bold")
         rule = Text("─" * layout.width, style="dim")
@@ -245,9 +249,10 @@ class TableWriter(TextWriter):
             rest.append(GAP + str(index).rjust(layout.index), "dim")
         shown = f"{score:.4f}" if score == score else "n/a"  # NaN never reaches here
         rest.append(GAP + shown.rjust(SCORE_WIDTH))
-        if layout.bar:
+        if layout.bar and self.scores != "logits":
+            shown_as = math.exp(score) if self.scores == "log-probs" else score
             rest.append(" ")
-            rest.append(bar(score, layout.bar), "green")
+            rest.append(bar(shown_as, layout.bar), "green")
         return self._cells(image, Text(str(rank).rjust(layout.rank), "dim"), rest)
 
     def _error(self, image: str, error: str) -> list[Text]:

@@ -1,8 +1,11 @@
-"""Reading weight files from disk: safetensors, or pickles loaded with ``weights_only=True``.
+"""Reading weight files from disk: safetensors, pickles loaded with ``weights_only=True``,
+and Keras HDF5 weights (``tf_model.h5``, through h5py: the optional ``tf`` extra).
 
-Nothing here executes code from a checkpoint: safetensors holds bare tensors, and
+Nothing here executes code from a checkpoint: safetensors holds bare tensors,
 ``torch.load(weights_only=True)`` refuses any pickle that would construct an
-arbitrary object.
+arbitrary object, and an HDF5 file is read as datasets of floats only (its superblock's
+end-of-file address checked against the file's size first; links, external storage and
+virtual datasets, which would read other files, refused).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from convnext_cli.image_files import open_regular_binary, parse_json
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
+H5_SUFFIXES = (".h5", ".hdf5")
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+MAX_H5_DATASETS = 100_000
 
 # Weight dtypes the model can be loaded from (cast to the run's dtype when built).
 FLOAT_DTYPES_SAFETENSORS = {
@@ -42,7 +48,121 @@ def read_weights_file(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such weights file")
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
+    if path.suffix.lower() in H5_SUFFIXES:
+        return read_h5_weights(path)
     return _read_pickle(path)
+
+
+def check_h5_superblock(path: Path) -> None:
+    """An HDF5 file's signature and superblock, before h5py (libhdf5) parses it: the
+    signature at offset 0, a known superblock version, 4- or 8-byte offsets, and an
+    end-of-file address that is the file's size (a truncated or padded file is refused)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(96)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({one_line(exc)})") from exc
+    if not head.startswith(HDF5_MAGIC):
+        raise CheckpointError(f"{path}: not an HDF5 file (no HDF5 signature at its start)")
+    if len(head) < 12:
+        raise CheckpointError(f"{path}: not an HDF5 file (only {size} bytes)")
+    version = head[8]
+    if version in (0, 1):
+        offsets, eof_at = head[13], 24 + (4 if version == 1 else 0)
+        eof_at += 2 * (head[13] if head[13] in (4, 8) else 0)
+    elif version in (2, 3):
+        offsets = head[9]
+        eof_at = 12 + 2 * (offsets if offsets in (4, 8) else 0)
+    else:
+        raise CheckpointError(f"{path}: unknown HDF5 superblock version {version}")
+    if offsets not in (4, 8) or len(head) < eof_at + offsets:
+        raise CheckpointError(f"{path}: malformed HDF5 superblock")
+    eof = int.from_bytes(head[eof_at : eof_at + offsets], "little")
+    if eof > size:
+        raise CheckpointError(
+            f"{path}: HDF5 superblock says the file ends at byte {eof}, the file has only "
+            f"{size} bytes (truncated?)"
+        )
+
+
+def _h5py() -> Any:
+    try:
+        import h5py
+    except ImportError:
+        raise CheckpointError(
+            "reading TensorFlow/Keras weights (.h5) needs h5py: pip install 'convnext-cli[tf]'"
+        ) from None
+    return h5py
+
+
+def read_h5_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every float dataset of a Keras HDF5 weights file, by its path in the file
+    (``convnext/tf_conv_next_for_image_classification/convnext/.../kernel:0``), as tensors in
+    the file's own layout (:mod:`convnext_cli.layouts` maps names and transposes).
+
+    Only hard links to groups and contiguous or chunked datasets of float16/32/64 stored in
+    this file are read; each dataset's size is checked against the file's before it is read.
+    """
+    h5py = _h5py()
+    check_h5_superblock(path)
+    size = path.stat().st_size
+    tensors: dict[str, torch.Tensor] = {}
+    total = 0  # bytes read so far: all the datasets together fit in the file (no filters)
+    try:
+        with h5py.File(str(path), "r", locking=False) as f:
+            pending: list[tuple[str, Any]] = [("", f)]
+            while pending:
+                prefix, group = pending.pop()
+                for name in group:
+                    where = f"{prefix}{name}"
+                    link = group.get(name, getlink=True)
+                    if not isinstance(link, h5py.HardLink):
+                        raise CheckpointError(f"{path}: {where}: links to other objects or files")
+                    item = group[name]
+                    if isinstance(item, h5py.Group):
+                        pending.append((where + "/", item))
+                        continue
+                    tensors[where] = _h5_tensor(path, where, item, size, size - total)
+                    total += tensors[where].numel() * tensors[where].element_size()
+                    if len(tensors) > MAX_H5_DATASETS:
+                        raise CheckpointError(f"{path}: more than {MAX_H5_DATASETS} datasets")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # h5py raises OSError, KeyError, ValueError, TypeError ...
+        raise CheckpointError(
+            f"{path}: not a readable HDF5 weights file ({one_line(exc)})"
+        ) from exc
+    if not tensors:
+        raise CheckpointError(f"{path}: no weights in the HDF5 file")
+    return dict(sorted(tensors.items()))
+
+
+def _h5_tensor(path: Path, where: str, dataset: Any, size: int, room: int) -> torch.Tensor:
+    """One dataset as a tensor; `size`: the file's bytes, `room`: those not yet claimed by
+    the datasets read before it."""
+    import math
+
+    import numpy as np
+
+    if dataset.is_virtual or dataset.external:
+        raise CheckpointError(f"{path}: {where}: data stored outside the file")
+    if dataset.dtype.kind != "f" or dataset.dtype.itemsize not in (2, 4, 8):
+        raise CheckpointError(
+            f"{path}: {where} has dtype {dataset.dtype}; weights must be floating point"
+        )
+    nbytes = math.prod(int(n) for n in dataset.shape) * dataset.dtype.itemsize
+    if nbytes > room:
+        raise CheckpointError(
+            f"{path}: {where} claims {nbytes} bytes of data, more than the file holds "
+            "(compressed HDF5 weights are not read)"
+        )
+    if dataset.chunks is None and nbytes:
+        offset = dataset.id.get_offset()
+        if offset is None or offset + nbytes > size:
+            raise CheckpointError(f"{path}: {where} lies past the end of the file (truncated?)")
+    array = np.asarray(dataset[()], dtype=dataset.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def check_safetensors_header(path: Path) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def test_help_shows_choices_and_readable_metavars() -> None:
     assert all(d in flat for d in ("float32", "float16", "bfloat16"))
     assert "<local|ray>" in flat
     convert_help = " ".join(help_text("convert").split())
-    assert all(f" {layout}" in convert_help for layout in ("hf", "fb", "fcmae", "timm"))
+    assert all(f" {layout}" in convert_help for layout in ("hf", "fb", "fcmae", "timm", "tf"))
     for name in ("MODEL", "DEVICE", "FILE", "DIR", "REV", "TOKEN", " N ", "I/N", "FORMAT", "DTYPE"):
         assert name in classify_help, name
     for command in COMMANDS:
@@ -168,7 +168,10 @@ def test_help_with_completion_still_imports_nothing_heavy() -> None:
 def test_shared_options_declared_once_and_reach_the_job(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    own = {"classify": {"inputs", "top_k", "fmt"}, "embed": {"inputs", "fmt", "normalize"}}
+    own = {
+        "classify": {"inputs", "top_k", "scores", "fmt"},
+        "embed": {"inputs", "fmt", "normalize", "stage", "pool", "backbone"},
+    }
     for name, command in (("classify", classify.classify), ("embed", embed.embed)):
         names = [p.name for p in parameters_of(command)]
         assert set(names) == own[name] | set(SHARED_PARAMETERS), name

@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
 
 from convnext_cli.cli.jobs import Job, run_job
 from convnext_cli.cli.options import ClassifyFormat, InputsArg, shared_options
-from convnext_cli.limits import MAX_TOP_K
+from convnext_cli.limits import MAX_TOP_K, is_int
+
+
+def _top_k(text: str | int) -> int:
+    """``-k N`` (N >= 1) or ``-k all`` (every class, as 0)."""
+    if isinstance(text, int):
+        return text
+    if text.strip().lower() == "all":
+        return 0
+    if not is_int(text):
+        raise typer.BadParameter(f"{text!r}: a number from 1 to {MAX_TOP_K}, or all")
+    value = int(text)
+    if not 1 <= value <= MAX_TOP_K:
+        raise typer.BadParameter(f"{value}: a number from 1 to {MAX_TOP_K}, or all")
+    return value
+
+
+class Scores(str, Enum):
+    probs = "probs"
+    logits = "logits"
+    log_probs = "log-probs"
+
 
 TopKOpt = Annotated[
-    int, typer.Option("--top-k", "-k", min=1, max=MAX_TOP_K, metavar="N", help="Labels per image.")
+    int,
+    typer.Option(
+        "--top-k",
+        "-k",
+        metavar="N|all",
+        parser=_top_k,
+        help="Labels per image; all: every class (the full distribution).",
+    ),
+]
+ScoresOpt = Annotated[
+    Scores,
+    typer.Option(
+        "--scores",
+        case_sensitive=False,
+        help="probs: softmax; logits: the classifier's raw outputs; log-probs: log-softmax. "
+        "Records other than probs say which (a scores field, a logit/log_prob CSV column).",
+    ),
 ]
 ClassifyFormatOpt = Annotated[
     ClassifyFormat,
@@ -28,6 +66,7 @@ ClassifyFormatOpt = Annotated[
 def classify(
     inputs: InputsArg,
     top_k: TopKOpt = 5,
+    scores: ScoresOpt = Scores.probs,
     fmt: ClassifyFormatOpt = ClassifyFormat.auto,
     **shared: Any,
 ) -> None:
@@ -43,6 +82,13 @@ def classify(
       $ convnext classify photos/ --format json > labels.json
       $ find . -name '*.png' -print0 | convnext classify - -0 -o labels.csv
       $ convnext classify shards/*.tar -o labels.parquet --resume
+      $ convnext classify cat.jpg -k all --scores logits -o logits.jsonl
     """
-    options = {**shared, "inputs": inputs, "top_k": top_k, "fmt": fmt}
+    options = {
+        **shared,
+        "inputs": inputs,
+        "top_k": top_k,
+        "fmt": fmt,
+        "scores": getattr(scores, "value", scores),
+    }
     raise typer.Exit(run_job(Job.from_options("classify", options)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,8 +25,9 @@ SourceArg = Annotated[
     typer.Argument(
         metavar="SOURCE",
         parser=Source,
-        help="A weights file (.safetensors, .pth, .pt, .bin) in any supported layout, a "
-        "folder holding model.safetensors or pytorch_model.bin, or a Hub id.",
+        help="A weights file (.safetensors, .pth, .pt, .bin, TensorFlow .h5) in any supported "
+        "layout, a folder holding model.safetensors, pytorch_model.bin or tf_model.h5, or a "
+        "Hub id.",
         show_default=False,
     ),
 ]
@@ -35,8 +37,27 @@ OutputDirArg = Annotated[
         metavar="OUTPUT_DIR",
         help="Folder to write config.json, model.safetensors and preprocessor_config.json "
         "into (created; must be empty unless --force; must not hold SOURCE, symlinks "
-        "resolved). Each file is written to a temporary and renamed into place.",
+        "resolved). Each file is written to a temporary and renamed into place. "
+        "A name ending in .onnx (or --to onnx) writes an ONNX model instead.",
         show_default=False,
+    ),
+]
+
+
+class Target(str, Enum):
+    auto = "auto"
+    hub = "hub"
+    onnx = "onnx"
+
+
+ToOpt = Annotated[
+    Target,
+    typer.Option(
+        "--to",
+        case_sensitive=False,
+        help="auto: onnx when OUTPUT_DIR ends in .onnx, else hub (a transformers folder). "
+        "onnx: float32, dynamic batch, preprocessing and labels in its metadata; for "
+        "deployment (ONNX Runtime, OpenVINO), not speed.",
     ),
 ]
 FromOpt = Annotated[
@@ -46,8 +67,8 @@ FromOpt = Annotated[
         metavar="LAYOUT",
         case_sensitive=False,
         help="Source layout: auto (detect from the key names), hf (transformers), fb "
-        "(facebookresearch ConvNeXt / ConvNeXt-V2, FCMAE included), fcmae, timm or "
-        "torchvision.",
+        "(facebookresearch ConvNeXt / ConvNeXt-V2, FCMAE included), fcmae, timm, "
+        "torchvision or tf (TensorFlow/Keras tf_model.h5; needs the tf extra).",
     ),
 ]
 ImageSizeOpt = Annotated[
@@ -94,6 +115,7 @@ def convert(
     revision: RevisionOpt = None,
     cache_dir: CacheDirOpt = None,
     token: TokenOpt = None,
+    to: ToOpt = Target.auto,
 ) -> None:
     """Convert a ConvNeXt / ConvNeXt V2 checkpoint to a transformers (Hub-layout) folder.
 
@@ -107,7 +129,26 @@ def convert(
       $ convnext convert convnextv2_tiny_22k_384_ema.pt v2-384/ --image-size 384
       $ convnext convert timm-weights.safetensors out/ --from timm
       $ convnext classify photos/ -m convnext-tiny/
+      $ convnext convert facebook/convnext-tiny-224 convnext-tiny.onnx
     """
+    target = getattr(to, "value", to)
+    if target == "onnx" or (target == "auto" and output_dir.suffix.lower() == ".onnx"):
+        from convnext_cli.convert import export_onnx
+
+        exported = export_onnx(
+            source,
+            output_dir,
+            layout=from_.value,
+            image_size=image_size,
+            crop_pct=crop_pct,
+            force=force,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+        )
+        say(f"exported {source} ({exported.summary()}) -> {exported.output}")
+        typer.echo(str(exported.output))
+        return
     from convnext_cli.convert import convert as run_conversion
 
     result = run_conversion(

@@ -18,6 +18,34 @@ EmbedFormatOpt = Annotated[
         "in its metadata) and parquet need -o.",
     ),
 ]
+StageOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--stage",
+        metavar="NAME",
+        help="A stage's output instead of the pooled feature: stem, stage1 .. stageN "
+        "(transformers' hidden_states[0..N]); repeat for several.",
+    ),
+]
+PoolOpt = Annotated[
+    str,
+    typer.Option(
+        "--pool",
+        metavar="avg|none",
+        help="With --stage/--backbone: avg (global average, (C,)) or none (the whole "
+        "(C, H, W) map; npy, safetensors and parquet only).",
+    ),
+]
+BackboneOpt = Annotated[
+    bool,
+    typer.Option(
+        "--backbone",
+        metavar="",
+        help="transformers' ConvNextBackbone feature_maps: each stage through its own "
+        "LayerNorm (the checkpoint must hold them); without --stage, config.json's "
+        "out_features.",
+    ),
+]
 NormalizeOpt = Annotated[
     bool, typer.Option("--normalize", metavar="", help="L2-normalise every embedding.")
 ]
@@ -28,6 +56,9 @@ def embed(
     inputs: InputsArg,
     fmt: EmbedFormatOpt = EmbedFormat.auto,
     normalize: NormalizeOpt = False,
+    stage: StageOpt = None,
+    pool: PoolOpt = "avg",
+    backbone: BackboneOpt = False,
     **shared: Any,
 ) -> None:
     """Embed images: the pooled feature (global average pool + final LayerNorm) per input.
@@ -41,6 +72,17 @@ def embed(
       $ convnext embed photos/ --normalize -o features.safetensors
       $ convnext embed imgs/ -m facebook/convnextv2-tiny-22k-224 -o emb.parquet
       $ convnext embed cat.jpg | jq '.embedding | length'
+      $ convnext embed photos/ --stage stage2 --stage stage4 -o stages.safetensors
+      $ convnext embed photos/ --stage stage3 --pool none -o maps.npy
+      $ convnext embed photos/ -m ./upernet-backbone --backbone --pool none -o maps.parquet
     """
-    options = {**shared, "inputs": inputs, "fmt": fmt, "normalize": normalize}
+    options = {
+        **shared,
+        "inputs": inputs,
+        "fmt": fmt,
+        "normalize": normalize,
+        "stages": list(stage or []),
+        "pool": pool,
+        "backbone": backbone,
+    }
     raise typer.Exit(run_job(Job.from_options("embed", options)))

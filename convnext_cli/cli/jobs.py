@@ -7,7 +7,7 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -226,8 +226,13 @@ class Job:
     model: str
     fmt: str | None
     output: Path | None
-    top_k: int = 5
+    top_k: int = 5  # 0: every class (-k all)
+    scores: str = "probs"  # classify --scores: probs, logits or log-probs
     normalize: bool = False
+    # embed --stage / --pool / --backbone (none of them: transformers' pooler_output)
+    stages: list[str] = field(default_factory=list)
+    pool: str = "avg"
+    backbone: bool = False
     batch_size: int | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -263,6 +268,31 @@ class Job:
             options["progress"] = not options.pop("no_progress")
         names = {f.name for f in fields(cls)} - {"command"}
         return cls(command=command, **{k: v for k, v in options.items() if k in names})
+
+
+def check_features_request(job: Job, fmt: str) -> None:
+    """embed --stage / --pool / --backbone: what the format and engine can hold, before
+    anything is loaded (the stage names are checked against the model once it is)."""
+    from convnext_cli.pipeline import POOLS
+
+    if job.command != "embed":
+        return
+    if job.pool not in POOLS:
+        raise UsageError(f"--pool {job.pool!r}: use {', '.join(POOLS)}")
+    if not (job.stages or job.backbone):
+        if job.pool != "avg":
+            raise UsageError("--pool applies to --stage/--backbone features")
+        return
+    if job.engine != "local":
+        raise UsageError("--stage/--backbone run on the local engine only")
+    if job.pool == "none" and fmt not in ("npy", "safetensors", "parquet"):
+        raise UsageError(
+            f"--pool none gives (C, H, W) maps: use npy, safetensors or parquet, not {fmt}"
+        )
+    if job.pool == "none" and job.normalize:
+        raise UsageError("--normalize applies to pooled features, not to --pool none maps")
+    if fmt == "npy" and len(set(job.stages)) > 1:
+        raise UsageError("npy holds one array: one --stage, or several in safetensors or parquet")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -318,6 +348,7 @@ def run_job(job: Job) -> int:
     if is_stdout(job.output) and stdout_closed():
         raise OutputError(STDOUT_CLOSED_MESSAGE)
     fmt = choose_format(job.command, job.fmt, job.output, sys.stdout.isatty())
+    check_features_request(job, fmt)
     if job.resume and (is_stdout(job.output) or fmt not in RESUMABLE_FORMATS):
         raise UsageError(f"--resume needs -o FILE in {', '.join(RESUMABLE_FORMATS)}")
     listing = gather_inputs(job.inputs, job.recursive, job.null, job.image_column, job.id_column)
@@ -332,7 +363,9 @@ def run_job(job: Job) -> int:
     items = watch_overwriting(items, targets)
     if not job.resume and fmt != "parquet":
         stream = InputStream(items)
-        writer = open_writer(job.command, fmt, job.output, job.top_k)  # fails before loading
+        writer = open_writer(  # fails before loading
+            job.command, fmt, job.output, job.top_k, scores=job.scores
+        )
         created: list[Path] = []
 
         def batches() -> Iterator[list[Result]]:
@@ -423,11 +456,21 @@ def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef]) -> Batch
     if job.command == "classify":
         _note_top_k_cap(job, len(runner.labels or ()))
         batches = runner.classify(
-            items, top_k=job.top_k, batch_size=job.batch_size, workers=job.workers
+            items,
+            top_k=job.top_k,
+            batch_size=job.batch_size,
+            workers=job.workers,
+            scores=job.scores,
         )
         return Batches(batches, _verb(job.command), runner.device, runner.dtype, runner.times)
     batches = runner.embed(
-        items, normalize=job.normalize, batch_size=job.batch_size, workers=job.workers
+        items,
+        normalize=job.normalize,
+        batch_size=job.batch_size,
+        workers=job.workers,
+        stages=job.stages or None,
+        pool=job.pool,
+        backbone=job.backbone,
     )
     return Batches(batches, _verb(job.command), runner.device, runner.dtype, runner.times)
 
@@ -445,12 +488,19 @@ def make_provenance(job: Job, config: Any, spec: Any, runner: Any = None) -> dic
         model = os.path.realpath(Path(model).expanduser())
     config_json = json.dumps(config.to_dict(), sort_keys=True)
     labels = len(config.labels) if job.command == "classify" else None
+    # what the scores are, recorded only when not probabilities (files from before --scores
+    # hold probabilities and say nothing), so that --resume refuses to mix them
+    scores: dict[str, Any] = (
+        {"scores": job.scores} if job.command == "classify" and job.scores != "probs" else {}
+    )
+    if job.command == "embed" and (job.stages or job.backbone):  # likewise
+        scores["features"] = {"stages": job.stages, "pool": job.pool, "backbone": job.backbone}
     return {
         "tool": f"convnext-cli {__version__}",
         "command": job.command,
         "model": model,
         "config": hashlib.sha256(config_json.encode()).hexdigest()[:16],
-        "top_k": min(job.top_k, labels) if labels else None,
+        "top_k": min(job.top_k or labels, labels) if labels else None,
         "normalize": job.normalize if job.command == "embed" else None,
         "preprocess": spec.to_dict(),
         **(
@@ -462,6 +512,7 @@ def make_provenance(job: Job, config: Any, spec: Any, runner: Any = None) -> dic
             if runner is not None
             else {}
         ),
+        **scores,
     }
 
 
@@ -478,7 +529,7 @@ def _open_resumable(
     assert job.output is not None
     target = Path(os.path.realpath(job.output))
     if not job.resume:
-        writer = open_writer(job.command, fmt, job.output, job.top_k, provenance)
+        writer = open_writer(job.command, fmt, job.output, job.top_k, provenance, scores=job.scores)
         return (items if isinstance(items, list) else InputStream(items)), writer
     if fmt == "parquet":
         resume.check_resumable(target)
@@ -506,7 +557,14 @@ def _open_resumable(
         todo = InputStream(item for item in items if input_id(item) not in done)
         _say_resuming(job.output, len(done), None, recorded)
     writer = open_writer(
-        job.command, fmt, job.output, job.top_k, provenance, True, job.retry_errors
+        job.command,
+        fmt,
+        job.output,
+        job.top_k,
+        provenance,
+        True,
+        job.retry_errors,
+        scores=job.scores,
     )
     if fmt == "parquet":
         return todo, writer  # its parts stay on disk whatever ends the run
@@ -579,6 +637,7 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
         device=job.device,
         dtype=job.dtype,
         top_k=job.top_k,
+        scores=job.scores,
         normalize=job.normalize,
         batch_size=job.batch_size,
         replicas=job.replicas,
@@ -599,7 +658,8 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
     if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
         return _ray_into_folder(job, items, options, Path(job.output))
     if job.output is None:
-        todo, writer = list(items), open_writer(job.command, fmt, None, job.top_k)
+        todo = list(items)
+        writer = open_writer(job.command, fmt, None, job.top_k, scores=job.scores)
     else:
         pending, writer = _open_resumable(job, fmt, list(items), provenance)
         todo = pending if isinstance(pending, list) else list(pending)

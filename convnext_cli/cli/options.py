@@ -73,6 +73,7 @@ class Layout(str, Enum):
     fcmae = "fcmae"
     timm = "timm"
     torchvision = "torchvision"
+    tf = "tf"
 
 
 class Engine(str, Enum):
