@@ -62,6 +62,9 @@ class Result:
     error: str | None = None
     predictions: list[Prediction] = field(default_factory=list)
     embedding: torch.Tensor | None = None  # 1-D float32 on the CPU
+    # the input it is for (a file path, a tar member or Parquet row), when known: the HTML
+    # report embeds its bytes, never a file that the path (a dataset's id) may name
+    source: InputRef | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,10 @@ class InMemoryImage:
 
 
 Input = InputRef | InMemoryImage  # a file path, a dataset member or row, or pixels
+
+
+def _source(item: Input) -> InputRef | None:
+    return None if isinstance(item, InMemoryImage) else item
 
 
 def input_name(item: Input) -> str:
@@ -436,7 +443,7 @@ class Runner:
         try:
             for decoded in batches:
                 results = [
-                    Result(path=input_name(item), error=err)
+                    Result(path=input_name(item), error=err, source=_source(item))
                     for item, err in zip(decoded.inputs, decoded.errors, strict=True)
                 ]
                 with torch.inference_mode():
