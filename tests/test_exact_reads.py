@@ -263,3 +263,56 @@ def test_gnu_sparse_members_are_error_records(
         assert "sparse" in records[0].get("error", ""), (fmt, records[0])
         assert "predictions" in records[1]
     assert os.path.getsize(folder / "a.png") == len(png) + (1 << 20)
+
+
+# ------------------------------------------------------------------------------ HTML report
+
+
+def test_the_report_embeds_the_rows_own_image_never_a_file_an_id_names(
+    v1_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A Parquet id holding a local path: the page shows the row's bytes, not that file."""
+    import base64
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def solid(color: tuple[int, int, int]) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    secret = tmp_path / "home" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(solid((255, 0, 0)))  # red: must never be shown
+    secret_text = tmp_path / "home" / "secret.txt"
+    secret_text.write_text("TOP-SECRET-CONTENT-1234")
+    data = tmp_path / "rows.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "id": [str(secret), str(secret_text), f"{tmp_path}/shard.tar#x.png"],
+                "image": [solid((0, 0, 255))] * 3,  # blue: each row's own image
+            }
+        ),
+        data,
+    )
+    page_path = tmp_path / "report.html"
+    start = time.monotonic()
+    out = subprocess.run(
+        [*CLI, "classify", str(data), "-m", str(v1_checkpoint), "-o", str(page_path)],
+        capture_output=True,
+        timeout=300,
+    )
+    assert time.monotonic() - start < 120
+    assert out.returncode == 0, out.stderr.decode()
+    assert "Traceback" not in out.stderr.decode()
+    page = page_path.read_text()
+    assert "TOP-SECRET-CONTENT-1234" not in page
+    uris = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(uris) == 3  # each row's own bytes, thumbnailed
+    for uri in uris:
+        thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("RGB"))
+        red, _green, blue = thumb.reshape(-1, 3).mean(axis=0)
+        assert blue > 200 and red < 50, (red, blue)
