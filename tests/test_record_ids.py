@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from factories import make_shard
+from PIL import Image
 
 CLI = [sys.executable, "-m", "convnext_cli"]
 
@@ -198,3 +200,79 @@ def test_unique_ids_in_the_listing(tmp_path: Path) -> None:
     ]
     assert len(said) == 1
     assert os.path.basename(refs[2].file) == "a.jpg"  # type: ignore[union-attr]
+
+
+def tiny_image(n: int) -> bytes:
+    """An 8x8 PNG of its own colour."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (n % 256, (n // 256) % 256, (n * 7) % 256)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def kill_after(args: list[str], output: Path, lines: int) -> None:
+    """Start a run and SIGKILL it once ``lines`` records are in its partial file."""
+    proc = subprocess.Popen(
+        [*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    partial = output.with_name(f".{output.name}.partial")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_of_10000_inputs_with_shared_ids(tmp_path: Path) -> None:
+    """10,000 inputs, most sharing their name with another (tar members of one name, Parquet
+    ids repeated or null, a folder named twice): killed with SIGKILL twice and resumed, the
+    run ends with exactly 10,000 records, the uninterrupted run's."""
+    import factories
+
+    pre = dict(factories.IMAGENET_PREPROCESSOR, size={"shortest_edge": 32})
+    model = factories.save_hf(factories.hf_model(num_labels=10, seed=3), tmp_path / "m", pre)
+    shard = make_shard(
+        tmp_path / "dup.tar", [(f"{n // 2:05d}.png", tiny_image(n)) for n in range(4000)]
+    )
+    table = pa.table(
+        {
+            "id": [None if n % 10 == 0 else f"k{n // 3}" for n in range(4000)],
+            "image": [tiny_image(4000 + n) for n in range(4000)],
+        }
+    )
+    rows = tmp_path / "dup.parquet"
+    pq.write_table(table, rows, row_group_size=500)
+    folder = tmp_path / "loose"
+    folder.mkdir()
+    for n in range(1000):
+        (folder / f"{n:04d}.png").write_bytes(tiny_image(8000 + n))
+    inputs = [shard, rows, folder, f"{folder}/"]
+    common = ["classify", *inputs, "-m", model, "-k", "3", "--dtype", "float32", "-b", "64"]
+
+    reference = tmp_path / "reference.jsonl"
+    code, err, _ = run(*common, "-o", reference)
+    assert code == 0 and "Traceback" not in err, err
+    expected = {r["path"]: r for r in map(json.loads, reference.read_text().splitlines())}
+    assert len(expected) == 10_000
+
+    output = tmp_path / "out.jsonl"
+    kill_after([*common, "-o", output], output, 2500)
+    kill_after([*common, "-o", output, "--resume"], output, 6000)
+    start = time.monotonic()
+    code, err, _ = run(*common, "-o", output, "--resume")
+    assert code == 0 and "Traceback" not in err, err
+    assert time.monotonic() - start < 600
+    got = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(got) == 10_000
+    by_path = {r["path"]: r for r in got}
+    assert by_path.keys() == expected.keys()
+    for path, record in expected.items():
+        ours = by_path[path]["predictions"]
+        want = record["predictions"]
+        assert [p["index"] for p in ours] == [p["index"] for p in want], path
+        assert [p["score"] for p in ours] == pytest.approx(
+            [p["score"] for p in want], rel=1e-4, abs=1e-6
+        )
