@@ -25,9 +25,9 @@ from PIL import Image
 CLI = [sys.executable, "-m", "convnext_cli"]
 
 
-def run(*args: object) -> tuple[int, str, float]:
+def run(*args: object, timeout: float = 300) -> tuple[int, str, float]:
     start = time.monotonic()
-    out = subprocess.run([*CLI, *map(str, args)], capture_output=True, timeout=300)
+    out = subprocess.run([*CLI, *map(str, args)], capture_output=True, timeout=timeout)
     return out.returncode, out.stderr.decode(), time.monotonic() - start
 
 
@@ -215,7 +215,7 @@ def kill_after(args: list[str], output: Path, lines: int) -> None:
         [*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     partial = output.with_name(f".{output.name}.partial")
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1800
     while time.monotonic() < deadline and proc.poll() is None:
         if partial.exists() and partial.read_bytes().count(b"\n") >= lines:
             break
@@ -253,7 +253,7 @@ def test_kill_9_and_resume_of_10000_inputs_with_shared_ids(tmp_path: Path) -> No
     common = ["classify", *inputs, "-m", model, "-k", "3", "--dtype", "float32", "-b", "64"]
 
     reference = tmp_path / "reference.jsonl"
-    code, err, _ = run(*common, "-o", reference)
+    code, err, _ = run(*common, "-o", reference, timeout=1800)
     assert code == 0 and "Traceback" not in err, err
     expected = {r["path"]: r for r in map(json.loads, reference.read_text().splitlines())}
     assert len(expected) == 10_000
@@ -262,9 +262,9 @@ def test_kill_9_and_resume_of_10000_inputs_with_shared_ids(tmp_path: Path) -> No
     kill_after([*common, "-o", output], output, 2500)
     kill_after([*common, "-o", output, "--resume"], output, 6000)
     start = time.monotonic()
-    code, err, _ = run(*common, "-o", output, "--resume")
+    code, err, _ = run(*common, "-o", output, "--resume", timeout=1800)
     assert code == 0 and "Traceback" not in err, err
-    assert time.monotonic() - start < 600
+    assert time.monotonic() - start < 1800  # a minute or two on an idle machine
     got = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(got) == 10_000
     by_path = {r["path"]: r for r in got}
