@@ -7,8 +7,9 @@ Each contributes one input per image, with an id that names where it came from:
   the archive).  Members are found by image extension (as in folders); the others (``.json``,
   ``.txt``, ``.cls`` ...) are WebDataset metadata and are skipped.  Members are read in place
   (``pread`` at the member's offset, the archive kept open by each decoding process), never
-  extracted to disk.  Only uncompressed tar is read: a compressed archive cannot be read
-  member by member without decompressing all of it.
+  extracted to disk.  A sparse member (GNU or PAX sparse formats) gets an error record: its
+  stored bytes are not the file's.  Only uncompressed tar is read: a compressed archive cannot
+  be read member by member without decompressing all of it.
 - a Parquet row: the value of the id column when there is one (``--id-column``, else a
   column named ``id``, ``key``, ``__key__``, ``path`` or ``file_name`` when present), else
   ``FILE#ROW`` with the 0-based row number in the file.  The image column (``--image-column``,
@@ -53,7 +54,10 @@ class Item:
     A tar member is the byte range ``offset``, ``length`` of ``file``; a Parquet cell is row
     ``row`` of row group ``row_group`` in ``column`` of ``file`` (read when it is decoded,
     one row group at a time, so listing a dataset reads no image bytes).  ``error`` is a
-    failure known when listing (a broken shard).
+    failure known when listing (a broken shard).  With ``length`` None (and no row group),
+    the input is the whole of ``file``, read as a loose file is: a file whose path an earlier
+    input already has as its id gets such an item, with an id of its own (see
+    :class:`convnext_cli.inputs.UniqueIds`).
     """
 
     id: str
@@ -77,8 +81,10 @@ def read_item(item: Item, max_bytes: int) -> bytes:
         if len(data) > max_bytes:
             raise ImageError(f"cell is {len(data)} bytes, over the {max_bytes}-byte limit")
         return data
-    if item.length is None:
-        raise ImageError("nothing to read")
+    if item.length is None:  # a whole file (named twice: its later names get ID#N)
+        from convnext_cli.image_files import read_file
+
+        return read_file(item.file)
     return read_range(item.file, item.offset, item.length, max_bytes)
 
 
@@ -217,6 +223,8 @@ def _tar_members(
             item_id = f"{shard}#{member.name}"
             if not member.isreg():
                 yield Item(item_id, error="not a regular file inside the archive")
+            elif _is_sparse(member):
+                yield Item(item_id, error=SPARSE_MEMBER)
             elif member.offset_data + member.size > size:
                 yield Item(item_id, error="truncated archive member")
             else:
@@ -250,6 +258,19 @@ class _BoundedTarInfo(tarfile.TarInfo):
     def _proc_pax(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
         self._check_extension(archive)
         return super()._proc_pax(archive)  # type: ignore[misc]
+
+
+SPARSE_MEMBER = (
+    "sparse archive member (GNU or PAX sparse format): not read, its bytes are not stored as is"
+)
+
+
+def _is_sparse(member: tarfile.TarInfo) -> bool:
+    """A GNU (type ``S``) or PAX (``GNU.sparse.*``, formats 0.0, 0.1, 1.0) sparse member: its
+    stored bytes are not the file's (the holes are left out, and a map says where)."""
+    if member.type == tarfile.GNUTYPE_SPARSE or getattr(member, "sparse", None) is not None:
+        return True
+    return any(key.startswith("GNU.sparse.") for key in member.pax_headers)
 
 
 def _ends_cleanly(archive: tarfile.TarFile, size: int) -> bool:

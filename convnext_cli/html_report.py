@@ -126,8 +126,26 @@ def read_image_file(path: str, limit: int = THUMBNAIL_MAX_FILE_BYTES) -> bytes |
 
 
 def file_thumbnailer(result: Result) -> bytes | None:
-    """The encoded bytes behind a result whose path is a file on disk, else None."""
-    return read_image_file(result.path)
+    """The encoded bytes of the input a result is for: the file, tar member or Parquet row
+    it was read from (``result.source``), else None.  Never a file that a dataset's id
+    names: the path of a record from a dataset is only its name.  A result made without a
+    source (the Python API's own) falls back to its path as a file on disk."""
+    from convnext_cli.dataset_inputs import Item, read_item
+    from convnext_cli.errors import ImageError
+
+    source = getattr(result, "source", None)
+    if source is None:
+        return read_image_file(result.path)
+    if isinstance(source, str):
+        return read_image_file(source)
+    if not isinstance(source, Item) or source.error is not None or source.file is None:
+        return None
+    if source.length is None and source.row_group is None:  # a whole file, named twice
+        return read_image_file(source.file)
+    try:
+        return read_item(source, THUMBNAIL_MAX_FILE_BYTES)
+    except (ImageError, OSError):
+        return None
 
 
 def thumbnail_image(data: bytes, size: int = THUMBNAIL_SIZE) -> Image.Image:

@@ -64,7 +64,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from convnext_cli.decoder_messages import pillow_words
 from convnext_cli.errors import ImageError, one_line
@@ -269,17 +269,46 @@ def decode_bytes_needed(image: Image.Image, data: bytes) -> int:
         return pixels * (2 * channels + 3)
     decoder = _pillow_bytes_per_pixel(image.mode)
     needed = pixels * (decoder + 3)
-    if _orientation(image) in (5, 6, 7, 8, 2, 3, 4):  # transposed in place: two buffers
+    if _orientation(image, data) in (5, 6, 7, 8, 2, 3, 4):  # transposed in place: two buffers
         needed = max(needed, pixels * 2 * decoder)
     return needed
 
 
-def _orientation(image: Image.Image) -> int:
+def _orientation(image: Image.Image, data: bytes) -> int:
+    """The EXIF orientation (1 when there is none), read without decoding any pixel.
+
+    Pillow's ``getexif`` on a PNG whose eXIf chunk was not met before the image data
+    decodes the whole image to look for one after it (and a failure there would leave a
+    half-decoded image behind): the eXIf chunk is found here by walking the chunks instead.
+    """
     try:
-        value = int(image.getexif().get(_ORIENTATION_TAG, 1))
+        if image.format == "PNG" and "exif" not in image.info:
+            raw = png_exif_chunk(data)
+            if raw is None:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = image.getexif()
+        value = int(exif.get(_ORIENTATION_TAG, 1))
     except Exception:
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+def png_exif_chunk(data: bytes) -> bytes | None:
+    """The data of a PNG's eXIf chunk, wherever it is, or None (chunk lengths walked; the
+    structure check has already bounded how many chunks there are)."""
+    position, size = 8, len(data)
+    while position + 8 <= size:
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        if kind == b"eXIf":
+            return data[position + 8 : position + 8 + length]
+        if kind == b"IEND":
+            break
+        position += 12 + length
+    return None
 
 
 _JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")  # not stuffing (00), RSTn or fill (ff)
@@ -374,6 +403,8 @@ def _to_rgb(pixels: torch.Tensor) -> torch.Tensor:
 
 def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
 
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # set by someone else: a truncated image is an error
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         image.seek(0)  # first frame of an animation
         image.load()

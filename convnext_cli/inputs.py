@@ -40,6 +40,7 @@ while the rest of a huge tree is still being listed, and memory never holds the 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import itertools
 import operator
@@ -67,6 +68,7 @@ from convnext_cli.image_files import (
     max_file_bytes,
     read_file,
 )
+from convnext_cli.names import visible
 
 InputRef = str | Item  # a file path, or a member/row of a dataset file
 
@@ -382,22 +384,78 @@ def _listed_chunks(
     id_column: str | None,
 ) -> Iterator[list[InputRef]]:
     say = warn or (lambda _msg: None)
+    unique = UniqueIds(say)
     listed = False
     for paths, datasets in _expand(inputs, recursive, stdin or sys.stdin, say, null_separated):
         if not datasets:
             listed = listed or bool(paths)
-            yield cast(list[InputRef], paths)
+            yield unique.paths(paths)
             continue
         for path in paths:
             if is_dataset_file(path):
                 for item in dataset_items(path, IMAGE_EXTENSIONS, image_column, id_column):
                     listed = True
-                    yield [item]
+                    yield [unique.one(item)]
             else:
                 listed = True
-                yield [path]
+                yield [unique.one(path)]
     if not listed:
         raise NoInputsError("no input images found")
+
+
+class UniqueIds:
+    """Gives every input of a run an id (its record's ``path``) of its own, so that
+    ``--resume`` matches each input with its own record and no other.
+
+    An input's id is its path or dataset id, unless an earlier input of the run already has
+    that id (the same file named twice, or reached through a folder and by name; two tar
+    members of one name; duplicate Parquet ids; a null id's ``FILE#ROW`` that another row
+    has as its id): the N-th input with an id ``X`` is then ``X#N`` (``X#2``, ``X#3`` ...; if
+    that is taken too, the next free N).  The same inputs in the same order give the same
+    ids, in every run.  The first collision is said once on stderr.
+
+    Memory: the ids of the inputs listed so far (about 100 bytes each), as a resumed run
+    holds the ids already done.
+    """
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        self.seen: set[str] = set()
+        self.counts: dict[str, int] = {}
+        self.warn = warn
+        self.collisions = 0
+
+    def paths(self, paths: list[str]) -> list[InputRef]:
+        """A listed chunk of file paths (a folder's: no two alike), each with its own id."""
+        seen = self.seen
+        new = set(paths)
+        if len(new) == len(paths) and seen.isdisjoint(new):
+            seen |= new
+            return cast(list[InputRef], paths)
+        return [self.one(path) for path in paths]
+
+    def one(self, ref: InputRef) -> InputRef:
+        ident = input_id(ref)
+        if ident not in self.seen:
+            self.seen.add(ident)
+            return ref
+        number = self.counts.get(ident, 1)
+        while True:
+            number += 1
+            renamed = f"{ident}#{number}"
+            if renamed not in self.seen:
+                break
+        self.counts[ident] = number
+        self.seen.add(renamed)
+        self.collisions += 1
+        if self.collisions == 1:
+            self.warn(
+                f"{visible(ident)}: more than one input has this id; each later one is "
+                f"recorded as ID#N (here {visible(renamed)}), as is any other id shared "
+                "by two inputs"
+            )
+        if isinstance(ref, Item):
+            return dataclasses.replace(ref, id=renamed)
+        return Item(renamed, file=ref, length=None)  # the whole file, read as a file
 
 
 class SupportsTotal(Protocol):

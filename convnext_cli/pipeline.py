@@ -66,6 +66,9 @@ class Result:
     # embed --stage / --backbone: each stage's feature, float32 on the CPU, in the order
     # asked: (C,) pooled, or the (C, H, W) map with --pool none
     features: dict[str, torch.Tensor] | None = None
+    # the input it is for (a file path, a tar member or Parquet row), when known: the HTML
+    # report embeds its bytes, never a file that the path (a dataset's id) may name
+    source: InputRef | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class InMemoryImage:
 
 
 Input = InputRef | InMemoryImage  # a file path, a dataset member or row, or pixels
+
+
+def _source(item: Input) -> InputRef | None:
+    return None if isinstance(item, InMemoryImage) else item
 
 
 def input_name(item: Input) -> str:
@@ -596,7 +603,7 @@ class Runner:
                 got = time.perf_counter()
                 times.decode += decoded.decoding if workers > 0 else got - waited
                 results = [
-                    Result(path=input_name(item), error=err)
+                    Result(path=input_name(item), error=err, source=_source(item))
                     for item, err in zip(decoded.inputs, decoded.errors, strict=True)
                 ]
                 parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []

@@ -845,6 +845,7 @@ def _stream(
             for offset, result in enumerate(results):
                 if result.path != paths[expected + offset]:
                     raise RuntimeError("Ray returned the records out of order")
+                result.source = refs[expected + offset]  # the HTML report reads it, not path
             expected += len(results)
             yield results
         if expected != len(paths):
