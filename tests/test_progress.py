@@ -88,7 +88,8 @@ def test_summary_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert failed == 1 and len(writer.results) == 3
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: b.jpg: empty file"  # a format that leaves failures out names them
-    assert SUMMARY.fullmatch(err[-1]) and SUMMARY.fullmatch(err[-1]).groups() == ("3", "1")
+    summary = SUMMARY.fullmatch(err[-1])
+    assert summary and summary.groups() == ("3", "1")
 
 
 def test_quiet(capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,7 +172,8 @@ def test_quiet_silences_notes(v1_checkpoint: Path, photos: list[Path], tmp_path:
     again = classify_args(v1_checkpoint, photos[:3], "-o", str(out), "--resume")
     resumed = CliRunner().invoke(app, again)
     assert resumed.exit_code == 0 and "resuming" in resumed.stderr  # a note
-    assert SUMMARY.fullmatch(resumed.stderr.strip().splitlines()[-1]).groups() == ("1", None)
+    summary = SUMMARY.fullmatch(resumed.stderr.strip().splitlines()[-1])
+    assert summary and summary.groups() == ("1", None)
     out.unlink()
     CliRunner().invoke(app, classify_args(v1_checkpoint, photos[:2], "-o", str(out)))
     quiet = CliRunner().invoke(app, [*again, "-q"])
