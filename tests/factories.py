@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from helpers import randomise
 
@@ -45,6 +46,8 @@ def hf_model(
         num_labels=num_labels,
         **extra,
     )
+    config: Any
+    cls: Any
     if v2:
         config = transformers.ConvNextV2Config(**kwargs)
         cls = (

@@ -12,6 +12,7 @@ would prove nothing: every parameter gets real values, LayerNorm weights near 1.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from helpers import randomise
@@ -39,7 +40,7 @@ def timm_model(
     layer_scale: bool = True,
     seed: int = 0,
     **kwargs,
-) -> nn.Module:
+) -> Any:
     """A registered timm model (``name``) or timm's ConvNeXt class with small dims."""
     import timm
     from timm.models.convnext import ConvNeXt
@@ -62,7 +63,7 @@ def timm_model(
 # --------------------------------------------------------------------------- torchvision
 
 
-def torchvision_model(num_classes: int = 10, seed: int = 0) -> nn.Module:
+def torchvision_model(num_classes: int = 10, seed: int = 0) -> Any:
     """torchvision's ConvNeXt class with a small block setting (same code path as convnext_tiny)."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
@@ -85,7 +86,7 @@ def hf_model(
     layer_scale: float = 1e-6,
     layer_norm_eps: float = 1e-6,
     seed: int = 0,
-) -> nn.Module:
+) -> Any:
     """A small transformers ConvNeXt (V1 or V2), randomised."""
     import factories
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -48,7 +49,7 @@ def _terminal(columns: int = 120, rows: int = 40) -> tuple[int, int]:
 
 
 def run_attached(
-    args: list[str],
+    args: Sequence[object],
     stdout: str = "tty",
     stderr: str = "tty",
     stdin: bytes | None = None,

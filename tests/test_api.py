@@ -102,8 +102,8 @@ def test_unusable_arrays_get_error_records_and_other_objects_raise(
         [np.zeros((8, 8, 3), np.float32), torch.zeros(5, 8, 8, dtype=torch.uint8), photos[0]]
     )
     assert len(results) == 3
-    assert results[0].path == "<image 0>" and "unsupported array" in results[0].error
-    assert results[1].path == "<image 1>" and "unsupported tensor" in results[1].error
+    assert results[0].path == "<image 0>" and "unsupported array" in (results[0].error or "")
+    assert results[1].path == "<image 1>" and "unsupported tensor" in (results[1].error or "")
     assert results[2].error is None
     with pytest.raises(TypeError, match="not int"):
         clf.classify(5)

@@ -214,7 +214,7 @@ def test_headless_checkpoint_cannot_classify(tmp_path: Path, photos: list[Path])
     assert result.exit_code == 2 and "convnext embed" in result.stderr
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "convnext_cli", *map(str, args)],
         capture_output=True,

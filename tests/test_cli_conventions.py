@@ -175,10 +175,10 @@ def test_shared_options_declared_once_and_reach_the_job(
     for name, command in (("classify", classify.classify), ("embed", embed.embed)):
         names = [p.name for p in parameters_of(command)]
         assert set(names) == own[name] | set(SHARED_PARAMETERS), name
-    jobs: list[jobs.Job] = []
+    captured: list[jobs.Job] = []
 
     def capture(job: jobs.Job) -> int:
-        jobs.append(job)
+        captured.append(job)
         return 0
 
     monkeypatch.setattr(classify, "run_job", capture)
@@ -191,7 +191,7 @@ def test_shared_options_declared_once_and_reach_the_job(
     assert result.exit_code == 0, result.output
     result = invoke("embed", "a.jpg", "--normalize", "--no-progress", "--decode", "cpu")
     assert result.exit_code == 0, result.output
-    first, second = jobs
+    first, second = captured
     assert (first.command, first.inputs, first.top_k) == ("classify", ["a.jpg"], 3)
     assert first.fmt == "csv"
     assert first.dtype == "bfloat16" and type(first.dtype) is str  # a plain string, not the enum
@@ -219,7 +219,7 @@ def test_benchmark_takes_the_loading_options() -> None:
 
 def test_every_command_is_registered_with_error_handling() -> None:
     registered = {c.name: c.callback for c in app.registered_commands}
-    assert sorted(registered) == sorted(COMMANDS)
+    assert sorted(map(str, registered)) == sorted(COMMANDS)
     for name, callback in registered.items():
         assert getattr(callback, "handles_errors", False), name
 

@@ -90,7 +90,9 @@ def test_parquet_binary_and_hf_struct(tmp_path: Path, photos: list[Path]) -> Non
     assert [read(i) for i in items] == blobs
 
     hf = tmp_path / "hf.parquet"
-    structs = [{"bytes": b, "path": f"x{n}.png"} for n, b in enumerate(blobs)]
+    structs: list[dict[str, object]] = [
+        {"bytes": b, "path": f"x{n}.png"} for n, b in enumerate(blobs)
+    ]
     structs[1] = {"bytes": None, "path": "none.png"}
     pq.write_table(pa.table({"image": structs, "id": ["a", "b", "c"]}), hf)
     items = list(dataset_items(str(hf), EXTS))

@@ -234,7 +234,7 @@ def test_an_image_the_model_cannot_take_fails_alone(tmp_path: Path, photos: list
     checkpoint = load_checkpoint(str(folder))
     model = build_model(checkpoint, torch.device("cpu"), torch.float32)
     runner = Runner(model, checkpoint.preprocess, torch.device("cpu"), torch.float32)
-    paths = []
+    paths: list[str] = []
     for name, size in [("a", 64), ("tiny1", 2), ("b", 64), ("tiny2", 2), ("c", 48)]:
         path = tmp_path / f"{name}.png"
         Image.open(photos[len(paths)]).convert("RGB").resize((size, size)).save(path)
@@ -244,7 +244,9 @@ def test_an_image_the_model_cannot_take_fails_alone(tmp_path: Path, photos: list
     errors = [r.error for r in got]
     assert errors[0] is None and errors[2] is None and errors[4] is None
     for error in (errors[1], errors[3]):
-        assert error.startswith("the model cannot run on this image (3x2x2 after preprocessing)")
+        assert error is not None and error.startswith(
+            "the model cannot run on this image (3x2x2 after preprocessing)"
+        )
     alone = [r for batch in runner.classify([paths[2]], top_k=2, workers=0) for r in batch]
     assert [p.index for p in got[2].predictions] == [p.index for p in alone[0].predictions]
     assert got[2].predictions[0].score == pytest.approx(alone[0].predictions[0].score, abs=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def mode_variants(photo: Path, folder: Path) -> list[Path]:
     image = Image.open(photo).convert("RGB")
     exif = Image.Exif()
     exif[0x0112] = 6
-    variants = {
+    variants: dict[str, tuple[Any, str, dict[str, Any]]] = {
         "exif6.jpg": (image, "JPEG", {"exif": exif.tobytes(), "quality": 95}),
         "grey.png": (image.convert("L"), "PNG", {}),
         "palette.png": (image.convert("P"), "PNG", {}),
@@ -101,11 +102,9 @@ def test_classify_matches_transformers_pipeline(
     top_k = 5
     records = ours(folder, inputs, top_k)
     assert [r["path"] for r in records] == [str(p) for p in inputs]
+    label2id: Any = classifier.model.config.label2id
     for path, record in zip(inputs, records, strict=True):
-        expected = [
-            (classifier.model.config.label2id[p["label"]], p["score"])
-            for p in classifier(str(path), top_k=top_k)
-        ]
+        expected = [(label2id[p["label"]], p["score"]) for p in classifier(str(path), top_k=top_k)]
         compare(record, expected, path.name)
 
 

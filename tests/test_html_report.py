@@ -229,7 +229,7 @@ def test_score_bars_are_proportional_and_scores_are_numbers():
 
 
 def thumbnails(page: str) -> list[str]:
-    return [a["src"] for t, a in parse(page).tags if t == "img"]
+    return [str(a["src"]) for t, a in parse(page).tags if t == "img"]
 
 
 def test_thumbnails_of_real_photos_are_small_jpegs(photos):

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 from helpers import jsonl
@@ -53,7 +54,7 @@ def named_folder(tmp_path: Path, photos: list[Path]) -> Path:
 
 
 def test_every_name_is_listed_once_and_reads(named_folder: Path) -> None:
-    paths = expand_inputs([str(named_folder)])
+    paths = cast("list[str]", expand_inputs([str(named_folder)]))
     names = [os.fsencode(os.path.basename(p)) for p in paths]
     assert sorted(names) == sorted(HOSTILE_NAMES)
     assert len(paths) == len(set(paths))
@@ -65,7 +66,7 @@ def test_names_are_kept_through_recursion_and_explicit_naming(named_folder: Path
     nested = named_folder / "x[" / "bold].png"  # the path reads x[/bold].png
     nested.parent.mkdir()
     nested.write_bytes((named_folder / "tab\tname.png").read_bytes())
-    recursive = expand_inputs([str(named_folder.parent)], recursive=True)
+    recursive = cast("list[str]", expand_inputs([str(named_folder.parent)], recursive=True))
     assert sorted(os.fsencode(os.path.basename(p)) for p in recursive) == sorted(
         [*HOSTILE_NAMES, b"bold].png"]
     )
@@ -80,7 +81,7 @@ def test_stdin_lines_keep_spaces_and_strip_only_line_endings(named_folder: Path)
     line_safe = [n for n in HOSTILE_NAMES if b"\n" not in n and b"\r" not in n]
     lines = [os.path.join(folder, n) for n in line_safe]
     text = b"\r\n".join(lines[:3]) + b"\r\n" + b"\n".join(lines[3:]) + b"\n\n"
-    got = expand_inputs(["-"], stdin=io.BytesIO(text))
+    got = cast("list[str]", expand_inputs(["-"], stdin=io.BytesIO(text)))
     assert [os.fsencode(p) for p in got] == lines
     assert all(Path(p).exists() for p in got)
 
@@ -89,7 +90,7 @@ def test_stdin_null_separated_keeps_every_byte(named_folder: Path) -> None:
     folder = os.fsencode(named_folder)
     paths = [os.path.join(folder, n) for n in HOSTILE_NAMES]
     data = b"\0".join(paths) + b"\0"
-    got = expand_inputs(["-"], stdin=io.BytesIO(data), null_separated=True)
+    got = cast("list[str]", expand_inputs(["-"], stdin=io.BytesIO(data), null_separated=True))
     assert [os.fsencode(p) for p in got] == paths
     for path in got:
         assert read_file(path)

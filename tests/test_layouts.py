@@ -9,6 +9,7 @@ are randomised; parity is float32 logits (or pooled features) within 1e-4.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import layout_sources as src
 import pytest
@@ -23,12 +24,13 @@ from convnext_cli.preprocess import exact_crop_pct
 ATOL = 1e-4
 
 
-def hf_from(state_dict: dict, config: dict) -> torch.nn.Module:
+def hf_from(state_dict: dict, config: dict) -> Any:
     """Load a converted state dict into transformers' own class, strictly."""
     fields = {k: v for k, v in config.items() if k != "model_type"}
     cfg = transformers.AutoConfig.for_model(config["model_type"], **fields)
     head = "classifier.weight" in state_dict
     v2 = config["model_type"] == "convnextv2"
+    cls: Any
     if v2:
         cls = (
             transformers.ConvNextV2ForImageClassification if head else transformers.ConvNextV2Model

@@ -42,7 +42,7 @@ def test_load_runner_returns_runner_checkpoint_and_notes(
 def test_api_and_load_model_use_the_same_path(v1_checkpoint: Path, photos: list[Path]) -> None:
     clf = Classifier(str(v1_checkpoint), device="cpu", dtype="float32", workers=0)
     net = load_model(str(v1_checkpoint))
-    assert clf.notes == [] and net.preprocess == clf.checkpoint.preprocess  # type: ignore[attr-defined]
+    assert clf.notes == [] and net.preprocess == clf.checkpoint.preprocess
     for (name, a), (_, b) in zip(
         clf.model.state_dict().items(), net.state_dict().items(), strict=True
     ):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import factories
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from convnext_cli.config import SIZES, ConvNextConfig
 from convnext_cli.model import ConvNeXtForClassification
 
-CASES = {
+CASES: dict[str, dict[str, Any]] = {
     "v1-4stage": dict(v2=False),
     "v2-4stage": dict(v2=True),
     "v1-3stage": dict(v2=False, depths=(1, 2, 1), hidden_sizes=(8, 16, 24)),
@@ -83,7 +85,7 @@ def test_every_paper_size_has_transformers_keys(size: str, v2: bool) -> None:
             if v2
             else transformers.ConvNextForImageClassification
         )
-        ref_config = (transformers.ConvNextV2Config if v2 else transformers.ConvNextConfig)(
+        ref_config: Any = (transformers.ConvNextV2Config if v2 else transformers.ConvNextConfig)(
             **config.to_dict()
         )
         reference = cls(ref_config)
@@ -121,8 +123,8 @@ def test_fused_bfloat16_close_to_plain_bfloat16() -> None:
     if not fusion_available():
         pytest.skip("this PyTorch build has no oneDNN fused linear")
     reference = factories.hf_model(v2=True, seed=9)
-    plain = ours_from(reference).to(torch.bfloat16, memory_format=torch.channels_last)
-    fused = ours_from(reference).to(torch.bfloat16, memory_format=torch.channels_last)
+    plain = ours_from(reference).to(torch.bfloat16, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    fused = ours_from(reference).to(torch.bfloat16, memory_format=torch.channels_last)  # type: ignore[call-overload]
     if not fuse_blocks(fused):
         pytest.skip("oneDNN has no bfloat16 fused linear on this CPU")
     pixels = torch.randn(2, 3, 64, 64).to(torch.bfloat16)

@@ -9,6 +9,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import factories
 import pytest
@@ -97,7 +98,7 @@ def test_overflow_through_the_cli(huge_stem_weight: Path, black_and_white: list[
     records, the black image keeps its predictions; JSON and CSV hold no NaN or Infinity."""
     cpu = ["-m", str(huge_stem_weight), "--device", "cpu", "--dtype", "float32", "--workers", "0"]
 
-    def strict(text: str) -> object:
+    def strict(text: str) -> Any:
         return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in output"))
 
     runner = CliRunner()

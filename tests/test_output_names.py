@@ -62,10 +62,10 @@ def expected(folder: bytes) -> Counter:
 def run(
     folder: bytes, checkpoint: Path, command: str, *args: str | bytes, cwd: bytes | None = None
 ) -> bytes:
+    argv: list[str | bytes] = [sys.executable, "-m", "convnext_cli", command, folder]
+    argv += ["-m", str(checkpoint), "--dtype", "float32", "--device", "cpu", "-r", *args]
     out = subprocess.run(
-        [sys.executable, "-m", "convnext_cli", command, folder, "-m", str(checkpoint)]
-        + ["--dtype", "float32", "--device", "cpu", "-r", *args]
-        + (["-k", "1"] if command == "classify" else []),
+        argv + (["-k", "1"] if command == "classify" else []),
         capture_output=True,
         timeout=300,
         cwd=cwd,
@@ -199,7 +199,7 @@ def test_null_separated_paths_from_stdin_end_to_end(
     bytes each give one record, and the record gives the name's bytes back."""
     names = [b"two\nlines.png", b" spaced out .png", b"caf\xe9.png", b"plain.png"]
     for name in names:
-        shutil.copy(photos[0], os.path.join(os.fsencode(tmp_path), name))
+        shutil.copy(os.fsencode(photos[0]), os.path.join(os.fsencode(tmp_path), name))
     stdin = b"\0".join(os.path.join(os.fsencode(tmp_path), n) for n in names) + b"\0"
     out = subprocess.run(
         [

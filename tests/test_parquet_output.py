@@ -48,9 +48,11 @@ def test_classify_parts_then_one_file(tmp_path: Path) -> None:
     assert rows[0] == ("img0.jpg", None, "label 0", 0, 0.75, 2)
     assert rows[3] == ("img3.jpg", "cannot decode image: broken", None, None, None, None)
     assert rows[-1][0] == '"bad\\udcff name.png"'  # as in CSV: a JSON string when not plain
-    (top,) = con.execute(
+    row = con.execute(
         f"SELECT predictions[2].label FROM '{target}' WHERE path = 'img1.jpg'"
     ).fetchone()
+    assert row is not None
+    (top,) = row
     assert top == "other, thing"
 
 

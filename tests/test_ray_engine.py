@@ -127,7 +127,7 @@ def events(hooks: Path) -> list[tuple[str, int, int]]:
     return out
 
 
-def wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
@@ -32,7 +33,7 @@ def many(tmp_path_factory: pytest.TempPathFactory, photos: list[Path]) -> Path:
     return folder
 
 
-def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+def run(args: Sequence[object], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, timeout=300, **kwargs)
 
 
@@ -55,7 +56,7 @@ def records(path: Path, fmt: str, command: str) -> dict[str, object]:
         for row in rows[1:]:
             if command == "classify":
                 value = row[5] or (row[2], int(row[3]), round(float(row[4]), 5))
-                out.setdefault(row[0], []).append(value)  # type: ignore[union-attr]
+                out.setdefault(row[0], []).append(value)  # type: ignore[attr-defined]
             else:
                 assert row[0] not in out, f"duplicate {row[0]}"
                 out[row[0]] = row[1] or [round(float(v), 5) for v in row[2:]]
@@ -68,7 +69,7 @@ def records(path: Path, fmt: str, command: str) -> dict[str, object]:
     return out
 
 
-def kill_when_started(args: list[str], output: Path, fmt: str) -> None:
+def kill_when_started(args: Sequence[object], output: Path, fmt: str) -> None:
     """Start a run and SIGKILL it once some records are on disk, before it can finish."""
     proc = subprocess.Popen(
         [*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

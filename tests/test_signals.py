@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def listing(photos: list[Path], count: int = 3000) -> str:
     return "".join(f"{photos[i % len(photos)]}\n" for i in range(count))
 
 
-def start(args: list[str], stdin: str | None = None, **kwargs) -> subprocess.Popen:
+def start(args: Sequence[object], stdin: str | None = None, **kwargs) -> subprocess.Popen:
     proc = subprocess.Popen(
         [*CLI, *map(str, args)],
         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,

@@ -8,7 +8,6 @@ still "no input images found" (exit 2).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from typer.testing import CliRunner
@@ -55,7 +55,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def read_line_within(stream: io.BufferedReader, seconds: float) -> bytes:
+def read_line_within(stream: IO[bytes], seconds: float) -> bytes:
     """One line from a pipe, or b'' if none comes within `seconds`."""
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
@@ -209,7 +209,7 @@ def test_shards_of_a_stream_match_shards_of_the_list(tree: Path, v1_checkpoint: 
         got = [json.loads(x)["path"] for x in result.stdout.splitlines()]
         assert got == listed[index::3]
         seen += got
-    assert sorted(seen) == sorted(listed)
+    assert sorted(seen) == sorted(map(str, listed))
 
 
 def test_empty_streams_are_a_usage_error(tmp_path: Path) -> None:
@@ -397,7 +397,7 @@ def test_input_stream_hands_over_every_input_with_a_small_window(
     got: list[str] = []
     with pytest.raises(OSError, match="the disk went away"):
         for path in stream:
-            got.append(path)
+            got.append(str(path))
             if len(got) % 500 == 0:
                 time.sleep(0.02)  # the listing waits for the run (window full)
     assert got == [f"{n:05d}.jpg" for n in range(3000)] and stream.count == 3000

@@ -20,7 +20,7 @@ from pty_helpers import json_lines, run_attached, screen  # noqa: E402
 BAR = "━".encode()
 
 
-def classify_args(v1_checkpoint: Path, photos: list[Path], *extra: str) -> list[str]:
+def classify_args(v1_checkpoint: Path, photos: list[Path], *extra: object) -> list[object]:
     common = [
         "-m",
         v1_checkpoint,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from pathlib import Path
+from types import GeneratorType
 
 import pytest
 import torch
@@ -206,6 +207,7 @@ def test_a_run_stopped_early_gets_its_thread_count_back(
     runner = _runner(v1_checkpoint, torch.float32)
     before = torch.get_num_threads()
     batches = runner.classify(_inputs(photos, 40), batch_size=8)
+    assert isinstance(batches, GeneratorType)
     next(batches)
     assert torch.get_num_threads() != before  # the scripted tuner switched after batch 1
     batches.close()
