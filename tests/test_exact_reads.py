@@ -15,6 +15,7 @@ import tarfile
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def test_orientation_is_read_without_decoding(monkeypatch: pytest.MonkeyPatch) -
     loads: list[str] = []
     original = PngImagePlugin.PngImageFile.load
 
-    def counting_load(self):  # type: ignore[no-untyped-def]
+    def counting_load(self: Any) -> Any:
         loads.append("load")
         return original(self)
 

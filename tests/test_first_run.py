@@ -135,7 +135,9 @@ def test_summary_wall_time_covers_start_up(photos: list[Path], v1_checkpoint: Pa
     outside = time.monotonic() - started
     assert out.returncode == 0, out.stderr
     lines = out.stderr.strip().splitlines()
-    wall = float(re.search(r" in (\d+\.\d) s on ", lines[-3]).group(1))
+    found = re.search(r" in (\d+\.\d) s on ", lines[-3])
+    assert found, lines
+    wall = float(found.group(1))
     load, images = map(float, re.findall(r"(\d+\.\d) s", lines[-2]))
     assert load > 0.0  # imports and model loading are counted
     assert abs(wall - (load + images)) <= 0.11

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -255,7 +256,12 @@ def test_on_the_cpu_results_come_as_each_batch_finishes(runner_parts, photos) ->
     runner = Runner(model, spec, CPU, torch.float32)
     assert runner.overlap is False
     log: list[str] = []
-    runner.logits_fn = lambda batch: (log.append("queue"), model(batch))[1]
+
+    def logits(batch: torch.Tensor) -> torch.Tensor:
+        log.append("queue")
+        return model(batch)
+
+    runner.logits_fn = logits
     for _ in runner.classify([str(p) for p in photos[:4]], batch_size=2, workers=0):
         log.append("yield")
     assert log == ["queue", "yield", "queue", "yield"]
@@ -266,9 +272,12 @@ def test_mean_and_std_are_built_once_per_run(runner_parts, photos, monkeypatch) 
     runner = Runner(model, spec, CPU, torch.float32)
     built = []
     real = type(spec).normalization
-    monkeypatch.setattr(
-        type(spec), "normalization", lambda self, device: (built.append(1), real(self, device))[1]
-    )
+
+    def normalization(self: Any, device: Any) -> Any:
+        built.append(1)
+        return real(self, device)
+
+    monkeypatch.setattr(type(spec), "normalization", normalization)
     results_of(runner, [str(p) for p in photos[:6]])
     assert len(built) == 1
 

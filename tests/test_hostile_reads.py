@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,7 +58,7 @@ class Run:
         return [json.loads(line) for line in self.stdout.splitlines()]
 
 
-def cli(tmp_path: Path, *args: object, stdin: object = subprocess.DEVNULL) -> Run:
+def cli(tmp_path: Path, *args: object, stdin: Any = subprocess.DEVNULL) -> Run:
     peak_file = tmp_path / "peak.txt"
     command = [sys.executable, "-m", "convnext_cli", *map(str, args)]
     proc = subprocess.run(
@@ -147,7 +148,8 @@ def test_parquet_target_with_odd_paths_resumes(
     the JSON its quote promises is an id as it stands.  Every input ends with one record."""
     from convnext_cli.parquet_output import CLASSIFY_SCHEMA
 
-    row = {"path": path_value, "error": None, "label": "a", "index": 0, "score": 0.5}
+    row: dict[str, Any] = {"path": path_value, "error": None, "label": "a", "index": 0}
+    row["score"] = 0.5
     row["predictions"] = [{"label": "a", "index": 0, "score": 0.5}]
     target = tmp_path / "out.parquet"
     pq.write_table(pa.Table.from_pylist([row], schema=CLASSIFY_SCHEMA), target)

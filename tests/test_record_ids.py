@@ -199,7 +199,7 @@ def test_unique_ids_in_the_listing(tmp_path: Path) -> None:
         "a.jpg#3",
     ]
     assert len(said) == 1
-    assert os.path.basename(refs[2].file) == "a.jpg"  # type: ignore[union-attr]
+    assert os.path.basename(str(refs[2].file)) == "a.jpg"  # type: ignore[union-attr]
 
 
 def tiny_image(n: int) -> bytes:
@@ -209,7 +209,7 @@ def tiny_image(n: int) -> bytes:
     return buffer.getvalue()
 
 
-def kill_after(args: list[str], output: Path, lines: int) -> None:
+def kill_after(args: list[object], output: Path, lines: int) -> None:
     """Start a run and SIGKILL it once ``lines`` records are in its partial file."""
     proc = subprocess.Popen(
         [*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

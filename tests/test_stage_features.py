@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import factories
 import numpy as np
@@ -30,7 +31,10 @@ def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
 def hf_backbone(v2: bool, out_features: list[str], seed: int = 3):
     import transformers
 
-    kwargs = dict(depths=[1, 1, 2, 1], hidden_sizes=[8, 16, 24, 32], out_features=out_features)
+    kwargs: dict[str, Any] = dict(
+        depths=[1, 1, 2, 1], hidden_sizes=[8, 16, 24, 32], out_features=out_features
+    )
+    model: Any
     if v2:
         model = transformers.ConvNextV2Backbone(transformers.ConvNextV2Config(**kwargs))
     else:
@@ -136,7 +140,7 @@ def test_plain_stages_and_refusals(v1_checkpoint: Path, photos: list[Path], tmp_
     assert len(record["stage2"]) == 16 and len(record["stem"]) == 8
     # the default stays the pooled feature
     assert "embedding" in jsonl(invoke("embed", photos[0], "-m", v1_checkpoint).stdout)[0]
-    refusals = [
+    refusals: list[tuple[list[Any], str]] = [
         (["--backbone"], "no backbone LayerNorms"),
         (["--stage", "stage2", "--backbone"], "no backbone LayerNorms"),
         (["--stage", "stage9"], "stages are stem, stage1"),
