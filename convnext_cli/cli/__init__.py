@@ -32,7 +32,7 @@ from convnext_cli.cli.classify import classify  # noqa: E402
 from convnext_cli.cli.convert import convert  # noqa: E402
 from convnext_cli.cli.embed import embed  # noqa: E402
 from convnext_cli.cli.env import env  # noqa: E402
-from convnext_cli.cli.errors import handle_errors, say  # noqa: E402
+from convnext_cli.cli.errors import debug_enabled, handle_errors, say  # noqa: E402
 from convnext_cli.cli.help import HelpCommand, HelpGroup, reflow  # noqa: E402
 from convnext_cli.cli.options import HelpOpt, with_help_option  # noqa: E402
 from convnext_cli.errors import ConvNextError, one_line  # noqa: E402
@@ -108,5 +108,7 @@ def main() -> None:
     try:
         app()
     except ConvNextError as exc:  # outside a command: --help or --version into a closed stdout
+        if debug_enabled():  # CONVNEXT_DEBUG=1: the traceback, as inside a command
+            raise
         say(f"error: {one_line(exc)}")
         sys.exit(exc.exit_code)
