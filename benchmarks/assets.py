@@ -16,12 +16,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from convnext_cli.checkpoints import PREPROCESSOR_FILE
-from convnext_cli.config import ConvNextConfig
-from convnext_cli.labels import id2label_dict, labels_for
-from convnext_cli.model import ConvNeXtForClassification
-from convnext_cli.preprocess import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PreprocessSpec
-from convnext_cli.weights_io import save_safetensors
+from convnext_cli.checkpoints.checkpoint import PREPROCESSOR_FILE
+from convnext_cli.checkpoints.weights_io import save_safetensors
+from convnext_cli.imaging.preprocess import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    PreprocessSpec,
+)
+from convnext_cli.model.config import ConvNextConfig
+from convnext_cli.model.convnext import ConvNeXtForClassification
+from convnext_cli.model.labels import id2label_dict, labels_for
 
 REPO = Path(__file__).resolve().parent.parent
 

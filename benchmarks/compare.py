@@ -68,7 +68,7 @@ assert count == len(paths), count
 def end_to_end(args: argparse.Namespace, dtype: str) -> dict[str, dict]:
     from proc import timed
 
-    from convnext_cli.pipeline import default_workers
+    from convnext_cli.engine.pipeline import default_workers
 
     count = len(list(args.photos.glob("*.jpg")))
     workers = default_workers(count, args.batch_size, "cpu")
@@ -134,7 +134,7 @@ def model_only(dtype_name: str, batch: int, iters: int) -> dict[str, float]:
     import torch
     import transformers
 
-    from convnext_cli.checkpoints import build_model, load_checkpoint
+    from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
 
     dtype = getattr(torch, dtype_name)
     checkpoint = load_checkpoint(str(ARGS.model))

@@ -1,4 +1,4 @@
-"""The model's CPU threads chosen by measuring (``convnext_cli/thread_tuner.py``) against a
+"""The model's CPU threads chosen by measuring (``convnext_cli/engine/thread_tuner.py``) against a
 fixed count, on runs bound by decoding and runs bound by the model.
 
 Each run is a fresh ``convnext classify`` child (float32 on the CPU, JSON lines to a pipe),
@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 CLI = [sys.executable, "-m", "convnext_cli", "classify"]
 

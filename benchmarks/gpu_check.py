@@ -96,7 +96,7 @@ def hard_jpegs(folder: Path, source: Path) -> list[Path]:
 def runner_for(
     checkpoint: Path, device: str, dtype: str, decode: str = "cpu", compile_: bool = False
 ):
-    from convnext_cli.loading import RunOptions, load_runner
+    from convnext_cli.engine.loading import RunOptions, load_runner
 
     options = RunOptions(device=device, dtype=dtype, decode=decode, compile=compile_)
     return load_runner(str(checkpoint), options, on_note=lambda n: print("  note:", n)).runner
@@ -113,7 +113,7 @@ def embed(runner, paths: list[Path], batch: int) -> list:
 
 
 def logits(runner, paths: list[Path]) -> torch.Tensor:
-    from convnext_cli.images import decode_file
+    from convnext_cli.imaging.decoding import decode_file
 
     pixels = torch.stack([runner.spec.resize_and_crop(decode_file(str(p))) for p in paths])
     with torch.inference_mode():
@@ -148,8 +148,8 @@ def check_parity(check: Check, name: str, ckpt: Path, device: str, photos: list[
 
 def check_decoders(check: Check, device: str, photos: list[Path], hard: list[Path], ckpt: Path):
     """Pixel differences of the device decoder (decode alone, then resize alone)."""
-    from convnext_cli import gpu_jpeg
-    from convnext_cli.images import decode_file
+    from convnext_cli.imaging import gpu_jpeg
+    from convnext_cli.imaging.decoding import decode_file
 
     spec = runner_for(ckpt, "cpu", "float32").spec
     dev = torch.device(device)
@@ -179,7 +179,7 @@ def check_decoders(check: Check, device: str, photos: list[Path], hard: list[Pat
 
 
 def throughput(check: Check, name: str, ckpt: Path, device: str, args: argparse.Namespace):
-    from convnext_cli.benchmark import BenchmarkRunner, SweepOptions
+    from convnext_cli.engine.benchmark import BenchmarkRunner, SweepOptions
 
     rows = []
     dtypes = ["float32", "bfloat16"] + (["float16"] if device != "cpu" else [])
@@ -206,7 +206,7 @@ def sample_utilisation(stop: threading.Event, samples: list[int]) -> None:
 
 
 def end_to_end(check: Check, ckpt: Path, device: str, photos: list[Path], args) -> None:
-    from convnext_cli.benchmark import BenchmarkRunner, SweepOptions
+    from convnext_cli.engine.benchmark import BenchmarkRunner, SweepOptions
 
     rows = []
     for decode in ["cpu"] + (["gpu"] if device != "cpu" else []):
@@ -232,7 +232,7 @@ def end_to_end(check: Check, ckpt: Path, device: str, photos: list[Path], args) 
 
 
 def failures(check: Check, device: str) -> None:
-    from convnext_cli.device import resolve_device
+    from convnext_cli.engine.device import resolve_device
     from convnext_cli.errors import DeviceError
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -5,7 +5,7 @@ run in the same go; peak memory is the child's own (measured by a small parent o
 
 1. **Listing**: a generated tree of empty ``.jpg`` files (1,000 folders of 1,000 by
    default), and one flat folder of as many, streamed by
-   ``convnext_cli.inputs.iter_inputs(recursive=True)`` in a child, against
+   ``convnext_cli.inputs.expand.iter_inputs(recursive=True)`` in a child, against
    ``find ROOT -type f`` (the best of 3 interleaved runs of each); peak RSS of the child.
    Targets: peak under 500 MB, time within 2x of ``find``.  Then **time to first record**:
    ``convnext classify TREE -r`` against ``convnext classify ONE_IMAGE`` (the same start-up
@@ -44,15 +44,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_images"
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 CLI = [sys.executable, "-m", "convnext_cli"]
 
 LIST_CHILD = """
 import sys
 try:
-    from convnext_cli.inputs import iter_inputs
+    from convnext_cli.inputs.expand import iter_inputs
 except ImportError:  # a version from before the listing was streamed
-    from convnext_cli.inputs import expand_inputs as iter_inputs
+    from convnext_cli.inputs.expand import expand_inputs as iter_inputs
 print(sum(1 for _ in iter_inputs([sys.argv[1]], recursive=True)))
 """
 

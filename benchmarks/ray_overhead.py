@@ -45,7 +45,7 @@ def photo_folder(root: Path, count: int) -> Path:
 
 def make_model(kind: str, root: Path) -> Path:
     if kind == "tiny":  # the tests' tiny V1 (2-block stages, 8-32 channels, 1000 labels)
-        sys.path.insert(0, str(REPO / "tests"))
+        sys.path.insert(0, str(REPO / "tests" / "support"))
         import factories
 
         folder = root / "tiny"

@@ -29,7 +29,7 @@ def _started_as_cli() -> bool:
 
 if _started_as_cli():
     # Ctrl-C from our first instruction on: one line and exit 130 (SIGTERM: 143), never a
-    # traceback from a half-done import; convnext_cli.interrupts takes over from here.
+    # traceback from a half-done import; convnext_cli.engine._interrupts takes over from here.
     # (_signal, the built-in module under `signal`, imports in microseconds: `signal`
     # imports enum first, a window in which Python's own handler would still answer.)
     import _signal
@@ -57,8 +57,8 @@ __all__ = ["Classifier", "load_model", "load_checkpoint", "__version__"]
 
 if TYPE_CHECKING:
     from convnext_cli.api import Classifier
-    from convnext_cli.checkpoints import load_checkpoint
-    from convnext_cli.loading import load_model
+    from convnext_cli.checkpoints.checkpoint import load_checkpoint
+    from convnext_cli.engine.loading import load_model
 
 
 def __getattr__(name: str) -> Any:
@@ -67,11 +67,11 @@ def __getattr__(name: str) -> Any:
 
         return Classifier
     if name == "load_model":
-        from convnext_cli.loading import load_model
+        from convnext_cli.engine.loading import load_model
 
         return load_model
     if name == "load_checkpoint":
-        from convnext_cli.checkpoints import load_checkpoint
+        from convnext_cli.checkpoints.checkpoint import load_checkpoint
 
         return load_checkpoint
     raise AttributeError(f"module 'convnext_cli' has no attribute {name!r}")

@@ -31,11 +31,11 @@ import torch
 from PIL import Image, ImageOps
 
 from convnext_cli.choices import DEFAULT_MODEL
-from convnext_cli.decode_pool import failure
+from convnext_cli.engine.decode_pool import failure
+from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
+from convnext_cli.engine.pipeline import InMemoryImage, Input, Result
 from convnext_cli.errors import ImageError
-from convnext_cli.images import check_pixel_count, pil_to_rgb
-from convnext_cli.loading import ModelSource, RunOptions, load_runner
-from convnext_cli.pipeline import InMemoryImage, Input, Result
+from convnext_cli.imaging.decoding import check_pixel_count, pil_to_rgb
 
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | numpy.ndarray | torch.Tensor
 

@@ -22,7 +22,8 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from convnext_cli.benchmark import (
+from convnext_cli.cli import app
+from convnext_cli.engine.benchmark import (
     NOISE_MIN_BATCHES,
     NOISY_P99_OVER_P50,
     BenchmarkRunner,
@@ -33,10 +34,9 @@ from convnext_cli.benchmark import (
     percentile,
     sweep,
 )
-from convnext_cli.benchmark_report import ThroughputBars, noise_note, print_report
-from convnext_cli.cli import app
-from convnext_cli.device import resolve_dtype
+from convnext_cli.engine.device import resolve_dtype
 from convnext_cli.errors import DeviceError
+from convnext_cli.outputs.benchmark_report import ThroughputBars, noise_note, print_report
 
 runner = CliRunner()
 
@@ -308,8 +308,8 @@ def test_table_marks_noisy_rows_and_fits_80_columns() -> None:
 
 
 def test_core_sweep_over_runners_built_one_at_a_time(v1_checkpoint: Path) -> None:
-    from convnext_cli.checkpoints import build_model, load_checkpoint
-    from convnext_cli.pipeline import Runner
+    from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
+    from convnext_cli.engine.pipeline import Runner
 
     checkpoint = load_checkpoint(str(v1_checkpoint))
     built: list[str] = []

@@ -24,7 +24,7 @@ from convnext_cli.cli.options import (
     Dtype,
     EmbedFormat,
     Engine,
-    Layout,
+    LayoutChoice,
     parameters_of,
 )
 
@@ -50,10 +50,10 @@ def help_text(command: str) -> str:
 
 
 def test_choices_equal_the_core_tuples() -> None:
-    from convnext_cli.device import DTYPE_NAMES
-    from convnext_cli.gpu_jpeg import DECODE_CHOICES
-    from convnext_cli.layouts import LAYOUTS
-    from convnext_cli.output import CLASSIFY_FORMATS, EMBED_FORMATS
+    from convnext_cli.checkpoints.layouts import LAYOUTS
+    from convnext_cli.engine.device import DTYPE_NAMES
+    from convnext_cli.imaging.gpu_jpeg import DECODE_CHOICES
+    from convnext_cli.outputs.writers import CLASSIFY_FORMATS, EMBED_FORMATS
 
     def values(enum) -> tuple[str, ...]:
         return tuple(member.value for member in enum)
@@ -62,7 +62,7 @@ def test_choices_equal_the_core_tuples() -> None:
     assert values(EmbedFormat) == EMBED_FORMATS
     assert values(Dtype) == DTYPE_NAMES
     assert values(Decode) == DECODE_CHOICES
-    assert values(Layout) == ("auto", *LAYOUTS)
+    assert values(LayoutChoice) == ("auto", *LAYOUTS)
     assert values(Engine) == ("local", "ray")
 
 

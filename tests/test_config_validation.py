@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convnext_cli.checkpoints import load_checkpoint
-from convnext_cli.config import ConvNextConfig
+from convnext_cli.checkpoints.checkpoint import load_checkpoint
 from convnext_cli.errors import CheckpointError
-from convnext_cli.preprocess import PreprocessSpec
+from convnext_cli.imaging.preprocess import PreprocessSpec
+from convnext_cli.model.config import ConvNextConfig
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "sample_images" / "astronaut.png"
@@ -426,7 +426,7 @@ def test_library_callers_get_checkpoint_errors(bad_folder: Path) -> None:
 def test_a_model_for_other_than_rgb_is_refused_for_classify_but_converts(tmp_path: Path) -> None:
     import factories
 
-    from convnext_cli.convert import convert_checkpoint
+    from convnext_cli.checkpoints.convert import convert_checkpoint
 
     folder = factories.save_hf(factories.hf_model(num_channels=1), tmp_path / "grey")
     assert_refused(run_classify(folder), "num_channels")

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from convnext_cli.convert import convert, convert_checkpoint
+from convnext_cli.checkpoints.convert import convert, convert_checkpoint
 from convnext_cli.errors import CheckpointError, UsageError
 
 ATOL = 1e-4
@@ -271,7 +271,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
 def test_cli_resolves_hub_ids_through_checkpoints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import convnext_cli.hub as hub
+    import convnext_cli.checkpoints.hub as hub
 
     folder = tmp_path / "snapshot"
     src.hf_model(v2=True).save_pretrained(folder)

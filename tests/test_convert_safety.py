@@ -56,7 +56,7 @@ def source(v1_checkpoint: Path, tmp_path: Path) -> Path:
 
 
 def loads(folder: Path) -> None:
-    from convnext_cli.checkpoints import load_checkpoint
+    from convnext_cli.checkpoints.checkpoint import load_checkpoint
 
     assert load_checkpoint(str(folder)).config.num_labels == 1000
 

@@ -123,7 +123,7 @@ def test_cuda_overlapped_batches_match_cpu(v1_checkpoint: Path, photos: list[Pat
 
 
 def test_cuda_auto_dtype_is_native(v1_checkpoint: Path, photos: list[Path]) -> None:
-    from convnext_cli.device import resolve
+    from convnext_cli.engine.device import resolve
 
     placement = resolve("cuda", "auto")
     major, _ = torch.cuda.get_device_capability()

@@ -121,7 +121,7 @@ def test_shards_cover_every_input_exactly_once(
         )
         assert out.returncode == 0, out.stderr
         seen.extend(json.loads(line)["path"] for line in out.stdout.decode().splitlines())
-    from convnext_cli.inputs import UniqueIds, input_id
+    from convnext_cli.inputs.expand import UniqueIds, input_id
 
     unique = UniqueIds(lambda _message: None)  # a path listed twice: its second id is PATH#2
     assert sorted(seen) == sorted(input_id(unique.one(p)) for p in listing.splitlines())

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from factories import make_shard
 
-from convnext_cli.dataset_inputs import (
+from convnext_cli.errors import ImageError, UsageError
+from convnext_cli.inputs.datasets import (
     Item,
     dataset_items,
     expand_braces,
@@ -17,7 +18,6 @@ from convnext_cli.dataset_inputs import (
     read_item,
     tar_items,
 )
-from convnext_cli.errors import ImageError, UsageError
 
 EXTS = frozenset({".jpg", ".jpeg", ".png"})
 
@@ -128,7 +128,7 @@ def test_brace_bombs_are_refused_before_expansion() -> None:
 def test_a_huge_row_group_is_an_error_per_row_not_a_huge_read(
     tmp_path: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import convnext_cli.dataset_inputs as dataset_inputs
+    import convnext_cli.inputs.datasets as dataset_inputs
 
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"image": [p.read_bytes() for p in photos[:2]]}), path)
@@ -144,7 +144,7 @@ def test_each_row_group_is_read_once_and_the_next_one_ahead(
 ) -> None:
     """A decoding process reads a row group once for all its rows, and the next one in a
     thread while the current one is decoded; the cells are the bytes written."""
-    import convnext_cli.dataset_inputs as dataset_inputs
+    import convnext_cli.inputs.datasets as dataset_inputs
 
     blobs = [photos[n % len(photos)].read_bytes() for n in range(10)]
     path = tmp_path / "groups.parquet"
@@ -165,7 +165,7 @@ def test_each_row_group_is_read_once_and_the_next_one_ahead(
 
 
 def test_tar_shards_stay_open_a_few_at_a_time(tmp_path: Path, photos: list[Path]) -> None:
-    import convnext_cli.dataset_inputs as dataset_inputs
+    import convnext_cli.inputs.datasets as dataset_inputs
 
     shards = []
     for n in range(dataset_inputs.OPEN_ARCHIVES + 3):

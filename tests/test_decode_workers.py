@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from convnext_cli.checkpoints import build_model, load_checkpoint
-from convnext_cli.decode_pool import DEFAULT_DECODE_TIMEOUT, decode_timeout
+from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
+from convnext_cli.engine.decode_pool import DEFAULT_DECODE_TIMEOUT, decode_timeout
+from convnext_cli.engine.pipeline import Runner, cap_workers, plan_workers, usable_cores
 from convnext_cli.errors import UsageError
-from convnext_cli.pipeline import Runner, cap_workers, plan_workers, usable_cores
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -277,7 +277,7 @@ def test_no_worker_process_to_be_had_decodes_in_process(
 ) -> None:
     """When no process can be started (fork fails: EAGAIN, ENOMEM), the run goes on, decoding
     in the main process."""
-    from convnext_cli import decode_pool
+    from convnext_cli.engine import decode_pool
 
     def refuse(self: object) -> None:
         raise BlockingIOError(11, "Resource temporarily unavailable")

@@ -128,7 +128,7 @@ def test_a_broken_png_is_an_error_even_with_load_truncated_images(
     from PIL import ImageFile
 
     from convnext_cli.errors import ImageError
-    from convnext_cli.images import decode_bytes
+    from convnext_cli.imaging.decoding import decode_bytes
 
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     for name in ("corrupt_idat.png", "truncated_idat.png"):
@@ -141,7 +141,7 @@ def test_orientation_is_read_without_decoding(monkeypatch: pytest.MonkeyPatch) -
     the budget is checked before any pixel is."""
     from PIL import PngImagePlugin
 
-    from convnext_cli.images import decode_bytes, open_header
+    from convnext_cli.imaging.decoding import decode_bytes, open_header
 
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated: 90 degrees clockwise to show

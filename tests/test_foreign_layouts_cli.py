@@ -5,7 +5,7 @@ training code) saves it, with randomised values.  The oracle is the source model
 (timm, torchvision; for facebookresearch, which has no installable library, the
 transformers model the weights were renamed from) run on pixels made by transformers'
 ``ConvNextImageProcessor`` configured with the preprocessing our loader picks for that
-layout (:func:`convnext_cli.layouts.default_preprocessor`).
+layout (:func:`convnext_cli.checkpoints.layouts.default_preprocessor`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from helpers import (
 )
 from PIL import Image
 
-from convnext_cli import layouts
+from convnext_cli.checkpoints import layouts
 
 PROB_TOLERANCE = 2e-3
 EMBED_RELATIVE_TOLERANCE = 1e-3

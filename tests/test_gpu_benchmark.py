@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from test_benchmark import FakeClock, fake_runner
 
-from convnext_cli.benchmark import BenchmarkRunner, SweepOptions
-from convnext_cli.checkpoints import build_model, load_checkpoint
-from convnext_cli.pipeline import Runner
+from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
+from convnext_cli.engine.benchmark import BenchmarkRunner, SweepOptions
+from convnext_cli.engine.pipeline import Runner
 
 
 def test_end_to_end_start_up_is_reported_apart_from_the_steady_rate() -> None:

@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convnext_cli import decode_pool, gpu_jpeg, pipeline
-from convnext_cli.checkpoints import build_model, load_checkpoint
+from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
 from convnext_cli.cli import app
+from convnext_cli.engine import decode_pool, pipeline
+from convnext_cli.engine.pipeline import Runner
 from convnext_cli.errors import ImageError, UsageError
-from convnext_cli.images import decode_file, torchvision_io
-from convnext_cli.pipeline import Runner
+from convnext_cli.imaging import gpu_jpeg
+from convnext_cli.imaging.decoding import decode_file, torchvision_io
 
 pytestmark = pytest.mark.skipif(torchvision_io() is None, reason="torchvision has no decoders")
 

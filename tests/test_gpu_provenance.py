@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from convnext_cli.cli import app
 from convnext_cli.errors import UsageError
-from convnext_cli.resume import check_provenance, provenance_path
+from convnext_cli.outputs.resume import check_provenance, provenance_path
 
 
 def test_a_resume_with_another_dtype_is_refused(

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convnext_cli import device as device_mod
-from convnext_cli import pipeline
-from convnext_cli.checkpoints import build_model, load_checkpoint
+from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
 from convnext_cli.cli import app
+from convnext_cli.engine import device as device_mod
+from convnext_cli.engine import pipeline
+from convnext_cli.engine.pipeline import Runner
 from convnext_cli.errors import DeviceFailure
-from convnext_cli.model import ConvNeXtForClassification
-from convnext_cli.pipeline import Runner
+from convnext_cli.model.convnext import ConvNeXtForClassification
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")

@@ -6,7 +6,7 @@ Each gives one usage error naming the file (exit 2), or an error record for that
 within a generous time bound (the subprocess timeout: a hang fails the test), no
 traceback, and -- where the file is large -- a peak resident memory under PEAK_BOUND for
 the whole CLI process (about 0.9 GB: Python, torch, a tiny model; the unbounded reads took
-3 GB and more).  The limits: convnext_cli/image_files.py (MAX_JSON_FILE_BYTES, ...).
+3 GB and more).  The limits: convnext_cli/imaging/reading.py (MAX_JSON_FILE_BYTES, ...).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from convnext_cli import image_files
 from convnext_cli.errors import UsageError
-from convnext_cli.image_files import bounded_lines, json_depth, parse_json
+from convnext_cli.imaging import reading as image_files
+from convnext_cli.imaging.reading import bounded_lines, json_depth, parse_json
 
 REPO = Path(__file__).resolve().parent.parent
 PEAK_BOUND = 1.5e9  # bytes, as in test_memory_bounds.py
@@ -146,7 +146,7 @@ def test_parquet_target_with_odd_paths_resumes(
 ) -> None:
     """A null path is no record (its row is kept, its input has none); a field that is not
     the JSON its quote promises is an id as it stands.  Every input ends with one record."""
-    from convnext_cli.parquet_output import CLASSIFY_SCHEMA
+    from convnext_cli.outputs.parquet import CLASSIFY_SCHEMA
 
     row: dict[str, Any] = {"path": path_value, "error": None, "label": "a", "index": 0}
     row["score"] = 0.5

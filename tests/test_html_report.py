@@ -16,7 +16,8 @@ import pytest
 from chromium_cdp import Chromium, find_chromium
 from html_report_demo import classify_jsonl, results_from_jsonl
 
-from convnext_cli.html_report import (
+from convnext_cli.engine.pipeline import Prediction, Result
+from convnext_cli.outputs.html import (
     THUMBNAIL_SIZE,
     HtmlReportWriter,
     display_text,
@@ -24,7 +25,6 @@ from convnext_cli.html_report import (
     plain_text,
     thumbnail_image,
 )
-from convnext_cli.pipeline import Prediction, Result
 
 # Names a file system allows and a page must show literally, never interpret.
 HOSTILE_NAMES = [

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import COMMIT, fill_cache
 
-from convnext_cli.checkpoints import load_checkpoint
+from convnext_cli.checkpoints.checkpoint import load_checkpoint
+from convnext_cli.checkpoints.hub import split_revision
 from convnext_cli.errors import CheckpointError
-from convnext_cli.hub import split_revision
 
 
 @pytest.fixture

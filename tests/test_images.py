@@ -13,7 +13,7 @@ from helpers import bomb_png, composite_over_white, png_bytes
 from PIL import Image, ImageOps
 
 from convnext_cli.errors import ImageError
-from convnext_cli.images import MAX_PIXELS, decode_bytes, decode_file
+from convnext_cli.imaging.decoding import MAX_PIXELS, decode_bytes, decode_file
 
 
 def as_array(tensor: torch.Tensor) -> np.ndarray:

@@ -16,9 +16,9 @@ from typing import cast
 import pytest
 from helpers import jsonl
 
-from convnext_cli.image_files import read_file
-from convnext_cli.images import decode_bytes
-from convnext_cli.inputs import expand_inputs, read_paths
+from convnext_cli.imaging.decoding import decode_bytes
+from convnext_cli.imaging.reading import read_file
+from convnext_cli.inputs.expand import expand_inputs, read_paths
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from convnext_cli import labels
+from convnext_cli.model import labels
 
 
 def test_imagenet_1k() -> None:
@@ -37,7 +37,7 @@ def test_dicts() -> None:
 
 
 def test_files_are_package_data() -> None:
-    data = resources.files("convnext_cli").joinpath("data")
+    data = resources.files("convnext_cli.model").joinpath("data")
     for name, lines in (("imagenet-1k.txt", 1000), ("imagenet-22k.txt", 21841)):
         text = data.joinpath(name).read_text(encoding="utf-8")
         assert text.endswith("\n") and "\r" not in text

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from convnext_cli import layouts
+from convnext_cli.checkpoints import layouts
 from convnext_cli.errors import CheckpointError, UsageError
-from convnext_cli.preprocess import exact_crop_pct
+from convnext_cli.imaging.preprocess import exact_crop_pct
 
 ATOL = 1e-4
 
@@ -244,7 +244,7 @@ def test_fcmae_encoder_converts_to_feature_model() -> None:
     assert sd["encoder.downsample_layers.1.1.kernel"].shape == (4, *src.SMALL_DIMS[:2])
     assert sd["encoder.downsample_layers.1.1.bias"].shape == (1, src.SMALL_DIMS[1])
     assert layouts.detect_layout(sd) == "fcmae"
-    assert layouts.Layout.resolve(sd, "fb") == "fcmae"
+    assert layouts.CheckpointLayout.resolve(sd, "fb") == "fcmae"
     converted, config = src.to_hf(sd)
     assert config["architectures"] == ["ConvNextV2Model"]
     assert config["layer_norm_eps"] == 1e-6

@@ -13,15 +13,15 @@ from helpers import COMMIT, fill_cache, save_pth
 from safetensors.torch import load_file, save_file
 
 from convnext_cli import Classifier, choices, load_model
-from convnext_cli.checkpoints import load_checkpoint, locate
+from convnext_cli.checkpoints.checkpoint import load_checkpoint, locate
+from convnext_cli.checkpoints.layouts import CheckpointLayout
+from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
 from convnext_cli.errors import CheckpointError, UsageError
-from convnext_cli.layouts import Layout
-from convnext_cli.loading import ModelSource, RunOptions, load_runner
 
 
 def test_layouts_are_one_enum_matching_the_cli_choices() -> None:
-    assert [layout.value for layout in Layout] == list(choices.LAYOUTS)
-    for layout in Layout:
+    assert [layout.value for layout in CheckpointLayout] == list(choices.LAYOUTS)
+    for layout in CheckpointLayout:
         assert layout.display and layout.rules and callable(layout.detect)
         assert str(layout) == layout.value and layout == layout.value
 
@@ -32,7 +32,7 @@ def test_load_runner_returns_runner_checkpoint_and_notes(
     loaded = load_runner(str(v1_checkpoint), RunOptions("cpu", "float32"))
     assert loaded.notes == []  # nothing chosen for the user
     assert loaded.runner.device == torch.device("cpu") and loaded.runner.dtype == torch.float32
-    assert loaded.checkpoint.layout is Layout.HF and len(loaded.runner.labels) == 1000
+    assert loaded.checkpoint.layout is CheckpointLayout.HF and len(loaded.runner.labels) == 1000
     compiled = load_runner(str(v1_checkpoint), RunOptions("cpu", "float32", compile=True))
     assert any("compiling" in note for note in compiled.notes)
     (batch,) = loaded.runner.classify([str(photos[0])], top_k=2, workers=0)
@@ -64,7 +64,7 @@ def test_ddp_prefixed_transformers_weights_load_with_and_without_config(
     reference = load_checkpoint(str(v1_checkpoint))
     for source in (with_config, alone):
         checkpoint = load_checkpoint(str(source))
-        assert checkpoint.layout is Layout.HF
+        assert checkpoint.layout is CheckpointLayout.HF
         assert checkpoint.state_dict.keys() == reference.state_dict.keys()
         for key, value in reference.state_dict.items():
             assert torch.equal(checkpoint.state_dict[key], value), key

@@ -29,9 +29,9 @@ import pytest
 import torch
 from PIL import Image
 
-from convnext_cli import preprocess
-from convnext_cli.images import decode_file
-from convnext_cli.preprocess import PreprocessSpec
+from convnext_cli.imaging import preprocess
+from convnext_cli.imaging.decoding import decode_file
+from convnext_cli.imaging.preprocess import PreprocessSpec
 
 REPO = Path(__file__).resolve().parent.parent
 PEAK_BOUND = 1.5e9  # bytes; see the module docstring
@@ -227,7 +227,7 @@ def test_box_and_hamming_checkpoints_classify(
 def test_strip_conversion_equals_whole_image_conversion(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from convnext_cli import images
+    from convnext_cli.imaging import decoding as images
 
     rng = np.random.default_rng(len(mode))
     rgba = Image.fromarray(rng.integers(0, 256, (37, 23, 4), dtype=np.uint8), "RGBA")

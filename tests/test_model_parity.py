@@ -8,8 +8,8 @@ import factories
 import pytest
 import torch
 
-from convnext_cli.config import SIZES, ConvNextConfig
-from convnext_cli.model import ConvNeXtForClassification
+from convnext_cli.model.config import SIZES, ConvNextConfig
+from convnext_cli.model.convnext import ConvNeXtForClassification
 
 CASES: dict[str, dict[str, Any]] = {
     "v1-4stage": dict(v2=False),
@@ -99,7 +99,7 @@ def test_every_paper_size_has_transformers_keys(size: str, v2: bool) -> None:
 )
 def test_fused_cpu_blocks_match_transformers(case: str) -> None:
     """The oneDNN-fused CPU path (what the CLI runs on CPU) keeps transformers' numbers."""
-    from convnext_cli.cpu_fusion import fuse_blocks, fusion_available
+    from convnext_cli.model.cpu_fusion import fuse_blocks, fusion_available
 
     if not fusion_available():
         pytest.skip("this PyTorch build has no oneDNN fused linear")
@@ -118,7 +118,7 @@ def test_fused_cpu_blocks_match_transformers(case: str) -> None:
 
 
 def test_fused_bfloat16_close_to_plain_bfloat16() -> None:
-    from convnext_cli.cpu_fusion import fuse_blocks, fusion_available
+    from convnext_cli.model.cpu_fusion import fuse_blocks, fusion_available
 
     if not fusion_available():
         pytest.skip("this PyTorch build has no oneDNN fused linear")

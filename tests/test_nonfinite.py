@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convnext_cli.checkpoints import build_model, load_checkpoint
+from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
 from convnext_cli.cli import app
-from convnext_cli.pipeline import NON_FINITE, Runner
-from convnext_cli.preprocess import PreprocessSpec
+from convnext_cli.engine.pipeline import NON_FINITE, Runner
+from convnext_cli.imaging.preprocess import PreprocessSpec
 
 CPU = torch.device("cpu")
 

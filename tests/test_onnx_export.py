@@ -16,9 +16,9 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
-from convnext_cli.images import decode_file  # noqa: E402
-from convnext_cli.loading import ModelSource, RunOptions, load_runner  # noqa: E402
-from convnext_cli.preprocess import PreprocessSpec  # noqa: E402
+from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner  # noqa: E402
+from convnext_cli.imaging.decoding import decode_file  # noqa: E402
+from convnext_cli.imaging.preprocess import PreprocessSpec  # noqa: E402
 
 
 def _ours(checkpoint: Path, photos: list[Path]) -> tuple[torch.Tensor, np.ndarray]:

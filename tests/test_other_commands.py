@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli.benchmark import Report, Row
-from convnext_cli.environment import cudnn_version
+from convnext_cli.engine._environment import cudnn_version
+from convnext_cli.engine.benchmark import Report, Row
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
@@ -85,7 +85,7 @@ def test_benchmark_table_keeps_every_header_at_80_columns() -> None:
 
     from rich.console import Console
 
-    from convnext_cli.benchmark_report import print_report
+    from convnext_cli.outputs.benchmark_report import print_report
 
     report = bench_report(
         bench_row("end-to-end", "bfloat16", 128, 1234.5, 12345.6),
@@ -99,7 +99,7 @@ def test_benchmark_table_keeps_every_header_at_80_columns() -> None:
 
 
 def test_benchmark_warns_of_a_cold_model_row_and_notes_float16_on_cpu() -> None:
-    from convnext_cli.benchmark_report import speed_notes
+    from convnext_cli.outputs.benchmark_report import speed_notes
 
     report = bench_report(
         bench_row("model", "float32", 8, 20.0),

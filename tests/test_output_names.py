@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli.names import path_field, read_path_field, visible
+from convnext_cli.outputs.names import path_field, read_path_field, visible
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX byte file names")
 

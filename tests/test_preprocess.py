@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from convnext_cli.images import decode_file
-from convnext_cli.preprocess import PreprocessSpec
+from convnext_cli.imaging.decoding import decode_file
+from convnext_cli.imaging.preprocess import PreprocessSpec
 
 IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 CONFIGS = {

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from convnext_cli import ray_engine
-from convnext_cli.loading import RunOptions, load_runner
-from convnext_cli.names import path_field
-from convnext_cli.pipeline import Result
+from convnext_cli.engine import ray_engine
+from convnext_cli.engine.loading import RunOptions, load_runner
+from convnext_cli.engine.pipeline import Result
+from convnext_cli.outputs.names import path_field
 
 ray = pytest.importorskip("ray")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli import ray_engine
+from convnext_cli.engine import ray_engine
 from convnext_cli.errors import UsageError
 
 pytest.importorskip("ray")

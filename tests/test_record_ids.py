@@ -184,7 +184,7 @@ def test_renamed_inputs_read_their_own_bytes(
 
 
 def test_unique_ids_in_the_listing(tmp_path: Path) -> None:
-    from convnext_cli.inputs import UniqueIds, input_id
+    from convnext_cli.inputs.expand import UniqueIds, input_id
 
     said: list[str] = []
     unique = UniqueIds(said.append)

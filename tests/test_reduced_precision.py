@@ -11,8 +11,8 @@ import factories
 import pytest
 import torch
 
-from convnext_cli.config import ConvNextConfig
-from convnext_cli.model import GRN, ConvNeXtForClassification, LayerNorm2d
+from convnext_cli.model.config import ConvNextConfig
+from convnext_cli.model.convnext import GRN, ConvNeXtForClassification, LayerNorm2d
 
 FP16_MAX = torch.finfo(torch.float16).max
 

@@ -191,7 +191,7 @@ def test_resume_needs_a_resumable_output(many: Path, v1_checkpoint: Path, tmp_pa
 def test_kept_records_are_copied_record_by_record(tmp_path: Path) -> None:
     """What a resume keeps goes through a file, a few records at a time (here 40 bytes), each
     once (first seen wins), without torn ones, with the header, across every source."""
-    from convnext_cli import resume
+    from convnext_cli.outputs import resume
 
     header = b"path,error,f0,f1\n"
     rows = [f"p{n},,{n}.5,{n}.25\n".encode() for n in range(10)]

@@ -18,8 +18,8 @@ def _reference_logits(checkpoint: Path, photos: list[Path]) -> torch.Tensor:
     """transformers' logits for the photos, preprocessed by our pipeline (embed is separate)."""
     import transformers
 
-    from convnext_cli.images import decode_file
-    from convnext_cli.loading import ModelSource, RunOptions, load_runner
+    from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
+    from convnext_cli.imaging.decoding import decode_file
 
     runner = load_runner(ModelSource(str(checkpoint)), RunOptions("cpu", "float32")).runner
     reference = transformers.AutoModelForImageClassification.from_pretrained(checkpoint).eval()

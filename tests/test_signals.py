@@ -148,7 +148,7 @@ def test_closed_pipe_through_a_shell(v1_checkpoint: Path, photos: list[Path]) ->
 def test_internal_error_has_its_own_exit_code(v1_checkpoint: Path, photos: list[Path]) -> None:
     code = (
         "import runpy, sys\n"
-        "import convnext_cli.pipeline as p\n"
+        "import convnext_cli.engine.pipeline as p\n"
         "def boom(self, *a, **k):\n    raise RuntimeError('a bug')\n"
         "p.Runner.classify = boom\n"
         f"sys.argv = ['convnext', 'classify', {str(photos[0])!r}, '-m', {str(v1_checkpoint)!r}, "

@@ -17,9 +17,9 @@ import torch
 from helpers import invoke, jsonl, randomise
 from safetensors.numpy import load_file
 
-from convnext_cli.checkpoints import build_model, load_checkpoint
-from convnext_cli.images import decode_file
-from convnext_cli.preprocess import PreprocessSpec
+from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
+from convnext_cli.imaging.decoding import decode_file
+from convnext_cli.imaging.preprocess import PreprocessSpec
 
 STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
 

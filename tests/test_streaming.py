@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from convnext_cli.cli import app
-from convnext_cli.inputs import InputStream, expand_inputs, iter_inputs
+from convnext_cli.inputs.expand import InputStream, expand_inputs, iter_inputs
 
 CLI = [sys.executable, "-m", "convnext_cli"]
 CPU = ["--device", "cpu", "--dtype", "float32", "-k", "1", "-b", "4"]
@@ -299,7 +299,7 @@ AWKWARD_NAMES = [
 
 def reference_listing(folder: Path, recursive: bool) -> list[str]:
     """The documented policy, one entry at a time with the public is_listed (the oracle)."""
-    from convnext_cli.inputs import is_listed
+    from convnext_cli.inputs.expand import is_listed
 
     files, folders = [], []
     for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
@@ -354,7 +354,7 @@ def test_folder_listing_decides_as_one_entry_at_a_time(
     sub-folders as a whole (the fast path); it must list exactly what the per-entry policy
     lists, in the same order, with blocks of 3 (every kind of block, mixed) and of 4096
     (whole folders), and say of every chunk holding a dataset file that it may."""
-    from convnext_cli import inputs
+    from convnext_cli.inputs import expand as inputs
 
     monkeypatch.setattr(inputs, "_SCAN_BLOCK", block)
     root = awkward_tree(tmp_path / "awkward", alike=20)
@@ -382,7 +382,7 @@ def test_input_stream_hands_over_every_input_with_a_small_window(
     """The listing and the run meet through a deque: with a window of 5 inputs, a listing
     that pauses and a run that pauses, every input comes once, in order, and an error
     raised by the listing comes after the inputs before it."""
-    from convnext_cli import inputs
+    from convnext_cli.inputs import expand as inputs
 
     monkeypatch.setattr(inputs, "LISTING_AHEAD", 5)
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli.names import visible
-from convnext_cli.output import open_writer
-from convnext_cli.pipeline import Prediction, Result
-from convnext_cli.table_output import (
+from convnext_cli.engine.pipeline import Prediction, Result
+from convnext_cli.outputs.names import visible
+from convnext_cli.outputs.table import (
     ERROR_MARK,
-    Layout,
+    ColumnLayout,
     bar,
     cells,
     fit,
@@ -28,6 +27,7 @@ from convnext_cli.table_output import (
     shorten_path,
     shown_path,
 )
+from convnext_cli.outputs.writers import open_writer
 
 REPO = Path(__file__).resolve().parent.parent
 SCORE = re.compile(r"\b[01]\.\d{4}\b")
@@ -69,7 +69,7 @@ def test_labels_cut_with_an_ellipsis_and_bars() -> None:
 @pytest.mark.parametrize("top_k", [1, 2, 5, 10])
 @pytest.mark.parametrize("width", [40, 60, 79, 80, 100, 120, 200])
 def test_layout_fits_the_width(width: int, top_k: int, longest_path: int | None) -> None:
-    layout = Layout.for_width(width, top_k, longest_path)
+    layout = ColumnLayout.for_width(width, top_k, longest_path)
     if longest_path is not None:
         assert layout.image <= max(longest_path, 5)
     used = layout.image + 2 + layout.label + 2 + 6
@@ -213,7 +213,7 @@ def test_folder_of_200_with_errors_screen(
     run = run_screen(root, columns, Path(inputs[0]).parent, "-k", top_k)
     assert run.returncode == 1, run.stderr.decode(errors="replace")  # two inputs failed
     image_width, rows = table_lines(run.stdout, columns)
-    assert image_width == min(len(inputs[0]), Layout.for_width(columns, top_k).image)
+    assert image_width == min(len(inputs[0]), ColumnLayout.for_width(columns, top_k).image)
     check_rows(rows, inputs, image_width, BROKEN)
     good = [row for row in rows if SCORE.search(row)]
     assert len(good) == (len(inputs) - len(BROKEN)) * top_k
@@ -238,7 +238,7 @@ def test_absolute_inputs_shown_as_typed(columns: int, demo: tuple[Path, list[str
     run = run_screen(root, columns, typed, "-k", "1")
     assert run.returncode == 0, run.stderr.decode(errors="replace")
     image_width, rows = table_lines(run.stdout, columns)
-    assert image_width == min(len(typed), Layout.for_width(columns, 1).image)
+    assert image_width == min(len(typed), ColumnLayout.for_width(columns, 1).image)
     assert rows[0].startswith(shorten_path(typed, image_width) + "  ")
     assert rows[0].startswith("/")
     if len(typed) <= image_width:

@@ -23,8 +23,8 @@ from helpers import invoke, jsonl
 
 h5py = pytest.importorskip("h5py")
 
-from convnext_cli.checkpoints import build_model, load_checkpoint  # noqa: E402
-from convnext_cli.layouts import Layout  # noqa: E402
+from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint  # noqa: E402
+from convnext_cli.checkpoints.layouts import CheckpointLayout  # noqa: E402
 
 CONV = ("patch_embeddings", "dwconv", "downsampling_layer.1")
 NORMS = ("layernorm", "downsampling_layer.0")
@@ -110,7 +110,7 @@ def tf_folder(tmp_path: Path, v2: bool, head: bool = True) -> tuple[Path, torch.
 def test_tf_h5_gives_the_pytorch_logits(v2: bool, tmp_path: Path, photos: list[Path]) -> None:
     folder, reference = tf_folder(tmp_path, v2)
     checkpoint = load_checkpoint(str(folder))
-    assert checkpoint.layout is Layout.KERAS
+    assert checkpoint.layout is CheckpointLayout.KERAS
     ours = build_model(checkpoint)
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -17,10 +17,10 @@ from types import GeneratorType
 import pytest
 import torch
 
-from convnext_cli import pipeline
-from convnext_cli.checkpoints import build_model, load_checkpoint
-from convnext_cli.pipeline import Runner, default_workers, plan_workers
-from convnext_cli.thread_tuner import FIRST_EXPLOIT, PROBE, ThreadTuner
+from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
+from convnext_cli.engine import pipeline
+from convnext_cli.engine.pipeline import Runner, default_workers, plan_workers
+from convnext_cli.engine.thread_tuner import FIRST_EXPLOIT, PROBE, ThreadTuner
 
 SETTLE = 2  # batches decoded ahead, as a run with one decoding process has them
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convnext_cli import images
 from convnext_cli.errors import ImageError
-from convnext_cli.images import decode_bytes
+from convnext_cli.imaging import decoding as images
+from convnext_cli.imaging.decoding import decode_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def test_progressive_photo_is_not_refused(photos: list[Path]) -> None:
 def test_many_scans_refused_in_process() -> None:
     with pytest.raises(ImageError, match="more than 100 scans"):
         decode_bytes(many_scans_jpeg(images.MAX_JPEG_SCANS, side=64))
-    from convnext_cli.gpu_jpeg import device_decodable
+    from convnext_cli.imaging.gpu_jpeg import device_decodable
 
     with pytest.raises(ImageError, match="scans"):  # the device path reads the same header
         device_decodable(many_scans_jpeg(images.MAX_JPEG_SCANS, side=64))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from convnext_cli import startup
-from convnext_cli.interrupts import install_startup_handlers
+from convnext_cli.engine._interrupts import install_startup_handlers
 
 if Path(sys.argv[0]).stem == "convnext":
     # the `convnext` script: Ctrl-C while typer, rich and the commands are imported ends

@@ -1,5 +1,6 @@
 """`convnext benchmark`: options in, a report out as a table (with a bar chart on a terminal),
-JSON, or a saved plot.  The measuring loop is :class:`convnext_cli.benchmark.BenchmarkRunner`."""
+JSON, or a saved plot.  The measuring loop is
+:class:`convnext_cli.engine.benchmark.BenchmarkRunner`."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from convnext_cli.limits import (
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
 if TYPE_CHECKING:
-    from convnext_cli.benchmark import Report
+    from convnext_cli.engine.benchmark import Report
 
 OUTPUT_SUFFIXES = (".png", ".svg", ".json")
 
@@ -170,16 +171,16 @@ def benchmark(
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"-o {output}: use a .png or .svg (plot) or .json (report) file")
     if not batch_sizes:
-        from convnext_cli.device import resolve_device
+        from convnext_cli.engine.device import resolve_device
 
         batch_sizes = "1,32,256" if resolve_device(device).type == "cuda" else "1,8,32"
     sizes = parse_batch_sizes(batch_sizes)
     dtype_names = parse_dtypes(dtype)
-    paths = image_files(images) if images is not None else []
+    paths = benchmark_images(images) if images is not None else []
 
-    from convnext_cli.benchmark import SweepOptions, runners_for, sweep
-    from convnext_cli.benchmark_report import noise_note, speed_notes
-    from convnext_cli.loading import ModelSource, RunOptions
+    from convnext_cli.engine.benchmark import SweepOptions, runners_for, sweep
+    from convnext_cli.engine.loading import ModelSource, RunOptions
+    from convnext_cli.outputs.benchmark_report import noise_note, speed_notes
 
     run = RunOptions(
         device=device,
@@ -231,8 +232,8 @@ def parse_dtypes(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def image_files(folder: Path) -> list[str]:
-    from convnext_cli.inputs import folder_images
+def benchmark_images(folder: Path) -> list[str]:
+    from convnext_cli.inputs.expand import folder_images
 
     if not folder.is_dir():
         raise UsageError(f"--images {folder}: not a folder")
@@ -246,7 +247,7 @@ def show(report: Report, fmt: ReportFormat, output: Path | None) -> None:
     """JSON or the table on stdout (bars too on a terminal without -o); then -o's file."""
     from rich.console import Console
 
-    from convnext_cli.benchmark_report import print_report, save_plot
+    from convnext_cli.outputs.benchmark_report import print_report, save_plot
 
     if fmt is ReportFormat.json:
         print(json.dumps(report.to_dict(), indent=2))

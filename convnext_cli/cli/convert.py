@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from convnext_cli.cli.errors import say
-from convnext_cli.cli.options import CacheDirOpt, Layout, RevisionOpt, TokenOpt
+from convnext_cli.cli.options import CacheDirOpt, LayoutChoice, RevisionOpt, TokenOpt
 from convnext_cli.limits import MAX_IMAGE_SIZE
 
 
@@ -61,7 +61,7 @@ ToOpt = Annotated[
     ),
 ]
 FromOpt = Annotated[
-    Layout,
+    LayoutChoice,
     typer.Option(
         "--from",
         metavar="LAYOUT",
@@ -108,7 +108,7 @@ ForceOpt = Annotated[
 def convert(
     source: SourceArg,
     output_dir: OutputDirArg,
-    from_: FromOpt = Layout.auto,
+    from_: FromOpt = LayoutChoice.auto,
     image_size: ImageSizeOpt = None,
     crop_pct: CropPctOpt = None,
     force: ForceOpt = False,
@@ -133,7 +133,7 @@ def convert(
     """
     target = getattr(to, "value", to)
     if target == "onnx" or (target == "auto" and output_dir.suffix.lower() == ".onnx"):
-        from convnext_cli.convert import export_onnx
+        from convnext_cli.checkpoints.convert import export_onnx
 
         exported = export_onnx(
             source,
@@ -149,7 +149,7 @@ def convert(
         say(f"exported {source} ({exported.summary()}) -> {exported.output}")
         typer.echo(str(exported.output))
         return
-    from convnext_cli.convert import convert as run_conversion
+    from convnext_cli.checkpoints.convert import convert as run_conversion
 
     result = run_conversion(
         source,

@@ -25,7 +25,7 @@ def env(
     from rich.console import Console
     from rich.table import Table
 
-    from convnext_cli.environment import collect
+    from convnext_cli.engine._environment import collect
 
     report = collect()
     if as_json:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from convnext_cli import interrupts
+from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.errors import (
     EXIT_PIPE_CLOSED,
     EXIT_SOFTWARE,
@@ -25,8 +25,8 @@ from convnext_cli.errors import (
     OutputClosed,
     one_line,
 )
-from convnext_cli.names import visible
-from convnext_cli.output_file import silence_stdout
+from convnext_cli.outputs.files import silence_stdout
+from convnext_cli.outputs.names import visible
 
 F = TypeVar("F", bound=Callable[..., Any])
 

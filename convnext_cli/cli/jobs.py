@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convnext_cli import interrupts
 from convnext_cli.cli.errors import say
 from convnext_cli.cli.progress import (
     Batches,
@@ -21,6 +20,7 @@ from convnext_cli.cli.progress import (
     note,
     track,
 )
+from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.errors import (
     EXIT_INPUT_FAILED,
     EXIT_OK,
@@ -28,18 +28,18 @@ from convnext_cli.errors import (
     OutputError,
     UsageError,
 )
-from convnext_cli.inputs import InputRef, InputStream, input_id, iter_inputs
+from convnext_cli.inputs.expand import InputRef, InputStream, input_id, iter_inputs
 from convnext_cli.limits import MAX_SHARDS, check_environment, is_int
-from convnext_cli.names import path_field
-from convnext_cli.output import choose_format, open_writer, output_targets
-from convnext_cli.output_file import is_stdout
-from convnext_cli.resume import RESUMABLE_FORMATS
+from convnext_cli.outputs.files import is_stdout
+from convnext_cli.outputs.names import path_field
+from convnext_cli.outputs.resume import RESUMABLE_FORMATS
+from convnext_cli.outputs.writers import choose_format, open_writer, output_targets
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
 if TYPE_CHECKING:
-    from convnext_cli.loading import ModelSource, RunOptions
-    from convnext_cli.output import Writer
-    from convnext_cli.pipeline import Result, Runner
+    from convnext_cli.engine.loading import ModelSource, RunOptions
+    from convnext_cli.engine.pipeline import Result, Runner
+    from convnext_cli.outputs.writers import Writer
 
 
 def gather_inputs(
@@ -273,7 +273,7 @@ class Job:
 def check_features_request(job: Job, fmt: str) -> None:
     """embed --stage / --pool / --backbone: what the format and engine can hold, before
     anything is loaded (the stage names are checked against the model once it is)."""
-    from convnext_cli.pipeline import POOLS
+    from convnext_cli.engine.pipeline import POOLS
 
     if job.command != "embed":
         return
@@ -373,7 +373,7 @@ def run_job(job: Job) -> int:
             if hasattr(writer, "set_run_info"):  # the HTML report says what made it
                 writer.set_run_info(run_info(job, runner))
             if fmt in RESUMABLE_FORMATS and job.output is not None and not is_stdout(job.output):
-                from convnext_cli.resume import provenance_path, write_provenance
+                from convnext_cli.outputs.resume import provenance_path, write_provenance
 
                 target = Path(os.path.realpath(job.output))
                 if not provenance_path(target).exists():
@@ -425,7 +425,7 @@ def run_info(job: Job, runner: Runner) -> dict[str, str]:
 
 def _load(job: Job) -> Runner:
     """The model, through the core's one loading path; its notes on stderr."""
-    from convnext_cli.loading import load_runner
+    from convnext_cli.engine.loading import load_runner
 
     return load_runner(model_source(job), run_options(job), on_note=_note).runner
 
@@ -435,13 +435,13 @@ def _note(text: str) -> None:
 
 
 def model_source(job: Job) -> ModelSource:
-    from convnext_cli.loading import ModelSource
+    from convnext_cli.engine.loading import ModelSource
 
     return ModelSource(job.model, job.revision, job.cache_dir, job.token, job.labels)
 
 
 def run_options(job: Job) -> RunOptions:
-    from convnext_cli.loading import RunOptions
+    from convnext_cli.engine.loading import RunOptions
 
     return RunOptions(job.device, job.dtype, job.decode, job.compile_model)
 
@@ -524,7 +524,8 @@ def _open_resumable(
     A list of inputs (``--engine ray``) gives the list still to do; a stream gives an
     :class:`InputStream` of them, filtered as they are listed (one set lookup each).
     """
-    from convnext_cli import parquet_output, resume
+    from convnext_cli.outputs import parquet as parquet_output
+    from convnext_cli.outputs import resume
 
     assert job.output is not None
     target = Path(os.path.realpath(job.output))
@@ -598,7 +599,7 @@ def _keep_records(writer: Writer, target: Path, recorded: Any) -> None:
     """Write the kept records into the new output from the copy :func:`resume.keep_text_records`
     made of them (kill-safe: the copy goes only once they are all in the new output), a few
     MiB at a time."""
-    from convnext_cli import resume
+    from convnext_cli.outputs import resume
 
     copy = resume.copy_path(target)
     try:
@@ -623,8 +624,8 @@ def _say_resuming(output: Path, done: int, todo: int | None, recorded: Any) -> N
 
 
 def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
-    from convnext_cli import ray_engine
-    from convnext_cli.loading import read_source
+    from convnext_cli.engine import ray_engine
+    from convnext_cli.engine.loading import read_source
 
     checkpoint = read_source(model_source(job))
     _note_top_k_cap(job, len(checkpoint.config.labels or ()))
@@ -674,7 +675,7 @@ def _run_on_ray(job: Job, fmt: str, items: list[InputRef]) -> int:
 
 def _ray_into_folder(job: Job, paths: list[InputRef], options: Any, folder: Path) -> int:
     """``-o DIR --format parquet`` on Ray: the actors write part files into DIR."""
-    from convnext_cli import ray_engine
+    from convnext_cli.engine import ray_engine
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

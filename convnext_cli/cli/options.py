@@ -66,7 +66,7 @@ class Decode(str, Enum):
     gpu = "gpu"
 
 
-class Layout(str, Enum):
+class LayoutChoice(str, Enum):
     auto = "auto"
     hf = "hf"
     fb = "fb"

@@ -20,7 +20,7 @@
         Speed: 4.1 ms decode, 40.2 ms model per image
 
   (the first two are one line).  ``Speed`` comes from the runner's own clocks
-  (:class:`~convnext_cli.pipeline.RunTimes`, handed over by :class:`Batches`); decode time
+  (:class:`~convnext_cli.engine.pipeline.RunTimes`, handed over by :class:`Batches`); decode time
   is what the decoding processes spent, summed over them.  Under ``-q`` a run with failures
   still ends with ``3 of 200 inputs failed``.
 - **Ctrl-C** mid-run (:func:`interrupted_note`): how many records were kept, where, and
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from rich.progress import Task
     from rich.text import Text
 
-    from convnext_cli.pipeline import Result
+    from convnext_cli.engine.pipeline import Result
 
 
 @dataclass
@@ -337,7 +337,7 @@ def track(
     Returns the number of failed inputs.  A writer whose format leaves failures out
     (``names_errors_on_stderr``) gets each one named on stderr, quiet or not.
     """
-    from convnext_cli import interrupts
+    from convnext_cli.engine import _interrupts as interrupts
 
     verb = batches.verb if isinstance(batches, Batches) else "processed"
     where = batches.where() if isinstance(batches, Batches) else None

@@ -1,0 +1,1 @@
+"""From a model reference to a checked checkpoint: locate, Hub, layouts, weights, convert."""

@@ -1,0 +1,437 @@
+"""`convnext convert`: any supported ConvNeXt checkpoint in, a Hub-layout folder (or, with
+an ``.onnx`` name or ``--to onnx``, an ONNX model: :func:`export_onnx`) out.
+
+The folder holds ``config.json`` (transformers' ConvNextConfig / ConvNextV2Config),
+``model.safetensors`` (metadata ``{"format": "pt"}``) and ``preprocessor_config.json``
+(transformers' ConvNextImageProcessor), and loads with ``from_pretrained`` unchanged.
+
+SOURCE is anything classify loads (located and read by the same
+:func:`~convnext_cli.checkpoints.checkpoint.locate` and
+:func:`~convnext_cli.checkpoints.checkpoint.load_checkpoint`):
+a single weights file in any layout, a folder holding ``model.safetensors`` or
+``pytorch_model.bin`` (a transformers folder keeps its ``config.json`` and
+``preprocessor_config.json``, which is how ``.bin`` folders become safetensors; a timm Hub
+folder gives its preprocessing from ``pretrained_cfg``), or a Hub id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from convnext_cli.checkpoints.checkpoint import (
+    Checkpoint,
+    CheckpointFiles,
+    assemble,
+    load_checkpoint,
+    locate,
+)
+from convnext_cli.checkpoints.hub import CONFIG_FILE, PREPROCESSOR_FILE
+from convnext_cli.checkpoints.layouts import CheckpointLayout
+from convnext_cli.checkpoints.weights_io import save_safetensors
+from convnext_cli.choices import LAYOUTS
+from convnext_cli.engine import _interrupts as interrupts
+from convnext_cli.errors import CheckpointError, UsageError, one_line
+from convnext_cli.imaging.preprocess import PreprocessSpec
+from convnext_cli.imaging.reading import read_json_file
+from convnext_cli.model.config import MAX_JSON_BYTES, ConvNextConfig
+
+WEIGHTS_FILE = "model.safetensors"
+# Weight files that would shadow or contradict the new model.safetensors under --force.
+STALE_WEIGHTS = (
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+# config.json fields that come from the weights; a kept config.json keeps its other fields.
+FROM_WEIGHTS = (
+    "architectures",
+    "model_type",
+    "num_channels",
+    "patch_size",
+    "num_stages",
+    "depths",
+    "hidden_sizes",
+    "id2label",
+    "label2id",
+)
+
+
+@dataclass
+class Conversion:
+    """What was converted, and where it went."""
+
+    source: Path
+    output_dir: Path
+    layout: CheckpointLayout
+    config: dict[str, Any]
+    preprocessor: dict[str, Any]
+    num_labels: int  # 0: a feature model
+    described: str = ""
+
+    def summary(self) -> str:
+        """``timm, ConvNeXt V2, depths [...], widths [...], 1000 labels``."""
+        return f"{self.layout}, {self.described}"
+
+
+def convert_checkpoint(source: str | Path, output_dir: Path, **options: Any) -> Path:
+    """Convert ``source`` (a weights file, a folder or a Hub id) into a Hub-layout folder;
+    ``options`` as :func:`convert` takes them.  Returns the folder."""
+    return convert(source, output_dir, **options).output_dir
+
+
+def convert(
+    source: str | Path,
+    output_dir: Path,
+    *,
+    layout: str = "auto",
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    force: bool = False,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    token: str | None = None,
+) -> Conversion:
+    """:func:`convert_checkpoint`, returning what was written (for the CLI's summary line)."""
+    output_dir = Path(output_dir).expanduser()
+    check_options(layout, image_size, crop_pct)
+    files = locate(str(source), revision=revision, cache_dir=cache_dir, token=token)
+    check_output_dir(output_dir, files, force)
+    checkpoint = load_checkpoint(files, layout=layout)
+    assemble(checkpoint.config, checkpoint.state_dict, files.weights)  # the one shape check
+    config = config_json(checkpoint, image_size)
+    preprocessor = choose_preprocessor(checkpoint, image_size, crop_pct)
+    # What is written must read back: the same checks classify applies when loading it.
+    ConvNextConfig.from_dict(config, where=f"{output_dir / CONFIG_FILE} (to be written)")
+    PreprocessSpec.from_dict(
+        preprocessor, where=f"{output_dir / PREPROCESSOR_FILE} (to be written)"
+    )
+    write_folder(output_dir, saved_weights(checkpoint), config, preprocessor, force)
+    return Conversion(
+        Path(str(source)),
+        output_dir,
+        checkpoint.layout,
+        config,
+        preprocessor,
+        checkpoint.config.num_labels,
+        checkpoint.config.describe(),
+    )
+
+
+def check_options(layout: str, image_size: int | None, crop_pct: float | None) -> None:
+    if layout != "auto" and layout not in LAYOUTS:
+        raise UsageError(f"unknown --from {layout!r} (use auto or one of {', '.join(LAYOUTS)})")
+    if image_size is not None and image_size < 1:
+        raise UsageError(f"--image-size must be a positive number of pixels, got {image_size}")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise UsageError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+
+
+def check_output_dir(output_dir: Path, files: CheckpointFiles, force: bool) -> None:
+    """Refuse a file, a folder holding the source, or a non-empty folder without ``force``.
+
+    Paths are compared with every symlink resolved: a source file that is OUTPUT_DIR, lies
+    inside it, or reaches into it through a symlink (the weights file or a JSON file of a
+    source folder included) is refused before anything is written.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"{output_dir}: exists and is not a folder")
+    out_real = output_dir.resolve()
+    if not files.folder and files.weights.parent.resolve() == out_real:
+        raise UsageError(f"{output_dir}: is the source's own folder; choose another OUTPUT_DIR")
+    for path in [files.weights.parent, *files.paths]:
+        real = path.resolve()
+        if real == out_real:
+            raise UsageError(
+                f"{output_dir}: is the source itself ({path}); choose another OUTPUT_DIR"
+            )
+        if real.is_relative_to(out_real):
+            via = "" if path.absolute() == real else f" (through a symlink: {path} -> {real})"
+            raise UsageError(
+                f"{output_dir}: the source {path} lies inside OUTPUT_DIR{via}; "
+                "choose another OUTPUT_DIR"
+            )
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
+        raise UsageError(f"{output_dir}: folder is not empty (use --force to write into it)")
+
+
+# --------------------------------------------------------------------------- what is written
+
+
+def saved_weights(checkpoint: Checkpoint) -> dict[str, Tensor]:
+    """A classifier keeps transformers' ``*ForImageClassification`` keys; a headless model
+    gets those of ``ConvNextModel``/``ConvNextV2Model`` saved on its own (no prefix)."""
+    if checkpoint.has_head:
+        return checkpoint.state_dict
+    prefix = checkpoint.config.base_prefix + "."
+    return {k.removeprefix(prefix): v for k, v in checkpoint.state_dict.items()}
+
+
+def config_json(checkpoint: Checkpoint, image_size: int | None) -> dict[str, Any]:
+    """transformers' config.json for the checkpoint.
+
+    A transformers folder's own config.json is kept (its settings, its label names), with
+    the architecture fields taken from the weights it was checked against.
+    """
+    inferred = checkpoint.config.to_dict()
+    config = dict(checkpoint.config_json or {})
+    config.pop("num_labels", None)
+    for name, value in inferred.items():
+        if name in FROM_WEIGHTS or name not in config:
+            config[name] = value
+    if not checkpoint.has_head:
+        config.pop("id2label", None)  # a feature model: whatever labels the config named
+        config.pop("label2id", None)
+    if image_size is not None:
+        config["image_size"] = image_size
+    elif _preprocessing_from_timm(checkpoint):
+        config["image_size"] = checkpoint.preprocess.shortest_edge
+    return config
+
+
+def _preprocessing_from_timm(checkpoint: Checkpoint) -> bool:
+    files = checkpoint.files
+    return (
+        checkpoint.layout is CheckpointLayout.TIMM
+        and files.preprocessor is None
+        and files.config is not None
+        and checkpoint.preprocess.shortest_edge != checkpoint.config.image_size
+    )
+
+
+def choose_preprocessor(
+    checkpoint: Checkpoint, image_size: int | None, crop_pct: float | None
+) -> dict[str, Any]:
+    """The folder's preprocessor_config.json as written, else the checkpoint's preprocessing
+    (timm's pretrained_cfg, or the layout's default); then ``--image-size``/``--crop-pct``."""
+    files = checkpoint.files
+    if files.preprocessor is not None:
+        pre = read_json_file(files.preprocessor, error=CheckpointError, limit=MAX_JSON_BYTES)
+        if not isinstance(pre, dict):
+            raise CheckpointError(f"{files.preprocessor}: expected a JSON object")
+    else:
+        pre = checkpoint.preprocess.to_dict()
+    if image_size is not None:
+        pre["size"] = {"shortest_edge": image_size}
+    if crop_pct is not None:
+        pre["crop_pct"] = crop_pct
+    return pre
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_folder(
+    output_dir: Path,
+    weights: dict[str, Tensor],
+    config: dict[str, Any],
+    preprocessor: dict[str, Any],
+    force: bool,
+) -> None:
+    """Write the three files (with ``force``, first remove weight files that would conflict).
+
+    Each file is written to a temporary file inside ``output_dir`` and renamed into place,
+    so an interrupted convert never leaves a half-written file under a final name, and an
+    existing symlink is replaced by the new file, never written through to its target.
+    """
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if force:
+            for name in STALE_WEIGHTS:
+                (output_dir / name).unlink(missing_ok=True)  # a symlink: only the link goes
+        with replacing(output_dir / WEIGHTS_FILE) as tmp:
+            save_safetensors(weights, tmp, metadata={"format": "pt"})
+        write_json(output_dir / CONFIG_FILE, config)
+        write_json(output_dir / PREPROCESSOR_FILE, preprocessor)
+    except OSError as exc:
+        raise UsageError(f"{output_dir}: cannot write ({one_line(exc)})") from exc
+
+
+def _mode_for(target: Path) -> int:
+    import stat
+
+    if target.is_file() and not target.is_symlink():
+        return stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def replacing(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is fsynced and renamed over
+    ``target`` (replacing a symlink itself, not its target); on any failure or interrupt
+    the temporary is removed and ``target`` is untouched."""
+    if target.is_dir() and not target.is_symlink():
+        raise UsageError(f"{target}: is a folder; cannot replace it with a file")
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    # mkstemp makes it 0600 (and a writer may make its own): the file gets the mode `cp`
+    # would give, an existing target's own (not through a symlink), else 0666 less the umask
+    mode = _mode_for(target)
+    try:
+        # Ctrl-C while writing leaves at once (see interrupts): the temporary goes first
+        with interrupts.cleanup_on_leave(lambda: tmp.unlink(missing_ok=True)):
+            yield tmp
+            os.chmod(tmp, mode)
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- ONNX
+
+ONNX_OPSET = 18
+ONNX_INPUT = "pixel_values"
+
+
+@dataclass
+class OnnxExport:
+    """An ONNX file written, for the CLI's summary line."""
+
+    source: Path
+    output: Path
+    layout: CheckpointLayout
+    output_name: str  # logits, or pooler_output for a feature model
+    input_shape: tuple[int, int, int]  # (3, H, W) after the preprocessing
+    described: str = ""
+
+    def summary(self) -> str:
+        shape = "x".join(str(n) for n in self.input_shape)
+        return f"{self.layout}, {self.described}; input N x {shape}, output {self.output_name}"
+
+
+def check_onnx_output(output: Path, files: CheckpointFiles, force: bool) -> None:
+    """An existing file only with ``force``; never a folder, never a source file (symlinks
+    resolved)."""
+    if output.is_dir():
+        raise UsageError(f"{output}: is a folder; name the .onnx file to write")
+    real = output.resolve()
+    for path in files.paths:
+        if path.resolve() == real:
+            raise UsageError(f"{output}: is the source itself ({path}); choose another name")
+    if output.exists() and not force:
+        raise UsageError(f"{output}: exists (use --force to replace it)")
+
+
+def export_onnx(
+    source: str | Path,
+    output: Path,
+    *,
+    layout: str = "auto",
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    force: bool = False,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    token: str | None = None,
+) -> OnnxExport:
+    """The checkpoint as an ONNX model (float32, opset 18, through torch.onnx's exporter).
+
+    Input ``pixel_values``: float32 (N, 3, H, W), RGB, preprocessed as the metadata's
+    ``preprocessor_config`` says (resize and crop to H x W, scale to [0, 1], normalise by
+    ``image_mean``/``image_std``), with a dynamic batch dimension N.  Output ``logits``
+    (N, labels), or ``pooler_output`` (N, C) for a feature model.  Metadata (ONNX
+    ``metadata_props``): ``preprocessor_config`` and ``config`` (the JSON that convert
+    writes into a Hub folder), ``id2label`` (JSON), ``input``/``output`` (the tensor names)
+    and ``producer``.  It is for deployment (ONNX Runtime, OpenVINO, ...), not speed: on
+    the CPU this tool's own runs are as fast or faster (see the README).
+    """
+    import torch
+
+    from convnext_cli import __version__
+    from convnext_cli.checkpoints.checkpoint import build_model
+
+    output = Path(output).expanduser()
+    check_options(layout, image_size, crop_pct)
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "ONNX export needs onnx and onnxscript: pip install 'convnext-cli[onnx]'"
+        ) from None
+    files = locate(str(source), revision=revision, cache_dir=cache_dir, token=token)
+    check_onnx_output(output, files, force)
+    checkpoint = load_checkpoint(files, layout=layout)
+    config = config_json(checkpoint, image_size)
+    preprocessor = choose_preprocessor(checkpoint, image_size, crop_pct)
+    spec = PreprocessSpec.from_dict(preprocessor, where=f"{output} (preprocessing)")
+    model = build_model(checkpoint, "cpu", torch.float32, channels_last=False, fuse=False)
+    height, width = spec.resize_and_crop(torch.zeros(3, 480, 640, dtype=torch.uint8)).shape[1:]
+    # a feature model's head is an identity: its forward gives the pooled feature
+    name = "logits" if checkpoint.has_head else "pooler_output"
+    example = torch.zeros(2, checkpoint.config.num_channels, height, width)
+    metadata = {
+        "preprocessor_config": json.dumps(preprocessor, sort_keys=True),
+        "config": json.dumps(config, sort_keys=True),
+        "id2label": json.dumps(
+            {str(i): label for i, label in enumerate(checkpoint.config.labels)}, sort_keys=True
+        ),
+        "input": ONNX_INPUT,
+        "output": name,
+        "producer": f"convnext-cli {__version__}",
+    }
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(output) as tmp:
+            _export(model, example, tmp, name, metadata)
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write ({one_line(exc)})") from exc
+    return OnnxExport(
+        Path(str(source)),
+        output,
+        checkpoint.layout,
+        name,
+        (checkpoint.config.num_channels, int(height), int(width)),
+        checkpoint.config.describe(),
+    )
+
+
+def _export(
+    module: Any, example: Any, path: Path, output_name: str, metadata: dict[str, str]
+) -> None:
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[ONNX_INPUT],
+            output_names=[output_name],
+            dynamic_shapes={"pixel_values": {0: batch}},
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "convnext-cli"
+    onnx.save_model(proto, str(path))

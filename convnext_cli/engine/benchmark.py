@@ -1,0 +1,397 @@
+"""Throughput and latency of a loaded runner: model-only (random input) and end to end.
+
+The measuring loop of ``convnext benchmark``, apart from its options and presentation
+(the shape of timm's ``benchmark.py``)::
+
+    options = SweepOptions(batch_sizes=(1, 8, 32), warmup=3, iters=10, images=paths)
+    report = BenchmarkRunner(runner, options).sweep()      # one runner: one device, one dtype
+    report = sweep(runners, options, model_name="...")     # several dtypes, loaded one at a time
+
+Timing follows the usual rules: warm-up iterations first, ``torch.cuda.synchronize`` around
+every timed region on CUDA (``torch.mps.synchronize`` on MPS), latency measured per batch,
+throughput as images over the summed batch times.  Model-only rows start from a normalised
+batch on the device ("model"); on CUDA "model+copy" rows start from a uint8 batch in pinned
+host memory (copy and normalisation included).  End-to-end rows report the first batch
+(worker start-up, pipeline fill) as ``startup_s``, apart from ``steady_images_per_s``.
+Compiled models compile one static graph per batch size, so rows do not depend on the
+order of ``-b``.  Peak memory is CUDA's max allocated
+memory (reset per configuration) on a GPU, the process's peak resident set on a CPU.
+
+A row is flagged ``noisy`` when its p99 batch latency is more than ``NOISY_P99_OVER_P50``
+times its p50 over at least ``NOISE_MIN_BATCHES`` timed batches (end to end, the first
+batch is left out of that check: it includes starting the decoding workers).  Nothing here
+prints: progress goes to the caller's ``on_step`` callback.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from convnext_cli.engine.device import resolve_device, resolve_dtype
+from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
+from convnext_cli.engine.pipeline import Runner
+
+NOISY_P99_OVER_P50 = 1.5
+NOISE_MIN_BATCHES = 5
+NOISE_RULE = f"p99 > {NOISY_P99_OVER_P50}x p50 over >= {NOISE_MIN_BATCHES} timed batches"
+
+
+@dataclass
+class Row:
+    mode: str  # "model", "model+copy" or "end-to-end"
+    dtype: str
+    batch_size: int
+    images: int
+    seconds: float
+    images_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    peak_memory_mb: float
+    memory_kind: str  # "cuda max allocated" or "process peak RSS"
+    spread: float = 0.0  # p99 / p50 over the batches the noise check looks at
+    noisy: bool = False  # spread above NOISY_P99_OVER_P50 with enough batches to tell
+    # end to end: the first batch (starting the decode workers, filling the pipeline) apart
+    # from the steady rate over the batches after it
+    startup_s: float = 0.0
+    steady_images_per_s: float = 0.0
+
+
+@dataclass
+class Report:
+    header: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def noisy_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.noisy]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"header": self.header, "rows": [asdict(r) for r in self.rows]}
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How to measure: batch sizes, untimed and timed iterations, images for end to end."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    warmup: int = 3
+    iters: int = 10
+    images: tuple[str, ...] = ()  # also time end to end over these files when given
+    workers: int | None = None  # decoding workers end to end (None: the pipeline's default)
+    # also time "model+copy" rows (uint8 pinned host batch -> copy, normalise, model);
+    # None: on CUDA only, where the copy is real work
+    copy_rows: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
+        if self.warmup < 0 or self.iters < 1:
+            raise ValueError(f"need warmup >= 0 and iters >= 1, got {self.warmup}, {self.iters}")
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of the samples."""
+    ordered = sorted(samples)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def latency_spread(latencies_ms: Sequence[float]) -> tuple[float, bool]:
+    """(p99 / p50, noisy) of per-batch latencies; noisy needs NOISE_MIN_BATCHES of them."""
+    if not latencies_ms:
+        return 0.0, False
+    p50 = statistics.median(latencies_ms)
+    spread = percentile(latencies_ms, 99) / p50 if p50 > 0 else 0.0
+    noisy = len(latencies_ms) >= NOISE_MIN_BATCHES and spread > NOISY_P99_OVER_P50
+    return round(spread, 2), noisy
+
+
+def make_row(
+    mode: str,
+    dtype: torch.dtype | str,
+    batch_size: int,
+    images: int,
+    latencies: Sequence[float],
+    memory: tuple[float, str] = (0.0, ""),
+) -> Row:
+    """A row from per-batch latencies in seconds (end to end, the first is pipeline fill)."""
+    total = sum(latencies)
+    ms = [t * 1000 for t in latencies]
+    steady = ms[1:] if mode == "end-to-end" else ms
+    spread, noisy = latency_spread(steady)
+    return Row(
+        mode=mode,
+        dtype=str(dtype).removeprefix("torch."),
+        batch_size=batch_size,
+        images=images,
+        seconds=round(total, 4),
+        images_per_s=round(images / total, 2) if total > 0 else 0.0,
+        p50_ms=round(statistics.median(ms), 2),
+        p90_ms=round(percentile(ms, 90), 2),
+        p99_ms=round(percentile(ms, 99), 2),
+        peak_memory_mb=round(memory[0], 1),
+        memory_kind=memory[1],
+        spread=spread,
+        noisy=noisy,
+    )
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20, "mps driver allocated"
+    import resource
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if platform.system() == "Darwin" else 1024  # bytes on macOS, KiB on Linux
+    return rss_kb * scale / 2**20, "process peak RSS"
+
+
+def describe_environment(runner: Runner, model_name: str) -> dict[str, Any]:
+    """The report's header: what ran where, with which library versions."""
+    import torchvision
+
+    from convnext_cli import __version__
+
+    device = runner.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "mps":
+        name = "Apple MPS"
+    else:
+        name = platform.processor() or platform.machine()
+        name = f"{_cpu_model() or name} ({torch.get_num_threads()} threads)"
+    config = runner.model.config
+    params = sum(p.numel() for p in runner.model.state_dict().values())
+    return {
+        "device": str(device),
+        "device_name": name,
+        "model": model_name,
+        "architecture": f"{config.model_type} depths={config.depths} widths={config.hidden_sizes}",
+        "parameters_m": round(params / 1e6, 2),
+        "image_size": runner.spec.shortest_edge,
+        "convnext_cli": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+class BenchmarkRunner:
+    """Times one loaded runner (one device, one dtype) over the options' batch sizes:
+    model-only on a random batch, then end to end over the options' images if any."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        options: SweepOptions,
+        model_name: str = "",
+        on_step: Callable[[str], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.options = options
+        self.model_name = model_name
+        self.on_step = on_step or (lambda message: None)
+        self.device = runner.device
+        self.sync = synchronizer(runner.device)
+        self.clock: Callable[[], float] = time.perf_counter  # a test can put a fake clock here
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.runner.dtype).removeprefix("torch.")
+
+    def header(self) -> dict[str, Any]:
+        runner, options = self.runner, self.options
+        header = describe_environment(runner, self.model_name)
+        header.update(
+            channels_last=runner.channels_last,
+            compile=runner.logits_fn is not runner.model,
+            warmup=options.warmup,
+            iters=options.iters,
+        )
+        if options.images:
+            header["images"] = len(options.images)
+            header["decode"] = "gpu" if runner.jpeg_on_device else "cpu"  # as --decode names them
+        header["noise_rule"] = NOISE_RULE
+        return header
+
+    def sweep(self) -> Report:
+        """Every batch size model-only, then (with images) every batch size end to end."""
+        report = Report(self.header())
+        if getattr(self.runner, "compiled", False):
+            # one static graph per batch size (Runner.compile: dynamic=False), so that no row
+            # depends on the order of -b; dynamo keeps at most `recompile_limit` of them
+            import torch._dynamo.config as dynamo_config
+
+            needed = len(self.options.batch_sizes) * 2 + 2
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
+        copy_rows = self.options.copy_rows
+        if copy_rows is None:
+            copy_rows = self.device.type == "cuda"
+        for size in self.options.batch_sizes:
+            self.on_step(f"timing model-only, {self.dtype_name}, batch {size}")
+            report.rows.append(self.time_model(size))
+            if copy_rows:
+                self.on_step(f"timing model+copy, {self.dtype_name}, batch {size}")
+                report.rows.append(self.time_model(size, with_copy=True))
+        if self.options.images:
+            for size in self.options.batch_sizes:
+                self.on_step(f"timing end-to-end, {self.dtype_name}, batch {size}")
+                report.rows.append(self.time_end_to_end(size))
+        return report
+
+    def time_model(self, batch_size: int, with_copy: bool = False) -> Row:
+        """Model-only: the same random batch, `warmup` untimed then `iters` timed forwards
+        (a compiled model gets at least one untimed forward: its compilation).
+
+        ``with_copy`` ("model+copy" rows): each forward starts from a uint8 batch in pinned
+        host memory, copied to the device and normalised as a run does; the plain "model"
+        rows start from a normalised batch already on the device."""
+        runner, options = self.runner, self.options
+        edge = runner.spec.shortest_edge
+        forward = runner.logits_fn
+        if with_copy:
+            host = torch.randint(0, 256, (batch_size, 3, edge, edge), dtype=torch.uint8)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+
+            def step() -> None:
+                forward(runner._to_input(host))
+        else:
+            pixels = torch.randn(batch_size, 3, edge, edge, device=self.device).to(runner.dtype)
+            if runner.channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+
+            def step() -> None:
+                forward(pixels)
+
+        warmup = max(options.warmup, 1 if getattr(runner, "compiled", False) else 0)
+        reset_peak_memory(self.device)
+        latencies: list[float] = []
+        with torch.inference_mode():
+            for _ in range(warmup):
+                step()
+            self.sync()
+            for _ in range(options.iters):
+                start = self.clock()
+                step()
+                self.sync()
+                latencies.append(self.clock() - start)
+        memory = peak_memory(self.device)
+        mode = "model+copy" if with_copy else "model"
+        images = batch_size * options.iters
+        return make_row(mode, runner.dtype, batch_size, images, latencies, memory)
+
+    def time_end_to_end(self, batch_size: int) -> Row:
+        """Decode + preprocess + model over every image; latency = time between finished batches."""
+        paths = list(self.options.images)
+        warmup = self.options.warmup
+        if warmup:
+            for _ in self._classify(paths[: batch_size * min(warmup, 2)], batch_size):
+                pass
+        reset_peak_memory(self.device)
+        latencies: list[float] = []
+        count = 0
+        self.sync()
+        start = last = self.clock()
+        for results in self._classify(paths, batch_size):
+            self.sync()
+            now = self.clock()
+            latencies.append(now - last)
+            last = now
+            count += len(results)
+        total = self.clock() - start
+        row = make_row(
+            "end-to-end", self.runner.dtype, batch_size, count, latencies, peak_memory(self.device)
+        )
+        row.seconds = round(total, 4)
+        row.images_per_s = round(count / total, 2) if total > 0 else 0.0
+        if latencies:
+            first = min(batch_size, count)
+            row.startup_s = round(latencies[0], 4)
+            rest = total - latencies[0]
+            row.steady_images_per_s = round((count - first) / rest, 2) if rest > 0 else 0.0
+        return row
+
+    def _classify(self, paths: Sequence[str], batch_size: int) -> Iterable[Sequence[Any]]:
+        return self.runner.classify(
+            paths, top_k=5, batch_size=batch_size, workers=self.options.workers
+        )
+
+
+def sweep(
+    runners: Iterable[Runner],
+    options: SweepOptions,
+    model_name: str = "",
+    on_step: Callable[[str], None] | None = None,
+) -> Report:
+    """One report over several runners (e.g. one per dtype), taken one at a time so that a
+    generator can load each only when the previous one is done; the header is the first's."""
+    report: Report | None = None
+    for runner in runners:
+        part = BenchmarkRunner(runner, options, model_name, on_step).sweep()
+        del runner  # let a generator free this model before it builds the next one
+        if report is None:
+            report = part
+        else:
+            report.rows.extend(part.rows)
+    if report is None:
+        raise ValueError("sweep needs at least one runner")
+    return report
+
+
+def runners_for(
+    source: ModelSource,
+    options: RunOptions,
+    dtype_names: Sequence[str],
+    on_note: Callable[[str], None] | None = None,
+) -> Iterator[Runner]:
+    """One runner per dtype (each dtype once, ``auto`` resolved first), each loaded through
+    :func:`~convnext_cli.engine.loading.load_runner` only when the sweep asks for it."""
+    device = resolve_device(options.device)
+    seen: list[torch.dtype] = []
+    for name in dtype_names:
+        dtype, _ = resolve_dtype(name, device)
+        if dtype in seen:
+            continue
+        seen.append(dtype)
+        loaded = load_runner(source, replace(options, dtype=name), on_note)
+        yield loaded.runner
+        del loaded

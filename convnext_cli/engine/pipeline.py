@@ -1,0 +1,934 @@
+"""The streaming pipeline shared by classify and embed.
+
+Decode worker processes (:mod:`convnext_cli.engine.decode_pool`) read, decode and resize (uint8)
+while the model runs on the previous batch; the main process normalises on the target
+device, runs the model and yields one list of results per batch, in input order.  Memory
+is bounded by the batches in flight (``workers x 2``), never by the number of inputs.
+
+Inputs may be a stream (a listing still going on): they are taken a batch at a time, as
+the batches in flight make room, so the first results come before the stream ends.  Only
+a few batches are read ahead, to choose the number of workers (see :func:`plan_workers`).
+
+Every input yields exactly one result: its predictions or embedding, or the one-line
+reason it has none.  A decoder that crashes or hangs costs one input (see decode_pool); an
+image the model cannot run on (too small with resizing off) gets its own error, the rest
+of its batch is run without it; a row whose outputs are not all finite (broken weights,
+``image_std`` 0) gets ``model produced non-finite values``, never a NaN in the output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sized
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from convnext_cli.engine.decode_pool import (
+    TASKS_PER_WORKER,
+    DecodePool,
+    Task,
+    decode_one,
+    decode_timeout,
+    failure,
+    unpack_groups,
+)
+from convnext_cli.engine.thread_tuner import ThreadTuner
+from convnext_cli.errors import DeviceFailure, one_line
+from convnext_cli.imaging.decoding import decode_bytes
+from convnext_cli.imaging.gpu_jpeg import EncodedJpeg
+from convnext_cli.imaging.preprocess import PreprocessSpec
+from convnext_cli.inputs.expand import InputRef, input_id
+from convnext_cli.model.convnext import ConvNeXtForClassification
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count the user chose
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (the physical cores)
+
+
+@dataclass
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass
+class Result:
+    """The outcome for one input: predictions (classify) or an embedding (embed), or an error."""
+
+    path: str
+    error: str | None = None
+    predictions: list[Prediction] = field(default_factory=list)
+    embedding: torch.Tensor | None = None  # 1-D float32 on the CPU
+    # embed --stage / --backbone: each stage's feature, float32 on the CPU, in the order
+    # asked: (C,) pooled, or the (C, H, W) map with --pool none
+    features: dict[str, torch.Tensor] | None = None
+    # the input it is for (a file path, a tar member or Parquet row), when known: the HTML
+    # report embeds its bytes, never a file that the path (a dataset's id) may name
+    source: InputRef | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class InMemoryImage:
+    """An input that is already pixels (from the Python API): nothing to read or decode.
+
+    `pixels` is an RGB uint8 (3, H, W) tensor, already converted per the decoding policy,
+    or None with `error` saying why it could not be; `name` is what its result's ``path``
+    says (``<image N>``).
+    """
+
+    name: str
+    pixels: torch.Tensor | None
+    error: str | None = None
+
+
+Input = InputRef | InMemoryImage  # a file path, a dataset member or row, or pixels
+
+
+def _source(item: Input) -> InputRef | None:
+    return None if isinstance(item, InMemoryImage) else item
+
+
+def input_name(item: Input) -> str:
+    """What the input's record says as ``path``."""
+    return item.name if isinstance(item, InMemoryImage) else input_id(item)
+
+
+def _prepare(item: Input, spec: PreprocessSpec, jpeg_on_device: bool) -> Any:
+    """One input, decoded (or not) in this process: pixels, an EncodedJpeg, or an error."""
+    if isinstance(item, InMemoryImage):
+        if item.pixels is None:
+            return item.error or "not an image"
+        try:
+            return spec.resize_and_crop(item.pixels)
+        except Exception as exc:
+            return failure(exc)
+    return decode_one(item, spec, jpeg_on_device)
+
+
+@dataclass
+class DecodedBatch:
+    """One batch as the decoders hand it over: per-input errors, and the pixels stacked by
+    shape (one group unless resizing is off); with ``pin_memory`` the whole uint8 group is
+    pinned once, so that its host-to-device copy can run asynchronously."""
+
+    indices: list[int]  # the inputs' numbers in the whole run
+    inputs: list[Input]
+    errors: list[str | None]
+    groups: list[tuple[list[int], torch.Tensor]]  # positions in the batch, (n, 3, h, w) uint8
+    encoded: list[tuple[int, EncodedJpeg]] = field(default_factory=list)  # for the device
+    decoding: float = 0.0  # seconds the decoding processes spent on it (reading included)
+
+    def pin_memory(self) -> DecodedBatch:
+        groups = [(positions, pixels.pin_memory()) for positions, pixels in self.groups]
+        return replace(self, groups=groups)
+
+
+class _PendingBatch:
+    """A batch being assembled from what the decoders return, in any order."""
+
+    def __init__(self, start: int, inputs: list[Input]) -> None:
+        self.indices = list(range(start, start + len(inputs)))
+        self.inputs = inputs
+        self.errors: list[str | None] = [None] * len(inputs)
+        self.waiting = len(inputs)
+        self.parts: list[tuple[list[int], torch.Tensor]] = []
+        self.encoded: list[tuple[int, EncodedJpeg]] = []
+        self.decoding = 0.0
+
+    def add(self, position: int, outcome: Any) -> None:
+        if isinstance(outcome, str):
+            self.errors[position] = outcome
+        elif isinstance(outcome, EncodedJpeg):
+            self.encoded.append((position, outcome))
+        else:
+            self.parts.append(([position], outcome[None]))
+        self.waiting -= 1
+
+    def add_packed(self, packed: dict[str, Any]) -> None:
+        for position, error in packed["errors"]:
+            self.errors[position] = error
+        self.encoded += packed["encoded"]
+        self.decoding += packed.get("seconds", 0.0)
+        groups = unpack_groups(packed)
+        self.parts += groups
+        self.waiting -= len(packed["errors"]) + len(packed["encoded"])
+        self.waiting -= sum(len(positions) for positions, _ in groups)
+
+    def finish(self) -> DecodedBatch:
+        by_shape: dict[tuple[int, ...], list[tuple[list[int], torch.Tensor]]] = {}
+        for positions, pixels in self.parts:
+            by_shape.setdefault(tuple(pixels.shape[1:]), []).append((positions, pixels))
+        groups = []
+        for parts in by_shape.values():
+            if len(parts) == 1:
+                groups.append(parts[0])
+            else:
+                positions = [p for part, _ in parts for p in part]
+                groups.append((positions, torch.cat([pixels for _, pixels in parts])))
+        self.encoded.sort(key=lambda item: item[0])
+        return DecodedBatch(
+            self.indices, self.inputs, self.errors, groups, self.encoded, self.decoding
+        )
+
+
+def default_batch_size(
+    device_type: str, image_size: int = 224, device: torch.device | None = None
+) -> int:
+    """The batch a run uses without ``-b``: see
+    :func:`convnext_cli.engine.device.default_batch_size`
+    (8 on the CPU, 256 on a data-centre GPU at 224 pixels)."""
+    from convnext_cli.engine.device import default_batch_size as for_device
+
+    return for_device(device or torch.device(device_type), image_size)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") -> int:
+    """Decoding processes that overlap the model: none for a single batch; on a GPU, every
+    usable core (CPU affinity) but what the main process keeps (one core, and one more per
+    16: it queues batches, copies them and writes the results); on the CPU one per four
+    cores.  No fixed cap: a 64-core machine feeding a GPU decodes on 60.
+
+    On the CPU the model's threads already use every core, and a decoder process fighting
+    them for cores costs more than it overlaps (measured on 2 cores: bfloat16, 100 photos,
+    5.7 s in-process against 7.3 s with one worker), so only one in four cores decodes.
+    When this is 0, :class:`Runner` still decodes in one guard process, batch by batch
+    without overlap (see :func:`plan_workers`).
+    """
+    if num_inputs <= batch_size:
+        return 0
+    cores = usable_cores()
+    if device_type == "cpu":
+        return cores // 4
+    return max(1, cores - 1 - cores // 16)
+
+
+def cap_workers(requested: int, num_inputs: int, batch_size: int) -> int:
+    """``--workers N`` is lowered to what can run at once: at most one worker per batch
+    (ceil(inputs / batch size)) and at most the usable cores (CPU affinity)."""
+    batches = max(1, -(-num_inputs // max(1, batch_size)))
+    return max(0, min(requested, batches, usable_cores()))
+
+
+def plan_workers(
+    requested: int | None,
+    num_inputs: int,
+    batch_size: int,
+    device_type: str,
+    tuned: bool = False,
+) -> tuple[int, int]:
+    """(worker processes, batches decoded ahead) for a run.
+
+    - ``None`` (the default): :func:`default_workers`, each prefetching 2 batches; where
+      that is 0, one guard process decoding one batch at a time while the model waits,
+      so that a decoder crash or time bomb costs one input, not the run, at the price of
+      a pipe copy per batch and of resizing on one thread (a forked process cannot use
+      the OpenMP pool it inherits).  With `tuned` (the model's CPU threads are chosen by
+      measuring, see :mod:`convnext_cli.engine.thread_tuner`) and more than one batch, the guard
+      process decodes the next batch while the model runs: the tuner gives it a core
+      when decoding is what the run waits for.
+    - ``0``: decode in the main process (no crash isolation, no deadline: only the
+      structural checks in images.py guard it).
+    - ``N``: :func:`cap_workers`, each prefetching 2 batches.
+
+    With a stream of inputs, `num_inputs` need only be counted up to
+    :func:`planning_lookahead`: any larger count gives the same plan.
+    """
+    if requested is None:
+        workers = default_workers(num_inputs, batch_size, device_type)
+        if workers == 0:
+            return 1, (TASKS_PER_WORKER if tuned and num_inputs > batch_size else 1)
+        return workers, workers * TASKS_PER_WORKER
+    workers = cap_workers(requested, num_inputs, batch_size)
+    return workers, workers * TASKS_PER_WORKER
+
+
+def planning_lookahead(requested: int | None, batch_size: int) -> int:
+    """How many inputs :func:`plan_workers` needs to see: a count this large decides the
+    plan as the full count would (the default looks at whether there is more than one
+    batch; ``--workers N`` at whether there are more batches than it can use)."""
+    usable = min(requested, usable_cores()) if requested is not None else 1
+    return max(1, batch_size) * max(1, usable) + 1
+
+
+def lookahead(items: Iterable[Input], count: int) -> tuple[int, Iterable[Input]]:
+    """(how many inputs there are, up to `count`; the same inputs, none lost): a list is
+    counted as it is, a stream is read `count` inputs ahead."""
+    if isinstance(items, Sized):
+        return len(items), items
+    stream = iter(items)
+    ahead = list(itertools.islice(stream, count))
+    return len(ahead), itertools.chain(ahead, stream)
+
+
+def _chunks(items: Iterable[Input], size: int) -> Iterator[list[Input]]:
+    """Consecutive batches of `size` inputs (the last one shorter), taken when asked for."""
+    stream = iter(items)
+    while chunk := list(itertools.islice(stream, max(1, size))):
+        yield chunk
+
+
+def decoded_batches(
+    items: Iterable[Input],
+    spec: PreprocessSpec,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+    jpeg_on_device: bool = False,
+    prefetch: int | None = None,
+    timeout: float | None = None,
+) -> Generator[DecodedBatch, None, None]:
+    """Batches of decoded inputs, in order, from `workers` processes (0: in this process).
+
+    At most `prefetch` batches (default ``workers x 2``) are decoded ahead of the one the
+    caller is using, and no more inputs are taken from `items` than those batches hold: a
+    stream is read as the run goes.  Inputs already in memory are resized here; only files
+    go to workers.
+    """
+    chunks = _chunks(items, batch_size)
+    if workers <= 0:
+        batches = _decoded_here(chunks, spec, jpeg_on_device)
+    else:
+        ahead = max(1, prefetch if prefetch is not None else workers * TASKS_PER_WORKER)
+        wait = decode_timeout() if timeout is None else timeout
+        batches = _decoded_by_workers(chunks, spec, workers, jpeg_on_device, ahead, wait)
+    try:
+        for decoded in batches:
+            yield decoded.pin_memory() if pin_memory else decoded
+    finally:
+        batches.close()  # stops the decode workers at once when the caller stops early
+
+
+def _decoded_here(
+    chunks: Iterator[list[Input]], spec: PreprocessSpec, jpeg_on_device: bool
+) -> Generator[DecodedBatch, None, None]:
+    """Each chunk decoded in this process, one after the other."""
+    start = 0
+    for chunk in chunks:
+        pending = _PendingBatch(start, chunk)
+        for position, item in enumerate(chunk):
+            pending.add(position, _prepare(item, spec, jpeg_on_device))
+        start += len(chunk)
+        yield pending.finish()
+
+
+def _decoded_by_workers(
+    chunks: Iterator[list[Input]],
+    spec: PreprocessSpec,
+    workers: int,
+    jpeg_on_device: bool,
+    ahead: int,
+    timeout: float,
+) -> Generator[DecodedBatch, None, None]:
+    """Chunks decoded by a :class:`DecodePool`, at most ``ahead`` batches in flight, handed
+    over in order."""
+    batches: dict[int, _PendingBatch] = {}
+
+    def done(task: Task, packed: dict[str, Any]) -> None:
+        batches[task.batch].add_packed(packed)
+
+    def error(task: Task, position: int, message: str) -> None:
+        batches[task.batch].add(position, message)
+
+    pool = DecodePool(workers, spec, jpeg_on_device, timeout, done, error)
+    submitted = 0  # batches taken from the inputs
+    start = 0  # the number of the next input
+    number = 0  # the batch the caller gets next
+    try:
+        while True:
+            while len(batches) < ahead:
+                taken = next(chunks, None)
+                if taken is None:
+                    break
+                pending = batches[submitted] = _PendingBatch(start, taken)
+                start += len(taken)
+                files = []
+                for position, item in enumerate(taken):
+                    if isinstance(item, InMemoryImage):
+                        pending.add(position, _prepare(item, spec, jpeg_on_device))
+                    else:
+                        files.append((position, item))
+                if files:
+                    pool.submit(submitted, files)
+                submitted += 1
+            if number not in batches:
+                return  # the inputs have ended and every batch was handed over
+            while batches[number].waiting > 0:
+                pool.poll()
+            decoded = batches.pop(number).finish()
+            number += 1
+            yield decoded
+    finally:
+        pool.close()
+
+
+NON_FINITE = "model produced non-finite values"
+OUT_OF_MEMORY = "out of device memory even alone"
+SCORE_KINDS = ("probs", "logits", "log-probs")  # what classify's scores are (--scores)
+
+
+def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
+    """One image the model could not run on: its own error record."""
+    shape = "x".join(str(n) for n in pixels.shape)
+    result.error = (
+        f"the model cannot run on this image ({shape} after preprocessing): {one_line(exc)}"
+    )
+    result.predictions = []
+    result.embedding = None
+    result.features = None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error: the batch is halved, the run goes on."""
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+# Words in a CUDA runtime error that no later batch survives (the context is poisoned).
+_STICKY = ("cuda error", "illegal memory access", "device-side assert", "cublas_status",
+           "cudnn_status", "cuda driver", "unspecified launch failure")  # fmt: skip
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A device error other than out of memory (torch.AcceleratorError, or a RuntimeError
+    reporting a CUDA error): every later batch would fail too, so the run stops."""
+    if is_out_of_memory(exc):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(word in text for word in _STICKY)
+
+
+def device_failure(exc: BaseException) -> DeviceFailure:
+    return DeviceFailure(
+        f"the device failed, stopping (finished records kept): {one_line(exc)[:300]}"
+    )
+
+
+@dataclass
+class Head:
+    """What a command computes from a batch: `launch` runs the model on the device and
+    returns its outputs (float32, one row per image); `store` puts those rows, once on the
+    host, into the results."""
+
+    launch: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    store: Callable[[tuple[torch.Tensor, ...], list[Result]], None]
+
+
+class Readback:
+    """A batch's outputs on their way to the host: copied with ``non_blocking`` into pinned
+    memory after the batch is queued, waited for (:meth:`finish`) only once the next batch
+    is queued too, so that the device never waits for the host."""
+
+    def __init__(self, parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]], head: Head):
+        self.head = head
+        self.event: Any = None
+        self.parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []
+        for results, outputs in parts:
+            host = []
+            for out in outputs:
+                if out.device.type == "cuda":
+                    buffer = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    buffer.copy_(out, non_blocking=True)
+                    host.append(buffer)
+                else:
+                    host.append(out)
+            self.parts.append((results, tuple(host)))
+        if any(out.device.type == "cuda" for _, outputs in parts for out in outputs):
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def finish(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        for results, outputs in self.parts:
+            self.head.store(outputs, results)
+
+
+@dataclass
+class RunTimes:
+    """Where a runner's time went, over every input it was given (for the CLI's summary)."""
+
+    images: int = 0
+    decode: float = 0.0  # seconds decoding (the decode processes' own, summed; else waited)
+    model: float = 0.0  # seconds in the model (and the device decoder), results on the host
+
+
+class Runner:
+    """A loaded model on a device, turning paths into results batch by batch.
+
+    On CUDA a batch is copied to the device on a side stream from pinned memory, runs on
+    the compute stream, and its results are read back one batch behind (batch i+1 is
+    queued before batch i's outputs are waited for): `overlap` is on for CUDA, off on the
+    CPU, where there is nothing to overlap and results come as soon as they are computed.
+    A CUDA out-of-memory error halves the batch for the rest of the run (one note); any
+    other CUDA error raises :class:`DeviceFailure` (exit 70, finished records kept).
+    With ``--compile``, every group is padded to the run's batch size and the padding rows
+    dropped, so the compiled model sees one shape and compiles once.
+    """
+
+    def __init__(
+        self,
+        model: ConvNeXtForClassification,
+        spec: PreprocessSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        channels_last: bool = True,
+        jpeg_on_device: bool = False,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.jpeg_on_device = jpeg_on_device  # decode JPEGs on `device` (see gpu_jpeg)
+        self.labels = model.config.labels
+        # what runs a batch: the model itself, or torch.compile'd versions of it
+        self.logits_fn: Any = model
+        self.embed_fn: Any = model.embed
+        self.compiled = False
+        self.overlap = device.type == "cuda"  # read results back one batch behind
+        self.on_note: Callable[[str], None] | None = None  # hears the out-of-memory note
+        self.max_rows: int | None = None  # the batch after an out-of-memory error
+        self.pad_rows: int | None = None  # compiled: the one batch shape (set per run)
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stats_ready = False
+        self._copy_stream: Any = None
+        self.times = RunTimes()
+
+    def compile(self) -> None:
+        """torch.compile the model (on the plain path: Inductor does its own fusion)."""
+        from convnext_cli.model.cpu_fusion import unfuse_blocks
+
+        unfuse_blocks(self.model)
+        # dynamic=False: one static shape, which the padding in _to_input keeps constant
+        self.logits_fn = torch.compile(self.model, dynamic=False)
+        self.embed_fn = torch.compile(self.model.embed, dynamic=False)
+        self.compiled = True
+
+    def _normalization(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """mean/std on the device, built once (see PreprocessSpec.normalization)."""
+        if not self._stats_ready:
+            self._stats = self.spec.normalization(self.device)
+            self._stats_ready = True
+        return self._stats
+
+    def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels on the device: on CUDA, copied on a side stream (from pinned memory
+        the copy overlaps the model), which the compute stream then waits for."""
+        if pixels.device == self.device or self.device.type != "cuda":
+            return pixels.to(self.device, non_blocking=True)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        # no wait on the compute stream: the copy of batch i+1 runs while batch i computes
+        # (its pinned source is held by the caching host allocator until the copy is done;
+        # its device block is marked used by the compute stream below)
+        with torch.cuda.stream(self._copy_stream):
+            batch = pixels.to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        batch.record_stream(compute)
+        return batch
+
+    def _to_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, h, w) on the host -> normalised model input on the device, padded
+        with zero rows to the compiled batch shape when there is one."""
+        batch = self._to_device(pixels)
+        batch = self.spec.normalize(batch, self.dtype, self._normalization())
+        rows = self.pad_rows
+        if rows is not None and batch.shape[0] < rows:
+            padding = batch.new_zeros((rows - batch.shape[0], *batch.shape[1:]))
+            batch = torch.cat([batch, padding])
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def _run(
+        self, paths: Iterable[Input], batch_size: int | None, workers: int | None, head: Head
+    ) -> Iterator[list[Result]]:
+
+        if batch_size is None:
+            batch_size = default_batch_size(self.device.type, self._image_size(), self.device)
+        known, paths = lookahead(paths, planning_lookahead(workers, batch_size))
+        threads = self._tunable_threads()
+        workers, prefetch = plan_workers(
+            workers, known, batch_size, self.device.type, tuned=threads > 1
+        )
+        tuner = None
+        if threads > 1 and workers > 0 and prefetch > 1 and known > batch_size:
+            # every core for the model, or the decoders' cores left to them: measured
+            tuner = ThreadTuner([threads, max(1, threads - workers)], settle=prefetch)
+        if self.compiled:
+            self.pad_rows = min(batch_size, self.max_rows or batch_size)
+        pin = self.device.type == "cuda"
+        batches = decoded_batches(
+            paths,
+            self.spec,
+            batch_size,
+            workers,
+            pin,
+            jpeg_on_device=self.jpeg_on_device,
+            prefetch=prefetch,
+        )
+        behind: tuple[list[Result], Readback, float] | None = None
+
+        def finish(done: tuple[list[Result], Readback, float]) -> list[Result]:
+            results, readback, load = done
+            try:
+                readback.finish()
+            except Exception as exc:
+                if is_device_failure(exc):
+                    raise device_failure(exc) from exc
+                raise
+            if tuner is not None and (changed := tuner.batch_done(len(results), load)):
+                torch.set_num_threads(changed)
+            return results
+
+        times = self.times
+        try:
+            waited = time.perf_counter()
+            for decoded in batches:
+                got = time.perf_counter()
+                times.decode += decoded.decoding if workers > 0 else got - waited
+                results = [
+                    Result(path=input_name(item), error=err, source=_source(item))
+                    for item, err in zip(decoded.inputs, decoded.errors, strict=True)
+                ]
+                parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []
+                with torch.inference_mode():
+                    groups = decoded.groups
+                    if decoded.encoded:
+                        groups = self._with_device_decoded(
+                            groups, decoded.encoded, results, decoded.inputs
+                        )
+                    for positions, pixels in groups:
+                        self._launch(head, pixels, [results[p] for p in positions], parts)
+                    readback = Readback(parts, head)
+                times.model += time.perf_counter() - got
+                times.images += len(results)
+                # the decoders' load: their seconds on this batch, per decoding process
+                load = decoded.decoding / workers if workers > 0 else 0.0
+                if behind is not None:
+                    yield finish(behind)
+                    behind = None
+                if self.overlap:
+                    behind = (results, readback, load)
+                else:
+                    yield finish((results, readback, load))
+                waited = time.perf_counter()
+            if behind is not None:
+                yield finish(behind)
+        finally:
+            batches.close()  # stops the decode workers at once when the caller stops early
+            self.pad_rows = None  # the compiled shape is this run's
+            if tuner is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _image_size(self) -> int:
+        crop = self.spec.crop_size
+        if self.spec.do_center_crop and crop:
+            return max(crop)
+        return int(self.spec.shortest_edge) if self.spec.do_resize else 224
+
+    def _tunable_threads(self) -> int:
+        """The model's CPU threads when :class:`ThreadTuner` may change them during a run,
+        else 0: a float32, eager run on the CPU whose thread count the user did not set
+        (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, or ``torch.set_num_threads`` before the
+        run, which the tuner would not know to keep)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or self.compiled:
+            return 0
+        if any(os.environ.get(name) for name in THREAD_ENV):
+            return 0
+        threads = torch.get_num_threads()
+        return threads if threads == DEFAULT_THREADS else 0
+
+    def _outputs(self, head: Head, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = pixels.shape[0]
+        return tuple(out[:rows] for out in head.launch(self._to_input(pixels)))
+
+    def _out_of_memory(self, rows: int) -> None:
+        """Halve the batch for the rest of the run, with one note."""
+        smaller = max(1, rows // 2)
+        if self.max_rows is None and self.on_note is not None:
+            self.on_note(
+                f"the device ran out of memory at batch {rows}; going on with batch {smaller} "
+                "(-b sets it)"
+            )
+        self.max_rows = smaller
+        if self.pad_rows is not None:
+            self.pad_rows = smaller
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _launch(
+        self,
+        head: Head,
+        pixels: torch.Tensor,
+        results: list[Result],
+        parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]],
+    ) -> None:
+        """Queue `head` on a group (in slices of at most `max_rows`); if it raises, run its
+        images one by one, so that only the image the model cannot take (say, too small with
+        resizing off) gets the error.  Out of memory: halve and retry; another device error:
+        :class:`DeviceFailure`."""
+        rows = len(results)
+        limit = self.max_rows
+        if limit is not None and rows > limit:
+            for start in range(0, rows, limit):
+                part = results[start : start + limit]
+                self._launch(head, pixels[start : start + limit], part, parts)
+            return
+        try:
+            parts.append((results, self._outputs(head, pixels)))
+            return
+        except Exception as exc:
+            if is_device_failure(exc):
+                raise device_failure(exc) from exc
+            if is_out_of_memory(exc) and rows > 1:
+                self._out_of_memory(rows)
+                self._launch(head, pixels, results, parts)
+                return
+            if rows == 1:
+                _model_failed(results[0], pixels[0], exc)
+                return
+        for one, result in zip(pixels, results, strict=True):
+            try:
+                parts.append(([result], self._outputs(head, one[None])))
+            except Exception as exc:
+                if is_device_failure(exc):
+                    raise device_failure(exc) from exc
+                _model_failed(result, one, exc)
+
+    def _with_device_decoded(
+        self,
+        groups: list[tuple[list[int], torch.Tensor]],
+        encoded: list[tuple[int, EncodedJpeg]],
+        results: list[Result],
+        inputs: list[Input] | None = None,
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Decode a batch's JPEGs on the device, resize them there, and merge them into the
+        host-decoded groups of the same shape.  A JPEG the device decoder rejects (CMYK,
+        corrupt...) goes back to a decode worker process, with its deadline and crash
+        isolation; one that fails there too gets its error in `results`."""
+
+        from convnext_cli.imaging import gpu_jpeg
+
+        images = gpu_jpeg.decode([e for _, e in encoded], self.device)
+        if self.device.type == "cuda":
+            # torchvision's nvjpeg decoder writes on its own stream: wait for it before its
+            # buffers are used on ours
+            torch.cuda.synchronize(self.device)
+        # shape -> (positions in the batch, (n, 3, h, w) uint8 tensors on the device)
+        by_shape: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
+        for positions, pixels in groups:
+            by_shape[tuple(pixels.shape[1:])] = (list(positions), [self._to_device(pixels)])
+        rejected: list[tuple[int, EncodedJpeg]] = []
+        for (position, jpeg), image in zip(encoded, images, strict=True):
+            if image is None:
+                rejected.append((position, jpeg))
+                continue
+            try:
+                pixels = self.spec.resize_and_crop(image)
+            except Exception as exc:
+                results[position].error = failure(exc)
+                continue
+            positions, tensors = by_shape.setdefault(tuple(pixels.shape), ([], []))
+            positions.append(position)
+            tensors.append(pixels[None])
+        for positions, pixels in self._decode_rejected(rejected, results, inputs):
+            into, tensors = by_shape.setdefault(tuple(pixels.shape[1:]), ([], []))
+            into += positions
+            tensors.append(self._to_device(pixels))
+        return [
+            (positions, tensors[0] if len(tensors) == 1 else torch.cat(tensors))
+            for positions, tensors in by_shape.values()
+            if positions
+        ]
+
+    def _decode_rejected(
+        self,
+        rejected: list[tuple[int, EncodedJpeg]],
+        results: list[Result],
+        inputs: list[Input] | None,
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """What the device decoder rejected, decoded on the CPU by one decode worker (its
+        deadline and crash isolation, never Pillow in this process): groups by shape, with
+        the positions in the batch; a failure is the input's error."""
+        if not rejected:
+            return []
+        if inputs is None:  # no input to hand a worker: decode the bytes here, as before
+            out = []
+            for position, jpeg in rejected:
+                try:
+                    pixels = self.spec.resize_and_crop(decode_bytes(jpeg.data))
+                except Exception as exc:
+                    results[position].error = failure(exc)
+                    continue
+                out.append(([position], pixels[None]))
+            return out
+        items = [inputs[position] for position, _ in rejected]
+        (redo,) = decoded_batches(items, self.spec, len(items), workers=1)
+        mapped = [rejected[n][0] for n in range(len(items))]
+        for n, error in enumerate(redo.errors):
+            if error is not None:
+                results[mapped[n]].error = error
+        return [([mapped[n] for n in positions], pixels) for positions, pixels in redo.groups]
+
+    def classify(
+        self,
+        paths: Iterable[Input],
+        top_k: int = 5,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        scores: str = "probs",
+    ) -> Iterator[list[Result]]:
+        """Top-k predictions for every path, one list of results per batch (`paths` may be a
+        stream: it is read as the batches go).  `scores`: ``probs`` (softmax), ``logits``
+        or ``log-probs`` (log-softmax); the ranking is the same for all three.  A `top_k` of
+        0 or more than the classes gives every class."""
+        if scores not in SCORE_KINDS:
+            from convnext_cli.errors import UsageError
+
+            raise UsageError(f"--scores {scores!r}: use {', '.join(SCORE_KINDS)}")
+        if not self.labels:
+            from convnext_cli.errors import UsageError
+
+            raise UsageError(
+                "this checkpoint has no classification head (a feature model): use `convnext embed`"
+            )
+        k = len(self.labels) if top_k <= 0 else max(1, min(top_k, len(self.labels)))
+
+        def launch_top_k(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            logits = self.logits_fn(batch).float()
+            if scores == "logits":
+                values = logits
+            elif scores == "log-probs":
+                values = logits.log_softmax(dim=-1)
+            else:
+                values = logits.softmax(dim=-1)
+            finite = (torch.isfinite(logits) & torch.isfinite(values)).all(dim=-1)
+            top, indices = values.topk(k, dim=-1)
+            return finite, top, indices
+
+        def put_top_k(outputs: tuple[torch.Tensor, ...], results: list[Result]) -> None:
+            finite, top, indices = (out.tolist() for out in outputs)
+            for result, ok, row_scores, row_indices in zip(
+                results, finite, top, indices, strict=True
+            ):
+                if not ok:
+                    result.error = NON_FINITE
+                    continue
+                result.predictions = [
+                    Prediction(self.labels[i], i, s)
+                    for s, i in zip(row_scores, row_indices, strict=True)
+                ]
+
+        return self._run(paths, batch_size, workers, Head(launch_top_k, put_top_k))
+
+    def embed(
+        self,
+        paths: Iterable[Input],
+        normalize: bool = False,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        stages: list[str] | None = None,
+        pool: str = "avg",
+        backbone: bool = False,
+    ) -> Iterator[list[Result]]:
+        """The pooled feature (transformers' pooler_output) for every path, per batch.
+
+        With `stages` (``stem``, ``stage1`` ..) or `backbone`, each result's ``features``
+        holds those stages' outputs instead (see :func:`stage_request`): globally
+        average-pooled to (C,) (`pool` ``avg``) or the whole (C, H, W) map (``none``).
+        """
+        if stages or backbone:
+            chosen = stage_request(self.model.config, stages, backbone)
+            return self._run(
+                paths, batch_size, workers, self._put_stages(chosen, pool, backbone, normalize)
+            )
+
+        def features(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.embed_fn(batch).float()
+            if normalize:
+                out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            return torch.isfinite(out).all(dim=-1), out
+
+        def put_embeddings(outputs: tuple[torch.Tensor, ...], results: list[Result]) -> None:
+            finite, rows = outputs
+            for result, ok, row in zip(results, finite.tolist(), rows, strict=True):
+                if ok:
+                    result.embedding = row
+                else:
+                    result.error = NON_FINITE
+
+        return self._run(paths, batch_size, workers, Head(features, put_embeddings))
+
+    def _put_stages(self, stages: list[str], pool: str, backbone: bool, normalize: bool) -> Head:
+        body = self.model.backbone
+
+        def launch_stages(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            maps = [m.float() for m in body.stage_maps(batch, stages, backbone)]
+            if pool == "avg":
+                maps = [m.mean(dim=(-2, -1)) for m in maps]
+                if normalize:
+                    maps = [m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12) for m in maps]
+            finite = torch.stack([torch.isfinite(m.flatten(1)).all(dim=1) for m in maps]).all(0)
+            return (finite, *maps)
+
+        def put_stages(outputs: tuple[torch.Tensor, ...], results: list[Result]) -> None:
+            finite, *rows = outputs
+            for n, (result, ok) in enumerate(zip(results, finite.tolist(), strict=True)):
+                if ok:
+                    result.features = {name: m[n] for name, m in zip(stages, rows, strict=True)}
+                else:
+                    result.error = NON_FINITE
+
+        return Head(launch_stages, put_stages)
+
+
+POOLS = ("avg", "none")  # embed --pool
+
+
+def stage_request(config: Any, stages: list[str] | None, backbone: bool) -> list[str]:
+    """The stages ``embed --stage`` / ``--backbone`` gives, checked against the model.
+
+    Without `stages`, ``--backbone`` gives the config.json's ``out_features`` (else every
+    stage whose LayerNorm the checkpoint holds); with `backbone` every stage must have
+    its LayerNorm in the checkpoint, as transformers' ``ConvNextBackbone`` has.
+    """
+    from convnext_cli.errors import UsageError
+
+    names = config.stage_names
+    if backbone and not config.backbone_norms:
+        raise UsageError(
+            "--backbone: this checkpoint holds no backbone LayerNorms "
+            "(hidden_states_norms.*, as transformers' ConvNextBackbone saves); "
+            "use --stage NAME for the plain stage outputs"
+        )
+    if not stages:  # --backbone alone
+        stages = list(config.out_features or config.backbone_norms)
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise UsageError(f"--stage {unknown[0]}: this model's stages are {', '.join(names)}")
+    stages = list(dict.fromkeys(stages))
+    missing = [s for s in stages if s not in config.backbone_norms]
+    if backbone and missing:
+        held = ", ".join(config.backbone_norms) or "none"
+        raise UsageError(
+            f"--backbone: the checkpoint has no LayerNorm for {', '.join(missing)} "
+            f"(hidden_states_norms.*; it has: {held}); drop --backbone for the plain stage output"
+        )
+    return stages

@@ -1,0 +1,212 @@
+"""Showing a benchmark report: the table, a throughput bar chart for the terminal, the
+noisy-run note, and the matplotlib plot that ``-o plot.png`` saves.
+
+Presentation only: the numbers come from :mod:`convnext_cli.engine.benchmark`; nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from rich import box
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.table import Table
+from rich.text import Text
+
+from convnext_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from convnext_cli.engine.benchmark import Report, Row
+
+NOISY_MARK = "!"
+BAR_STYLES = {"model": "cyan", "end-to-end": "magenta"}
+_EIGHTHS = " ▏▎▍▌▋▊▉"  # partial blocks, 1/8 to 7/8 of a character cell
+
+
+def header_text(report: Report) -> Text:
+    """Short lines (they fit 80 columns): the model; its shape; the machine; the settings;
+    the library versions."""
+    h = report.header
+    text = Text()
+    text.append(str(h["model"]), style="bold")
+    text.append(f"\n{h['architecture']}  {h['parameters_m']}M params  {h['image_size']}px")
+    text.append(
+        f"\n{h['device_name']} ({h['device']})\nchannels_last={h['channels_last']}"
+        f" compile={h['compile']} warmup={h.get('warmup')} iters={h.get('iters')}"
+    )
+    text.append(
+        f"\ntorch {h['torch']}  torchvision {h['torchvision']}  convnext-cli {h['convnext_cli']}",
+        style="dim",
+    )
+    return text
+
+
+def results_table(report: Report) -> Table:
+    """One row per (mode, dtype, batch size); a noisy row's p99 carries NOISY_MARK."""
+    table = Table(show_header=True, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("mode", "dtype", "batch", "images/s", "p50 ms", "p90 ms", "p99 ms", "peak MB"):
+        justify = "left" if name in ("mode", "dtype") else "right"
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for r in report.rows:
+        p99 = Text(f"{r.p99_ms:.1f}")
+        if report.noisy_rows:  # a mark on noisy rows, the same width of blank on the others
+            p99.append(f" {NOISY_MARK}" if r.noisy else "  ", style="bold yellow")
+        table.add_row(
+            r.mode,
+            r.dtype,
+            str(r.batch_size),
+            f"{r.images_per_s:.1f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p90_ms:.1f}",
+            p99,
+            f"{r.peak_memory_mb:.0f}",
+        )
+    return table
+
+
+def fitted_table(report: Report, width: int) -> Table:
+    """:func:`results_table`, its columns one space apart instead of two when that is what
+    lets every header and value fit ``width`` cells (no ``peak …``)."""
+    table = results_table(report)
+    natural = Console(width=10_000, file=io.StringIO()).measure(table).maximum
+    if natural > width:
+        table.padding = (0, 0, 0, 1)
+    return table
+
+
+def speed_notes(report: Report) -> list[str]:
+    """Warnings and notes on what the rows mean: an end-to-end row faster than the model
+    alone (same dtype and batch size: the model's warm-up was too short, its first batches
+    were timed cold), and float16 on the CPU (emulated there: far slower than float32)."""
+    notes = []
+    model = {(r.dtype, r.batch_size): r for r in report.rows if r.mode == "model"}
+    for row in report.rows:
+        alone = model.get((row.dtype, row.batch_size))
+        if row.mode == "end-to-end" and alone and row.images_per_s > alone.images_per_s:
+            notes.append(
+                f"warning: end-to-end {row.dtype} b={row.batch_size} ran faster "
+                f"({row.images_per_s:.1f} images/s) than the model alone "
+                f"({alone.images_per_s:.1f}): the model's timing looks cold (too short a "
+                "warm-up); try more --warmup and --iters"
+            )
+    device = str(report.header.get("device", ""))
+    if device.startswith("cpu") and any(r.dtype == "float16" for r in report.rows):
+        notes.append(
+            "note: float16 on the CPU is emulated (no float16 arithmetic there), so it runs "
+            "far slower than float32; bfloat16 is the CPU's reduced-precision mode"
+        )
+    return notes
+
+
+def table_footer(report: Report) -> Text:
+    kinds = ", ".join(sorted({r.memory_kind for r in report.rows}))
+    text = Text(f"peak memory: {kinds}", style="dim")
+    if report.noisy_rows:
+        rule = report.header.get("noise_rule", "p99 far above p50")
+        text.append(f"\n{NOISY_MARK} noisy: {rule}", style="yellow")
+    return text
+
+
+def noise_note(report: Report) -> str | None:
+    """The one stderr line for a report with noisy rows (None when there are none)."""
+    noisy = report.noisy_rows
+    if not noisy:
+        return None
+    worst = max(noisy, key=lambda r: r.spread)
+    return (
+        f"note: {len(noisy)} of {len(report.rows)} rows look noisy (p99 up to {worst.spread}x "
+        "p50): try more --iters and --warmup, or a quieter machine"
+    )
+
+
+class ThroughputBars:
+    """Images/s per batch size as horizontal bars, one group per (mode, dtype), all on one
+    scale, as wide as the console allows."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def groups(self) -> dict[tuple[str, str], list[Row]]:
+        groups: dict[tuple[str, str], list[Row]] = {}
+        for row in self.report.rows:
+            groups.setdefault((row.mode, row.dtype), []).append(row)
+        for rows in groups.values():
+            rows.sort(key=lambda r: r.batch_size)
+        return groups
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from self.lines(options.max_width)
+
+    def lines(self, width: int) -> Iterator[Text]:
+        rows = self.report.rows
+        if not rows:
+            return
+        top = max(r.images_per_s for r in rows) or 1.0
+        label_w = max(len(str(r.batch_size)) for r in rows) + 4  # "  b=" + size
+        value_w = max(len(f"{r.images_per_s:.1f}") for r in rows) + 2  # room for " !"
+        bar_w = max(width - label_w - value_w - 2, 10)
+        yield Text("images/s by batch size (longer is faster)", style="bold")
+        for (mode, dtype), group in self.groups().items():
+            yield Text(f"{mode}, {dtype}", style="dim")
+            for row in group:
+                line = Text(f"b={row.batch_size}".rjust(label_w) + " ")
+                line.append(bar(row.images_per_s / top, bar_w), style=BAR_STYLES.get(mode, ""))
+                line.append(" " + f"{row.images_per_s:.1f}".rjust(value_w - 2))
+                if row.noisy:
+                    line.append(f" {NOISY_MARK}", style="bold yellow")
+                yield line
+
+
+def bar(fraction: float, width: int) -> str:
+    """A bar `fraction` of `width` cells long, in eighths of a cell, padded to `width`."""
+    eighths = round(max(0.0, min(fraction, 1.0)) * width * 8)
+    full, part = divmod(eighths, 8)
+    text = "█" * full + (_EIGHTHS[part] if part else "")
+    if not text and fraction > 0:
+        text = _EIGHTHS[1]  # a measured rate never shows as nothing
+    return text.ljust(width)
+
+
+def print_report(report: Report, console: Console, bars: bool) -> None:
+    """The table (with its header and footer), then the bar chart when `bars`."""
+    console.print(header_text(report))
+    console.print(fitted_table(report, console.width))
+    console.print(table_footer(report))
+    if bars:
+        console.print()
+        console.print(Group(ThroughputBars(report)))
+
+
+def save_plot(report: Report, path: str) -> None:
+    """Throughput against batch size, one line per (mode, dtype); .png or .svg."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise UsageError("plotting needs matplotlib: pip install 'convnext-cli[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (mode, dtype), rows in sorted(ThroughputBars(report).groups().items()):
+        ax.plot(
+            [r.batch_size for r in rows],
+            [r.images_per_s for r in rows],
+            marker="o",
+            label=f"{mode}, {dtype}",
+        )
+    ax.set_xscale("log", base=2)
+    sizes = sorted({r.batch_size for r in report.rows})
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    header = report.header
+    ax.set_title(f"{os.path.basename(str(header['model']))} on {header['device_name']}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
