@@ -105,3 +105,32 @@ def test_option_check_can_fail() -> None:
         "--no-such-option",
         "-k",
     }
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(doc: Path) -> set[str]:
+    text = FENCE.sub("", doc.read_text())
+    return {slug(m) for m in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+LINK = re.compile(r"\]\(((?:[\w./-]+\.md)?)#([\w-]+)\)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_section_link_names_a_heading(doc: Path) -> None:
+    broken = []
+    for target, anchor in LINK.findall(doc.read_text()):
+        page = (doc.parent / target).resolve() if target else doc
+        if not page.is_file() or anchor not in anchors(page):
+            broken.append(f"{target}#{anchor}")
+    assert not broken, f"{doc.name} links to sections that do not exist: {broken}"
+
+
+def test_slug_is_githubs() -> None:
+    assert slug("What can change a run's last digits") == "what-can-change-a-runs-last-digits"
+    assert slug("Many GPUs, many machines: Ray") == "many-gpus-many-machines-ray"
