@@ -8,3 +8,4 @@ LAYOUTS = ("hf", "fb", "fcmae", "timm", "torchvision", "tf")  # --from, besides 
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # --dtype
 DECODERS = ("auto", "cpu", "gpu")  # --decode
 ENGINES = ("local", "ray")  # --engine
+POOLS = ("avg", "none")  # embed --pool

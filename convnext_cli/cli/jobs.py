@@ -273,7 +273,7 @@ class Job:
 def check_features_request(job: Job, fmt: str) -> None:
     """embed --stage / --pool / --backbone: what the format and engine can hold, before
     anything is loaded (the stage names are checked against the model once it is)."""
-    from convnext_cli.engine.pipeline import POOLS
+    from convnext_cli.choices import POOLS
 
     if job.command != "embed":
         return

@@ -899,9 +899,6 @@ class Runner:
         return Head(launch_stages, put_stages)
 
 
-POOLS = ("avg", "none")  # embed --pool
-
-
 def stage_request(config: Any, stages: list[str] | None, backbone: bool) -> list[str]:
     """The stages ``embed --stage`` / ``--backbone`` gives, checked against the model.
 
