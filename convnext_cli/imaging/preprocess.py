@@ -30,18 +30,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from convnext_cli.errors import CheckpointError
-from convnext_cli.imaging.reading import read_json_file
+from convnext_cli.model._fields import Fields, is_int, is_number, json_kind, read_json_object
 from convnext_cli.model.config import (
     FLOAT32_MAX,
     MAX_EDGE,
-    MAX_JSON_BYTES,
     MAX_RESIZE_EDGE,
     ConvNextConfig,
     float32,
-    is_int,
-    is_number,
-    json_kind,
-    no_duplicate_keys,
 )
 
 # PIL.Image.Resampling values, as preprocessor_config.json stores them (the one table of
@@ -108,10 +103,7 @@ class PreprocessSpec:
     @classmethod
     def from_file(cls, path: Path) -> PreprocessSpec:
         """:meth:`from_dict` on a JSON file (duplicate keys refused)."""
-        raw = read_json_file(
-            path, error=CheckpointError, limit=MAX_JSON_BYTES, object_pairs_hook=no_duplicate_keys
-        )
-        return cls.from_dict(raw, where=str(path))
+        return cls.from_dict(read_json_object(path), where=str(path))
 
     @classmethod
     def imagenet(
@@ -250,14 +242,8 @@ class PreprocessSpec:
 
 # Above this many pixels (100 MB of uint8 RGB), a resize computes only what the centre crop
 # keeps (see resize_crop).  A 256-pixel short side reaches it at an aspect ratio of 512.
-class _SpecFields:
+class _SpecFields(Fields):
     """Reading preprocessor_config.json's fields, each failure one line naming the field."""
-
-    def __init__(self, raw: dict[str, Any], where: str) -> None:
-        self.raw, self.where = raw, where
-
-    def fail(self, name: str, problem: str) -> CheckpointError:
-        return CheckpointError(f"{self.where}: {name}: {problem}")
 
     def given(self, name: str) -> bool:
         if name not in self.raw:
@@ -267,11 +253,7 @@ class _SpecFields:
         return True
 
     def edge(self, name: str, value: Any, limit: int = MAX_EDGE) -> int:
-        if not is_int(value):
-            raise self.fail(name, f"expected an integer number of pixels, found {json_kind(value)}")
-        if not 1 <= value <= limit:
-            raise self.fail(name, f"{value} is out of range (1..{limit})")
-        return int(value)
+        return self.bounded_int(name, value, (1, limit), "an integer number of pixels")
 
     def number(self, name: str) -> float:
         value = self.raw[name]
