@@ -8,3 +8,5 @@ LAYOUTS = ("hf", "fb", "fcmae", "timm", "torchvision", "tf")  # --from, besides 
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # --dtype
 DECODERS = ("auto", "cpu", "gpu")  # --decode
 ENGINES = ("local", "ray")  # --engine
+CLASSIFY_FORMATS = ("auto", "table", "json", "jsonl", "csv", "parquet", "html")  # classify --format
+EMBED_FORMATS = ("auto", "jsonl", "json", "csv", "npy", "safetensors", "parquet")  # embed --format

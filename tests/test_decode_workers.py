@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 HOOK = """
 import os, signal, sys, time
-from convnext_cli import images
+from convnext_cli.imaging import decoding as images
 
 real = images.decode_bytes
 

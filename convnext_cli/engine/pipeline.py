@@ -34,6 +34,7 @@ from convnext_cli.engine.decode_pool import (
     decode_one,
     decode_timeout,
     failure,
+    group_by_shape,
     unpack_groups,
 )
 from convnext_cli.engine.thread_tuner import ThreadTuner
@@ -159,11 +160,8 @@ class _PendingBatch:
         self.waiting -= sum(len(positions) for positions, _ in groups)
 
     def finish(self) -> DecodedBatch:
-        by_shape: dict[tuple[int, ...], list[tuple[list[int], torch.Tensor]]] = {}
-        for positions, pixels in self.parts:
-            by_shape.setdefault(tuple(pixels.shape[1:]), []).append((positions, pixels))
         groups = []
-        for parts in by_shape.values():
+        for parts in group_by_shape(self.parts, lambda part: tuple(part[1].shape[1:])):
             if len(parts) == 1:
                 groups.append(parts[0])
             else:

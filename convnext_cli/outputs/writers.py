@@ -24,6 +24,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convnext_cli.choices import CLASSIFY_FORMATS, EMBED_FORMATS
 from convnext_cli.errors import OutputError, UsageError
 from convnext_cli.outputs.base import TextWriter, Writer
 from convnext_cli.outputs.embed_table import EmbedTableWriter
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 
     from convnext_cli.engine.pipeline import Result
 
-CLASSIFY_FORMATS = ("auto", "table", "json", "jsonl", "csv", "parquet", "html")
-EMBED_FORMATS = ("auto", "jsonl", "json", "csv", "npy", "safetensors", "parquet")
 BINARY_FORMATS = ("npy", "safetensors", "parquet")
 
 # The -o extension picks the format when --format is not given (or is auto).  One table for
