@@ -198,8 +198,8 @@ def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") 
     cores.  No fixed cap: a 64-core machine feeding a GPU decodes on 60.
 
     On the CPU the model's threads already use every core, and a decoder process fighting
-    them for cores costs more than it overlaps (measured on 2 cores: bfloat16, 100 photos,
-    5.7 s in-process against 7.3 s with one worker), so only one in four cores decodes.
+    them for cores costs more than it overlaps (measured: ``benchmarks/README.md``,
+    "Decoding workers on the CPU"), so only one in four cores decodes.
     When this is 0, :class:`Runner` still decodes in one guard process, batch by batch
     without overlap (see :func:`plan_workers`).
     """

@@ -431,7 +431,7 @@ def resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.T
     Nearest, bilinear, bicubic and Lanczos: as torchvision's ``resize(antialias=True)``.
     torchvision's tensor resize is a thin layer over ``torch.nn.functional.interpolate``;
     this is that layer, so that a run does not import torchvision, whose package import
-    pulls in ``torch._dynamo`` (about 2 s, longer than decoding a hundred photos).  On CPU,
+    pulls in ``torch._dynamo`` (``benchmarks/README.md``, "Importing torchvision").  On CPU,
     bicubic and Lanczos (and bilinear on AVX2/AVX-512/Arm) run torch's native uint8
     kernels; elsewhere it is float, clamp (cubic kernels overshoot), round, back to uint8.
 

@@ -118,11 +118,6 @@ def _names_a_file(output: Path) -> bool:
         return True  # to be created
 
 
-def _score(value: float) -> float:
-    """A score as written to json, jsonl and csv: the full float (the table rounds)."""
-    return float(value)
-
-
 DEFAULT_SCORES = "probs"
 # the CSV column that holds the scores, by what they are (classify --scores)
 SCORE_COLUMN = {"probs": "score", "logits": "logit", "log-probs": "log_prob"}
@@ -138,7 +133,7 @@ def classify_record(result: Result, scores: str = DEFAULT_SCORES) -> dict[str, A
         "path": result.path,
         **marker,
         "predictions": [
-            {"label": p.label, "index": p.index, "score": _score(p.score)}
+            {"label": p.label, "index": p.index, "score": float(p.score)}
             for p in result.predictions
         ],
     }
@@ -222,7 +217,7 @@ class ClassifyCsvWriter(TextWriter):
             if r.error is not None:
                 rows.append([path, "", "", "", "", utf8_text(r.error)])
             for rank, p in enumerate(r.predictions, start=1):
-                rows.append([path, rank, p.label, p.index, _score(p.score), ""])
+                rows.append([path, rank, p.label, p.index, float(p.score), ""])
         return _csv_text(rows)
 
 
