@@ -9,3 +9,5 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")  # --dtype
 DECODERS = ("auto", "cpu", "gpu")  # --decode
 ENGINES = ("local", "ray")  # --engine
 POOLS = ("avg", "none")  # embed --pool
+CLASSIFY_FORMATS = ("auto", "table", "json", "jsonl", "csv", "parquet", "html")  # classify --format
+EMBED_FORMATS = ("auto", "jsonl", "json", "csv", "npy", "safetensors", "parquet")  # embed --format

@@ -29,7 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
-from convnext_cli.imaging import preprocess
+from convnext_cli.imaging import resize as resize_kernels
 from convnext_cli.imaging.decoding import decode_file
 from convnext_cli.imaging.preprocess import PreprocessSpec
 
@@ -149,7 +149,7 @@ def test_crop_only_resize_matches_the_full_resize(
     for edge in (224, 384):
         spec = PreprocessSpec(shortest_edge=edge, resample=resample)
         full = spec.resize_and_crop(image)
-        monkeypatch.setattr(preprocess, "RESIZE_PIXEL_LIMIT", 0)
+        monkeypatch.setattr(resize_kernels, "RESIZE_PIXEL_LIMIT", 0)
         window = spec.resize_and_crop(image)
         monkeypatch.undo()
         assert window.shape == full.shape
@@ -165,7 +165,7 @@ def test_extreme_aspect_ratios_take_kilobytes() -> None:
     for shape in ((1, 65500), (65500, 1), (2, 89_000_000 // 1000)):
         image = torch.full((3, *shape), 77, dtype=torch.uint8)
         assert spec.resize_size(*shape)[0] * spec.resize_size(*shape)[1] > (
-            preprocess.RESIZE_PIXEL_LIMIT
+            resize_kernels.RESIZE_PIXEL_LIMIT
         )
         out = spec.resize_and_crop(image)
         assert tuple(out.shape) == (3, 224, 224)

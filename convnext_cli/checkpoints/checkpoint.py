@@ -36,8 +36,8 @@ from convnext_cli.checkpoints.weights_io import (
 from convnext_cli.choices import DEFAULT_MODEL
 from convnext_cli.errors import CheckpointError, UsageError, one_line
 from convnext_cli.imaging.preprocess import PreprocessSpec
-from convnext_cli.imaging.reading import read_json_file
-from convnext_cli.model.config import MAX_JSON_BYTES, ConvNextConfig, json_kind, no_duplicate_keys
+from convnext_cli.model._fields import read_json_object
+from convnext_cli.model.config import ConvNextConfig
 from convnext_cli.model.convnext import ConvNeXtForClassification
 
 __all__ = ["DEFAULT_MODEL", "Checkpoint", "CheckpointFiles", "load_checkpoint", "locate"]
@@ -148,12 +148,7 @@ def folder_weights(folder: Path) -> Path:
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path`` (at most MAX_JSON_BYTES, no key given twice), or a
     one-line CheckpointError."""
-    data = read_json_file(
-        path, error=CheckpointError, limit=MAX_JSON_BYTES, object_pairs_hook=no_duplicate_keys
-    )
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {json_kind(data)}")
-    return data
+    return read_json_object(path)
 
 
 # --------------------------------------------------------------------------- reading

@@ -42,7 +42,8 @@ from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.errors import CheckpointError, UsageError, one_line
 from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.imaging.reading import read_json_file
-from convnext_cli.model.config import MAX_JSON_BYTES, ConvNextConfig
+from convnext_cli.model._fields import MAX_JSON_BYTES
+from convnext_cli.model.config import ConvNextConfig
 
 WEIGHTS_FILE = "model.safetensors"
 # Weight files that would shadow or contradict the new model.safetensors under --force.

@@ -67,7 +67,7 @@ def _auto_dtype(device: torch.device) -> str:
 
 def _devices() -> list[DeviceInfo]:
     cpu = torch.device("cpu")
-    cpu_name = _cpu_model() or platform.processor() or platform.machine()
+    cpu_name = cpu_model() or platform.processor() or platform.machine()
     amx = " (AMX bfloat16)" if cpu_has_fast_bfloat16() else ""
     found = [
         DeviceInfo("cpu", f"{cpu_name}, {os.cpu_count()} logical cores{amx}", _auto_dtype(cpu))
@@ -91,7 +91,8 @@ def _devices() -> list[DeviceInfo]:
     return found
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``), or None where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
             for line in info:

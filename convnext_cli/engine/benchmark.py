@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from convnext_cli.engine._environment import cpu_model
 from convnext_cli.engine.device import resolve_device, resolve_dtype
 from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
 from convnext_cli.engine.pipeline import Runner
@@ -186,7 +187,7 @@ def describe_environment(runner: Runner, model_name: str) -> dict[str, Any]:
         name = "Apple MPS"
     else:
         name = platform.processor() or platform.machine()
-        name = f"{_cpu_model() or name} ({torch.get_num_threads()} threads)"
+        name = f"{cpu_model() or name} ({torch.get_num_threads()} threads)"
     config = runner.model.config
     params = sum(p.numel() for p in runner.model.state_dict().values())
     return {
@@ -201,17 +202,6 @@ def describe_environment(runner: Runner, model_name: str) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
     }
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
 
 
 class BenchmarkRunner:

@@ -29,10 +29,10 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -107,21 +107,33 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+T = TypeVar("T")
+
+
+def group_by_shape(items: Iterable[T], shape_of: Callable[[T], tuple[int, ...]]) -> list[list[T]]:
+    """``items`` grouped by ``shape_of``: groups in the order their first member came, members
+    in their order (the one grouping of decoded pixels: workers, batches, the device)."""
+    groups: dict[tuple[int, ...], list[T]] = {}
+    for item in items:
+        groups.setdefault(shape_of(item), []).append(item)
+    return list(groups.values())
+
+
 def _pack(outcomes: list[tuple[int, Outcome]]) -> dict[str, Any]:
     """A task's outcomes as picklable parts: pixels stacked by shape into NumPy arrays."""
     errors: list[tuple[int, str]] = []
     encoded: list[tuple[int, EncodedJpeg]] = []
-    by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    pixels: list[tuple[int, torch.Tensor]] = []
     for position, outcome in outcomes:
         if isinstance(outcome, str):
             errors.append((position, outcome))
         elif isinstance(outcome, EncodedJpeg):
             encoded.append((position, outcome))
         else:
-            by_shape.setdefault(tuple(outcome.shape), []).append((position, outcome))
+            pixels.append((position, outcome))
     groups = [
         ([p for p, _ in members], torch.stack([t for _, t in members]).numpy())
-        for members in by_shape.values()
+        for members in group_by_shape(pixels, lambda item: tuple(item[1].shape))
     ]
     return {"errors": errors, "encoded": encoded, "groups": groups}
 

@@ -134,8 +134,8 @@ def configure_backend(placement: Placement) -> None:
 def default_batch_size(device: torch.device, image_size: int = 224) -> int:
     """The batch a run uses when ``-b`` is not given.
 
-    - CPU: 8 (larger batches spill the activations out of cache; measured on 2 cores,
-      convnext-tiny bfloat16: 69 images/s at batch 8, 41 at batch 32).
+    - CPU: 8 (larger batches spill the activations out of cache; measured:
+      ``benchmarks/README.md``, "The CPU batch size").
     - CUDA: 256 at 224 pixels on a GPU with at least 16 GiB (timm's benchmark batch; a
       data-centre GPU is not kept busy by less), 64 on smaller GPUs; divided by the pixel
       ratio for larger inputs (384 pixels: 256 -> 87 -> 64, a multiple of 8), never below

@@ -34,6 +34,7 @@ from convnext_cli.engine.decode_pool import (
     decode_one,
     decode_timeout,
     failure,
+    group_by_shape,
     unpack_groups,
 )
 from convnext_cli.engine.thread_tuner import ThreadTuner
@@ -159,11 +160,8 @@ class _PendingBatch:
         self.waiting -= sum(len(positions) for positions, _ in groups)
 
     def finish(self) -> DecodedBatch:
-        by_shape: dict[tuple[int, ...], list[tuple[list[int], torch.Tensor]]] = {}
-        for positions, pixels in self.parts:
-            by_shape.setdefault(tuple(pixels.shape[1:]), []).append((positions, pixels))
         groups = []
-        for parts in by_shape.values():
+        for parts in group_by_shape(self.parts, lambda part: tuple(part[1].shape[1:])):
             if len(parts) == 1:
                 groups.append(parts[0])
             else:
@@ -200,8 +198,8 @@ def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") 
     cores.  No fixed cap: a 64-core machine feeding a GPU decodes on 60.
 
     On the CPU the model's threads already use every core, and a decoder process fighting
-    them for cores costs more than it overlaps (measured on 2 cores: bfloat16, 100 photos,
-    5.7 s in-process against 7.3 s with one worker), so only one in four cores decodes.
+    them for cores costs more than it overlaps (measured: ``benchmarks/README.md``,
+    "Decoding workers on the CPU"), so only one in four cores decodes.
     When this is 0, :class:`Runner` still decodes in one guard process, batch by batch
     without overlap (see :func:`plan_workers`).
     """

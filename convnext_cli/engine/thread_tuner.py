@@ -7,8 +7,8 @@ Which split is faster depends on the run, not the machine:
   and the decoders, idle most of the time, fit into the gaps;
 - a small model, or large photos, is bound by decoding: the decoders are busy all the
   time, and the model's OpenMP team, sharing its cores with them, loses more in its
-  barriers than it gains (measured on 2 cores, a decode-bound run: 1.2-1.4x faster with
-  the model on one thread than on two).  How long the model waits for a batch does not
+  barriers than it gains (measured: ``benchmarks/README.md``, "Model threads on a
+  decode-bound run").  How long the model waits for a batch does not
   show this: its passes, slowed by the sharing, hide the wait.
 
 So the run measures it.  :class:`ThreadTuner` starts with the first choice (every core),

@@ -35,19 +35,21 @@ Limits, all checked before any pixel is decoded:
   :mod:`convnext_cli.imaging.preprocess`).
 - Decoder time bombs, refused from the file's structure before Pillow parses it: a JPEG
   with more than :data:`MAX_JPEG_SCANS` (100) scans (libjpeg decodes every scan over the
-  whole image: a 150 KB progressive JPEG with 2,000 scans takes 20 s; photos have about 10);
+  whole image, so many scans take seconds; photos have about 10);
   a PNG with more than 4,096 chunks plus one per 512 bytes of file (Pillow parses chunks in
-  Python: a 12 MB PNG of a million empty chunks takes 4 s; encoders write 8-64 KiB IDATs);
+  Python, so a million empty chunks take seconds; encoders write 8-64 KiB IDATs);
   a TIFF whose first image has more than :data:`MAX_TIFF_BLOCKS` (131,072) strips or tiles
-  (Pillow builds one Python object per strip: a million one-row strips take 9 s; real files
-  have a few thousand).  Only the first frame of any format is decoded.  What remains
-  (e.g. a GIF with millions of extension sub-blocks, which Pillow walks at about 0.3 us
-  each) is bounded by the file-size cap, and left to the pipeline's per-image deadline.
+  (Pillow builds one Python object per strip, so a million one-row strips take seconds; real
+  files have a few thousand; the figures: ``benchmarks/README.md``, "Decoder time bombs").
+  Only the first frame of any format is decoded.  What remains
+  (e.g. a GIF with millions of extension sub-blocks, which Pillow walks one by one) is
+  bounded by the file-size cap, and left to the pipeline's per-image deadline.
 
 Pillow decodes (libjpeg-turbo for JPEG: the same pixels as torchvision's decoder, and the
 same decoder transformers' pipeline uses).  torchvision's decoders are not the default on
-CPU: importing torchvision costs about 2 s (it pulls in torch._dynamo), more than Pillow's
-extra milliseconds on a hundred photos.  16-bit PNGs are the exception: only torchvision's
+CPU: importing torchvision pulls in torch._dynamo and costs more than Pillow's extra
+milliseconds on a hundred photos (``benchmarks/README.md``, "Importing torchvision").
+16-bit PNGs are the exception: only torchvision's
 PNG decoder returns their full depth, so they are decoded there.
 """
 

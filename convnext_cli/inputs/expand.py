@@ -49,7 +49,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any, cast
 
 from convnext_cli.errors import NoInputsError, UsageError
 from convnext_cli.imaging.reading import (
@@ -456,13 +456,6 @@ class UniqueIds:
         if isinstance(ref, Item):
             return dataclasses.replace(ref, id=renamed)
         return Item(renamed, file=ref, length=None)  # the whole file, read as a file
-
-
-class SupportsTotal(Protocol):
-    """What a progress bar reads off a stream of inputs: the total, None until it is known."""
-
-    @property
-    def total(self) -> int | None: ...
 
 
 LISTING_AHEAD = 250_000  # inputs listed ahead of the run (about 40 MB of names)

@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from convnext_cli.errors import CheckpointError
-from convnext_cli.imaging.reading import MAX_JSON_FILE_BYTES
+from convnext_cli.model._fields import Fields, is_int, is_number, json_kind
 from convnext_cli.model.labels import label_name, labels_for
 
 MODEL_TYPES = ("convnext", "convnextv2")
@@ -347,18 +347,6 @@ MAX_PARAMETERS = 20_000_000_000
 MAX_EDGE = 4096  # size.shortest_edge and crop_size
 MAX_RESIZE_EDGE = 8192  # int(shortest_edge / crop_pct): the short side before the crop
 FLOAT32_MAX = 3.4028234663852886e38
-MAX_JSON_BYTES = MAX_JSON_FILE_BYTES  # config.json (ImageNet-22k labels: about 1 MB)
-
-
-def json_kind(value: Any) -> str:
-    """A JSON value for a one-line message: ``null``, ``true``, ``"3"``, ``[1, 2]`` (shortened)."""
-    import json
-
-    try:
-        text = json.dumps(value, allow_nan=True)
-    except (TypeError, ValueError):
-        text = type(value).__name__
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def float32(value: float) -> float:
@@ -366,47 +354,13 @@ def float32(value: float) -> float:
     return value if abs(value) < FLOAT32_MAX else math.copysign(math.inf, value)
 
 
-def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads`` object hook: a key given twice is refused (json keeps the last silently)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice in one object")
-        out[key] = value
-    return out
-
-
-def is_int(value: Any) -> bool:
-    """A JSON integer (bool is an int in Python, not in JSON)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-class _Fields:
+class _Fields(Fields):
     """Typed, range-checked reads of config.json fields; errors name the file and field."""
-
-    def __init__(self, raw: dict[str, Any], where: str) -> None:
-        self.raw = raw
-        self.where = where
-
-    def fail(self, name: str, problem: str) -> CheckpointError:
-        return CheckpointError(f"{self.where}: {name}: {problem}")
 
     def integer(self, name: str, limits: tuple[int, int], default: int) -> int:
         if name not in self.raw:
             return default
-        return self._int(name, self.raw[name], limits)
-
-    def _int(self, name: str, value: Any, limits: tuple[int, int]) -> int:
-        low, high = limits
-        if not is_int(value):
-            raise self.fail(name, f"expected an integer, found {json_kind(value)}")
-        if not low <= value <= high:
-            raise self.fail(name, f"{value} is out of range ({low}..{high})")
-        return int(value)
+        return self.bounded_int(name, self.raw[name], limits)
 
     def int_list(self, name: str, limits: tuple[int, int], default: list[int] | None) -> list[int]:
         if name not in self.raw:
@@ -418,7 +372,7 @@ class _Fields:
             )
         if len(value) > LIMITS["num_stages"][1]:
             raise self.fail(name, f"{len(value)} entries (at most {LIMITS['num_stages'][1]})")
-        return [self._int(name, v, limits) for v in value]
+        return [self.bounded_int(name, v, limits) for v in value]
 
     def square(self, name: str, limits: tuple[int, int], default: int) -> int:
         """An integer, or a list of equal integers (transformers accepts [4, 4])."""
@@ -428,11 +382,11 @@ class _Fields:
         if isinstance(value, (list, tuple)):
             if len(value) != 2:
                 raise self.fail(name, f"expected an integer or [h, w], found {len(value)} entries")
-            sides = [self._int(name, v, limits) for v in value]
+            sides = [self.bounded_int(name, v, limits) for v in value]
             if sides[0] != sides[1]:
                 raise self.fail(name, f"non-square {sides} is not supported")
             return sides[0]
-        return self._int(name, value, limits)
+        return self.bounded_int(name, value, limits)
 
     def number(
         self, name: str, low: float, high: float, default: float, *, low_open: bool
@@ -466,7 +420,7 @@ class _Fields:
         else ``num_labels`` generic names (transformers' default: 2); the two must agree."""
         num_labels = self.raw.get("num_labels")
         if num_labels is not None:
-            num_labels = self._int("num_labels", num_labels, LIMITS["num_labels"])
+            num_labels = self.bounded_int("num_labels", num_labels, LIMITS["num_labels"])
         raw = self.raw.get("id2label")
         if raw is None:
             count = 2 if num_labels is None else num_labels

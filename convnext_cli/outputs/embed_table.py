@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from convnext_cli.outputs.base import TextWriter
 from convnext_cli.outputs.files import OutputFile, StdoutFile
 from convnext_cli.outputs.names import visible
 from convnext_cli.outputs.table import (
@@ -24,7 +25,6 @@ from convnext_cli.outputs.table import (
     shown_path,
     terminal_width,
 )
-from convnext_cli.outputs.writers import TextWriter
 
 if TYPE_CHECKING:
     from rich.text import Text

@@ -277,7 +277,3 @@ class TextSink:
     @property
     def encoding(self) -> str:
         return "utf-8"
-
-
-def open_raw(output: Path | None) -> OutputFile | StdoutFile:
-    return StdoutFile() if is_stdout(output) else OutputFile(output)  # type: ignore[arg-type]

@@ -38,11 +38,12 @@ import io
 import math
 import os
 import stat
-import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING
+
+from convnext_cli.outputs.names import escape_char
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -57,33 +58,13 @@ SUMMARY_TOP_LABELS = 12
 
 Thumbnailer = Callable[["Result"], "bytes | None"]
 
-_BIDI_CONTROLS = frozenset(
-    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"
-)
-_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape_char(char: str) -> str | None:
-    """The visible escape for a character that must not be shown as itself, else None."""
-    code = ord(char)
-    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, carried by surrogateescape
-        return f"\\x{code - 0xDC00:02x}"
-    if char in _NAMED_CONTROLS:
-        return _NAMED_CONTROLS[char]
-    category = unicodedata.category(char)
-    if category == "Cc":
-        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-    if category in ("Cs", "Zl", "Zp") or char in _BIDI_CONTROLS:
-        return f"\\u{code:04x}"
-    return None
-
 
 def display_text(text: str) -> str:
     """``text`` as HTML: escaped, invisible or misleading characters as marked escapes."""
     out: list[str] = []
     plain: list[str] = []
     for char in text:
-        escaped = _escape_char(char) if (char < " " or char > "~") else None
+        escaped = escape_char(char) if (char < " " or char > "~") else None
         if escaped is None:
             plain.append(char)
             continue
@@ -98,7 +79,7 @@ def display_text(text: str) -> str:
 
 def plain_text(text: str) -> str:
     """``text`` as the page shows it, without markup (what the filter matches)."""
-    return "".join(_escape_char(c) or c for c in text)
+    return "".join(escape_char(c) or c for c in text)
 
 
 def _ascii(markup: str) -> str:

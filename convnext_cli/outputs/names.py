@@ -16,8 +16,9 @@ valid UTF-8:
   written as the JSON string above, quotes included.  A field that starts with ``"`` is
   therefore JSON; read it back with :func:`read_path_field`, then ``os.fsencode``.  A sidecar
   has exactly one line per row, whatever the names.
-- **Tables and stderr** (:func:`visible`): for people; control characters and undecodable
-  bytes are shown as escapes (``\\n``, ``\\t``, ``\\x1b``, ``\\x80``), never interpreted.
+- **Tables, stderr and the HTML report** (:func:`visible`, :func:`escape_char`): for people;
+  control characters, bidirectional-text controls and undecodable bytes are shown as escapes
+  (``\\n``, ``\\t``, ``\\x1b``, ``\\x80``, ``\\u202e``), never interpreted.
 """
 
 from __future__ import annotations
@@ -58,26 +59,34 @@ def read_path_field(field: str) -> str:
 
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-# bidirectional overrides and isolates: they reorder what a terminal shows
-_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# bidirectional-text controls (embeddings, overrides, isolates, marks) and the byte-order mark:
+# invisible, and they reorder what a terminal or a browser shows
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"
+)
 
 
-def _visible_char(ch: str) -> str:
+def escape_char(ch: str) -> str | None:
+    """The visible escape for a character that must not be shown as itself, else None.
+
+    The one rule for people-facing text: the terminal (:func:`visible`) and the HTML report
+    agree on what is dangerous.
+    """
     if ch in _ESCAPES:
         return _ESCAPES[ch]
     code = ord(ch)
     if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as surrogateescape carries it
         return f"\\x{code - 0xDC00:02x}"
-    if ch in _BIDI or unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs"):
+    if ch in BIDI_CONTROLS or unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs"):
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-    return ch
+    return None
 
 
 def visible(text: str) -> str:
     """Text for a terminal: control characters and undecodable bytes shown as escapes."""
     if text.isprintable():
         return text
-    return "".join(_visible_char(ch) for ch in text)
+    return "".join(escape_char(ch) or ch for ch in text)
 
 
 def utf8_text(text: str) -> str:

@@ -30,9 +30,9 @@ import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from convnext_cli.outputs.base import TextWriter
 from convnext_cli.outputs.files import OutputFile, StdoutFile
 from convnext_cli.outputs.names import visible
-from convnext_cli.outputs.writers import TextWriter
 
 if TYPE_CHECKING:
     from rich.text import Text

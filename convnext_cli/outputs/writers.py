@@ -22,19 +22,21 @@ import io
 import math
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from convnext_cli.choices import CLASSIFY_FORMATS, EMBED_FORMATS
 from convnext_cli.errors import OutputError, UsageError
+from convnext_cli.outputs.base import TextWriter, Writer
+from convnext_cli.outputs.embed_table import EmbedTableWriter
 from convnext_cli.outputs.files import OutputFile, StdoutFile, TextSink, is_stdout
 from convnext_cli.outputs.names import json_text, path_field, utf8_text
+from convnext_cli.outputs.table import TableWriter
 
 if TYPE_CHECKING:
     import torch
 
     from convnext_cli.engine.pipeline import Result
 
-CLASSIFY_FORMATS = ("auto", "table", "json", "jsonl", "csv", "parquet", "html")
-EMBED_FORMATS = ("auto", "jsonl", "json", "csv", "npy", "safetensors", "parquet")
 BINARY_FORMATS = ("npy", "safetensors", "parquet")
 
 # The -o extension picks the format when --format is not given (or is auto).  One table for
@@ -116,24 +118,6 @@ def _names_a_file(output: Path) -> bool:
         return True  # to be created
 
 
-class Writer(Protocol):
-    """What every format provides: per-batch writes, then close (move into place) or abort."""
-
-    records: int  # records written so far
-    names_errors_on_stderr: bool  # failed inputs are not in the output (the matrix formats)
-
-    def write(self, results: list[Result]) -> None: ...
-
-    def close(self) -> None: ...
-
-    def abort(self, keep: bool = False) -> None: ...
-
-
-def _score(value: float) -> float:
-    """A score as written to json, jsonl and csv: the full float (the table rounds)."""
-    return float(value)
-
-
 DEFAULT_SCORES = "probs"
 # the CSV column that holds the scores, by what they are (classify --scores)
 SCORE_COLUMN = {"probs": "score", "logits": "logit", "log-probs": "log_prob"}
@@ -149,7 +133,7 @@ def classify_record(result: Result, scores: str = DEFAULT_SCORES) -> dict[str, A
         "path": result.path,
         **marker,
         "predictions": [
-            {"label": p.label, "index": p.index, "score": _score(p.score)}
+            {"label": p.label, "index": p.index, "score": float(p.score)}
             for p in result.predictions
         ],
     }
@@ -179,54 +163,6 @@ def embed_record_json(result: Result) -> str:
 
 
 # ----------------------------------------------------------------------------- text formats
-
-
-class TextWriter:
-    """The text formats' shared life cycle: header at open, text per batch, footer at close."""
-
-    names_errors_on_stderr = False
-
-    def __init__(self, raw: OutputFile | StdoutFile) -> None:
-        self.raw = raw
-        self.sink = TextSink(raw)
-        self.records = 0
-        try:
-            self._put(self.header())
-        except BaseException:
-            raw.abort()
-            raise
-
-    def header(self) -> str:
-        return ""
-
-    def render(self, results: list[Result]) -> str:
-        raise NotImplementedError
-
-    def footer(self) -> str:
-        return ""
-
-    def _put(self, text: str) -> None:
-        if text:
-            self.sink.write(text)
-            self.sink.flush()
-
-    def write(self, results: list[Result]) -> None:
-        self._put(self.render(results))
-        self.records += len(results)
-
-    def preserve(self, records: list[bytes], header: bytes = b"") -> None:
-        """Records an earlier run wrote (``--resume``), written again as they were."""
-        if records:
-            self.raw.write(b"".join(records))
-            self.raw.flush()
-            self.records += len(records)
-
-    def close(self) -> None:
-        self._put(self.footer())
-        self.raw.commit()
-
-    def abort(self, keep: bool = False) -> None:
-        self.raw.abort(keep)
 
 
 class JsonLinesWriter(TextWriter):
@@ -281,7 +217,7 @@ class ClassifyCsvWriter(TextWriter):
             if r.error is not None:
                 rows.append([path, "", "", "", "", utf8_text(r.error)])
             for rank, p in enumerate(r.predictions, start=1):
-                rows.append([path, rank, p.label, p.index, _score(p.score), ""])
+                rows.append([path, rank, p.label, p.index, float(p.score), ""])
         return _csv_text(rows)
 
 
@@ -576,12 +512,8 @@ def open_writer(
         if scores != DEFAULT_SCORES:
             render = functools.partial(classify_record_json, scores=scores)
     if fmt == "table" and command == "embed":
-        from convnext_cli.outputs.embed_table import EmbedTableWriter
-
         return EmbedTableWriter(raw)
     if fmt == "table":
-        from convnext_cli.outputs.table import TableWriter
-
         return TableWriter(raw, top_k, scores)
     if fmt == "json":
         return JsonArrayWriter(raw, render)
