@@ -140,7 +140,7 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
 def test_without_ray_the_import_works_and_the_call_is_a_usage_error() -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"
-        "from convnext_cli import ray_engine\n"
+        "from convnext_cli.engine import ray_engine\n"
         "from convnext_cli.errors import UsageError\n"
         "try:\n"
         "    ray_engine.run_on_ray(['x.jpg'], ray_engine.RayOptions('classify', 'm'))\n"
