@@ -6,6 +6,12 @@
 Inputs are paths (one string is one input), PIL images, NumPy arrays or uint8 tensors, or
 a list of them (see :mod:`convnext_cli.api`).
 
+What the CLI runs (inputs, shard, ``-o``, formats, ``--resume``, ``--engine ray``) runs from
+Python too, and returns the CLI's exit code (see :mod:`convnext_cli.engine.job`)::
+
+    import convnext_cli
+    convnext_cli.run("classify", ["photos/"], output="labels.jsonl", resume=True, top_k=3)
+
 Heavy imports (torch) happen on first use of these names, not on ``import convnext_cli``.
 """
 
@@ -53,11 +59,12 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Classifier", "load_model", "load_checkpoint", "__version__"]
+__all__ = ["Classifier", "Job", "load_model", "load_checkpoint", "run", "__version__"]
 
 if TYPE_CHECKING:
     from convnext_cli.api import Classifier
     from convnext_cli.checkpoints.checkpoint import load_checkpoint
+    from convnext_cli.engine.job import Job, run
     from convnext_cli.engine.loading import load_model
 
 
@@ -66,6 +73,10 @@ def __getattr__(name: str) -> Any:
         from convnext_cli.api import Classifier
 
         return Classifier
+    if name in ("run", "Job"):
+        from convnext_cli.engine import job
+
+        return getattr(job, name)
     if name == "load_model":
         from convnext_cli.engine.loading import load_model
 

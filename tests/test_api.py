@@ -3,7 +3,10 @@ inputs beside paths, decoded by the same policy and preprocessed the same way.""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +14,9 @@ import torch
 from PIL import Image, ImageOps
 
 from convnext_cli import Classifier
+from convnext_cli.engine.job import Report
+from convnext_cli.engine.pipeline import Result
+from convnext_cli.outputs.writers import Writer
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +129,57 @@ def test_in_memory_images_with_decode_workers(v1_checkpoint: Path, photos: list[
     ]
     for a, b in zip(got, expected, strict=True):
         same(a, b)
+
+
+class Counting(Report):
+    """The library's report, noting which inputs a run computed."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.computed: list[str] = []
+
+    def track(
+        self,
+        batches: Iterable[list[Result]],
+        writer: Writer,
+        total: Any,
+        to_terminal: bool = False,
+        output: str | None = None,
+    ) -> int:
+        def counted() -> Iterator[list[Result]]:
+            for results in batches:
+                self.computed.extend(r.path for r in results)
+                yield results
+
+        return super().track(counted(), writer, total, to_terminal, output)
+
+
+def test_run_resumable_job_to_a_file(
+    v1_checkpoint: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """convnext_cli.run is what the CLI runs: 3 photos to x.jsonl, then --resume on 5
+    computes only the 2 not done yet; 5 records, one per photo, the first 3 kept as written."""
+    import convnext_cli
+
+    output = tmp_path / "x.jsonl"
+    options: dict[str, Any] = {
+        "model": v1_checkpoint,
+        "device": "cpu",
+        "dtype": "float32",
+        "workers": 0,
+    }
+    first = [str(p) for p in photos[:3]]
+    assert convnext_cli.run("classify", first, output=output, top_k=3, **options) == 0
+    before = output.read_bytes()
+    assert len(before.splitlines()) == 3
+    every = [str(p) for p in photos[:5]]
+    report = Counting()
+    code = convnext_cli.run(
+        "classify", every, output=str(output), resume=True, top_k=3, report=report, **options
+    )
+    assert code == 0
+    assert sorted(report.computed) == every[3:]  # only the inputs not done yet
+    assert output.read_bytes().startswith(before)
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["path"] for r in records) == sorted(every)
+    assert all(len(r["predictions"]) == 3 for r in records)

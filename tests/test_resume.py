@@ -219,7 +219,7 @@ def test_resume_holds_the_ids_not_the_records(tmp_path: Path) -> None:
     records, as before, took 147 MB."""
     import tracemalloc
 
-    from convnext_cli.cli.jobs import Job, _open_resumable
+    from convnext_cli.engine.job import Job, open_resumable
 
     output = tmp_path / "out.jsonl"
     preds = json.dumps([{"label": "tabby, tabby cat", "index": 281, "score": 0.5}] * 3)
@@ -230,7 +230,7 @@ def test_resume_holds_the_ids_not_the_records(tmp_path: Path) -> None:
     job = Job("classify", [], "model", "jsonl", output, top_k=3, resume=True)
     tracemalloc.start()
     try:
-        todo, writer = _open_resumable(job, "jsonl", iter(["/photos/new.jpg"]), {"top_k": 3})
+        todo, writer = open_resumable(job, "jsonl", iter(["/photos/new.jpg"]), {"top_k": 3})
         assert list(todo) == ["/photos/new.jpg"]
         writer.close()
         peak = tracemalloc.get_traced_memory()[1]

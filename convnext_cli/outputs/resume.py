@@ -27,7 +27,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from convnext_cli.errors import ImageError, UsageError, one_line
 from convnext_cli.imaging.reading import (
@@ -37,6 +37,10 @@ from convnext_cli.imaging.reading import (
     read_json_file,
 )
 from convnext_cli.outputs.names import read_path_field
+
+if TYPE_CHECKING:
+    from convnext_cli.engine.pipeline import Result
+    from convnext_cli.outputs.writers import Writer
 
 RESUMABLE_FORMATS = ("jsonl", "csv", "parquet")
 # what must match between the run that wrote a file and the one resuming it
@@ -386,3 +390,37 @@ def _parquet_id(value: object) -> str | None:
         return read_path_field(value)
     except (ValueError, RecursionError):
         return value
+
+
+class KeptRecordsWriter:
+    """A resumed run's writer: aborted (an error, a refusal mid-run), it keeps its partial
+    file, which holds the records of the earlier runs as well as its own, for the next
+    ``--resume``; the target is untouched either way."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+
+    @property
+    def records(self) -> int:
+        return self.writer.records
+
+    @records.setter
+    def records(self, value: int) -> None:
+        self.writer.records = value
+
+    @property
+    def names_errors_on_stderr(self) -> bool:
+        return self.writer.names_errors_on_stderr
+
+    @names_errors_on_stderr.setter
+    def names_errors_on_stderr(self, value: bool) -> None:
+        self.writer.names_errors_on_stderr = value
+
+    def write(self, results: list[Result]) -> None:
+        self.writer.write(results)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self, keep: bool = False) -> None:
+        self.writer.abort(keep=True)
