@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from helpers import record_ids
 from typer.testing import CliRunner
 
 from convnext_cli.cli import app
@@ -134,13 +135,8 @@ def test_first_records_come_before_stdin_ends(
         stop(proc)
     assert proc.returncode == 0
     # the same photo listed again is recorded as PATH#2, PATH#3, ... (one id per input)
-    seen: dict[str, int] = {}
-    expected = []
-    for path in listing:
-        seen[path] = seen.get(path, 0) + 1
-        expected.append(path if seen[path] == 1 else f"{path}#{seen[path]}")
     paths = [json.loads(first)["path"]] + [json.loads(x)["path"] for x in out.splitlines()]
-    assert paths == expected
+    assert paths == record_ids(listing)
 
 
 def test_a_stream_of_paths_written_whole_before_reading_does_not_deadlock(

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convnext_cli.choices import DEFAULT_MODEL
+from convnext_cli.choices import DEFAULT_MODEL, ENGINES
 from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.engine.batches import Batches
 from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, DeviceFailure, OutputError, UsageError
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from convnext_cli.outputs.writers import Writer
 
 COMMANDS = ("classify", "embed")
-ENGINES = ("local", "ray")
 
 # -------------------------------------------------------------------------------- the job
 

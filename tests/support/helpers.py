@@ -166,3 +166,14 @@ def fill_cache(cache: Path, repo_id: str, source: Path, files: list[str]) -> Pat
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     return snapshot
+
+
+def record_ids(listing: list[str]) -> list[str]:
+    """The record ids of inputs listed in this order: an input whose id an earlier one has
+    is recorded as ``ID#2``, ``ID#3``, ... (the one-id-per-input rule of inputs/expand.py)."""
+    seen: dict[str, int] = {}
+    ids = []
+    for item in listing:
+        seen[item] = seen.get(item, 0) + 1
+        ids.append(item if seen[item] == 1 else f"{item}#{seen[item]}")
+    return ids
