@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -89,18 +90,37 @@ ImagesOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+def _count(low: int, high: int) -> Callable[[int], int]:
+    """A range check for an iteration count, said in the help text rather than as Typer's
+    ``[low<=x<=high]`` metavar (which widens the table past 80 columns)."""
+
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise typer.BadParameter(f"{value} is not in the range {low} to {high}")
+        return value
+
+    return check
+
+
 WarmupOpt = Annotated[
-    int, typer.Option("--warmup", min=0, max=MAX_WARMUP, metavar="N", help="Untimed iterations.")
+    int,
+    typer.Option(
+        "--warmup",
+        callback=_count(0, MAX_WARMUP),
+        metavar="N",
+        help=f"Untimed iterations (0 to {MAX_WARMUP}).",
+    ),
 ]
 ItersOpt = Annotated[
     int,
     typer.Option(
         "--iters",
-        min=1,
-        max=MAX_ITERS,
+        callback=_count(1, MAX_ITERS),
         metavar="N",
-        help="Timed iterations. A row whose p99 latency is over 1.5x its p50 (with 5 or "
-        "more timed batches) is flagged noisy.",
+        help=f"Timed iterations (1 to {MAX_ITERS}). A row whose p99 latency is over 1.5x "
+        "its p50 (with 5 or more timed batches) is flagged noisy.",
     ),
 ]
 ReportFormatOpt = Annotated[

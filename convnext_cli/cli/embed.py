@@ -74,7 +74,7 @@ def embed(
       $ convnext embed cat.jpg | jq '.embedding | length'
       $ convnext embed photos/ --stage stage2 --stage stage4 -o stages.safetensors
       $ convnext embed photos/ --stage stage3 --pool none -o maps.npy
-      $ convnext embed photos/ -m ./upernet-backbone --backbone --pool none -o maps.parquet
+      $ convnext embed imgs/ -m ./backbone --backbone --pool none -o maps.parquet
     """
     options = {
         **shared,

@@ -220,7 +220,9 @@ BatchOpt = Annotated[
         min=1,
         max=MAX_BATCH_SIZE,
         metavar="N",
-        help="Images per batch. Default: 8 on the CPU (activations stay in cache), 32 on a GPU.",
+        help="Images per batch. Default: 8 on the CPU (activations stay in cache); on a GPU "
+        "256 at 224 px with 16 GiB or more (64 below), fewer for larger inputs, halved on "
+        "out-of-memory.",
         show_default=False,
         rich_help_panel=MODEL_PANEL,
     ),
@@ -233,7 +235,8 @@ WorkersOpt = Annotated[
         max=MAX_WORKERS,
         metavar="N",
         help="Decoding worker processes (0: decode in the main process). Default: none for "
-        "a single batch; on a GPU the cores but one, on the CPU one per four cores (max 8).",
+        "a single batch; on a GPU every usable core but what the main process keeps, on "
+        "the CPU one per four cores.",
         show_default=False,
         rich_help_panel=MODEL_PANEL,
     ),
