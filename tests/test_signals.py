@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from helpers import repeated_paths
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -28,7 +29,7 @@ def common(checkpoint: Path) -> list[str]:
 
 
 def listing(photos: list[Path], count: int = 3000) -> str:
-    return "".join(f"{photos[i % len(photos)]}\n" for i in range(count))
+    return "".join(f"{path}\n" for path in repeated_paths(photos, count))
 
 
 def start(args: Sequence[object], stdin: str | None = None, **kwargs) -> subprocess.Popen:

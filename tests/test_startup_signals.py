@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import repeated_paths
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="/proc (Linux)")
 
@@ -56,7 +57,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(
         script.write_text(LAUNCHER)
         command = [sys.executable, str(script)]
     command += ["classify", "-", "-m", str(v1_checkpoint), "--device", "cpu", "-b", "2"]
-    listing = "".join(f"{photos[i % len(photos)]}\n" for i in range(400)).encode()  # fits a pipe
+    listing = "".join(f"{p}\n" for p in repeated_paths(photos, 400)).encode()  # fits a pipe
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("CONVNEXT_DEBUG", None)
     ours = 0

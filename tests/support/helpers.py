@@ -11,6 +11,7 @@ import json
 import shutil
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,14 @@ def record_ids(listing: list[str]) -> list[str]:
         seen[item] = seen.get(item, 0) + 1
         ids.append(item if seen[item] == 1 else f"{item}#{seen[item]}")
     return ids
+
+
+def repeated_paths(photos: Sequence[object], count: int) -> list[str]:
+    """``count`` paths cycling through ``photos``, each repeat spelled differently
+    (``dir/./x``, ``dir/././x``, ...): the same files as distinct inputs, so that no two share
+    a record id and no collision warning is said."""
+    paths = []
+    for n in range(count):
+        photo = Path(str(photos[n % len(photos)]))
+        paths.append(f"{photo.parent}/{'./' * (n // len(photos))}{photo.name}")
+    return paths
