@@ -8,6 +8,8 @@ LAYOUTS = ("hf", "fb", "fcmae", "timm", "torchvision", "tf")  # --from, besides 
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # --dtype
 DECODERS = ("auto", "cpu", "gpu")  # --decode
 ENGINES = ("local", "ray")  # --engine
+# torch.compile modes (benchmark --compile-mode); reduce-overhead is CUDA graphs, CUDA only
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 POOLS = ("avg", "none")  # embed --pool
 CLASSIFY_FORMATS = ("auto", "table", "json", "jsonl", "csv", "parquet", "html")  # classify --format
 EMBED_FORMATS = ("auto", "jsonl", "json", "csv", "npy", "safetensors", "parquet")  # embed --format

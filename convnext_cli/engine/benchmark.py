@@ -7,15 +7,31 @@ The measuring loop of ``convnext benchmark``, apart from its options and present
     report = BenchmarkRunner(runner, options).sweep()      # one runner: one device, one dtype
     report = sweep(runners, options, model_name="...")     # several dtypes, loaded one at a time
 
-Timing follows the usual rules: warm-up iterations first, ``torch.cuda.synchronize`` around
-every timed region on CUDA (``torch.mps.synchronize`` on MPS), latency measured per batch,
-throughput as images over the summed batch times.  Model-only rows start from a normalised
-batch on the device ("model"); on CUDA "model+copy" rows start from a uint8 batch in pinned
-host memory (copy and normalisation included).  End-to-end rows report the first batch
+Timing follows the usual rules: warm-up iterations first, then the timed ones.  On CUDA a
+model-only row's per-batch latency comes from ``torch.cuda.Event(enable_timing=True)`` pairs
+recorded around each forward and read after one synchronisation at the end of the row, so
+that the host keeps queuing work as a real run does; the row's total (and so its images/s)
+is the wall clock between two synchronisations.  Elsewhere each forward is timed by the
+wall clock with a synchronisation after it (``torch.mps.synchronize`` on MPS, nothing on
+the CPU).  Each row's ``latency_clock`` says which clock its p50/p90/p99 are from; end to
+end it is the wall clock between finished batches (their results on the host; no extra
+synchronisation, which would stall the batch queued behind).
+
+Model-only rows start from a normalised batch on the device ("model"); on CUDA
+"model+copy" rows start from a uint8 batch in pinned host memory (copy and normalisation
+included).  End-to-end rows report the first batch
 (worker start-up, pipeline fill) as ``startup_s``, apart from ``steady_images_per_s``.
 Compiled models compile one static graph per batch size, so rows do not depend on the
-order of ``-b``.  Peak memory is CUDA's max allocated
-memory (reset per configuration) on a GPU, the process's peak resident set on a CPU.
+order of ``-b``; each row names its compile mode (``eager`` when not compiled).
+
+Peak memory is CUDA's max allocated memory (reset per row) on a GPU, the process's peak
+resident set on a CPU.  On CUDA a :class:`DeviceSampler` thread also reads the device's used
+memory and ``torch.cuda.utilization`` during every timed row: ``device_peak_mb`` is the
+device's used memory at its highest (everything on the GPU: the CUDA context, the weights,
+the caching allocator's reserve, nvjpeg's own buffers, and any other process on it; the
+header's ``device_used_before_mb`` is the same reading before the first row), and
+``gpu_util_pct`` the mean utilisation (NVML, from ``nvidia-ml-py``; ``None``, shown ``n/a``,
+where it cannot be read).  Elsewhere both are ``None``.
 
 A row is flagged ``noisy`` when its p99 batch latency is more than ``NOISY_P99_OVER_P50``
 times its p50 over at least ``NOISE_MIN_BATCHES`` timed batches (end to end, the first
@@ -27,9 +43,11 @@ from __future__ import annotations
 
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -63,6 +81,12 @@ class Row:
     # from the steady rate over the batches after it
     startup_s: float = 0.0
     steady_images_per_s: float = 0.0
+    compile_mode: str = "eager"  # or the torch.compile mode (choices.COMPILE_MODES)
+    latency_clock: str = "wall clock"  # what p50/p90/p99 come from (see the module doc)
+    # CUDA only (None elsewhere): the device's used memory at its peak over the row, and
+    # the mean GPU utilisation sampled during it (None also where NVML cannot be read)
+    device_peak_mb: float | None = None
+    gpu_util_pct: float | None = None
 
 
 @dataclass
@@ -174,6 +198,107 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return rss_kb * scale / 2**20, "process peak RSS"
 
 
+class DeviceSampler:
+    """The device's used memory and utilisation, sampled on a background thread while a
+    row is timed (``with sampler:``); on anything but CUDA it samples nothing.
+
+    Used memory is NVML's (``torch.cuda.device_memory_used``) where it can be read, else
+    ``torch.cuda.mem_get_info``'s total minus free: both are the whole device's, so they
+    include the CUDA context, the caching allocator's reserve, nvjpeg's buffers and other
+    processes.  Utilisation is ``torch.cuda.utilization`` (NVML; needs ``nvidia-ml-py``):
+    after its first failure it is not asked again and reads ``None``.  One reading is
+    taken on entering and one on leaving, so that a row shorter than the interval still
+    has its figures."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
+        self.device = device
+        self.active = device.type == "cuda"
+        self.interval_s = interval_s
+        self.memory_source: str | None = None  # "nvml" or "mem_get_info", once read
+        self._memory: list[float] = []
+        self._utilisation: list[float] = []
+        self._utilisation_ok = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def used_mb(self) -> float | None:
+        """The device's used memory now, in MiB (None when it cannot be read)."""
+        if not self.active:
+            return None
+        if self.memory_source in (None, "nvml") and hasattr(torch.cuda, "device_memory_used"):
+            try:
+                used = torch.cuda.device_memory_used(self.device)
+                self.memory_source = "nvml"
+                return used / 2**20
+            except Exception:
+                pass
+        try:
+            free, total = torch.cuda.mem_get_info(self.device)
+        except Exception:
+            return None
+        self.memory_source = "mem_get_info"
+        return (total - free) / 2**20
+
+    def utilisation(self) -> float | None:
+        """The GPU's utilisation now, in percent (None without NVML)."""
+        if not (self.active and self._utilisation_ok):
+            return None
+        try:
+            return float(torch.cuda.utilization(self.device))
+        except Exception:  # no nvidia-ml-py, no NVML, a driver that does not say
+            self._utilisation_ok = False
+            return None
+
+    def sample(self) -> None:
+        used, busy = self.used_mb(), self.utilisation()
+        if used is not None:
+            self._memory.append(used)
+        if busy is not None:
+            self._utilisation.append(busy)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> DeviceSampler:
+        self._memory.clear()
+        self._utilisation.clear()
+        if self.active:
+            self.sample()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="device-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.sample()
+
+    @property
+    def peak_mb(self) -> float | None:
+        return round(max(self._memory), 1) if self._memory else None
+
+    @property
+    def mean_utilisation(self) -> float | None:
+        if not self._utilisation:
+            return None
+        return round(statistics.fmean(self._utilisation), 1)
+
+    def fill(self, row: Row) -> Row:
+        """The row with this sampling's device peak and mean utilisation."""
+        row.device_peak_mb = self.peak_mb
+        row.gpu_util_pct = self.mean_utilisation
+        return row
+
+
 def describe_environment(runner: Runner, model_name: str) -> dict[str, Any]:
     """The report's header: what ran where, with which library versions."""
     import torchvision
@@ -222,10 +347,19 @@ class BenchmarkRunner:
         self.device = runner.device
         self.sync = synchronizer(runner.device)
         self.clock: Callable[[], float] = time.perf_counter  # a test can put a fake clock here
+        self.sampler = DeviceSampler(runner.device)
+        # per-batch latency from CUDA events on CUDA (see the module doc)
+        self.events = runner.device.type == "cuda"
 
     @property
     def dtype_name(self) -> str:
         return str(self.runner.dtype).removeprefix("torch.")
+
+    @property
+    def compile_mode(self) -> str:
+        if not getattr(self.runner, "compiled", False):
+            return "eager"
+        return str(getattr(self.runner, "compile_mode", "default"))
 
     def header(self) -> dict[str, Any]:
         runner, options = self.runner, self.options
@@ -233,9 +367,13 @@ class BenchmarkRunner:
         header.update(
             channels_last=runner.channels_last,
             compile=runner.logits_fn is not runner.model,
+            compile_mode=self.compile_mode,
             warmup=options.warmup,
             iters=options.iters,
         )
+        if self.sampler.active:
+            header["device_used_before_mb"] = self.sampler.used_mb()
+            header["device_memory_source"] = self.sampler.memory_source
         if options.images:
             header["images"] = len(options.images)
             header["decode"] = "gpu" if runner.jpeg_on_device else "cpu"  # as --decode names them
@@ -285,9 +423,7 @@ class BenchmarkRunner:
             def step() -> None:
                 forward(runner._to_input(host))
         else:
-            pixels = torch.randn(batch_size, 3, edge, edge, device=self.device).to(runner.dtype)
-            if runner.channels_last:
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            pixels = self.random_batch(batch_size)
 
             def step() -> None:
                 forward(pixels)
@@ -299,15 +435,51 @@ class BenchmarkRunner:
             for _ in range(warmup):
                 step()
             self.sync()
-            for _ in range(options.iters):
-                start = self.clock()
-                step()
-                self.sync()
-                latencies.append(self.clock() - start)
+            with self.sampler:
+                if self.events:
+                    latencies, total = self._time_with_events(step, options.iters)
+                else:
+                    for _ in range(options.iters):
+                        start = self.clock()
+                        step()
+                        self.sync()
+                        latencies.append(self.clock() - start)
+                    total = sum(latencies)
         memory = peak_memory(self.device)
         mode = "model+copy" if with_copy else "model"
         images = batch_size * options.iters
-        return make_row(mode, runner.dtype, batch_size, images, latencies, memory)
+        row = make_row(mode, runner.dtype, batch_size, images, latencies, memory)
+        row.compile_mode = self.compile_mode
+        if self.events:
+            row.latency_clock = "cuda events"
+            row.seconds = round(total, 4)
+            row.images_per_s = round(images / total, 2) if total > 0 else 0.0
+        return self.sampler.fill(row)
+
+    def random_batch(self, batch_size: int) -> torch.Tensor:
+        """A normalised-looking random batch on the device, in the runner's dtype and layout."""
+        runner = self.runner
+        edge = runner.spec.shortest_edge
+        pixels = torch.randn(batch_size, 3, edge, edge, device=self.device).to(runner.dtype)
+        if runner.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return pixels
+
+    def _time_with_events(self, step: Callable[[], None], iters: int) -> tuple[list[float], float]:
+        """(per-forward seconds from CUDA event pairs, wall seconds for all of them): the
+        forwards are queued back to back and the device synchronised once, at the end."""
+        pairs = []
+        start = self.clock()
+        for _ in range(iters):
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            pairs.append((begin, end))
+        self.sync()
+        total = self.clock() - start
+        return [begin.elapsed_time(end) / 1000 for begin, end in pairs], total
 
     def time_end_to_end(self, batch_size: int) -> Row:
         """Decode + preprocess + model over every image; latency = time between finished batches."""
@@ -320,17 +492,25 @@ class BenchmarkRunner:
         latencies: list[float] = []
         count = 0
         self.sync()
-        start = last = self.clock()
-        for results in self._classify(paths, batch_size):
+        with self.sampler:
+            start = last = self.clock()
+            for results in self._classify(paths, batch_size):
+                # a yielded batch's results are on the host already; a device-wide
+                # synchronisation here would also wait for the batch queued behind it
+                if not self.events:
+                    self.sync()
+                now = self.clock()
+                latencies.append(now - last)
+                last = now
+                count += len(results)
             self.sync()
-            now = self.clock()
-            latencies.append(now - last)
-            last = now
-            count += len(results)
-        total = self.clock() - start
+            total = self.clock() - start
         row = make_row(
             "end-to-end", self.runner.dtype, batch_size, count, latencies, peak_memory(self.device)
         )
+        row.compile_mode = self.compile_mode
+        row.latency_clock = "wall clock, batch to batch"
+        self.sampler.fill(row)
         row.seconds = round(total, 4)
         row.images_per_s = round(count / total, 2) if total > 0 else 0.0
         if latencies:

@@ -45,6 +45,7 @@ class RunOptions:
     decode: str = "auto"
     compile: bool = False
     channels_last: bool = True
+    compile_mode: str = "default"  # one of choices.COMPILE_MODES, used when compile is on
 
 
 @dataclass
@@ -120,7 +121,7 @@ def load_runner(
     runner.on_note = note  # a batch halved after running out of device memory
     if options.compile:
         note("compiling the model; the first batch includes the compile time")
-        runner.compile()
+        runner.compile(options.compile_mode)
     return LoadedRunner(runner, checkpoint, notes)
 
 

@@ -507,15 +507,32 @@ class Runner:
         self._copy_stream: Any = None
         self.times = RunTimes()
 
-    def compile(self) -> None:
-        """torch.compile the model (on the plain path: Inductor does its own fusion)."""
+    def compile(self, mode: str = "default") -> None:
+        """torch.compile the model (on the plain path: Inductor does its own fusion).
+
+        ``mode`` is one of :data:`~convnext_cli.choices.COMPILE_MODES`.  ``reduce-overhead``
+        (CUDA graphs) needs CUDA: elsewhere torch would skip the graphs without a word, so
+        it compiles as ``default`` with a note.  ``max-autotune`` off CUDA is the same as
+        ``max-autotune-no-cudagraphs``.  The mode used is kept in ``compile_mode``."""
+        from convnext_cli.choices import COMPILE_MODES
         from convnext_cli.model.cpu_fusion import unfuse_blocks
 
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {mode!r}: choose from {', '.join(COMPILE_MODES)}")
+        if mode == "reduce-overhead" and self.device.type != "cuda":
+            if self.on_note is not None:
+                self.on_note(
+                    f"--compile-mode reduce-overhead uses CUDA graphs, which need a CUDA "
+                    f"device: compiling as default on {self.device.type}"
+                )
+            mode = "default"
         unfuse_blocks(self.model)
         # dynamic=False: one static shape, which the padding in _to_input keeps constant
-        self.logits_fn = torch.compile(self.model, dynamic=False)
-        self.embed_fn = torch.compile(self.model.embed, dynamic=False)
+        # (CUDA graphs need exactly that: reduce-overhead records one graph per shape)
+        self.logits_fn = torch.compile(self.model, dynamic=False, mode=mode)
+        self.embed_fn = torch.compile(self.model.embed, dynamic=False, mode=mode)
         self.compiled = True
+        self.compile_mode = mode
 
     def _normalization(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """mean/std on the device, built once (see PreprocessSpec.normalization)."""
