@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from convnext_cli.choices import DEFAULT_MODEL, DTYPES
+from convnext_cli.choices import COMPILE_MODES, DEFAULT_MODEL, DTYPES
 from convnext_cli.cli.errors import say
 from convnext_cli.cli.options import (
     CacheDirOpt,
@@ -80,6 +80,17 @@ ChannelsLastOpt = Annotated[
 CompileFirstOpt = Annotated[
     bool,
     typer.Option("--compile", metavar="", help="Run the model through torch.compile first."),
+]
+CompileModeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--compile-mode",
+        metavar="MODE",
+        # each mode a word the help column can hold (the longest is max-autotune + a suffix)
+        help="torch.compile mode, implies --compile: default, reduce-overhead (CUDA graphs, "
+        "CUDA only), max-autotune, or max-autotune with -no-cudagraphs added.",
+        show_default=False,
+    ),
 ]
 ImagesOpt = Annotated[
     Path | None,
@@ -164,6 +175,7 @@ def benchmark(
     device: DeviceOpt = "auto",
     channels_last: ChannelsLastOpt = True,
     compile_model: CompileFirstOpt = False,
+    compile_mode: CompileModeOpt = None,
     images: ImagesOpt = None,
     warmup: WarmupOpt = 3,
     iters: ItersOpt = 10,
@@ -194,6 +206,13 @@ def benchmark(
         from convnext_cli.engine.device import resolve_device
 
         batch_sizes = "1,32,256" if resolve_device(device).type == "cuda" else "1,8,32"
+    if compile_mode is not None:
+        if compile_mode not in COMPILE_MODES:
+            raise UsageError(
+                f"--compile-mode: unknown mode {compile_mode!r} "
+                f"(choose from {', '.join(COMPILE_MODES)})"
+            )
+        compile_model = True
     sizes = parse_batch_sizes(batch_sizes)
     dtype_names = parse_dtypes(dtype)
     paths = benchmark_images(images) if images is not None else []
@@ -207,6 +226,7 @@ def benchmark(
         decode=decode.value if paths else "cpu",
         compile=compile_model,
         channels_last=channels_last,
+        compile_mode=compile_mode or "default",
     )
     source = ModelSource(model, revision, cache_dir, token, labels)
     runners = runners_for(source, run, dtype_names, on_note=_note)

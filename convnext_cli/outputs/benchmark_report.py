@@ -36,7 +36,8 @@ def header_text(report: Report) -> Text:
     text.append(f"\n{h['architecture']}  {h['parameters_m']}M params  {h['image_size']}px")
     text.append(
         f"\n{h['device_name']} ({h['device']})\nchannels_last={h['channels_last']}"
-        f" compile={h['compile']} warmup={h.get('warmup')} iters={h.get('iters')}"
+        f" compile={h.get('compile_mode', h['compile'])} warmup={h.get('warmup')}"
+        f" iters={h.get('iters')}"
     )
     text.append(
         f"\ntorch {h['torch']}  torchvision {h['torchvision']}  convnext-cli {h['convnext_cli']}",
@@ -45,26 +46,46 @@ def header_text(report: Report) -> Text:
     return text
 
 
+def on_device(report: Report) -> bool:
+    """Whether the rows carry the device sampler's columns (CUDA: device MB, GPU %)."""
+    return any(r.device_peak_mb is not None or r.gpu_util_pct is not None for r in report.rows)
+
+
+def _figure(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def results_table(report: Report) -> Table:
-    """One row per (mode, dtype, batch size); a noisy row's p99 carries NOISY_MARK."""
+    """One row per (mode, dtype, batch size); a noisy row's p99 carries NOISY_MARK.  A
+    compile column when the rows' compile modes differ (the header names a common one);
+    on CUDA the device's peak used memory and the mean GPU utilisation."""
     table = Table(show_header=True, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("mode", "dtype", "batch", "images/s", "p50 ms", "p90 ms", "p99 ms", "peak MB"):
-        justify = "left" if name in ("mode", "dtype") else "right"
+    compiles = len({r.compile_mode for r in report.rows}) > 1
+    device = on_device(report)
+    names = ["mode", "dtype"] + (["compile"] if compiles else [])
+    names += ["batch", "images/s", "p50 ms", "p90 ms", "p99 ms", "peak MB"]
+    names += ["dev MB", "GPU %"] if device else []
+    for name in names:
+        justify = "left" if name in ("mode", "dtype", "compile") else "right"
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in report.rows:
         p99 = Text(f"{r.p99_ms:.1f}")
         if report.noisy_rows:  # a mark on noisy rows, the same width of blank on the others
             p99.append(f" {NOISY_MARK}" if r.noisy else "  ", style="bold yellow")
-        table.add_row(
-            r.mode,
-            r.dtype,
+        cells: list[str | Text] = [r.mode, r.dtype]
+        if compiles:
+            cells.append(r.compile_mode)
+        cells += [
             str(r.batch_size),
             f"{r.images_per_s:.1f}",
             f"{r.p50_ms:.1f}",
             f"{r.p90_ms:.1f}",
             p99,
             f"{r.peak_memory_mb:.0f}",
-        )
+        ]
+        if device:
+            cells += [_figure(r.device_peak_mb), _figure(r.gpu_util_pct)]
+        table.add_row(*cells)
     return table
 
 
@@ -103,8 +124,23 @@ def speed_notes(report: Report) -> list[str]:
 
 
 def table_footer(report: Report) -> Text:
+    """What the figures are: the memory columns' sources, and the clock of each mode's
+    latencies (images/s: the wall clock over the row)."""
     kinds = ", ".join(sorted({r.memory_kind for r in report.rows}))
     text = Text(f"peak memory: {kinds}", style="dim")
+    if on_device(report):
+        text.append(
+            "\ndev MB: the GPU's used memory at its peak (CUDA context, weights, allocator"
+            "\n  cache, nvjpeg, other processes); GPU %: mean utilisation (n/a: no NVML)",
+            style="dim",
+        )
+    clocks: dict[str, list[str]] = {}
+    for r in report.rows:
+        modes = clocks.setdefault(r.latency_clock, [])
+        if r.mode not in modes:
+            modes.append(r.mode)
+    said = "; ".join(f"{', '.join(modes)}: {clock}" for clock, modes in clocks.items())
+    text.append(f"\nlatency clock: {said}; images/s: wall clock", style="dim")
     if report.noisy_rows:
         rule = report.header.get("noise_rule", "p99 far above p50")
         text.append(f"\n{NOISY_MARK} noisy: {rule}", style="yellow")
