@@ -285,14 +285,31 @@ def test_mean_and_std_are_built_once_per_run(runner_parts, photos, monkeypatch) 
 # ---------------------------------------------------------------------- compile once
 
 
+def counting_backend(compilations: list[list[tuple[int, ...]]], modes: list[str | None]):
+    """Inductor, counting its compilations and hearing the mode torch.compile passes on
+    (a callable backend gets ``mode`` as a keyword; Inductor's own wrapper turns it into
+    these config patches)."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    def counting(gm, example_inputs, mode: str | None = None, **options: Any):
+        compilations.append([tuple(t.shape) for t in example_inputs if hasattr(t, "shape")])
+        modes.append(mode)
+        patches = {**(list_mode_options(mode) if mode else {}), **options}
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    return counting
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
 def test_compile_compiles_once_with_a_partial_batch_and_a_failed_image(
     runner_parts,
     v1_checkpoint: Path,
     photos: list[Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    mode: str,
 ) -> None:
-    from torch._inductor.compile_fx import compile_fx
 
     model, spec = runner_parts
     broken = tmp_path / "broken.jpg"
@@ -305,21 +322,48 @@ def test_compile_compiles_once_with_a_partial_batch_and_a_failed_image(
     expected = results_of(Runner(model, spec, CPU, torch.float32), paths, batch_size=4)
 
     compilations: list[list[tuple[int, ...]]] = []
-
-    def counting(gm, example_inputs):
-        compilations.append([tuple(t.shape) for t in example_inputs if hasattr(t, "shape")])
-        return compile_fx(gm, example_inputs)
-
+    modes: list[str | None] = []
+    counting = counting_backend(compilations, modes)
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, **kw))
     torch._dynamo.reset()
     own = build_model(load_checkpoint(str(v1_checkpoint)), CPU, torch.float32)
     runner = Runner(own, spec, CPU, torch.float32)
-    runner.compile()
+    runner.compile(mode)
     try:
         got = results_of(runner, paths, batch_size=4)
     finally:
         torch._dynamo.reset()
     assert len(compilations) == 1, compilations
+    assert modes == [None if mode == "default" else mode]  # torch passes "default" as none
+    assert runner.compile_mode == mode
     assert sum(r.error is not None for r in got) == 1
     same(got, expected)
+
+
+def test_reduce_overhead_off_cuda_compiles_as_default_with_a_note(
+    runner_parts, v1_checkpoint: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU torch would skip the CUDA graphs of reduce-overhead without a word: the
+    runner says so in one note and compiles as default."""
+    _, spec = runner_parts
+    compilations: list[list[tuple[int, ...]]] = []
+    modes: list[str | None] = []
+    counting = counting_backend(compilations, modes)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, **kw))
+    torch._dynamo.reset()
+    own = build_model(load_checkpoint(str(v1_checkpoint)), CPU, torch.float32)
+    runner = Runner(own, spec, CPU, torch.float32)
+    notes: list[str] = []
+    runner.on_note = notes.append
+    runner.compile("reduce-overhead")
+    try:
+        got = results_of(runner, [str(p) for p in photos[:3]], batch_size=2)
+    finally:
+        torch._dynamo.reset()
+    assert len(notes) == 1 and "CUDA graphs" in notes[0] and "default" in notes[0]
+    assert runner.compile_mode == "default" and modes == [None] and len(compilations) == 1
+    assert all(r.error is None for r in got)
+    with pytest.raises(ValueError, match="choose from default"):
+        runner.compile("fastest")
