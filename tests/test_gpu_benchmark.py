@@ -1,16 +1,25 @@
 """The benchmark's GPU truths, checked on the CPU: start-up apart from the steady rate,
-model+copy rows beside model rows."""
+model+copy rows beside model rows, and with a mocked ``torch.cuda``: per-batch latency from
+CUDA events with one synchronisation per row, the device sampler's peak used memory and
+utilisation (``n/a`` without NVML), the table's CUDA columns at 80 columns."""
 
 from __future__ import annotations
 
+import io
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
 import torch
+from rich.console import Console
 from test_benchmark import FakeClock, fake_runner
 
 from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
-from convnext_cli.engine.benchmark import BenchmarkRunner, SweepOptions
+from convnext_cli.engine.benchmark import BenchmarkRunner, DeviceSampler, SweepOptions
 from convnext_cli.engine.pipeline import Runner
+from convnext_cli.outputs.benchmark_report import print_report
 
 
 def test_end_to_end_start_up_is_reported_apart_from_the_steady_rate() -> None:
@@ -38,3 +47,204 @@ def test_model_and_model_plus_copy_rows(v1_checkpoint: Path) -> None:
         ("model", 1), ("model+copy", 1), ("model", 2), ("model+copy", 2)
     ]  # fmt: skip
     assert all(r.images_per_s > 0 for r in report.rows)
+
+
+# --- CUDA figures with a mocked torch.cuda: events, the device sampler, the table ------------
+
+
+class DeviceClock:
+    """A host clock and a device timeline: a fake forward is queued at once (the host
+    moves 1 ms) and runs on the device for its seconds after what is queued before it;
+    synchronising brings the host to the device's end."""
+
+    def __init__(self) -> None:
+        self.now = 0.0  # the host's perf_counter
+        self.device_end = 0.0  # when the work queued so far ends on the device
+        self.syncs = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def queue(self, seconds: float) -> None:
+        self.device_end = max(self.device_end, self.now) + seconds
+        self.now += 0.001
+
+    def synchronize(self, *args: object) -> None:
+        self.syncs += 1
+        self.now = max(self.now, self.device_end)
+
+
+def fake_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+    clock: DeviceClock,
+    used_mb: list[float],
+    utilisation: list[float] | None,
+) -> None:
+    """torch.cuda as the benchmark uses it: Event (timed on the fake device timeline),
+    synchronize, peak-memory stats, mem_get_info (the next of `used_mb`, then the last),
+    utilization (the next of `utilisation`; None: no NVML)."""
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.at: float | None = None
+
+        def record(self, stream: object = None) -> None:
+            self.at = max(clock.device_end, clock.now)  # after what is queued before it
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            assert self.at is not None and end.at is not None
+            return (end.at - self.at) * 1000
+
+    readings = iter(used_mb)
+    last = [used_mb[0]]
+
+    def mem_get_info(device: object = None) -> tuple[int, int]:
+        last[0] = next(readings, last[0])
+        total = 80_000 * 2**20
+        return total - int(last[0] * 2**20), total
+
+    def device_memory_used(device: object = None) -> int:
+        raise ModuleNotFoundError("pynvml")
+
+    busy = iter(utilisation or [])
+
+    def utilization(device: object = None) -> int:
+        if utilisation is None:
+            raise ModuleNotFoundError("pynvml does not seem to be installed")
+        return int(next(busy, utilisation[-1]))
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", clock.synchronize)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 300 * 2**20)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "device_memory_used", device_memory_used, raising=False)
+    monkeypatch.setattr(torch.cuda, "utilization", utilization)
+
+
+def cuda_bench(clock: DeviceClock, forward_seconds: list[float], **options: Any) -> BenchmarkRunner:
+    steps = iter(forward_seconds)
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        clock.queue(next(steps))
+        return pixels
+
+    def classify(paths, top_k, batch_size, workers):  # noqa: ANN001, ANN202
+        for start in range(0, len(paths), batch_size):
+            clock.queue(next(steps))
+            clock.synchronize()  # the batch's results read back to the host
+            clock.syncs -= 1  # (the pipeline's own readback, not the benchmark's)
+            yield paths[start : start + batch_size]
+
+    runner = SimpleNamespace(
+        device=torch.device("cuda"),
+        dtype=torch.bfloat16,
+        spec=SimpleNamespace(shortest_edge=4),
+        channels_last=True,
+        jpeg_on_device=False,
+        logits_fn=forward,
+        classify=classify,
+        compiled=True,
+        compile_mode="max-autotune",
+        model=None,
+    )
+    bench = BenchmarkRunner(runner, SweepOptions(**options))  # type: ignore[arg-type]
+    bench.clock = clock
+    bench.random_batch = lambda size: torch.zeros(size, 3, 4, 4)  # type: ignore[method-assign]
+    return bench
+
+
+def test_cuda_model_rows_time_each_forward_with_events_and_synchronise_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = DeviceClock()
+    fake_cuda(monkeypatch, clock, used_mb=[1000.0, 2500.0], utilisation=[90, 96])
+    timed = [0.010, 0.012, 0.011, 0.010, 0.030]
+    bench = cuda_bench(clock, [0.05] + timed, batch_sizes=(8,), warmup=1, iters=len(timed))
+    row = bench.time_model(8)
+    # one synchronisation after the warm-up, one at the end of the timed forwards
+    assert clock.syncs == 2
+    assert row.latency_clock == "cuda events"
+    assert row.p50_ms == pytest.approx(11.0) and row.p99_ms == pytest.approx(29.28, abs=0.01)
+    # the total is the wall clock between the two synchronisations: the device's time
+    assert row.seconds == pytest.approx(sum(timed), abs=1e-4)
+    assert row.images_per_s == pytest.approx(8 * len(timed) / sum(timed), rel=1e-3)
+    assert row.compile_mode == "max-autotune"
+    assert row.device_peak_mb == 2500.0 and row.peak_memory_mb == 300.0
+    assert row.gpu_util_pct is not None and 90 <= row.gpu_util_pct <= 96
+
+
+def test_cuda_end_to_end_rows_do_not_synchronise_per_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = DeviceClock()
+    fake_cuda(monkeypatch, clock, used_mb=[1200.0, 3100.0], utilisation=None)
+    paths = tuple(f"img{i}.jpg" for i in range(8))
+    bench = cuda_bench(clock, [1.0, 0.1, 0.1, 0.1], batch_sizes=(2,), warmup=0, iters=1,
+                       images=paths)  # fmt: skip
+    row = bench.time_end_to_end(2)
+    assert clock.syncs == 2  # before and after the run, none per batch
+    assert row.images == 8 and row.startup_s == pytest.approx(1.0, abs=0.01)
+    assert row.latency_clock.startswith("wall clock")
+    assert row.device_peak_mb == 3100.0
+    assert row.gpu_util_pct is None  # no NVML: n/a, not a failure
+
+
+def test_the_sampler_baseline_and_the_table_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = DeviceClock()
+    fake_cuda(monkeypatch, clock, used_mb=[900.0, 1500.0], utilisation=None)
+    bench = cuda_bench(clock, [0.01] * 10, batch_sizes=(4,), warmup=0, iters=2, copy_rows=False)
+    monkeypatch.setattr(
+        "convnext_cli.engine.benchmark.describe_environment",
+        lambda runner, name: {
+            "model": "m", "architecture": "convnext", "parameters_m": 28.6, "image_size": 224,
+            "device": "cuda", "device_name": "NVIDIA H200", "torch": "2", "torchvision": "0",
+            "convnext_cli": "0",
+        },
+    )  # fmt: skip
+    report = bench.sweep()
+    header = report.header
+    assert header["device_used_before_mb"] == 900.0
+    assert header["device_memory_source"] == "mem_get_info"  # NVML absent
+    assert header["compile_mode"] == "max-autotune"
+    (row,) = report.rows
+    row.images_per_s, row.p99_ms = 25_123.4, 1234.5  # wide figures still fit
+    console = Console(record=True, width=80, file=io.StringIO(), color_system=None)
+    print_report(report, console, bars=False)
+    text = console.export_text()
+    assert all(len(ln) <= 80 for ln in text.splitlines()) and "…" not in text, text
+    assert "dev MB" in text and "GPU %" in text and "n/a" in text
+    assert "model: cuda events" in text and "compile=max-autotune" in text
+
+
+def test_the_sampler_thread_catches_a_peak_between_its_first_and_last_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = DeviceClock()
+    readings = [1000.0, 1500.0, 4000.0, 1300.0, 1200.0]
+    fake_cuda(monkeypatch, clock, used_mb=readings, utilisation=[50, 70, 90])
+    sampler = DeviceSampler(torch.device("cuda"), interval_s=0.005)
+    with sampler:
+        deadline = time.monotonic() + 10
+        while len(sampler._memory) < len(readings) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert sampler.peak_mb == 4000.0  # read by the thread: neither the first nor the last
+    assert sampler.mean_utilisation is not None and 50 < sampler.mean_utilisation <= 90
+    assert sampler.memory_source == "mem_get_info"
+
+
+def test_cpu_rows_have_no_device_figures(v1_checkpoint: Path) -> None:
+    checkpoint = load_checkpoint(str(v1_checkpoint))
+    cpu = torch.device("cpu")
+    runner = Runner(build_model(checkpoint, cpu, torch.float32), checkpoint.preprocess, cpu,
+                    torch.float32)  # fmt: skip
+    bench = BenchmarkRunner(runner, SweepOptions(batch_sizes=(2,), warmup=0, iters=2))
+    report = bench.sweep()
+    (row,) = report.rows
+    assert row.device_peak_mb is None and row.gpu_util_pct is None
+    assert row.latency_clock == "wall clock" and row.compile_mode == "eager"
+    assert "device_used_before_mb" not in report.header and not bench.sampler.active
+    console = Console(record=True, width=80, file=io.StringIO(), color_system=None)
+    print_report(report, console, bars=False)
+    assert "dev MB" not in console.export_text()
