@@ -404,3 +404,27 @@ def run_in_pty(args: list[str], columns: int) -> str:
     assert proc.returncode == 0, stderr.decode()
     text = b"".join(chunks).decode().replace("\r\n", "\n")
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def test_compile_mode_option(v1_checkpoint: Path) -> None:
+    """--compile-mode implies --compile and names the mode in the rows; reduce-overhead on
+    the CPU (no CUDA graphs there) is one note, not a traceback; a wrong mode, one line."""
+    bad = runner.invoke(app, ["benchmark", "-m", str(v1_checkpoint), "--compile-mode", "fast"])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == (
+        "error: --compile-mode: unknown mode 'fast' (choose from default, reduce-overhead, "
+        "max-autotune, max-autotune-no-cudagraphs)"
+    )
+    args = ["benchmark", "-m", str(v1_checkpoint), "-b", "1", "--dtype", "float32"]
+    args += ["--device", "cpu", "--iters", "1", "--warmup", "0", "--format", "json"]
+    result = runner.invoke(app, [*args, "--compile-mode", "reduce-overhead"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["header"]["compile"] is True
+    assert report["header"]["compile_mode"] == "default"
+    assert [r["compile_mode"] for r in report["rows"]] == ["default"]
+    assert [r["latency_clock"] for r in report["rows"]] == ["wall clock"]
+    assert [r["device_peak_mb"] for r in report["rows"]] == [None]
+    notes = [ln for ln in result.stderr.splitlines() if "CUDA graphs" in ln]
+    assert len(notes) == 1 and "compiling as default on cpu" in notes[0]
+    assert "Traceback" not in result.stderr
