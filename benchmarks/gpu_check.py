@@ -11,9 +11,15 @@ real-valued weights; JPEGs cut from the sample photos; hard JPEGs made with Pill
 2. decoders: the device JPEG decoder against Pillow, pixel differences split into the
    decoder's and the resize's; hard JPEGs (progressive, 4:4:4, 4:2:2, grey, CMYK, EXIF 2-8,
    corrupt) through both decoders give the same records;
-3. model-only throughput (dtypes x batch sizes, eager and compiled) and ``model+copy``;
-4. end to end from JPEG files with CPU decoding (and GPU decoding on CUDA), GPU utilisation
-   sampled with ``torch.cuda.utilization``;
+3. model-only throughput (dtypes x batch sizes, eager and compiled) and ``model+copy``; on
+   CUDA also ConvNeXt-T bf16 batch 256 compiled with ``max-autotune`` and ``reduce-overhead``
+   (CUDA graphs); the timm-comparable rows (batch 256, bf16, channels_last, eager and
+   compiled: what timm's ``benchmark.py`` runs) are labelled as such in the Markdown;
+4. end to end from JPEG files with CPU decoding (and GPU decoding on CUDA); every timed row
+   carries the benchmark's device figures on CUDA (``device_peak_mb``: the GPU's used memory
+   at its peak, nvjpeg and the CUDA context included; ``gpu_util_pct``: mean
+   ``torch.cuda.utilization``, ``None`` without ``nvidia-ml-py``), sampled by
+   :class:`convnext_cli.engine.benchmark.DeviceSampler`;
 5. failures: ``cuda:1`` refused on a one-GPU machine (any missing device on the CPU);
 6. on CUDA: the CUDA-marked tests, and Ray with one replica (``--ray``).
 
@@ -31,7 +37,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -94,11 +99,17 @@ def hard_jpegs(folder: Path, source: Path) -> list[Path]:
 
 
 def runner_for(
-    checkpoint: Path, device: str, dtype: str, decode: str = "cpu", compile_: bool = False
+    checkpoint: Path,
+    device: str,
+    dtype: str,
+    decode: str = "cpu",
+    compile_: bool = False,
+    compile_mode: str = "default",
 ):
     from convnext_cli.engine.loading import RunOptions, load_runner
 
-    options = RunOptions(device=device, dtype=dtype, decode=decode, compile=compile_)
+    options = RunOptions(device=device, dtype=dtype, decode=decode, compile=compile_,
+                         compile_mode=compile_mode)  # fmt: skip
     return load_runner(str(checkpoint), options, on_note=lambda n: print("  note:", n)).runner
 
 
@@ -194,15 +205,40 @@ def throughput(check: Check, name: str, ckpt: Path, device: str, args: argparse.
                     f"  {name} {row.mode} {dtype} b{row.batch_size} "
                     f"{'compiled' if compiled else 'eager'}: {row.images_per_s} img/s"
                 )
+    if name == "convnext-t":
+        rows += compile_mode_rows(name, ckpt, device, args)
     check.sections.setdefault("model_rows", []).extend(rows)
 
 
-def sample_utilisation(stop: threading.Event, samples: list[int]) -> None:
-    while not stop.wait(0.2):
-        try:
-            samples.append(int(torch.cuda.utilization()))
-        except Exception:
-            return
+def compile_mode_rows(name: str, ckpt: Path, device: str, args: argparse.Namespace) -> list:
+    """ConvNeXt-T bf16 batch 256 compiled with max-autotune and with reduce-overhead (CUDA
+    graphs): CUDA only (on the CPU the graphs do not exist and autotuning takes minutes)."""
+    from convnext_cli.engine.benchmark import BenchmarkRunner, SweepOptions
+
+    if device == "cpu":
+        print("  max-autotune and reduce-overhead rows: CUDA only, skipped in smoke mode")
+        return []
+    rows = []
+    for mode in ("max-autotune", "reduce-overhead"):
+        runner = runner_for(ckpt, device, "bfloat16", compile_=True, compile_mode=mode)
+        options = SweepOptions(batch_sizes=(256,), warmup=args.warmup, iters=args.iters,
+                               copy_rows=False)  # fmt: skip
+        for row in BenchmarkRunner(runner, options).sweep().rows:
+            rows.append({"model": name, "compiled": True, **asdict(row)})
+            print(f"  {name} {row.mode} bfloat16 b256 {mode}: {row.images_per_s} img/s")
+        del runner
+    return rows
+
+
+def timm_comparable(row: dict[str, Any]) -> bool:
+    """The rows that match timm's benchmark.py sweep: model-only, batch 256, bf16,
+    channels_last (the runner's default), eager or compiled in the default mode."""
+    return (row["mode"] == "model" and row["batch_size"] == 256 and row["dtype"] == "bfloat16"
+            and row.get("compile_mode", "eager") in ("eager", "default"))  # fmt: skip
+
+
+def na(value: Any) -> Any:
+    return "n/a" if value is None else value
 
 
 def end_to_end(check: Check, ckpt: Path, device: str, photos: list[Path], args) -> None:
@@ -213,20 +249,13 @@ def end_to_end(check: Check, ckpt: Path, device: str, photos: list[Path], args) 
         runner = runner_for(ckpt, device, "auto", decode=decode)
         options = SweepOptions(batch_sizes=(args.e2e_batch,), warmup=0, iters=1,
                                images=tuple(map(str, photos)))  # fmt: skip
-        stop, samples = threading.Event(), []
-        sampler = None
-        if device != "cpu":
-            sampler = threading.Thread(target=sample_utilisation, args=(stop, samples))
-            sampler.start()
+        # the benchmark's DeviceSampler reads utilisation and used memory during the row
         row = BenchmarkRunner(runner, options).time_end_to_end(args.e2e_batch)
-        stop.set()
-        if sampler:
-            sampler.join()
-        util = round(sum(samples) / len(samples), 1) if samples else None
-        rows.append({"decode": decode, "gpu_utilisation_pct": util, **asdict(row)})
+        rows.append({"decode": decode, **asdict(row)})
         print(
             f"  end to end, {decode} decoding: {row.images_per_s} img/s "
-            f"(steady {row.steady_images_per_s}, start-up {row.startup_s} s, GPU {util}%)"
+            f"(steady {row.steady_images_per_s}, start-up {row.startup_s} s, "
+            f"GPU {na(row.gpu_util_pct)}%, device peak {na(row.device_peak_mb)} MB)"
         )
     check.sections["end_to_end"] = rows
 
@@ -261,16 +290,28 @@ def markdown(report: dict[str, Any]) -> str:
     for p in report["sections"].get("parity", []):
         figures = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("check", "ok", "tail"))
         lines.append(f"| {p['check']} | {'yes' if p['ok'] else '**no**'} | {figures} |")
-    lines += ["", "| model | mode | dtype | compiled | batch | img/s | p50 ms | peak MB |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| model | mode | dtype | compile | batch | img/s | p50 ms | peak MB | "
+              "device peak MB | GPU % | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["sections"].get("model_rows", []):
-        lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {r['compiled']} | "
-                     f"{r['batch_size']} | {r['images_per_s']} | {r['p50_ms']} | "
-                     f"{r['peak_memory_mb']} |")  # fmt: skip
-    lines += ["", "| decode | img/s | steady img/s | start-up s | GPU % |", "|---|---|---|---|---|"]
+        label = "timm-comparable" if timm_comparable(r) else ""
+        lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | "
+                     f"{r.get('compile_mode', r['compiled'])} | {r['batch_size']} | "
+                     f"{r['images_per_s']} | {r['p50_ms']} | {r['peak_memory_mb']} | "
+                     f"{na(r.get('device_peak_mb'))} | {na(r.get('gpu_util_pct'))} | "
+                     f"{label} |")  # fmt: skip
+    lines += [
+        "",
+        "timm-comparable: batch 256, bfloat16, channels_last, model only (the sweep "
+        "of timm's benchmark.py); p50 from CUDA events on CUDA, img/s from the wall clock; "
+        "device peak MB: the GPU's used memory (CUDA context, allocator cache, nvjpeg).",
+    ]
+    lines += ["", "| decode | img/s | steady img/s | start-up s | device peak MB | GPU % |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["sections"].get("end_to_end", []):
         lines.append(f"| {r['decode']} | {r['images_per_s']} | {r['steady_images_per_s']} | "
-                     f"{r['startup_s']} | {r['gpu_utilisation_pct']} |")  # fmt: skip
+                     f"{r['startup_s']} | {na(r.get('device_peak_mb'))} | "
+                     f"{na(r.get('gpu_util_pct'))} |")  # fmt: skip
     if report.get("targets"):
         lines += ["", "| target | wanted | got |", "|---|---|---|"]
         for t in report["targets"]:
