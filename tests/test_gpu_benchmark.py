@@ -248,3 +248,18 @@ def test_cpu_rows_have_no_device_figures(v1_checkpoint: Path) -> None:
     console = Console(record=True, width=80, file=io.StringIO(), color_system=None)
     print_report(report, console, bars=False)
     assert "dev MB" not in console.export_text()
+
+
+def test_reduce_overhead_rows_record_their_cuda_graph_before_timing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CUDA graph trees run once, then record: both happen before the timed forwards (and
+    before the sampler thread starts), whatever --warmup says."""
+    clock = DeviceClock()
+    fake_cuda(monkeypatch, clock, used_mb=[1000.0], utilisation=None)
+    # three untimed forwards of 1 s, then two timed ones of 10 ms
+    bench = cuda_bench(clock, [1.0, 1.0, 1.0, 0.01, 0.01], batch_sizes=(2,), warmup=0, iters=2)
+    bench.runner.compile_mode = "reduce-overhead"  # type: ignore[attr-defined]
+    row = bench.time_model(2)
+    assert row.compile_mode == "reduce-overhead"
+    assert row.p99_ms == pytest.approx(10.0) and row.seconds == pytest.approx(0.02, abs=1e-3)
