@@ -78,6 +78,9 @@ def test_cuda_benchmark(v1_checkpoint: Path, photos: list[Path]) -> None:
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
     assert all(r["memory_kind"] == "cuda max allocated" and r["images_per_s"] > 0 for r in rows)
+    # per-batch latency from CUDA events; the device's used memory covers what torch allocated
+    assert {r["latency_clock"] for r in rows if r["mode"] != "end-to-end"} == {"cuda events"}
+    assert all(r["device_peak_mb"] >= r["peak_memory_mb"] for r in rows)
 
 
 def test_gpu_jpeg_decoding_matches_pillow(
