@@ -151,7 +151,7 @@ def cuda_bench(clock: DeviceClock, forward_seconds: list[float], **options: Any)
     )
     bench = BenchmarkRunner(runner, SweepOptions(**options))  # type: ignore[arg-type]
     bench.clock = clock
-    bench.random_batch = lambda size: torch.zeros(size, 3, 4, 4)  # type: ignore[method-assign]
+    bench.random_batch = lambda batch_size: torch.zeros(batch_size, 3, 4, 4)  # type: ignore[method-assign]
     return bench
 
 
@@ -259,7 +259,7 @@ def test_reduce_overhead_rows_record_their_cuda_graph_before_timing(
     fake_cuda(monkeypatch, clock, used_mb=[1000.0], utilisation=None)
     # three untimed forwards of 1 s, then two timed ones of 10 ms
     bench = cuda_bench(clock, [1.0, 1.0, 1.0, 0.01, 0.01], batch_sizes=(2,), warmup=0, iters=2)
-    bench.runner.compile_mode = "reduce-overhead"  # type: ignore[attr-defined]
+    bench.runner.compile_mode = "reduce-overhead"
     row = bench.time_model(2)
     assert row.compile_mode == "reduce-overhead"
     assert row.p99_ms == pytest.approx(10.0) and row.seconds == pytest.approx(0.02, abs=1e-3)
