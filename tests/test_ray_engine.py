@@ -173,6 +173,36 @@ def test_actor_plan() -> None:
     assert ray_engine.plan_actors({"CPU": 2.0}, sized).batch_size == 3
 
 
+def test_a_model_actor_runs_the_jobs_own_objects(v1_checkpoint: Path, inputs: list[str]) -> None:
+    """Without a cluster: a model actor built from a pickled RayRun (as Ray sends it) runs the
+    run's task on the decode stage's rows and gives the local records; the run's options
+    keep ``--decode gpu`` (what the job said), which the actor, fed pixels, does not apply."""
+    import pickle
+
+    import pyarrow as pa
+
+    run = ray_engine.RayRun(
+        ModelSource(str(v1_checkpoint)),
+        RunOptions("cpu", "float32", decode="gpu"),
+        Task("classify", top_k=4, scores="log-probs"),
+    )
+    received = pickle.loads(pickle.dumps(run))
+    assert received == run
+    spec, _width = ray_engine.read_preprocessing(run.source, "classify")
+    rows = pa.table(
+        {
+            "id": pa.array(range(len(inputs)), pa.int64()),
+            "file": pa.array([ray_engine.encode_ref(p) for p in inputs], pa.binary()),
+        }
+    )
+    plan = ray_engine.plan_actors({"CPU": 2.0}, received)
+    actor = ray_engine.ModelActor(received, plan)
+    assert actor.task is received.task and actor.runner.jpeg_on_device is False
+    table = actor(ray_engine.decode_rows(rows, spec))
+    got = ray_engine.results_from_table(table, inputs, "classify")
+    assert_same(got, local_records(v1_checkpoint, inputs, "classify", top_k=4, scores="log-probs"))
+
+
 # --- on a local Ray ------------------------------------------------------------------------
 
 
