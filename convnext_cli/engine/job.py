@@ -46,8 +46,6 @@ if TYPE_CHECKING:
     from convnext_cli.engine.ray_engine import PartFiles, RayRun, RaySettings
     from convnext_cli.outputs.writers import Writer
 
-__all__ = ["COMMANDS", "Job", "Report", "run", "run_job"]
-
 # -------------------------------------------------------------------------------- the job
 
 
