@@ -14,9 +14,8 @@ import torch
 from PIL import Image, ImageOps
 
 from convnext_cli import Classifier
-from convnext_cli.engine.job import Report
+from convnext_cli.engine.job import Plan, Report
 from convnext_cli.engine.pipeline import Result
-from convnext_cli.outputs.writers import Writer
 
 
 @pytest.fixture(scope="module")
@@ -138,20 +137,13 @@ class Counting(Report):
         super().__init__(quiet=True)
         self.computed: list[str] = []
 
-    def track(
-        self,
-        batches: Iterable[list[Result]],
-        writer: Writer,
-        total: Any,
-        to_terminal: bool = False,
-        output: str | None = None,
-    ) -> int:
+    def track(self, batches: Iterable[list[Result]], plan: Plan) -> int:
         def counted() -> Iterator[list[Result]]:
             for results in batches:
                 self.computed.extend(r.path for r in results)
                 yield results
 
-        return super().track(counted(), writer, total, to_terminal, output)
+        return super().track(counted(), plan)
 
 
 def test_run_resumable_job_to_a_file(

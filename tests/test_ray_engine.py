@@ -9,7 +9,6 @@ kill lands while there is work left.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,14 +19,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from convnext_cli.engine import ray_engine
-from convnext_cli.engine.loading import RunOptions, load_runner
+from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
 from convnext_cli.engine.pipeline import Result
+from convnext_cli.engine.task import Task
 from convnext_cli.outputs.names import path_field
+from convnext_cli.outputs.parquet import METADATA_KEY
 
 ray = pytest.importorskip("ray")
 
@@ -43,25 +45,16 @@ def hooks() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def local_ray(hooks: Path) -> Iterator[None]:
-    """A Ray of its own for this module, on 127.0.0.1 only and with a token of its own (as
-    the engine starts one), with a short temporary folder."""
+    """A Ray of its own for this module, started as the engine starts one (on 127.0.0.1
+    only, with a token of its own), with a short temporary folder; the runs join it."""
     temp = tempfile.mkdtemp(prefix="cnr-", dir="/tmp")
     os.environ[ray_engine.TEST_DIR_ENV] = str(hooks)  # inherited by Ray's workers
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(ray_engine._environ(stack.enter_context(ray_engine._private_token())))
-        with ray_engine._loopback_only():
-            ray.init(
-                address="local",
-                include_dashboard=False,
-                logging_level="ERROR",
-                log_to_driver=False,
-                _temp_dir=temp,
-            )
-        try:
+    try:
+        with ray_engine.ray_session(ray_engine.RaySettings(temp_dir=temp)):
+            assert ray.is_initialized()
             yield
-        finally:
-            ray.shutdown()
+        assert not ray.is_initialized()
+    finally:
         os.environ.pop(ray_engine.TEST_DIR_ENV, None)
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -96,8 +89,16 @@ def local_records(model: Path, paths: list[str], task: str, **kw: object) -> lis
     return [r for b in runner.embed(paths, workers=0, **kw) for r in b]  # type: ignore[arg-type]
 
 
-def options(model: Path, task: str = "classify", **kw: object) -> ray_engine.RayOptions:
-    return ray_engine.RayOptions(task=task, model=str(model), device="cpu", dtype="float32", **kw)  # type: ignore[arg-type]
+def options(model: Path, command: str = "classify", **task: Any) -> ray_engine.RayRun:
+    """A Ray run of ``model`` on the CPU in float32, with ``task``'s fields."""
+    cpu = RunOptions("cpu", "float32")
+    return ray_engine.RayRun(ModelSource(str(model)), cpu, Task(command, **task))
+
+
+def planned(command: str = "classify", device: str = "auto", **cluster: Any) -> ray_engine.RayRun:
+    """A run to plan actors for (its model is never read)."""
+    settings = ray_engine.RaySettings(**cluster)
+    return ray_engine.RayRun(ModelSource("m"), RunOptions(device), Task(command), settings)
 
 
 def assert_same(ray_results: list[Result], local: list[Result]) -> None:
@@ -141,9 +142,10 @@ def test_without_ray_the_import_works_and_the_call_is_a_usage_error() -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"
         "from convnext_cli.engine import ray_engine\n"
+        "from convnext_cli.engine.loading import ModelSource\n"
         "from convnext_cli.errors import UsageError\n"
         "try:\n"
-        "    ray_engine.run_on_ray(['x.jpg'], ray_engine.RayOptions('classify', 'm'))\n"
+        "    ray_engine.run_on_ray(['x.jpg'], ray_engine.RayRun(ModelSource('m')))\n"
         "except UsageError as exc:\n"
         "    print(exc)\n"
     )
@@ -155,20 +157,50 @@ def test_without_ray_the_import_works_and_the_call_is_a_usage_error() -> None:
 
 
 def test_actor_plan() -> None:
-    opts = ray_engine.RayOptions(task="classify", model="m")
+    opts = planned()
     two = ray_engine.plan_actors({"CPU": 2.0}, opts)
     assert (two.replicas, two.num_gpus, two.threads, two.batch_size) == (1, 0.0, 2, 8)
     assert two.num_cpus + two.decode_cpus <= 1.0  # an actor and a decode task fit in 1 CPU
     gpus = ray_engine.plan_actors({"CPU": 32.0, "GPU": 4.0}, opts)
     assert (gpus.replicas, gpus.num_gpus, gpus.batch_size) == (4, 1.0, 32)
-    cpus = ray_engine.plan_actors(
-        {"CPU": 64.0, "GPU": 4.0}, ray_engine.RayOptions("embed", "m", device="cpu")
-    )
+    cpus = ray_engine.plan_actors({"CPU": 64.0, "GPU": 4.0}, planned("embed", device="cpu"))
     assert (cpus.replicas, cpus.num_gpus, cpus.threads) == (8, 0.0, 8)
     for plan in (two, gpus, cpus):  # never equal: Ray Data would fuse decoding into the actors
         assert (plan.num_cpus, plan.num_gpus) != (plan.decode_cpus, 0.0)
     with pytest.raises(ray_engine.UsageError):
-        ray_engine.RayOptions(task="classify", model="m", replicas=0)
+        planned(replicas=0)
+    sized = ray_engine.RayRun(ModelSource("m"), task=Task("classify", batch_size=3))
+    assert ray_engine.plan_actors({"CPU": 2.0}, sized).batch_size == 3
+
+
+def test_a_model_actor_runs_the_jobs_own_objects(v1_checkpoint: Path, inputs: list[str]) -> None:
+    """Without a cluster: a model actor built from a pickled RayRun (as Ray sends it) runs the
+    run's task on the decode stage's rows and gives the local records; the run's options
+    keep ``--decode gpu`` (what the job said), which the actor, fed pixels, does not apply."""
+    import pickle
+
+    import pyarrow as pa
+
+    run = ray_engine.RayRun(
+        ModelSource(str(v1_checkpoint)),
+        RunOptions("cpu", "float32", decode="gpu"),
+        Task("classify", top_k=4, scores="log-probs"),
+    )
+    received = pickle.loads(pickle.dumps(run))
+    assert received == run
+    spec, _width = ray_engine.read_preprocessing(run.source, "classify")
+    rows = pa.table(
+        {
+            "id": pa.array(range(len(inputs)), pa.int64()),
+            "file": pa.array([ray_engine.encode_ref(p) for p in inputs], pa.binary()),
+        }
+    )
+    plan = ray_engine.plan_actors({"CPU": 2.0}, received)
+    actor = ray_engine.ModelActor(received, plan)
+    assert actor.task is received.task and actor.runner.jpeg_on_device is False
+    table = actor(ray_engine.decode_rows(rows, spec))
+    got = ray_engine.results_from_table(table, inputs, "classify")
+    assert_same(got, local_records(v1_checkpoint, inputs, "classify", top_k=4, scores="log-probs"))
 
 
 # --- on a local Ray ------------------------------------------------------------------------
@@ -248,17 +280,18 @@ def test_parquet_parts_read_back_with_duckdb_and_resume(
 ) -> None:
     duckdb = pytest.importorskip("duckdb")
     out = tmp_path / "out"
+    parts = ray_engine.PartFiles(str(out))
     first, rest = inputs[:5], inputs[5:]
     light = [
         r
-        for b in ray_engine.write_parts_on_ray(first, options(v1_checkpoint, top_k=3), out)
+        for b in ray_engine.write_parts_on_ray(first, options(v1_checkpoint, top_k=3), parts)
         for r in b
     ]
     assert [r.path for r in light] == first
     assert ray_engine.done_paths(out) == {path_field(p) for p in first}
     todo = [p for p in inputs if path_field(p) not in ray_engine.done_paths(out)]
     assert todo == rest
-    list(ray_engine.write_parts_on_ray(todo, options(v1_checkpoint, top_k=3), out))
+    list(ray_engine.write_parts_on_ray(todo, options(v1_checkpoint, top_k=3), parts))
     (out / ".part-x.parquet.123.tmp").write_bytes(b"half a part")  # an interrupted write
     names = {path_field(p) for p in inputs}
     assert ray_engine.done_paths(out) == names
@@ -294,8 +327,12 @@ def test_parquet_embed_parts(
     import pyarrow.parquet as pq
 
     out = tmp_path / "emb"
-    list(ray_engine.write_parts_on_ray(inputs, options(v2_checkpoint, "embed"), out))
+    parts = ray_engine.PartFiles(str(out), {"command": "embed", "model": "m"})
+    list(ray_engine.write_parts_on_ray(inputs, options(v2_checkpoint, "embed"), parts))
     table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
+    for part in out.glob("part-*.parquet"):  # the output spec reached the actors as it was
+        written = json.loads(pq.read_schema(part).metadata[METADATA_KEY.encode()])
+        assert written == {"command": "embed", "model": "m"}
     assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
     local = {path_field(r.path): r for r in local_records(v2_checkpoint, inputs, "embed")}
     assert sorted(table.column("path").to_pylist()) == sorted(local)

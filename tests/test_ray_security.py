@@ -17,11 +17,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import record_ids
 
 from convnext_cli.engine import ray_engine
+from convnext_cli.engine.loading import ModelSource, RunOptions
 from convnext_cli.errors import UsageError
 
 pytest.importorskip("ray")
@@ -196,10 +198,10 @@ def test_the_local_ray_is_on_loopback_with_its_own_token(
         monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
         monkeypatch.setenv("HOME", str(home))
         monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
-        assert ray_engine._join_settings(address) == {"RAY_AUTH_MODE": "token"}
+        assert ray_engine.join_settings(address) == {"RAY_AUTH_MODE": "token"}
         monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
         with pytest.raises(UsageError, match="the cluster needs its token"):
-            ray_engine._join_settings(address)
+            ray_engine.join_settings(address)
         # another process on loopback, without the token: refused
         stranger = subprocess.run(
             [sys.executable, "-c", connect_code(), address],
@@ -299,7 +301,7 @@ def test_a_cluster_without_authentication_gets_one_warning_line(
     assert open_head.startswith("127.0.0.1:")
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     assert ray_engine.cluster_requires_token(open_head) is False
-    assert ray_engine._join_settings(open_head) == {}
+    assert ray_engine.join_settings(open_head) == {}
     err = capsys.readouterr().err.strip().splitlines()
     warning = ray_engine.NO_AUTH_WARNING.format(address=open_head)
     assert err == [warning]
@@ -320,17 +322,21 @@ def test_a_cluster_without_authentication_gets_one_warning_line(
 # --- GPUs and decoding --------------------------------------------------------------------
 
 
+def ray_run(device: str = "auto", decode: str = "auto", **cluster: Any) -> ray_engine.RayRun:
+    """A Ray run of a model named "m" (never read here) on ``device``."""
+    options = RunOptions(device, decode=decode)
+    return ray_engine.RayRun(ModelSource("m"), options, cluster=ray_engine.RaySettings(**cluster))
+
+
 def test_replicas_above_the_gpus_is_a_usage_error() -> None:
     gpus = {"CPU": 16.0, "GPU": 2.0}
-    opts = ray_engine.RayOptions("classify", "m", device="auto", replicas=3)
     with pytest.raises(UsageError, match="--replicas 3: the Ray cluster reports 2 GPU"):
-        ray_engine.plan_actors(gpus, opts)
-    two = ray_engine.plan_actors(gpus, ray_engine.RayOptions("classify", "m", replicas=2))
+        ray_engine.plan_actors(gpus, ray_run("auto", replicas=3))
+    two = ray_engine.plan_actors(gpus, ray_run(replicas=2))
     assert (two.replicas, two.num_gpus) == (2, 1.0)
-    cpu = ray_engine.RayOptions("classify", "m", device="cpu", replicas=3)
-    assert ray_engine.plan_actors(gpus, cpu).replicas == 3  # CPU actors: no GPU asked
+    assert ray_engine.plan_actors(gpus, ray_run("cpu", replicas=3)).replicas == 3  # no GPU asked
     with pytest.raises(UsageError, match="reports no GPU"):
-        ray_engine.plan_actors({"CPU": 4.0}, ray_engine.RayOptions("embed", "m", device="cuda"))
+        ray_engine.plan_actors({"CPU": 4.0}, ray_run("cuda"))
 
 
 def test_decode_gpu_is_said_not_dropped() -> None:
@@ -338,6 +344,9 @@ def test_decode_gpu_is_said_not_dropped() -> None:
     assert ray_engine.decode_notice("cpu") is None
     notice = ray_engine.decode_notice("gpu")
     assert notice is not None and "--decode gpu" in notice and "\n" not in notice
-    assert ray_engine.RayOptions("classify", "m", decode="gpu").decode == "gpu"
-    with pytest.raises(UsageError):
-        ray_engine.RayOptions("classify", "m", decode="gpx")
+    run = ray_run("cuda:1", decode="gpu")
+    assert run.options.decode == "gpu"  # the job's own options, as they were given
+    actor = ray_engine.actor_options(run.options)
+    assert (actor.device, actor.decode) == ("cuda", "cpu")  # the actor's GPU; decode tasks
+    with pytest.raises(UsageError, match="unknown --decode 'gpx'"):
+        ray_run(decode="gpx")

@@ -5,38 +5,26 @@ saying it: notes unless ``-q``, the progress bar, the closing summary, the Ctrl-
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from convnext_cli.cli.errors import say
-from convnext_cli.cli.progress import configure, interrupted_note, note, track
+from convnext_cli.cli.progress import configure, interrupted_note, track
 from convnext_cli.engine.job import Job, Report
 from convnext_cli.engine.job import run_job as run_engine_job
 
 if TYPE_CHECKING:
+    from convnext_cli.engine.job import Plan
     from convnext_cli.engine.pipeline import Result
-    from convnext_cli.outputs.writers import Writer
 
 __all__ = ["CliReport", "Job", "run_job"]
 
 
 class CliReport(Report):
-    """The engine's report, said as the CLI says things (:mod:`convnext_cli.cli.progress`)."""
+    """The engine's report (its notes and warnings), with the CLI's progress bar, closing
+    summary and Ctrl-C note (:mod:`convnext_cli.cli.progress`)."""
 
-    def note(self, message: str) -> None:
-        note(message)
-
-    def warn(self, message: str) -> None:
-        say(message)
-
-    def track(
-        self,
-        batches: Iterable[list[Result]],
-        writer: Writer,
-        total: Any,
-        to_terminal: bool = False,
-        output: str | None = None,
-    ) -> int:
-        return track(batches, writer, total, to_terminal, output)
+    def track(self, batches: Iterable[list[Result]], plan: Plan) -> int:
+        return track(batches, plan.writer, plan.total, plan.to_terminal, plan.shown)
 
     def interrupted(self, records: int, output: str | None, resumable: bool) -> None:
         said = interrupted_note(records, output, resumable)

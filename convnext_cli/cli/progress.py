@@ -63,9 +63,11 @@ def configure(quiet: bool = False, bar: bool = True) -> None:
 
 
 def note(message: str) -> None:
-    """An informational line on stderr; nothing under ``-q``."""
-    if not SETTINGS.quiet:
-        say(message)
+    """An informational line on stderr; nothing under ``-q``: the job engine's
+    :meth:`~convnext_cli.engine.job.Report.note`, quiet as this process is."""
+    from convnext_cli.engine.job import Report
+
+    Report(quiet=SETTINGS.quiet).note(message)
 
 
 class HasTotal(Protocol):

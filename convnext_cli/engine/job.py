@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from convnext_cli.choices import DEFAULT_MODEL, ENGINES
 from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.engine.batches import Batches
+from convnext_cli.engine.task import COMMANDS, Task
 from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, DeviceFailure, OutputError, UsageError
 from convnext_cli.inputs.expand import InputRef, InputStream, input_id, iter_inputs
 from convnext_cli.limits import MAX_SHARDS, check_environment, is_int
@@ -42,9 +43,8 @@ from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 if TYPE_CHECKING:
     from convnext_cli.engine.loading import ModelSource, RunOptions
     from convnext_cli.engine.pipeline import Result, Runner
+    from convnext_cli.engine.ray_engine import PartFiles, RayRun, RaySettings
     from convnext_cli.outputs.writers import Writer
-
-COMMANDS = ("classify", "embed")
 
 # -------------------------------------------------------------------------------- the job
 
@@ -101,17 +101,39 @@ class Job:
         names = {f.name for f in fields(cls)} - {"command"}
         return cls(command=command, **{k: v for k, v in options.items() if k in names})
 
+    # What the job is made of, built once here; both engines run from these objects (the
+    # Ray actors receive them as they are).
 
-def model_source(job: Job) -> ModelSource:
-    from convnext_cli.engine.loading import ModelSource
+    def model_source(self) -> ModelSource:
+        """Which checkpoint (as :func:`~convnext_cli.engine.loading.load_runner` takes it)."""
+        from convnext_cli.engine.loading import ModelSource
 
-    return ModelSource(job.model, job.revision, job.cache_dir, job.token, job.labels)
+        return ModelSource(self.model, self.revision, self.cache_dir, self.token, self.labels)
 
+    def run_options(self) -> RunOptions:
+        """How the model runs: device, dtype, decoding, torch.compile."""
+        from convnext_cli.engine.loading import RunOptions
 
-def run_options(job: Job) -> RunOptions:
-    from convnext_cli.engine.loading import RunOptions
+        return RunOptions(self.device, self.dtype, self.decode, self.compile_model)
 
-    return RunOptions(job.device, job.dtype, job.decode, job.compile_model)
+    def task(self) -> Task:
+        """What the head computes for each image, and the images per model call."""
+        return Task(
+            self.command,
+            self.top_k,
+            self.scores,
+            self.normalize,
+            tuple(self.stages),
+            self.pool,
+            self.backbone,
+            self.batch_size,
+        )
+
+    def ray_settings(self) -> RaySettings:
+        """``--engine ray``'s own settings: replicas, the cluster's address, Ray's logging."""
+        from convnext_cli.engine.ray_engine import RaySettings
+
+        return RaySettings(self.replicas, self.ray_address, self.verbose)
 
 
 # ----------------------------------------------------------------------- what a run says
@@ -141,23 +163,16 @@ class Report:
         """A warning or an error line: always said."""
         _stderr(message)
 
-    def track(
-        self,
-        batches: Iterable[list[Result]],
-        writer: Writer,
-        total: Any,
-        to_terminal: bool = False,
-        output: str | None = None,
-    ) -> int:
-        """Write every batch into ``writer``; return the number of failed inputs."""
+    def track(self, batches: Iterable[list[Result]], plan: Plan) -> int:
+        """Write every batch into the plan's writer; return the number of failed inputs."""
         failed = 0
         for results in batches:
             with interrupts.deferred():
-                writer.write(results)
+                plan.writer.write(results)
             for result in results:
                 if result.error is not None:
                     failed += 1
-                    if writer.names_errors_on_stderr:
+                    if plan.writer.names_errors_on_stderr:
                         self.warn(f"error: {result.path}: {result.error}")
         return failed
 
@@ -369,6 +384,16 @@ class Plan:
     fmt: str | None
     created: list[Path] = field(default_factory=list)  # dropped if the output is
 
+    @property
+    def shown(self) -> str | None:
+        """The file the summary names as written (None: stdout)."""
+        return None if self.output is None or is_stdout(self.output) else str(self.output)
+
+    @property
+    def to_terminal(self) -> bool:
+        """The records go to a terminal (which a progress bar would share)."""
+        return is_stdout(self.output) and sys.stdout.isatty()
+
 
 def run_job(job: Job, report: Report | None = None) -> int:
     """Inputs -> shard -> (resume) -> model -> writer; returns the exit code (0, or 1 when
@@ -408,13 +433,11 @@ def write_results(plan: Plan, report: Report) -> int:
     target is untouched.
     """
     writer, output = plan.writer, plan.output
-    shown = None if output is None or is_stdout(output) else str(output)
     try:
         with interrupts.cleanup_on_leave(writer.abort):
             produced = plan.batches()  # loads the model: a signal here drops the output
         with interrupts.raising():
-            to_terminal = is_stdout(output) and sys.stdout.isatty()
-            failures = report.track(produced, writer, plan.total, to_terminal, shown)
+            failures = report.track(produced, plan)
     except (KeyboardInterrupt, DeviceFailure) as stop:  # a dead GPU ends the run as Ctrl-C does
         with interrupts.finishing():
             if writer.records or is_stdout(output):  # stdout: close the JSON array anyway
@@ -423,7 +446,7 @@ def write_results(plan: Plan, report: Report) -> int:
                 writer.abort()
             if isinstance(stop, KeyboardInterrupt):  # a device failure says it in its one line
                 kind = plan.fmt or (output.suffix.lstrip(".") if output else "")
-                report.interrupted(writer.records, shown, kind in RESUMABLE_FORMATS)
+                report.interrupted(writer.records, plan.shown, kind in RESUMABLE_FORMATS)
         raise
     except BaseException:
         writer.abort()
@@ -481,7 +504,7 @@ def _load(job: Job, report: Report) -> Runner:
     def on_note(text: str) -> None:
         report.note(f"note: {text}")
 
-    return load_runner(model_source(job), run_options(job), on_note=on_note).runner
+    return load_runner(job.model_source(), job.run_options(), on_note=on_note).runner
 
 
 def run_info(job: Job, runner: Runner) -> dict[str, str]:
@@ -518,31 +541,12 @@ def _note_top_k_cap(job: Job, labels: int, report: Report) -> None:
         )
 
 
-def _verb(command: str) -> str:
-    return "classified" if command == "classify" else "embedded"
-
-
 def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef], report: Report) -> Batches:
-    if job.command == "classify":
+    task = job.task()
+    if task.command == "classify":
         _note_top_k_cap(job, len(runner.labels or ()), report)
-        batches = runner.classify(
-            items,
-            top_k=job.top_k,
-            batch_size=job.batch_size,
-            workers=job.workers,
-            scores=job.scores,
-        )
-        return Batches(batches, _verb(job.command), runner.device, runner.dtype, runner.times)
-    batches = runner.embed(
-        items,
-        normalize=job.normalize,
-        batch_size=job.batch_size,
-        workers=job.workers,
-        stages=job.stages or None,
-        pool=job.pool,
-        backbone=job.backbone,
-    )
-    return Batches(batches, _verb(job.command), runner.device, runner.dtype, runner.times)
+    batches = task.run(runner, items, workers=job.workers)
+    return Batches(batches, task.verb, runner.device, runner.dtype, runner.times)
 
 
 def make_provenance(job: Job, config: Any, spec: Any, runner: Any = None) -> dict[str, Any]:
@@ -699,21 +703,24 @@ def _say_resuming(
 
 def _plan_ray(job: Job, fmt: str, items: list[InputRef], report: Report) -> Plan:
     """--engine ray: the checkpoint is read here for its facts (the actors load their own);
-    the batches come from the cluster, or, for ``-o DIR`` parquet, part files it writes."""
+    the batches come from the cluster, or, for ``-o DIR`` parquet, part files it writes.
+    The actors receive the job's own model source, run options and task, unchanged."""
     from convnext_cli.engine import ray_engine
     from convnext_cli.engine.loading import read_source
 
-    checkpoint = read_source(model_source(job))
+    source = job.model_source()
+    checkpoint = read_source(source)
     _note_top_k_cap(job, len(checkpoint.config.labels or ()), report)
     provenance = make_provenance(job, checkpoint.config, checkpoint.preprocess)
     facts = ray_engine.checkpoint_facts(checkpoint, job.command)
     del checkpoint  # its tensors: the actors load their own
-    options = _ray_options(job, provenance, facts)
+    ray_run = ray_engine.RayRun(source, job.run_options(), job.task(), job.ray_settings(), facts)
     notice = ray_engine.decode_notice(job.decode)
     if notice:
         report.warn(notice)
     if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
-        return _plan_ray_folder(job, items, options, Path(job.output), report)
+        parts = ray_engine.PartFiles(str(job.output), provenance)
+        return _plan_ray_folder(job, items, ray_run, parts, report)
     if job.output is None:
         todo = list(items)
         writer = open_writer(job.command, fmt, None, job.top_k, scores=job.scores)
@@ -722,44 +729,18 @@ def _plan_ray(job: Job, fmt: str, items: list[InputRef], report: Report) -> Plan
         todo = pending if isinstance(pending, list) else list(pending)
 
     def batches() -> Batches:
-        return Batches(ray_engine.run_on_ray(todo, options), _verb(job.command), "ray")
+        return Batches(ray_engine.run_on_ray(todo, ray_run), ray_run.task.verb, "ray")
 
     return Plan(writer, batches, len(todo), job.output, fmt)
 
 
-def _ray_options(job: Job, provenance: dict[str, Any], facts: Any) -> Any:
-    """What the Ray actors receive (ray_engine.RayOptions)."""
-    from convnext_cli.engine import ray_engine
-
-    return ray_engine.RayOptions(
-        task=job.command,
-        model=job.model,
-        device=job.device,
-        dtype=job.dtype,
-        top_k=job.top_k,
-        scores=job.scores,
-        normalize=job.normalize,
-        batch_size=job.batch_size,
-        replicas=job.replicas,
-        address=job.ray_address,
-        compile_model=job.compile_model,
-        verbose=job.verbose,
-        metadata=provenance,
-        revision=job.revision,
-        cache_dir=None if job.cache_dir is None else str(job.cache_dir),
-        token=job.token,
-        labels=None if job.labels is None else str(job.labels),
-        decode=job.decode,
-        facts=facts,
-    )
-
-
 def _plan_ray_folder(
-    job: Job, paths: list[InputRef], options: Any, folder: Path, report: Report
+    job: Job, paths: list[InputRef], ray_run: RayRun, parts: PartFiles, report: Report
 ) -> Plan:
     """``-o DIR --format parquet`` on Ray: the actors write part files into DIR."""
     from convnext_cli.engine import ray_engine
 
+    folder = Path(parts.folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -774,8 +755,8 @@ def _plan_ray_folder(
         )
 
     def batches() -> Batches:
-        parts = ray_engine.write_parts_on_ray(todo, options, folder)
-        return Batches(parts, _verb(job.command), "ray")
+        written = ray_engine.write_parts_on_ray(todo, ray_run, parts)
+        return Batches(written, ray_run.task.verb, "ray")
 
     return Plan(FolderProgress(), batches, len(todo), None, None)
 

@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convnext_cli.checkpoints.checkpoint import Checkpoint
+from convnext_cli.choices import DECODERS
 from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner, read_source
 from convnext_cli.engine.pipeline import Result, Runner
+from convnext_cli.engine.task import Task
 from convnext_cli.errors import UsageError
 from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.inputs.datasets import Item
@@ -74,80 +76,80 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
-class RayOptions:
-    """What a Ray run needs besides its inputs.
+class RaySettings:
+    """What only a Ray run has: the cluster and its actors.
 
-    - ``task``: ``"classify"`` or ``"embed"``; ``model``: a model reference as ``-m`` takes.
-    - ``device`` / ``dtype`` / ``compile_model`` / ``channels_last``: as the local engine,
-      resolved inside each actor (``auto`` picks the actor's GPU when it has one; ``cuda:N``
-      means the actor's own GPU, which Ray assigns).
-    - ``batch_size``: images per model call (None: the local engine's default for the
-      device the actors run on: 32 on a GPU, 8 on the CPU).
     - ``replicas``: model actors (None: one per GPU in the cluster, or CPU actors when
-      there is no GPU or ``device`` is ``cpu``: see :func:`plan_actors`).  All of them
+      there is no GPU or the device is ``cpu``: see :func:`plan_actors`).  All of them
       are started at once (``min_size == max_size``); more than the GPUs of a cluster is
       a usage error when the model runs on CUDA.
     - ``address``: a Ray cluster to join (None: ``RAY_ADDRESS``, else a local Ray started
       for the run, on 127.0.0.1 only and with a token of its own, and shut down at its
       end).  When Ray is already initialised in this process, that instance is used and
       left running.
-    - ``decode``: ``--decode``; the decode tasks always decode on the CPU (a ``gpu`` the
-      caller says is not honoured: :func:`decode_notice`).
     - ``verbose``: Ray's own logging and the workers' output on stderr (else only errors).
-    - ``metadata``: the ``convnext_cli`` key-value metadata of the Parquet parts.
     - ``temp_dir``: a local Ray's temporary folder (None: a fresh one under /tmp, removed
       at the end unless ``verbose``).
     """
 
-    task: str
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    top_k: int = 5
-    scores: str = "probs"  # classify: probs, logits or log-probs
-    normalize: bool = False
-    batch_size: int | None = None
     replicas: int | None = None
     address: str | None = None
-    compile_model: bool = False
-    channels_last: bool = True
     verbose: bool = False
-    metadata: Mapping[str, Any] = field(default_factory=dict)
     temp_dir: str | None = None
-    revision: str | None = None
-    cache_dir: str | None = None
-    token: str | None = None
-    labels: str | None = None
-    decode: str = "auto"  # --decode: the decode tasks run Pillow on the CPU (decode_notice)
-    # the checkpoint's preprocessing and feature width, when the caller has read it
-    # (checkpoint_facts): the driver then does not read it a second time
-    facts: tuple[PreprocessSpec, int] | None = None
-
-    def model_source(self) -> ModelSource:
-        """The checkpoint, as the core's loading path takes it."""
-        return ModelSource(
-            self.model,
-            revision=self.revision,
-            cache_dir=None if self.cache_dir is None else Path(self.cache_dir),
-            token=self.token,
-            labels=None if self.labels is None else Path(self.labels),
-        )
-
-    def run_options(self) -> RunOptions:
-        """An actor's run options: Ray gives each GPU actor its own GPU (CUDA_VISIBLE_DEVICES),
-        so ``cuda:N`` means ``cuda`` there; JPEGs are decoded by the CPU decode tasks."""
-        device = "cuda" if self.device.startswith("cuda") else self.device
-        return RunOptions(device, self.dtype, "cpu", self.compile_model, self.channels_last)
 
     def __post_init__(self) -> None:
-        if self.decode.lower() not in ("auto", "cpu", "gpu"):
-            raise UsageError(f"unknown --decode {self.decode!r} (use auto, cpu, gpu)")
-        if self.task not in ("classify", "embed"):
-            raise UsageError(f"unknown task {self.task!r}: classify or embed")
         if self.replicas is not None and self.replicas < 1:
             raise UsageError(f"--replicas {self.replicas}: use 1 or more")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size}: use 1 or more")
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """What a Ray run needs besides its inputs: the objects the local engine runs from,
+    which the model actors receive as they are (pickled by Ray).
+
+    - ``source`` / ``options``: as :func:`~convnext_cli.engine.loading.load_runner` takes
+      them; each actor loads through it, on its own device (:func:`actor_options`: ``auto``
+      picks the actor's GPU when it has one, ``cuda:N`` means the actor's own GPU, which
+      Ray assigns; the decode tasks decode on the CPU whatever ``options.decode`` says,
+      and :func:`decode_notice` says so for ``gpu``).
+    - ``task``: what the head computes (:class:`~convnext_cli.engine.task.Task`); its
+      ``batch_size`` None: 32 per call on a GPU, 8 on the CPU.
+    - ``cluster``: the Ray-only settings (:class:`RaySettings`).
+    - ``facts``: the checkpoint's preprocessing and feature width, when the caller has
+      read it (:func:`checkpoint_facts`): the driver then does not read it a second time.
+    """
+
+    source: ModelSource
+    options: RunOptions = field(default_factory=RunOptions)
+    task: Task = field(default_factory=Task)
+    cluster: RaySettings = field(default_factory=RaySettings)
+    facts: tuple[PreprocessSpec, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.options.decode.lower() not in DECODERS:
+            raise UsageError(
+                f"unknown --decode {self.options.decode!r} (use {', '.join(DECODERS)})"
+            )
+        if self.task.features:
+            raise UsageError("--stage/--backbone run on the local engine only")
+
+
+@dataclass(frozen=True)
+class PartFiles:
+    """Where the model actors write their Parquet parts (``-o DIR``), and the
+    ``convnext_cli`` key-value metadata (the run's provenance) each part carries."""
+
+    folder: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    run_tag: str = ""  # in the part names: set by write_parts_on_ray, one per run
+
+
+def actor_options(options: RunOptions) -> RunOptions:
+    """The run options as an actor applies them: Ray gives each GPU actor its own GPU
+    (CUDA_VISIBLE_DEVICES), so ``cuda:N`` means ``cuda`` there; JPEGs are decoded by the
+    CPU decode tasks, so the actor's runner decodes nothing."""
+    device = "cuda" if options.device.startswith("cuda") else options.device
+    return dataclasses.replace(options, device=device, decode="cpu")
 
 
 @dataclass(frozen=True)
@@ -188,9 +190,9 @@ def require_ray() -> Any:
 # --- loading: the one place an actor gets its model --------------------------------------
 
 
-def load_runner_in_actor(options: RayOptions) -> Runner:
+def load_runner_in_actor(run: RayRun) -> Runner:
     """Load the model once, on this actor's device, through the core's one loading path."""
-    return load_runner(options.model_source(), options.run_options()).runner
+    return load_runner(run.source, actor_options(run.options)).runner
 
 
 def read_preprocessing(source: ModelSource, task: str) -> tuple[PreprocessSpec, int]:
@@ -255,20 +257,19 @@ def _environ(changes: Mapping[str, str | None]) -> Iterator[None]:
     """``os.environ`` with ``changes`` (None: unset) for the block, restored after it."""
     saved = {name: os.environ.get(name) for name in changes}
     try:
-        for name, value in changes.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        _reload_auth_settings()
+        _set_environ(changes)
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        _reload_auth_settings()
+        _set_environ(saved)
+
+
+def _set_environ(values: Mapping[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _reload_auth_settings()
 
 
 def _reload_auth_settings() -> None:
@@ -385,7 +386,7 @@ NO_AUTH_WARNING = (
 )
 
 
-def _join_settings(address: str, verbose: bool = False) -> dict[str, str | None]:
+def join_settings(address: str, verbose: bool = False) -> dict[str, str | None]:
     """The environment to join the user's cluster with: the user's own token (Ray's lookup:
     ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) when the cluster
     asks for one, which Ray does not send to an explicit address unless
@@ -411,29 +412,30 @@ def _join_settings(address: str, verbose: bool = False) -> dict[str, str | None]
 
 
 @contextlib.contextmanager
-def ray_session(options: RayOptions) -> Iterator[Any]:
+def ray_session(cluster: RaySettings | None = None) -> Iterator[Any]:
     """Ray for one run: the instance already initialised here, the cluster at
-    ``options.address`` / ``RAY_ADDRESS``, or a local one started for the run: on 127.0.0.1
+    ``cluster.address`` / ``RAY_ADDRESS``, or a local one started for the run: on 127.0.0.1
     only, with a token of its own (:func:`_private_token`).  Only what this function
     started is shut down (never ``ray stop``)."""
+    cluster = cluster or RaySettings()
     ray = require_ray()
     if ray.is_initialized():
-        quiet_ray_data(options.verbose)
+        quiet_ray_data(cluster.verbose)
         yield ray
         return
-    level = logging.INFO if options.verbose else logging.ERROR
+    level = logging.INFO if cluster.verbose else logging.ERROR
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not options.verbose:
+    if not cluster.verbose:
         # the driver's C++ log lines on stderr (Ray Data's actor pools always trigger a
         # warning about constructor arguments in the object store); setting it is itself
         # logged, inside ray.init, where stderr is silenced
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster.address or os.environ.get("RAY_ADDRESS") or None
     temp_dir = None
     with contextlib.ExitStack() as stack:
         if address:
             check_reachable(address)
-            stack.enter_context(_environ(_join_settings(address, options.verbose)))
+            stack.enter_context(_environ(join_settings(address, cluster.verbose)))
             target = split_address(address)
             # a cluster on this machine's loopback: this driver's node address is 127.0.0.1
             # too (else Ray looks for a node on the routable address, and waits)
@@ -441,29 +443,29 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
             with contextlib.ExitStack() as init:
                 if on_loopback and not address.startswith("ray://"):
                     init.enter_context(_loopback_only())
-                init.enter_context(_silenced_stderr(not options.verbose))
-                ray.init(address=address, logging_level=level, log_to_driver=options.verbose)
+                init.enter_context(_silenced_stderr(not cluster.verbose))
+                ray.init(address=address, logging_level=level, log_to_driver=cluster.verbose)
         else:
             stack.enter_context(_environ(stack.enter_context(_private_token())))
-            temp_dir = options.temp_dir or tempfile.mkdtemp(prefix="convnext-ray-", dir="/tmp")
-            with _loopback_only(), _silenced_stderr(not options.verbose):
+            temp_dir = cluster.temp_dir or tempfile.mkdtemp(prefix="convnext-ray-", dir="/tmp")
+            with _loopback_only(), _silenced_stderr(not cluster.verbose):
                 ray.init(
                     address="local",  # never join an instance found through ray_current_cluster
                     include_dashboard=False,
                     logging_level=level,
-                    log_to_driver=options.verbose,
+                    log_to_driver=cluster.verbose,
                     _temp_dir=temp_dir,
                 )
         try:
-            quiet_ray_data(options.verbose)
+            quiet_ray_data(cluster.verbose)
             yield ray
         finally:
             ray.shutdown()
-            if temp_dir and not options.temp_dir and not options.verbose:
+            if temp_dir and not cluster.temp_dir and not cluster.verbose:
                 shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def plan_actors(resources: Mapping[str, float], options: RayOptions) -> ActorPlan:
+def plan_actors(resources: Mapping[str, float], run: RayRun) -> ActorPlan:
     """Model actors for the cluster's resources (``ray.cluster_resources()``).
 
     - GPUs (and ``device`` not ``cpu``): ``replicas`` or one per GPU, one GPU each;
@@ -478,32 +480,31 @@ def plan_actors(resources: Mapping[str, float], options: RayOptions) -> ActorPla
       what a decode task asks for: Ray Data fuses stages with equal resources into one,
       which would decode inside the actors.
     """
+    device, replicas, batch_size = run.options.device, run.cluster.replicas, run.task.batch_size
     cpus = float(resources.get("CPU", 1.0))
     gpus = int(resources.get("GPU", 0))
     small = cpus <= 4
     decode_cpus = 0.5 if small else 1.0
-    if gpus == 0 and options.device.startswith("cuda"):
-        raise UsageError(f"--device {options.device}: the Ray cluster reports no GPU")
-    if gpus > 0 and options.device not in ("cpu", "mps"):
-        if options.replicas is not None and options.replicas > gpus:
+    if gpus == 0 and device.startswith("cuda"):
+        raise UsageError(f"--device {device}: the Ray cluster reports no GPU")
+    if gpus > 0 and device not in ("cpu", "mps"):
+        if replicas is not None and replicas > gpus:
             # each actor asks for a whole GPU: the ones above the count would never start
             raise UsageError(
-                f"--replicas {options.replicas}: the Ray cluster reports {gpus} GPU(s), one "
+                f"--replicas {replicas}: the Ray cluster reports {gpus} GPU(s), one "
                 f"per replica; use --replicas {gpus} or fewer (or --device cpu)"
             )
-        replicas = options.replicas or gpus
+        replicas = replicas or gpus
         actor_cpus = 0.25 if small else 1.0
-        return ActorPlan(replicas, actor_cpus, 1.0, None, decode_cpus, options.batch_size or 32)
-    replicas = options.replicas or max(1, int(cpus) // 8)
+        return ActorPlan(replicas, actor_cpus, 1.0, None, decode_cpus, batch_size or 32)
+    replicas = replicas or max(1, int(cpus) // 8)
     threads = max(1, int(cpus) // replicas)
     actor_cpus = 0.25 if small else float(max(2, threads - 1))
     # CPU actors: the model is the slow stage, decoding needs a fraction of the cores (as
     # the local engine's one decode worker per four cores); every extra decode process
     # only pays torch's import and competes with the model for the same cores
     decode_tasks = max(1, int(cpus) // 4)
-    return ActorPlan(
-        replicas, actor_cpus, 0.0, threads, decode_cpus, options.batch_size or 8, decode_tasks
-    )
+    return ActorPlan(replicas, actor_cpus, 0.0, threads, decode_cpus, batch_size or 8, decode_tasks)
 
 
 # --- the stages ----------------------------------------------------------------------------
@@ -580,33 +581,24 @@ class ModelActor:
 
     Rows in: (id, error, shape, pixels) [+ file when writing parts]; rows out: (id, error,
     labels, indices, scores) for classify, (id, error, embedding) for embed, or, with
-    ``parts_dir``, (id, error) after writing the batch as a Parquet part.
+    ``parts``, (id, error) after writing the batch as a Parquet part.  ``run`` is the
+    driver's, as it is: the model loads from its source and options, and its task runs.
     """
 
-    def __init__(
-        self,
-        options: RayOptions,
-        batch_size: int,
-        threads: int | None,
-        parts_dir: str | None = None,
-        run_tag: str = "",
-        dim: int = 0,
-    ) -> None:
+    def __init__(self, run: RayRun, plan: ActorPlan, parts: PartFiles | None = None) -> None:
         import torch
 
-        if threads:
-            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the actor's CPUs
+        if plan.threads:
+            torch.set_num_threads(plan.threads)  # Ray sets OMP_NUM_THREADS to the actor's CPUs
         _test_hook("actor-start")
-        self.options = options
-        self.batch_size = batch_size
-        self.runner = load_runner_in_actor(options)
+        self.task = run.task
+        self.batch_size = plan.batch_size
+        self.runner = load_runner_in_actor(run)
         # The decode tasks resized and cropped already: the runner only normalises.
         self.runner.spec = dataclasses.replace(
             self.runner.spec, do_resize=False, do_center_crop=False
         )
-        self.parts_dir = Path(parts_dir) if parts_dir else None
-        self.run_tag = run_tag
-        self.dim = dim
+        self.parts = parts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import numpy as np
@@ -628,16 +620,10 @@ class ModelActor:
                 continue
             array = np.frombuffer(data, dtype=np.uint8).reshape(shape)
             items.append(InMemoryImage(str(i), torch.from_numpy(array.copy())))
-        options = self.options
-        if options.task == "classify":
-            batches = self.runner.classify(
-                items, options.top_k, self.batch_size, workers=0, scores=options.scores
-            )
-        else:
-            batches = self.runner.embed(items, options.normalize, self.batch_size, workers=0)
+        batches = self.task.run(self.runner, items, workers=0, batch_size=self.batch_size)
         results = [r for results in batches for r in results]
         _test_hook("actor-call", ids[0] if ids else -1)
-        if self.parts_dir is not None:
+        if self.parts is not None:
             files = [input_id(decode_ref(f)) for f in batch.column("file").to_pylist()]
             return self._write_part(ids, files, results)
         return self._columns(ids, results)
@@ -646,7 +632,7 @@ class ModelActor:
         import pyarrow as pa
 
         errors = [r.error for r in results]
-        if self.options.task == "embed":
+        if self.task.command == "embed":
             vectors = [
                 None if r.error is not None or r.embedding is None else r.embedding.numpy()
                 for r in results
@@ -682,16 +668,21 @@ class ModelActor:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        assert self.parts_dir is not None
+        assert self.parts is not None
         pairs = zip(files, results, strict=True)
-        task = self.options.task
+        task = self.task.command
         rows = [parquet_row(dataclasses.replace(r, path=path), task) for path, r in pairs]
-        schema = CLASSIFY_SCHEMA if self.options.task == "classify" else embed_schema(self.dim)
-        metadata = {METADATA_KEY: json.dumps(dict(self.options.metadata), sort_keys=True)}
+        schema = (
+            CLASSIFY_SCHEMA
+            if task == "classify"
+            else embed_schema(self.runner.model.config.hidden_sizes[-1])
+        )
+        metadata = {METADATA_KEY: json.dumps(dict(self.parts.metadata), sort_keys=True)}
         table = pa.Table.from_pylist(rows, schema=schema.with_metadata(metadata))
-        name = f"part-{self.run_tag}-{min(ids):010d}-{max(ids):010d}.parquet"
-        final = self.parts_dir / name
-        temporary = self.parts_dir / f".{name}.{os.getpid()}.tmp"
+        name = f"part-{self.parts.run_tag}-{min(ids):010d}-{max(ids):010d}.parquet"
+        folder = Path(self.parts.folder)
+        final = folder / name
+        temporary = folder / f".{name}.{os.getpid()}.tmp"
         pq.write_table(table, temporary)
         os.replace(temporary, final)
         return pa.table(
@@ -705,12 +696,10 @@ class ModelActor:
 def build_dataset(
     ray: Any,
     paths: Sequence[InputRef],
-    options: RayOptions,
+    run: RayRun,
     spec: PreprocessSpec,
     plan: ActorPlan,
-    parts_dir: str | None = None,
-    run_tag: str = "",
-    dim: int = 0,
+    parts: PartFiles | None = None,
 ) -> Any:
     """The lazy Ray Dataset: rows -> decode tasks -> model actors."""
     import pyarrow as pa
@@ -732,7 +721,7 @@ def build_dataset(
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     decoded = ds.map_batches(
-        decode_rows if parts_dir is None else _decode_keeping_file,
+        decode_rows if parts is None else _decode_keeping_file,
         fn_kwargs={"spec": spec},
         batch_size=DECODE_ROWS,
         batch_format="pyarrow",
@@ -743,16 +732,13 @@ def build_dataset(
     return decoded.map_batches(
         ModelActor,
         fn_constructor_kwargs={
-            "options": options,
-            "batch_size": plan.batch_size,
-            "threads": plan.threads,
-            "parts_dir": parts_dir,
-            "run_tag": run_tag,
-            "dim": dim,
+            "run": run,
+            "plan": plan,
+            "parts": parts,
         },
         compute=ActorPoolStrategy(min_size=plan.replicas, max_size=plan.replicas),
         # the runner splits a call into model batches itself; a part is one call
-        batch_size=plan.batch_size if parts_dir is None else max(plan.batch_size, PART_ROWS),
+        batch_size=plan.batch_size if parts is None else max(plan.batch_size, PART_ROWS),
         batch_format="pyarrow",
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
@@ -802,46 +788,23 @@ def results_from_table(table: pa.Table, paths: Sequence[str], task: str) -> list
 
 
 def _stream(
-    refs: Sequence[InputRef], options: RayOptions, parts_dir: str | None
+    refs: Sequence[InputRef], run: RayRun, parts: PartFiles | None
 ) -> Iterator[list[Result]]:
-    from convnext_cli.engine.pipeline import Result
-
     if not refs:
         return
     paths = [input_id(ref) for ref in refs]  # what each record says as its path
-    from concurrent.futures import ThreadPoolExecutor
-
-    run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     with contextlib.ExitStack() as stack:
-        if options.facts is not None:  # the caller has read the checkpoint already
-            ray = stack.enter_context(ray_session(options))
-            spec, dim = options.facts
-        else:  # the checkpoint is read (torch imported, weights checked) while Ray starts
-            with ThreadPoolExecutor(1) as pool:
-                reading = pool.submit(read_preprocessing, options.model_source(), options.task)
-                try:
-                    ray = stack.enter_context(ray_session(options))
-                except BaseException:
-                    reading.result()  # a bad model is the error to report, not Ray's
-                    raise
-                spec, dim = reading.result()
-        plan = plan_actors(ray.cluster_resources(), options)
-        ds = build_dataset(ray, refs, options, spec, plan, parts_dir, run_tag, dim)
+        ray, (spec, _width) = _start(stack, run)
+        plan = plan_actors(ray.cluster_resources(), run)
+        ds = build_dataset(ray, refs, run, spec, plan, parts)
         expected = 0
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
             if table.num_rows == 0:
                 continue
-            if parts_dir is None:
-                results = results_from_table(table, paths, options.task)
+            if parts is None:
+                results = results_from_table(table, paths, run.task.command)
             else:
-                results = [
-                    Result(path=paths[i], error=e)
-                    for i, e in zip(
-                        table.column("id").to_pylist(),
-                        table.column("error").to_pylist(),
-                        strict=True,
-                    )
-                ]
+                results = _light_results(table, paths)
             for offset, result in enumerate(results):
                 if result.path != paths[expected + offset]:
                     raise RuntimeError("Ray returned the records out of order")
@@ -852,7 +815,31 @@ def _stream(
             raise RuntimeError(f"Ray returned {expected} records for {len(paths)} inputs")
 
 
-def run_on_ray(paths: Sequence[InputRef], options: RayOptions) -> Iterator[list[Result]]:
+def _start(stack: contextlib.ExitStack, run: RayRun) -> tuple[Any, tuple[PreprocessSpec, int]]:
+    """Ray for the run (closed with ``stack``), and the checkpoint's facts: the caller's,
+    or read (torch imported, weights checked) while Ray starts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if run.facts is not None:
+        return stack.enter_context(ray_session(run.cluster)), run.facts
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read_preprocessing, run.source, run.task.command)
+        try:
+            ray = stack.enter_context(ray_session(run.cluster))
+        except BaseException:
+            reading.result()  # a bad model is the error to report, not Ray's
+            raise
+        return ray, reading.result()
+
+
+def _light_results(table: pa.Table, paths: Sequence[str]) -> list[Result]:
+    """The rows of a part written by the actors: path and error, for progress."""
+    ids = table.column("id").to_pylist()
+    errors = table.column("error").to_pylist()
+    return [Result(path=paths[i], error=e) for i, e in zip(ids, errors, strict=True)]
+
+
+def run_on_ray(paths: Sequence[InputRef], run: RayRun) -> Iterator[list[Result]]:
     """Every input's Result, in input order, batch by batch (what Runner.classify/embed
     yield), computed on Ray: the driver receives plain columns and builds the Results.
 
@@ -860,26 +847,30 @@ def run_on_ray(paths: Sequence[InputRef], options: RayOptions) -> Iterator[list[
     feature model.  Progress is the caller's, from the batches.
     """
     require_ray()
-    return _stream(list(paths), options, None)
+    return _stream(list(paths), run, None)
 
 
 def write_parts_on_ray(
-    paths: Sequence[InputRef], options: RayOptions, folder: str | os.PathLike[str]
+    paths: Sequence[InputRef], run: RayRun, parts: PartFiles
 ) -> Iterator[list[Result]]:
-    """Records written by the model actors as Parquet part files into ``folder`` (created),
-    the project's Parquet columns, one row per input, none through the driver.
+    """Records written by the model actors as Parquet part files into ``parts.folder``
+    (created), the project's Parquet columns, one row per input, none through the driver;
+    each part carries ``parts.metadata``.
 
     Yields, in input order, light Results (path and error only) for progress and the exit
     code.  A part is named ``part-<run>-<first id>-<last id>.parquet`` and written under a
     temporary name then renamed; :func:`done_paths` lists what a folder already holds.
     """
     require_ray()
-    target = Path(folder)
+    target = Path(parts.folder)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"{target}: cannot write output ({exc.strerror})") from exc
-    return _stream(list(paths), options, str(target.resolve()))
+    # the actors' working folder is not the driver's; the run's tag names its parts
+    run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    parts = dataclasses.replace(parts, folder=str(target.resolve()), run_tag=run_tag)
+    return _stream(list(paths), run, parts)
 
 
 def done_paths(folder: str | os.PathLike[str], include_errors: bool = True) -> set[str]:
