@@ -7,25 +7,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from convnext_cli.choices import DEFAULT_MODEL, DTYPES
+from convnext_cli.choices import DTYPES, ReportFormat
 from convnext_cli.cli.errors import say
-from convnext_cli.cli.options import (
-    CacheDirOpt,
-    Decode,
-    DecodeOpt,
-    DeviceOpt,
-    LabelsOpt,
-    ModelOpt,
-    RevisionOpt,
-    TokenOpt,
-    WorkersOpt,
-)
+from convnext_cli.cli.options import model_options
 from convnext_cli.cli.progress import configure, note
 from convnext_cli.errors import OutputError, UsageError
 from convnext_cli.limits import (
@@ -39,14 +28,10 @@ from convnext_cli.limits import (
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
 if TYPE_CHECKING:
-    from convnext_cli.engine.benchmark import Report
+    from convnext_cli.engine.benchmark import Report, SweepOptions
+    from convnext_cli.engine.loading import ModelSource, RunOptions
 
 OUTPUT_SUFFIXES = (".png", ".svg", ".json")
-
-
-class ReportFormat(str, Enum):
-    table = "table"
-    json = "json"
 
 
 # this command's own options (the shared ones come from cli/options.py)
@@ -153,25 +138,19 @@ SaveOpt = Annotated[
 ]
 
 
+@model_options
 def benchmark(
-    model: ModelOpt = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    cache_dir: CacheDirOpt = None,
-    token: TokenOpt = None,
-    labels: LabelsOpt = None,
     batch_sizes: BatchSizesOpt = "",
     dtype: DtypesOpt = "auto",
-    device: DeviceOpt = "auto",
     channels_last: ChannelsLastOpt = True,
     compile_model: CompileFirstOpt = False,
     images: ImagesOpt = None,
     warmup: WarmupOpt = 3,
     iters: ItersOpt = 10,
-    fmt: ReportFormatOpt = ReportFormat.table,
+    fmt: ReportFormatOpt = "table",
     output: SaveOpt = None,
-    workers: WorkersOpt = None,
-    decode: DecodeOpt = Decode.auto,
     quiet: BenchQuietOpt = False,
+    **model: Any,
 ) -> None:
     """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes.
 
@@ -190,38 +169,43 @@ def benchmark(
         raise OutputError(STDOUT_CLOSED_MESSAGE)
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"-o {output}: use a .png or .svg (plot) or .json (report) file")
+    device, workers, decode = model.pop("device"), model.pop("workers"), model.pop("decode")
     if not batch_sizes:
         from convnext_cli.engine.device import resolve_device
 
         batch_sizes = "1,32,256" if resolve_device(device).type == "cuda" else "1,8,32"
-    sizes = parse_batch_sizes(batch_sizes)
-    dtype_names = parse_dtypes(dtype)
+    sizes, dtypes = tuple(parse_batch_sizes(batch_sizes)), parse_dtypes(dtype)
     paths = benchmark_images(images) if images is not None else []
 
-    from convnext_cli.engine.benchmark import SweepOptions, runners_for, sweep
+    from convnext_cli.engine.benchmark import SweepOptions
     from convnext_cli.engine.loading import ModelSource, RunOptions
-    from convnext_cli.outputs.benchmark_report import noise_note, speed_notes
 
     run = RunOptions(
         device=device,
-        decode=decode.value if paths else "cpu",
+        decode=decode if paths else "cpu",
         compile=compile_model,
         channels_last=channels_last,
     )
-    source = ModelSource(model, revision, cache_dir, token, labels)
-    runners = runners_for(source, run, dtype_names, on_note=_note)
-    options = SweepOptions(tuple(sizes), warmup, iters, tuple(paths), workers)
-    report = sweep(runners, options, model_name=model, on_step=note)
+    options = SweepOptions(sizes, warmup, iters, tuple(paths), workers)
+    report = measure(ModelSource(**model), run, dtypes, options)
+    show(report, fmt, output)
+
+
+def measure(
+    source: ModelSource, run: RunOptions, dtypes: list[str], options: SweepOptions
+) -> Report:
+    """The sweep, its progress and its notes on stderr (noise, speed hints)."""
+    from convnext_cli.engine.benchmark import runners_for, sweep
+    from convnext_cli.outputs.benchmark_report import noise_note, speed_notes
+
+    runners = runners_for(source, run, dtypes, on_note=lambda text: note(f"note: {text}"))
+    report = sweep(runners, options, model_name=source.model, on_step=note)
     noise = noise_note(report)
     if noise:
         note(noise)
     for said in speed_notes(report):
         (say if said.startswith("warning:") else note)(said)
-    show(report, fmt, output)
-
-
-def _note(text: str) -> None:
-    note(f"note: {text}")
+    return report
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -263,13 +247,13 @@ def benchmark_images(folder: Path) -> list[str]:
     return found
 
 
-def show(report: Report, fmt: ReportFormat, output: Path | None) -> None:
+def show(report: Report, fmt: str, output: Path | None) -> None:
     """JSON or the table on stdout (bars too on a terminal without -o); then -o's file."""
     from rich.console import Console
 
     from convnext_cli.outputs.benchmark_report import print_report, save_plot
 
-    if fmt is ReportFormat.json:
+    if fmt == "json":
         print(json.dumps(report.to_dict(), indent=2))
     else:
         bars = output is None and sys.stdout.isatty()

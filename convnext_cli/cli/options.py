@@ -1,13 +1,15 @@
 """Option and argument aliases shared by the commands (one definition, one help text).
 
-- Choice lists are ``str`` enums: Typer shows them in ``--help``, completes them in the shell
-  and refuses anything else with its usage message (exit 2).  Their values equal the
-  core's own tuples (``output.CLASSIFY_FORMATS``, ``device.DTYPE_NAMES``, ...; a test
-  checks), and :func:`shared_options` hands the commands plain strings, not enum members.
+- Choice lists are the ``Literal`` types of :mod:`convnext_cli.choices`, the one table the
+  core's tuples are built from too: Typer shows them in ``--help``, completes them in the
+  shell, refuses anything else with its usage message (exit 2) and hands the commands plain
+  strings.
 - Every value shows a readable metavar (``PATH``, ``N``, ``MODEL``, ``DEVICE``...); flags show
   none, ``--help`` included (:data:`HelpOpt` replaces Typer's own).
-- :func:`shared_options` declares the options classify and embed share exactly once (the
-  parameters of :func:`_shared`); :func:`with_parameters` is the mechanism.
+- :func:`shared_options` declares the options classify and embed share exactly once, in
+  one group a help panel (:func:`_source`, :func:`_run`, ...); :func:`model_options`
+  (benchmark) and :func:`hub_options` (convert) hand out parts of them;
+  :func:`with_parameters` is the mechanism.
 
 Nothing here imports torch, PIL or numpy: ``convnext --help`` stays fast.
 """
@@ -19,72 +21,17 @@ import inspect
 import re
 import typing
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from convnext_cli.choices import DEFAULT_MODEL
+from convnext_cli.choices import DEFAULT_MODEL, Decoder, Dtype, Engine
 from convnext_cli.limits import MAX_BATCH_SIZE, MAX_REPLICAS, MAX_WORKERS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# ------------------------------------------------------------------------------- choices
-
-
-class ClassifyFormat(str, Enum):
-    auto = "auto"
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
-    parquet = "parquet"
-    html = "html"
-
-
-class EmbedFormat(str, Enum):
-    auto = "auto"
-    jsonl = "jsonl"
-    json = "json"
-    csv = "csv"
-    npy = "npy"
-    safetensors = "safetensors"
-    parquet = "parquet"
-
-
-class Dtype(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-class Decode(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
-
-
-class LayoutChoice(str, Enum):
-    auto = "auto"
-    hf = "hf"
-    fb = "fb"
-    fcmae = "fcmae"
-    timm = "timm"
-    torchvision = "torchvision"
-    tf = "tf"
-
-
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
-
-
-def plain(value: Any) -> Any:
-    """An enum member as its value (``f"{Dtype.auto}"`` would say ``Dtype.auto``)."""
-    return value.value if isinstance(value, Enum) else value
-
+# ------------------------------------------------------------------------------- devices
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -251,7 +198,7 @@ CompileOpt = Annotated[
     ),
 ]
 DecodeOpt = Annotated[
-    Decode,
+    Decoder,
     typer.Option(
         "--decode",
         case_sensitive=False,
@@ -421,35 +368,58 @@ VerboseOpt = Annotated[
 # ------------------------------------------------------------------- one declaration
 
 
-def _shared(
+def _source(
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     cache_dir: CacheDirOpt = None,
     token: TokenOpt = None,
     labels: LabelsOpt = None,
+) -> None:
+    """Which checkpoint: the fields of :class:`~convnext_cli.engine.loading.ModelSource`."""
+
+
+def _run(
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = Dtype.auto,
+    dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     compile_model: CompileOpt = False,
-    decode: DecodeOpt = Decode.auto,
+    decode: DecodeOpt = "auto",
+) -> None:
+    """How the model runs (the rest of the "Model and device" panel)."""
+
+
+def _inputs(
     recursive: RecursiveOpt = False,
     null: NullOpt = False,
     shard: ShardOpt = None,
     image_column: ImageColumnOpt = None,
     id_column: IdColumnOpt = None,
-    output: OutputOpt = None,
-    quiet: QuietOpt = False,
-    no_progress: NoProgressOpt = False,
+) -> None:
+    """Which inputs, and how they are listed."""
+
+
+def _output(
+    output: OutputOpt = None, quiet: QuietOpt = False, no_progress: NoProgressOpt = False
+) -> None:
+    """Where the records go, and what stderr shows."""
+
+
+def _resume(
     resume: ResumeOpt = False,
     retry_errors: RetryErrorsOpt = False,
     force_resume: ForceResumeOpt = False,
-    engine: EngineOpt = Engine.local,
+) -> None:
+    """Continuing a run."""
+
+
+def _ray(
+    engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
     replicas: ReplicasOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """The options classify and embed share: these parameters, declared once."""
+    """The Ray engine."""
 
 
 def _help_parameter(help: HelpOpt = False) -> None:
@@ -465,18 +435,20 @@ def parameters_of(function: Callable[..., Any]) -> list[inspect.Parameter]:
     ]
 
 
-SHARED_PARAMETERS = tuple(p.name for p in parameters_of(_shared))
+# classify's and embed's options, in the order --help shows them (panel by panel)
+SHARED = [
+    p for group in (_source, _run, _inputs, _output, _resume, _ray) for p in parameters_of(group)
+]
+SHARED_PARAMETERS = tuple(p.name for p in SHARED)
+HUB_PARAMETERS = ("revision", "cache_dir", "token")
 
 
-def with_parameters(
-    command: F, extra: list[inspect.Parameter], plain_values: bool = False, keep: bool = True
-) -> F:
+def with_parameters(command: F, extra: list[inspect.Parameter], keep: bool = True) -> F:
     """``command`` with ``extra`` keyword-only parameters added to the signature Typer sees.
 
     The command keeps its own parameters; a ``**kwargs`` of it receives the extra ones, or,
     with ``keep=False``, they are not passed on (Typer hands every parameter of the signature
-    to the callback, ``expose_value=False`` ones too).  ``plain_values``: enum values are
-    handed over as plain strings.
+    to the callback, ``expose_value=False`` ones too).
     """
     own = [
         p
@@ -492,7 +464,7 @@ def with_parameters(
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        passed = {k: plain(v) if plain_values else v for k, v in kwargs.items() if k not in dropped}
+        passed = {k: v for k, v in kwargs.items() if k not in dropped}
         return command(*args, **passed)
 
     parameters = [*own, *added]
@@ -502,12 +474,29 @@ def with_parameters(
 
 
 def shared_options(command: F) -> F:
-    """Give a command the options classify and embed share (:func:`_shared`'s parameters).
+    """Give a command the options classify and embed share (:data:`SHARED`).
 
     The command declares only its own parameters and a ``**shared`` that receives these;
-    every value (its own too) arrives as a plain string, not an enum member.
+    every choice (its own too) arrives as a plain string.
     """
-    return with_parameters(command, parameters_of(_shared), plain_values=True)
+    return with_parameters(command, SHARED)
+
+
+def model_options(command: F) -> F:
+    """Give a command (benchmark) the checkpoint options, --device, --workers and --decode;
+    its ``**model`` receives them."""
+    run = ("device", "workers", "decode")
+    return with_parameters(command, [*parameters_of(_source), *pick(parameters_of(_run), run)])
+
+
+def hub_options(command: F) -> F:
+    """Give a command (convert) --revision, --cache-dir and --token; its ``**hub`` receives
+    them."""
+    return with_parameters(command, pick(parameters_of(_source), HUB_PARAMETERS))
+
+
+def pick(parameters: list[inspect.Parameter], names: tuple[str, ...]) -> list[inspect.Parameter]:
+    return [p for p in parameters if p.name in names]
 
 
 def with_help_option(command: F) -> F:
