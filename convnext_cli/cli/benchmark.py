@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -77,35 +76,30 @@ ImagesOpt = Annotated[
 ]
 
 
-def _count(low: int, high: int) -> Callable[[int], int]:
-    """A range check for an iteration count, said in the help text rather than as Typer's
-    ``[low<=x<=high]`` metavar (which widens the table past 80 columns)."""
+def count_option(name: str, low: int, high: int, help: str) -> Any:
+    """An iteration count in low..high, the range said in the help text (``what (low to
+    high). more``) rather than as Typer's ``[low<=x<=high]`` metavar, which widens the table
+    past 80 columns."""
 
     def check(value: int) -> int:
         if not low <= value <= high:
             raise typer.BadParameter(f"{value} is not in the range {low} to {high}")
         return value
 
-    return check
+    what, _, more = help.partition(". ")
+    said = f"{what} ({low} to {high})." + (f" {more}" if more else "")
+    return typer.Option(name, callback=check, metavar="N", help=said)
 
 
-WarmupOpt = Annotated[
-    int,
-    typer.Option(
-        "--warmup",
-        callback=_count(0, MAX_WARMUP),
-        metavar="N",
-        help=f"Untimed iterations (0 to {MAX_WARMUP}).",
-    ),
-]
+WarmupOpt = Annotated[int, count_option("--warmup", 0, MAX_WARMUP, "Untimed iterations")]
 ItersOpt = Annotated[
     int,
-    typer.Option(
+    count_option(
         "--iters",
-        callback=_count(1, MAX_ITERS),
-        metavar="N",
-        help=f"Timed iterations (1 to {MAX_ITERS}). A row whose p99 latency is over 1.5x "
-        "its p50 (with 5 or more timed batches) is flagged noisy.",
+        1,
+        MAX_ITERS,
+        "Timed iterations. A row whose p99 latency is over 1.5x its p50 (with 5 or more "
+        "timed batches) is flagged noisy.",
     ),
 ]
 ReportFormatOpt = Annotated[

@@ -6,10 +6,9 @@
   strings.
 - Every value shows a readable metavar (``PATH``, ``N``, ``MODEL``, ``DEVICE``...); flags show
   none, ``--help`` included (:data:`HelpOpt` replaces Typer's own).
-- :func:`shared_options` declares the options classify and embed share exactly once, in
-  one group a help panel (:func:`_source`, :func:`_run`, ...); :func:`model_options`
-  (benchmark) and :func:`hub_options` (convert) hand out parts of them;
-  :func:`with_parameters` is the mechanism.
+- :data:`SHARED` declares the options classify and embed share exactly once (their
+  :func:`shared_options`); :func:`model_options` (benchmark) and :func:`hub_options`
+  (convert) hand out parts of them; :func:`with_parameters` is the mechanism.
 
 Nothing here imports torch, PIL or numpy: ``convnext --help`` stays fast.
 """
@@ -368,58 +367,50 @@ VerboseOpt = Annotated[
 # ------------------------------------------------------------------- one declaration
 
 
-def _source(
-    model: ModelOpt = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    cache_dir: CacheDirOpt = None,
-    token: TokenOpt = None,
-    labels: LabelsOpt = None,
-) -> None:
-    """Which checkpoint: the fields of :class:`~convnext_cli.engine.loading.ModelSource`."""
+def declare(**options: tuple[Any, Any]) -> list[inspect.Parameter]:
+    """Keyword-only parameters from ``name=(annotation, default)``, in that order."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(n, kind, default=d, annotation=a) for n, (a, d) in options.items()]
 
 
-def _run(
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = None,
-    workers: WorkersOpt = None,
-    compile_model: CompileOpt = False,
-    decode: DecodeOpt = "auto",
-) -> None:
-    """How the model runs (the rest of the "Model and device" panel)."""
-
-
-def _inputs(
-    recursive: RecursiveOpt = False,
-    null: NullOpt = False,
-    shard: ShardOpt = None,
-    image_column: ImageColumnOpt = None,
-    id_column: IdColumnOpt = None,
-) -> None:
-    """Which inputs, and how they are listed."""
-
-
-def _output(
-    output: OutputOpt = None, quiet: QuietOpt = False, no_progress: NoProgressOpt = False
-) -> None:
-    """Where the records go, and what stderr shows."""
-
-
-def _resume(
-    resume: ResumeOpt = False,
-    retry_errors: RetryErrorsOpt = False,
-    force_resume: ForceResumeOpt = False,
-) -> None:
-    """Continuing a run."""
-
-
-def _ray(
-    engine: EngineOpt = "local",
-    ray_address: RayAddressOpt = None,
-    replicas: ReplicasOpt = None,
-    verbose: VerboseOpt = False,
-) -> None:
-    """The Ray engine."""
+# classify's and embed's options, in the order --help shows them (panel by panel)
+SHARED = declare(
+    # which checkpoint: the fields of convnext_cli.engine.loading.ModelSource
+    model=(ModelOpt, DEFAULT_MODEL),
+    revision=(RevisionOpt, None),
+    cache_dir=(CacheDirOpt, None),
+    token=(TokenOpt, None),
+    labels=(LabelsOpt, None),
+    # how the model runs
+    device=(DeviceOpt, "auto"),
+    dtype=(DtypeOpt, "auto"),
+    batch_size=(BatchOpt, None),
+    workers=(WorkersOpt, None),
+    compile_model=(CompileOpt, False),
+    decode=(DecodeOpt, "auto"),
+    # which inputs, and how they are listed
+    recursive=(RecursiveOpt, False),
+    null=(NullOpt, False),
+    shard=(ShardOpt, None),
+    image_column=(ImageColumnOpt, None),
+    id_column=(IdColumnOpt, None),
+    # where the records go, what stderr shows
+    output=(OutputOpt, None),
+    quiet=(QuietOpt, False),
+    no_progress=(NoProgressOpt, False),
+    # continuing a run
+    resume=(ResumeOpt, False),
+    retry_errors=(RetryErrorsOpt, False),
+    force_resume=(ForceResumeOpt, False),
+    # the Ray engine
+    engine=(EngineOpt, "local"),
+    ray_address=(RayAddressOpt, None),
+    replicas=(ReplicasOpt, None),
+    verbose=(VerboseOpt, False),
+)
+SHARED_PARAMETERS = tuple(p.name for p in SHARED)
+SOURCE_PARAMETERS = ("model", "revision", "cache_dir", "token", "labels")
+HUB_PARAMETERS = ("revision", "cache_dir", "token")
 
 
 def _help_parameter(help: HelpOpt = False) -> None:
@@ -433,14 +424,6 @@ def parameters_of(function: Callable[..., Any]) -> list[inspect.Parameter]:
         p.replace(annotation=hints.get(p.name, p.annotation))
         for p in inspect.signature(function).parameters.values()
     ]
-
-
-# classify's and embed's options, in the order --help shows them (panel by panel)
-SHARED = [
-    p for group in (_source, _run, _inputs, _output, _resume, _ray) for p in parameters_of(group)
-]
-SHARED_PARAMETERS = tuple(p.name for p in SHARED)
-HUB_PARAMETERS = ("revision", "cache_dir", "token")
 
 
 def with_parameters(command: F, extra: list[inspect.Parameter], keep: bool = True) -> F:
@@ -485,18 +468,18 @@ def shared_options(command: F) -> F:
 def model_options(command: F) -> F:
     """Give a command (benchmark) the checkpoint options, --device, --workers and --decode;
     its ``**model`` receives them."""
-    run = ("device", "workers", "decode")
-    return with_parameters(command, [*parameters_of(_source), *pick(parameters_of(_run), run)])
+    return with_parameters(command, pick(*SOURCE_PARAMETERS, "device", "workers", "decode"))
 
 
 def hub_options(command: F) -> F:
     """Give a command (convert) --revision, --cache-dir and --token; its ``**hub`` receives
     them."""
-    return with_parameters(command, pick(parameters_of(_source), HUB_PARAMETERS))
+    return with_parameters(command, pick(*HUB_PARAMETERS))
 
 
-def pick(parameters: list[inspect.Parameter], names: tuple[str, ...]) -> list[inspect.Parameter]:
-    return [p for p in parameters if p.name in names]
+def pick(*names: str) -> list[inspect.Parameter]:
+    """Some of :data:`SHARED`, in its order."""
+    return [p for p in SHARED if p.name in names]
 
 
 def with_help_option(command: F) -> F:
