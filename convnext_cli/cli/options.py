@@ -232,47 +232,44 @@ VerboseOpt = Annotated[bool, flag(RAY_PANEL, "--verbose", "-v")]
 # ------------------------------------------------------------------- one declaration
 
 
-def declare(**options: tuple[Any, Any]) -> list[inspect.Parameter]:
-    """Keyword-only parameters from ``name=(annotation, default)``, in that order."""
-    kind = inspect.Parameter.KEYWORD_ONLY
-    return [inspect.Parameter(n, kind, default=d, annotation=a) for n, (a, d) in options.items()]
+# the defaults and names the rule in parameter() does not give
+DEFAULTS: dict[str, Any] = {"--model": DEFAULT_MODEL, "--device": "auto"}
+NAMES = {"--compile": "compile_model"}  # not the builtin
 
 
-# classify's and embed's options, in the order --help shows them (panel by panel)
-SHARED = declare(
-    # which checkpoint: the fields of convnext_cli.engine.loading.ModelSource
-    model=(ModelOpt, DEFAULT_MODEL),
-    revision=(RevisionOpt, None),
-    cache_dir=(CacheDirOpt, None),
-    token=(TokenOpt, None),
-    labels=(LabelsOpt, None),
-    # how the model runs
-    device=(DeviceOpt, "auto"),
-    dtype=(DtypeOpt, "auto"),
-    batch_size=(BatchOpt, None),
-    workers=(WorkersOpt, None),
-    compile_model=(CompileOpt, False),
-    decode=(DecodeOpt, "auto"),
-    # which inputs, and how they are listed
-    recursive=(RecursiveOpt, False),
-    null=(NullOpt, False),
-    shard=(ShardOpt, None),
-    image_column=(ImageColumnOpt, None),
-    id_column=(IdColumnOpt, None),
-    # where the records go, what stderr shows
-    output=(OutputOpt, None),
-    quiet=(QuietOpt, False),
-    no_progress=(NoProgressOpt, False),
-    # continuing a run
-    resume=(ResumeOpt, False),
-    retry_errors=(RetryErrorsOpt, False),
-    force_resume=(ForceResumeOpt, False),
-    # the Ray engine
-    engine=(EngineOpt, "local"),
-    ray_address=(RayAddressOpt, None),
-    replicas=(ReplicasOpt, None),
-    verbose=(VerboseOpt, False),
-)
+def parameter(alias: Any) -> inspect.Parameter:
+    """The keyword-only parameter an option alias declares: named after its long name
+    (``--cache-dir``: ``cache_dir``), its default none for an optional value, off for a
+    flag, the first of a choice's values, else as :data:`DEFAULTS` says."""
+    kind, info = typing.get_args(alias)
+    long_name = info.default  # Typer keeps an Annotated option's first name there
+    name = NAMES.get(long_name, long_name.lstrip("-").replace("-", "_"))
+    if long_name in DEFAULTS:
+        default = DEFAULTS[long_name]
+    elif kind is bool:
+        default = False
+    elif typing.get_origin(kind) is typing.Literal:
+        default = typing.get_args(kind)[0]
+    else:  # X | None
+        default = None
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=alias
+    )
+
+
+# classify's and embed's options, in the order --help shows them, a line a panel
+SHARED = [
+    parameter(alias)
+    for panel in (
+        (ModelOpt, RevisionOpt, CacheDirOpt, TokenOpt, LabelsOpt),
+        (DeviceOpt, DtypeOpt, BatchOpt, WorkersOpt, CompileOpt, DecodeOpt),
+        (RecursiveOpt, NullOpt, ShardOpt, ImageColumnOpt, IdColumnOpt),
+        (OutputOpt, QuietOpt, NoProgressOpt),
+        (ResumeOpt, RetryErrorsOpt, ForceResumeOpt),
+        (EngineOpt, RayAddressOpt, ReplicasOpt, VerboseOpt),
+    )
+    for alias in panel
+]
 SHARED_PARAMETERS = tuple(p.name for p in SHARED)
 SOURCE_PARAMETERS = ("model", "revision", "cache_dir", "token", "labels")
 HUB_PARAMETERS = ("revision", "cache_dir", "token")
