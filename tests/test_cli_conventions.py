@@ -232,9 +232,9 @@ def test_scores_at_full_precision(v1_checkpoint: Path, photos: list[Path], tmp_p
     import numpy as np
     import pyarrow.parquet as pq
 
-    from convnext_cli import Classifier
+    from convnext_cli import ImageModel
 
-    expected = Classifier(str(v1_checkpoint), device="cpu", dtype="float32", workers=0)
+    expected = ImageModel(str(v1_checkpoint), device="cpu", dtype="float32", workers=0)
     want = [p.score for p in expected.classify(str(photos[0]), top_k=5)[0].predictions]
     common = [photos[0], "-m", v1_checkpoint, "--device", "cpu", "--dtype", "float32"]
     lines = invoke("classify", *common, "--format", "jsonl", "--workers", "0")
