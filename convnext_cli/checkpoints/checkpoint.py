@@ -223,8 +223,9 @@ def identify_weights(
     tensors: Mapping[str, Tensor], layout: str | None = None, *, where: str = "checkpoint"
 ) -> tuple[CheckpointLayout, StateDict, ConvNextConfig]:
     """What a state dict is: its layout (``layout`` when given, else detected), its tensors
-    under transformers' names (no backbone prefix), and the config they describe (eps: transformers' default for its own layout, 1e-6 for
-    the others, whose final norm uses it)."""
+    under transformers' names (no backbone prefix), and the config they describe (eps:
+    transformers' default for its own layout, 1e-6 for the others, whose final norm uses
+    it)."""
     found = CheckpointLayout.resolve(tensors, layout)
     body = rename(tensors, found)
     eps = HF_DEFAULT_NORM_EPS if found in TRANSFORMERS_LAYOUTS else NORM_EPS
