@@ -1,7 +1,11 @@
 """convnext_cli: exact ConvNeXt / ConvNeXt V2 inference, from the command line or from Python.
 
-    from convnext_cli import Classifier
-    top5 = Classifier("facebook/convnext-tiny-224").classify("cat.jpg")[0].predictions
+    from convnext_cli import ImageModel
+    model = ImageModel("facebook/convnext-tiny-224")
+    top5 = model.classify("cat.jpg")[0].predictions
+    features = model.embed("cat.jpg")[0].embedding
+
+``Classifier`` is the same class under its earlier name.
 
 Inputs are paths (one string is one input), PIL images, NumPy arrays or uint8 tensors, or
 a list of them (see :mod:`convnext_cli.api`).
@@ -59,20 +63,28 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Classifier", "Job", "load_model", "load_checkpoint", "run", "__version__"]
+__all__ = [
+    "ImageModel",
+    "Classifier",
+    "Job",
+    "load_model",
+    "load_checkpoint",
+    "run",
+    "__version__",
+]
 
 if TYPE_CHECKING:
-    from convnext_cli.api import Classifier
+    from convnext_cli.api import Classifier, ImageModel
     from convnext_cli.checkpoints.checkpoint import load_checkpoint
     from convnext_cli.engine.job import Job, run
     from convnext_cli.engine.loading import load_model
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Classifier":
-        from convnext_cli.api import Classifier
+    if name in ("ImageModel", "Classifier"):
+        from convnext_cli import api
 
-        return Classifier
+        return getattr(api, name)
     if name in ("run", "Job"):
         from convnext_cli.engine import job
 

@@ -40,11 +40,11 @@ from convnext_cli.imaging.decoding import check_pixel_count, pil_to_rgb
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | numpy.ndarray | torch.Tensor
 
 
-class Classifier:
+class ImageModel:
     """Load a ConvNeXt checkpoint once; classify or embed images (files or in memory).
 
-    >>> clf = Classifier("facebook/convnext-tiny-224", device="cpu", dtype="float32")
-    >>> clf.classify("cat.jpg")[0].predictions[0].label
+    >>> model = ImageModel("facebook/convnext-tiny-224", device="cpu", dtype="float32")
+    >>> model.classify("cat.jpg")[0].predictions[0].label
     'tabby, tabby cat'
 
     ``revision``, ``cache_dir`` and ``token`` reach the Hub; ``labels`` names a file whose
@@ -101,6 +101,11 @@ class Classifier:
             as_inputs(inputs), normalize=normalize, batch_size=self.batch_size, workers=self.workers
         )
         return [r for batch in batches for r in batch]
+
+
+# The name this class had before it was ImageModel (it embeds as well as classifies): code
+# written against it keeps working.
+Classifier = ImageModel
 
 
 def _kind(value: Any) -> str | None:

@@ -4,6 +4,8 @@ inputs beside paths, decoded by the same policy and preprocessed the same way.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from convnext_cli import Classifier
+from convnext_cli import ImageModel
 from convnext_cli.engine.job import Plan, Report
 from convnext_cli.engine.pipeline import Result
 
 
 @pytest.fixture(scope="module")
-def clf(v1_checkpoint: Path) -> Classifier:
-    return Classifier(str(v1_checkpoint), device="cpu", dtype="float32", workers=0)
+def model(v1_checkpoint: Path) -> ImageModel:
+    return ImageModel(str(v1_checkpoint), device="cpu", dtype="float32", workers=0)
 
 
 def scores(result) -> list[tuple[int, float]]:
@@ -35,49 +37,49 @@ def same(a, b) -> None:
         assert s == pytest.approx(t, abs=1e-6)
 
 
-def test_one_string_is_one_input(clf: Classifier, photos: list[Path]) -> None:
+def test_one_string_is_one_input(model: ImageModel, photos: list[Path]) -> None:
     for one in (str(photos[0]), photos[0]):
-        results = clf.classify(one, top_k=3)
+        results = model.classify(one, top_k=3)
         assert [r.path for r in results] == [str(photos[0])]
         assert len(results[0].predictions) == 3
-        embedded = clf.embed(one)
+        embedded = model.embed(one)
         assert len(embedded) == 1 and embedded[0].path == str(photos[0])
     # a list of one string is the same thing; a missing file is one error record
-    assert [r.path for r in clf.classify([str(photos[1])])] == [str(photos[1])]
-    (missing,) = clf.classify("no-such-file.jpg")
+    assert [r.path for r in model.classify([str(photos[1])])] == [str(photos[1])]
+    (missing,) = model.classify("no-such-file.jpg")
     assert missing.path == "no-such-file.jpg" and missing.error
 
 
 def test_pil_image_gives_the_same_probabilities_as_its_path(
-    clf: Classifier, photos: list[Path]
+    model: ImageModel, photos: list[Path]
 ) -> None:
     for photo in photos:
         with Image.open(photo) as image:
-            (from_pil,) = clf.classify(image)
-        (from_path,) = clf.classify(str(photo))
+            (from_pil,) = model.classify(image)
+        (from_path,) = model.classify(str(photo))
         assert from_pil.path == "<image 0>"
         same(from_pil, from_path)
 
 
 def test_arrays_and_tensors_match_the_same_photo_as_a_path(
-    clf: Classifier, photos: list[Path]
+    model: ImageModel, photos: list[Path]
 ) -> None:
     photo = photos[-1]
     rgb = np.asarray(ImageOps.exif_transpose(Image.open(photo)).convert("RGB"))
-    (expected,) = clf.classify(str(photo))
+    (expected,) = model.classify(str(photo))
     tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
-    results = clf.classify([rgb, tensor, str(photo), Image.fromarray(rgb)])
+    results = model.classify([rgb, tensor, str(photo), Image.fromarray(rgb)])
     assert [r.path for r in results] == ["<image 0>", "<image 1>", str(photo), "<image 3>"]
     for result in results:
         same(result, expected)
     # a 4-D array is a batch of images
-    batch = clf.classify(np.stack([rgb, rgb]))
+    batch = model.classify(np.stack([rgb, rgb]))
     assert [r.path for r in batch] == ["<image 0>", "<image 1>"]
     same(batch[1], expected)
 
 
 def test_grey_and_alpha_follow_the_decoding_policy(
-    clf: Classifier, photos: list[Path], tmp_path: Path
+    model: ImageModel, photos: list[Path], tmp_path: Path
 ) -> None:
     """HxW grey and HxWx4 RGBA arrays give what the same pixels saved as PNG files give
     (grey to RGB, alpha composited over white)."""
@@ -89,21 +91,21 @@ def test_grey_and_alpha_follow_the_decoding_policy(
     rgba = Image.fromarray(alpha, "RGBA")
     grey.save(tmp_path / "grey.png")
     rgba.save(tmp_path / "rgba.png")
-    got = clf.classify([np.asarray(grey), np.asarray(grey)[:, :, None], alpha, rgba])
-    files = clf.classify([tmp_path / "grey.png", tmp_path / "rgba.png"])
+    got = model.classify([np.asarray(grey), np.asarray(grey)[:, :, None], alpha, rgba])
+    files = model.classify([tmp_path / "grey.png", tmp_path / "rgba.png"])
     same(got[0], files[0])
     same(got[1], files[0])
     same(got[2], files[1])
     same(got[3], files[1])
     grey_tensor = torch.from_numpy(np.asarray(grey).copy())
-    same(clf.classify(grey_tensor)[0], files[0])
-    same(clf.classify(grey_tensor[None])[0], files[0])
+    same(model.classify(grey_tensor)[0], files[0])
+    same(model.classify(grey_tensor[None])[0], files[0])
 
 
 def test_unusable_arrays_get_error_records_and_other_objects_raise(
-    clf: Classifier, photos: list[Path]
+    model: ImageModel, photos: list[Path]
 ) -> None:
-    results = clf.classify(
+    results = model.classify(
         [np.zeros((8, 8, 3), np.float32), torch.zeros(5, 8, 8, dtype=torch.uint8), photos[0]]
     )
     assert len(results) == 3
@@ -111,18 +113,18 @@ def test_unusable_arrays_get_error_records_and_other_objects_raise(
     assert results[1].path == "<image 1>" and "unsupported tensor" in (results[1].error or "")
     assert results[2].error is None
     with pytest.raises(TypeError, match="not int"):
-        clf.classify(5)
+        model.classify(5)
     with pytest.raises(TypeError, match="input 1: .* not dict"):
-        clf.classify([photos[0], {}])
+        model.classify([photos[0], {}])
 
 
 def test_in_memory_images_with_decode_workers(v1_checkpoint: Path, photos: list[Path]) -> None:
     """In-memory images are resized in the main process, files in the workers; the order
     and the numbers stay the same."""
-    clf = Classifier(str(v1_checkpoint), device="cpu", dtype="float32", batch_size=2, workers=2)
+    model = ImageModel(str(v1_checkpoint), device="cpu", dtype="float32", batch_size=2, workers=2)
     inputs = [Image.open(p) if n % 2 else str(p) for n, p in enumerate(photos)]
-    got = clf.classify(inputs)
-    expected = clf.classify([str(p) for p in photos])
+    got = model.classify(inputs)
+    expected = model.classify([str(p) for p in photos])
     assert [r.path for r in got] == [
         f"<image {n}>" if n % 2 else str(p) for n, p in enumerate(photos)
     ]
@@ -175,3 +177,28 @@ def test_run_resumable_job_to_a_file(
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(r["path"] for r in records) == sorted(every)
     assert all(len(r["predictions"]) == 3 for r in records)
+
+
+def test_classifier_is_the_earlier_name_of_image_model(
+    model: ImageModel, photos: list[Path]
+) -> None:
+    """Code written against ``Classifier`` keeps working: the same class, exported lazily."""
+    import convnext_cli
+    from convnext_cli import Classifier
+
+    assert Classifier is ImageModel is convnext_cli.ImageModel
+    assert {"Classifier", "ImageModel"} <= set(convnext_cli.__all__)
+    assert isinstance(model, Classifier)
+    (result,) = Classifier.classify(model, str(photos[0]), top_k=2)
+    assert len(result.predictions) == 2
+
+
+def test_import_is_light_until_image_model_is_used() -> None:
+    code = (
+        "import sys, convnext_cli\n"
+        "assert 'torch' not in sys.modules\n"
+        "convnext_cli.ImageModel, convnext_cli.Classifier\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -17,16 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from convnext_cli.cli import app, jobs
-from convnext_cli.cli.options import (
-    SHARED_PARAMETERS,
-    ClassifyFormat,
-    Decode,
-    Dtype,
-    EmbedFormat,
-    Engine,
-    LayoutChoice,
-    parameters_of,
-)
+from convnext_cli.cli.options import SHARED_PARAMETERS, parameters_of
 
 # the modules (the package's attributes of these names are the command functions)
 classify = importlib.import_module("convnext_cli.cli.classify")
@@ -49,21 +40,35 @@ def help_text(command: str) -> str:
 # ----------------------------------------------------------------------------- choices
 
 
-def test_choices_equal_the_core_tuples() -> None:
+def offered(command: str) -> dict[str, tuple[str, ...]]:
+    """What each option of ``command`` completes to in the shell (its choices)."""
+    import typer
+
+    click_command = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    context = click_command.make_context(command, [], resilient_parsing=True)
+    found = {p.name: p.shell_complete(context, "") for p in click_command.params}
+    return {name: tuple(item.value for item in items) for name, items in found.items() if items}
+
+
+def test_the_cli_offers_the_core_tables_choices() -> None:
+    """Every choice list the CLI offers (completes, shows, accepts) is the tuple the core
+    checks against: choices.py is the one table both are built from."""
+    from convnext_cli import choices
     from convnext_cli.checkpoints.layouts import LAYOUTS
     from convnext_cli.engine.device import DTYPE_NAMES
+    from convnext_cli.engine.pipeline import SCORE_KINDS
     from convnext_cli.imaging.gpu_jpeg import DECODE_CHOICES
     from convnext_cli.outputs.writers import CLASSIFY_FORMATS, EMBED_FORMATS
 
-    def values(enum) -> tuple[str, ...]:
-        return tuple(member.value for member in enum)
-
-    assert values(ClassifyFormat) == CLASSIFY_FORMATS
-    assert values(EmbedFormat) == EMBED_FORMATS
-    assert values(Dtype) == DTYPE_NAMES
-    assert values(Decode) == DECODE_CHOICES
-    assert values(LayoutChoice) == ("auto", *LAYOUTS)
-    assert values(Engine) == ("local", "ray")
+    devices = ("auto", "cpu", "cuda", "cuda:0", "mps")
+    shared = {"device": devices, "dtype": DTYPE_NAMES, "decode": DECODE_CHOICES}
+    shared["engine"] = choices.ENGINES
+    assert offered("classify") == {**shared, "fmt": CLASSIFY_FORMATS, "scores": SCORE_KINDS}
+    assert offered("embed") == {**shared, "fmt": EMBED_FORMATS}
+    assert offered("convert") == {"from_": ("auto", *LAYOUTS), "to": choices.CONVERT_TARGETS}
+    benchmark = offered("benchmark")
+    assert (benchmark["fmt"], benchmark["decode"]) == (choices.REPORT_FORMATS, DECODE_CHOICES)
+    assert ("auto", *LAYOUTS) == choices.LAYOUT_CHOICES and SCORE_KINDS == choices.SCORES
 
 
 def test_help_shows_choices_and_readable_metavars() -> None:
@@ -232,9 +237,9 @@ def test_scores_at_full_precision(v1_checkpoint: Path, photos: list[Path], tmp_p
     import numpy as np
     import pyarrow.parquet as pq
 
-    from convnext_cli import Classifier
+    from convnext_cli import ImageModel
 
-    expected = Classifier(str(v1_checkpoint), device="cpu", dtype="float32", workers=0)
+    expected = ImageModel(str(v1_checkpoint), device="cpu", dtype="float32", workers=0)
     want = [p.score for p in expected.classify(str(photos[0]), top_k=5)[0].predictions]
     common = [photos[0], "-m", v1_checkpoint, "--device", "cpu", "--dtype", "float32"]
     lines = invoke("classify", *common, "--format", "jsonl", "--workers", "0")

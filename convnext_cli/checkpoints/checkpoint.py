@@ -204,7 +204,7 @@ def load_checkpoint(
     )
     tensors = unwrap(read_weights_file(files.weights))
     check_tensors(tensors, files.weights)
-    found, body, config = understand(tensors, layout, where=str(files.weights))
+    found, body, config = identify_weights(tensors, layout, where=str(files.weights))
     if found in TRANSFORMERS_LAYOUTS and config_json is not None:
         config = _config_json_for(config, config_json, files, body)
     else:
@@ -219,12 +219,13 @@ def load_checkpoint(
     )
 
 
-def understand(
+def identify_weights(
     tensors: Mapping[str, Tensor], layout: str | None = None, *, where: str = "checkpoint"
 ) -> tuple[CheckpointLayout, StateDict, ConvNextConfig]:
-    """A state dict's layout, its tensors under transformers' names (no backbone prefix),
-    and the config they describe (eps: transformers' default for its own layout, 1e-6 for
-    the others, whose final norm uses it)."""
+    """What a state dict is: its layout (``layout`` when given, else detected), its tensors
+    under transformers' names (no backbone prefix), and the config they describe (eps:
+    transformers' default for its own layout, 1e-6 for the others, whose final norm uses
+    it)."""
     found = CheckpointLayout.resolve(tensors, layout)
     body = rename(tensors, found)
     eps = HF_DEFAULT_NORM_EPS if found in TRANSFORMERS_LAYOUTS else NORM_EPS

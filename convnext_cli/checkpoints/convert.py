@@ -83,39 +83,56 @@ class Conversion:
         return f"{self.layout}, {self.described}"
 
 
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What :func:`convert` and :func:`export_onnx` take besides the source and the target:
+    the source's layout (``auto``: detected), the preprocessing to write, whether to replace
+    an existing output, and the Hub options."""
+
+    layout: str = "auto"
+    image_size: int | None = None
+    crop_pct: float | None = None
+    force: bool = False
+    revision: str | None = None
+    cache_dir: Path | None = None
+    token: str | None = None
+
+    def locate(self, source: str | Path) -> CheckpointFiles:
+        """The options checked, then ``source``'s files found (downloaded from the Hub)."""
+        check_options(self.layout, self.image_size, self.crop_pct)
+        return locate(
+            str(source), revision=self.revision, cache_dir=self.cache_dir, token=self.token
+        )
+
+    def read(self, files: CheckpointFiles) -> tuple[Checkpoint, dict[str, Any], dict[str, Any]]:
+        """The checkpoint, and the config.json and preprocessor_config.json written for it."""
+        checkpoint = load_checkpoint(files, layout=self.layout)
+        config = config_json(checkpoint, self.image_size)
+        return checkpoint, config, choose_preprocessor(checkpoint, self.image_size, self.crop_pct)
+
+
 def convert_checkpoint(source: str | Path, output_dir: Path, **options: Any) -> Path:
     """Convert ``source`` (a weights file, a folder or a Hub id) into a Hub-layout folder;
-    ``options`` as :func:`convert` takes them.  Returns the folder."""
-    return convert(source, output_dir, **options).output_dir
+    ``options`` are :class:`ConvertOptions`' fields.  Returns the folder."""
+    return convert(source, output_dir, ConvertOptions(**options)).output_dir
 
 
 def convert(
-    source: str | Path,
-    output_dir: Path,
-    *,
-    layout: str = "auto",
-    image_size: int | None = None,
-    crop_pct: float | None = None,
-    force: bool = False,
-    revision: str | None = None,
-    cache_dir: Path | None = None,
-    token: str | None = None,
+    source: str | Path, output_dir: Path, options: ConvertOptions | None = None
 ) -> Conversion:
     """:func:`convert_checkpoint`, returning what was written (for the CLI's summary line)."""
+    options = options or ConvertOptions()
     output_dir = Path(output_dir).expanduser()
-    check_options(layout, image_size, crop_pct)
-    files = locate(str(source), revision=revision, cache_dir=cache_dir, token=token)
-    check_output_dir(output_dir, files, force)
-    checkpoint = load_checkpoint(files, layout=layout)
+    files = options.locate(source)
+    check_output_dir(output_dir, files, options.force)
+    checkpoint, config, preprocessor = options.read(files)
     assemble(checkpoint.config, checkpoint.state_dict, files.weights)  # the one shape check
-    config = config_json(checkpoint, image_size)
-    preprocessor = choose_preprocessor(checkpoint, image_size, crop_pct)
     # What is written must read back: the same checks classify applies when loading it.
     ConvNextConfig.from_dict(config, where=f"{output_dir / CONFIG_FILE} (to be written)")
     PreprocessSpec.from_dict(
         preprocessor, where=f"{output_dir / PREPROCESSOR_FILE} (to be written)"
     )
-    write_folder(output_dir, saved_weights(checkpoint), config, preprocessor, force)
+    write_folder(output_dir, saved_weights(checkpoint), config, preprocessor, options.force)
     return Conversion(
         Path(str(source)),
         output_dir,
@@ -333,16 +350,7 @@ def check_onnx_output(output: Path, files: CheckpointFiles, force: bool) -> None
 
 
 def export_onnx(
-    source: str | Path,
-    output: Path,
-    *,
-    layout: str = "auto",
-    image_size: int | None = None,
-    crop_pct: float | None = None,
-    force: bool = False,
-    revision: str | None = None,
-    cache_dir: Path | None = None,
-    token: str | None = None,
+    source: str | Path, output: Path, options: ConvertOptions | None = None
 ) -> OnnxExport:
     """The checkpoint as an ONNX model (float32, opset 18, through torch.onnx's exporter).
 
@@ -357,11 +365,34 @@ def export_onnx(
     """
     import torch
 
-    from convnext_cli import __version__
     from convnext_cli.checkpoints.checkpoint import build_model
 
+    options = options or ConvertOptions()
     output = Path(output).expanduser()
-    check_options(layout, image_size, crop_pct)
+    files = options.locate(source)
+    check_onnx_installed()
+    check_onnx_output(output, files, options.force)
+    checkpoint, config, preprocessor = options.read(files)
+    spec = PreprocessSpec.from_dict(preprocessor, where=f"{output} (preprocessing)")
+    model = build_model(checkpoint, "cpu", torch.float32, channels_last=False, fuse=False)
+    height, width = spec.resize_and_crop(torch.zeros(3, 480, 640, dtype=torch.uint8)).shape[1:]
+    # a feature model's head is an identity: its forward gives the pooled feature
+    name = "logits" if checkpoint.has_head else "pooler_output"
+    example = torch.zeros(2, checkpoint.config.num_channels, height, width)
+    metadata = onnx_metadata(checkpoint, config, preprocessor, name)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(output) as tmp:
+            _export(model, example, tmp, name, metadata)
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write ({one_line(exc)})") from exc
+    shape = (checkpoint.config.num_channels, int(height), int(width))
+    return OnnxExport(
+        Path(str(source)), output, checkpoint.layout, name, shape, checkpoint.config.describe()
+    )
+
+
+def check_onnx_installed() -> None:
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -369,41 +400,23 @@ def export_onnx(
         raise UsageError(
             "ONNX export needs onnx and onnxscript: pip install 'convnext-cli[onnx]'"
         ) from None
-    files = locate(str(source), revision=revision, cache_dir=cache_dir, token=token)
-    check_onnx_output(output, files, force)
-    checkpoint = load_checkpoint(files, layout=layout)
-    config = config_json(checkpoint, image_size)
-    preprocessor = choose_preprocessor(checkpoint, image_size, crop_pct)
-    spec = PreprocessSpec.from_dict(preprocessor, where=f"{output} (preprocessing)")
-    model = build_model(checkpoint, "cpu", torch.float32, channels_last=False, fuse=False)
-    height, width = spec.resize_and_crop(torch.zeros(3, 480, 640, dtype=torch.uint8)).shape[1:]
-    # a feature model's head is an identity: its forward gives the pooled feature
-    name = "logits" if checkpoint.has_head else "pooler_output"
-    example = torch.zeros(2, checkpoint.config.num_channels, height, width)
-    metadata = {
+
+
+def onnx_metadata(
+    checkpoint: Checkpoint, config: dict[str, Any], preprocessor: dict[str, Any], output: str
+) -> dict[str, str]:
+    """The ONNX file's ``metadata_props``: what a deployment needs to feed it and read it."""
+    from convnext_cli import __version__
+
+    labels = {str(i): label for i, label in enumerate(checkpoint.config.labels)}
+    return {
         "preprocessor_config": json.dumps(preprocessor, sort_keys=True),
         "config": json.dumps(config, sort_keys=True),
-        "id2label": json.dumps(
-            {str(i): label for i, label in enumerate(checkpoint.config.labels)}, sort_keys=True
-        ),
+        "id2label": json.dumps(labels, sort_keys=True),
         "input": ONNX_INPUT,
-        "output": name,
+        "output": output,
         "producer": f"convnext-cli {__version__}",
     }
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(output) as tmp:
-            _export(model, example, tmp, name, metadata)
-    except OSError as exc:
-        raise UsageError(f"{output}: cannot write ({one_line(exc)})") from exc
-    return OnnxExport(
-        Path(str(source)),
-        output,
-        checkpoint.layout,
-        name,
-        (checkpoint.config.num_channels, int(height), int(width)),
-        checkpoint.config.describe(),
-    )
 
 
 def _export(

@@ -180,41 +180,71 @@ HF_RULES = (
     _rule(r"(classifier\.(?:weight|bias))", r"\1"),
 )
 
-_FB = r"stages\.(\d+)\.(\d+)\."
 _HB = r"encoder.stages.\1.layers.\2."
-FB_RULES = (
-    _rule(r"downsample_layers\.0\.0\.(weight|bias)", r"embeddings.patch_embeddings.\1"),
-    _rule(r"downsample_layers\.0\.1\.(weight|bias)", r"embeddings.layernorm.\1"),
-    _rule(
-        r"downsample_layers\.(\d+)\.([01])\.(weight|bias)",
-        r"encoder.stages.\1.downsampling_layer.\2.\3",
-    ),
-    _rule(_FB + r"dwconv\.(weight|bias)", _HB + r"dwconv.\3"),
-    _rule(_FB + r"norm\.(weight|bias)", _HB + r"layernorm.\3"),
-    _rule(_FB + r"(pwconv[12])\.(weight|bias)", _HB + r"\3.\4", _as_linear),
-    _rule(_FB + r"gamma", _HB + r"layer_scale_parameter", _flatten),
-    _rule(_FB + r"grn\.gamma", _HB + r"grn.weight", _grn),
-    _rule(_FB + r"grn\.beta", _HB + r"grn.bias", _grn),
-    _rule(r"norm\.(weight|bias)", r"layernorm.\1"),
-    _rule(r"head\.(weight|bias)", r"classifier.\1"),
-)
+_WB = r"\.(weight|bias)"
 
-_TB = r"stages\.(\d+)\.blocks\.(\d+)\."
-TIMM_RULES = (
-    _rule(r"stem\.0\.(weight|bias)", r"embeddings.patch_embeddings.\1"),
-    _rule(r"stem\.1\.(weight|bias)", r"embeddings.layernorm.\1"),
-    _rule(
-        r"stages\.(\d+)\.downsample\.([01])\.(weight|bias)",
-        r"encoder.stages.\1.downsampling_layer.\2.\3",
-    ),
-    _rule(_TB + r"conv_dw\.(weight|bias)", _HB + r"dwconv.\3"),
-    _rule(_TB + r"norm\.(weight|bias)", _HB + r"layernorm.\3"),
-    _rule(_TB + r"mlp\.fc1\.(weight|bias)", _HB + r"pwconv1.\3", _as_linear),
-    _rule(_TB + r"mlp\.fc2\.(weight|bias)", _HB + r"pwconv2.\3", _as_linear),
-    _rule(_TB + r"gamma", _HB + r"layer_scale_parameter", _flatten),
-    _rule(_TB + r"mlp\.grn\.(weight|bias)", _HB + r"grn.\3", _grn),
-    _rule(r"head\.norm\.(weight|bias)", r"layernorm.\1"),
-    _rule(r"head\.fc\.(weight|bias)", r"classifier.\1"),
+
+def _dense_rules(
+    stem: str, downsample: str, block: str, parts: Mapping[str, str], final: str, head: str
+) -> tuple[Rule, ...]:
+    """The rules of a layout that is fb's but for its names (fb itself, timm).
+
+    ``stem``: the patchify conv and its norm are ``stem`` 0 and 1; ``downsample``: stage i's
+    norm and conv are ``downsample`` (its group 1 is i) 0 and 1; ``block``: block j of stage i
+    (groups 1 and 2) holds ``parts``, each transformers' name of a block part (``dwconv``,
+    ``layernorm``, ``pwconv1``, ``pwconv2``, ``gamma``, ``grn.weight``, ``grn.bias``) to its
+    name here; ``final`` and ``head``: the last norm and the classifier.
+    """
+    part = {name: block + pattern for name, pattern in parts.items()}
+    return (
+        _rule(stem + r"0" + _WB, r"embeddings.patch_embeddings.\1"),
+        _rule(stem + r"1" + _WB, r"embeddings.layernorm.\1"),
+        _rule(downsample + r"\.([01])" + _WB, r"encoder.stages.\1.downsampling_layer.\2.\3"),
+        _rule(part["dwconv"] + _WB, _HB + r"dwconv.\3"),
+        _rule(part["layernorm"] + _WB, _HB + r"layernorm.\3"),
+        _rule(part["pwconv1"] + _WB, _HB + r"pwconv1.\3", _as_linear),
+        _rule(part["pwconv2"] + _WB, _HB + r"pwconv2.\3", _as_linear),
+        _rule(part["gamma"], _HB + r"layer_scale_parameter", _flatten),
+        _rule(part["grn.weight"], _HB + r"grn.weight", _grn),
+        _rule(part["grn.bias"], _HB + r"grn.bias", _grn),
+        _rule(final + _WB, r"layernorm.\1"),
+        _rule(head + _WB, r"classifier.\1"),
+    )
+
+
+FB_PARTS = {
+    "dwconv": r"dwconv",
+    "layernorm": r"norm",
+    "pwconv1": r"pwconv1",
+    "pwconv2": r"pwconv2",
+    "gamma": r"gamma",
+    "grn.weight": r"grn\.gamma",
+    "grn.bias": r"grn\.beta",
+}
+TIMM_PARTS = {
+    "dwconv": r"conv_dw",
+    "layernorm": r"norm",
+    "pwconv1": r"mlp\.fc1",
+    "pwconv2": r"mlp\.fc2",
+    "gamma": r"gamma",
+    "grn.weight": r"mlp\.grn\.weight",
+    "grn.bias": r"mlp\.grn\.bias",
+}
+FB_RULES = _dense_rules(
+    r"downsample_layers\.0\.",
+    r"downsample_layers\.(\d+)",
+    r"stages\.(\d+)\.(\d+)\.",
+    FB_PARTS,
+    final=r"norm",
+    head=r"head",
+)
+TIMM_RULES = _dense_rules(
+    r"stem\.",
+    r"stages\.(\d+)\.downsample",
+    r"stages\.(\d+)\.blocks\.(\d+)\.",
+    TIMM_PARTS,
+    final=r"head\.norm",
+    head=r"head\.fc",
 )
 
 

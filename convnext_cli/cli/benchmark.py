@@ -6,26 +6,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from convnext_cli.choices import COMPILE_MODES, DEFAULT_MODEL, DTYPES
+from convnext_cli.choices import COMPILE_MODES, DTYPES, ReportFormat
 from convnext_cli.cli.errors import say
-from convnext_cli.cli.options import (
-    CacheDirOpt,
-    Decode,
-    DecodeOpt,
-    DeviceOpt,
-    LabelsOpt,
-    ModelOpt,
-    RevisionOpt,
-    TokenOpt,
-    WorkersOpt,
-)
+from convnext_cli.cli.options import model_options
 from convnext_cli.cli.progress import configure, note
 from convnext_cli.errors import OutputError, UsageError
 from convnext_cli.limits import (
@@ -39,14 +27,10 @@ from convnext_cli.limits import (
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
 if TYPE_CHECKING:
-    from convnext_cli.engine.benchmark import Report
+    from convnext_cli.engine.benchmark import Report, SweepOptions
+    from convnext_cli.engine.loading import ModelSource, RunOptions
 
 OUTPUT_SUFFIXES = (".png", ".svg", ".json")
-
-
-class ReportFormat(str, Enum):
-    table = "table"
-    json = "json"
 
 
 # this command's own options (the shared ones come from cli/options.py)
@@ -103,35 +87,30 @@ ImagesOpt = Annotated[
 ]
 
 
-def _count(low: int, high: int) -> Callable[[int], int]:
-    """A range check for an iteration count, said in the help text rather than as Typer's
-    ``[low<=x<=high]`` metavar (which widens the table past 80 columns)."""
+def count_option(name: str, low: int, high: int, help: str) -> Any:
+    """An iteration count in low..high, the range said in the help text (``what (low to
+    high). more``) rather than as Typer's ``[low<=x<=high]`` metavar, which widens the table
+    past 80 columns."""
 
     def check(value: int) -> int:
         if not low <= value <= high:
             raise typer.BadParameter(f"{value} is not in the range {low} to {high}")
         return value
 
-    return check
+    what, _, more = help.partition(". ")
+    said = f"{what} ({low} to {high})." + (f" {more}" if more else "")
+    return typer.Option(name, callback=check, metavar="N", help=said)
 
 
-WarmupOpt = Annotated[
-    int,
-    typer.Option(
-        "--warmup",
-        callback=_count(0, MAX_WARMUP),
-        metavar="N",
-        help=f"Untimed iterations (0 to {MAX_WARMUP}).",
-    ),
-]
+WarmupOpt = Annotated[int, count_option("--warmup", 0, MAX_WARMUP, "Untimed iterations")]
 ItersOpt = Annotated[
     int,
-    typer.Option(
+    count_option(
         "--iters",
-        callback=_count(1, MAX_ITERS),
-        metavar="N",
-        help=f"Timed iterations (1 to {MAX_ITERS}). A row whose p99 latency is over 1.5x "
-        "its p50 (with 5 or more timed batches) is flagged noisy.",
+        1,
+        MAX_ITERS,
+        "Timed iterations. A row whose p99 latency is over 1.5x its p50 (with 5 or more "
+        "timed batches) is flagged noisy.",
     ),
 ]
 ReportFormatOpt = Annotated[
@@ -164,26 +143,20 @@ SaveOpt = Annotated[
 ]
 
 
+@model_options
 def benchmark(
-    model: ModelOpt = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    cache_dir: CacheDirOpt = None,
-    token: TokenOpt = None,
-    labels: LabelsOpt = None,
     batch_sizes: BatchSizesOpt = "",
     dtype: DtypesOpt = "auto",
-    device: DeviceOpt = "auto",
     channels_last: ChannelsLastOpt = True,
     compile_model: CompileFirstOpt = False,
     compile_mode: CompileModeOpt = None,
     images: ImagesOpt = None,
     warmup: WarmupOpt = 3,
     iters: ItersOpt = 10,
-    fmt: ReportFormatOpt = ReportFormat.table,
+    fmt: ReportFormatOpt = "table",
     output: SaveOpt = None,
-    workers: WorkersOpt = None,
-    decode: DecodeOpt = Decode.auto,
     quiet: BenchQuietOpt = False,
+    **model: Any,
 ) -> None:
     """Measure images/s and per-batch latency (p50/p90/p99) over batch sizes and dtypes.
 
@@ -202,6 +175,7 @@ def benchmark(
         raise OutputError(STDOUT_CLOSED_MESSAGE)
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"-o {output}: use a .png or .svg (plot) or .json (report) file")
+    device, workers, decode = model.pop("device"), model.pop("workers"), model.pop("decode")
     if not batch_sizes:
         from convnext_cli.engine.device import resolve_device
 
@@ -213,35 +187,39 @@ def benchmark(
                 f"(choose from {', '.join(COMPILE_MODES)})"
             )
         compile_model = True
-    sizes = parse_batch_sizes(batch_sizes)
-    dtype_names = parse_dtypes(dtype)
+    sizes, dtypes = tuple(parse_batch_sizes(batch_sizes)), parse_dtypes(dtype)
     paths = benchmark_images(images) if images is not None else []
 
-    from convnext_cli.engine.benchmark import SweepOptions, runners_for, sweep
+    from convnext_cli.engine.benchmark import SweepOptions
     from convnext_cli.engine.loading import ModelSource, RunOptions
-    from convnext_cli.outputs.benchmark_report import noise_note, speed_notes
 
     run = RunOptions(
         device=device,
-        decode=decode.value if paths else "cpu",
+        decode=decode if paths else "cpu",
         compile=compile_model,
         channels_last=channels_last,
         compile_mode=compile_mode or "default",
     )
-    source = ModelSource(model, revision, cache_dir, token, labels)
-    runners = runners_for(source, run, dtype_names, on_note=_note)
-    options = SweepOptions(tuple(sizes), warmup, iters, tuple(paths), workers)
-    report = sweep(runners, options, model_name=model, on_step=note)
+    options = SweepOptions(sizes, warmup, iters, tuple(paths), workers)
+    report = measure(ModelSource(**model), run, dtypes, options)
+    show(report, fmt, output)
+
+
+def measure(
+    source: ModelSource, run: RunOptions, dtypes: list[str], options: SweepOptions
+) -> Report:
+    """The sweep, its progress and its notes on stderr (noise, speed hints)."""
+    from convnext_cli.engine.benchmark import runners_for, sweep
+    from convnext_cli.outputs.benchmark_report import noise_note, speed_notes
+
+    runners = runners_for(source, run, dtypes, on_note=lambda text: note(f"note: {text}"))
+    report = sweep(runners, options, model_name=source.model, on_step=note)
     noise = noise_note(report)
     if noise:
         note(noise)
     for said in speed_notes(report):
         (say if said.startswith("warning:") else note)(said)
-    show(report, fmt, output)
-
-
-def _note(text: str) -> None:
-    note(f"note: {text}")
+    return report
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -283,13 +261,13 @@ def benchmark_images(folder: Path) -> list[str]:
     return found
 
 
-def show(report: Report, fmt: ReportFormat, output: Path | None) -> None:
+def show(report: Report, fmt: str, output: Path | None) -> None:
     """JSON or the table on stdout (bars too on a terminal without -o); then -o's file."""
     from rich.console import Console
 
     from convnext_cli.outputs.benchmark_report import print_report, save_plot
 
-    if fmt is ReportFormat.json:
+    if fmt == "json":
         print(json.dumps(report.to_dict(), indent=2))
     else:
         bars = output is None and sys.stdout.isatty()

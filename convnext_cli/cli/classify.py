@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, Any
 
 import typer
 
+from convnext_cli.choices import ClassifyFormat, Scores
 from convnext_cli.cli.jobs import Job, run_job
-from convnext_cli.cli.options import ClassifyFormat, InputsArg, shared_options
+from convnext_cli.cli.options import InputsArg, shared_options
 from convnext_cli.limits import MAX_TOP_K, is_int
 
 
@@ -24,12 +24,6 @@ def _top_k(text: str | int) -> int:
     if not 1 <= value <= MAX_TOP_K:
         raise typer.BadParameter(f"{value}: a number from 1 to {MAX_TOP_K}, or all")
     return value
-
-
-class Scores(str, Enum):
-    probs = "probs"
-    logits = "logits"
-    log_probs = "log-probs"
 
 
 TopKOpt = Annotated[
@@ -66,8 +60,8 @@ ClassifyFormatOpt = Annotated[
 def classify(
     inputs: InputsArg,
     top_k: TopKOpt = 5,
-    scores: ScoresOpt = Scores.probs,
-    fmt: ClassifyFormatOpt = ClassifyFormat.auto,
+    scores: ScoresOpt = "probs",
+    fmt: ClassifyFormatOpt = "auto",
     **shared: Any,
 ) -> None:
     """Classify images: top-k labels with softmax scores, one record per input, in order.
@@ -89,6 +83,6 @@ def classify(
         "inputs": inputs,
         "top_k": top_k,
         "fmt": fmt,
-        "scores": getattr(scores, "value", scores),
+        "scores": scores,
     }
     raise typer.Exit(run_job(Job.from_options("classify", options)))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from convnext_cli.choices import ConvertTarget, LayoutChoice
 from convnext_cli.cli.errors import say
-from convnext_cli.cli.options import CacheDirOpt, LayoutChoice, RevisionOpt, TokenOpt
+from convnext_cli.cli.options import hub_options
 from convnext_cli.limits import MAX_IMAGE_SIZE
 
 
@@ -44,14 +44,8 @@ OutputDirArg = Annotated[
 ]
 
 
-class Target(str, Enum):
-    auto = "auto"
-    hub = "hub"
-    onnx = "onnx"
-
-
 ToOpt = Annotated[
-    Target,
+    ConvertTarget,
     typer.Option(
         "--to",
         case_sensitive=False,
@@ -105,17 +99,16 @@ ForceOpt = Annotated[
 ]
 
 
+@hub_options
 def convert(
     source: SourceArg,
     output_dir: OutputDirArg,
-    from_: FromOpt = LayoutChoice.auto,
+    from_: FromOpt = "auto",
     image_size: ImageSizeOpt = None,
     crop_pct: CropPctOpt = None,
     force: ForceOpt = False,
-    revision: RevisionOpt = None,
-    cache_dir: CacheDirOpt = None,
-    token: TokenOpt = None,
-    to: ToOpt = Target.auto,
+    to: ToOpt = "auto",
+    **hub: Any,
 ) -> None:
     """Convert a ConvNeXt / ConvNeXt V2 checkpoint to a transformers (Hub-layout) folder.
 
@@ -131,36 +124,14 @@ def convert(
       $ convnext classify photos/ -m convnext-tiny/
       $ convnext convert facebook/convnext-tiny-224 convnext-tiny.onnx
     """
-    target = getattr(to, "value", to)
-    if target == "onnx" or (target == "auto" and output_dir.suffix.lower() == ".onnx"):
-        from convnext_cli.checkpoints.convert import export_onnx
+    from convnext_cli.checkpoints import convert as conversion
 
-        exported = export_onnx(
-            source,
-            output_dir,
-            layout=from_.value,
-            image_size=image_size,
-            crop_pct=crop_pct,
-            force=force,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-        )
-        say(f"exported {source} ({exported.summary()}) -> {exported.output}")
-        typer.echo(str(exported.output))
-        return
-    from convnext_cli.checkpoints.convert import convert as run_conversion
-
-    result = run_conversion(
-        source,
-        output_dir,
-        layout=from_.value,
-        image_size=image_size,
-        crop_pct=crop_pct,
-        force=force,
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
-    )
-    say(f"converted {source} ({result.summary()}) -> {result.output_dir}")
-    typer.echo(str(result.output_dir))
+    options = conversion.ConvertOptions(from_, image_size, crop_pct, force, **hub)
+    if to == "onnx" or (to == "auto" and output_dir.suffix.lower() == ".onnx"):
+        exported = conversion.export_onnx(source, output_dir, options)
+        done, written = f"exported {source} ({exported.summary()})", exported.output
+    else:
+        result = conversion.convert(source, output_dir, options)
+        done, written = f"converted {source} ({result.summary()})", result.output_dir
+    say(f"{done} -> {written}")
+    typer.echo(str(written))

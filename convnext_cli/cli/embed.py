@@ -6,8 +6,9 @@ from typing import Annotated, Any
 
 import typer
 
+from convnext_cli.choices import EmbedFormat
 from convnext_cli.cli.jobs import Job, run_job
-from convnext_cli.cli.options import EmbedFormat, InputsArg, shared_options
+from convnext_cli.cli.options import InputsArg, shared_options
 
 EmbedFormatOpt = Annotated[
     EmbedFormat,
@@ -54,7 +55,7 @@ NormalizeOpt = Annotated[
 @shared_options
 def embed(
     inputs: InputsArg,
-    fmt: EmbedFormatOpt = EmbedFormat.auto,
+    fmt: EmbedFormatOpt = "auto",
     normalize: NormalizeOpt = False,
     stage: StageOpt = None,
     pool: PoolOpt = "avg",

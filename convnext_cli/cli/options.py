@@ -1,13 +1,14 @@
 """Option and argument aliases shared by the commands (one definition, one help text).
 
-- Choice lists are ``str`` enums: Typer shows them in ``--help``, completes them in the shell
-  and refuses anything else with its usage message (exit 2).  Their values equal the
-  core's own tuples (``output.CLASSIFY_FORMATS``, ``device.DTYPE_NAMES``, ...; a test
-  checks), and :func:`shared_options` hands the commands plain strings, not enum members.
+- Choice lists are the ``Literal`` types of :mod:`convnext_cli.choices`, the one table the
+  core's tuples are built from too: Typer shows them in ``--help``, completes them in the
+  shell, refuses anything else with its usage message (exit 2) and hands the commands plain
+  strings.
 - Every value shows a readable metavar (``PATH``, ``N``, ``MODEL``, ``DEVICE``...); flags show
   none, ``--help`` included (:data:`HelpOpt` replaces Typer's own).
-- :func:`shared_options` declares the options classify and embed share exactly once (the
-  parameters of :func:`_shared`); :func:`with_parameters` is the mechanism.
+- :data:`SHARED` declares the options classify and embed share exactly once (their
+  :func:`shared_options`); :func:`model_options` (benchmark) and :func:`hub_options`
+  (convert) hand out parts of them; :func:`with_parameters` is the mechanism.
 
 Nothing here imports torch, PIL or numpy: ``convnext --help`` stays fast.
 """
@@ -19,72 +20,17 @@ import inspect
 import re
 import typing
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from convnext_cli.choices import DEFAULT_MODEL
+from convnext_cli.choices import DEFAULT_MODEL, Decoder, Dtype, Engine
 from convnext_cli.limits import MAX_BATCH_SIZE, MAX_REPLICAS, MAX_WORKERS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# ------------------------------------------------------------------------------- choices
-
-
-class ClassifyFormat(str, Enum):
-    auto = "auto"
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
-    parquet = "parquet"
-    html = "html"
-
-
-class EmbedFormat(str, Enum):
-    auto = "auto"
-    jsonl = "jsonl"
-    json = "json"
-    csv = "csv"
-    npy = "npy"
-    safetensors = "safetensors"
-    parquet = "parquet"
-
-
-class Dtype(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-class Decode(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
-
-
-class LayoutChoice(str, Enum):
-    auto = "auto"
-    hf = "hf"
-    fb = "fb"
-    fcmae = "fcmae"
-    timm = "timm"
-    torchvision = "torchvision"
-    tf = "tf"
-
-
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
-
-
-def plain(value: Any) -> Any:
-    """An enum member as its value (``f"{Dtype.auto}"`` would say ``Dtype.auto``)."""
-    return value.value if isinstance(value, Enum) else value
-
+# ------------------------------------------------------------------------------- devices
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -138,318 +84,195 @@ InputsArg = Annotated[
         show_default=False,
     ),
 ]
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        metavar="MODEL",
-        help="Hub id (optionally id@revision), Hub-layout folder, or a single weights file "
-        "(transformers, facebookresearch, timm or torchvision layout).",
-        rich_help_panel=MODEL_PANEL,
+
+# what --help says of each option (by its long name), read together
+HELP = {
+    "--model": (
+        "Hub id (optionally id@revision), Hub-layout folder, or a single weights file "
+        "(transformers, facebookresearch, timm or torchvision layout)."
     ),
-]
-RevisionOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--revision",
-        metavar="REV",
-        help="Hub revision (branch, tag or commit) of MODEL; the same as MODEL@REV.",
-        show_default=False,
-        rich_help_panel=MODEL_PANEL,
+    "--revision": "Hub revision (branch, tag or commit) of MODEL; the same as MODEL@REV.",
+    "--cache-dir": (
+        "Where Hub downloads are cached (default: huggingface_hub's cache, under HF_HOME)."
     ),
-]
-CacheDirOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--cache-dir",
-        metavar="DIR",
-        help="Where Hub downloads are cached (default: huggingface_hub's cache, under HF_HOME).",
-        show_default=False,
-        rich_help_panel=MODEL_PANEL,
+    "--token": (
+        "Hub access token for private or gated models (default: HF_TOKEN, or the token "
+        "saved by `hf auth login`)."
     ),
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--token",
-        metavar="TOKEN",
-        help="Hub access token for private or gated models (default: HF_TOKEN, or the token "
-        "saved by `hf auth login`).",
-        show_default=False,
-        rich_help_panel=MODEL_PANEL,
+    "--labels": (
+        "Class names replacing the checkpoint's id2label: a text file with one label per "
+        "line, or a JSON list or {index: label} object."
     ),
-]
-LabelsOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--labels",
-        metavar="FILE",
-        help="Class names replacing the checkpoint's id2label: a text file with one label per "
-        "line, or a JSON list or {index: label} object.",
-        show_default=False,
-        rich_help_panel=MODEL_PANEL,
+    "--device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
+    "--dtype": (
+        "auto is float32, except bfloat16 on CPUs with AMX units (said on stderr); float16"
+        " and bfloat16 are opt-in speed modes."
     ),
-]
+    "--batch-size": (
+        "Images per batch. Default: 8 on the CPU (activations stay in cache); on a "
+        "GPU 256 at 224 px with 16 GiB or more (64 below), fewer for larger inputs, "
+        "halved on out-of-memory."
+    ),
+    "--workers": (
+        "Decoding worker processes (0: decode in the main process). Default: none for a "
+        "single batch; on a GPU every usable core but what the main process keeps, on "
+        "the CPU one per four cores."
+    ),
+    "--compile": "Run the model through torch.compile (slow first batch; pays off on long runs).",
+    "--decode": (
+        "Where JPEGs are decoded: auto (= cpu: the same pixels on every device), cpu "
+        "(Pillow, bit-exact with transformers) or gpu (nvjpeg through torchvision, "
+        "faster)."
+    ),
+    "--recursive": "Descend into sub-folders of folder inputs.",
+    "--null": "Paths on stdin ('-') are NUL-separated (find -print0).",
+    "--shard": (
+        "Take only shard I of N (0 <= I < N): every N-th input by listing order, starting "
+        "at the I-th; N runs with I = 0..N-1 cover every input exactly once."
+    ),
+    "--image-column": (
+        "Parquet inputs: the column of encoded image bytes (default: the first of "
+        "image, jpg, png, img, bytes, image_bytes)."
+    ),
+    "--id-column": (
+        "Parquet inputs: the column whose value is the record's path (default: id, "
+        "key, __key__, path or file_name if present, else FILE#ROW)."
+    ),
+    "--output": (
+        "Write results to FILE instead of stdout ('-': stdout); its extension (.jsonl, "
+        ".json, .csv, .parquet, .html, .npy, .safetensors) picks the format unless "
+        "--format says. Written beside FILE and moved into place; never over an input or "
+        "a checkpoint."
+    ),
+    "--quiet": (
+        "No notes, no progress bar, no closing summary on stderr; warnings and errors still print."
+    ),
+    "--no-progress": "No progress bar (it shows only when stderr is a terminal anyway).",
+    "--resume": (
+        "Continue an interrupted run into the same -o FILE (jsonl, csv, parquet): inputs "
+        "already recorded there are skipped, new records are added."
+    ),
+    "--retry-errors": "With --resume: do inputs that got an error again.",
+    "--force-resume": (
+        "With --resume: add to FILE even if another model, top-k or preprocessing wrote it."
+    ),
+    "--engine": (
+        "local (this process and its decode workers) or ray (Ray Data: a local Ray, or a "
+        "cluster with --ray-address / RAY_ADDRESS; needs the ray extra)."
+    ),
+    "--ray-address": "--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).",
+    "--replicas": "--engine ray: model replicas (default: one per GPU; CPU actors without GPUs).",
+    "--verbose": "--engine ray: show Ray's own logs and progress.",
+}
+
+
+def option(panel: str, *names: str, **more: Any) -> Any:
+    """An option in ``panel``'s box of --help, its help text from :data:`HELP`."""
+    return typer.Option(*names, help=HELP[names[0]], rich_help_panel=panel, **more)
+
+
+def value(panel: str, *names: str, metavar: str, **more: Any) -> Any:
+    """An option with a value whose default (none, or the engine's) its help text says."""
+    return option(panel, *names, metavar=metavar, show_default=False, **more)
+
+
+def flag(panel: str, *names: str) -> Any:
+    """An on/off flag (no ``<bool>`` metavar)."""
+    return option(panel, *names, metavar="")
+
+
+def choice(panel: str, name: str) -> Any:
+    """One of the values of its ``Literal`` annotation, in any case."""
+    return option(panel, name, case_sensitive=False)
+
+
+ModelOpt = Annotated[str, option(MODEL_PANEL, "--model", "-m", metavar="MODEL")]
+RevisionOpt = Annotated[str | None, value(MODEL_PANEL, "--revision", metavar="REV")]
+CacheDirOpt = Annotated[Path | None, value(MODEL_PANEL, "--cache-dir", metavar="DIR")]
+TokenOpt = Annotated[str | None, value(MODEL_PANEL, "--token", metavar="TOKEN")]
+LabelsOpt = Annotated[Path | None, value(MODEL_PANEL, "--labels", metavar="FILE")]
 DeviceOpt = Annotated[
     str,
-    typer.Option(
+    option(
+        MODEL_PANEL,
         "--device",
         metavar="DEVICE",
         parser=parse_device,
         autocompletion=_complete_device,
-        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
-        rich_help_panel=MODEL_PANEL,
     ),
 ]
-DtypeOpt = Annotated[
-    Dtype,
-    typer.Option(
-        "--dtype",
-        case_sensitive=False,
-        help="auto is float32, except bfloat16 on CPUs with AMX units (said on stderr); "
-        "float16 and bfloat16 are opt-in speed modes.",
-        rich_help_panel=MODEL_PANEL,
-    ),
-]
+DtypeOpt = Annotated[Dtype, choice(MODEL_PANEL, "--dtype")]
 BatchOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--batch-size",
-        "-b",
-        min=1,
-        max=MAX_BATCH_SIZE,
-        metavar="N",
-        help="Images per batch. Default: 8 on the CPU (activations stay in cache); on a GPU "
-        "256 at 224 px with 16 GiB or more (64 below), fewer for larger inputs, halved on "
-        "out-of-memory.",
-        show_default=False,
-        rich_help_panel=MODEL_PANEL,
-    ),
+    int | None, value(MODEL_PANEL, "--batch-size", "-b", metavar="N", min=1, max=MAX_BATCH_SIZE)
 ]
 WorkersOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--workers",
-        min=0,
-        max=MAX_WORKERS,
-        metavar="N",
-        help="Decoding worker processes (0: decode in the main process). Default: none for "
-        "a single batch; on a GPU every usable core but what the main process keeps, on "
-        "the CPU one per four cores.",
-        show_default=False,
-        rich_help_panel=MODEL_PANEL,
-    ),
+    int | None, value(MODEL_PANEL, "--workers", metavar="N", min=0, max=MAX_WORKERS)
 ]
-CompileOpt = Annotated[
-    bool,
-    typer.Option(
-        "--compile",
-        metavar="",
-        help="Run the model through torch.compile (slow first batch; pays off on long runs).",
-        rich_help_panel=MODEL_PANEL,
-    ),
-]
-DecodeOpt = Annotated[
-    Decode,
-    typer.Option(
-        "--decode",
-        case_sensitive=False,
-        help="Where JPEGs are decoded: auto (= cpu: the same pixels on every device), cpu "
-        "(Pillow, bit-exact with transformers) or gpu (nvjpeg through torchvision, faster).",
-        rich_help_panel=MODEL_PANEL,
-    ),
-]
-RecursiveOpt = Annotated[
-    bool,
-    typer.Option(
-        "--recursive",
-        "-r",
-        metavar="",
-        help="Descend into sub-folders of folder inputs.",
-        rich_help_panel=INPUT_PANEL,
-    ),
-]
-NullOpt = Annotated[
-    bool,
-    typer.Option(
-        "--null",
-        "-0",
-        metavar="",
-        help="Paths on stdin ('-') are NUL-separated (find -print0).",
-        rich_help_panel=INPUT_PANEL,
-    ),
-]
-ShardOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--shard",
-        metavar="I/N",
-        help="Take only shard I of N (0 <= I < N): every N-th input by listing order, starting "
-        "at the I-th; N runs with I = 0..N-1 cover every input exactly once.",
-        show_default=False,
-        rich_help_panel=INPUT_PANEL,
-    ),
-]
-ImageColumnOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--image-column",
-        metavar="NAME",
-        help="Parquet inputs: the column of encoded image bytes (default: the first of image, "
-        "jpg, png, img, bytes, image_bytes).",
-        show_default=False,
-        rich_help_panel=INPUT_PANEL,
-    ),
-]
-IdColumnOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--id-column",
-        metavar="NAME",
-        help="Parquet inputs: the column whose value is the record's path (default: id, key, "
-        "__key__, path or file_name if present, else FILE#ROW).",
-        show_default=False,
-        rich_help_panel=INPUT_PANEL,
-    ),
-]
-OutputOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--output",
-        "-o",
-        metavar="FILE",
-        help="Write results to FILE instead of stdout ('-': stdout); its extension (.jsonl, "
-        ".json, .csv, .parquet, .html, .npy, .safetensors) picks the format unless --format "
-        "says. Written beside FILE and moved into place; never over an input or a checkpoint.",
-        show_default=False,
-        rich_help_panel=OUTPUT_PANEL,
-    ),
-]
-QuietOpt = Annotated[
-    bool,
-    typer.Option(
-        "--quiet",
-        "-q",
-        metavar="",
-        help="No notes, no progress bar, no closing summary on stderr; warnings and errors "
-        "still print.",
-        rich_help_panel=OUTPUT_PANEL,
-    ),
-]
-NoProgressOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-progress",
-        metavar="",
-        help="No progress bar (it shows only when stderr is a terminal anyway).",
-        rich_help_panel=OUTPUT_PANEL,
-    ),
-]
-ResumeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--resume",
-        metavar="",
-        help="Continue an interrupted run into the same -o FILE (jsonl, csv, parquet): inputs "
-        "already recorded there are skipped, new records are added.",
-        rich_help_panel=RESUME_PANEL,
-    ),
-]
-RetryErrorsOpt = Annotated[
-    bool,
-    typer.Option(
-        "--retry-errors",
-        metavar="",
-        help="With --resume: do inputs that got an error again.",
-        rich_help_panel=RESUME_PANEL,
-    ),
-]
-ForceResumeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--force-resume",
-        metavar="",
-        help="With --resume: add to FILE even if another model, top-k or preprocessing wrote it.",
-        rich_help_panel=RESUME_PANEL,
-    ),
-]
-EngineOpt = Annotated[
-    Engine,
-    typer.Option(
-        "--engine",
-        case_sensitive=False,
-        help="local (this process and its decode workers) or ray (Ray Data: a local Ray, or "
-        "a cluster with --ray-address / RAY_ADDRESS; needs the ray extra).",
-        rich_help_panel=RAY_PANEL,
-    ),
-]
-RayAddressOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--ray-address",
-        metavar="ADDR",
-        help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).",
-        show_default=False,
-        rich_help_panel=RAY_PANEL,
-    ),
-]
+CompileOpt = Annotated[bool, flag(MODEL_PANEL, "--compile")]
+DecodeOpt = Annotated[Decoder, choice(MODEL_PANEL, "--decode")]
+RecursiveOpt = Annotated[bool, flag(INPUT_PANEL, "--recursive", "-r")]
+NullOpt = Annotated[bool, flag(INPUT_PANEL, "--null", "-0")]
+ShardOpt = Annotated[str | None, value(INPUT_PANEL, "--shard", metavar="I/N")]
+ImageColumnOpt = Annotated[str | None, value(INPUT_PANEL, "--image-column", metavar="NAME")]
+IdColumnOpt = Annotated[str | None, value(INPUT_PANEL, "--id-column", metavar="NAME")]
+OutputOpt = Annotated[Path | None, value(OUTPUT_PANEL, "--output", "-o", metavar="FILE")]
+QuietOpt = Annotated[bool, flag(OUTPUT_PANEL, "--quiet", "-q")]
+NoProgressOpt = Annotated[bool, flag(OUTPUT_PANEL, "--no-progress")]
+ResumeOpt = Annotated[bool, flag(RESUME_PANEL, "--resume")]
+RetryErrorsOpt = Annotated[bool, flag(RESUME_PANEL, "--retry-errors")]
+ForceResumeOpt = Annotated[bool, flag(RESUME_PANEL, "--force-resume")]
+EngineOpt = Annotated[Engine, choice(RAY_PANEL, "--engine")]
+RayAddressOpt = Annotated[str | None, value(RAY_PANEL, "--ray-address", metavar="ADDR")]
 ReplicasOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--replicas",
-        min=1,
-        max=MAX_REPLICAS,
-        metavar="N",
-        help="--engine ray: model replicas (default: one per GPU; CPU actors without GPUs).",
-        show_default=False,
-        rich_help_panel=RAY_PANEL,
-    ),
+    int | None, value(RAY_PANEL, "--replicas", metavar="N", min=1, max=MAX_REPLICAS)
 ]
-VerboseOpt = Annotated[
-    bool,
-    typer.Option(
-        "--verbose",
-        "-v",
-        metavar="",
-        help="--engine ray: show Ray's own logs and progress.",
-        rich_help_panel=RAY_PANEL,
-    ),
-]
+VerboseOpt = Annotated[bool, flag(RAY_PANEL, "--verbose", "-v")]
 
 
 # ------------------------------------------------------------------- one declaration
 
 
-def _shared(
-    model: ModelOpt = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    cache_dir: CacheDirOpt = None,
-    token: TokenOpt = None,
-    labels: LabelsOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = Dtype.auto,
-    batch_size: BatchOpt = None,
-    workers: WorkersOpt = None,
-    compile_model: CompileOpt = False,
-    decode: DecodeOpt = Decode.auto,
-    recursive: RecursiveOpt = False,
-    null: NullOpt = False,
-    shard: ShardOpt = None,
-    image_column: ImageColumnOpt = None,
-    id_column: IdColumnOpt = None,
-    output: OutputOpt = None,
-    quiet: QuietOpt = False,
-    no_progress: NoProgressOpt = False,
-    resume: ResumeOpt = False,
-    retry_errors: RetryErrorsOpt = False,
-    force_resume: ForceResumeOpt = False,
-    engine: EngineOpt = Engine.local,
-    ray_address: RayAddressOpt = None,
-    replicas: ReplicasOpt = None,
-    verbose: VerboseOpt = False,
-) -> None:
-    """The options classify and embed share: these parameters, declared once."""
+# the defaults and names the rule in parameter() does not give
+DEFAULTS: dict[str, Any] = {"--model": DEFAULT_MODEL, "--device": "auto"}
+NAMES = {"--compile": "compile_model"}  # not the builtin
+
+
+def parameter(alias: Any) -> inspect.Parameter:
+    """The keyword-only parameter an option alias declares: named after its long name
+    (``--cache-dir``: ``cache_dir``), its default none for an optional value, off for a
+    flag, the first of a choice's values, else as :data:`DEFAULTS` says."""
+    kind, info = typing.get_args(alias)
+    long_name = info.default  # Typer keeps an Annotated option's first name there
+    name = NAMES.get(long_name, long_name.lstrip("-").replace("-", "_"))
+    if long_name in DEFAULTS:
+        default = DEFAULTS[long_name]
+    elif kind is bool:
+        default = False
+    elif typing.get_origin(kind) is typing.Literal:
+        default = typing.get_args(kind)[0]
+    else:  # X | None
+        default = None
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=alias
+    )
+
+
+# classify's and embed's options, in the order --help shows them, a line a panel
+SHARED = [
+    parameter(alias)
+    for panel in (
+        (ModelOpt, RevisionOpt, CacheDirOpt, TokenOpt, LabelsOpt),
+        (DeviceOpt, DtypeOpt, BatchOpt, WorkersOpt, CompileOpt, DecodeOpt),
+        (RecursiveOpt, NullOpt, ShardOpt, ImageColumnOpt, IdColumnOpt),
+        (OutputOpt, QuietOpt, NoProgressOpt),
+        (ResumeOpt, RetryErrorsOpt, ForceResumeOpt),
+        (EngineOpt, RayAddressOpt, ReplicasOpt, VerboseOpt),
+    )
+    for alias in panel
+]
+SHARED_PARAMETERS = tuple(p.name for p in SHARED)
+SOURCE_PARAMETERS = ("model", "revision", "cache_dir", "token", "labels")
+HUB_PARAMETERS = ("revision", "cache_dir", "token")
 
 
 def _help_parameter(help: HelpOpt = False) -> None:
@@ -465,18 +288,12 @@ def parameters_of(function: Callable[..., Any]) -> list[inspect.Parameter]:
     ]
 
 
-SHARED_PARAMETERS = tuple(p.name for p in parameters_of(_shared))
-
-
-def with_parameters(
-    command: F, extra: list[inspect.Parameter], plain_values: bool = False, keep: bool = True
-) -> F:
+def with_parameters(command: F, extra: list[inspect.Parameter], keep: bool = True) -> F:
     """``command`` with ``extra`` keyword-only parameters added to the signature Typer sees.
 
     The command keeps its own parameters; a ``**kwargs`` of it receives the extra ones, or,
     with ``keep=False``, they are not passed on (Typer hands every parameter of the signature
-    to the callback, ``expose_value=False`` ones too).  ``plain_values``: enum values are
-    handed over as plain strings.
+    to the callback, ``expose_value=False`` ones too).
     """
     own = [
         p
@@ -492,7 +309,7 @@ def with_parameters(
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        passed = {k: plain(v) if plain_values else v for k, v in kwargs.items() if k not in dropped}
+        passed = {k: v for k, v in kwargs.items() if k not in dropped}
         return command(*args, **passed)
 
     parameters = [*own, *added]
@@ -502,12 +319,29 @@ def with_parameters(
 
 
 def shared_options(command: F) -> F:
-    """Give a command the options classify and embed share (:func:`_shared`'s parameters).
+    """Give a command the options classify and embed share (:data:`SHARED`).
 
     The command declares only its own parameters and a ``**shared`` that receives these;
-    every value (its own too) arrives as a plain string, not an enum member.
+    every choice (its own too) arrives as a plain string.
     """
-    return with_parameters(command, parameters_of(_shared), plain_values=True)
+    return with_parameters(command, SHARED)
+
+
+def model_options(command: F) -> F:
+    """Give a command (benchmark) the checkpoint options, --device, --workers and --decode;
+    its ``**model`` receives them."""
+    return with_parameters(command, pick(*SOURCE_PARAMETERS, "device", "workers", "decode"))
+
+
+def hub_options(command: F) -> F:
+    """Give a command (convert) --revision, --cache-dir and --token; its ``**hub`` receives
+    them."""
+    return with_parameters(command, pick(*HUB_PARAMETERS))
+
+
+def pick(*names: str) -> list[inspect.Parameter]:
+    """Some of :data:`SHARED`, in its order."""
+    return [p for p in SHARED if p.name in names]
 
 
 def with_help_option(command: F) -> F:

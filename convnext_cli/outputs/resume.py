@@ -27,7 +27,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from convnext_cli.errors import ImageError, UsageError, one_line
 from convnext_cli.imaging.reading import (
@@ -41,6 +41,8 @@ from convnext_cli.outputs.names import read_path_field
 if TYPE_CHECKING:
     from convnext_cli.engine.pipeline import Result
     from convnext_cli.outputs.writers import Writer
+
+T = TypeVar("T")
 
 RESUMABLE_FORMATS = ("jsonl", "csv", "parquet")
 # what must match between the run that wrote a file and the one resuming it
@@ -392,29 +394,30 @@ def _parquet_id(value: object) -> str | None:
         return value
 
 
+class Forwarded(Generic[T]):
+    """An attribute of a wrapper that is its ``writer``'s attribute of the same name, read
+    and written through."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, wrapper: Any, owner: type | None = None) -> T:
+        return cast(T, getattr(wrapper.writer, self.name))
+
+    def __set__(self, wrapper: Any, value: T) -> None:
+        setattr(wrapper.writer, self.name, value)
+
+
 class KeptRecordsWriter:
     """A resumed run's writer: aborted (an error, a refusal mid-run), it keeps its partial
     file, which holds the records of the earlier runs as well as its own, for the next
     ``--resume``; the target is untouched either way."""
 
+    records: Forwarded[int] = Forwarded()
+    names_errors_on_stderr: Forwarded[bool] = Forwarded()
+
     def __init__(self, writer: Writer) -> None:
         self.writer = writer
-
-    @property
-    def records(self) -> int:
-        return self.writer.records
-
-    @records.setter
-    def records(self, value: int) -> None:
-        self.writer.records = value
-
-    @property
-    def names_errors_on_stderr(self) -> bool:
-        return self.writer.names_errors_on_stderr
-
-    @names_errors_on_stderr.setter
-    def names_errors_on_stderr(self, value: bool) -> None:
-        self.writer.names_errors_on_stderr = value
 
     def write(self, results: list[Result]) -> None:
         self.writer.write(results)

@@ -210,9 +210,9 @@ def to_hf(
     """What ``convnext convert`` writes for an in-memory state dict: transformers' keys (a
     headless model's without the backbone prefix) and config.json, after the one strict
     key-and-shape check."""
-    from convnext_cli.checkpoints.checkpoint import assemble, understand, with_backbone_prefix
+    from convnext_cli.checkpoints.checkpoint import assemble, identify_weights, with_backbone_prefix
 
-    found, body, config = understand(layouts.unwrap(state_dict), layout)
+    found, body, config = identify_weights(layouts.unwrap(state_dict), layout)
     if "classifier.weight" not in body:
         config.id2label = {}
     prefixed = with_backbone_prefix(body, config)
