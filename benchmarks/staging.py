@@ -54,7 +54,9 @@ def make_jpegs(folder: Path, count: int, long_side: int, seed: int = 0) -> list[
         left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
         crop = image.crop((left, top, left + cw, top + ch))
         scale = long_side / max(crop.size)
-        crop = crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.BICUBIC)
+        crop = crop.resize(
+            (round(crop.width * scale), round(crop.height * scale)), Image.Resampling.BICUBIC
+        )
         path = folder / f"src{i:03d}.jpg"
         crop.save(path, quality=90)
         distinct.append(path.read_bytes())
