@@ -306,15 +306,27 @@ def test_odd_shapes_keep_the_pickle_path(photos: list[Path]) -> None:
 # --- subprocesses: /dev/shm, leaked workers, memory ----------------------------------------
 
 SCRIPT = """
-import resource, sys, time
+import os, resource, sys, time
+from pathlib import Path
 from convnext_cli.engine.pipeline import decoded_batches
 from convnext_cli.imaging.preprocess import PreprocessSpec
+
+def children():
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            found.append(entry)
+    return found
 
 paths = sys.argv[2:]
 nap = float(sys.argv[1])
 for n, batch in enumerate(decoded_batches(paths, PreprocessSpec(shortest_edge=224), 8, workers=2)):
     if n == 0:
-        print("ring", hex(batch.ring.address), flush=True)
+        print("ring", hex(batch.ring.address), ",".join(children()), flush=True)
     batch.release()
     time.sleep(nap)
 print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
@@ -434,7 +446,12 @@ def test_peak_memory_does_not_grow_with_the_input_count(tmp_path: Path) -> None:
         assert proc.returncode == 0, err
         assert err == ""  # nothing new on stderr
         peaks.append(int(out.split("peak ")[1]) / 1024)  # MiB
-        assert children_of(proc.pid) == []
+        workers = [int(pid) for pid in out.split()[2].split(",")]
+        assert workers, "no decode worker found"
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline, "a decode worker outlived the run"
+            time.sleep(0.1)
     assert peaks[1] - peaks[0] < 24, peaks
     assert shm_entries() - before == set()
 

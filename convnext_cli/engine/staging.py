@@ -142,12 +142,6 @@ class StagingRing:
         del self._held[index]
         self._released[index] = after
 
-    def in_use(self) -> int:
-        """Slots held by a batch, released ones whose event is pending included."""
-        return len(self._held) + sum(
-            1 for after in self._released.values() if after is not None and not after.query()
-        )
-
     def mapped_here(self) -> bool:
         """Whether this process maps the ring (a forked child does, unless a driver marked
         the range not to be inherited: then the child uses the pickle path)."""
