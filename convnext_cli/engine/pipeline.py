@@ -380,7 +380,10 @@ def decoded_batches(
         and (workers <= 0 or DecodePool.shares_memory())
     ):
         count = slots or ring_slots(ahead if workers > 0 else 0, batch_size, shape)
-        ring = StagingRing(count, batch_size, shape, pin=pin_memory)
+        try:
+            ring = StagingRing(count, batch_size, shape, pin=pin_memory)
+        except (OSError, ValueError):  # no such mapping to be had: the pickle path
+            ring = None
     try:
         if workers <= 0:
             batches = _decoded_here(chunks, spec, jpeg_on_device, ring)
@@ -442,7 +445,7 @@ def _decoded_by_workers(
     try:
         while True:
             while len(batches) < ahead:
-                slot = ring.acquire(wait=not batches) if ring is not None else None
+                slot = ring.acquire() if ring is not None else None
                 if ring is not None and slot is None and batches:
                     break  # every slot is in use: the batches in flight come first
                 taken = next(chunks, None)
@@ -450,6 +453,9 @@ def _decoded_by_workers(
                     if ring is not None and slot is not None:
                         ring.release(*slot)
                     break
+                if ring is not None and slot is None:
+                    # nothing in flight: wait for the device's copy, or go without a slot
+                    slot = ring.acquire(wait=True)
                 pending = batches[submitted] = _PendingBatch(start, taken, ring, slot)
                 start += len(taken)
                 files = []
