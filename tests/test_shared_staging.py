@@ -91,6 +91,31 @@ def test_records_with_the_ring_equal_records_without(
         )
 
 
+def test_the_runner_releases_every_batch(
+    v1_checkpoint: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a ring of two slots every batch of a run still goes through the ring: the Runner
+    releases each one once its model is queued (else the third would take the pickle path)."""
+    from convnext_cli.engine import pipeline
+
+    monkeypatch.setattr(pipeline, "ring_slots", lambda *args: 2)
+    released: list[bool] = []
+    real_release = DecodedBatch.release
+
+    def release(self: DecodedBatch, after: Any = None) -> None:
+        released.append(self.slot is not None)
+        real_release(self, after)
+
+    monkeypatch.setattr(DecodedBatch, "release", release)
+    checkpoint = load_checkpoint(str(v1_checkpoint))
+    model = build_model(checkpoint, torch.device("cpu"), torch.float32)
+    runner = Runner(model, checkpoint.preprocess, torch.device("cpu"), torch.float32)
+    paths = [str(p) for p in photos * 2]
+    got = [r for b in runner.classify(paths, batch_size=2, workers=2) for r in b]
+    assert [r.path for r in got] == paths and all(r.error is None for r in got)
+    assert released == [True] * (len(paths) // 2)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_batch_is_a_view_of_the_ring(mixed_inputs: list[str], workers: int) -> None:
     """No copy: the pixels' data lie inside the ring's mapping, also for a batch with a hole
