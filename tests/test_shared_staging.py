@@ -289,6 +289,29 @@ def test_the_ring_is_pinned_once_and_unpinned_at_the_end(
     assert cudart.calls == [("register", address, nbytes, 0), ("unregister", address)]
 
 
+def test_in_process_decoding_is_not_page_locked(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--workers 0`` (and the Ray actors' short calls): the ring is not registered, its
+    batches are pinned one by one as before."""
+    cudart = FakeCudart()
+    mock_cuda(monkeypatch, cudart)
+    pinned: list[bool] = []
+
+    def pin(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        pinned.append(True)
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    paths = [str(p) for p in photos]
+    batches = 0
+    for batch in decoded_batches(paths, SPEC, 3, workers=0, pin_memory=True):
+        assert batch.ring is not None and not batch.ring.pinned
+        batch.release()
+        batches += 1
+    assert cudart.calls == [] and pinned == [True] * batches
+
+
 def test_no_cuda_or_a_refused_registration_leaves_the_ring_unpinned(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

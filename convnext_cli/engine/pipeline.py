@@ -367,8 +367,9 @@ def decoded_batches(
     `staging` (default: on unless ``CONVNEXT_STAGING=0``): when every crop has one shape,
     the crops are written into a shared staging ring of `slots` batches (default: those in
     flight plus :data:`~convnext_cli.engine.staging.SPARE_SLOTS`), page-locked once with
-    `pin_memory`; the caller calls ``DecodedBatch.release`` when done with each batch (a
-    batch it keeps unreleased keeps its slot: later batches then take the pickle path).
+    `pin_memory` and workers (in-process, its batches are pinned one by one).  The caller
+    calls ``DecodedBatch.release`` when done with each batch (a batch it keeps unreleased
+    keeps its slot: later batches then take the pickle path).
     """
     chunks = _chunks(items, batch_size)
     shape = fixed_shape(spec)
@@ -380,8 +381,10 @@ def decoded_batches(
         and (workers <= 0 or DecodePool.shares_memory())
     ):
         count = slots or ring_slots(ahead if workers > 0 else 0, batch_size, shape)
+        # page-locked for worker runs only: in-process decoding also serves short calls (the
+        # Ray actors' batches), where a registration per call would cost more than it saves
         try:
-            ring = StagingRing(count, batch_size, shape, pin=pin_memory)
+            ring = StagingRing(count, batch_size, shape, pin=pin_memory and workers > 0)
         except (OSError, ValueError):  # no such mapping to be had: the pickle path
             ring = None
     try:
