@@ -16,8 +16,12 @@ instead keeps every input's outcome:
 - Workers ignore SIGINT (Ctrl-C is the main process's to handle) and die with the main
   process (``PR_SET_PDEATHSIG`` on Linux, and a parent check every second elsewhere).
 
-Decoded pixels travel back as NumPy arrays through the result pipe (one copy, no shared
-memory files or file-descriptor passing to clean up after a killed worker).
+Decoded pixels of the run's fixed crop shape are written straight into the task's slot of
+the :class:`~convnext_cli.engine.staging.StagingRing` (an anonymous shared mapping inherited
+through fork: no file to clean up after a killed worker); only their positions travel
+through the pipe.  A worker killed mid-write leaves half-written rows nobody reads: the main
+process trusts the positions of finished tasks only, and the retry rewrites them.  Other
+pixels (resizing off, no ring) travel back as NumPy arrays through the result pipe.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from convnext_cli.engine.staging import StagingRing
 from convnext_cli.errors import ImageError, one_line
 from convnext_cli.imaging import decoding as images
 from convnext_cli.imaging.gpu_jpeg import EncodedJpeg, device_decodable
@@ -119,23 +124,38 @@ def group_by_shape(items: Iterable[T], shape_of: Callable[[T], tuple[int, ...]])
     return list(groups.values())
 
 
-def _pack(outcomes: list[tuple[int, Outcome]]) -> dict[str, Any]:
-    """A task's outcomes as picklable parts: pixels stacked by shape into NumPy arrays."""
+def fits(stage: torch.Tensor | None, pixels: torch.Tensor) -> bool:
+    """Whether `pixels` (one crop) can be written into the slot `stage`."""
+    return (
+        stage is not None
+        and pixels.dtype == stage.dtype
+        and tuple(pixels.shape) == tuple(stage.shape[1:])
+    )
+
+
+def _pack(outcomes: list[tuple[int, Outcome]], stage: torch.Tensor | None = None) -> dict[str, Any]:
+    """A task's outcomes as picklable parts: crops that fit the batch's slot `stage` written
+    into it at their positions (``staged`` lists them), other pixels stacked by shape into
+    NumPy arrays."""
     errors: list[tuple[int, str]] = []
     encoded: list[tuple[int, EncodedJpeg]] = []
     pixels: list[tuple[int, torch.Tensor]] = []
+    staged: list[int] = []
     for position, outcome in outcomes:
         if isinstance(outcome, str):
             errors.append((position, outcome))
         elif isinstance(outcome, EncodedJpeg):
             encoded.append((position, outcome))
+        elif stage is not None and fits(stage, outcome):
+            stage[position].copy_(outcome)
+            staged.append(position)
         else:
             pixels.append((position, outcome))
     groups = [
         ([p for p, _ in members], torch.stack([t for _, t in members]).numpy())
         for members in group_by_shape(pixels, lambda item: tuple(item[1].shape))
     ]
-    return {"errors": errors, "encoded": encoded, "groups": groups}
+    return {"errors": errors, "encoded": encoded, "groups": groups, "staged": staged}
 
 
 def _worker_main(
@@ -146,6 +166,7 @@ def _worker_main(
     jpeg_on_device: bool,
     parent: int,
     close_fds: list[int],
+    ring: StagingRing | None = None,
 ) -> None:
     """Decode tasks until told to stop; report each finished task through `results`."""
     import queue
@@ -174,6 +195,8 @@ def _worker_main(
 
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
+        if ring is not None and not ring.mapped_here():
+            ring = None  # not inherited: the pickle path
         while True:
             while not tasks.poll(1.0):
                 if os.getppid() != parent:
@@ -181,7 +204,8 @@ def _worker_main(
             task = tasks.recv()
             if task is None:
                 break
-            task_id, items = task
+            task_id, items, slot = task
+            stage = ring.slot(slot) if ring is not None and slot >= 0 else None
             outcomes = []
             started = time.perf_counter()
             for n, (position, path) in enumerate(items):
@@ -190,7 +214,7 @@ def _worker_main(
                 progress[0] = task_id
                 outcomes.append((position, decode_one(path, spec, jpeg_on_device)))
                 progress[0] = -1
-            packed = _pack(outcomes)
+            packed = _pack(outcomes, stage)
             packed["seconds"] = time.perf_counter() - started  # how busy decoding keeps us
             outbox.put((task_id, packed))
         outbox.put(None)
@@ -210,6 +234,7 @@ class Task:
     batch: int
     items: list[tuple[int, InputRef]]
     deaths: int = 0  # how many decoding processes died while holding it
+    slot: int = -1  # the batch's slot in the staging ring (-1: none, the pickle path)
 
 
 @dataclass
@@ -228,6 +253,8 @@ class DecodePool:
 
     ``on_done(task, packed)`` receives a task's packed outcomes (see :func:`_pack`);
     ``on_error(task, position, message)`` an input's error decided here (deadline, deaths).
+    With a `ring` (mapped before any worker starts), tasks with a slot have their crops
+    written into it.
     """
 
     def __init__(
@@ -238,8 +265,10 @@ class DecodePool:
         timeout: float,
         on_done: Callable[[Task, dict[str, Any]], None],
         on_error: Callable[[Task, int, str], None],
+        ring: StagingRing | None = None,
     ) -> None:
         self.size = max(1, workers)
+        self.ring = ring
         self.spec = spec
         self.jpeg_on_device = jpeg_on_device
         self.timeout = timeout
@@ -254,11 +283,18 @@ class DecodePool:
         self.pending: list[Task] = []  # taken earliest batch first: the one awaited
         self._ids = 0
 
+    @staticmethod
+    def shares_memory() -> bool:
+        """Whether workers are forked (and so inherit a staging ring mapped before them)."""
+        return sys.platform.startswith("linux")
+
     # tasks
 
-    def submit(self, batch: int, items: list[tuple[int, InputRef]], deaths: int = 0) -> None:
+    def submit(
+        self, batch: int, items: list[tuple[int, InputRef]], deaths: int = 0, slot: int = -1
+    ) -> None:
         self._ids += 1
-        self.pending.append(Task(self._ids, batch, items, deaths))
+        self.pending.append(Task(self._ids, batch, items, deaths, slot))
 
     def _next_task(self) -> Task:
         first = min(range(len(self.pending)), key=lambda n: self.pending[n].batch)
@@ -283,14 +319,15 @@ class DecodePool:
                 worker.since = time.monotonic()
             worker.assigned.append(task)
             try:
-                worker.tasks.send((task.id, task.items))
+                worker.tasks.send((task.id, task.items, task.slot))
             except OSError:
                 pass  # it died: found by the next poll, and the task is redone
 
     def _decode_here(self, task: Task) -> None:
         """The fallback when no worker process can be started: decode in this process."""
         outcomes = [(p, decode_one(path, self.spec, self.jpeg_on_device)) for p, path in task.items]
-        self.on_done(task, _pack(outcomes))
+        stage = self.ring.slot(task.slot) if self.ring is not None and task.slot >= 0 else None
+        self.on_done(task, _pack(outcomes, stage))
 
     def _start_worker(self) -> _Worker:
         tasks_reader, tasks_writer = self.context.Pipe(duplex=False)
@@ -310,6 +347,7 @@ class DecodePool:
                 self.jpeg_on_device,
                 os.getpid(),
                 close_fds,
+                self.ring,
             ),
             daemon=True,
             name="convnext-decode",
@@ -420,7 +458,7 @@ class DecodePool:
                 self.on_error(task, position, f"decoding took longer than {self.timeout:g} s")
                 rest = [it for n, it in enumerate(task.items) if n != timed_out[1]]
                 if rest:
-                    self.submit(task.batch, rest)
+                    self.submit(task.batch, rest, slot=task.slot)
             elif current is not None and task is current[0]:
                 culprit = task.items[current[1]]
                 deaths = task.deaths + 1 if len(task.items) == 1 else 1
@@ -429,10 +467,10 @@ class DecodePool:
                         task, culprit[0], f"the decoding process died on this image ({reason})"
                     )
                 else:
-                    self.submit(task.batch, [culprit], deaths)  # alone this time
+                    self.submit(task.batch, [culprit], deaths, task.slot)  # alone this time
                 rest = [it for n, it in enumerate(task.items) if n != current[1]]
                 if rest:
-                    self.submit(task.batch, rest)
+                    self.submit(task.batch, rest, slot=task.slot)
             elif current is None and timed_out is None:
                 # died between inputs (or while sending): no culprit known, so each input
                 # of its unfinished tasks is tried alone
@@ -443,7 +481,7 @@ class DecodePool:
                             task, item[0], f"the decoding process died on this image ({reason})"
                         )
                     else:
-                        self.submit(task.batch, [item], deaths)
+                        self.submit(task.batch, [item], deaths, task.slot)
             else:  # waiting behind the culprit: redone as it was
                 self.pending.append(task)
         worker.assigned.clear()

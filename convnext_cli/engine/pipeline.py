@@ -34,9 +34,11 @@ from convnext_cli.engine.decode_pool import (
     decode_one,
     decode_timeout,
     failure,
+    fits,
     group_by_shape,
     unpack_groups,
 )
+from convnext_cli.engine.staging import StagingRing, fixed_shape, ring_slots, staging_enabled
 from convnext_cli.engine.thread_tuner import ThreadTuner
 from convnext_cli.errors import DeviceFailure, one_line
 from convnext_cli.imaging.decoding import decode_bytes
@@ -114,7 +116,14 @@ def _prepare(item: Input, spec: PreprocessSpec, jpeg_on_device: bool) -> Any:
 class DecodedBatch:
     """One batch as the decoders hand it over: per-input errors, and the pixels stacked by
     shape (one group unless resizing is off); with ``pin_memory`` the whole uint8 group is
-    pinned once, so that its host-to-device copy can run asynchronously."""
+    pinned once, so that its host-to-device copy can run asynchronously.
+
+    With a staging ring (:mod:`convnext_cli.engine.staging`) the group of the run's crop
+    shape is a view of the batch's slot, written by the decode workers (no copy here; on
+    CUDA already page-locked).  The consumer calls :meth:`release` once it no longer reads
+    the pixels: after their host-to-device copy has been queued, with an event recorded
+    after it, which the ring waits for before reusing the slot.
+    """
 
     indices: list[int]  # the inputs' numbers in the whole run
     inputs: list[Input]
@@ -122,16 +131,38 @@ class DecodedBatch:
     groups: list[tuple[list[int], torch.Tensor]]  # positions in the batch, (n, 3, h, w) uint8
     encoded: list[tuple[int, EncodedJpeg]] = field(default_factory=list)  # for the device
     decoding: float = 0.0  # seconds the decoding processes spent on it (reading included)
+    ring: StagingRing | None = field(default=None, repr=False, compare=False)
+    slot: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     def pin_memory(self) -> DecodedBatch:
-        groups = [(positions, pixels.pin_memory()) for positions, pixels in self.groups]
+        groups = [
+            (positions, pixels if self._pinned(pixels) else pixels.pin_memory())
+            for positions, pixels in self.groups
+        ]
         return replace(self, groups=groups)
+
+    def _pinned(self, pixels: torch.Tensor) -> bool:
+        return self.ring is not None and self.ring.pinned and self.ring.holds(pixels)
+
+    def release(self, after: Any = None) -> None:
+        """The consumer is done with this batch's pixels once `after` (a CUDA event, or
+        None: now) has completed: its slot may then take another batch.  Idempotent; a
+        batch without a slot has nothing to release."""
+        if self.ring is not None and self.slot is not None:
+            self.ring.release(*self.slot, after)
 
 
 class _PendingBatch:
-    """A batch being assembled from what the decoders return, in any order."""
+    """A batch being assembled from what the decoders return, in any order; with a slot,
+    every crop of the slot's shape lands in it at its position."""
 
-    def __init__(self, start: int, inputs: list[Input]) -> None:
+    def __init__(
+        self,
+        start: int,
+        inputs: list[Input],
+        ring: StagingRing | None = None,
+        slot: tuple[int, int] | None = None,
+    ) -> None:
         self.indices = list(range(start, start + len(inputs)))
         self.inputs = inputs
         self.errors: list[str | None] = [None] * len(inputs)
@@ -139,12 +170,23 @@ class _PendingBatch:
         self.parts: list[tuple[list[int], torch.Tensor]] = []
         self.encoded: list[tuple[int, EncodedJpeg]] = []
         self.decoding = 0.0
+        self.ring = ring if slot is not None else None
+        self.slot = slot
+        self.stage = ring.slot(slot[0]) if ring is not None and slot is not None else None
+        self.staged: list[int] = []  # positions whose crop is in the slot
+
+    @property
+    def slot_index(self) -> int:
+        return -1 if self.slot is None else self.slot[0]
 
     def add(self, position: int, outcome: Any) -> None:
         if isinstance(outcome, str):
             self.errors[position] = outcome
         elif isinstance(outcome, EncodedJpeg):
             self.encoded.append((position, outcome))
+        elif self.stage is not None and fits(self.stage, outcome):
+            self.stage[position].copy_(outcome)
+            self.staged.append(position)
         else:
             self.parts.append(([position], outcome[None]))
         self.waiting -= 1
@@ -154,13 +196,36 @@ class _PendingBatch:
             self.errors[position] = error
         self.encoded += packed["encoded"]
         self.decoding += packed.get("seconds", 0.0)
+        staged = packed.get("staged", [])
+        self.staged += staged
         groups = unpack_groups(packed)
-        self.parts += groups
-        self.waiting -= len(packed["errors"]) + len(packed["encoded"])
+        for positions, pixels in groups:
+            if self.stage is not None and fits(self.stage, pixels[0]):
+                # a worker that could not write the slot: into it here, instead of a cat
+                for row, position in enumerate(positions):
+                    self.stage[position].copy_(pixels[row])
+                self.staged += positions
+            else:
+                self.parts.append((positions, pixels))
+        self.waiting -= len(packed["errors"]) + len(packed["encoded"]) + len(staged)
         self.waiting -= sum(len(positions) for positions, _ in groups)
+
+    def _staged_group(self) -> tuple[list[int], torch.Tensor] | None:
+        """The slot's crops as one view: rows moved up over the positions that have none
+        (errors, device JPEGs), in place, so that the view stays in the (pinned) ring."""
+        if self.stage is None or not self.staged:
+            return None
+        positions = sorted(self.staged)
+        for row, position in enumerate(positions):
+            if row != position:  # row < position: moving up never overwrites a later crop
+                self.stage[row].copy_(self.stage[position])
+        return positions, self.stage[: len(positions)]
 
     def finish(self) -> DecodedBatch:
         groups = []
+        staged = self._staged_group()
+        if staged is not None:
+            groups.append(staged)
         for parts in group_by_shape(self.parts, lambda part: tuple(part[1].shape[1:])):
             if len(parts) == 1:
                 groups.append(parts[0])
@@ -168,9 +233,13 @@ class _PendingBatch:
                 positions = [p for part, _ in parts for p in part]
                 groups.append((positions, torch.cat([pixels for _, pixels in parts])))
         self.encoded.sort(key=lambda item: item[0])
-        return DecodedBatch(
-            self.indices, self.inputs, self.errors, groups, self.encoded, self.decoding
-        )
+        batch = DecodedBatch(
+            self.indices, self.inputs, self.errors, groups, self.encoded, self.decoding,
+            self.ring, self.slot,
+        )  # fmt: skip
+        if staged is None:
+            batch.release()  # nothing in the slot: free at once
+        return batch
 
 
 def default_batch_size(
@@ -285,6 +354,8 @@ def decoded_batches(
     jpeg_on_device: bool = False,
     prefetch: int | None = None,
     timeout: float | None = None,
+    staging: bool | None = None,
+    slots: int | None = None,
 ) -> Generator[DecodedBatch, None, None]:
     """Batches of decoded inputs, in order, from `workers` processes (0: in this process).
 
@@ -292,28 +363,57 @@ def decoded_batches(
     caller is using, and no more inputs are taken from `items` than those batches hold: a
     stream is read as the run goes.  Inputs already in memory are resized here; only files
     go to workers.
+
+    `staging` (default: on unless ``CONVNEXT_STAGING=0``): when every crop has one shape,
+    the crops are written into a shared staging ring of `slots` batches (default: those in
+    flight plus :data:`~convnext_cli.engine.staging.SPARE_SLOTS`), page-locked once with
+    `pin_memory` and workers (in-process, its batches are pinned one by one).  The caller
+    calls ``DecodedBatch.release`` when done with each batch (a batch it keeps unreleased
+    keeps its slot: later batches then take the pickle path).
     """
     chunks = _chunks(items, batch_size)
-    if workers <= 0:
-        batches = _decoded_here(chunks, spec, jpeg_on_device)
-    else:
-        ahead = max(1, prefetch if prefetch is not None else workers * TASKS_PER_WORKER)
-        wait = decode_timeout() if timeout is None else timeout
-        batches = _decoded_by_workers(chunks, spec, workers, jpeg_on_device, ahead, wait)
+    shape = fixed_shape(spec)
+    ahead = max(1, prefetch if prefetch is not None else workers * TASKS_PER_WORKER)
+    ring = None
+    if (
+        shape is not None
+        and (staging_enabled() if staging is None else staging)
+        and (workers <= 0 or DecodePool.shares_memory())
+    ):
+        count = slots or ring_slots(ahead if workers > 0 else 0, batch_size, shape)
+        # page-locked for worker runs only: in-process decoding also serves short calls (the
+        # Ray actors' batches), where a registration per call would cost more than it saves
+        try:
+            ring = StagingRing(count, batch_size, shape, pin=pin_memory and workers > 0)
+        except (OSError, ValueError):  # no such mapping to be had: the pickle path
+            ring = None
     try:
-        for decoded in batches:
-            yield decoded.pin_memory() if pin_memory else decoded
+        if workers <= 0:
+            batches = _decoded_here(chunks, spec, jpeg_on_device, ring)
+        else:
+            wait = decode_timeout() if timeout is None else timeout
+            batches = _decoded_by_workers(chunks, spec, workers, jpeg_on_device, ahead, wait, ring)
+        try:
+            for decoded in batches:
+                yield decoded.pin_memory() if pin_memory else decoded
+        finally:
+            batches.close()  # stops the decode workers at once when the caller stops early
     finally:
-        batches.close()  # stops the decode workers at once when the caller stops early
+        if ring is not None:
+            ring.close()
 
 
 def _decoded_here(
-    chunks: Iterator[list[Input]], spec: PreprocessSpec, jpeg_on_device: bool
+    chunks: Iterator[list[Input]],
+    spec: PreprocessSpec,
+    jpeg_on_device: bool,
+    ring: StagingRing | None = None,
 ) -> Generator[DecodedBatch, None, None]:
     """Each chunk decoded in this process, one after the other."""
     start = 0
     for chunk in chunks:
-        pending = _PendingBatch(start, chunk)
+        slot = ring.acquire(wait=True) if ring is not None else None
+        pending = _PendingBatch(start, chunk, ring, slot)
         for position, item in enumerate(chunk):
             pending.add(position, _prepare(item, spec, jpeg_on_device))
         start += len(chunk)
@@ -327,9 +427,12 @@ def _decoded_by_workers(
     jpeg_on_device: bool,
     ahead: int,
     timeout: float,
+    ring: StagingRing | None = None,
 ) -> Generator[DecodedBatch, None, None]:
     """Chunks decoded by a :class:`DecodePool`, at most ``ahead`` batches in flight, handed
-    over in order."""
+    over in order.  With a `ring`, a batch is sent to the workers only once it has a slot
+    (while other batches are in flight it waits for one; with none in flight it goes without,
+    by the pickle path)."""
     batches: dict[int, _PendingBatch] = {}
 
     def done(task: Task, packed: dict[str, Any]) -> None:
@@ -338,17 +441,25 @@ def _decoded_by_workers(
     def error(task: Task, position: int, message: str) -> None:
         batches[task.batch].add(position, message)
 
-    pool = DecodePool(workers, spec, jpeg_on_device, timeout, done, error)
+    pool = DecodePool(workers, spec, jpeg_on_device, timeout, done, error, ring)
     submitted = 0  # batches taken from the inputs
     start = 0  # the number of the next input
     number = 0  # the batch the caller gets next
     try:
         while True:
             while len(batches) < ahead:
+                slot = ring.acquire() if ring is not None else None
+                if ring is not None and slot is None and batches:
+                    break  # every slot is in use: the batches in flight come first
                 taken = next(chunks, None)
                 if taken is None:
+                    if ring is not None and slot is not None:
+                        ring.release(*slot)
                     break
-                pending = batches[submitted] = _PendingBatch(start, taken)
+                if ring is not None and slot is None:
+                    # nothing in flight: wait for the device's copy, or go without a slot
+                    slot = ring.acquire(wait=True)
+                pending = batches[submitted] = _PendingBatch(start, taken, ring, slot)
                 start += len(taken)
                 files = []
                 for position, item in enumerate(taken):
@@ -357,7 +468,7 @@ def _decoded_by_workers(
                     else:
                         files.append((position, item))
                 if files:
-                    pool.submit(submitted, files)
+                    pool.submit(submitted, files, slot=pending.slot_index)
                 submitted += 1
             if number not in batches:
                 return  # the inputs have ended and every batch was handed over
@@ -632,6 +743,7 @@ class Runner:
                     for positions, pixels in groups:
                         self._launch(head, pixels, [results[p] for p in positions], parts)
                     readback = Readback(parts, head)
+                decoded.release(readback.event)  # its slot is reused once the copy is consumed
                 times.model += time.perf_counter() - got
                 times.images += len(results)
                 # the decoders' load: their seconds on this batch, per decoding process
