@@ -8,10 +8,8 @@ stdout went away (``| head``; quiet, as a shell reports SIGPIPE).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,19 +24,13 @@ from convnext_cli.errors import (
     one_line,
 )
 from convnext_cli.outputs.files import silence_stdout
-from convnext_cli.outputs.names import visible
+from convnext_cli.outputs.names import say
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def debug_enabled() -> bool:
     return os.environ.get("CONVNEXT_DEBUG", "") not in ("", "0")
-
-
-def say(message: str) -> None:
-    """One line on stderr (control characters in it made visible)."""
-    with contextlib.suppress(OSError, ValueError):
-        print(visible(message), file=sys.stderr, flush=True)
 
 
 def handle_errors(command: F) -> F:

@@ -35,7 +35,7 @@ from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, DeviceFailure, Outpu
 from convnext_cli.inputs.expand import InputRef, InputStream, input_id, iter_inputs
 from convnext_cli.limits import MAX_SHARDS, check_environment, is_int
 from convnext_cli.outputs.files import is_stdout
-from convnext_cli.outputs.names import path_field, visible
+from convnext_cli.outputs.names import path_field, say
 from convnext_cli.outputs.resume import RESUMABLE_FORMATS, KeptRecordsWriter
 from convnext_cli.outputs.writers import choose_format, open_writer, output_targets
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
@@ -139,13 +139,6 @@ class Job:
 # ----------------------------------------------------------------------- what a run says
 
 
-def _stderr(message: str) -> None:
-    try:
-        print(visible(message), file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
-
-
 class Report:
     """What a job says while it runs.  This one (the library's default): notes and warnings
     on stderr (notes not when ``quiet``), the batches written as they come, no bar and no
@@ -157,11 +150,11 @@ class Report:
     def note(self, message: str) -> None:
         """An informational line (``note: ...``, ``resuming ...``)."""
         if not self.quiet:
-            _stderr(message)
+            say(message)
 
     def warn(self, message: str) -> None:
         """A warning or an error line: always said."""
-        _stderr(message)
+        say(message)
 
     def track(self, batches: Iterable[list[Result]], plan: Plan) -> int:
         """Write every batch into the plan's writer; return the number of failed inputs."""
@@ -189,7 +182,7 @@ def gather_inputs(
     null_separated: bool = False,
     image_column: str | None = None,
     id_column: str | None = None,
-    warn: Callable[[str], None] = _stderr,
+    warn: Callable[[str], None] = say,
 ) -> Iterator[InputRef]:
     """Expand INPUTS (stdin only when '-' is given) as a stream; warnings go to ``warn``.
 

@@ -23,8 +23,10 @@ valid UTF-8:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 import unicodedata
 from typing import Any
 
@@ -87,6 +89,13 @@ def visible(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(escape_char(ch) or ch for ch in text)
+
+
+def say(message: str) -> None:
+    """One line on stderr, control characters in it made visible; a closed or broken stderr
+    is not an error (the CLI's and the job engine's one way of saying a line)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(visible(message), file=sys.stderr, flush=True)
 
 
 def utf8_text(text: str) -> str:
