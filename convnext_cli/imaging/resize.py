@@ -136,20 +136,19 @@ _FILTERS = {
 }
 
 
-def filter_weights(
+def filter_taps(
     in_sizes: torch.Tensor,
     out_sizes: torch.Tensor,
     starts: torch.Tensor,
     count: int,
     resample: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weights of a 1-D resize (Pillow's, which torch's antialiased kernels share) for
-    output indices ``starts[k] .. starts[k] + count - 1`` of `n` resizes at once (sizes and
-    starts: (n,) int64 tensors on the CPU), in float64.
+    """The taps of a 1-D resize (Pillow's weights, which torch's antialiased kernels share)
+    for output indices ``starts[k] .. starts[k] + count - 1`` of `n` resizes at once (sizes
+    and starts: (n,) int64 tensors on the CPU).
 
-    Returns (first, weights): ``weights[k, j, x]`` is the weight of input index
-    ``first[k] + x`` in output ``starts[k] + j``, zero outside that output's taps; the last
-    axis is as wide as the widest span of inputs any of the `n` windows reads.
+    Returns (low, taps): output j of resize k is the sum over t of
+    ``taps[k, j, t] * input[low[k, j] + t]`` (float64 weights, zero past its last tap).
     """
     f64 = torch.float64
     ins = in_sizes.to(f64)[:, None]
@@ -157,23 +156,28 @@ def filter_weights(
     index = (starts[:, None] + torch.arange(count)).to(f64)  # (n, count)
     if resample == 0:  # nearest-exact
         low = torch.minimum(torch.floor((index + 0.5) * scale), ins - 1)
-        high = low + 1
-    else:
-        support, kernel = _FILTERS[resample]
-        filterscale = scale.clamp_min(1.0)
-        center = (index + 0.5) * scale
-        low = torch.trunc(center - support * filterscale + 0.5).clamp_min(0.0)
-        high = torch.minimum(torch.trunc(center + support * filterscale + 0.5), ins)
-    first = low[:, 0]  # the taps move right with the output index
-    width = max(1, int((high[:, -1] - first).max()))
-    x = first[:, None, None] + torch.arange(width, dtype=f64)  # (n, 1, width)
-    inside = (x >= low[..., None]) & (x < high[..., None])
-    if resample == 0:
-        return first.long(), inside.to(f64)
-    weights = kernel((x - center[..., None] + 0.5) / filterscale[..., None]) * inside
-    total = weights.sum(dim=-1, keepdim=True)
-    weights = torch.where(total != 0, weights / torch.where(total != 0, total, 1.0), weights)
-    return first.long(), weights
+        return low.long(), torch.ones((*low.shape, 1), dtype=f64)
+    support, kernel = _FILTERS[resample]
+    filterscale = scale.clamp_min(1.0)
+    center = (index + 0.5) * scale
+    low = torch.trunc(center - support * filterscale + 0.5).clamp_min(0.0)
+    high = torch.minimum(torch.trunc(center + support * filterscale + 0.5), ins)
+    x = low[..., None] + torch.arange(max(1, int((high - low).max())), dtype=f64)
+    taps = kernel((x - center[..., None] + 0.5) / filterscale[..., None]) * (x < high[..., None])
+    total = taps.sum(dim=-1, keepdim=True)
+    taps = torch.where(total != 0, taps / torch.where(total != 0, total, 1.0), taps)
+    return low.long(), taps
+
+
+def _dense(low: torch.Tensor, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first input index (n,), weights (n, count, width)) from :func:`filter_taps`: row j
+    of resize k weighs inputs ``first[k] ..`` (the taps move right with j)."""
+    first = low[:, 0]
+    offsets = (low - first[:, None])[..., None] + torch.arange(taps.shape[-1])
+    width = int(offsets.masked_fill(taps == 0, 0).max()) + 1
+    weights = torch.zeros((*low.shape, width + taps.shape[-1]), dtype=taps.dtype)
+    weights.scatter_(-1, offsets, taps)
+    return first, weights[..., :width]
 
 
 def _axis_weights(
@@ -181,7 +185,7 @@ def _axis_weights(
 ) -> tuple[int, torch.Tensor]:
     """Weights of output indices start..stop-1 of a 1-D resize: (first input index, rows)."""
     ins, outs, starts = (torch.tensor([n]) for n in (in_size, out_size, start))
-    first, weights = filter_weights(ins, outs, starts, stop - start, resample)
+    first, weights = _dense(*filter_taps(ins, outs, starts, stop - start, resample))
     return int(first[0]), weights[0]
 
 
@@ -236,7 +240,7 @@ def resize_crop_batch(
     (no larger than any size), all as one batch: (n, C, *crop) uint8.
 
     The antialiased resize is separable and linear: with each image's filter weights
-    restricted to its crop window (:func:`filter_weights`), the batch is
+    restricted to its crop window (:func:`filter_taps`), the batch is
     ``Wy @ window @ Wx^T``, two batched matmuls on the zero-padded windows, in chunks whose
     padded float32 copy stays under `budget` bytes (one image at least).  Rounding follows
     :func:`resize` on the images' device: on the CPU, where it is torch's (and Pillow's)
@@ -282,27 +286,58 @@ def _resize_chunk(
     for axis in (0, 1):  # rows, then columns
         ins = torch.tensor([image.shape[-2 + axis] for image in images])
         outs = torch.tensor([size[axis] for size in sizes])
-        axes.append(filter_weights(ins, outs, (outs - crop[axis]) // 2, crop[axis], resample))
-    (rows, vertical), (cols, horizontal) = axes
+        low, taps = filter_taps(ins, outs, (outs - crop[axis]) // 2, crop[axis], resample)
+        # the window each image is cut to: from its first tap to past its last one
+        end = torch.minimum(low[:, -1] + taps.shape[-1], ins)
+        axes.append((low, taps, int((end - low[:, 0]).max())))
+    (rows, vertical, tall), (cols, horizontal, wide) = axes
     windows = torch.zeros(
-        (len(images), images[0].shape[0], vertical.shape[-1], horizontal.shape[-1]),
-        dtype=torch.uint8,
-        device=device,
+        (len(images), images[0].shape[0], tall, wide), dtype=torch.uint8, device=device
     )
-    for window, image, top, left in zip(windows, images, rows.tolist(), cols.tolist(), strict=True):
-        part = image[:, top : top + window.shape[1], left : left + window.shape[2]]
+    for window, image, top, left in zip(
+        windows, images, rows[:, 0].tolist(), cols[:, 0].tolist(), strict=True
+    ):
+        part = image[:, top : top + tall, left : left + wide]
         window[:, : part.shape[1], : part.shape[2]] = part
-    v = vertical.to(device=device, dtype=torch.float32)[:, None]  # (n, 1, crop h, rows)
-    h = horizontal.to(device=device, dtype=torch.float32)[:, None]  # (n, 1, crop w, cols)
-    pixels = windows.to(torch.float32) @ h.transpose(-1, -2)  # horizontal pass first
+    pixels = _banded(windows.to(torch.float32), cols - cols[:, :1], horizontal)  # rows first
     if rounds:  # as the uint8 kernels do between their passes (rounding half up)
         pixels = pixels.add_(0.5).floor_().clamp_(0, 255)
-    pixels = v @ pixels
+    pixels = _banded(pixels.transpose(-1, -2), rows - rows[:, :1], vertical).transpose(-1, -2)
     if rounds:
         pixels = pixels.add_(0.5).floor_()
     elif resample == 2:
         return pixels.round_().to(torch.uint8)
     return pixels.clamp_(0, 255).round_().to(torch.uint8)
+
+
+BAND_BLOCK = 16  # outputs per block of _banded
+
+
+def _banded(
+    pixels: torch.Tensor, low: torch.Tensor, taps: torch.Tensor, block: int = BAND_BLOCK
+) -> torch.Tensor:
+    """One resize pass over the last axis: (n, C, R, L) -> (n, C, R, O), output j of image
+    k weighing inputs ``low[k, j] + t`` by ``taps[k, j, t]`` (:func:`filter_taps`, on the
+    CPU).  Blocks of `block` outputs are batched matmuls on the span of inputs their taps
+    cover (gathered): the arithmetic grows with the taps, not with the input width."""
+    count, outputs, width = taps.shape
+    blocks = -(-outputs // block)
+    extra = blocks * block - outputs  # padding rows: the last row's start, no weight
+    low = torch.cat([low, low[:, -1:].expand(-1, extra)], 1).view(count, blocks, block)
+    taps = torch.nn.functional.pad(taps, (0, 0, 0, extra)).view(count, blocks, block, width)
+    start = low[..., 0]  # (n, blocks): the taps move right with the output
+    span = int((low[..., -1] - start).max()) + width
+    offsets = (low - start[..., None])[..., None] + torch.arange(width)
+    parts = torch.zeros((count, blocks, block, span), dtype=taps.dtype)
+    parts.scatter_(-1, offsets, taps)
+    device = pixels.device
+    parts = parts.to(device=device, dtype=torch.float32)
+    index = start[..., None] + torch.arange(span)  # (n, blocks, span) input positions
+    index = index.clamp_max(pixels.shape[-1] - 1).to(device).view(count, 1, 1, -1)
+    gathered = pixels.gather(-1, index.expand(*pixels.shape[:-1], -1))
+    gathered = gathered.view(*pixels.shape[:-1], blocks, span)  # (n, C, R, blocks, span)
+    out = torch.einsum("ncrbs,nbjs->ncrbj", gathered, parts)
+    return out.reshape(*pixels.shape[:-1], blocks * block)[..., :outputs]
 
 
 _INTERPOLATE_MODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
