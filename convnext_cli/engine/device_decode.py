@@ -163,6 +163,26 @@ class DeviceDecoder:
 _END = object()
 
 
+def _serve(
+    todo: queue.Queue[Any],
+    done: queue.Queue[tuple[bool, Any]],
+    stop: threading.Event,
+    work: Callable[[Any], Any],
+    on_exit: Callable[[], None] | None,
+) -> None:
+    """The thread of :func:`in_thread`: (True, result) or (False, exception) per item."""
+    try:
+        while (item := todo.get()) is not _END and not stop.is_set():
+            try:
+                done.put((True, work(item)))
+            except BaseException as exc:  # handed to the caller
+                done.put((False, exc))
+                return
+    finally:
+        if on_exit is not None:
+            on_exit()
+
+
 def in_thread(
     items: Iterable[T],
     work: Callable[[T], U],
@@ -183,20 +203,8 @@ def in_thread(
     todo: queue.Queue[Any] = queue.Queue()
     done: queue.Queue[tuple[bool, Any]] = queue.Queue()
     stop = threading.Event()
-
-    def loop() -> None:
-        try:
-            while (item := todo.get()) is not _END and not stop.is_set():
-                try:
-                    done.put((True, work(item)))
-                except BaseException as exc:  # handed to the caller
-                    done.put((False, exc))
-                    return
-        finally:
-            if on_exit is not None:
-                on_exit()
-
-    thread = threading.Thread(target=loop, name=name, daemon=True)
+    serve = (todo, done, stop, work, on_exit)
+    thread = threading.Thread(target=_serve, args=serve, name=name, daemon=True)
     thread.start()
     waiting = 0
 
