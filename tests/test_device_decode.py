@@ -358,6 +358,27 @@ def test_an_exception_in_the_decode_thread_reaches_the_caller(
     assert not [t for t in threading.enumerate() if t.name == THREAD]
 
 
+def test_a_batch_out_of_device_memory_is_decoded_by_the_workers(
+    model_parts: tuple[Any, PreprocessSpec], photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, spec = model_parts
+    jpegs = [p for p in photos if p.suffix == ".jpg"] * 4
+    want = classify(Runner(model, spec, CPU, torch.float32), jpegs)
+    calls = []
+    real_decode = gpu_jpeg.decode
+
+    def decode(encoded: list[EncodedJpeg], device: torch.device) -> list:
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(encoded, device)
+
+    monkeypatch.setattr(gpu_jpeg, "decode", decode)
+    got = classify(Runner(model, spec, CPU, torch.float32, jpeg_on_device=True), jpegs)
+    assert len(calls) == 2
+    assert_same_records(got, want)
+
+
 def test_in_thread_keeps_order_and_stays_at_most_ahead() -> None:
     taken: list[int] = []
 
