@@ -127,19 +127,28 @@ class DeviceDecoder:
     def _decode(
         self, encoded: list[tuple[int, EncodedJpeg]], errors: list[str | None]
     ) -> tuple[Groups, list[tuple[int, EncodedJpeg]]]:
-        """(the resized device groups, the JPEGs to decode on the CPU)."""
+        """(the resized device groups, the JPEGs to decode on the CPU): out of device
+        memory, the whole batch goes to the CPU decoders instead."""
         try:
-            images = gpu_jpeg.decode([jpeg for _, jpeg in encoded], self.device)
-            pairs = list(zip(encoded, images, strict=True))
-            del images
-            kept = [(p, image) for (p, _), image in pairs if image is not None]
-            rejected = [item for item, image in pairs if image is None]
-            del pairs
-            return self._resize(kept, errors), rejected
-        except torch.OutOfMemoryError:  # the whole batch goes to the CPU decoders instead
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            return [], list(encoded)
+            return self._decode_and_resize(encoded, errors)
+        except torch.OutOfMemoryError:
+            pass  # out of this block, the batch's device tensors are freed
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for position, _ in encoded:
+            errors[position] = None
+        return [], list(encoded)
+
+    def _decode_and_resize(
+        self, encoded: list[tuple[int, EncodedJpeg]], errors: list[str | None]
+    ) -> tuple[Groups, list[tuple[int, EncodedJpeg]]]:
+        images = gpu_jpeg.decode([jpeg for _, jpeg in encoded], self.device)
+        pairs = list(zip(encoded, images, strict=True))
+        del images
+        kept = [(p, image) for (p, _), image in pairs if image is not None]
+        rejected = [item for item, image in pairs if image is None]
+        del pairs
+        return self._resize(kept, errors), rejected
 
     def _resize(self, kept: list[tuple[int, torch.Tensor]], errors: list[str | None]) -> Groups:
         """One batched resize and crop; image by image where that does not apply."""
