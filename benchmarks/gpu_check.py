@@ -171,7 +171,9 @@ def check_decoders(check: Check, device: str, photos: list[Path], hard: list[Pat
         if ours is None:
             continue
         decoder_diff = max(decoder_diff, int((ours.cpu().int() - pil.int()).abs().max()))
-        on_device = spec.resize_and_crop(pil.to(dev)).cpu()
+        # the device path's resize: one batched resize + crop (image by image where it has none)
+        batch = spec.resize_and_crop_batch([pil.to(dev)])
+        on_device = (batch[0] if batch is not None else spec.resize_and_crop(pil.to(dev))).cpu()
         resize_diff = max(resize_diff, int((on_device.int() - spec.resize_and_crop(pil).int())
                                            .abs().max()))  # fmt: skip
     check.sections["decoder_pixels"] = {"decoder_max_abs": decoder_diff,

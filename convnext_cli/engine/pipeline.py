@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
@@ -38,10 +39,10 @@ from convnext_cli.engine.decode_pool import (
     group_by_shape,
     unpack_groups,
 )
+from convnext_cli.engine.device_decode import Cancelled, DeviceBatch, DeviceDecoder, in_thread
 from convnext_cli.engine.staging import StagingRing, fixed_shape, ring_slots, staging_enabled
 from convnext_cli.engine.thread_tuner import ThreadTuner
 from convnext_cli.errors import DeviceFailure, one_line
-from convnext_cli.imaging.decoding import decode_bytes
 from convnext_cli.imaging.gpu_jpeg import EncodedJpeg
 from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.inputs.expand import InputRef, input_id
@@ -576,6 +577,88 @@ class RunTimes:
     model: float = 0.0  # seconds in the model (and the device decoder), results on the host
 
 
+@dataclass
+class _RunPlan:
+    """How one run goes: its inputs, batch size, decoding processes, model threads."""
+
+    paths: Iterable[Input]
+    batch_size: int
+    workers: int
+    prefetch: int
+    threads: int  # the model's CPU threads when the tuner may change them, else 0
+    tuner: ThreadTuner | None
+
+
+class RejectDecoder:
+    """What the device decoder rejected (CMYK, corrupt, unsupported...), decoded on the CPU
+    by decode worker processes, with their deadline and crash isolation (never Pillow in
+    this process): one small :class:`DecodePool` for the whole run, started at the first
+    reject, used from one thread (the device-decode thread), closed by :meth:`close`."""
+
+    def __init__(self, spec: PreprocessSpec, workers: int = 2, timeout: float | None = None):
+        self.spec = spec
+        self.workers = workers
+        self.timeout = timeout
+        self.pool: DecodePool | None = None
+        self.pending: _PendingBatch | None = None
+        self.cancelled = threading.Event()
+
+    def __call__(
+        self, items: list[tuple[int, InputRef]], errors: list[str | None]
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Decode `items` ((position in the batch, input) pairs): their pixels by shape,
+        with their positions; an input that fails gets its error in `errors`."""
+        if not items:
+            return []
+        pending = self.pending = _PendingBatch(0, [item for _, item in items])
+        if self.pool is None:
+            wait = decode_timeout() if self.timeout is None else self.timeout
+            self.pool = DecodePool(self.workers, self.spec, False, wait, self._done, self._error)
+        numbered = list(enumerate(item for _, item in items))
+        share = -(-len(numbered) // max(1, self.workers))  # one task per worker
+        for start in range(0, len(numbered), share):
+            self.pool.submit(0, numbered[start : start + share])
+        while pending.waiting > 0:
+            if self.cancelled.is_set():
+                raise Cancelled("stopped while decoding rejected JPEGs")
+            self.pool.poll()
+        redone = pending.finish()
+        positions = [position for position, _ in items]
+        for n, error in enumerate(redone.errors):
+            if error is not None:
+                errors[positions[n]] = error
+        return [([positions[n] for n in group], pixels) for group, pixels in redone.groups]
+
+    def _done(self, task: Task, packed: dict[str, Any]) -> None:
+        if self.pending is not None:
+            self.pending.add_packed(packed)
+
+    def _error(self, task: Task, position: int, message: str) -> None:
+        if self.pending is not None:
+            self.pending.add(position, message)
+
+    def cancel(self) -> None:
+        """Cut a wait for the workers short (from another thread: the run is stopping)."""
+        self.cancelled.set()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+def _device_errors(
+    stage: Generator[DeviceBatch, None, None],
+) -> Generator[DeviceBatch, None, None]:
+    """`stage`, a device error raised in the decode thread as :class:`DeviceFailure`."""
+    try:
+        yield from stage
+    except Exception as exc:
+        if is_device_failure(exc):
+            raise device_failure(exc) from exc
+        raise
+
+
 class Runner:
     """A loaded model on a device, turning paths into results batch by batch.
 
@@ -685,7 +768,46 @@ class Runner:
     def _run(
         self, paths: Iterable[Input], batch_size: int | None, workers: int | None, head: Head
     ) -> Iterator[list[Result]]:
+        plan = self._plan(paths, batch_size, workers)
+        batches = self._batches(plan)
+        behind: tuple[list[Result], Readback, float] | None = None
+        times = self.times
+        try:
+            waited = time.perf_counter()
+            for batch in batches:
+                got = time.perf_counter()
+                decoded = batch.decoded if isinstance(batch, DeviceBatch) else batch
+                times.decode += decoded.decoding if plan.workers > 0 else got - waited
+                results = [
+                    Result(path=input_name(item), error=err, source=_source(item))
+                    for item, err in zip(decoded.inputs, decoded.errors, strict=True)
+                ]
+                readback = self._queue(head, batch, results)
+                decoded.release(readback.event)  # its slot is reused once the copy is consumed
+                times.model += time.perf_counter() - got
+                times.images += len(results)
+                # the decoders' load: their seconds on this batch, per decoding process
+                load = decoded.decoding / plan.workers if plan.workers > 0 else 0.0
+                if behind is not None:
+                    yield self._finish(behind, plan.tuner)
+                    behind = None
+                if self.overlap:
+                    behind = (results, readback, load)
+                else:
+                    yield self._finish((results, readback, load), plan.tuner)
+                waited = time.perf_counter()
+            if behind is not None:
+                yield self._finish(behind, plan.tuner)
+        finally:
+            batches.close()  # stops the decode workers at once when the caller stops early
+            self.pad_rows = None  # the compiled shape is this run's
+            if plan.tuner is not None and torch.get_num_threads() != plan.threads:
+                torch.set_num_threads(plan.threads)
 
+    def _plan(
+        self, paths: Iterable[Input], batch_size: int | None, workers: int | None
+    ) -> _RunPlan:
+        """The batch size, decoding processes and thread tuning of one run."""
         if batch_size is None:
             batch_size = default_batch_size(self.device.type, self._image_size(), self.device)
         known, paths = lookahead(paths, planning_lookahead(workers, batch_size))
@@ -699,70 +821,73 @@ class Runner:
             tuner = ThreadTuner([threads, max(1, threads - workers)], settle=prefetch)
         if self.compiled:
             self.pad_rows = min(batch_size, self.max_rows or batch_size)
+        return _RunPlan(paths, batch_size, workers, prefetch, threads, tuner)
+
+    def _batches(self, plan: _RunPlan) -> Generator[DecodedBatch | DeviceBatch, None, None]:
+        """The run's decoded batches; with ``jpeg_on_device``, their JPEGs decoded and
+        resized on the device in a background thread (:mod:`.device_decode`), what the
+        device decoder rejects decoded again by a small pool of decode workers."""
         pin = self.device.type == "cuda"
         batches = decoded_batches(
-            paths,
+            plan.paths,
             self.spec,
-            batch_size,
-            workers,
+            plan.batch_size,
+            plan.workers,
             pin,
             jpeg_on_device=self.jpeg_on_device,
-            prefetch=prefetch,
+            prefetch=plan.prefetch,
         )
-        behind: tuple[list[Result], Readback, float] | None = None
+        if not self.jpeg_on_device:
+            return batches
+        rejects = RejectDecoder(self.spec)
+        decoder = DeviceDecoder(self.spec, self.device, rejects, is_device_failure)
+        stage = in_thread(batches, decoder, on_stop=rejects.cancel, on_exit=rejects.close)
+        return _device_errors(stage)
 
-        def finish(done: tuple[list[Result], Readback, float]) -> list[Result]:
-            results, readback, load = done
-            try:
-                readback.finish()
-            except Exception as exc:
-                if is_device_failure(exc):
-                    raise device_failure(exc) from exc
-                raise
-            if tuner is not None and (changed := tuner.batch_done(len(results), load)):
-                torch.set_num_threads(changed)
-            return results
+    def _queue(
+        self, head: Head, batch: DecodedBatch | DeviceBatch, results: list[Result]
+    ) -> Readback:
+        """Queue the model on a batch's groups (the device-decoded ones merged with the host
+        groups of their shape); its outputs are on their way to the host."""
+        parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []
+        with torch.inference_mode():
+            if isinstance(batch, DeviceBatch):
+                groups = self._merged(batch.decoded.groups, batch.take(self.device))
+            else:
+                groups = batch.groups
+            for positions, pixels in groups:
+                self._launch(head, pixels, [results[p] for p in positions], parts)
+            return Readback(parts, head)
 
-        times = self.times
+    def _merged(
+        self,
+        host: list[tuple[list[int], torch.Tensor]],
+        on_device: list[tuple[list[int], torch.Tensor]],
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Host and device groups, one per shape (host pixels copied where they join)."""
+        merged = []
+        for members in group_by_shape([*host, *on_device], lambda g: tuple(g[1].shape[1:])):
+            if len(members) == 1:
+                merged.append(members[0])
+                continue
+            positions = [p for group, _ in members for p in group]
+            merged.append((positions, torch.cat([self._to_device(t) for _, t in members])))
+        return merged
+
+    def _finish(
+        self, done: tuple[list[Result], Readback, float], tuner: ThreadTuner | None
+    ) -> list[Result]:
+        """A batch's results, once its outputs are on the host."""
+        results, readback, load = done
         try:
-            waited = time.perf_counter()
-            for decoded in batches:
-                got = time.perf_counter()
-                times.decode += decoded.decoding if workers > 0 else got - waited
-                results = [
-                    Result(path=input_name(item), error=err, source=_source(item))
-                    for item, err in zip(decoded.inputs, decoded.errors, strict=True)
-                ]
-                parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []
-                with torch.inference_mode():
-                    groups = decoded.groups
-                    if decoded.encoded:
-                        groups = self._with_device_decoded(
-                            groups, decoded.encoded, results, decoded.inputs
-                        )
-                    for positions, pixels in groups:
-                        self._launch(head, pixels, [results[p] for p in positions], parts)
-                    readback = Readback(parts, head)
-                decoded.release(readback.event)  # its slot is reused once the copy is consumed
-                times.model += time.perf_counter() - got
-                times.images += len(results)
-                # the decoders' load: their seconds on this batch, per decoding process
-                load = decoded.decoding / workers if workers > 0 else 0.0
-                if behind is not None:
-                    yield finish(behind)
-                    behind = None
-                if self.overlap:
-                    behind = (results, readback, load)
-                else:
-                    yield finish((results, readback, load))
-                waited = time.perf_counter()
-            if behind is not None:
-                yield finish(behind)
-        finally:
-            batches.close()  # stops the decode workers at once when the caller stops early
-            self.pad_rows = None  # the compiled shape is this run's
-            if tuner is not None and torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+            readback.finish()
+        except Exception as exc:
+            if is_device_failure(exc):
+                raise device_failure(exc) from exc
+            raise
+        if tuner is not None and (changed := tuner.batch_done(len(results), load)):
+            torch.set_num_threads(changed)
+        return results
 
     def _image_size(self) -> int:
         crop = self.spec.crop_size
@@ -838,81 +963,6 @@ class Runner:
                 if is_device_failure(exc):
                     raise device_failure(exc) from exc
                 _model_failed(result, one, exc)
-
-    def _with_device_decoded(
-        self,
-        groups: list[tuple[list[int], torch.Tensor]],
-        encoded: list[tuple[int, EncodedJpeg]],
-        results: list[Result],
-        inputs: list[Input] | None = None,
-    ) -> list[tuple[list[int], torch.Tensor]]:
-        """Decode a batch's JPEGs on the device, resize them there, and merge them into the
-        host-decoded groups of the same shape.  A JPEG the device decoder rejects (CMYK,
-        corrupt...) goes back to a decode worker process, with its deadline and crash
-        isolation; one that fails there too gets its error in `results`."""
-
-        from convnext_cli.imaging import gpu_jpeg
-
-        images = gpu_jpeg.decode([e for _, e in encoded], self.device)
-        if self.device.type == "cuda":
-            # torchvision's nvjpeg decoder writes on its own stream: wait for it before its
-            # buffers are used on ours
-            torch.cuda.synchronize(self.device)
-        # shape -> (positions in the batch, (n, 3, h, w) uint8 tensors on the device)
-        by_shape: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
-        for positions, pixels in groups:
-            by_shape[tuple(pixels.shape[1:])] = (list(positions), [self._to_device(pixels)])
-        rejected: list[tuple[int, EncodedJpeg]] = []
-        for (position, jpeg), image in zip(encoded, images, strict=True):
-            if image is None:
-                rejected.append((position, jpeg))
-                continue
-            try:
-                pixels = self.spec.resize_and_crop(image)
-            except Exception as exc:
-                results[position].error = failure(exc)
-                continue
-            positions, tensors = by_shape.setdefault(tuple(pixels.shape), ([], []))
-            positions.append(position)
-            tensors.append(pixels[None])
-        for positions, pixels in self._decode_rejected(rejected, results, inputs):
-            into, tensors = by_shape.setdefault(tuple(pixels.shape[1:]), ([], []))
-            into += positions
-            tensors.append(self._to_device(pixels))
-        return [
-            (positions, tensors[0] if len(tensors) == 1 else torch.cat(tensors))
-            for positions, tensors in by_shape.values()
-            if positions
-        ]
-
-    def _decode_rejected(
-        self,
-        rejected: list[tuple[int, EncodedJpeg]],
-        results: list[Result],
-        inputs: list[Input] | None,
-    ) -> list[tuple[list[int], torch.Tensor]]:
-        """What the device decoder rejected, decoded on the CPU by one decode worker (its
-        deadline and crash isolation, never Pillow in this process): groups by shape, with
-        the positions in the batch; a failure is the input's error."""
-        if not rejected:
-            return []
-        if inputs is None:  # no input to hand a worker: decode the bytes here, as before
-            out = []
-            for position, jpeg in rejected:
-                try:
-                    pixels = self.spec.resize_and_crop(decode_bytes(jpeg.data))
-                except Exception as exc:
-                    results[position].error = failure(exc)
-                    continue
-                out.append(([position], pixels[None]))
-            return out
-        items = [inputs[position] for position, _ in rejected]
-        (redo,) = decoded_batches(items, self.spec, len(items), workers=1)
-        mapped = [rejected[n][0] for n in range(len(items))]
-        for n, error in enumerate(redo.errors):
-            if error is not None:
-                results[mapped[n]].error = error
-        return [([mapped[n] for n in positions], pixels) for positions, pixels in redo.groups]
 
     def classify(
         self,

@@ -26,7 +26,12 @@ from typing import Any
 import torch
 
 from convnext_cli.errors import CheckpointError
-from convnext_cli.imaging.resize import center_crop, resize_crop
+from convnext_cli.imaging.resize import (
+    BATCHED_FILTERS,
+    center_crop,
+    resize_crop,
+    resize_crop_batch,
+)
 from convnext_cli.model._fields import Fields, is_int, is_number, json_kind, read_json_object
 from convnext_cli.model.config import (
     FLOAT32_MAX,
@@ -206,6 +211,23 @@ class PreprocessSpec:
         if self.do_center_crop and self.crop_size:
             image = center_crop(image, *self.crop_size)
         return image
+
+    def resize_and_crop_batch(self, images: list[torch.Tensor]) -> torch.Tensor | None:
+        """:meth:`resize_and_crop` for images of any sizes as one batched operation
+        (:func:`~convnext_cli.imaging.resize.resize_crop_batch`): (n, 3, h, w) uint8, equal
+        to the per-image result within a grey level.  None where it does not apply (no
+        resizing, or a filter other than bilinear and bicubic): resize image by image."""
+        if not images or not self.do_resize or self.resample not in BATCHED_FILTERS:
+            return None
+        sizes = [self.resize_size(*image.shape[-2:]) for image in images]
+        # below 384 a centre crop of edge x edge; from 384 on resized to that, not cropped
+        crop = (self.shortest_edge, self.shortest_edge)
+        if any(h < crop[0] or w < crop[1] for h, w in sizes):
+            return None
+        batch = resize_crop_batch(images, sizes, self.resample, crop)
+        if self.do_center_crop and self.crop_size:
+            batch = center_crop(batch, *self.crop_size)
+        return batch
 
     def normalization(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mean, std) as (3, 1, 1) float32 tensors on `device`, the rescale folded in, or

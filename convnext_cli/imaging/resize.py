@@ -65,9 +65,7 @@ def resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.T
 
         return tvF.resize(image, list(size), interpolation=_interpolation(resample), antialias=True)
     batch = image[None]
-    native = mode == "nearest-exact" or (
-        image.device.type == "cpu" and (mode != "bilinear" or _native_uint8_bilinear())
-    )
+    native = mode == "nearest-exact" or _uint8_kernel(resample, image.device)
     if not native:
         batch = batch.to(torch.float32)
     smooth = mode != "nearest-exact"
@@ -101,44 +99,31 @@ def _pil_resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> to
     return torch.from_numpy(resized.copy()).permute(2, 0, 1).to(image.device)
 
 
-def _filter_box(x: float) -> float:
-    return 1.0 if -0.5 < x <= 0.5 else 0.0
+def _filter_box(x: torch.Tensor) -> torch.Tensor:
+    return ((x > -0.5) & (x <= 0.5)).to(x.dtype)
 
 
-def _filter_bilinear(x: float) -> float:
-    x = abs(x)
-    return 1.0 - x if x < 1.0 else 0.0
+def _filter_bilinear(x: torch.Tensor) -> torch.Tensor:
+    return (1.0 - x.abs()).clamp_min(0.0)
 
 
-def _filter_hamming(x: float) -> float:
-    x = abs(x)
-    if x == 0.0:
-        return 1.0
-    if x >= 1.0:
-        return 0.0
-    x *= math.pi
-    return math.sin(x) / x * (0.54 + 0.46 * math.cos(x))
+def _filter_hamming(x: torch.Tensor) -> torch.Tensor:
+    x = x.abs()
+    window = torch.sinc(x) * (0.54 + 0.46 * torch.cos(x * math.pi))
+    return torch.where(x >= 1.0, torch.zeros_like(x), window)
 
 
-def _filter_bicubic(x: float) -> float:
+def _filter_bicubic(x: torch.Tensor) -> torch.Tensor:
     a = -0.5
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    if x < 2.0:
-        return (((x - 5) * x + 8) * x - 4) * a
-    return 0.0
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
 
 
-def _sinc(x: float) -> float:
-    if x == 0.0:
-        return 1.0
-    x *= math.pi
-    return math.sin(x) / x
-
-
-def _filter_lanczos(x: float) -> float:
-    return _sinc(x) * _sinc(x / 3.0) if -3.0 <= x < 3.0 else 0.0
+def _filter_lanczos(x: torch.Tensor) -> torch.Tensor:
+    inside = (x >= -3.0) & (x < 3.0)
+    return torch.sinc(x) * torch.sinc(x / 3.0) * inside
 
 
 # resample -> (support, filter): Pillow's Resample.c, which torch's antialiased kernels follow
@@ -151,34 +136,57 @@ _FILTERS = {
 }
 
 
+def filter_taps(
+    in_sizes: torch.Tensor,
+    out_sizes: torch.Tensor,
+    starts: torch.Tensor,
+    count: int,
+    resample: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The taps of a 1-D resize (Pillow's weights, which torch's antialiased kernels share)
+    for output indices ``starts[k] .. starts[k] + count - 1`` of `n` resizes at once (sizes
+    and starts: (n,) int64 tensors on the CPU).
+
+    Returns (low, taps): output j of resize k is the sum over t of
+    ``taps[k, j, t] * input[low[k, j] + t]`` (float64 weights, zero past its last tap).
+    """
+    f64 = torch.float64
+    ins = in_sizes.to(f64)[:, None]
+    scale = ins / out_sizes.to(f64)[:, None]
+    index = (starts[:, None] + torch.arange(count)).to(f64)  # (n, count)
+    if resample == 0:  # nearest-exact
+        low = torch.minimum(torch.floor((index + 0.5) * scale), ins - 1)
+        return low.long(), torch.ones((*low.shape, 1), dtype=f64)
+    support, kernel = _FILTERS[resample]
+    filterscale = scale.clamp_min(1.0)
+    center = (index + 0.5) * scale
+    low = torch.trunc(center - support * filterscale + 0.5).clamp_min(0.0)
+    high = torch.minimum(torch.trunc(center + support * filterscale + 0.5), ins)
+    x = low[..., None] + torch.arange(max(1, int((high - low).max())), dtype=f64)
+    taps = kernel((x - center[..., None] + 0.5) / filterscale[..., None]) * (x < high[..., None])
+    total = taps.sum(dim=-1, keepdim=True)
+    taps = torch.where(total != 0, taps / torch.where(total != 0, total, 1.0), taps)
+    return low.long(), taps
+
+
+def _dense(low: torch.Tensor, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first input index (n,), weights (n, count, width)) from :func:`filter_taps`: row j
+    of resize k weighs inputs ``first[k] ..`` (the taps move right with j)."""
+    first = low[:, 0]
+    offsets = (low - first[:, None])[..., None] + torch.arange(taps.shape[-1])
+    width = int(offsets.masked_fill(taps == 0, 0).max()) + 1
+    weights = torch.zeros((*low.shape, width + taps.shape[-1]), dtype=taps.dtype)
+    weights.scatter_(-1, offsets, taps)
+    return first, weights[..., :width]
+
+
 def _axis_weights(
     in_size: int, out_size: int, start: int, stop: int, resample: int
-) -> tuple[int, list[list[float]]]:
+) -> tuple[int, torch.Tensor]:
     """Weights of output indices start..stop-1 of a 1-D resize: (first input index, rows)."""
-    scale = in_size / out_size
-    spans: list[tuple[int, list[float]]] = []
-    if resample == 0:  # nearest-exact
-        for i in range(start, stop):
-            spans.append((min(int((i + 0.5) * scale), in_size - 1), [1.0]))
-    else:
-        support, kernel = _FILTERS[resample]
-        filterscale = max(scale, 1.0)
-        support *= filterscale
-        for i in range(start, stop):
-            center = (i + 0.5) * scale
-            xmin = max(int(center - support + 0.5), 0)
-            xmax = min(int(center + support + 0.5), in_size)
-            weights = [kernel((x - center + 0.5) / filterscale) for x in range(xmin, xmax)]
-            total = sum(weights)
-            spans.append((xmin, [w / total for w in weights] if total else weights))
-    first = min(x for x, _ in spans)
-    last = max(x + len(w) for x, w in spans)
-    rows = []
-    for x, weights in spans:
-        row = [0.0] * (last - first)
-        row[x - first : x - first + len(weights)] = weights
-        rows.append(row)
-    return first, rows
+    ins, outs, starts = (torch.tensor([n]) for n in (in_size, out_size, start))
+    first, weights = _dense(*filter_taps(ins, outs, starts, stop - start, resample))
+    return int(first[0]), weights[0]
 
 
 def _crop_span(out_size: int, crop: int) -> tuple[int, int, int]:
@@ -201,8 +209,8 @@ def _resize_window(
     first_row, vertical = _axis_weights(in_h, size[0], row0, row1, resample)
     first_col, horizontal = _axis_weights(in_w, size[1], col0, col1, resample)
     device = image.device
-    v = torch.tensor(vertical, dtype=torch.float32, device=device)
-    h = torch.tensor(horizontal, dtype=torch.float32, device=device)
+    v = vertical.to(device=device, dtype=torch.float32)
+    h = horizontal.to(device=device, dtype=torch.float32)
     window = image[:, first_row : first_row + v.shape[1], first_col : first_col + h.shape[1]]
     # horizontal pass, then vertical, each rounded to uint8 values as Pillow and torch do
     # (rounding half up, as their fixed-point arithmetic does)
@@ -213,6 +221,123 @@ def _resize_window(
         pixels.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
     )
     return out
+
+
+# The batched resize (resize_crop_batch) keeps its zero-padded float32 batch under this
+BATCH_RESIZE_BUDGET = 512 << 20  # bytes
+BATCHED_FILTERS = frozenset({2, 3})  # bilinear, bicubic: the filters resize_crop_batch runs
+
+
+def resize_crop_batch(
+    images: list[torch.Tensor],
+    sizes: list[tuple[int, int]],
+    resample: int,
+    crop: tuple[int, int],
+    budget: int = BATCH_RESIZE_BUDGET,
+    rounds: bool | None = None,
+) -> torch.Tensor:
+    """Resize each (C, H, W) uint8 image to its `sizes` entry and centre-crop `crop` from it
+    (no larger than any size), all as one batch: (n, C, *crop) uint8.
+
+    The antialiased resize is separable and linear: with each image's filter weights
+    restricted to its crop window (:func:`filter_taps`), the batch is
+    ``Wy @ window @ Wx^T``, two batched matmuls on the zero-padded windows, in chunks whose
+    padded float32 copy stays under `budget` bytes (one image at least).  Rounding follows
+    :func:`resize` on the images' device: on the CPU, where it is torch's (and Pillow's)
+    uint8 kernel, each pass rounds to uint8 values; elsewhere (the float path) only the end
+    is clamped and rounded (`rounds` True or False chooses).  Equal to :func:`resize_crop`
+    per image within a grey level or two (fixed-point weights in torch's uint8 kernels).
+    """
+    count = len(images)
+    device = images[0].device
+    out = torch.empty((count, images[0].shape[0], *crop), dtype=torch.uint8, device=device)
+    # similar sizes together, so that little of each chunk is padding
+    order = sorted(range(count), key=lambda k: tuple(images[k].shape[-2:]))
+    if rounds is None:
+        rounds = _uint8_kernel(resample, device)
+    chunk: list[int] = []
+    tallest = widest = 0
+    for k in order:
+        height, width = images[k].shape[-2:]
+        tall, wide = max(tallest, height), max(widest, width)
+        per_image = images[k].shape[0] * tall * (wide + crop[1]) * 4
+        if chunk and per_image * (len(chunk) + 1) > budget:
+            out[chunk] = _resize_chunk([images[n] for n in chunk], [sizes[n] for n in chunk],
+                                       resample, crop, rounds)  # fmt: skip
+            chunk, tall, wide = [], height, width
+        chunk.append(k)
+        tallest, widest = tall, wide
+    out[chunk] = _resize_chunk(
+        [images[n] for n in chunk], [sizes[n] for n in chunk], resample, crop, rounds
+    )
+    return out
+
+
+def _resize_chunk(
+    images: list[torch.Tensor],
+    sizes: list[tuple[int, int]],
+    resample: int,
+    crop: tuple[int, int],
+    rounds: bool,
+) -> torch.Tensor:
+    """One chunk of :func:`resize_crop_batch`: (n, C, *crop) uint8."""
+    device = images[0].device
+    axes = []
+    for axis in (0, 1):  # rows, then columns
+        ins = torch.tensor([image.shape[-2 + axis] for image in images])
+        outs = torch.tensor([size[axis] for size in sizes])
+        low, taps = filter_taps(ins, outs, (outs - crop[axis]) // 2, crop[axis], resample)
+        # the window each image is cut to: from its first tap to past its last one
+        end = torch.minimum(low[:, -1] + taps.shape[-1], ins)
+        axes.append((low, taps, int((end - low[:, 0]).max())))
+    (rows, vertical, tall), (cols, horizontal, wide) = axes
+    windows = torch.zeros(
+        (len(images), images[0].shape[0], tall, wide), dtype=torch.uint8, device=device
+    )
+    for window, image, top, left in zip(
+        windows, images, rows[:, 0].tolist(), cols[:, 0].tolist(), strict=True
+    ):
+        part = image[:, top : top + tall, left : left + wide]
+        window[:, : part.shape[1], : part.shape[2]] = part
+    pixels = _banded(windows.to(torch.float32), cols - cols[:, :1], horizontal)  # rows first
+    if rounds:  # as the uint8 kernels do between their passes (rounding half up)
+        pixels = pixels.add_(0.5).floor_().clamp_(0, 255)
+    pixels = _banded(pixels.transpose(-1, -2), rows - rows[:, :1], vertical).transpose(-1, -2)
+    if rounds:
+        pixels = pixels.add_(0.5).floor_()
+    elif resample == 2:
+        return pixels.round_().to(torch.uint8)
+    return pixels.clamp_(0, 255).round_().to(torch.uint8)
+
+
+BAND_BLOCK = 16  # outputs per block of _banded
+
+
+def _banded(
+    pixels: torch.Tensor, low: torch.Tensor, taps: torch.Tensor, block: int = BAND_BLOCK
+) -> torch.Tensor:
+    """One resize pass over the last axis: (n, C, R, L) -> (n, C, R, O), output j of image
+    k weighing inputs ``low[k, j] + t`` by ``taps[k, j, t]`` (:func:`filter_taps`, on the
+    CPU).  Blocks of `block` outputs are batched matmuls on the span of inputs their taps
+    cover (gathered): the arithmetic grows with the taps, not with the input width."""
+    count, outputs, width = taps.shape
+    blocks = -(-outputs // block)
+    extra = blocks * block - outputs  # padding rows: the last row's start, no weight
+    low = torch.cat([low, low[:, -1:].expand(-1, extra)], 1).view(count, blocks, block)
+    taps = torch.nn.functional.pad(taps, (0, 0, 0, extra)).view(count, blocks, block, width)
+    start = low[..., 0]  # (n, blocks): the taps move right with the output
+    span = int((low[..., -1] - start).max()) + width
+    offsets = (low - start[..., None])[..., None] + torch.arange(width)
+    parts = torch.zeros((count, blocks, block, span), dtype=taps.dtype)
+    parts.scatter_(-1, offsets, taps)
+    device = pixels.device
+    parts = parts.to(device=device, dtype=torch.float32)
+    index = start[..., None] + torch.arange(span)  # (n, blocks, span) input positions
+    index = index.clamp_max(pixels.shape[-1] - 1).to(device).view(count, 1, 1, -1)
+    gathered = pixels.gather(-1, index.expand(*pixels.shape[:-1], -1))
+    gathered = gathered.view(*pixels.shape[:-1], blocks, span)  # (n, C, R, blocks, span)
+    out = torch.einsum("ncrbs,nbjs->ncrbj", gathered, parts)
+    return out.reshape(*pixels.shape[:-1], blocks * block)[..., :outputs]
 
 
 _INTERPOLATE_MODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -226,6 +351,12 @@ def _torch_has_lanczos() -> bool:
     except (ValueError, NotImplementedError, RuntimeError):
         return False
     return True
+
+
+def _uint8_kernel(resample: int, device: torch.device) -> bool:
+    """Whether torch resizes uint8 natively there (else: float, clamp, round): on the CPU,
+    bicubic and Lanczos always, bilinear on AVX2/AVX-512/Arm (torchvision's rule)."""
+    return device.type == "cpu" and (resample != 2 or _native_uint8_bilinear())
 
 
 def _native_uint8_bilinear() -> bool:
