@@ -242,5 +242,5 @@ def test_strip_conversion_equals_whole_image_conversion(
     else:
         image = rgba.convert(mode)
     whole = np.asarray(images.pil_to_rgb(image.copy()))
-    monkeypatch.setattr(images, "_STRIP_PIXELS", 23 * 5)  # strips of 5 rows
-    np.testing.assert_array_equal(images._rgb_array(image), whole)
+    monkeypatch.setattr(images, "STRIP_PIXELS", 23 * 5)  # strips of 5 rows
+    np.testing.assert_array_equal(images.rgb_array(image), whole)
