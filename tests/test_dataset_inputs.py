@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+import sys
+import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pyarrow as pa
@@ -133,50 +139,80 @@ def test_a_huge_row_group_is_an_error_per_row_not_a_huge_read(
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"image": [p.read_bytes() for p in photos[:2]]}), path)
     monkeypatch.setattr(dataset_inputs, "MAX_ROW_GROUP_BYTES", 1000)
-    dataset_inputs._row_groups.clear()
     items = list(parquet_items(str(path)))
     with pytest.raises(ImageError, match="over the 1000-byte limit"):
         read(items[0])
 
 
+def _read_in_a_decoding_process(path: str, conn: Connection) -> None:
+    """In a forked child (what a decoding process is): the cells, and the row groups that
+    pyarrow was asked for, in the order asked."""
+    reads: list[tuple[int, bool]] = []  # (row group, read by the thread that reads ahead)
+    real_read = pq.ParquetFile.read_row_group
+
+    def counted(self: pq.ParquetFile, group: int, *args: object, **kwargs: object) -> object:
+        ahead = threading.current_thread().name.startswith("convnext-parquet")
+        reads.append((group, ahead))
+        return real_read(self, group, *args, **kwargs)
+
+    pq.ParquetFile.read_row_group = counted  # this child only
+    cells = [read(item) for item in parquet_items(path)]
+    conn.send((cells, reads))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="forks a decoding process")
 def test_each_row_group_is_read_once_and_the_next_one_ahead(
-    tmp_path: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, photos: list[Path]
 ) -> None:
     """A decoding process reads a row group once for all its rows, and the next one in a
     thread while the current one is decoded; the cells are the bytes written."""
-    import convnext_cli.inputs.datasets as dataset_inputs
-
     blobs = [photos[n % len(photos)].read_bytes() for n in range(10)]
     path = tmp_path / "groups.parquet"
     pq.write_table(pa.table({"image": blobs}), path, row_group_size=4)  # groups of 4, 4, 2
-    reads: list[int] = []
-    real_read = dataset_inputs._read_row_group
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_read_in_a_decoding_process, args=(str(path), send))
+    child.start()
+    assert receive.poll(60), "the decoding process sent nothing"
+    cells, reads = receive.recv()
+    child.join(30)
+    assert child.exitcode == 0
+    assert cells == blobs
+    assert sorted(group for group, _ in reads) == [0, 1, 2]
+    assert [group for group, _ in reads[:2]] == [0, 1]
+    # groups 1 and 2 were read ahead, in the thread, while the one before was being used
+    assert [group for group, ahead in reads if ahead] == [1, 2]
 
-    def counted(file: str, group: int, column: str) -> object:
-        reads.append(group)
-        return real_read(file, group, column)
 
-    monkeypatch.setattr(dataset_inputs, "_read_row_group", counted)
-    monkeypatch.setattr(dataset_inputs, "_in_decoding_process", lambda: True)
-    dataset_inputs._row_groups.clear()
-    assert [read(item) for item in parquet_items(str(path))] == blobs
-    assert sorted(reads) == [0, 1, 2]
-    assert reads[:2] == [0, 1]  # group 1 was asked for while group 0 was being used
+def _open_shards(folder: Path) -> set[str]:
+    """The files under ``folder`` this process holds open (its descriptors, as Linux lists)."""
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(folder)):
+                held.add(target)
+    return held
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists descriptors in /proc")
 def test_tar_shards_stay_open_a_few_at_a_time(tmp_path: Path, photos: list[Path]) -> None:
-    import convnext_cli.inputs.datasets as dataset_inputs
+    from convnext_cli.inputs.datasets import OPEN_ARCHIVES
 
     shards = []
-    for n in range(dataset_inputs.OPEN_ARCHIVES + 3):
+    for n in range(OPEN_ARCHIVES + 3):
         members = [(f"{n:03d}-{i}.png", photos[(n + i) % 6].read_bytes()) for i in range(2)]
         shards.append((make_shard(tmp_path / f"{n:03d}.tar", members), members))
     for shard, members in shards + shards[:2]:
         assert [read(i) for i in tar_items(str(shard), EXTS)] == [data for _, data in members]
-        assert len(dataset_inputs._archives) <= dataset_inputs.OPEN_ARCHIVES
-    # a shard that is gone after listing: its members fail, one by one, with the reason
+        held = _open_shards(tmp_path)
+        assert str(shard.resolve()) in held and len(held) <= OPEN_ARCHIVES
+    # a shard that is gone after listing, and closed since (the others were read after it):
+    # its members fail, one by one, with the reason
     items = list(tar_items(str(shards[-1][0]), EXTS))
-    dataset_inputs._forget_archive(str(shards[-1][0]))
+    for shard, _ in shards[:OPEN_ARCHIVES]:
+        read(next(tar_items(str(shard), EXTS)))
+    assert str(shards[-1][0].resolve()) not in _open_shards(tmp_path)
     shards[-1][0].unlink()
     with pytest.raises(ImageError, match="cannot read archive"):
         read(items[0])

@@ -13,6 +13,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import factories
 import helpers
@@ -168,15 +169,24 @@ def test_text_output_file(v1_checkpoint: Path, photos: list[Path], tmp_path: Pat
     assert [r["path"] for r in jsonl(out.read_text())] == [str(p) for p in photos[:2]]
 
 
+def _matrix_with_a_failed_input(
+    inputs: list[Path], common: list[object], tmp_path: Path, fmt: str
+) -> tuple[list[dict[str, Any]], Path, Any]:
+    """The JSON-lines records of ``inputs``, then the same run to ``features.FMT``, which
+    exits 1 (one input fails) and prints nothing: (records, that file, the run)."""
+    records = jsonl(invoke("embed", *inputs, *common).stdout)
+    out = tmp_path / f"features.{fmt}"
+    result = invoke("embed", *inputs, *common, "--format", fmt, "-o", out)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    return records, out, result
+
+
 def test_npy_matrix_and_paths_sidecar(
     v1_checkpoint: Path, mixed_inputs: list[Path], tmp_path: Path
 ) -> None:
     common = ["-m", v1_checkpoint, "-b", "2", *CPU]
-    records = jsonl(invoke("embed", *mixed_inputs, *common).stdout)
-    out = tmp_path / "features.npy"
-    result = invoke("embed", *mixed_inputs, *common, "--format", "npy", "-o", out)
-    assert result.exit_code == 1
-    assert result.stdout == ""
+    records, out, result = _matrix_with_a_failed_input(mixed_inputs, common, tmp_path, "npy")
     matrix = np.load(out)
     assert matrix.dtype == np.float32 and matrix.shape == (2, 32)
     sidecar = tmp_path / "features.paths.txt"
@@ -204,11 +214,9 @@ def test_safetensors_matrix_paths_and_errors(
     from safetensors import safe_open
 
     common = ["-m", v2_checkpoint, "-b", "2", *CPU]
-    records = jsonl(invoke("embed", *mixed_inputs, *common).stdout)
-    out = tmp_path / "features.safetensors"
-    result = invoke("embed", *mixed_inputs, *common, "--format", "safetensors", "-o", out)
-    assert result.exit_code == 1
-    assert result.stdout == ""
+    records, out, result = _matrix_with_a_failed_input(
+        mixed_inputs, common, tmp_path, "safetensors"
+    )
     assert str(mixed_inputs[1]) in result.stderr and "Traceback" not in result.stderr
     with safe_open(str(out), "pt") as f:
         assert list(f.keys()) == ["embeddings"]

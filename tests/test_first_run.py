@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import invoke
+from helpers import invoke, start_with_stdin
 from PIL import Image
 from pty_helpers import _drain, screen
 
@@ -150,16 +150,9 @@ def test_ctrl_c_says_what_was_kept_and_that_resume_continues(
 ) -> None:
     out = tmp_path / "labels.jsonl"
     stdin = "".join(f"{photos[i % len(photos)]}\n" for i in range(3000))
-    proc = subprocess.Popen(
-        [*CLI, "classify", "-", "-m", str(v1_checkpoint), *CPU, "-b", "2", "-o", str(out)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    proc = start_with_stdin(
+        [*CLI, "classify", "-", "-m", v1_checkpoint, *CPU, "-b", "2", "-o", out], stdin.encode()
     )
-    assert proc.stdin is not None
-    proc.stdin.write(stdin.encode())
-    proc.stdin.close()
-    proc.stdin = None
     partial = tmp_path / ".labels.jsonl.partial"
     deadline = time.monotonic() + 120
     while not (partial.exists() and partial.stat().st_size > 300):

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import run_with_peak
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss, >&-: Linux")
 
@@ -24,17 +24,6 @@ CLI = [sys.executable, "-m", "convnext_cli"]
 TIME_BOUND = 60.0  # seconds: "does not hang" on a loaded CI machine (these take 1-3 s)
 MEMORY_BOUND = 400e6  # bytes; a usage error peaks near 40 MB, the old expansions at GBs
 ADDRESS_LIMIT = 4 * 1024**3  # a regression fails with MemoryError instead of swapping
-
-WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "limit = int(sys.argv[2])\n"
-    "def cap():\n"
-    "    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
-    "code = subprocess.run(sys.argv[3:], preexec_fn=cap if limit else None).returncode\n"
-    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-    "open(sys.argv[1], 'w').write(str(peak))\n"
-    "sys.exit(code)\n"
-)
 
 
 def env_with(**extra: str) -> dict[str, str]:
@@ -47,15 +36,10 @@ def run(
     args: list[str], tmp_path: Path, env: dict[str, str] | None = None, limit: int = 0
 ) -> tuple[subprocess.CompletedProcess, float, float]:
     """The CLI with ``args``: (completed process, seconds, peak RSS in bytes)."""
-    peak_file = tmp_path / "peak"
-    start = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", WRAPPER, str(peak_file), str(limit), *CLI, *args],
-        capture_output=True,
-        env=env or env_with(),
-        timeout=TIME_BOUND * 2,
+    done = run_with_peak(
+        *args, env=env or env_with(), timeout=TIME_BOUND * 2, text=False, limit=limit
     )
-    return done, time.monotonic() - start, float(peak_file.read_text())
+    return done.done, done.seconds, done.peak
 
 
 def assert_usage_error(done: subprocess.CompletedProcess, *words: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import PeakRun, run_with_peak
 
 from convnext_cli.errors import UsageError
 from convnext_cli.imaging import reading as image_files
@@ -35,50 +36,20 @@ HANG_BOUND = 120  # seconds for one CLI run (a few on an idle machine); a hang h
 GIB = 1024**3
 DEEP = "[" * 100_000 + "]" * 100_000
 
-WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "code = subprocess.run(sys.argv[2:]).returncode\n"
-    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-    "open(sys.argv[1], 'w').write(str(peak))\n"
-    "sys.exit(code)\n"
-)
-
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="FIFOs, ru_maxrss in KiB")
 pytestmark = linux_only
 
 
-class Run:
-    def __init__(self, proc: subprocess.CompletedProcess, peak: float) -> None:
-        self.code = proc.returncode
-        self.stdout = proc.stdout
-        self.stderr = proc.stderr
-        self.peak = peak
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.stdout.splitlines()]
+def cli(tmp_path: Path, *args: object, stdin: Any = subprocess.DEVNULL) -> PeakRun:
+    return run_with_peak(*args, timeout=HANG_BOUND, cwd=tmp_path, stdin=stdin)
 
 
-def cli(tmp_path: Path, *args: object, stdin: Any = subprocess.DEVNULL) -> Run:
-    peak_file = tmp_path / "peak.txt"
-    command = [sys.executable, "-m", "convnext_cli", *map(str, args)]
-    proc = subprocess.run(
-        [sys.executable, "-c", WRAPPER, str(peak_file), *command],
-        capture_output=True,
-        text=True,
-        timeout=HANG_BOUND,
-        cwd=tmp_path,
-        stdin=stdin,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    return Run(proc, float(peak_file.read_text()))
-
-
-def classify(tmp_path: Path, model: Path, *args: object, stdin: object = None) -> Run:
+def classify(tmp_path: Path, model: Path, *args: object, stdin: object = None) -> PeakRun:
     common = ["-m", model, "--device", "cpu", "--dtype", "float32", "-k", "1"]
     return cli(tmp_path, "classify", *args, *common, stdin=stdin or subprocess.DEVNULL)
 
 
-def assert_usage_error(run: Run, names: str) -> None:
+def assert_usage_error(run: PeakRun, names: str) -> None:
     """Exit 2, one error line naming the file, no traceback, memory bounded."""
     assert "Traceback" not in run.stderr, run.stderr
     assert run.code == 2, run.stderr

@@ -11,6 +11,7 @@ import threading
 import tracemalloc
 import zlib
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from chromium_cdp import Chromium, find_chromium
@@ -432,6 +433,19 @@ def fresh_events(browser: Chromium) -> None:
     browser.events.clear()
 
 
+def open_synthetic_report(
+    browser: Chromium, photos: list[Path], tmp_path: Path
+) -> tuple[list[Result], Path]:
+    """The page of :func:`synthetic_results` (top 3), written and loaded fresh in Chromium:
+    (the results, the page's file)."""
+    results = synthetic_results(photos)
+    page = tmp_path / "report.html"
+    page.write_text(render(results, top_k=3), encoding="utf-8")
+    fresh_events(browser)
+    browser.load(page.as_uri())
+    return results, page
+
+
 def visible_cards(browser: Chromium) -> int:
     return browser.evaluate(
         "Array.from(document.querySelectorAll('main .card'))"
@@ -474,11 +488,7 @@ def synthetic_results(photos) -> list[Result]:
 
 @needs_chromium
 def test_page_loads_in_chromium_without_errors_and_shows_every_top_label(browser, photos, tmp_path):
-    results = synthetic_results(photos)
-    page = tmp_path / "report.html"
-    page.write_text(render(results, top_k=3), encoding="utf-8")
-    fresh_events(browser)
-    browser.load(page.as_uri())
+    results, _ = open_synthetic_report(browser, photos, tmp_path)
     assert browser.problems() == []
     cards = browser.evaluate(
         "Array.from(document.querySelectorAll('main .card')).map(c => ({"
@@ -510,11 +520,7 @@ def test_page_loads_in_chromium_without_errors_and_shows_every_top_label(browser
 
 @needs_chromium
 def test_filter_box_hides_non_matching_cards(browser, photos, tmp_path):
-    results = synthetic_results(photos)
-    page = tmp_path / "report.html"
-    page.write_text(render(results, top_k=3), encoding="utf-8")
-    fresh_events(browser)
-    browser.load(page.as_uri())
+    results, page = open_synthetic_report(browser, photos, tmp_path)
     total = len(results)
     assert set_filter(browser, "ESPRESSO") == f"1 of {total} images shown"  # a label, any case
     assert visible_cards(browser) == 1

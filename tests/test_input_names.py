@@ -111,29 +111,23 @@ def test_cli_reads_hostile_names_from_a_folder_and_from_stdin(
     base = [sys.executable, "-m", "convnext_cli", "classify"]
     options = ["-m", str(v1_checkpoint), "--format", "jsonl", "--device", "cpu", "-k", "1"]
 
-    run = subprocess.run(
-        [*base, str(named_folder), *options],
-        capture_output=True,
-        timeout=180,
-        cwd=REPO,
-        env=env,
-    )
-    records = jsonl(run.stdout)
-    assert len(records) == len(HOSTILE_NAMES)
-    assert all("predictions" in r for r in records), [r.get("error") for r in records]
-    assert run.returncode == 0 and b"Traceback" not in run.stderr
+    def classify_all(inputs: str, count: int, listing: bytes | None = None) -> None:
+        """Every one of ``count`` inputs classified, exit 0, no traceback."""
+        run = subprocess.run(
+            [*base, inputs, *options],
+            input=listing,
+            capture_output=True,
+            timeout=180,
+            cwd=REPO,
+            env=env,
+        )
+        records = jsonl(run.stdout)
+        assert len(records) == count
+        assert all("predictions" in r for r in records), [r.get("error") for r in records]
+        assert run.returncode == 0 and b"Traceback" not in run.stderr
+
+    classify_all(str(named_folder), len(HOSTILE_NAMES))
 
     folder = os.fsencode(named_folder)
     lines = [os.path.join(folder, n) for n in HOSTILE_NAMES if b"\n" not in n and b"\r" not in n]
-    run = subprocess.run(
-        [*base, "-", *options],
-        input=b"\n".join(lines) + b"\n",
-        capture_output=True,
-        timeout=180,
-        cwd=REPO,
-        env=env,
-    )
-    records = jsonl(run.stdout)
-    assert len(records) == len(lines)
-    assert all("predictions" in r for r in records), [r.get("error") for r in records]
-    assert run.returncode == 0 and b"Traceback" not in run.stderr
+    classify_all("-", len(lines), b"\n".join(lines) + b"\n")

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from factories import IMAGENET_PREPROCESSOR
 
 from convnext_cli.checkpoints import layouts
 from convnext_cli.errors import CheckpointError, UsageError
@@ -344,18 +345,7 @@ def test_exact_crop_pct_for_every_resize() -> None:
 
 def test_default_preprocessor_is_spec_default() -> None:
     pre = src.default_preprocessor("fb", {"image_size": 224})
-    assert pre == {
-        "image_processor_type": "ConvNextImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": 224},
-        "crop_pct": 0.875,
-        "resample": 3,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-    }
+    assert pre == IMAGENET_PREPROCESSOR
     custom_tv = {"depths": [1, 1, 2, 1], "hidden_sizes": list(src.SMALL_DIMS)}
     assert src.default_preprocessor("torchvision", custom_tv)["crop_pct"] == 0.875
 

@@ -15,10 +15,7 @@ ratios, against transformers' processors.
 
 from __future__ import annotations
 
-import json
-import os
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -27,22 +24,14 @@ import factories
 import numpy as np
 import pytest
 import torch
+from helpers import assert_pixels_match, run_with_peak
 from PIL import Image
 
 from convnext_cli.imaging import resize as resize_kernels
-from convnext_cli.imaging.decoding import decode_file
 from convnext_cli.imaging.preprocess import PreprocessSpec
 
 REPO = Path(__file__).resolve().parent.parent
 PEAK_BOUND = 1.5e9  # bytes; see the module docstring
-
-WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "code = subprocess.run(sys.argv[2:]).returncode\n"
-    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-    "open(sys.argv[1], 'w').write(str(peak))\n"
-    "sys.exit(code)\n"
-)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB: Linux")
 
@@ -89,20 +78,12 @@ def worst(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def peak_of_classify(tmp_path: Path, checkpoint: Path, *args: str) -> tuple[float, list[dict]]:
-    peak_file = tmp_path / "peak.txt"
-    command = [sys.executable, "-m", "convnext_cli", "classify", *args]
-    command += ["-m", str(checkpoint), "--format", "jsonl", "--device", "cpu"]
-    command += ["--dtype", "float32", "-k", "1"]
-    run = subprocess.run(
-        [sys.executable, "-c", WRAPPER, str(peak_file), *command],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    run = run_with_peak(
+        "classify", *args, "-m", checkpoint, "--format", "jsonl", "--device", "cpu",
+        "--dtype", "float32", "-k", "1", cwd=REPO,
+    )  # fmt: skip
     assert "Traceback" not in run.stderr, run.stderr
-    return float(peak_file.read_text()), [json.loads(line) for line in run.stdout.splitlines()]
+    return run.peak, run.records()
 
 
 def check_record(record: dict, name: str) -> None:
@@ -189,12 +170,7 @@ def test_box_and_hamming_match_the_processor(resample: int, edge: int, photos: l
     config = {"size": {"shortest_edge": edge}, "crop_pct": 0.875, "resample": resample}
     config |= {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     spec = PreprocessSpec.from_dict(config)
-    for photo in photos:
-        image = decode_file(photo)
-        expected = processor_pixels(config, image)
-        got = spec.normalize(spec.resize_and_crop(image)[None])[0]
-        assert got.shape == expected.shape, photo.name
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=photo.name)
+    assert_pixels_match(spec, photos, lambda image: processor_pixels(config, image))
 
 
 @pytest.mark.parametrize("resample", [4, 5])
@@ -203,19 +179,14 @@ def test_box_and_hamming_checkpoints_classify(
 ) -> None:
     pre = dict(factories.IMAGENET_PREPROCESSOR, resample=resample)
     folder = factories.save_hf(factories.hf_model(num_labels=10, seed=3), tmp_path / "m", pre)
-    run = subprocess.run(
-        [sys.executable, "-m", "convnext_cli", "classify", *map(str, photos)]
-        + ["-m", str(folder), "--format", "jsonl", "--device", "cpu", "--dtype", "float32"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    records = [json.loads(line) for line in run.stdout.splitlines()]
+    run = run_with_peak(
+        "classify", *photos, "-m", folder, "--format", "jsonl", "--device", "cpu",
+        "--dtype", "float32", timeout=180, cwd=REPO,
+    )  # fmt: skip
+    records = run.records()
     assert len(records) == len(photos)
     assert all("predictions" in r for r in records), records
-    assert run.returncode == 0
+    assert run.code == 0
 
 
 # -- conversion to RGB a strip at a time --------------------------------------------------
@@ -242,5 +213,5 @@ def test_strip_conversion_equals_whole_image_conversion(
     else:
         image = rgba.convert(mode)
     whole = np.asarray(images.pil_to_rgb(image.copy()))
-    monkeypatch.setattr(images, "_STRIP_PIXELS", 23 * 5)  # strips of 5 rows
-    np.testing.assert_array_equal(images._rgb_array(image), whole)
+    monkeypatch.setattr(images, "STRIP_PIXELS", 23 * 5)  # strips of 5 rows
+    np.testing.assert_array_equal(images.rgb_array(image), whole)

@@ -51,14 +51,19 @@ def huge_stem_weight(tmp_path: Path) -> Path:
     return factories.save_hf(model, tmp_path / "huge", pre)
 
 
+def cpu_runner(folder: Path, spec: PreprocessSpec | None = None) -> Runner:
+    """A float32 CPU runner for a checkpoint folder (its own preprocessing unless ``spec``)."""
+    checkpoint = load_checkpoint(str(folder))
+    model = build_model(checkpoint, CPU, torch.float32)
+    return Runner(model, spec or checkpoint.preprocess, CPU, torch.float32)
+
+
 @pytest.mark.parametrize("embed", [False, True])
 def test_zero_std_makes_every_row_an_error(
     v1_checkpoint: Path, black_and_white: list[str], embed: bool
 ) -> None:
-    checkpoint = load_checkpoint(str(v1_checkpoint))
-    model = build_model(checkpoint, CPU, torch.float32)
     spec = PreprocessSpec(shortest_edge=224, crop_pct=0.875, image_std=(0.0, 0.0, 0.0))
-    got = results(Runner(model, spec, CPU, torch.float32), black_and_white, embed, workers=0)
+    got = results(cpu_runner(v1_checkpoint, spec), black_and_white, embed, workers=0)
     assert [r.error for r in got] == [NON_FINITE] * 3
     assert all(r.predictions == [] and r.embedding is None for r in got)
 
@@ -67,10 +72,7 @@ def test_zero_std_makes_every_row_an_error(
 def test_only_the_non_finite_rows_fail(
     huge_stem_weight: Path, black_and_white: list[str], embed: bool
 ) -> None:
-    checkpoint = load_checkpoint(str(huge_stem_weight))
-    model = build_model(checkpoint, CPU, torch.float32)
-    runner = Runner(model, checkpoint.preprocess, CPU, torch.float32)
-    got = results(runner, black_and_white, embed, workers=0, batch_size=8)
+    got = results(cpu_runner(huge_stem_weight), black_and_white, embed, workers=0, batch_size=8)
     assert [r.error for r in got] == [None, NON_FINITE, NON_FINITE]
     if embed:
         assert got[0].embedding is not None and torch.isfinite(got[0].embedding).all()

@@ -3,6 +3,7 @@ notes (80 columns, an end-to-end row faster than the model, float16 on the CPU).
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli.engine._environment import cudnn_version
 from convnext_cli.engine.benchmark import Report, Row
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,11 +58,26 @@ def test_forced_convert_keeps_the_modes_of_the_files_it_replaces(
     assert set(modes(out).values()) == {0o640}
 
 
-def test_cudnn_version_as_cudnn_writes_it() -> None:
-    assert cudnn_version(92400) == "9.24.0"
-    assert cudnn_version(90100) == "9.1.0"
-    assert cudnn_version(8902) == "8.9.2"
-    assert cudnn_version(8700) == "8.7.0"
+@pytest.mark.parametrize(
+    ("number", "written"),
+    [(92400, "9.24.0"), (90100, "9.1.0"), (8902, "8.9.2"), (8700, "8.7.0")],
+)
+def test_env_writes_the_cudnn_version_as_cudnn_does(
+    monkeypatch: pytest.MonkeyPatch, number: int, written: str
+) -> None:
+    """torch reports cuDNN as one number (92400); `convnext env` writes it as cuDNN does."""
+    import torch
+    from typer.testing import CliRunner
+
+    from convnext_cli.cli import app
+
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: number)
+    result = CliRunner().invoke(app, ["env", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["cudnn"] == written
+    text = CliRunner().invoke(app, ["env"])
+    assert f"cuDNN {written};" in text.stdout
 
 
 def bench_row(mode: str, dtype: str, batch: int, rate: float, ms: float = 1234.5) -> Row:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import invoke
+from helpers import invoke, start_with_stdin
 
 CPU = ["--dtype", "float32", "--device", "cpu", "--workers", "0"]
 
@@ -132,18 +132,11 @@ def test_failed_run_leaves_the_old_output_untouched(
 
 def _slow_run(v1_checkpoint: Path, photos: list[Path], out: Path, count: int = 3000):
     listing = "".join(f"{photos[i % len(photos)]}\n" for i in range(count))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "convnext_cli", "classify", "-", "-m", str(v1_checkpoint)]
-        + ["--dtype", "float32", "--device", "cpu", "-b", "4", "-o", str(out)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    return start_with_stdin(
+        [sys.executable, "-m", "convnext_cli", "classify", "-", "-m", v1_checkpoint]
+        + ["--dtype", "float32", "--device", "cpu", "-b", "4", "-o", out],
+        listing.encode(),
     )
-    assert proc.stdin is not None
-    proc.stdin.write(listing.encode())
-    proc.stdin.close()
-    proc.stdin = None
-    return proc
 
 
 def _wait_for(path: Path, size: int = 300, timeout: float = 120) -> None:
@@ -153,15 +146,24 @@ def _wait_for(path: Path, size: int = 300, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+def _slow_run_over_an_old_target(
+    tmp_path: Path, photos: list[Path], checkpoint: Path
+) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    """A run writing over ``labels.jsonl`` (which holds an old record), started and seen
+    writing its partial file: (target, partial file, the running process)."""
+    out = tmp_path / "labels.jsonl"
+    out.write_text('{"old": true}\n')
+    proc = _slow_run(checkpoint, photos, out)
+    partial = tmp_path / ".labels.jsonl.partial"
+    _wait_for(partial)
+    return out, partial, proc
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="flock and signals")
 def test_second_run_on_the_same_output_refuses_and_the_target_waits(
     tmp_path: Path, photos: list[Path], v1_checkpoint: Path
 ) -> None:
-    out = tmp_path / "labels.jsonl"
-    out.write_text('{"old": true}\n')
-    first = _slow_run(v1_checkpoint, photos, out)
-    partial = tmp_path / ".labels.jsonl.partial"
-    _wait_for(partial)
+    out, partial, first = _slow_run_over_an_old_target(tmp_path, photos, v1_checkpoint)
     # a reader of the target during the run sees the old file, whole
     assert out.read_text() == '{"old": true}\n'
     second = invoke("classify", photos[0], "-m", v1_checkpoint, "-o", out, *CPU)
@@ -179,11 +181,7 @@ def test_second_run_on_the_same_output_refuses_and_the_target_waits(
 def test_after_kill_9_the_target_is_untouched_and_the_partial_holds_whole_batches(
     tmp_path: Path, photos: list[Path], v1_checkpoint: Path
 ) -> None:
-    out = tmp_path / "labels.jsonl"
-    out.write_text('{"old": true}\n')
-    proc = _slow_run(v1_checkpoint, photos, out)
-    partial = tmp_path / ".labels.jsonl.partial"
-    _wait_for(partial)
+    out, partial, proc = _slow_run_over_an_old_target(tmp_path, photos, v1_checkpoint)
     proc.kill()
     proc.communicate(timeout=120)
     assert out.read_text() == '{"old": true}\n'

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_pixels_match
 from PIL import Image
 
-from convnext_cli.imaging.decoding import decode_file
 from convnext_cli.imaging.preprocess import PreprocessSpec
 
 IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
@@ -43,12 +43,7 @@ def reference_pixels(config: dict, image: torch.Tensor) -> torch.Tensor:
 def test_pixels_match_processor(name: str, photos: list[Path]) -> None:
     config = CONFIGS[name]
     spec = PreprocessSpec.from_dict(config)
-    for photo in photos:
-        image = decode_file(photo)
-        expected = reference_pixels(config, image)
-        got = spec.normalize(spec.resize_and_crop(image)[None])[0]
-        assert got.shape == expected.shape, photo.name
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=photo.name)
+    assert_pixels_match(spec, photos, lambda image: reference_pixels(config, image))
 
 
 @pytest.mark.parametrize("size", [(7, 5), (100, 30), (30, 100), (223, 224), (1, 300)])

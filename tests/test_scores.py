@@ -13,6 +13,8 @@ import pytest
 import torch
 from helpers import invoke, jsonl
 
+CPU = ["--format", "jsonl", "--device", "cpu", "--dtype", "float32"]
+
 
 def _reference_logits(checkpoint: Path, photos: list[Path]) -> torch.Tensor:
     """transformers' logits for the photos, preprocessed by our pipeline (embed is separate)."""
@@ -34,22 +36,7 @@ def _reference_logits(checkpoint: Path, photos: list[Path]) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["probs", "logits", "log-probs"])
 def test_scores_equal_transformers(kind: str, v2_checkpoint: Path, photos: list[Path]) -> None:
-    out = invoke(
-        "classify",
-        *photos[:3],
-        "-m",
-        v2_checkpoint,
-        "-k",
-        "all",
-        "--scores",
-        kind,
-        "--format",
-        "jsonl",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-    )
+    out = invoke("classify", *photos[:3], "-m", v2_checkpoint, "-k", "all", "--scores", kind, *CPU)
     assert out.exit_code == 0, out.output
     records = jsonl(out.stdout)
     logits = _reference_logits(v2_checkpoint, photos[:3])

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import repeated_paths
+from helpers import repeated_paths, start_with_stdin
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="/proc (Linux)")
 
@@ -63,17 +63,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(
     ours = 0
     for run in range(RUNS):
         delay = 0.3 * run / (RUNS - 1)
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        assert proc.stdin is not None
-        proc.stdin.write(listing)
-        proc.stdin.close()
-        proc.stdin = None
+        proc = start_with_stdin(command, listing, stdout=subprocess.DEVNULL, env=env)
         if run % 2:  # from when our handler is in place (a slow machine starts late)
             deadline = time.monotonic() + 30
             while not handler_installed(proc.pid) and time.monotonic() < deadline:

@@ -357,7 +357,7 @@ def test_folder_listing_decides_as_one_entry_at_a_time(
     (whole folders), and say of every chunk holding a dataset file that it may."""
     from convnext_cli.inputs import expand as inputs
 
-    monkeypatch.setattr(inputs, "_SCAN_BLOCK", block)
+    monkeypatch.setattr(inputs, "SCAN_BLOCK", block)
     root = awkward_tree(tmp_path / "awkward", alike=20)
     expected = reference_listing(root, recursive)
     assert str(root / "a.jpg") in expected and str(root / "fifo.jpg") in expected
@@ -365,7 +365,7 @@ def test_folder_listing_decides_as_one_entry_at_a_time(
     if recursive:
         assert str(root / "sub" / "x.JPEG") in expected and str(root / "dots" / "a.jpg") in expected
 
-    chunks = list(inputs._folder_chunks(str(root), recursive, None))
+    chunks = list(inputs.folder_chunks(str(root), recursive, None))
     assert [path for paths, _ in chunks for path in paths] == expected
     assert inputs.folder_images(root, recursive) == expected
     for paths, datasets in chunks:

@@ -151,6 +151,9 @@ class Scripted(ThreadTuner):
         return None
 
 
+needs_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: no tuning")
+
+
 def _runner(checkpoint: Path, dtype: torch.dtype) -> Runner:
     loaded = load_checkpoint(str(checkpoint))
     model = build_model(loaded, torch.device("cpu"), dtype)
@@ -170,11 +173,16 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> type[Scripted]:
     return Scripted
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: nothing to tune")
+@pytest.fixture
+def runner(v1_checkpoint: Path) -> Runner:
+    """A float32 CPU runner of the V1 checkpoint."""
+    return _runner(v1_checkpoint, torch.float32)
+
+
+@needs_threads
 def test_a_tuned_run_applies_the_counts_and_its_results_do_not_change(
-    v1_checkpoint: Path, photos: list[Path], scripted: type[Scripted]
+    runner: Runner, photos: list[Path], scripted: type[Scripted]
 ) -> None:
-    runner = _runner(v1_checkpoint, torch.float32)
     before = torch.get_num_threads()
     assert before == pipeline.DEFAULT_THREADS
     paths = _inputs(photos, 40)
@@ -200,11 +208,10 @@ def test_a_tuned_run_applies_the_counts_and_its_results_do_not_change(
         assert torch.equal(a.embedding, b.embedding)
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: nothing to tune")
+@needs_threads
 def test_a_run_stopped_early_gets_its_thread_count_back(
-    v1_checkpoint: Path, photos: list[Path], scripted: type[Scripted]
+    runner: Runner, photos: list[Path], scripted: type[Scripted]
 ) -> None:
-    runner = _runner(v1_checkpoint, torch.float32)
     before = torch.get_num_threads()
     batches = runner.classify(_inputs(photos, 40), batch_size=8)
     assert isinstance(batches, GeneratorType)

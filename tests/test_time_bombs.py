@@ -7,17 +7,14 @@ decodes), then refused within a generous timeout, through the CLI for the JPEG o
 from __future__ import annotations
 
 import io
-import json
-import os
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_with_peak
 from PIL import Image
 
 from convnext_cli.errors import ImageError
@@ -102,19 +99,14 @@ def test_many_scans_jpeg_gets_an_error_record_through_the_cli(
     bomb = tmp_path / "bomb.jpg"
     bomb.write_bytes(many_scans_jpeg(10_000))
     good = photos[0]
-    run = subprocess.run(
-        [sys.executable, "-m", "convnext_cli", "classify", str(bomb), str(good)]
-        + ["-m", str(v1_checkpoint), "--format", "jsonl", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    records = [json.loads(line) for line in run.stdout.splitlines()]
+    run = run_with_peak(
+        "classify", bomb, good, "-m", v1_checkpoint, "--format", "jsonl", "--device", "cpu",
+        timeout=90, cwd=REPO,
+    )  # fmt: skip
+    records = run.records()
     assert [r["path"] for r in records] == [str(bomb), str(good)]
     assert "scans" in records[0]["error"] and "predictions" in records[1]
-    assert run.returncode == 1
+    assert run.code == 1
     assert "Traceback" not in run.stderr
 
 

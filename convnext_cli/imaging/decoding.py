@@ -92,7 +92,8 @@ SUPPORTED_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF"
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _ORIENTATION_TAG = 0x0112
-_STRIP_PIXELS = 1 << 20  # rows converted to RGB at a time: about a million pixels
+# rows converted to RGB at a time: about a million pixels (public: the strip tests set it)
+STRIP_PIXELS = 1 << 20
 
 
 def decode_file(path: str | Path) -> torch.Tensor:
@@ -382,7 +383,7 @@ def _decode_png16(io_ops: Any, data: bytes) -> torch.Tensor:
     del buffer
     _, height, width = raw.shape
     out = torch.empty((height, width, 3), dtype=torch.uint8)
-    rows = max(1, _STRIP_PIXELS // max(1, width))
+    rows = max(1, STRIP_PIXELS // max(1, width))
     for top in range(0, height, rows):
         strip = raw[:, top : top + rows].to(torch.float32)
         if raw.dtype != torch.uint8:
@@ -411,20 +412,20 @@ def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
         image.seek(0)  # first frame of an animation
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-        rgb = _rgb_array(image)
+        rgb = rgb_array(image)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"cannot decode image: {pillow_words(exc)}") from exc
     # (H, W, 3) -> (3, H, W) as a view: channels-last memory, which the resize kernels prefer
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
-def _rgb_array(image: Image.Image) -> np.ndarray:
-    """A decoded image as an (H, W, 3) uint8 array, converted a strip of rows at a time:
-    the only full-size buffers are Pillow's own and the result."""
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """A decoded image as an (H, W, 3) uint8 array, converted a strip of rows at a time
+    (:data:`STRIP_PIXELS`): the only full-size buffers are Pillow's own and the result."""
 
     width, height = image.size
     out = np.empty((height, width, 3), dtype=np.uint8)
-    rows = max(1, _STRIP_PIXELS // width)
+    rows = max(1, STRIP_PIXELS // width)
     if rows >= height:
         out[...] = np.asarray(pil_to_rgb(image))
         return out

@@ -116,18 +116,16 @@ def iter_folder_images(
 ) -> Iterator[str]:
     """:func:`folder_images`, one folder at a time: a folder's files (sorted) come as soon as
     that folder is read, then each sub-folder's, depth first, as ``os.walk`` orders them."""
-    chunks = _folder_chunks(str(folder), recursive, warn)
+    chunks = folder_chunks(str(folder), recursive, warn)
     return itertools.chain.from_iterable(paths for paths, _datasets in chunks)
 
 
 Chunk = tuple[list[str], bool]  # listed paths, and whether any may be a dataset file
 
 
-def _folder_chunks(
-    top: str, recursive: bool, warn: Callable[[str], None] | None
-) -> Iterator[Chunk]:
+def folder_chunks(top: str, recursive: bool, warn: Callable[[str], None] | None) -> Iterator[Chunk]:
     """:func:`iter_folder_images` as lists: each folder's listed paths, sorted, in lists of
-    at most :data:`_SCAN_BLOCK`, each with whether it names dataset files.
+    at most :data:`SCAN_BLOCK`, each with whether it names dataset files.
 
     Memory holds the names of the folder being read and the sub-folders still to visit on
     the way down, never the whole tree; an explicit stack, so depth is not a recursion limit.
@@ -161,11 +159,11 @@ def _folder_chunks(
 
 
 def _paths(prefix: str, names: list[str], datasets: bool) -> Iterator[Chunk]:
-    """The paths of a folder's names, :data:`_SCAN_BLOCK` at a time (what a path adds to
+    """The paths of a folder's names, :data:`SCAN_BLOCK` at a time (what a path adds to
     its name is held for one block only)."""
-    for start in range(0, len(names), _SCAN_BLOCK):
+    for start in range(0, len(names), SCAN_BLOCK):
         # prefix + name = os.path.join(folder, name), as DirEntry.path is
-        yield list(map(prefix.__add__, names[start : start + _SCAN_BLOCK])), datasets
+        yield list(map(prefix.__add__, names[start : start + SCAN_BLOCK])), datasets
 
 
 def _as_prefix(folder: str) -> str:
@@ -177,7 +175,9 @@ _IS_DIR = os.DirEntry.is_dir
 _LISTED_SUFFIXES = tuple(LISTED_EXTENSIONS)
 
 
-_SCAN_BLOCK = 4096  # entries held at once: a folder of a million holds its names only
+# entries held at once: a folder of a million holds its names only (public: the listing
+# tests set it small to mix every kind of block)
+SCAN_BLOCK = 4096
 
 
 def _scan(
@@ -197,7 +197,7 @@ def _scan(
     skipped: list[str] = []
     datasets = False
     with os.scandir(folder) as listing:
-        while entries := list(itertools.islice(listing, _SCAN_BLOCK)):
+        while entries := list(itertools.islice(listing, SCAN_BLOCK)):
             names = list(map(_NAME, entries))
             try:
                 kinds: list[bool] | None = list(map(_IS_DIR, entries))  # from the listing
@@ -585,7 +585,7 @@ def _expand_one(
     path = Path(item).expanduser() if item.startswith("~") else Path(item)
     if path.is_dir():
         found = False
-        for paths in _folder_chunks(str(path), recursive, warn):
+        for paths in folder_chunks(str(path), recursive, warn):
             found = True
             yield paths
         if not found and is_image_name(item.rstrip("/" + os.sep)):
@@ -599,7 +599,7 @@ def _expand_one(
         found = False
         for match in matches:
             if os.path.isdir(match):
-                for paths in _folder_chunks(str(Path(match)), recursive, warn):
+                for paths in folder_chunks(str(Path(match)), recursive, warn):
                     found = True
                     yield paths
             elif is_listed(match):

@@ -1,5 +1,6 @@
 """What many test files need, defined once: running the CLI in-process, reading its JSON
-lines, saving weights, and giving every parameter of a model real values.
+lines, saving weights, giving every parameter of a model real values, and running the CLI
+in a subprocess with its peak memory (:func:`run_with_peak`).
 
 (Checkpoint builders live in :mod:`factories` and :mod:`layout_sources`; terminal runs in
 :mod:`pty_helpers`.)
@@ -8,10 +9,15 @@ lines, saving weights, and giving every parameter of a model real values.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
+import tempfile
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +195,100 @@ def repeated_paths(photos: Sequence[object], count: int) -> list[str]:
         photo = Path(str(photos[n % len(photos)]))
         paths.append(f"{photo.parent}/{'./' * (n // len(photos))}{photo.name}")
     return paths
+
+
+# ------------------------------------------------------------------ CLI subprocess, peak memory
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Runs the command given after the limit, as a child, and writes the children's peak RSS
+# (ru_maxrss: KiB on Linux) in bytes to the file named first; an address-space limit (bytes,
+# 0 for none) makes a regression fail with MemoryError instead of swapping.
+PEAK_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "limit = int(sys.argv[2])\n"
+    "def cap():\n"
+    "    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+    "code = subprocess.run(sys.argv[3:], preexec_fn=cap if limit else None).returncode\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
+    "open(sys.argv[1], 'w').write(str(peak))\n"
+    "sys.exit(code)\n"
+)
+
+
+class PeakRun:
+    """A finished ``python -m convnext_cli`` subprocess: its exit code, output, wall seconds
+    and peak resident memory in bytes."""
+
+    def __init__(self, done: subprocess.CompletedProcess[Any], seconds: float, peak: float):
+        self.done = done
+        self.code = done.returncode
+        self.stdout = done.stdout
+        self.stderr = done.stderr
+        self.seconds = seconds
+        self.peak = peak
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines()]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment with the checkout on PYTHONPATH (and ``extra``)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def run_with_peak(
+    *args: object,
+    timeout: float = 300,
+    cwd: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    stdin: Any = subprocess.DEVNULL,
+    text: bool = True,
+    limit: int = 0,
+) -> PeakRun:
+    """``python -m convnext_cli ARGS`` in a subprocess of a small wrapper that reports the
+    peak RSS of its children (Linux), with an optional address-space ``limit`` in bytes."""
+    with tempfile.TemporaryDirectory(prefix="peak-") as folder:
+        peak_file = Path(folder) / "peak"
+        command = [sys.executable, "-m", "convnext_cli", *map(str, args)]
+        start = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_WRAPPER, str(peak_file), str(limit), *command],
+            capture_output=True,
+            text=text,
+            timeout=timeout,
+            cwd=cwd,
+            stdin=stdin,
+            env=cli_env() if env is None else env,
+        )
+        seconds = time.monotonic() - start
+        return PeakRun(done, seconds, float(peak_file.read_text()))
+
+
+def start_with_stdin(
+    command: Sequence[object], data: bytes, stdout: Any = subprocess.PIPE, **popen: Any
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` with ``data`` written to its stdin, which is then closed (stderr is
+    a pipe unless given); ``communicate()`` later reads only its output."""
+    popen.setdefault("stderr", subprocess.PIPE)
+    proc = subprocess.Popen(list(map(str, command)), stdin=subprocess.PIPE, stdout=stdout, **popen)
+    assert proc.stdin is not None
+    proc.stdin.write(data)
+    proc.stdin.close()
+    proc.stdin = None
+    return proc
+
+
+def assert_pixels_match(
+    spec: Any, photos: Sequence[Path], reference: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """``spec``'s pixels for each photo (decoded by the tool) equal ``reference``'s
+    (transformers' processor on the same decoded image) to 1e-5."""
+    from convnext_cli.imaging.decoding import decode_file
+
+    for photo in photos:
+        image = decode_file(photo)
+        expected = reference(image)
+        got = spec.normalize(spec.resize_and_crop(image)[None])[0]
+        assert got.shape == expected.shape, photo.name
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=photo.name)
