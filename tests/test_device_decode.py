@@ -94,7 +94,7 @@ def test_the_batched_resize_is_the_per_image_float_resize_within_a_grey_level(
     name: str, images: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CUDA both resize in float (no uint8 kernels there): forced here on the CPU."""
-    monkeypatch.setattr(resize_kernels, "_uint8_kernel", lambda resample, device: False)
+    monkeypatch.setattr(resize_kernels, "uint8_kernel", lambda resample, device: False)
     # the windowed path (past the pixel limit) rounds between its passes: keep it out
     monkeypatch.setattr(resize_kernels, "RESIZE_PIXEL_LIMIT", 1 << 40)
     assert max(worst for _, worst in _differences(SPECS[name], images)) <= 1
@@ -119,13 +119,13 @@ def test_the_batched_resize_is_chunked_under_its_memory_budget(
     sizes = [spec.resize_size(*image.shape[-2:]) for image in images]
     whole = resize_kernels.resize_crop_batch(images, sizes, 3, (224, 224))
     chunks = []
-    real = resize_kernels._resize_chunk
+    real = resize_kernels.resize_chunk
 
     def chunk(part: list[torch.Tensor], *args: Any) -> torch.Tensor:
         chunks.append(len(part))
         return real(part, *args)
 
-    monkeypatch.setattr(resize_kernels, "_resize_chunk", chunk)
+    monkeypatch.setattr(resize_kernels, "resize_chunk", chunk)
     small = resize_kernels.resize_crop_batch(images, sizes, 3, (224, 224), budget=8 << 20)
     assert len(chunks) > 1 and sum(chunks) == len(images)
     assert torch.equal(whole, small)  # chunks sorted by size, put back in order
@@ -498,18 +498,20 @@ def test_the_runner_takes_device_groups_before_the_model_runs(
     model, spec = model_parts
     order: list[str] = []
     real_take = DeviceBatch.take
-    real_launch = Runner._launch
 
     def take(self: DeviceBatch, device: torch.device) -> Any:
         order.append("take")
         return real_take(self, device)
 
-    def launch(self: Runner, *args: Any) -> None:
-        order.append("launch")
-        real_launch(self, *args)
-
     monkeypatch.setattr(device_decode.DeviceBatch, "take", take)
-    monkeypatch.setattr(Runner, "_launch", launch)
+    runner = Runner(model, spec, CPU, torch.float32, jpeg_on_device=True)
+    forward = runner.logits_fn
+
+    def model_call(batch: torch.Tensor) -> Any:
+        order.append("model")
+        return forward(batch)
+
+    runner.logits_fn = model_call
     jpegs = [p for p in photos if p.suffix == ".jpg"] * 4
-    classify(Runner(model, spec, CPU, torch.float32, jpeg_on_device=True), jpegs)
-    assert order == ["take", "launch", "take", "launch"]
+    classify(runner, jpegs)
+    assert order == ["take", "model", "take", "model"]

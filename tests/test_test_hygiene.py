@@ -13,14 +13,8 @@ import pytest
 TESTS = next(p for p in Path(__file__).resolve().parents if p.name == "tests")  # moves safely
 PACKAGE = "convnext_cli"
 
+
 # Files still reaching private names, with the reason. Empty this list when the owner is done.
-ALLOWED: dict[str, str] = {
-    # helper h19-ray is rewriting these two in parallel; empty after the merge
-    "test_ray_engine.py": "h19-ray",
-    "test_ray_security.py": "h19-ray",
-}
-
-
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
@@ -93,8 +87,6 @@ def violations(source: str) -> list[str]:
 
 @pytest.mark.parametrize("path", _test_files(), ids=lambda p: str(p.relative_to(TESTS)))
 def test_no_test_reaches_a_private_name(path: Path) -> None:
-    if path.name in ALLOWED:
-        pytest.skip(f"allowed until {ALLOWED[path.name]} is merged")
     assert violations(path.read_text(encoding="utf-8")) == []
 
 

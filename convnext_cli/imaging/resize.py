@@ -65,7 +65,7 @@ def resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.T
 
         return tvF.resize(image, list(size), interpolation=_interpolation(resample), antialias=True)
     batch = image[None]
-    native = mode == "nearest-exact" or _uint8_kernel(resample, image.device)
+    native = mode == "nearest-exact" or uint8_kernel(resample, image.device)
     if not native:
         batch = batch.to(torch.float32)
     smooth = mode != "nearest-exact"
@@ -254,7 +254,7 @@ def resize_crop_batch(
     # similar sizes together, so that little of each chunk is padding
     order = sorted(range(count), key=lambda k: tuple(images[k].shape[-2:]))
     if rounds is None:
-        rounds = _uint8_kernel(resample, device)
+        rounds = uint8_kernel(resample, device)
     chunk: list[int] = []
     tallest = widest = 0
     for k in order:
@@ -262,18 +262,18 @@ def resize_crop_batch(
         tall, wide = max(tallest, height), max(widest, width)
         per_image = images[k].shape[0] * tall * (wide + crop[1]) * 4
         if chunk and per_image * (len(chunk) + 1) > budget:
-            out[chunk] = _resize_chunk([images[n] for n in chunk], [sizes[n] for n in chunk],
+            out[chunk] = resize_chunk([images[n] for n in chunk], [sizes[n] for n in chunk],
                                        resample, crop, rounds)  # fmt: skip
             chunk, tall, wide = [], height, width
         chunk.append(k)
         tallest, widest = tall, wide
-    out[chunk] = _resize_chunk(
+    out[chunk] = resize_chunk(
         [images[n] for n in chunk], [sizes[n] for n in chunk], resample, crop, rounds
     )
     return out
 
 
-def _resize_chunk(
+def resize_chunk(
     images: list[torch.Tensor],
     sizes: list[tuple[int, int]],
     resample: int,
@@ -353,7 +353,7 @@ def _torch_has_lanczos() -> bool:
     return True
 
 
-def _uint8_kernel(resample: int, device: torch.device) -> bool:
+def uint8_kernel(resample: int, device: torch.device) -> bool:
     """Whether torch resizes uint8 natively there (else: float, clamp, round): on the CPU,
     bicubic and Lanczos always, bilinear on AVX2/AVX-512/Arm (torchvision's rule)."""
     return device.type == "cpu" and (resample != 2 or _native_uint8_bilinear())
