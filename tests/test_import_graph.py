@@ -109,3 +109,33 @@ def test_every_module_imports_first_in_a_fresh_interpreter_in_a_random_order() -
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, f"order {names}:\n{done.stderr}"
+
+
+MAX_FUNCTION_LINES = 60  # issue 19: a function a reader takes in at once
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Functions and methods whose definition (signature and body) spans more than `limit`
+    lines, as ``name (N lines)``."""
+    return [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_the_length_check_finds_a_long_function() -> None:
+    body = "".join(f"    x{n} = {n}\n" for n in range(60))
+    assert long_functions(f"def f():\n{body}") == ["f (61 lines)"]
+    assert long_functions(f"def f():\n{body[: -len('    x59 = 59') - 1]}") == []
+
+
+def test_no_function_in_the_package_is_over_60_lines() -> None:
+    found = {
+        name: long
+        for name, path in MODULES.items()
+        if (long := long_functions(path.read_text(encoding="utf-8")))
+    }
+    assert found == {}

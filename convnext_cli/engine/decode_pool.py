@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -169,32 +171,11 @@ def _worker_main(
     ring: StagingRing | None = None,
 ) -> None:
     """Decode tasks until told to stop; report each finished task through `results`."""
-    import queue
-    import threading
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _die_with_parent()
-    for fd in close_fds:  # other workers' pipe ends, inherited through fork
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    _become_worker(close_fds)
     try:
         # one thread: the OpenMP pool inherited through fork would deadlock with more
         torch.set_num_threads(1)
-        outbox: queue.Queue[Any] = queue.Queue()
-
-        def send() -> None:
-            # a separate thread, so that decoding goes on while the main process is busy
-            while (message := outbox.get()) is not None:
-                try:
-                    results.send(message)
-                except OSError:  # the main process went away
-                    os._exit(0)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
+        outbox, sender = _sender(results)
         if ring is not None and not ring.mapped_here():
             ring = None  # not inherited: the pickle path
         while True:
@@ -221,6 +202,36 @@ def _worker_main(
         sender.join()
     except BaseException:
         os._exit(70)  # the main process sees the death and retries; no traceback on stderr
+
+
+def _become_worker(close_fds: list[int]) -> None:
+    """A forked decode worker's signals and descriptors: Ctrl-C is the main process's, a
+    SIGTERM kills, the worker dies with its parent, other workers' pipe ends are closed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _die_with_parent()
+    for fd in close_fds:  # other workers' pipe ends, inherited through fork
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _sender(results: Connection) -> tuple[queue.Queue[Any], threading.Thread]:
+    """A thread sending what is put in the queue (None ends it), so that decoding goes on
+    while the main process is busy; the worker exits when the main process went away."""
+    outbox: queue.Queue[Any] = queue.Queue()
+
+    def send() -> None:
+        while (message := outbox.get()) is not None:
+            try:
+                results.send(message)
+            except OSError:  # the main process went away
+                os._exit(0)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return outbox, sender
 
 
 # --- the main process's side --------------------------------------------------------------
