@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     end_to_end(check, models["convnext-t"], device, photos, args)
     failures(check, device)
     if cuda:
-        pytest = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]
+        pytest = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/engine/test_cuda.py"]
         run_subprocess(check, "CUDA-marked tests", pytest, 240)
     if args.ray:
         ray = [sys.executable, "-m", "convnext_cli", "classify", *map(str, photos[:16]), "-m",

@@ -6,7 +6,7 @@
 ``convnext embed`` of the sample photos (and a missing file) on one (the short table, then
 the summary on the same terminal).  The HTML report captures (``html-report-1280.png``,
 ``html-report-400.png``) come from ``CONVNEXT_CAPTURE_SCREENS=1 pytest
-tests/test_html_layout.py``.
+tests/outputs/test_html_layout.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Real classify results as an HTML report: run the CLI (``--format jsonl``), rebuild the
 Results from its JSON lines, and write them with HtmlReportWriter.
 
-Used by tests/test_html_report.py, and by hand for a screenshot::
+Used by tests/outputs/test_html_report.py, and by hand for a screenshot::
 
     python scripts/html_report_demo.py /tmp/report.html [--screenshot /tmp/report.png]
 

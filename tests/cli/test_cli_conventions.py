@@ -22,7 +22,7 @@ from convnext_cli.cli.options import SHARED_PARAMETERS, parameters_of
 # the modules (the package's attributes of these names are the command functions)
 classify = importlib.import_module("convnext_cli.cli.classify")
 embed = importlib.import_module("convnext_cli.cli.embed")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ["classify", "embed", "convert", "benchmark", "env"]
 runner = CliRunner()
 

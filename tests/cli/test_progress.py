@@ -16,7 +16,7 @@ from convnext_cli.cli import app, progress
 from convnext_cli.cli.progress import Batches, RunProgress, clock, note, track
 from convnext_cli.engine.pipeline import Prediction, Result
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BAR = "━"
 SUMMARY = re.compile(
     r"classified (\d+) images?(?: \((\d+) failed[^)]*\))? in \d+\.\d s on cpu float32"

@@ -21,7 +21,7 @@ from convnext_cli.errors import ImageError
 from convnext_cli.imaging import decoding as images
 from convnext_cli.imaging.decoding import decode_bytes
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:

@@ -30,7 +30,7 @@ from convnext_cli.errors import UsageError
 from convnext_cli.imaging import reading as image_files
 from convnext_cli.imaging.reading import bounded_lines, json_depth, parse_json
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PEAK_BOUND = 1.5e9  # bytes, as in test_memory_bounds.py
 HANG_BOUND = 120  # seconds for one CLI run (a few on an idle machine); a hang hits it
 GIB = 1024**3

@@ -25,7 +25,7 @@ from convnext_cli.errors import CheckpointError
 from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.model.config import ConvNextConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PHOTO = REPO / "sample_images" / "astronaut.png"
 
 Edit = Callable[[Path], None]

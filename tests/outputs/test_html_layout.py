@@ -18,7 +18,7 @@ CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium (Debian: apt-get install chromium)"
 )
-SCREENS = Path(__file__).resolve().parent.parent / "docs" / "screens"
+SCREENS = Path(__file__).resolve().parents[2] / "docs" / "screens"
 LABELS = [
     "Granny Smith, apple, eating apple, dessert apple, Malus pumila",
     "espresso maker, coffee machine, percolator",

@@ -33,7 +33,7 @@ from convnext_cli.outputs.parquet import METADATA_KEY
 
 ray = pytest.importorskip("ray")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from convnext_cli.imaging.decoding import decode_bytes
 from convnext_cli.imaging.reading import read_file
 from convnext_cli.inputs.expand import expand_inputs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 

@@ -29,7 +29,7 @@ from convnext_cli.outputs.table import (
 )
 from convnext_cli.outputs.writers import open_writer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCORE = re.compile(r"\b[01]\.\d{4}\b")
 
 # ----------------------------------------------------------------------------- pieces

@@ -25,7 +25,7 @@ from helpers import repeated_paths, start_with_stdin
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="/proc (Linux)")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RUNS = 20  # per way of starting
 LAUNCHER = (  # what pip writes for the console script `convnext = convnext_cli.cli:main`
     "import sys\n"

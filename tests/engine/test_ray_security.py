@@ -28,7 +28,7 @@ from convnext_cli.errors import UsageError
 
 pytest.importorskip("ray")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- the processes a run started, their listening sockets --------------------------------

@@ -30,7 +30,7 @@ from PIL import Image
 from convnext_cli.imaging import resize as resize_kernels
 from convnext_cli.imaging.preprocess import PreprocessSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PEAK_BOUND = 1.5e9  # bytes; see the module docstring
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB: Linux")

@@ -14,7 +14,7 @@ import pytest
 
 from convnext_cli.engine.benchmark import Report, Row
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HUB_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 

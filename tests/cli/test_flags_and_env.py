@@ -19,7 +19,7 @@ from helpers import run_with_peak
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss, >&-: Linux")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "convnext_cli"]
 TIME_BOUND = 60.0  # seconds: "does not hang" on a loaded CI machine (these take 1-3 s)
 MEMORY_BOUND = 400e6  # bytes; a usage error peaks near 40 MB, the old expansions at GBs

@@ -26,7 +26,7 @@ from convnext_cli.engine.decode_pool import DEFAULT_DECODE_TIMEOUT, decode_timeo
 from convnext_cli.engine.pipeline import Runner, cap_workers, plan_workers, usable_cores
 from convnext_cli.errors import UsageError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 HOOK = """
 import os, signal, sys, time

@@ -202,7 +202,7 @@ def test_after_kill_9_the_target_is_untouched_and_the_partial_holds_whole_batche
         ("classify", "out.jsonl", "jsonl"),
         ("classify", "out.JSON", "json"),
         ("classify", "out.csv", "csv"),
-        # out.txt names no format: a usage error (tests/test_first_run.py)
+        # out.txt names no format: a usage error (tests/cli/test_first_run.py)
         ("embed", "out.json", "json"),
         ("embed", "out.csv", "csv"),
         ("embed", "out.npy", "npy"),

@@ -20,7 +20,7 @@ from convnext_cli.imaging.decoding import decode_bytes
 from convnext_cli.imaging.reading import read_file
 from convnext_cli.inputs.expand import expand_inputs, read_paths
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # names as bytes: what the file system holds
 HOSTILE_NAMES = [

@@ -26,7 +26,7 @@ from convnext_cli.engine import staging
 from convnext_cli.engine.pipeline import DecodedBatch, Runner, decoded_batches
 from convnext_cli.imaging.preprocess import PreprocessSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SPEC = PreprocessSpec(shortest_edge=224)
 linux_only = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
 
