@@ -72,6 +72,20 @@ def env_seconds(name: str, default: float, high: float) -> float:
     return value
 
 
+FLAG_VALUES = {"": None, "1": True, "true": True, "yes": True, "on": True}
+FLAG_VALUES.update({"0": False, "false": False, "no": False, "off": False})
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (any case; unset or
+    empty: `default`); anything else is a UsageError naming it."""
+    raw = os.environ.get(name, "")
+    if raw.strip().lower() not in FLAG_VALUES:
+        raise UsageError(f"{name}={raw!r}: use 1 or 0 (or true/false, yes/no, on/off)")
+    value = FLAG_VALUES[raw.strip().lower()]
+    return default if value is None else value
+
+
 def check_environment() -> None:
     """Every environment variable the tool parses as a number, checked once before a run:
     a malformed or out-of-range value is one UsageError naming it, not a failure later (in
@@ -82,5 +96,6 @@ def check_environment() -> None:
     check_limits()
     env_seconds("CONVNEXT_DECODE_TIMEOUT", 30.0, MAX_DECODE_TIMEOUT)  # decode_pool.TIMEOUT_ENV
     env_int("CONVNEXT_PARQUET_ROWS_PER_PART", 1, 1, MAX_PARQUET_ROWS_PER_PART)
+    env_flag("CONVNEXT_STAGING", True)  # engine/staging.STAGING_ENV
     for name in HUB_INT_ENV:
         env_int(name, 0, 0, MAX_HUB_TIMEOUT)

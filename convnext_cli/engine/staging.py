@@ -31,7 +31,6 @@ import contextlib
 import itertools
 import math
 import mmap
-import os
 from collections import deque
 from typing import Any
 
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from convnext_cli.imaging.preprocess import PreprocessSpec
+from convnext_cli.limits import env_flag
 
 STAGING_ENV = "CONVNEXT_STAGING"
 # Slots beyond the batches being decoded: the batch the consumer uses, the one read back
@@ -48,9 +48,8 @@ MAX_RING_BYTES = 4 << 30  # beyond this, fewer slots (fewer batches decoded ahea
 
 
 def staging_enabled() -> bool:
-    """False when ``CONVNEXT_STAGING`` is 0 (or false/no/off)."""
-    value = os.environ.get(STAGING_ENV, "").strip().lower()
-    return value not in ("0", "false", "no", "off")
+    """False when ``CONVNEXT_STAGING`` is 0 (or false/no/off); see :func:`limits.env_flag`."""
+    return env_flag(STAGING_ENV, True)
 
 
 def fixed_shape(spec: PreprocessSpec) -> tuple[int, int, int] | None:
