@@ -1,6 +1,6 @@
 """The one way from "model reference + run options" to a ready :class:`Runner`.
 
-The CLI commands (classify, embed, benchmark), the Python API (:class:`Classifier`,
+The CLI commands (classify, embed, benchmark), the Python API (:class:`ImageModel`,
 :func:`load_model`) and the Ray engine's model actors all load through
 :func:`load_runner`; what the user should be told (``--dtype auto`` chose bfloat16,
 JPEGs are decoded on the GPU, compiling) comes back as notes for the caller to show or not.

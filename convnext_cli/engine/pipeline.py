@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from convnext_cli.choices import SCORES
 from convnext_cli.engine.decode_pool import (
     TASKS_PER_WORKER,
     DecodePool,
@@ -484,7 +485,7 @@ def _decoded_by_workers(
 
 NON_FINITE = "model produced non-finite values"
 OUT_OF_MEMORY = "out of device memory even alone"
-SCORE_KINDS = ("probs", "logits", "log-probs")  # what classify's scores are (--scores)
+SCORE_KINDS = SCORES  # what classify's scores are (--scores): choices.py's table
 
 
 def _model_failed(result: Result, pixels: torch.Tensor, exc: Exception) -> None:
