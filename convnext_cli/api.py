@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 from convnext_cli.choices import DEFAULT_MODEL
 from convnext_cli.engine.decode_pool import failure
 from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
-from convnext_cli.engine.pipeline import InMemoryImage, Input, Result
+from convnext_cli.engine.results import InMemoryImage, Input, Result
 from convnext_cli.errors import ImageError
 from convnext_cli.imaging.decoding import check_pixel_count, pil_to_rgb
 

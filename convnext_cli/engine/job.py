@@ -42,8 +42,9 @@ from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
 if TYPE_CHECKING:
     from convnext_cli.engine.loading import ModelSource, RunOptions
-    from convnext_cli.engine.pipeline import Result, Runner
+    from convnext_cli.engine.pipeline import Runner
     from convnext_cli.engine.ray_engine import PartFiles, RayRun, RaySettings
+    from convnext_cli.engine.results import Result
     from convnext_cli.outputs.writers import Writer
 
 # -------------------------------------------------------------------------------- the job

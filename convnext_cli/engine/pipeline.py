@@ -41,65 +41,24 @@ from convnext_cli.engine.decode_pool import (
     unpack_groups,
 )
 from convnext_cli.engine.device_decode import Cancelled, DeviceBatch, DeviceDecoder, in_thread
+from convnext_cli.engine.results import (
+    InMemoryImage,
+    Input,
+    Prediction,
+    Result,
+    input_name,
+    source_of,
+)
 from convnext_cli.engine.staging import StagingRing, fixed_shape, ring_slots, staging_enabled
 from convnext_cli.engine.thread_tuner import ThreadTuner
 from convnext_cli.errors import DeviceFailure, one_line
 from convnext_cli.imaging.gpu_jpeg import EncodedJpeg
 from convnext_cli.imaging.preprocess import PreprocessSpec
-from convnext_cli.inputs.expand import InputRef, input_id
+from convnext_cli.inputs.expand import InputRef
 from convnext_cli.model.convnext import ConvNeXtForClassification
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count the user chose
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (the physical cores)
-
-
-@dataclass
-class Prediction:
-    label: str
-    index: int
-    score: float
-
-
-@dataclass
-class Result:
-    """The outcome for one input: predictions (classify) or an embedding (embed), or an error."""
-
-    path: str
-    error: str | None = None
-    predictions: list[Prediction] = field(default_factory=list)
-    embedding: torch.Tensor | None = None  # 1-D float32 on the CPU
-    # embed --stage / --backbone: each stage's feature, float32 on the CPU, in the order
-    # asked: (C,) pooled, or the (C, H, W) map with --pool none
-    features: dict[str, torch.Tensor] | None = None
-    # the input it is for (a file path, a tar member or Parquet row), when known: the HTML
-    # report embeds its bytes, never a file that the path (a dataset's id) may name
-    source: InputRef | None = field(default=None, repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class InMemoryImage:
-    """An input that is already pixels (from the Python API): nothing to read or decode.
-
-    `pixels` is an RGB uint8 (3, H, W) tensor, already converted per the decoding policy,
-    or None with `error` saying why it could not be; `name` is what its result's ``path``
-    says (``<image N>``).
-    """
-
-    name: str
-    pixels: torch.Tensor | None
-    error: str | None = None
-
-
-Input = InputRef | InMemoryImage  # a file path, a dataset member or row, or pixels
-
-
-def _source(item: Input) -> InputRef | None:
-    return None if isinstance(item, InMemoryImage) else item
-
-
-def input_name(item: Input) -> str:
-    """What the input's record says as ``path``."""
-    return item.name if isinstance(item, InMemoryImage) else input_id(item)
 
 
 def _prepare(item: Input, spec: PreprocessSpec, jpeg_on_device: bool) -> Any:
@@ -780,7 +739,7 @@ class Runner:
                 decoded = batch.decoded if isinstance(batch, DeviceBatch) else batch
                 times.decode += decoded.decoding if plan.workers > 0 else got - waited
                 results = [
-                    Result(path=input_name(item), error=err, source=_source(item))
+                    Result(path=input_name(item), error=err, source=source_of(item))
                     for item, err in zip(decoded.inputs, decoded.errors, strict=True)
                 ]
                 readback = self._queue(head, batch, results)

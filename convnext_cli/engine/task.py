@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from convnext_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from convnext_cli.engine.pipeline import Input, Result, Runner
+    from convnext_cli.engine.pipeline import Runner
+    from convnext_cli.engine.results import Input, Result
 
 COMMANDS = ("classify", "embed")
 

@@ -38,7 +38,7 @@ from convnext_cli.outputs.files import OutputFile
 from convnext_cli.outputs.names import path_field, utf8_text
 
 if TYPE_CHECKING:
-    from convnext_cli.engine.pipeline import Result
+    from convnext_cli.engine.results import Result
 
 METADATA_KEY = "convnext_cli"
 ROWS_PER_PART = 1024

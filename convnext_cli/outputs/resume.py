@@ -39,7 +39,7 @@ from convnext_cli.imaging.reading import (
 from convnext_cli.outputs.names import read_path_field
 
 if TYPE_CHECKING:
-    from convnext_cli.engine.pipeline import Result
+    from convnext_cli.engine.results import Result
     from convnext_cli.outputs.writers import Writer
 
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from chromium_cdp import Chromium, find_chromium
 
-from convnext_cli.engine.pipeline import Prediction, Result
+from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.html import HtmlReportWriter
 
 CHROMIUM = find_chromium()

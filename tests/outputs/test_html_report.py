@@ -17,7 +17,7 @@ import pytest
 from chromium_cdp import Chromium, find_chromium
 from html_report_demo import classify_jsonl, results_from_jsonl
 
-from convnext_cli.engine.pipeline import Prediction, Result
+from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.html import (
     THUMBNAIL_SIZE,
     HtmlReportWriter,

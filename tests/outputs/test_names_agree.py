@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli.engine.pipeline import Prediction, Result
+from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.html import HtmlReportWriter
 from convnext_cli.outputs.writers import open_writer
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from convnext_cli.engine.pipeline import Prediction, Result
+from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.files import OutputFile
 from convnext_cli.outputs.parquet import ParquetRecordWriter, parts_folder, read_metadata
 

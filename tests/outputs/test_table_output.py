@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli.engine.pipeline import Prediction, Result
+from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.names import visible
 from convnext_cli.outputs.table import (
     ERROR_MARK,
