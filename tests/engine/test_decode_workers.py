@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import HOSTILE_DECODER
 
 from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
 from convnext_cli.engine.decode_pool import DEFAULT_DECODE_TIMEOUT, decode_timeout
@@ -28,35 +29,15 @@ from convnext_cli.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 
-HOOK = """
-import os, signal, sys, time
-from convnext_cli.imaging import decoding as images
-
-real = images.decode_bytes
-
-def hostile(data):
-    if data.startswith(b"SLOW"):
-        time.sleep(600)
-    if data.startswith(b"KILL"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if data.startswith(b"SEGV"):
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if data.startswith(b"NAP\\n"):  # a slow but honest decoder
-        time.sleep(0.3)
-        data = data[4:]
-    if data.startswith(b"ONCE:"):  # dies the first time only
-        marker, _, data = data.partition(b"\\n")
-        flag = marker[5:].decode()
-        if not os.path.exists(flag):
-            open(flag, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real(data)
-
+HOOK = (
+    HOSTILE_DECODER
+    + """
 images.decode_bytes = hostile
 sys.argv[0] = "convnext"
 from convnext_cli.cli import main
 main()
 """
+)
 
 
 def run_cli(

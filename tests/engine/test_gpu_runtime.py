@@ -301,6 +301,21 @@ def counting_backend(compilations: list[list[tuple[int, ...]]], modes: list[str 
     return counting
 
 
+def counted_runner(
+    checkpoint: Path, spec: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Runner, list[list[tuple[int, ...]]], list[str | None]]:
+    """A fresh runner whose torch.compile goes through :func:`counting_backend`: the runner,
+    its compilations (input shapes) and the modes torch passed on."""
+    compilations: list[list[tuple[int, ...]]] = []
+    modes: list[str | None] = []
+    counting = counting_backend(compilations, modes)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, **kw))
+    torch._dynamo.reset()
+    own = build_model(load_checkpoint(str(checkpoint)), CPU, torch.float32)
+    return Runner(own, spec, CPU, torch.float32), compilations, modes
+
+
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
 def test_compile_compiles_once_with_a_partial_batch_and_a_failed_image(
     runner_parts,
@@ -321,14 +336,7 @@ def test_compile_compiles_once_with_a_partial_batch_and_a_failed_image(
     paths += [str(small), str(photos[0])]
     expected = results_of(Runner(model, spec, CPU, torch.float32), paths, batch_size=4)
 
-    compilations: list[list[tuple[int, ...]]] = []
-    modes: list[str | None] = []
-    counting = counting_backend(compilations, modes)
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, **kw))
-    torch._dynamo.reset()
-    own = build_model(load_checkpoint(str(v1_checkpoint)), CPU, torch.float32)
-    runner = Runner(own, spec, CPU, torch.float32)
+    runner, compilations, modes = counted_runner(v1_checkpoint, spec, monkeypatch)
     runner.compile(mode)
     try:
         got = results_of(runner, paths, batch_size=4)
@@ -347,14 +355,7 @@ def test_reduce_overhead_off_cuda_compiles_as_default_with_a_note(
     """On the CPU torch would skip the CUDA graphs of reduce-overhead without a word: the
     runner says so in one note and compiles as default."""
     _, spec = runner_parts
-    compilations: list[list[tuple[int, ...]]] = []
-    modes: list[str | None] = []
-    counting = counting_backend(compilations, modes)
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, **kw))
-    torch._dynamo.reset()
-    own = build_model(load_checkpoint(str(v1_checkpoint)), CPU, torch.float32)
-    runner = Runner(own, spec, CPU, torch.float32)
+    runner, compilations, modes = counted_runner(v1_checkpoint, spec, monkeypatch)
     notes: list[str] = []
     runner.on_note = notes.append
     runner.compile("reduce-overhead")

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import HOSTILE_DECODER
 from PIL import Image
 
 from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
@@ -191,25 +192,6 @@ def test_a_consumer_that_never_releases_gets_the_pickle_path(photos: list[Path])
     assert_same(got, want)  # the two slots were never rewritten
 
 
-KILLER = """
-import os, signal
-from convnext_cli.imaging import decoding as images
-
-real = images.decode_bytes
-
-def hostile(data):
-    if data.startswith(b"KILL"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if data.startswith(b"ONCE:"):  # dies the first time only
-        marker, _, data = data.partition(b"\\n")
-        flag = marker[5:].decode()
-        if not os.path.exists(flag):
-            open(flag, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real(data)
-"""
-
-
 def test_a_worker_killed_mid_batch_is_retried_into_the_same_slot(
     tmp_path: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,7 +200,7 @@ def test_a_worker_killed_mid_batch_is_retried_into_the_same_slot(
     from convnext_cli.imaging import decoding
 
     namespace: dict[str, Any] = {}
-    exec(KILLER, namespace)  # noqa: S102 - the hostile decoder, inherited by the forked workers
+    exec(HOSTILE_DECODER, namespace)  # noqa: S102 - the hostile decoder, inherited by the forked workers
     monkeypatch.setattr(decoding, "decode_bytes", namespace["hostile"])
     paths = [str(p) for p in photos * 2]
     clean = list(paths)

@@ -292,3 +292,33 @@ def assert_pixels_match(
         got = spec.normalize(spec.resize_and_crop(image)[None])[0]
         assert got.shape == expected.shape, photo.name
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=photo.name)
+
+
+# A decoder for the decode workers that misbehaves on cue, by the first bytes of a file:
+# SLOW (hangs), KILL (SIGKILL), SEGV, NAP\n (0.3 s, then decodes the rest), ONCE:FLAG\n
+# (SIGKILL the first time, while FLAG does not exist). exec() it, or prepend it to a
+# subprocess's script, and put `hostile` in place of imaging.decoding.decode_bytes.
+HOSTILE_DECODER = r"""
+import os, signal, sys, time
+from convnext_cli.imaging import decoding as images
+
+real = images.decode_bytes
+
+def hostile(data):
+    if data.startswith(b"SLOW"):
+        time.sleep(600)
+    if data.startswith(b"KILL"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if data.startswith(b"SEGV"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if data.startswith(b"NAP\n"):  # a slow but honest decoder
+        time.sleep(0.3)
+        data = data[4:]
+    if data.startswith(b"ONCE:"):  # dies the first time only
+        marker, _, data = data.partition(b"\n")
+        flag = marker[5:].decode()
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(data)
+"""
