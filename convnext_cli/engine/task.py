@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from convnext_cli.errors import UsageError
+from convnext_cli.limits import MAX_BATCH_SIZE, parse_int
 
 if TYPE_CHECKING:
     from convnext_cli.engine.pipeline import Runner
@@ -45,8 +46,8 @@ class Task:
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
             raise UsageError(f"unknown command {self.command!r}: classify or embed")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size}: use 1 or more")
+        if self.batch_size is not None:  # the range -b has (limits.py), for API callers too
+            parse_int(str(self.batch_size), "--batch-size", 1, MAX_BATCH_SIZE)
 
     @property
     def verb(self) -> str:

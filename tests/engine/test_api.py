@@ -202,3 +202,14 @@ def test_import_is_light_until_image_model_is_used() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("size", [0, -1, 4097])
+def test_a_batch_size_outside_the_clis_range_is_a_usage_error(size: int) -> None:
+    """The Python API's jobs take -b's range (limits.MAX_BATCH_SIZE), not a looser one."""
+    from convnext_cli.engine.task import Task
+    from convnext_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--batch-size"):
+        Task("classify", batch_size=size)
+    assert Task("classify", batch_size=4096).batch_size == 4096
