@@ -33,9 +33,9 @@ from PIL import Image, ImageOps
 from convnext_cli.choices import DEFAULT_MODEL
 from convnext_cli.engine.decode_pool import failure
 from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
-from convnext_cli.engine.results import InMemoryImage, Input, Result
 from convnext_cli.errors import ImageError
 from convnext_cli.imaging.decoding import check_pixel_count, pil_to_rgb
+from convnext_cli.results import InMemoryImage, Input, Result
 
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | numpy.ndarray | torch.Tensor
 

@@ -91,7 +91,7 @@ def check_environment() -> None:
     a malformed or out-of-range value is one UsageError naming it, not a failure later (in
     every input, at an import, or deep in a wait).  ``COLUMNS``/``LINES`` are not errors: see
     :func:`convnext_cli.startup.sane_terminal_size`."""
-    from convnext_cli.imaging.reading import check_limits
+    from convnext_cli.reading import check_limits
 
     check_limits()
     env_seconds("CONVNEXT_DECODE_TIMEOUT", 30.0, MAX_DECODE_TIMEOUT)  # decode_pool.TIMEOUT_ENV

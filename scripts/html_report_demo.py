@@ -25,7 +25,7 @@ REPO = HERE.parent
 
 def results_from_jsonl(text: str) -> list:
     """The Result objects behind classify's JSON lines (paths recovered exactly)."""
-    from convnext_cli.engine.results import Prediction, Result
+    from convnext_cli.results import Prediction, Result
 
     results = []
     for line in text.splitlines():

@@ -41,9 +41,9 @@ from convnext_cli.choices import LAYOUTS
 from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.errors import CheckpointError, UsageError, one_line
 from convnext_cli.imaging.preprocess import PreprocessSpec
-from convnext_cli.imaging.reading import read_json_file
 from convnext_cli.model._fields import MAX_JSON_BYTES
 from convnext_cli.model.config import ConvNextConfig
+from convnext_cli.reading import read_json_file
 
 WEIGHTS_FILE = "model.safetensors"
 # Weight files that would shadow or contradict the new model.safetensors under --force.

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from convnext_cli.errors import CheckpointError, ImageError, one_line
-from convnext_cli.imaging.reading import open_regular_binary, parse_json
+from convnext_cli.reading import open_regular_binary, parse_json
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from rich.progress import Task
     from rich.text import Text
 
-    from convnext_cli.engine.results import Result
+    from convnext_cli.results import Result
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from convnext_cli.engine.results import Result
+    from convnext_cli.results import Result
 
 __all__ = ["Batches"]
 

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from convnext_cli.engine.loading import ModelSource, RunOptions
     from convnext_cli.engine.pipeline import Runner
     from convnext_cli.engine.ray_engine import PartFiles, RayRun, RaySettings
-    from convnext_cli.engine.results import Result
     from convnext_cli.outputs.writers import Writer
+    from convnext_cli.results import Result
 
 # -------------------------------------------------------------------------------- the job
 

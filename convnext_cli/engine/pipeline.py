@@ -41,14 +41,6 @@ from convnext_cli.engine.decode_pool import (
     unpack_groups,
 )
 from convnext_cli.engine.device_decode import Cancelled, DeviceBatch, DeviceDecoder, in_thread
-from convnext_cli.engine.results import (
-    InMemoryImage,
-    Input,
-    Prediction,
-    Result,
-    input_name,
-    source_of,
-)
 from convnext_cli.engine.staging import StagingRing, fixed_shape, ring_slots, staging_enabled
 from convnext_cli.engine.thread_tuner import ThreadTuner
 from convnext_cli.errors import DeviceFailure, one_line
@@ -56,6 +48,14 @@ from convnext_cli.imaging.gpu_jpeg import EncodedJpeg
 from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.inputs.expand import InputRef
 from convnext_cli.model.convnext import ConvNeXtForClassification
+from convnext_cli.results import (
+    InMemoryImage,
+    Input,
+    Prediction,
+    Result,
+    input_name,
+    source_of,
+)
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count the user chose
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (the physical cores)

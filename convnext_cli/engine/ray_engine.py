@@ -49,13 +49,13 @@ from convnext_cli.checkpoints.checkpoint import Checkpoint
 from convnext_cli.choices import DECODERS
 from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner, read_source
 from convnext_cli.engine.pipeline import Runner
-from convnext_cli.engine.results import Result
 from convnext_cli.engine.task import Task
 from convnext_cli.errors import UsageError
 from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.inputs.datasets import Item
 from convnext_cli.inputs.expand import InputRef, input_id
 from convnext_cli.outputs.parquet import CLASSIFY_SCHEMA, METADATA_KEY, embed_schema, parquet_row
+from convnext_cli.results import Result
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -605,7 +605,7 @@ class ModelActor:
         import numpy as np
         import torch
 
-        from convnext_cli.engine.results import InMemoryImage
+        from convnext_cli.results import InMemoryImage
 
         ids = batch.column("id").to_pylist()
         items = []
@@ -755,7 +755,7 @@ def _decode_keeping_file(batch: pa.Table, spec: PreprocessSpec) -> pa.Table:
 
 def results_from_table(table: pa.Table, paths: Sequence[str], task: str) -> list[Result]:
     """Model-stage rows back into Result objects, with each input's own path."""
-    from convnext_cli.engine.results import Prediction, Result
+    from convnext_cli.results import Prediction, Result
 
     ids = table.column("id").to_pylist()
     errors = table.column("error").to_pylist()

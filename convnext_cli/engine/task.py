@@ -16,7 +16,7 @@ from convnext_cli.limits import MAX_BATCH_SIZE, parse_int
 
 if TYPE_CHECKING:
     from convnext_cli.engine.pipeline import Runner
-    from convnext_cli.engine.results import Input, Result
+    from convnext_cli.results import Input, Result
 
 COMMANDS = ("classify", "embed")
 

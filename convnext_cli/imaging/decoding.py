@@ -70,7 +70,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from convnext_cli.errors import ImageError, one_line
 from convnext_cli.imaging.decoder_messages import pillow_words
-from convnext_cli.imaging.reading import (
+from convnext_cli.reading import (
     MAX_IMAGE_BYTES_ENV,
     max_image_bytes,
     read_file,

@@ -39,7 +39,7 @@ from functools import lru_cache
 from typing import Any
 
 from convnext_cli.errors import ImageError, UsageError, one_line
-from convnext_cli.imaging.reading import MAX_TAR_HEADER_BYTES, open_regular, open_regular_binary
+from convnext_cli.reading import MAX_TAR_HEADER_BYTES, open_regular, open_regular_binary
 
 IMAGE_COLUMNS = ("image", "jpg", "png", "img", "bytes", "image_bytes")
 ID_COLUMNS = ("id", "key", "__key__", "path", "file_name")
@@ -82,7 +82,7 @@ def read_item(item: Item, max_bytes: int) -> bytes:
             raise ImageError(f"cell is {len(data)} bytes, over the {max_bytes}-byte limit")
         return data
     if item.length is None:  # a whole file (named twice: its later names get ID#N)
-        from convnext_cli.imaging.reading import read_file
+        from convnext_cli.reading import read_file
 
         return read_file(item.file)
     return read_range(item.file, item.offset, item.length, max_bytes)

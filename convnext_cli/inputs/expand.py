@@ -5,7 +5,7 @@ while the rest of a huge tree is still being listed, and memory never holds the 
 
 - A file named explicitly is always tried, whatever its extension, and whatever it is: a
   FIFO, a device, a socket, a broken symlink or a symlink loop named explicitly gets an
-  error record (see :func:`convnext_cli.imaging.reading.read_file`, which refuses them without
+  error record (see :func:`convnext_cli.reading.read_file`, which refuses them without
   blocking).  A folder named explicitly contributes its images; one named like an image
   (``x.jpg/``) that holds none gets an error record ("is a directory, not an image").
 - A folder contributes the entries in it whose names end in an image extension
@@ -52,12 +52,6 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from convnext_cli.errors import NoInputsError, UsageError
-from convnext_cli.imaging.reading import (
-    IMAGE_EXTENSIONS,
-    MAX_LIST_LINE_BYTES,
-    max_file_bytes,
-    read_file,
-)
 from convnext_cli.inputs.datasets import (
     PARQUET_SUFFIXES,
     TAR_SUFFIXES,
@@ -69,6 +63,12 @@ from convnext_cli.inputs.datasets import (
     read_item,
 )
 from convnext_cli.outputs.names import visible
+from convnext_cli.reading import (
+    IMAGE_EXTENSIONS,
+    MAX_LIST_LINE_BYTES,
+    max_file_bytes,
+    read_file,
+)
 
 InputRef = str | Item  # a file path, or a member/row of a dataset file
 

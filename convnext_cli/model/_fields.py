@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from convnext_cli.errors import CheckpointError
-from convnext_cli.imaging.reading import MAX_JSON_FILE_BYTES, read_json_file
+from convnext_cli.reading import MAX_JSON_FILE_BYTES, read_json_file
 
 MAX_JSON_BYTES = MAX_JSON_FILE_BYTES  # config.json (ImageNet-22k labels: about 1 MB)
 

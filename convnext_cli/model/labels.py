@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from convnext_cli.errors import UsageError, one_line
-from convnext_cli.imaging.reading import MAX_JSON_FILE_BYTES, parse_json, read_small_file
+from convnext_cli.reading import MAX_JSON_FILE_BYTES, parse_json, read_small_file
 
 MAX_LABEL_FILE_BYTES = MAX_JSON_FILE_BYTES
 IMAGENET_1K = 1000

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 from convnext_cli.outputs.files import OutputFile, StdoutFile, TextSink
 
 if TYPE_CHECKING:
-    from convnext_cli.engine.results import Result
+    from convnext_cli.results import Result
 
 
 class Writer(Protocol):

@@ -29,7 +29,7 @@ from convnext_cli.outputs.table import (
 if TYPE_CHECKING:
     from rich.text import Text
 
-    from convnext_cli.engine.results import Result
+    from convnext_cli.results import Result
 
 DIM_WIDTH = 5  # "dim" up to 99999
 NORM_WIDTH = 8  # 1234.567

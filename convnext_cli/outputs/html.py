@@ -48,7 +48,7 @@ from convnext_cli.outputs.names import escape_char
 if TYPE_CHECKING:
     from PIL import Image
 
-    from convnext_cli.engine.results import Result
+    from convnext_cli.results import Result
 
 THUMBNAIL_SIZE = 128  # longest side, pixels
 THUMBNAIL_QUALITY = 70  # JPEG quality

@@ -32,13 +32,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from convnext_cli.errors import UsageError
-from convnext_cli.imaging.reading import parse_json
 from convnext_cli.limits import MAX_PARQUET_ROWS_PER_PART, env_int
 from convnext_cli.outputs.files import OutputFile
 from convnext_cli.outputs.names import path_field, utf8_text
+from convnext_cli.reading import parse_json
 
 if TYPE_CHECKING:
-    from convnext_cli.engine.results import Result
+    from convnext_cli.results import Result
 
 METADATA_KEY = "convnext_cli"
 ROWS_PER_PART = 1024

@@ -30,17 +30,17 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from convnext_cli.errors import ImageError, UsageError, one_line
-from convnext_cli.imaging.reading import (
+from convnext_cli.outputs.names import read_path_field
+from convnext_cli.reading import (
     MAX_CSV_FIELD_CHARS,
     bounded_lines,
     open_regular_binary,
     read_json_file,
 )
-from convnext_cli.outputs.names import read_path_field
 
 if TYPE_CHECKING:
-    from convnext_cli.engine.results import Result
     from convnext_cli.outputs.writers import Writer
+    from convnext_cli.results import Result
 
 T = TypeVar("T")
 

@@ -37,7 +37,7 @@ from convnext_cli.outputs.names import visible
 if TYPE_CHECKING:
     from rich.text import Text
 
-    from convnext_cli.engine.results import Prediction, Result
+    from convnext_cli.results import Prediction, Result
 
 ELLIPSIS = "…"
 ERROR_MARK = "✗"

@@ -35,7 +35,7 @@ from convnext_cli.outputs.table import TableWriter
 if TYPE_CHECKING:
     import torch
 
-    from convnext_cli.engine.results import Result
+    from convnext_cli.results import Result
 
 BINARY_FORMATS = ("npy", "safetensors", "parquet")
 

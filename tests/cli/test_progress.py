@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from convnext_cli.cli import app, progress
 from convnext_cli.cli.progress import Batches, RunProgress, clock, note, track
-from convnext_cli.engine.results import Prediction, Result
+from convnext_cli.results import Prediction, Result
 
 REPO = Path(__file__).resolve().parents[2]
 BAR = "━"

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from convnext_cli import ImageModel
 from convnext_cli.engine.job import Plan, Report
-from convnext_cli.engine.results import Result
+from convnext_cli.results import Result
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,10 @@ import torch
 
 from convnext_cli.engine import ray_engine
 from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
-from convnext_cli.engine.results import Result
 from convnext_cli.engine.task import Task
 from convnext_cli.outputs.names import path_field
 from convnext_cli.outputs.parquet import METADATA_KEY
+from convnext_cli.results import Result
 
 ray = pytest.importorskip("ray")
 

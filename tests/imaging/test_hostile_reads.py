@@ -6,7 +6,7 @@ Each gives one usage error naming the file (exit 2), or an error record for that
 within a generous time bound (the subprocess timeout: a hang fails the test), no
 traceback, and -- where the file is large -- a peak resident memory under PEAK_BOUND for
 the whole CLI process (about 0.9 GB: Python, torch, a tiny model; the unbounded reads took
-3 GB and more).  The limits: convnext_cli/imaging/reading.py (MAX_JSON_FILE_BYTES, ...).
+3 GB and more).  The limits: convnext_cli/reading.py (MAX_JSON_FILE_BYTES, ...).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import PeakRun, run_with_peak
 
+from convnext_cli import reading as image_files
 from convnext_cli.errors import UsageError
-from convnext_cli.imaging import reading as image_files
-from convnext_cli.imaging.reading import bounded_lines, json_depth, parse_json
+from convnext_cli.reading import bounded_lines, json_depth, parse_json
 
 REPO = Path(__file__).resolve().parents[2]
 PEAK_BOUND = 1.5e9  # bytes, as in test_memory_bounds.py

@@ -19,11 +19,11 @@ import pytest
 from helpers import assert_records_close
 from PIL import Image
 
+from convnext_cli import reading as image_files
 from convnext_cli.errors import ImageError, UsageError
-from convnext_cli.imaging import reading as image_files
 from convnext_cli.imaging.decoding import decode_bytes
-from convnext_cli.imaging.reading import read_file
 from convnext_cli.inputs.expand import expand_inputs
+from convnext_cli.reading import read_file
 
 REPO = Path(__file__).resolve().parents[2]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

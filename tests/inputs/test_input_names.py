@@ -17,8 +17,8 @@ import pytest
 from helpers import jsonl
 
 from convnext_cli.imaging.decoding import decode_bytes
-from convnext_cli.imaging.reading import read_file
 from convnext_cli.inputs.expand import expand_inputs, read_paths
+from convnext_cli.reading import read_file
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from chromium_cdp import Chromium, find_chromium
 
-from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.html import HtmlReportWriter
+from convnext_cli.results import Prediction, Result
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(

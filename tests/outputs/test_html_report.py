@@ -17,7 +17,6 @@ import pytest
 from chromium_cdp import Chromium, find_chromium
 from html_report_demo import classify_jsonl, results_from_jsonl
 
-from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.html import (
     THUMBNAIL_SIZE,
     HtmlReportWriter,
@@ -26,6 +25,7 @@ from convnext_cli.outputs.html import (
     plain_text,
     thumbnail_image,
 )
+from convnext_cli.results import Prediction, Result
 
 # Names a file system allows and a page must show literally, never interpret.
 HOSTILE_NAMES = [

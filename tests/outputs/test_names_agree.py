@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.html import HtmlReportWriter
 from convnext_cli.outputs.writers import open_writer
+from convnext_cli.results import Prediction, Result
 
 # Every bidirectional-text control (embeddings, overrides, isolates, marks) and the BOM: each
 # reorders or hides text; U+202E makes "rlo-\u202egpj.exe" look like "rlo-exe.jpg".

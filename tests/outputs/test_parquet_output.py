@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.files import OutputFile
 from convnext_cli.outputs.parquet import ParquetRecordWriter, parts_folder, read_metadata
+from convnext_cli.results import Prediction, Result
 
 
 def classify_results(start: int, count: int) -> list[Result]:

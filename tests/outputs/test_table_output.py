@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from convnext_cli.engine.results import Prediction, Result
 from convnext_cli.outputs.names import visible
 from convnext_cli.outputs.table import (
     ERROR_MARK,
@@ -28,6 +27,7 @@ from convnext_cli.outputs.table import (
     shown_path,
 )
 from convnext_cli.outputs.writers import open_writer
+from convnext_cli.results import Prediction, Result
 
 REPO = Path(__file__).resolve().parents[2]
 SCORE = re.compile(r"\b[01]\.\d{4}\b")

@@ -21,7 +21,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMANDS = ("classify", "embed", "convert", "benchmark", "env")
 
 MODULE_PATH = re.compile(r"convnext_cli/[A-Za-z0-9_/]+\.py")
-# A module named relative to the package (`cli/help.py`, `imaging/reading.py`).
+# A module named relative to the package (`cli/help.py`, `reading.py`).
 SUBPACKAGE_PATH = re.compile(
     r"(?<![\w/.])(?:cli|model|checkpoints|imaging|inputs|engine|outputs)/[A-Za-z0-9_]+\.py"
 )
