@@ -5,7 +5,8 @@ Nothing here executes code from a checkpoint: safetensors holds bare tensors,
 ``torch.load(weights_only=True)`` refuses any pickle that would construct an
 arbitrary object, and an HDF5 file is read as datasets of floats only (its superblock's
 end-of-file address checked against the file's size first; links, external storage and
-virtual datasets, which would read other files, refused).
+virtual datasets, which would read other files, refused; datasets behind filters, which
+would inflate or load a plugin library, refused; libhdf5's plugin search path emptied).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
 H5_SUFFIXES = (".h5", ".hdf5")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-MAX_H5_DATASETS = 100_000
+MAX_H5_OBJECTS = 100_000  # groups and datasets in one HDF5 weights file (a model has ~500)
+MAX_H5_DEPTH = 64  # groups nested (Keras nests about 10)
 
 # Weight dtypes the model can be loaded from (cast to the run's dtype when built).
 FLOAT_DTYPES_SAFETENSORS = {
@@ -45,6 +47,7 @@ PICKLE_PROTO = 0x80  # first byte of a pickle of protocol >= 2 (torch's legacy f
 def read_weights_file(path: Path) -> dict[str, Any]:
     """Return the top-level mapping stored in a weights file (tensors or nested dicts)."""
     if not path.is_file():
+        _open(path).close()  # the reason, one line: no such file, a FIFO, a folder ...
         raise CheckpointError(f"{path}: no such weights file")
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
@@ -53,14 +56,16 @@ def read_weights_file(path: Path) -> dict[str, Any]:
     return _read_pickle(path)
 
 
-def check_h5_superblock(path: Path) -> None:
+def check_h5_superblock(path: Path, handle: IO[bytes]) -> int:
     """An HDF5 file's signature and superblock, before h5py (libhdf5) parses it: the
     signature at offset 0, a known superblock version, 4- or 8-byte offsets, and an
-    end-of-file address that is the file's size (a truncated or padded file is refused)."""
+    end-of-file address inside the file (a truncated file is refused).  Read from ``handle``
+    (the file h5py then reads, left at offset 0); returns the file's size."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(96)
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(0)
+        head = handle.read(96)
+        handle.seek(0)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({one_line(exc)})") from exc
     if not head.startswith(HDF5_MAGIC):
@@ -84,15 +89,22 @@ def check_h5_superblock(path: Path) -> None:
             f"{path}: HDF5 superblock says the file ends at byte {eof}, the file has only "
             f"{size} bytes (truncated?)"
         )
+    return size
 
 
 def _h5py() -> Any:
+    """h5py, with libhdf5's plugin loading off: no folder on its plugin search path (the
+    built-in ``/usr/local/hdf5/lib/plugin`` and ``HDF5_PLUGIN_PATH``'s), so that no
+    checkpoint can make it ``dlopen`` a shared library (datasets with filters are refused
+    before they are read anyway)."""
     try:
         import h5py
     except ImportError:
         raise CheckpointError(
             "reading TensorFlow/Keras weights (.h5) needs h5py: pip install 'convnext-cli[tf]'"
         ) from None
+    while h5py.h5pl.size():
+        h5py.h5pl.remove(0)
     return h5py
 
 
@@ -101,41 +113,60 @@ def read_h5_weights(path: Path) -> dict[str, torch.Tensor]:
     (``convnext/tf_conv_next_for_image_classification/convnext/.../kernel:0``), as tensors in
     the file's own layout (:mod:`convnext_cli.checkpoints.layouts` maps names and transposes).
 
-    Only hard links to groups and contiguous or chunked datasets of float16/32/64 stored in
-    this file are read; each dataset's size is checked against the file's before it is read.
+    The file is opened once, through the one safe open (a regular file, never blocking); its
+    superblock is checked and h5py reads it from that same handle.  Only hard links to groups
+    and contiguous or chunked datasets of float16/32/64 stored in this file, without filters,
+    are read; each object once (a group linked twice, or into itself, is refused), at most
+    ``MAX_H5_DEPTH`` deep and ``MAX_H5_OBJECTS`` in all; each dataset's size is checked
+    against the file's before it is read.
     """
     h5py = _h5py()
-    check_h5_superblock(path)
-    size = path.stat().st_size
-    tensors: dict[str, torch.Tensor] = {}
-    total = 0  # bytes read so far: all the datasets together fit in the file (no filters)
-    try:
-        with h5py.File(str(path), "r", locking=False) as f:
-            pending: list[tuple[str, Any]] = [("", f)]
-            while pending:
-                prefix, group = pending.pop()
-                for name in group:
-                    where = f"{prefix}{name}"
-                    link = group.get(name, getlink=True)
-                    if not isinstance(link, h5py.HardLink):
-                        raise CheckpointError(f"{path}: {where}: links to other objects or files")
-                    item = group[name]
-                    if isinstance(item, h5py.Group):
-                        pending.append((where + "/", item))
-                        continue
-                    tensors[where] = _h5_tensor(path, where, item, size, size - total)
-                    total += tensors[where].numel() * tensors[where].element_size()
-                    if len(tensors) > MAX_H5_DATASETS:
-                        raise CheckpointError(f"{path}: more than {MAX_H5_DATASETS} datasets")
-    except CheckpointError:
-        raise
-    except Exception as exc:  # h5py raises OSError, KeyError, ValueError, TypeError ...
-        raise CheckpointError(
-            f"{path}: not a readable HDF5 weights file ({one_line(exc)})"
-        ) from exc
+    with _open(path) as handle:
+        size = check_h5_superblock(path, handle)
+        try:
+            with h5py.File(handle, "r") as f:
+                tensors = _h5_walk(path, f, size, h5py)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # h5py raises OSError, KeyError, ValueError, TypeError ...
+            raise CheckpointError(
+                f"{path}: not a readable HDF5 weights file ({one_line(exc)})"
+            ) from exc
     if not tensors:
         raise CheckpointError(f"{path}: no weights in the HDF5 file")
     return dict(sorted(tensors.items()))
+
+
+def _h5_walk(path: Path, root: Any, size: int, h5py: Any) -> dict[str, torch.Tensor]:
+    """The datasets under ``root``, each object visited once (by its address in the file)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[int, int], str] = {}
+    total = 0  # bytes read so far: all the datasets together fit in the file (no filters)
+    pending: list[tuple[str, Any, int]] = [("", root, 0)]
+    while pending:
+        prefix, group, depth = pending.pop()
+        if depth > MAX_H5_DEPTH:
+            raise CheckpointError(f"{path}: {prefix} nests more than {MAX_H5_DEPTH} groups deep")
+        for name in group:
+            where = f"{prefix}{name}"
+            if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                raise CheckpointError(f"{path}: {where}: links to other objects or files")
+            item = group[name]
+            info = h5py.h5o.get_info(item.id)
+            first = seen.setdefault((info.fileno, info.addr), where)
+            if first != where:
+                raise CheckpointError(
+                    f"{path}: {where} is {first} again (a group linked into itself or "
+                    "twice): not a weights file"
+                )
+            if len(seen) > MAX_H5_OBJECTS:
+                raise CheckpointError(f"{path}: more than {MAX_H5_OBJECTS} groups and datasets")
+            if isinstance(item, h5py.Group):
+                pending.append((where + "/", item, depth + 1))
+                continue
+            tensors[where] = _h5_tensor(path, where, item, size, size - total)
+            total += tensors[where].numel() * tensors[where].element_size()
+    return tensors
 
 
 def _h5_tensor(path: Path, where: str, dataset: Any, size: int, room: int) -> torch.Tensor:
@@ -147,6 +178,12 @@ def _h5_tensor(path: Path, where: str, dataset: Any, size: int, room: int) -> to
 
     if dataset.is_virtual or dataset.external:
         raise CheckpointError(f"{path}: {where}: data stored outside the file")
+    filters = _h5_filters(dataset)
+    if filters:  # compression (a gzip bomb), shuffle, or a filter from a plugin library
+        raise CheckpointError(
+            f"{path}: {where} is stored through HDF5 filters ({filters}); compressed or "
+            "filtered HDF5 weights are not read"
+        )
     if dataset.dtype.kind != "f" or dataset.dtype.itemsize not in (2, 4, 8):
         raise CheckpointError(
             f"{path}: {where} has dtype {dataset.dtype}; weights must be floating point"
@@ -154,8 +191,7 @@ def _h5_tensor(path: Path, where: str, dataset: Any, size: int, room: int) -> to
     nbytes = math.prod(int(n) for n in dataset.shape) * dataset.dtype.itemsize
     if nbytes > room:
         raise CheckpointError(
-            f"{path}: {where} claims {nbytes} bytes of data, more than the file holds "
-            "(compressed HDF5 weights are not read)"
+            f"{path}: {where} claims {nbytes} bytes of data, more than the file holds"
         )
     if dataset.chunks is None and nbytes:
         offset = dataset.id.get_offset()
@@ -163,6 +199,18 @@ def _h5_tensor(path: Path, where: str, dataset: Any, size: int, room: int) -> to
             raise CheckpointError(f"{path}: {where} lies past the end of the file (truncated?)")
     array = np.asarray(dataset[()], dtype=dataset.dtype.newbyteorder("="))
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _h5_filters(dataset: Any) -> str:
+    """The filters in a dataset's pipeline, by id (and name where libhdf5 knows it), read
+    from its creation properties: no filter is looked up or run."""
+    plist = dataset.id.get_create_plist()
+    found = []
+    for index in range(plist.get_nfilters()):
+        code, _flags, _values, name = plist.get_filter(index)
+        text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        found.append(f"id {code}" + (f" ({text})" if text else ""))
+    return ", ".join(found)
 
 
 def check_safetensors_header(path: Path) -> dict[str, Any]:
