@@ -30,11 +30,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from convnext_cli.choices import DEFAULT_MODEL
+from convnext_cli.choices import DECODERS, DEFAULT_MODEL
 from convnext_cli.engine.decode_pool import failure
 from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
-from convnext_cli.errors import ImageError
+from convnext_cli.errors import ImageError, UsageError
 from convnext_cli.imaging.decoding import check_pixel_count, pil_to_rgb
+from convnext_cli.limits import (
+    JOB_INTS,
+    as_bool,
+    as_device,
+    as_dtype,
+    as_int,
+    as_path,
+    as_text,
+    parse_top_k,
+)
 from convnext_cli.results import InMemoryImage, Input, Result
 
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | numpy.ndarray | torch.Tensor
@@ -54,12 +64,12 @@ class ImageModel:
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
-        device: str = "auto",
-        dtype: str = "auto",
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        device: str | None = "auto",
+        dtype: str | None = "auto",
         batch_size: int | None = None,
         workers: int | None = None,
-        decode: str = "auto",
+        decode: str | None = "auto",
         *,
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
@@ -67,29 +77,42 @@ class ImageModel:
         labels: str | os.PathLike[str] | None = None,
         compile: bool = False,
     ) -> None:
+        """Every argument is checked as the CLI's flag for it is (:mod:`convnext_cli.limits`):
+        None for ``device``, ``dtype`` or ``decode`` is ``"auto"``; a bad type or value is a
+        UsageError (exit code 2)."""
         source = ModelSource(
-            model,
-            revision=revision,
-            cache_dir=None if cache_dir is None else Path(cache_dir),
-            token=token,
-            labels=None if labels is None else Path(labels),
+            as_path(model, "model"),
+            revision=_optional_text(revision, "revision"),
+            cache_dir=_optional_path(cache_dir, "cache_dir"),
+            token=_optional_text(token, "token"),
+            labels=_optional_path(labels, "labels"),
         )
-        loaded = load_runner(source, RunOptions(device, dtype, decode, compile=compile))
+        decode = as_text("auto" if decode is None else decode, "--decode", DECODERS)
+        options = RunOptions(
+            as_device(device), as_dtype(dtype), decode, compile=as_bool(compile, "compile")
+        )
+        self.batch_size = _optional_int(batch_size, "batch_size")
+        self.workers = _optional_int(workers, "workers")
+        loaded = load_runner(source, options)
         self.runner = loaded.runner
         self.checkpoint = loaded.checkpoint
         self.model = loaded.runner.model
         self.notes = loaded.notes
-        self.batch_size = batch_size
-        self.workers = workers
 
     @property
     def labels(self) -> list[str]:
         return self.model.config.labels
 
-    def classify(self, inputs: ImageInput | Iterable[ImageInput], top_k: int = 5) -> list[Result]:
-        """One result per input, in order: ``.predictions`` (label, index, score) or ``.error``."""
+    def classify(
+        self, inputs: ImageInput | Iterable[ImageInput], top_k: int | str = 5
+    ) -> list[Result]:
+        """One result per input, in order: ``.predictions`` (label, index, score) or ``.error``.
+        ``top_k``: 1 to :data:`~convnext_cli.limits.MAX_TOP_K`, or ``"all"`` (or 0)."""
         batches = self.runner.classify(
-            as_inputs(inputs), top_k=top_k, batch_size=self.batch_size, workers=self.workers
+            as_inputs(inputs),
+            top_k=parse_top_k(top_k),
+            batch_size=self.batch_size,
+            workers=self.workers,
         )
         return [r for batch in batches for r in batch]
 
@@ -98,9 +121,26 @@ class ImageModel:
     ) -> list[Result]:
         """One result per input, in order: ``.embedding`` (pooler_output) or ``.error``."""
         batches = self.runner.embed(
-            as_inputs(inputs), normalize=normalize, batch_size=self.batch_size, workers=self.workers
+            as_inputs(inputs),
+            normalize=as_bool(normalize, "normalize"),
+            batch_size=self.batch_size,
+            workers=self.workers,
         )
         return [r for batch in batches for r in batch]
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    """batch_size or workers: None, or a whole number in the range of its CLI flag."""
+    flag, low, high = JOB_INTS[name]
+    return None if value is None else as_int(value, flag, low, high)
+
+
+def _optional_text(value: Any, name: str) -> str | None:
+    return None if value is None else as_text(value, name)
+
+
+def _optional_path(value: Any, name: str) -> Path | None:
+    return None if value is None else Path(as_path(value, name))
 
 
 # The name this class had before it was ImageModel (it embeds as well as classifies): code
@@ -132,7 +172,7 @@ def as_inputs(inputs: ImageInput | Iterable[ImageInput]) -> list[Input]:
     if kind is not None and not batch:
         inputs = [inputs]
     elif kind is None and not isinstance(inputs, Iterable):
-        raise TypeError(
+        raise UsageError(
             f"expected an image path, a PIL image, a NumPy array, a uint8 tensor or a list "
             f"of them, not {type(inputs).__name__}"
         )
@@ -145,9 +185,9 @@ def as_inputs(inputs: ImageInput | Iterable[ImageInput]) -> list[Input]:
 def _as_input(value: Any, number: int) -> Input:
     kind = _kind(value)
     if kind == "path":
-        return os.fsdecode(value)
+        return as_path(value, f"input {number}")
     if kind is None:
-        raise TypeError(
+        raise UsageError(
             f"input {number}: expected an image path, a PIL image, a NumPy array or a uint8 "
             f"tensor, not {type(value).__name__}"
         )
@@ -159,9 +199,12 @@ def _as_input(value: Any, number: int) -> Input:
 
 
 def _pixels(value: Any, kind: str) -> torch.Tensor:
-    """An in-memory image as an RGB uint8 (3, H, W) tensor, per the decoding policy."""
+    """An in-memory image as an RGB uint8 (3, H, W) tensor, per the decoding policy.
+
+    Its dtype, shape and pixel count are checked before anything is copied (a broadcast
+    30000x30000 view holds a few bytes; a copy of it, gigabytes)."""
     if kind == "tensor":
-        tensor = value.detach().cpu()
+        tensor = value.detach()
         if tensor.dtype != torch.uint8 or not (
             tensor.ndim == 2 or (tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4))
         ):
@@ -169,7 +212,8 @@ def _pixels(value: Any, kind: str) -> torch.Tensor:
                 f"unsupported tensor: {str(tensor.dtype).removeprefix('torch.')} "
                 f"{tuple(tensor.shape)} (use uint8 3xHxW, 1xHxW, 4xHxW or HxW)"
             )
-        value = (tensor if tensor.ndim == 2 else tensor.permute(1, 2, 0)).numpy()
+        check_pixel_count(int(tensor.shape[-1]), int(tensor.shape[-2]))
+        value = (tensor if tensor.ndim == 2 else tensor.permute(1, 2, 0)).cpu().numpy()
         kind = "array"
     if kind == "array":
         array = np.asarray(value)
@@ -182,8 +226,7 @@ def _pixels(value: Any, kind: str) -> torch.Tensor:
                 f"unsupported array: {array.dtype} {array.shape} "
                 "(use uint8 HxW, HxWx1, HxWx3 or HxWx4)"
             )
-        if array.shape[0] == 0 or array.shape[1] == 0:
-            raise ImageError(f"image has no pixels ({array.shape[1]}x{array.shape[0]})")
+        check_pixel_count(int(array.shape[1]), int(array.shape[0]))
         value = Image.fromarray(np.ascontiguousarray(array))
     image: Image.Image = value
     check_pixel_count(*image.size)

@@ -9,21 +9,17 @@ import typer
 from convnext_cli.choices import ClassifyFormat, Scores
 from convnext_cli.cli.jobs import Job, run_job
 from convnext_cli.cli.options import InputsArg, shared_options
-from convnext_cli.limits import MAX_TOP_K, is_int
+from convnext_cli.errors import UsageError
+from convnext_cli.limits import parse_top_k
 
 
 def _top_k(text: str | int) -> int:
-    """``-k N`` (N >= 1) or ``-k all`` (every class, as 0)."""
-    if isinstance(text, int):
-        return text
-    if text.strip().lower() == "all":
-        return 0
-    if not is_int(text):
-        raise typer.BadParameter(f"{text!r}: a number from 1 to {MAX_TOP_K}, or all")
-    value = int(text)
-    if not 1 <= value <= MAX_TOP_K:
-        raise typer.BadParameter(f"{value}: a number from 1 to {MAX_TOP_K}, or all")
-    return value
+    """``-k N`` (N >= 1) or ``-k all`` (every class, as 0): limits.parse_top_k, the check
+    the Python API's ``top_k`` goes through too."""
+    try:
+        return parse_top_k(text)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--top-k: ")) from None
 
 
 TopKOpt = Annotated[

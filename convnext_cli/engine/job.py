@@ -33,7 +33,14 @@ from convnext_cli.engine.batches import Batches
 from convnext_cli.engine.task import COMMANDS, Task
 from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, DeviceFailure, OutputError, UsageError
 from convnext_cli.inputs.expand import InputRef, InputStream, input_id, iter_inputs
-from convnext_cli.limits import MAX_SHARDS, check_environment, is_int
+from convnext_cli.limits import (
+    MAX_SHARDS,
+    as_path,
+    as_paths,
+    check_environment,
+    check_job_fields,
+    is_int,
+)
 from convnext_cli.outputs.files import is_stdout
 from convnext_cli.outputs.names import path_field, say
 from convnext_cli.outputs.resume import RESUMABLE_FORMATS, KeptRecordsWriter
@@ -91,6 +98,13 @@ class Job:
     cache_dir: Path | None = None
     token: str | None = None
     labels: Path | None = None
+
+    def __post_init__(self) -> None:
+        """The fields checked as the CLI's flags are (one table: :mod:`convnext_cli.limits`):
+        a str, bytes or Path for ``inputs`` is one input; a bad type or range: UsageError."""
+        check_job_fields(self)
+        if self.shard is not None:
+            parse_shard(self.shard)
 
     @classmethod
     def from_options(cls, command: str, options: dict[str, Any]) -> Job:
@@ -207,6 +221,8 @@ def gather_inputs(
 
 def parse_shard(text: str) -> tuple[int, int]:
     """``I/N`` -> (I, N) with 0 <= I < N."""
+    if not isinstance(text, str):
+        raise UsageError(f"--shard {text!r}: use I/N as a string, e.g. '0/4'")
     parts = text.split("/")
     if len(parts) != 2 or not all(is_int(part) for part in parts):
         raise UsageError(f"--shard {text!r}: use I/N, e.g. 0/4")
@@ -782,10 +798,10 @@ class FolderProgress:
 
 def run(
     command: str,
-    inputs: str | Path | Iterable[str | Path],
+    inputs: str | bytes | os.PathLike[str] | Iterable[str | bytes | os.PathLike[str]],
     *,
-    model: str | Path = DEFAULT_MODEL,
-    output: str | Path | None = None,
+    model: str | os.PathLike[str] = DEFAULT_MODEL,
+    output: str | os.PathLike[str] | None = None,
     fmt: str | None = None,
     resume: bool = False,
     engine: str = "local",
@@ -794,20 +810,24 @@ def run(
 ) -> int:
     """Run what ``convnext classify`` / ``convnext embed`` runs; returns its exit code.
 
-    ``inputs``: a path, folder, glob or dataset (one string is one input), or several;
-    ``output``: the file (``-o``; None: stdout); ``fmt``: ``--format`` (None: from the
-    output's extension); ``resume``: ``--resume``; ``engine``: ``"local"`` or ``"ray"``.
-    Any other :class:`Job` field is a keyword: ``top_k=3``, ``device="cpu"``,
-    ``recursive=True``, ``shard="0/4"``, ``quiet=True`` ...  Errors raise the project's
-    exceptions (:mod:`convnext_cli.errors`).
+    ``inputs``: a path, folder, glob or dataset (one ``str``, ``bytes`` or ``Path`` is one
+    input), or several; ``output``: the file (``-o``; None: stdout); ``fmt``: ``--format``
+    (None: from the output's extension); ``resume``: ``--resume``; ``engine``: ``"local"``
+    or ``"ray"``.  Any other :class:`Job` field is a keyword: ``top_k=3``, ``device="cpu"``,
+    ``recursive=True``, ``shard="0/4"``, ``quiet=True`` ...  Every argument is checked as
+    the CLI's flags are; errors raise the project's exceptions (:mod:`convnext_cli.errors`).
     """
-    given = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    unknown = sorted(set(options) - {f.name for f in fields(Job)})
+    if unknown:
+        raise UsageError(f"run(): no option {', '.join(unknown)} (the options are Job's fields)")
+    if report is not None and not isinstance(report, Report):
+        raise UsageError(f"report: a {type(report).__name__} is not a Report")
     job = Job(
         command=command,
-        inputs=[str(one) for one in given],
-        model=str(model),
+        inputs=as_paths(inputs, "inputs"),
+        model=as_path(model, "model"),
         fmt=fmt,
-        output=None if output is None else Path(output),
+        output=None if output is None else Path(as_path(output, "output")),
         resume=resume,
         engine=engine,
         **options,

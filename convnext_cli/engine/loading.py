@@ -8,6 +8,7 @@ JPEGs are decoded on the GPU, compiling) comes back as notes for the caller to s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,11 @@ import torch
 
 from convnext_cli.checkpoints.checkpoint import Checkpoint, build_model, load_checkpoint
 from convnext_cli.choices import DEFAULT_MODEL
-from convnext_cli.engine.device import resolve
+from convnext_cli.engine.device import resolve, resolve_device
 from convnext_cli.engine.pipeline import Runner
-from convnext_cli.errors import CheckpointError
+from convnext_cli.errors import CheckpointError, UsageError
 from convnext_cli.imaging.gpu_jpeg import resolve_decode
+from convnext_cli.limits import as_device, as_path
 from convnext_cli.model.convnext import ConvNeXtForClassification
 from convnext_cli.model.labels import read_labels_file
 
@@ -126,13 +128,18 @@ def load_runner(
 
 
 def load_model(
-    model: str = DEFAULT_MODEL,
-    device: str | torch.device = "cpu",
+    model: str | os.PathLike[str] = DEFAULT_MODEL,
+    device: str | torch.device | None = "cpu",
     dtype: torch.dtype | None = None,
 ) -> ConvNeXtForClassification:
     """Any supported checkpoint as a ready-to-run ``nn.Module`` (``.config`` and
-    ``.preprocess`` set), for callers who run the model themselves."""
-    checkpoint = read_source(model)
+    ``.preprocess`` set), for callers who run the model themselves.  ``device``: a name or
+    a ``torch.device`` (None: auto); ``dtype``: a floating ``torch.dtype`` (None: float32)."""
+    if not isinstance(device, torch.device):
+        device = resolve_device(as_device(device))
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UsageError(f"dtype: {dtype!r} is not torch.float32, float16, bfloat16 or None")
+    checkpoint = read_source(as_path(model, "model"))
     net = build_model(checkpoint, device=device, dtype=dtype)
     net.preprocess = checkpoint.preprocess  # type: ignore[assignment]  # read by callers
     return net
