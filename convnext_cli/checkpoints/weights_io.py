@@ -153,7 +153,7 @@ def _h5_walk(path: Path, root: Any, size: int, h5py: Any) -> dict[str, torch.Ten
                 raise CheckpointError(f"{path}: {where}: links to other objects or files")
             item = group[name]
             info = h5py.h5o.get_info(item.id)
-            first = seen.setdefault((info.fileno, info.addr), where)
+            first = seen.setdefault((info.fileno, getattr(info, "addr", hash(item.id))), where)
             if first != where:
                 raise CheckpointError(
                     f"{path}: {where} is {first} again (a group linked into itself or "
@@ -164,6 +164,8 @@ def _h5_walk(path: Path, root: Any, size: int, h5py: Any) -> dict[str, torch.Ten
             if isinstance(item, h5py.Group):
                 pending.append((where + "/", item, depth + 1))
                 continue
+            if not isinstance(item, h5py.Dataset):  # a named datatype
+                raise CheckpointError(f"{path}: {where} is neither a group nor a dataset")
             tensors[where] = _h5_tensor(path, where, item, size, size - total)
             total += tensors[where].numel() * tensors[where].element_size()
     return tensors

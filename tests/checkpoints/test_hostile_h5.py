@@ -207,3 +207,10 @@ def test_a_fifo_does_not_block(tmp_path: Path, photos: list[Path]) -> None:
     os.mkfifo(folder / "tf_model.h5")
     done = run(photos[0], folder, timeout=60)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_named_datatype_is_refused(tmp_path: Path, photos: list[Path]) -> None:
+    model = tmp_path / "datatype.h5"
+    with h5py.File(model, "w") as f:
+        f["convnext/m/t"] = np.dtype("f4")  # a committed datatype: neither group nor dataset
+    refused(run(photos[0], model), model, "convnext/m/t", "neither a group nor a dataset")
