@@ -195,6 +195,11 @@ def _h5_tensor(path: Path, where: str, dataset: Any, size: int, room: int) -> to
         raise CheckpointError(
             f"{path}: {where} claims {nbytes} bytes of data, more than the file holds"
         )
+    chunk = math.prod(dataset.chunks or ()) * dataset.dtype.itemsize
+    if dataset.chunks is not None and chunk > size:  # unfiltered, each chunk is stored whole
+        raise CheckpointError(
+            f"{path}: {where} has chunks of {chunk} bytes, more than the file holds"
+        )
     if dataset.chunks is None and nbytes:
         offset = dataset.id.get_offset()
         if offset is None or offset + nbytes > size:

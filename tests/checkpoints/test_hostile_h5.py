@@ -214,3 +214,18 @@ def test_a_named_datatype_is_refused(tmp_path: Path, photos: list[Path]) -> None
     with h5py.File(model, "w") as f:
         f["convnext/m/t"] = np.dtype("f4")  # a committed datatype: neither group nor dataset
     refused(run(photos[0], model), model, "convnext/m/t", "neither a group nor a dataset")
+
+
+def test_a_chunk_larger_than_the_file_is_refused(tmp_path: Path, photos: list[Path]) -> None:
+    """Unfiltered, each chunk is stored whole: a 1 GiB chunk of a 5 KB dataset in a 10 KB
+    file is not one libhdf5 should be asked to read."""
+    model = tmp_path / "chunk.h5"
+    with h5py.File(model, "w") as f:
+        group = f.require_group(KERNEL.rsplit("/", 1)[0])
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((1024**3 // 4,))
+        space = h5py.h5s.create_simple((1280,), (h5py.h5s.UNLIMITED,))
+        name = KERNEL.rsplit("/", 1)[1].encode()
+        dataset = h5py.h5d.create(group.id, name, h5py.h5t.IEEE_F32LE, space, dcpl=dcpl)
+        dataset.write_direct_chunk((0,), np.ones(1280, "f4").tobytes(), filter_mask=0)
+    refused(run(photos[0], model), model, KERNEL, "chunks of 1073741824 bytes")
