@@ -167,7 +167,8 @@ def test_stdin_glob_and_recursive(v1_checkpoint: Path, photos: list[Path], tmp_p
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["classify", "nothing-here/*.jpg"], "no input images found"),
+        (["classify", "nothing-here/*.jpg"], "nothing-here/*.jpg: matches no file"),
+        (["classify", "nothing_here/"], "nothing_here/: no such file or folder"),
         (["classify", "{photo}", "-m", "{tmp}/not-a-model"], "no such file or folder"),
         (["classify", "{photo}", "--device", "cuda:7"], ""),
         (["embed", "{photo}", "--format", "npy"], "-o FILE"),
