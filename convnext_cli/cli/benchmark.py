@@ -58,7 +58,7 @@ ChannelsLastOpt = Annotated[
     typer.Option(
         "--channels-last/--no-channels-last",
         metavar="",
-        help="NHWC memory layout (what classify and embed use).",
+        help="NHWC memory layout, as classify and embed run; --no-channels-last: NCHW.",
     ),
 ]
 CompileFirstOpt = Annotated[
@@ -70,9 +70,8 @@ CompileModeOpt = Annotated[
     typer.Option(
         "--compile-mode",
         metavar="MODE",
-        # each mode a word the help column can hold (the longest is max-autotune + a suffix)
         help="torch.compile mode, implies --compile: default, reduce-overhead (CUDA graphs, "
-        "CUDA only), max-autotune, or max-autotune with -no-cudagraphs added.",
+        "CUDA only), max-autotune or max-autotune-no-cudagraphs.",
         show_default=False,
     ),
 ]
