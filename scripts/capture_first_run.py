@@ -7,9 +7,9 @@
 the summary on the same terminal); the README's first command, ``convnext classify
 sample_images/``, with a stand-in for facebook/convnext-tiny-224 (no Hub here: a tiny
 random model with ImageNet-1k's class names, so the labels and scores mean nothing), at 80
-and 120 columns; ``embed --stage`` on a terminal; a run over a mistyped folder.  The HTML report captures (``html-report-1280.png``,
-``html-report-400.png``) come from ``CONVNEXT_CAPTURE_SCREENS=1 pytest
-tests/outputs/test_html_layout.py``.
+and 120 columns; ``embed --stage`` on a terminal; a run over a mistyped folder.  The HTML
+report captures (``html-report-1280.png``, ``html-report-400.png``) come from
+``CONVNEXT_CAPTURE_SCREENS=1 pytest tests/outputs/test_html_layout.py``.
 """
 
 from __future__ import annotations

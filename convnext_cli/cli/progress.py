@@ -270,9 +270,8 @@ class RunProgress:
         succeeded = self.done - self.failed
         noun = "image" if self.done == 1 else "images"
         count = f"{succeeded} of {self.done}" if self.failed else f"{self.done}"
-        how = " ".join(
-            part for part in (f"with {model}" if model else "", f"on {where}" if where else "")
-        )
+        parts = (f"with {model}" if model else "", f"on {where}" if where else "")
+        how = " ".join(part for part in parts if part)
         written = f", written to {output}" if output else ""
         lines = [f"{verb} {count} {noun} in {wall:.1f} s{' ' if how else ''}{how}{written}"]
         if self.failed:

@@ -398,6 +398,8 @@ def check_job(job: Job) -> str:
         raise OutputError(STDOUT_CLOSED_MESSAGE)
     fmt = choose_format(job.command, job.fmt, job.output, sys.stdout.isatty())
     check_features_request(job, fmt)
+    if job.shard is not None:
+        parse_shard(job.shard)  # a bad flag is said before a missing input
     if job.resume and (is_stdout(job.output) or fmt not in RESUMABLE_FORMATS):
         raise UsageError(f"--resume needs -o FILE in {', '.join(RESUMABLE_FORMATS)}")
     return fmt
