@@ -313,3 +313,32 @@ def test_benchmark_marks_one_partial_batch(
     assert "single timed batch" in report["header"]["noise_rule"]
     said = " ".join(done.stderr.split())
     assert f"one partial batch of {len(photos)}" in said and "fewer than batch 8" in said
+
+
+def test_wrapping_counts_cells_and_cuts_only_words_wider_than_a_line() -> None:
+    from convnext_cli.outputs.names import wrap_words
+
+    line = "error: 写真の名前が長いファイル.jpg: cannot decode image: the file ends too early"
+    for width in (32, 44, 60):  # the longest word is 29 cells: it fits after the indent
+        wrapped = wrap_words(line, width)
+        assert all(cell_len(part) <= width for part in wrapped), wrapped
+        assert " ".join(wrapped).split() == line.split()  # no word cut, none lost
+        assert all(part.startswith("  ") for part in wrapped[1:])
+    path = "/a/" + "x" * 70 + ".jpg"
+    wrapped = wrap_words(f"error: {path}: no such file", 40)
+    assert all(cell_len(part) <= 40 for part in wrapped)
+    assert "".join(part.strip() for part in wrapped).replace("error:", "", 1).startswith(path)
+
+
+def test_the_summary_names_every_kind_or_counts_two_or_more() -> None:
+    from collections import Counter
+
+    from convnext_cli.cli.progress import failure_kinds
+
+    four = Counter({"empty file": 3, "no such file": 2, "cannot decode image": 1, "x": 1})
+    assert failure_kinds(four, 7) == "3 empty file, 2 no such file, 1 cannot decode image, 1 x"
+    five = Counter({f"kind {n}": 6 - n for n in range(5)})
+    assert failure_kinds(five, 20).count(",") == 4 and "more" not in failure_kinds(five, 20)
+    seven = Counter({f"kind {n}": 8 - n for n in range(7)})
+    said = failure_kinds(seven, sum(seven.values()))
+    assert said.endswith(", 9 more of 3 other kinds") and "..." not in said, said
