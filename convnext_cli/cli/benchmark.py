@@ -58,7 +58,7 @@ ChannelsLastOpt = Annotated[
     typer.Option(
         "--channels-last/--no-channels-last",
         metavar="",
-        help="NHWC memory layout (what classify and embed use).",
+        help="NHWC memory layout, as classify and embed run; --no-channels-last: NCHW.",
     ),
 ]
 CompileFirstOpt = Annotated[
@@ -70,9 +70,8 @@ CompileModeOpt = Annotated[
     typer.Option(
         "--compile-mode",
         metavar="MODE",
-        # each mode a word the help column can hold (the longest is max-autotune + a suffix)
         help="torch.compile mode, implies --compile: default, reduce-overhead (CUDA graphs, "
-        "CUDA only), max-autotune, or max-autotune with -no-cudagraphs added.",
+        "CUDA only), max-autotune or max-autotune-no-cudagraphs.",
         show_default=False,
     ),
 ]
@@ -210,10 +209,16 @@ def measure(
 ) -> Report:
     """The sweep, its progress and its notes on stderr (noise, speed hints)."""
     from convnext_cli.engine.benchmark import runners_for, sweep
-    from convnext_cli.outputs.benchmark_report import noise_note, speed_notes
+    from convnext_cli.outputs.benchmark_report import (
+        mark_single_batches,
+        noise_note,
+        speed_notes,
+    )
 
     runners = runners_for(source, run, dtypes, on_note=lambda text: note(f"note: {text}"))
     report = sweep(runners, options, model_name=source.model, on_step=note)
+    for said in mark_single_batches(report):  # before the table and the JSON are made
+        note(said)
     noise = noise_note(report)
     if noise:
         note(noise)

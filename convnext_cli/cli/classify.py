@@ -27,9 +27,9 @@ TopKOpt = Annotated[
     typer.Option(
         "--top-k",
         "-k",
-        metavar="N|all",
+        metavar="N",
         parser=_top_k,
-        help="Labels per image; all: every class (the full distribution).",
+        help="Labels per image, or all.",
     ),
 ]
 ScoresOpt = Annotated[
@@ -37,8 +37,7 @@ ScoresOpt = Annotated[
     typer.Option(
         "--scores",
         case_sensitive=False,
-        help="probs: softmax; logits: the classifier's raw outputs; log-probs: log-softmax. "
-        "Records other than probs say which (a scores field, a logit/log_prob CSV column).",
+        help="probs (softmax), logits or log-probs; records say which.",
     ),
 ]
 ClassifyFormatOpt = Annotated[
@@ -46,7 +45,7 @@ ClassifyFormatOpt = Annotated[
     typer.Option(
         "--format",
         case_sensitive=False,
-        help="auto: the -o extension, else a table on a terminal and JSON lines otherwise. "
+        help="auto: the -o extension, else a table on a terminal, JSON lines when piped. "
         "parquet and html need -o.",
     ),
 ]
@@ -62,17 +61,15 @@ def classify(
 ) -> None:
     """Classify images: top-k labels with softmax scores, one record per input, in order.
 
-    Exit code 0 when every input succeeded, 1 when any failed (the others are still
-    reported), 2 for usage errors; see the README for the rest.
+    Exit code 0: every input succeeded; 1: some failed (each has an error record); 2: usage
+    error, or no input found.
 
     Examples:
       $ convnext classify photos/ -k 3
       $ convnext classify photos/ -r -o labels.jsonl
       $ convnext classify cat.jpg -m facebook/convnextv2-tiny-22k-384
-      $ convnext classify photos/ --format json > labels.json
       $ find . -name '*.png' -print0 | convnext classify - -0 -o labels.csv
       $ convnext classify shards/*.tar -o labels.parquet --resume
-      $ convnext classify cat.jpg -k all --scores logits -o logits.jsonl
     """
     options = {
         **shared,

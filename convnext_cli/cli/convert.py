@@ -49,7 +49,9 @@ ToOpt = Annotated[
     typer.Option(
         "--to",
         case_sensitive=False,
-        help="auto: onnx when OUTPUT_DIR ends in .onnx, else hub (a transformers folder). "
+        metavar="FORMAT",
+        help="auto, hub or onnx. auto: onnx when OUTPUT_DIR ends in .onnx, else hub (a "
+        "transformers folder). "
         "onnx: float32, dynamic batch, preprocessing and labels in its metadata; for "
         "deployment (ONNX Runtime, OpenVINO), not speed.",
     ),

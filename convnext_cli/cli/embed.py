@@ -8,15 +8,15 @@ import typer
 
 from convnext_cli.choices import EmbedFormat
 from convnext_cli.cli.jobs import Job, run_job
-from convnext_cli.cli.options import InputsArg, shared_options
+from convnext_cli.cli.options import InputsArg, embed_options
 
 EmbedFormatOpt = Annotated[
     EmbedFormat,
     typer.Option(
         "--format",
         case_sensitive=False,
-        help="auto: the -o extension, else jsonl. npy (+ FILE.paths.txt), safetensors (paths "
-        "in its metadata) and parquet need -o.",
+        help="auto: the -o extension, else a table on a terminal, JSON lines when piped. "
+        "npy (-o NAME.npy also writes NAME.paths.txt), safetensors and parquet need -o.",
     ),
 ]
 StageOpt = Annotated[
@@ -32,7 +32,7 @@ PoolOpt = Annotated[
     str,
     typer.Option(
         "--pool",
-        metavar="avg|none",
+        metavar="POOL",
         help="With --stage/--backbone: avg (global average, (C,)) or none (the whole "
         "(C, H, W) map; npy, safetensors and parquet only).",
     ),
@@ -52,7 +52,7 @@ NormalizeOpt = Annotated[
 ]
 
 
-@shared_options
+@embed_options
 def embed(
     inputs: InputsArg,
     fmt: EmbedFormatOpt = "auto",

@@ -38,6 +38,8 @@ def env(
     missing = [k for k, v in report.packages.items() if v is None]
     if missing:
         console.print(f"not installed: {', '.join(missing)}", markup=False)
+    for problem in report.problems:
+        console.print(f"broken: {problem}", markup=False, style="bold red")
     gpus = sum(d.name.startswith("cuda") for d in report.devices)
     console.print(
         f"torch built with CUDA {report.cuda or 'none'}, cuDNN {report.cudnn or 'none'}; "

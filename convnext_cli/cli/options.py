@@ -50,8 +50,8 @@ def _complete_device(incomplete: str) -> list[str]:
 
 MODEL_PANEL = "Model and device"
 INPUT_PANEL = "Inputs"
-OUTPUT_PANEL = "Output and progress"
-RESUME_PANEL = "Resuming"
+OUTPUT_PANEL = "Output, progress and resuming"
+RESUME_PANEL = OUTPUT_PANEL  # one box: --help stays short
 RAY_PANEL = "Ray engine"
 
 # ------------------------------------------------------------------------------- aliases
@@ -79,89 +79,48 @@ InputsArg = Annotated[
     list[str],
     typer.Argument(
         metavar="INPUTS",
-        help="Image files, folders, globs, .tar shards, .parquet files, or '-' to read paths "
-        "from stdin (one a line; NUL-separated with -0).",
+        help="Image files, folders, globs, .tar shards, .parquet files; '-': paths on stdin.",
         show_default=False,
     ),
 ]
 
-# what --help says of each option (by its long name), read together
+# what --help says of each option (by its long name), read together; short, so that
+# `classify -h` fits a screen or two at 80 columns (docs/reference.md says the rest)
 HELP = {
-    "--model": (
-        "Hub id (optionally id@revision), Hub-layout folder, or a single weights file "
-        "(transformers, facebookresearch, timm or torchvision layout)."
-    ),
-    "--revision": "Hub revision (branch, tag or commit) of MODEL; the same as MODEL@REV.",
-    "--cache-dir": (
-        "Where Hub downloads are cached (default: huggingface_hub's cache, under HF_HOME)."
-    ),
-    "--token": (
-        "Hub access token for private or gated models (default: HF_TOKEN, or the token "
-        "saved by `hf auth login`)."
-    ),
-    "--labels": (
-        "Class names replacing the checkpoint's id2label: a text file with one label per "
-        "line, or a JSON list or {index: label} object."
-    ),
+    "--model": "Hub id (ID@REV too), Hub-layout folder or weights file (any layout).",
+    "--revision": "Hub revision (branch, tag or commit); the same as ID@REV.",
+    "--cache-dir": "Hub download cache (default: huggingface_hub's, under HF_HOME).",
+    "--token": "Hub token for gated or private models (default: HF_TOKEN, or hf auth login's).",
+    "--labels": "Class names instead of the checkpoint's: one a line, a JSON list or object.",
     "--device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
     "--dtype": (
-        "auto is float32, except bfloat16 on CPUs with AMX units (said on stderr); float16"
-        " and bfloat16 are opt-in speed modes."
+        "auto: float32 on the CPU (bfloat16 with AMX), bfloat16 or float16 on CUDA, said "
+        "on stderr; float32 is exact everywhere."
     ),
-    "--batch-size": (
-        "Images per batch. Default: 8 on the CPU (activations stay in cache); on a "
-        "GPU 256 at 224 px with 16 GiB or more (64 below), fewer for larger inputs, "
-        "halved on out-of-memory."
-    ),
-    "--workers": (
-        "Decoding worker processes (0: decode in the main process). Default: none for a "
-        "single batch; on a GPU every usable core but what the main process keeps, on "
-        "the CPU one per four cores."
-    ),
-    "--compile": "Run the model through torch.compile (slow first batch; pays off on long runs).",
+    "--batch-size": "Images per batch (default: 8 on the CPU; on a GPU by its memory).",
+    "--workers": "Decoding processes; 0: decode in this one (default: by device and cores).",
+    "--compile": "torch.compile the model (slow first batch; pays off on long runs).",
     "--decode": (
-        "Where JPEGs are decoded: auto (= cpu: the same pixels on every device), cpu "
-        "(Pillow, bit-exact with transformers) or gpu (nvjpeg through torchvision, "
-        "faster)."
+        "Where JPEGs are decoded: cpu (Pillow, bit-exact with transformers; what auto "
+        "is) or gpu (nvjpeg, faster)."
     ),
     "--recursive": "Descend into sub-folders of folder inputs.",
     "--null": "Paths on stdin ('-') are NUL-separated (find -print0).",
-    "--shard": (
-        "Take only shard I of N (0 <= I < N): every N-th input by listing order, starting "
-        "at the I-th; N runs with I = 0..N-1 cover every input exactly once."
-    ),
-    "--image-column": (
-        "Parquet inputs: the column of encoded image bytes (default: the first of "
-        "image, jpg, png, img, bytes, image_bytes)."
-    ),
-    "--id-column": (
-        "Parquet inputs: the column whose value is the record's path (default: id, "
-        "key, __key__, path or file_name if present, else FILE#ROW)."
-    ),
+    "--shard": "Every N-th input from the I-th (0 <= I < N), by listing order.",
+    "--image-column": "Parquet inputs: the image bytes column (default: image, jpg, png ...).",
+    "--id-column": "Parquet inputs: the column records name (default: id, key, path ...).",
     "--output": (
-        "Write results to FILE instead of stdout ('-': stdout); its extension (.jsonl, "
-        ".json, .csv, .parquet, .html, .npy, .safetensors) picks the format unless "
-        "--format says. Written beside FILE and moved into place; never over an input or "
-        "a checkpoint."
+        "Write to FILE, not stdout; its extension picks the format. Moved into place "
+        "when done; never over an input or a checkpoint."
     ),
-    "--quiet": (
-        "No notes, no progress bar, no closing summary on stderr; warnings and errors still print."
-    ),
-    "--no-progress": "No progress bar (it shows only when stderr is a terminal anyway).",
-    "--resume": (
-        "Continue an interrupted run into the same -o FILE (jsonl, csv, parquet): inputs "
-        "already recorded there are skipped, new records are added."
-    ),
-    "--retry-errors": "With --resume: do inputs that got an error again.",
-    "--force-resume": (
-        "With --resume: add to FILE even if another model, top-k or preprocessing wrote it."
-    ),
-    "--engine": (
-        "local (this process and its decode workers) or ray (Ray Data: a local Ray, or a "
-        "cluster with --ray-address / RAY_ADDRESS; needs the ray extra)."
-    ),
-    "--ray-address": "--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).",
-    "--replicas": "--engine ray: model replicas (default: one per GPU; CPU actors without GPUs).",
+    "--quiet": "No notes, progress bar or summary; warnings and errors still print.",
+    "--no-progress": "No progress bar (shown only when stderr is a terminal).",
+    "--resume": "Continue an interrupted run into the same -o FILE (jsonl, csv, parquet).",
+    "--retry-errors": "With --resume: do the inputs that failed again.",
+    "--force-resume": "With --resume: add to FILE even if another model or setting wrote it.",
+    "--engine": "local, or ray (Ray Data: the ray extra).",
+    "--ray-address": "--engine ray: the cluster (default: RAY_ADDRESS, else a local Ray).",
+    "--replicas": "--engine ray: model replicas (default: one per GPU).",
     "--verbose": "--engine ray: show Ray's own logs and progress.",
 }
 
@@ -325,6 +284,11 @@ def shared_options(command: F) -> F:
     every choice (its own too) arrives as a plain string.
     """
     return with_parameters(command, SHARED)
+
+
+def embed_options(command: F) -> F:
+    """:func:`shared_options` less ``--labels`` (class names: an embedding has none)."""
+    return with_parameters(command, [p for p in SHARED if p.name != "labels"])
 
 
 def model_options(command: F) -> F:

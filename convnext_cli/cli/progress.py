@@ -11,18 +11,22 @@
   object whose ``.total`` is None until it is; it is looked at after every batch, and until
   it is known the bar shows the count and the rate but no ETA.  The rate is rich's
   estimate over the last 30 s; the ETA divides what is left by it.
-- **The summary**, on stderr when the run ends (any stderr, not under ``-q``): what was
-  done, the whole wall time of the process, where, and the file ``-o`` wrote::
+- **The summary**, on stderr when the run ends (any stderr, not under ``-q``): how many
+  inputs succeeded out of how many, the whole wall time of the process, the model, where
+  it ran and the file ``-o`` wrote; then the failures by kind (every kind, up to five)::
 
-      classified 200 images (3 failed: 2 no such file, 1 cannot decode image) in 14.1 s
-      on cpu float32, written to labels.jsonl
-        1.8 s start-up and model load, 12.3 s for the images (16.2 img/s)
+      classified 197 of 200 images in 14.1 s with facebook/convnext-tiny-224 on cpu
+      float32, written to labels.jsonl
+        3 failed: 2 no such file, 1 cannot decode image
+        1.8 s start-up and model load, 12.3 s for the images (16.0 img/s)
         Speed: 4.1 ms decode, 40.2 ms model per image
 
-  (the first two are one line).  ``Speed`` comes from the runner's own clocks
-  (:class:`~convnext_cli.engine.pipeline.RunTimes`, handed over by :class:`Batches`); decode time
-  is what the decoding processes spent, summed over them.  Under ``-q`` a run with failures
-  still ends with ``3 of 200 inputs failed``.
+  (the first two are one line, wrapped at spaces on a terminal as every line said on stderr
+  is: :func:`~convnext_cli.outputs.names.say`).  ``Speed`` comes from the runner's own
+  clocks (:class:`~convnext_cli.engine.pipeline.RunTimes`, handed over by :class:`Batches`);
+  decode time is what the decoding processes spent, summed over them; no rate and no
+  ``Speed`` when no image succeeded.  Under ``-q`` a run with failures still ends with ``3 of
+  200 inputs failed``.
 - **Ctrl-C** mid-run (:func:`interrupted_note`): how many records were kept, where, and
   that ``--resume`` continues.
 """
@@ -258,36 +262,49 @@ class RunProgress:
         times: Any = None,
         output: str | None = None,
         wall: float | None = None,
+        model: str | None = None,
     ) -> str:
         """The closing lines (see the module docstring)."""
         seconds = self.seconds()
         wall = max(seconds, process_seconds() if wall is None else wall)
+        succeeded = self.done - self.failed
         noun = "image" if self.done == 1 else "images"
-        failed = ""
-        if self.failed:
-            kinds = self.kinds.most_common()
-            if len(kinds) == 1 and kinds[0][1] == self.failed:
-                failed = f" ({self.failed} failed: {kinds[0][0]})"
-            elif kinds:
-                shown = ", ".join(f"{n} {kind}" for kind, n in kinds[:3])
-                failed = f" ({self.failed} failed: {shown}{', ...' if len(kinds) > 3 else ''})"
-            else:
-                failed = f" ({self.failed} failed)"
-        on = f" on {where}" if where else ""
+        count = f"{succeeded} of {self.done}" if self.failed else f"{self.done}"
+        parts = (f"with {model}" if model else "", f"on {where}" if where else "")
+        how = " ".join(part for part in parts if part)
         written = f", written to {output}" if output else ""
-        rate = rate_text(self.done / seconds if seconds > 0 and self.done else None)
-        lines = [
-            f"{verb} {self.done} {noun}{failed} in {wall:.1f} s{on}{written}",
-            f"  {wall - seconds:.1f} s start-up and model load, {seconds:.1f} s for the "
-            f"images ({rate})",
-        ]
-        count = getattr(times, "images", 0)
-        if count:
+        lines = [f"{verb} {count} {noun} in {wall:.1f} s{' ' if how else ''}{how}{written}"]
+        if self.failed:
+            lines.append(f"  {self.failed} failed: {failure_kinds(self.kinds, self.failed)}")
+        rate = rate_text(succeeded / seconds if seconds > 0 and succeeded else None)
+        images = f"{seconds:.1f} s for the images" + (f" ({rate})" if succeeded else "")
+        lines.append(f"  {wall - seconds:.1f} s start-up and model load, {images}")
+        decoded = getattr(times, "images", 0)
+        if decoded and succeeded:  # no speed for images that were never decoded
             lines.append(
-                f"  Speed: {1000 * times.decode / count:.1f} ms decode, "
-                f"{1000 * times.model / count:.1f} ms model per image"
+                f"  Speed: {1000 * times.decode / decoded:.1f} ms decode, "
+                f"{1000 * times.model / decoded:.1f} ms model per image"
             )
         return "\n".join(lines)
+
+
+SHOWN_KINDS = 5  # failure kinds named in the summary; more: the first four and a count
+
+
+def failure_kinds(kinds: Counter[str], failed: int) -> str:
+    """``2 no such file, 1 cannot decode image``: every kind when there are up to
+    :data:`SHOWN_KINDS`, else the four commonest and ``3 more of 2 other kinds``."""
+    common = kinds.most_common()
+    if not common:
+        return "no reason recorded"
+    if len(common) == 1 and common[0][1] == failed:
+        return common[0][0]
+    shown = common if len(common) <= SHOWN_KINDS else common[: SHOWN_KINDS - 1]
+    text = ", ".join(f"{n} {kind}" for kind, n in shown)
+    rest = common[len(shown) :]
+    if rest:
+        text += f", {sum(n for _kind, n in rest)} more of {len(rest)} other kinds"
+    return text
 
 
 def track(
@@ -296,9 +313,10 @@ def track(
     total: TotalLike,
     to_terminal: bool = False,
     output: str | None = None,
+    model: str | None = None,
 ) -> int:
     """Write every batch as it finishes (``writer.write``), with the bar, then the summary
-    (``output``: the file it names as written).
+    (``output``: the file it names as written, ``model``: the checkpoint it names).
 
     Returns the number of failed inputs.  A writer whose format leaves failures out
     (``names_errors_on_stderr``) gets each one named on stderr, quiet or not.
@@ -322,7 +340,7 @@ def track(
                         say(f"error: {result.path}: {result.error}")
             progress.advance(len(results), failed)
     if not SETTINGS.quiet:
-        for line in progress.summary(verb, where, times, output).splitlines():
+        for line in progress.summary(verb, where, times, output, model=model).splitlines():
             say(line)
     elif progress.failed:
         say(f"{progress.failed} of {progress.done} inputs failed")

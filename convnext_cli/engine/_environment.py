@@ -48,6 +48,7 @@ class Environment:
     devices: list[DeviceInfo] = field(default_factory=list)
     cpu_threads: int = 1
     hub: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # installed but broken (torchvision)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -120,6 +121,29 @@ def cudnn_version(number: int) -> str:
     return f"{major}.{minor}.{patch}"
 
 
+def torchvision_problem() -> str | None:
+    """Why the installed torchvision does not work, or None (also when it is not installed).
+
+    A torchvision built for another torch imports, then fails on its first operator
+    (``operator torchvision::nms does not exist``); one tiny ``nms`` call finds that out,
+    as ``--decode gpu`` (nvjpeg through torchvision) would meet it mid-run."""
+    if _version("torchvision") is None:
+        return None
+    try:
+        import torchvision
+
+        boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+        torchvision.ops.nms(boxes, torch.tensor([1.0]), 0.5)
+    except Exception as exc:  # an import error, a missing operator, a symbol clash
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        return (
+            f"torchvision {_version('torchvision')} does not work with torch "
+            f"{torch.__version__}: {message[:200]} (install the torchvision built for this "
+            "torch)"
+        )
+    return None
+
+
 def collect() -> Environment:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return Environment(
@@ -133,4 +157,5 @@ def collect() -> Environment:
         devices=_devices(),
         cpu_threads=torch.get_num_threads(),
         hub=_hub_settings(),
+        problems=[problem for problem in (torchvision_problem(),) if problem],
     )

@@ -31,7 +31,14 @@ from convnext_cli.choices import DEFAULT_MODEL, ENGINES
 from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.engine.batches import Batches
 from convnext_cli.engine.task import COMMANDS, Task
-from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, DeviceFailure, OutputError, UsageError
+from convnext_cli.errors import (
+    EXIT_INPUT_FAILED,
+    EXIT_OK,
+    DeviceFailure,
+    NoInputsError,
+    OutputError,
+    UsageError,
+)
 from convnext_cli.inputs.expand import InputRef, InputStream, input_id, iter_inputs
 from convnext_cli.limits import (
     MAX_SHARDS,
@@ -42,7 +49,7 @@ from convnext_cli.limits import (
     is_int,
 )
 from convnext_cli.outputs.files import is_stdout
-from convnext_cli.outputs.names import path_field, say
+from convnext_cli.outputs.names import path_field, say, visible
 from convnext_cli.outputs.resume import RESUMABLE_FORMATS, KeptRecordsWriter
 from convnext_cli.outputs.writers import choose_format, open_writer, output_targets
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
@@ -207,6 +214,7 @@ def gather_inputs(
     """
     if not inputs:
         raise UsageError("no inputs given (files, folders, globs, or '-' for stdin)")
+    refuse_all_missing(inputs)
     listing = iter_inputs(
         inputs,
         recursive=recursive,
@@ -217,6 +225,36 @@ def gather_inputs(
     )
     first = next(listing)  # NoInputsError when there is none
     return itertools.chain([first], listing)
+
+
+def _named_exists(given: str) -> bool:
+    """Whether an input named on the command line names anything: ``-``, a path that exists,
+    a glob that matches (its first match is enough), a brace pattern (left to the listing)."""
+    path = os.path.expanduser(given)
+    if given == "-" or "{" in given or os.path.lexists(path):
+        return True
+    if any(ch in given for ch in "*?["):
+        import glob
+
+        return next(glob.iglob(path, recursive=True), None) is not None
+    return False
+
+
+def refuse_all_missing(inputs: list[str]) -> None:
+    """When no input named exists (a mistyped folder, a glob that matches nothing),
+    NoInputsError (exit 2) at once, before the model loads.  A missing file named beside
+    inputs that exist gets its own error record, as before (exit 1)."""
+    if any(_named_exists(given) for given in inputs):
+        return
+    shown = ", ".join(visible(given) for given in inputs[:3])
+    more = f" and {len(inputs) - 3} more" if len(inputs) > 3 else ""
+    if len(inputs) > 1:
+        subject = "none of these exists"
+    elif any(ch in inputs[0] for ch in "*?["):
+        subject = "matches no file"
+    else:
+        subject = "no such file or folder"
+    raise NoInputsError(f"{shown}{more}: {subject}")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -354,8 +392,10 @@ def check_features_request(job: Job, fmt: str) -> None:
     if job.engine != "local":
         raise UsageError("--stage/--backbone run on the local engine only")
     if job.pool == "none" and fmt not in ("npy", "safetensors", "parquet"):
+        shown = "the terminal's table" if fmt == "table" else fmt
         raise UsageError(
-            f"--pool none gives (C, H, W) maps: use npy, safetensors or parquet, not {fmt}"
+            f"--pool none gives (C, H, W) maps, which {shown} cannot hold: "
+            "write them with -o FILE.npy, FILE.safetensors or FILE.parquet"
         )
     if job.pool == "none" and job.normalize:
         raise UsageError("--normalize applies to pooled features, not to --pool none maps")
@@ -374,6 +414,8 @@ def check_job(job: Job) -> str:
         raise OutputError(STDOUT_CLOSED_MESSAGE)
     fmt = choose_format(job.command, job.fmt, job.output, sys.stdout.isatty())
     check_features_request(job, fmt)
+    if job.shard is not None:
+        parse_shard(job.shard)  # a bad flag is said before a missing input
     if job.resume and (is_stdout(job.output) or fmt not in RESUMABLE_FORMATS):
         raise UsageError(f"--resume needs -o FILE in {', '.join(RESUMABLE_FORMATS)}")
     return fmt

@@ -151,9 +151,49 @@ def table_footer(report: Report) -> Text:
     return text
 
 
+def timed_batches(row: Row, header: dict[str, object]) -> int | None:
+    """How many batches a row timed: end to end, its images in batches (a last partial one
+    included); model only, ``--iters`` (None when the header does not say)."""
+    if row.mode == "end-to-end":
+        return -(-row.images // row.batch_size) if row.images else 0
+    iters = header.get("iters")
+    return iters if isinstance(iters, int) else None
+
+
+ONE_BATCH_RULE = "or a single timed batch (no spread to judge by)"
+
+
+def mark_single_batches(report: Report) -> list[str]:
+    """Rows that timed a single batch marked noisy (one latency says nothing about the
+    spread; the report's noise rule says so too), and the notes for them: an end-to-end row
+    whose batch size is over the number of ``--images`` is one partial batch."""
+    single = [r for r in report.rows if timed_batches(r, report.header) in (0, 1)]
+    if not single:
+        return []
+    for row in single:
+        row.noisy = True
+    rule = str(report.header.get("noise_rule", ""))
+    if ONE_BATCH_RULE not in rule:
+        report.header["noise_rule"] = f"{rule}, {ONE_BATCH_RULE}".lstrip(", ")
+    partial = sorted({r.batch_size for r in single if r.mode == "end-to-end" and r.images})
+    notes = []
+    if partial:
+        images = next(r.images for r in single if r.mode == "end-to-end" and r.images)
+        sizes = ", ".join(map(str, partial))
+        notes.append(
+            f"note: --images has {images} images, fewer than batch {sizes}: each of those "
+            f"end-to-end rows is one partial batch of {images} (start-up and one model call, "
+            "not a steady rate); marked noisy"
+        )
+    if any(r.mode != "end-to-end" for r in single):
+        notes.append("note: --iters 1 times one batch a row: those rows are marked noisy")
+    return notes
+
+
 def noise_note(report: Report) -> str | None:
-    """The one stderr line for a report with noisy rows (None when there are none)."""
-    noisy = report.noisy_rows
+    """The one stderr line for a report with noisy rows (None when there are none); rows
+    noisy for timing a single batch have their own note (:func:`mark_single_batches`)."""
+    noisy = [r for r in report.noisy_rows if (timed_batches(r, report.header) or 2) > 1]
     if not noisy:
         return None
     worst = max(noisy, key=lambda r: r.spread)

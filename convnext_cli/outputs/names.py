@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import unicodedata
@@ -91,11 +92,77 @@ def visible(text: str) -> str:
     return "".join(escape_char(ch) or ch for ch in text)
 
 
+def stderr_columns() -> int | None:
+    """The width of the terminal stderr is, or None when stderr is not a terminal (a file or
+    a pipe gets each line whole, for grep and logs)."""
+    try:
+        if sys.stderr is None or not sys.stderr.isatty():
+            return None
+        return os.get_terminal_size(sys.stderr.fileno()).columns or None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _fold(word: str, first: int, width: int) -> list[str]:
+    """A word wider than a whole line (a long path): ``first`` cells of it, then pieces of
+    ``width`` cells."""
+    from rich.cells import cell_len
+
+    pieces, piece, room = [], "", first
+    for ch in word:
+        if cell_len(piece + ch) > room:
+            pieces.append(piece)
+            piece, room = "", width
+        piece += ch
+    return [*pieces, piece]
+
+
+def wrap_words(line: str, width: int) -> list[str]:
+    """``line`` wrapped at spaces into lines of at most ``width`` cells (wide characters
+    count two), never inside a word (``--resume``, ``float32`` and ``cannot`` stay whole);
+    the lines after the first are indented two spaces more than ``line`` itself.  Only a
+    word wider than a whole line is cut, where the terminal would have cut it anyway."""
+    from rich.cells import cell_len
+
+    if cell_len(line) <= width:
+        return [line]
+    indent = line[: len(line) - len(line.lstrip(" "))]
+    hanging = indent + "  "
+    room = width - cell_len(hanging)
+    if room < 12:  # too narrow to wrap usefully: the terminal's way
+        return [line]
+    lines: list[str] = []
+    current = indent
+    for word in line.split():
+        used = cell_len(current)
+        gap = " " if current.strip() else ""
+        if used + len(gap) + cell_len(word) <= width:
+            current += gap + word
+        elif cell_len(word) <= room:
+            lines.append(current)
+            current = hanging + word
+        else:  # no line holds it whole: cut, from where this line stands
+            pieces = _fold(word, width - used - len(gap), room)
+            current += gap + pieces[0]
+            for piece in pieces[1:]:
+                lines.append(current)
+                current = hanging + piece
+    lines.append(current)
+    return [one for one in lines if one.strip()]
+
+
 def say(message: str) -> None:
-    """One line on stderr, control characters in it made visible; a closed or broken stderr
-    is not an error (the CLI's and the job engine's one way of saying a line)."""
+    """A line on stderr, control characters in it made visible; a closed or broken stderr
+    is not an error (the CLI's and the job engine's one way of saying a line).
+
+    On a terminal the line is wrapped at spaces to the terminal's width (:func:`wrap_words`):
+    a terminal would break it inside a word.  A file or a pipe gets it whole."""
+    text = visible(message)
     with contextlib.suppress(OSError, ValueError):
-        print(visible(message), file=sys.stderr, flush=True)
+        width = stderr_columns()
+        if width is not None:
+            text = "\n".join(wrap_words(text, width))
+        print(text, file=sys.stderr, flush=True)
 
 
 def utf8_text(text: str) -> str:

@@ -92,7 +92,8 @@ def test_broken_inputs_reported_in_order_exit_1(v1_checkpoint: Path, broken_fold
     assert "truncated" in by_name["c_truncated.jpg"]["error"]
     assert by_name["d_text.png"]["error"] == "not a recognised image format"
     assert by_name["e_bomb.png"]["error"].startswith("refused")
-    assert "Traceback" not in result.stderr and "classified 6 images (4 failed: " in result.stderr
+    assert "Traceback" not in result.stderr and "classified 2 of 6 images in " in result.stderr
+    assert "  4 failed: 1 empty file, " in result.stderr and "..." not in result.stderr
 
 
 def test_json_csv_and_output_file(v1_checkpoint: Path, broken_folder: Path, tmp_path: Path) -> None:
@@ -167,7 +168,8 @@ def test_stdin_glob_and_recursive(v1_checkpoint: Path, photos: list[Path], tmp_p
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["classify", "nothing-here/*.jpg"], "no input images found"),
+        (["classify", "nothing-here/*.jpg"], "nothing-here/*.jpg: matches no file"),
+        (["classify", "nothing_here/"], "nothing_here/: no such file or folder"),
         (["classify", "{photo}", "-m", "{tmp}/not-a-model"], "no such file or folder"),
         (["classify", "{photo}", "--device", "cuda:7"], ""),
         (["embed", "{photo}", "--format", "npy"], "-o FILE"),

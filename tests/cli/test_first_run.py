@@ -91,7 +91,8 @@ def test_missing_input_and_pillow_texts_in_the_tools_words(
     for name in ("cut.jpg", "broken.png"):
         error = records[name]["error"]
         assert "ends too early" in error and "(Pillow: " in error, error
-    assert "3 failed: " in result.stderr and "1 no such file" in result.stderr
+    assert "classified 1 of 4 images in " in result.stderr
+    assert "  3 failed: " in result.stderr and "1 no such file" in result.stderr
 
 
 def test_output_name_without_a_format_is_a_usage_error(
@@ -117,7 +118,8 @@ def test_top_k_over_the_classes_is_said_and_summary_names_the_file(
     assert all(len(json.loads(r)["predictions"]) == 1000 for r in out.read_text().splitlines())
     lines = result.stderr.strip().splitlines()
     assert re.fullmatch(
-        rf"classified 2 images in (\d+\.\d) s on cpu float32, written to {re.escape(str(out))}",
+        rf"classified 2 images in (\d+\.\d) s with {re.escape(str(v1_checkpoint))} on cpu "
+        rf"float32, written to {re.escape(str(out))}",
         lines[-3],
     ), lines
     split = re.fullmatch(
@@ -135,7 +137,7 @@ def test_summary_wall_time_covers_start_up(photos: list[Path], v1_checkpoint: Pa
     outside = time.monotonic() - started
     assert out.returncode == 0, out.stderr
     lines = out.stderr.strip().splitlines()
-    found = re.search(r" in (\d+\.\d) s on ", lines[-3])
+    found = re.search(r" in (\d+\.\d) s with ", lines[-3])
     assert found, lines
     wall = float(found.group(1))
     load, images = map(float, re.findall(r"(\d+\.\d) s", lines[-2]))

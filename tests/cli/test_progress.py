@@ -18,12 +18,14 @@ from convnext_cli.results import Prediction, Result
 
 REPO = Path(__file__).resolve().parents[2]
 BAR = "━"
+# (the inputs that succeeded, when some failed; all inputs): `classified 2 of 3 images in ...`
 SUMMARY = re.compile(
-    r"classified (\d+) images?(?: \((\d+) failed[^)]*\))? in \d+\.\d s on cpu float32"
+    r"classified (?:(\d+) of )?(\d+) images? in \d+\.\d s(?: with \S+)? on cpu float32"
     r"(?:, written to \S+)?"
 )
+FAILED = re.compile(r"  \d+ failed: \S.*")  # every kind, no "..."
 TIMES = re.compile(
-    r"  \d+\.\d s start-up and model load, \d+\.\d s for the images \([\d.-]+ img/s\)"
+    r"  \d+\.\d s start-up and model load, \d+\.\d s for the images(?: \([\d.-]+ img/s\))?"
 )
 SPEED = re.compile(r"  Speed: \d+\.\d ms decode, \d+\.\d ms model per image")
 
@@ -36,6 +38,9 @@ def closing(lines: list[str]) -> re.Match[str] | None:
         match = SUMMARY.fullmatch(line)
         if match:
             rest = lines[i + 1 :]
+            if match.group(1) is not None:  # some failed: the kinds on the next line
+                assert rest and FAILED.fullmatch(rest[0]) and "..." not in rest[0], lines
+                rest = rest[1:]
             assert rest and TIMES.fullmatch(rest[0]), lines
             assert len(rest) <= 2 and all(SPEED.fullmatch(r) for r in rest[1:]), lines
             return match
@@ -120,8 +125,8 @@ def test_summary_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: b.jpg: empty file"  # a format that leaves failures out names them
     match = closing(err)
-    assert match and match.groups() == ("3", "1")
-    assert "1 failed: empty file" in err[1]
+    assert match and match.groups() == ("2", "3")
+    assert "  1 failed: empty file" in err
 
 
 def test_quiet(capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,7 +198,7 @@ def test_not_a_terminal_no_bar_summary_unless_quiet(
     assert result.exit_code == 1
     assert BAR not in result.stderr and "\x1b[" not in result.stderr
     match = closing(result.stderr.strip().splitlines())
-    assert match and match.groups() == ("2", "1")
+    assert match and match.groups() == ("1", "2")
     quiet = CliRunner().invoke(app, [*args, "-q"])
     assert quiet.exit_code == 1 and quiet.stderr == "1 of 2 inputs failed\n"
 
@@ -206,7 +211,7 @@ def test_quiet_silences_notes(v1_checkpoint: Path, photos: list[Path], tmp_path:
     resumed = CliRunner().invoke(app, again)
     assert resumed.exit_code == 0 and "resuming" in resumed.stderr  # a note
     match = closing(resumed.stderr.strip().splitlines())
-    assert match and match.groups() == ("1", None) and f"written to {out}" in match.group(0)
+    assert match and match.groups() == (None, "1") and f"written to {out}" in match.group(0)
     out.unlink()
     CliRunner().invoke(app, classify_args(v1_checkpoint, photos[:2], "-o", str(out)))
     quiet = CliRunner().invoke(app, [*again, "-q"])
@@ -219,5 +224,5 @@ def test_embed_summary(v1_checkpoint: Path, photos: list[Path]) -> None:
     result = CliRunner().invoke(app, [*args, "--dtype", "float32"])
     assert result.exit_code == 0
     lines = result.stderr.strip().splitlines()
-    assert re.fullmatch(r"embedded 1 image in \d+\.\d s on cpu float32", lines[0]), lines
+    assert re.fullmatch(r"embedded 1 image in \d+\.\d s with \S+ on cpu float32", lines[0]), lines
     assert TIMES.fullmatch(lines[1]) and SPEED.fullmatch(lines[2]) and len(lines) == 3

@@ -144,7 +144,7 @@ def test_plain_stages_and_refusals(v1_checkpoint: Path, photos: list[Path], tmp_
         (["--backbone"], "no backbone LayerNorms"),
         (["--stage", "stage2", "--backbone"], "no backbone LayerNorms"),
         (["--stage", "stage9"], "stages are stem, stage1"),
-        (["--stage", "stage1", "--pool", "none"], "use npy, safetensors or parquet"),
+        (["--stage", "stage1", "--pool", "none"], "-o FILE.npy, FILE.safetensors or FILE.parquet"),
         (["--stage", "stage1", "--pool", "max"], "--pool 'max'"),
         (["--stage", "stem", "--stage", "stage1", "-o", tmp_path / "x.npy"], "npy holds one"),
     ]

@@ -198,7 +198,7 @@ def test_single_image_screen(columns: int, demo: tuple[Path, list[str]]) -> None
     from pty_helpers import screen
 
     summary = [line for line in screen(run.stderr) if line][-3]
-    assert re.fullmatch(r"classified 1 image in \d+\.\d s on cpu float32", summary)
+    assert re.fullmatch(r"classified 1 image in \d+\.\d s with names-22k on cpu float32", summary)
 
 
 @pty_only
@@ -221,9 +221,10 @@ def test_folder_of_200_with_errors_screen(
         assert len(rows) <= len(inputs) + len(BROKEN)
     shown_err = [line for line in screen(run.stderr) if line]
     assert re.fullmatch(
-        r"classified 202 images \(2 failed: .*\) in \d+\.\d s on cpu float32",
-        shown_err[-3],
+        r"classified 200 of 202 images in \d+\.\d s with names-22k on cpu float32",
+        shown_err[-4],
     ), shown_err
+    assert shown_err[-3].startswith("  2 failed: 1 "), shown_err  # every kind, no "..."
     assert "img/s" in shown_err[-2] and shown_err[-1].startswith("  Speed: ")
     assert "img/s" in run.stderr.decode() and "ETA" in run.stderr.decode()  # the bar was there
 
