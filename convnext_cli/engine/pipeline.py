@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,17 +35,20 @@ from convnext_cli.engine.decode_pool import (
     decode_one,
     decode_timeout,
     failure,
-    fits,
     group_by_shape,
-    unpack_groups,
 )
-from convnext_cli.engine.device_decode import Cancelled, DeviceBatch, DeviceDecoder, in_thread
+from convnext_cli.engine.decoded import DecodedBatch, PendingBatch
+from convnext_cli.engine.gpu.device_decode import (
+    DeviceBatch,
+    DeviceDecoder,
+    RejectDecoder,
+    in_thread,
+)
+from convnext_cli.engine.gpu.readback import Readback
 from convnext_cli.engine.staging import StagingRing, fixed_shape, ring_slots, staging_enabled
 from convnext_cli.engine.thread_tuner import ThreadTuner
 from convnext_cli.errors import DeviceFailure, one_line
-from convnext_cli.imaging.gpu_jpeg import EncodedJpeg
 from convnext_cli.imaging.preprocess import PreprocessSpec
-from convnext_cli.inputs.expand import InputRef
 from convnext_cli.model.convnext import ConvNeXtForClassification
 from convnext_cli.results import (
     InMemoryImage,
@@ -71,136 +73,6 @@ def _prepare(item: Input, spec: PreprocessSpec, jpeg_on_device: bool) -> Any:
         except Exception as exc:
             return failure(exc)
     return decode_one(item, spec, jpeg_on_device)
-
-
-@dataclass
-class DecodedBatch:
-    """One batch as the decoders hand it over: per-input errors, and the pixels stacked by
-    shape (one group unless resizing is off); with ``pin_memory`` the whole uint8 group is
-    pinned once, so that its host-to-device copy can run asynchronously.
-
-    With a staging ring (:mod:`convnext_cli.engine.staging`) the group of the run's crop
-    shape is a view of the batch's slot, written by the decode workers (no copy here; on
-    CUDA already page-locked).  The consumer calls :meth:`release` once it no longer reads
-    the pixels: after their host-to-device copy has been queued, with an event recorded
-    after it, which the ring waits for before reusing the slot.
-    """
-
-    indices: list[int]  # the inputs' numbers in the whole run
-    inputs: list[Input]
-    errors: list[str | None]
-    groups: list[tuple[list[int], torch.Tensor]]  # positions in the batch, (n, 3, h, w) uint8
-    encoded: list[tuple[int, EncodedJpeg]] = field(default_factory=list)  # for the device
-    decoding: float = 0.0  # seconds the decoding processes spent on it (reading included)
-    ring: StagingRing | None = field(default=None, repr=False, compare=False)
-    slot: tuple[int, int] | None = field(default=None, repr=False, compare=False)
-
-    def pin_memory(self) -> DecodedBatch:
-        groups = [
-            (positions, pixels if self._pinned(pixels) else pixels.pin_memory())
-            for positions, pixels in self.groups
-        ]
-        return replace(self, groups=groups)
-
-    def _pinned(self, pixels: torch.Tensor) -> bool:
-        return self.ring is not None and self.ring.pinned and self.ring.holds(pixels)
-
-    def release(self, after: Any = None) -> None:
-        """The consumer is done with this batch's pixels once `after` (a CUDA event, or
-        None: now) has completed: its slot may then take another batch.  Idempotent; a
-        batch without a slot has nothing to release."""
-        if self.ring is not None and self.slot is not None:
-            self.ring.release(*self.slot, after)
-
-
-class _PendingBatch:
-    """A batch being assembled from what the decoders return, in any order; with a slot,
-    every crop of the slot's shape lands in it at its position."""
-
-    def __init__(
-        self,
-        start: int,
-        inputs: list[Input],
-        ring: StagingRing | None = None,
-        slot: tuple[int, int] | None = None,
-    ) -> None:
-        self.indices = list(range(start, start + len(inputs)))
-        self.inputs = inputs
-        self.errors: list[str | None] = [None] * len(inputs)
-        self.waiting = len(inputs)
-        self.parts: list[tuple[list[int], torch.Tensor]] = []
-        self.encoded: list[tuple[int, EncodedJpeg]] = []
-        self.decoding = 0.0
-        self.ring = ring if slot is not None else None
-        self.slot = slot
-        self.stage = ring.slot(slot[0]) if ring is not None and slot is not None else None
-        self.staged: list[int] = []  # positions whose crop is in the slot
-
-    @property
-    def slot_index(self) -> int:
-        return -1 if self.slot is None else self.slot[0]
-
-    def add(self, position: int, outcome: Any) -> None:
-        if isinstance(outcome, str):
-            self.errors[position] = outcome
-        elif isinstance(outcome, EncodedJpeg):
-            self.encoded.append((position, outcome))
-        elif self.stage is not None and fits(self.stage, outcome):
-            self.stage[position].copy_(outcome)
-            self.staged.append(position)
-        else:
-            self.parts.append(([position], outcome[None]))
-        self.waiting -= 1
-
-    def add_packed(self, packed: dict[str, Any]) -> None:
-        for position, error in packed["errors"]:
-            self.errors[position] = error
-        self.encoded += packed["encoded"]
-        self.decoding += packed.get("seconds", 0.0)
-        staged = packed.get("staged", [])
-        self.staged += staged
-        groups = unpack_groups(packed)
-        for positions, pixels in groups:
-            if self.stage is not None and fits(self.stage, pixels[0]):
-                # a worker that could not write the slot: into it here, instead of a cat
-                for row, position in enumerate(positions):
-                    self.stage[position].copy_(pixels[row])
-                self.staged += positions
-            else:
-                self.parts.append((positions, pixels))
-        self.waiting -= len(packed["errors"]) + len(packed["encoded"]) + len(staged)
-        self.waiting -= sum(len(positions) for positions, _ in groups)
-
-    def _staged_group(self) -> tuple[list[int], torch.Tensor] | None:
-        """The slot's crops as one view: rows moved up over the positions that have none
-        (errors, device JPEGs), in place, so that the view stays in the (pinned) ring."""
-        if self.stage is None or not self.staged:
-            return None
-        positions = sorted(self.staged)
-        for row, position in enumerate(positions):
-            if row != position:  # row < position: moving up never overwrites a later crop
-                self.stage[row].copy_(self.stage[position])
-        return positions, self.stage[: len(positions)]
-
-    def finish(self) -> DecodedBatch:
-        groups = []
-        staged = self._staged_group()
-        if staged is not None:
-            groups.append(staged)
-        for parts in group_by_shape(self.parts, lambda part: tuple(part[1].shape[1:])):
-            if len(parts) == 1:
-                groups.append(parts[0])
-            else:
-                positions = [p for part, _ in parts for p in part]
-                groups.append((positions, torch.cat([pixels for _, pixels in parts])))
-        self.encoded.sort(key=lambda item: item[0])
-        batch = DecodedBatch(
-            self.indices, self.inputs, self.errors, groups, self.encoded, self.decoding,
-            self.ring, self.slot,
-        )  # fmt: skip
-        if staged is None:
-            batch.release()  # nothing in the slot: free at once
-        return batch
 
 
 def default_batch_size(
@@ -317,6 +189,7 @@ def decoded_batches(
     timeout: float | None = None,
     staging: bool | None = None,
     slots: int | None = None,
+    device: torch.device | None = None,
 ) -> Generator[DecodedBatch, None, None]:
     """Batches of decoded inputs, in order, from `workers` processes (0: in this process).
 
@@ -345,7 +218,8 @@ def decoded_batches(
         # page-locked for worker runs only: in-process decoding also serves short calls (the
         # Ray actors' batches), where a registration per call would cost more than it saves
         try:
-            ring = StagingRing(count, batch_size, shape, pin=pin_memory and workers > 0)
+            pinned = pin_memory and workers > 0
+            ring = StagingRing(count, batch_size, shape, pin=pinned, device=device)
         except (OSError, ValueError):  # no such mapping to be had: the pickle path
             ring = None
     try:
@@ -374,7 +248,7 @@ def _decoded_here(
     start = 0
     for chunk in chunks:
         slot = ring.acquire(wait=True) if ring is not None else None
-        pending = _PendingBatch(start, chunk, ring, slot)
+        pending = PendingBatch(start, chunk, ring, slot)
         for position, item in enumerate(chunk):
             pending.add(position, _prepare(item, spec, jpeg_on_device))
         start += len(chunk)
@@ -394,7 +268,7 @@ def _decoded_by_workers(
     over in order.  With a `ring`, a batch is sent to the workers only once it has a slot
     (while other batches are in flight it waits for one; with none in flight it goes without,
     by the pickle path)."""
-    batches: dict[int, _PendingBatch] = {}
+    batches: dict[int, PendingBatch] = {}
 
     def done(task: Task, packed: dict[str, Any]) -> None:
         batches[task.batch].add_packed(packed)
@@ -420,7 +294,7 @@ def _decoded_by_workers(
                 if ring is not None and slot is None:
                     # nothing in flight: wait for the device's copy, or go without a slot
                     slot = ring.acquire(wait=True)
-                pending = batches[submitted] = _PendingBatch(start, taken, ring, slot)
+                pending = batches[submitted] = PendingBatch(start, taken, ring, slot)
                 start += len(taken)
                 files = []
                 for position, item in enumerate(taken):
@@ -498,36 +372,6 @@ class Head:
     store: Callable[[tuple[torch.Tensor, ...], list[Result]], None]
 
 
-class Readback:
-    """A batch's outputs on their way to the host: copied with ``non_blocking`` into pinned
-    memory after the batch is queued, waited for (:meth:`finish`) only once the next batch
-    is queued too, so that the device never waits for the host."""
-
-    def __init__(self, parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]], head: Head):
-        self.head = head
-        self.event: Any = None
-        self.parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []
-        for results, outputs in parts:
-            host = []
-            for out in outputs:
-                if out.device.type == "cuda":
-                    buffer = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                    buffer.copy_(out, non_blocking=True)
-                    host.append(buffer)
-                else:
-                    host.append(out)
-            self.parts.append((results, tuple(host)))
-        if any(out.device.type == "cuda" for _, outputs in parts for out in outputs):
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def finish(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-        for results, outputs in self.parts:
-            self.head.store(outputs, results)
-
-
 @dataclass
 class RunTimes:
     """Where a runner's time went, over every input it was given (for the CLI's summary)."""
@@ -547,64 +391,6 @@ class _RunPlan:
     prefetch: int
     threads: int  # the model's CPU threads when the tuner may change them, else 0
     tuner: ThreadTuner | None
-
-
-class RejectDecoder:
-    """What the device decoder rejected (CMYK, corrupt, unsupported...), decoded on the CPU
-    by decode worker processes, with their deadline and crash isolation (never Pillow in
-    this process): one small :class:`DecodePool` for the whole run, started at the first
-    reject, used from one thread (the device-decode thread), closed by :meth:`close`."""
-
-    def __init__(self, spec: PreprocessSpec, workers: int = 2, timeout: float | None = None):
-        self.spec = spec
-        self.workers = workers
-        self.timeout = timeout
-        self.pool: DecodePool | None = None
-        self.pending: _PendingBatch | None = None
-        self.cancelled = threading.Event()
-
-    def __call__(
-        self, items: list[tuple[int, InputRef]], errors: list[str | None]
-    ) -> list[tuple[list[int], torch.Tensor]]:
-        """Decode `items` ((position in the batch, input) pairs): their pixels by shape,
-        with their positions; an input that fails gets its error in `errors`."""
-        if not items:
-            return []
-        pending = self.pending = _PendingBatch(0, [item for _, item in items])
-        if self.pool is None:
-            wait = decode_timeout() if self.timeout is None else self.timeout
-            self.pool = DecodePool(self.workers, self.spec, False, wait, self._done, self._error)
-        numbered = list(enumerate(item for _, item in items))
-        share = -(-len(numbered) // max(1, self.workers))  # one task per worker
-        for start in range(0, len(numbered), share):
-            self.pool.submit(0, numbered[start : start + share])
-        while pending.waiting > 0:
-            if self.cancelled.is_set():
-                raise Cancelled("stopped while decoding rejected JPEGs")
-            self.pool.poll()
-        redone = pending.finish()
-        positions = [position for position, _ in items]
-        for n, error in enumerate(redone.errors):
-            if error is not None:
-                errors[positions[n]] = error
-        return [([positions[n] for n in group], pixels) for group, pixels in redone.groups]
-
-    def _done(self, task: Task, packed: dict[str, Any]) -> None:
-        if self.pending is not None:
-            self.pending.add_packed(packed)
-
-    def _error(self, task: Task, position: int, message: str) -> None:
-        if self.pending is not None:
-            self.pending.add(position, message)
-
-    def cancel(self) -> None:
-        """Cut a wait for the workers short (from another thread: the run is stopping)."""
-        self.cancelled.set()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
 
 
 def _device_errors(
@@ -785,7 +571,7 @@ class Runner:
 
     def _batches(self, plan: _RunPlan) -> Generator[DecodedBatch | DeviceBatch, None, None]:
         """The run's decoded batches; with ``jpeg_on_device``, their JPEGs decoded and
-        resized on the device in a background thread (:mod:`.device_decode`), what the
+        resized on the device in a background thread (:mod:`.gpu.device_decode`), what the
         device decoder rejects decoded again by a small pool of decode workers."""
         pin = self.device.type == "cuda"
         batches = decoded_batches(
@@ -796,6 +582,7 @@ class Runner:
             pin,
             jpeg_on_device=self.jpeg_on_device,
             prefetch=plan.prefetch,
+            device=self.device,
         )
         if not self.jpeg_on_device:
             return batches

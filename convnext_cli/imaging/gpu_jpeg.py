@@ -3,12 +3,12 @@
 The decode workers only read a JPEG's header (the decompression-bomb check, its colour
 mode and EXIF orientation) and hand its bytes over; a background thread of the main process
 decodes the whole batch on the device in one call, applies the orientation with tensor
-flips and resizes the batch there at once (see :mod:`convnext_cli.engine.device_decode`).
+flips and resizes the batch there at once (see :mod:`convnext_cli.engine.gpu.device_decode`).
 Whatever the device decoder is not trusted with is decoded on the CPU as before:
 files that are not JPEGs, CMYK/YCCK JPEGs, files that do not end in an end-of-image
 marker (truncated ones, which the CPU path reports as errors, and ones with trailing
 data), and any image the device decoder rejects (sent back to a decode worker, with its
-deadline and crash isolation: see ``pipeline.RejectDecoder``).  Only ``--decode gpu``
+deadline and crash isolation: see ``gpu.device_decode.RejectDecoder``).  Only ``--decode gpu``
 decodes here; ``auto`` is CPU decoding, the exact path.
 
 The header is read by :func:`convnext_cli.imaging.decoding.open_header`, so the CPU path's refusals

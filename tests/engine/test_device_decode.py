@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
-from convnext_cli.engine import decode_pool, device_decode
-from convnext_cli.engine.device_decode import DeviceBatch, DeviceDecoder, in_thread
+from convnext_cli.engine import decode_pool
+from convnext_cli.engine.gpu import device_decode
+from convnext_cli.engine.gpu.device_decode import DeviceBatch, DeviceDecoder, in_thread
 from convnext_cli.engine.pipeline import DecodedBatch, Runner
 from convnext_cli.errors import DeviceFailure
 from convnext_cli.imaging import gpu_jpeg

@@ -265,10 +265,10 @@ def test_the_ring_is_pinned_once_and_unpinned_at_the_end(
         assert batch.ring is not None and batch.ring.pinned
         rings.add(id(batch.ring))
         address, nbytes = batch.ring.address, batch.ring.nbytes
-        assert cudart.calls == [("register", address, nbytes, 0)]
+        assert cudart.calls == [("register", address, nbytes, 1)]
         batch.release()
     assert len(rings) == 1
-    assert cudart.calls == [("register", address, nbytes, 0), ("unregister", address)]
+    assert cudart.calls == [("register", address, nbytes, 1), ("unregister", address)]
 
 
 def test_in_process_decoding_is_not_page_locked(
