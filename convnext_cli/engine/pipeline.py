@@ -21,9 +21,10 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -59,6 +60,9 @@ from convnext_cli.results import (
     source_of,
 )
 
+MIN_TASK_FILES = 4  # a decode task is at least this many files (a message per task)
+T = TypeVar("T")
+READ_BEHIND = 2  # on CUDA, batches queued on the device while an earlier one is read back
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count the user chose
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (the physical cores)
 
@@ -255,6 +259,16 @@ def _decoded_here(
         yield pending.finish()
 
 
+def split_tasks(files: list[T], workers: int) -> list[list[T]]:
+    """A batch's files as one decode task per worker (at least :data:`MIN_TASK_FILES`
+    files each): every worker starts on the first batches and a batch is decoded by all of
+    them at once, instead of one worker decoding a whole batch of 256."""
+    if not files:
+        return []
+    size = max(MIN_TASK_FILES, -(-len(files) // max(1, workers)))
+    return [files[start : start + size] for start in range(0, len(files), size)]
+
+
 def _decoded_by_workers(
     chunks: Iterator[list[Input]],
     spec: PreprocessSpec,
@@ -302,8 +316,8 @@ def _decoded_by_workers(
                         pending.add(position, _prepare(item, spec, jpeg_on_device))
                     else:
                         files.append((position, item))
-                if files:
-                    pool.submit(submitted, files, slot=pending.slot_index)
+                for task in split_tasks(files, workers):
+                    pool.submit(submitted, task, slot=pending.slot_index)
                 submitted += 1
             if number not in batches:
                 return  # the inputs have ended and every batch was handed over
@@ -409,13 +423,17 @@ class Runner:
     """A loaded model on a device, turning paths into results batch by batch.
 
     On CUDA a batch is copied to the device on a side stream from pinned memory, runs on
-    the compute stream, and its results are read back one batch behind (batch i+1 is
-    queued before batch i's outputs are waited for): `overlap` is on for CUDA, off on the
-    CPU, where there is nothing to overlap and results come as soon as they are computed.
+    the compute stream, and its results are read back `read_behind` (2) batches behind
+    (batches i+1 and i+2 are queued before batch i's outputs are waited for, so that a fast
+    compiled model never waits for the host): `overlap` is on for CUDA, off on the CPU,
+    where there is nothing to overlap and results come as soon as they are computed.
     A CUDA out-of-memory error halves the batch for the rest of the run (one note); any
     other CUDA error raises :class:`DeviceFailure` (exit 70, finished records kept).
-    With ``--compile``, every group is padded to the run's batch size and the padding rows
-    dropped, so the compiled model sees one shape and compiles once.
+    With ``--compile``, and on CUDA always, every group is padded to the run's batch size
+    and the padding rows dropped, so the compiled model sees one shape and compiles once,
+    and cuDNN's autotuner sees one shape (a last, short batch or one shrunk by errors is no
+    new shape).  On CUDA ``times.model`` is the device's own time per batch, from an event
+    where its work begins to the event after its outputs' copy to the host.
     """
 
     def __init__(
@@ -438,7 +456,8 @@ class Runner:
         self.logits_fn: Any = model
         self.embed_fn: Any = model.embed
         self.compiled = False
-        self.overlap = device.type == "cuda"  # read results back one batch behind
+        self.overlap = device.type == "cuda"  # read results back behind the batches queued
+        self.read_behind = READ_BEHIND  # with overlap: batches queued ahead of the one read
         self.on_note: Callable[[str], None] | None = None  # hears the out-of-memory note
         self.max_rows: int | None = None  # the batch after an out-of-memory error
         self.pad_rows: int | None = None  # compiled: the one batch shape (set per run)
@@ -474,6 +493,22 @@ class Runner:
         self.compiled = True
         self.compile_mode = mode
 
+    def _begin_event(self) -> Any:
+        """On CUDA, a timing event on the compute stream where a batch's work begins (after
+        its device decoding, before its copy is waited for): the batch's model time is from
+        it to its readback's event, the device's own time, waits for the copy included."""
+        if self.device.type != "cuda":
+            return None
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        return begin
+
+    def copy_stream(self) -> Any:
+        """The CUDA side stream the host-to-device copies run on (created once)."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return self._copy_stream
+
     def _normalization(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """mean/std on the device, built once (see PreprocessSpec.normalization)."""
         if not self._stats_ready:
@@ -486,15 +521,14 @@ class Runner:
         the copy overlaps the model), which the compute stream then waits for."""
         if pixels.device == self.device or self.device.type != "cuda":
             return pixels.to(self.device, non_blocking=True)
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
+        copy_stream = self.copy_stream()
         compute = torch.cuda.current_stream(self.device)
         # no wait on the compute stream: the copy of batch i+1 runs while batch i computes
         # (its pinned source is held by the caching host allocator until the copy is done;
         # its device block is marked used by the compute stream below)
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.stream(copy_stream):
             batch = pixels.to(self.device, non_blocking=True)
-        compute.wait_stream(self._copy_stream)
+        compute.wait_stream(copy_stream)
         batch.record_stream(compute)
         return batch
 
@@ -516,7 +550,9 @@ class Runner:
     ) -> Iterator[list[Result]]:
         plan = self._plan(paths, batch_size, workers)
         batches = self._batches(plan)
-        behind: tuple[list[Result], Readback, float] | None = None
+        # batches queued on the device whose results are not read yet (CUDA: read_behind)
+        queued: deque[tuple[list[Result], Readback, float]] = deque()
+        depth = self.read_behind if self.overlap else 0
         times = self.times
         try:
             waited = time.perf_counter()
@@ -530,20 +566,17 @@ class Runner:
                 ]
                 readback = self._queue(head, batch, results)
                 decoded.release(readback.event)  # its slot is reused once the copy is consumed
-                times.model += time.perf_counter() - got
+                if readback.begin is None:  # else the device's own time, read at _finish
+                    times.model += time.perf_counter() - got
                 times.images += len(results)
                 # the decoders' load: their seconds on this batch, per decoding process
                 load = decoded.decoding / plan.workers if plan.workers > 0 else 0.0
-                if behind is not None:
-                    yield self._finish(behind, plan.tuner)
-                    behind = None
-                if self.overlap:
-                    behind = (results, readback, load)
-                else:
-                    yield self._finish((results, readback, load), plan.tuner)
+                queued.append((results, readback, load))
+                while len(queued) > depth:
+                    yield self._finish(queued.popleft(), plan.tuner)
                 waited = time.perf_counter()
-            if behind is not None:
-                yield self._finish(behind, plan.tuner)
+            while queued:
+                yield self._finish(queued.popleft(), plan.tuner)
         finally:
             batches.close()  # stops the decode workers at once when the caller stops early
             self.pad_rows = None  # the compiled shape is this run's
@@ -565,7 +598,8 @@ class Runner:
         if threads > 1 and workers > 0 and prefetch > 1 and known > batch_size:
             # every core for the model, or the decoders' cores left to them: measured
             tuner = ThreadTuner([threads, max(1, threads - workers)], settle=prefetch)
-        if self.compiled:
+        if self.compiled or self.device.type == "cuda":
+            # one shape for the compiled graph, and on CUDA for cuDNN's autotuner too
             self.pad_rows = min(batch_size, self.max_rows or batch_size)
         return _RunPlan(paths, batch_size, workers, prefetch, threads, tuner)
 
@@ -602,9 +636,10 @@ class Runner:
                 groups = self._merged(batch.decoded.groups, batch.take(self.device))
             else:
                 groups = batch.groups
+            begin = self._begin_event()
             for positions, pixels in groups:
                 self._launch(head, pixels, [results[p] for p in positions], parts)
-            return Readback(parts, head)
+            return Readback(parts, head, begin)
 
     def _merged(
         self,
@@ -632,6 +667,8 @@ class Runner:
             if is_device_failure(exc):
                 raise device_failure(exc) from exc
             raise
+        if readback.seconds is not None:
+            self.times.model += readback.seconds
         if tuner is not None and (changed := tuner.batch_done(len(results), load)):
             torch.set_num_threads(changed)
         return results

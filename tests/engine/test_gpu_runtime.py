@@ -219,10 +219,12 @@ def test_cli_exits_70_on_a_sticky_device_error_keeping_finished_records(
     assert all(r.get("error") is None for r in records)
 
 
-def test_results_are_read_back_one_batch_behind(runner_parts, photos: list[Path]) -> None:
-    """Batch i+1 is queued on the device before batch i's outputs are read back."""
+def test_results_are_read_back_two_batches_behind(runner_parts, photos: list[Path]) -> None:
+    """Batches i+1 and i+2 are queued on the device before batch i's outputs are read back
+    (one batch behind with read_behind 1)."""
     model, spec = runner_parts
     paths = [str(p) for p in photos[:6]]
+    assert Runner(model, spec, CPU, torch.float32).read_behind == 2
     expected = results_of(Runner(model, spec, CPU, torch.float32), paths)
     log: list[str] = []
     runner = Runner(model, spec, CPU, torch.float32)
@@ -247,7 +249,7 @@ def test_results_are_read_back_one_batch_behind(runner_parts, photos: list[Path]
             got += batch
     finally:
         pipeline.Readback.finish = real_finish  # type: ignore[method-assign]
-    assert log == ["queue", "queue", "read", "yield", "queue", "read", "yield", "read", "yield"]
+    assert log == ["queue", "queue", "queue", "read", "yield", "read", "yield", "read", "yield"]
     same(got, expected)
 
 

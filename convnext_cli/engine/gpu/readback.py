@@ -23,14 +23,30 @@ class Stores(Protocol):
     def store(self, outputs: tuple[torch.Tensor, ...], results: list[Result]) -> None: ...
 
 
+def unpinned(out: torch.Tensor) -> torch.Tensor:
+    """`out` in pageable memory: a result a caller keeps (an embedding, a feature map) must
+    not be a view of a pinned readback buffer, which would keep page-locked memory alive
+    for as long as the caller holds the result.  Pageable tensors are returned as they are."""
+    if not out.is_pinned():
+        return out
+    return torch.empty(out.shape, dtype=out.dtype).copy_(out)
+
+
 class Readback:
     """A batch's outputs on their way to the host: copied with ``non_blocking`` into pinned
-    memory after the batch is queued, waited for (:meth:`finish`) only once the next batch
-    is queued too, so that the device never waits for the host."""
+    memory after the batch is queued, waited for (:meth:`finish`) only once later batches
+    are queued too, so that the device never waits for the host.  The outputs are copied
+    out of the pinned buffers before the results get them (:func:`unpinned`).
 
-    def __init__(self, parts: Parts, head: Stores):
+    With `begin` (a timing CUDA event recorded where the batch's work began), the event
+    after the copy is a timing one too and :attr:`seconds` is the batch's device time once
+    finished; without it, None."""
+
+    def __init__(self, parts: Parts, head: Stores, begin: Any = None):
         self.head = head
+        self.begin = begin
         self.event: Any = None
+        self.seconds: float | None = None
         self.parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []
         for results, outputs in parts:
             host = []
@@ -43,11 +59,13 @@ class Readback:
                     host.append(out)
             self.parts.append((results, tuple(host)))
         if any(out.device.type == "cuda" for _, outputs in parts for out in outputs):
-            self.event = torch.cuda.Event()
+            self.event = torch.cuda.Event(enable_timing=begin is not None)
             self.event.record()
 
     def finish(self) -> None:
         if self.event is not None:
             self.event.synchronize()
+            if self.begin is not None:
+                self.seconds = self.begin.elapsed_time(self.event) / 1000
         for results, outputs in self.parts:
-            self.head.store(outputs, results)
+            self.head.store(tuple(unpinned(out) for out in outputs), results)

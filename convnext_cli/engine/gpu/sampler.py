@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import statistics
 import threading
+import time
 from types import TracebackType
 from typing import Any
 
 import torch
+
+UTILISATION_WINDOW_S = 1.0  # NVML's longest sample period: readings after it cover the row
 
 
 class DeviceSampler:
@@ -20,7 +23,13 @@ class DeviceSampler:
     processes.  Utilisation is ``torch.cuda.utilization`` (NVML; needs ``nvidia-ml-py``):
     after its first failure it is not asked again and reads ``None``.  One reading is
     taken on entering and one on leaving, so that a row shorter than the interval still
-    has its figures."""
+    has its memory figure.
+
+    NVML's utilisation is the share of time a kernel ran over its own last sample period
+    (1/6 s to 1 s, depending on the GPU), so a reading taken early in a row describes what
+    ran before it.  The mean utilisation is taken over the readings made at least
+    :data:`UTILISATION_WINDOW_S` after the row started (each then covers the row only); a
+    row too short to have any reads ``None``, never the previous row's activity."""
 
     def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
         self.device = device
@@ -28,7 +37,9 @@ class DeviceSampler:
         self.interval_s = interval_s
         self.memory_source: str | None = None  # "nvml" or "mem_get_info", once read
         self._memory: list[float] = []
-        self._utilisation: list[float] = []
+        self._utilisation: list[tuple[float, float]] = []  # (when, percent)
+        self.clock = time.monotonic  # a test can put a fake clock here
+        self.started = 0.0
         self._utilisation_ok = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -66,7 +77,7 @@ class DeviceSampler:
         if used is not None:
             self._memory.append(used)
         if busy is not None:
-            self._utilisation.append(busy)
+            self._utilisation.append((self.clock(), busy))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -75,6 +86,7 @@ class DeviceSampler:
     def __enter__(self) -> DeviceSampler:
         self._memory.clear()
         self._utilisation.clear()
+        self.started = self.clock()
         if self.active:
             self.sample()
             self._stop.clear()
@@ -100,9 +112,11 @@ class DeviceSampler:
 
     @property
     def mean_utilisation(self) -> float | None:
-        if not self._utilisation:
+        settled = self.started + UTILISATION_WINDOW_S
+        readings = [busy for when, busy in self._utilisation if when >= settled]
+        if not readings:
             return None
-        return round(statistics.fmean(self._utilisation), 1)
+        return round(statistics.fmean(readings), 1)
 
     def fill(self, row: Any) -> Any:
         """The row with this sampling's device peak and mean utilisation."""
