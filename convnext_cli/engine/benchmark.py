@@ -263,6 +263,7 @@ class CompileWatch:
     def __init__(self, active: bool) -> None:
         self.active = active
         self.base = self.count() if active else (0, 0)
+        self.graphs = 0  # the recompile limit the rows run under (0: dynamo's own)
 
     @staticmethod
     def count() -> tuple[int, int]:
@@ -282,7 +283,7 @@ class CompileWatch:
         import torch._dynamo.config as dynamo_config
 
         torch._dynamo.reset()
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, graphs)
+        self.graphs = max(dynamo_config.recompile_limit, graphs)
         self.base = self.count()
 
     @property
@@ -290,19 +291,19 @@ class CompileWatch:
         """Graphs compiled since the last :meth:`reset`."""
         return self.count()[0] - self.base[0]
 
-    @staticmethod
-    def limit() -> int:
+    def limit(self) -> int:
         import torch._dynamo.config as dynamo_config
 
-        return int(dynamo_config.recompile_limit)
+        return self.graphs or int(dynamo_config.recompile_limit)
 
     def strict(self) -> contextlib.AbstractContextManager[Any]:
-        """dynamo raises instead of running eagerly past its recompile limit."""
+        """dynamo raises instead of running eagerly past its recompile limit (the sweep's,
+        for the time of a row only)."""
         if not self.active:
             return contextlib.nullcontext()
         import torch._dynamo.config as dynamo_config
 
-        return dynamo_config.patch(fail_on_recompile_limit_hit=True)
+        return dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=self.limit())
 
     def limit_errors(self) -> tuple[type[BaseException], ...]:
         if not self.active:

@@ -493,6 +493,12 @@ class Runner:
         self.compiled = True
         self.compile_mode = mode
 
+    @property
+    def pads_batches(self) -> bool:
+        """Whether every batch is padded to the run's batch size: compiled (one shape for the
+        graph) and on CUDA (one shape for cuDNN's autotuner, eager too)."""
+        return self.compiled or self.device.type == "cuda"
+
     def _begin_event(self) -> Any:
         """On CUDA, a timing event on the compute stream where a batch's work begins (after
         its device decoding, before its copy is waited for): the batch's model time is from
@@ -598,8 +604,7 @@ class Runner:
         if threads > 1 and workers > 0 and prefetch > 1 and known > batch_size:
             # every core for the model, or the decoders' cores left to them: measured
             tuner = ThreadTuner([threads, max(1, threads - workers)], settle=prefetch)
-        if self.compiled or self.device.type == "cuda":
-            # one shape for the compiled graph, and on CUDA for cuDNN's autotuner too
+        if self.pads_batches:
             self.pad_rows = min(batch_size, self.max_rows or batch_size)
         return _RunPlan(paths, batch_size, workers, prefetch, threads, tuner)
 

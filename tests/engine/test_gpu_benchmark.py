@@ -17,8 +17,10 @@ from rich.console import Console
 from test_benchmark import FakeClock, fake_runner
 
 from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
+from convnext_cli.engine import decode_pool
 from convnext_cli.engine.benchmark import BenchmarkRunner, DeviceSampler, SweepOptions
 from convnext_cli.engine.pipeline import Runner
+from convnext_cli.engine.staging import fixed_shape
 from convnext_cli.outputs.benchmark_report import print_report
 
 
@@ -280,3 +282,99 @@ def test_reduce_overhead_rows_record_their_cuda_graph_before_timing(
     row = bench.time_model(2)
     assert row.compile_mode == "reduce-overhead"
     assert row.p99_ms == pytest.approx(10.0) and row.seconds == pytest.approx(0.02, abs=1e-3)
+
+
+# --- measurements that cannot lie: compiled rows prove it, the steady window ----------------
+
+
+class Small(torch.nn.Module):
+    """A model small enough for Inductor on the CPU to compile in a second or two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def compiled_small_runner() -> SimpleNamespace:
+    model = Small().eval()
+    return SimpleNamespace(
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        spec=SimpleNamespace(shortest_edge=8),
+        channels_last=False,
+        jpeg_on_device=False,
+        model=model,
+        logits_fn=torch.compile(model, dynamic=False),
+        compiled=True,
+        compile_mode="default",
+    )
+
+
+def test_a_compiled_row_past_dynamos_recompile_limit_says_it_ran_eager() -> None:
+    """Ten batch sizes of one compiled forward, Inductor on the CPU: dynamo keeps 8 graphs
+    per function and would run the 9th and 10th eagerly without a word; those rows say so,
+    are timed on the eager model and are not comparable (never compared with a target)."""
+    bench = BenchmarkRunner(
+        compiled_small_runner(),  # type: ignore[arg-type]
+        SweepOptions(batch_sizes=(1,), warmup=0, iters=2, copy_rows=False),
+    )
+    bench.watch.reset(0)  # dynamo forgets earlier graphs; its own limit (8) stays
+    assert bench.watch.limit() == 8
+    rows = [bench.time_model(size) for size in range(1, 11)]
+    assert [r.compile_status for r in rows[:8]] == ["compiled"] * 8
+    assert [r.compiles for r in rows[:8]] == [1] * 8
+    assert [r.compiled_total for r in rows[:8]] == list(range(1, 9))
+    for row in rows[8:]:
+        assert row.compile_status == "fell back to eager: dynamo's recompile limit (8) hit"
+        assert row.compile_mode == "default" and not row.comparable
+        assert row.compiles == 0 and row.images_per_s > 0
+    assert all(r.comparable for r in rows[:8])
+
+
+def test_a_sweep_starts_from_a_fresh_dynamo_and_allows_its_batch_sizes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Graphs compiled before the sweep (another runner, another dtype) do not count
+    against the sweep: it resets dynamo and allows a graph per batch size."""
+    monkeypatch.setattr(
+        "convnext_cli.engine.benchmark.describe_environment", lambda runner, name: {}
+    )
+    runner = compiled_small_runner()
+    with torch.inference_mode():
+        for size in range(1, 9):  # eight graphs already: the limit reached
+            runner.logits_fn(torch.randn(size, 3, 8, 8))
+    options = SweepOptions(batch_sizes=(9, 10), warmup=0, iters=1, copy_rows=False)
+    report = BenchmarkRunner(runner, options).sweep()  # type: ignore[arg-type]
+    assert [r.compile_status for r in report.rows] == ["compiled", "compiled"]
+    assert [r.compiled_total for r in report.rows] == [1, 2]
+
+
+def test_the_steady_end_to_end_rate_is_the_decoders_own(
+    v1_checkpoint: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode workers that take a known time per image (a stand-in decoder, forked with
+    the workers) and a model that costs nothing: the benchmark's steady rate is the
+    decoders', within 10%, not inflated by the batches decoded while the pipeline filled
+    (nor by a worker that never started)."""
+    checkpoint = load_checkpoint(str(v1_checkpoint))
+    cpu = torch.device("cpu")
+    runner = Runner(build_model(checkpoint, cpu, torch.float32), checkpoint.preprocess, cpu,
+                    torch.float32)  # fmt: skip
+    runner.logits_fn = lambda batch: torch.zeros(batch.shape[0], 1000)
+    shape = fixed_shape(runner.spec)
+    assert shape is not None
+    seconds = 0.1  # per image, per worker: two workers decode 20 images a second
+
+    def stand_in(ref: object, spec: object, jpeg_on_device: bool) -> torch.Tensor:
+        time.sleep(seconds)
+        return torch.zeros(shape, dtype=torch.uint8)
+
+    monkeypatch.setattr(decode_pool, "decode_one", stand_in)
+    options = SweepOptions(batch_sizes=(8,), warmup=0, iters=1,
+                           images=tuple(map(str, photos)), workers=2)  # fmt: skip
+    row = BenchmarkRunner(runner, options).time_end_to_end(8)
+    assert row.steady_batches == 20 and row.images == 8 * 25  # 5 batches of fill
+    assert row.steady_images_per_s == pytest.approx(2 / seconds, rel=0.10)
