@@ -626,6 +626,7 @@ class Runner:
         if not self.jpeg_on_device:
             return batches
         rejects = RejectDecoder(self.spec)
+        rejects.start()  # its workers forked here, from the main thread
         decoder = DeviceDecoder(self.spec, self.device, rejects, is_device_failure)
         stage = in_thread(batches, decoder, on_stop=rejects.cancel, on_exit=rejects.close)
         return _device_errors(stage)

@@ -24,6 +24,7 @@ tested without a GPU.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,6 +84,7 @@ def resolve_decode(
         raise UsageError(f"--decode gpu needs a CUDA device; the model runs on {device}")
     if choice != "gpu":
         return False  # and torchvision stays unimported: its import costs seconds
+    quiet_codec_warnings()
     problem = probe(device)
     if problem is not None:
         if on_note is not None:
@@ -123,20 +125,29 @@ def decode(encoded: list[EncodedJpeg], device: torch.device) -> list[torch.Tenso
     buffers = [torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for e in encoded]
     rgb = io_ops.ImageReadMode.RGB
     images: list[torch.Tensor | None]
-    with no_deprecation_warning():
-        try:
-            images = list(io_ops.decode_jpeg(buffers, mode=rgb, device=device))
-        except RuntimeError:
-            images = []
-            for buffer in buffers:
-                try:
-                    images.append(io_ops.decode_jpeg(buffer, mode=rgb, device=device))
-                except RuntimeError:
-                    images.append(None)
+    # no warnings.catch_warnings here: it swaps process-wide state and is not thread-safe
+    # (this runs in the decode thread); quiet_codec_warnings ran in the main thread
+    try:
+        images = list(io_ops.decode_jpeg(buffers, mode=rgb, device=device))
+    except RuntimeError:
+        images = []
+        for buffer in buffers:
+            try:
+                images.append(io_ops.decode_jpeg(buffer, mode=rgb, device=device))
+            except RuntimeError:
+                images.append(None)
     return [
         None if image is None else upright(image, e.orientation)
         for image, e in zip(images, encoded, strict=True)
     ]
+
+
+def quiet_codec_warnings() -> None:
+    """Ignore torchvision's deprecation notice on its codecs (issued on every call since
+    0.29), once and for the process: called from the main thread, before the decode
+    thread starts, instead of a ``warnings.catch_warnings`` around each call in that
+    thread (not thread-safe before Python 3.14)."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
 
 
 def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:

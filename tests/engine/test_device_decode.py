@@ -297,6 +297,51 @@ def test_rejects_go_to_one_small_pool_for_the_run(
     assert len(set(pids)) <= 2  # RejectDecoder's two workers, kept for the run
 
 
+def test_the_reject_pool_is_forked_from_the_main_thread_and_no_warnings_state_is_swapped(
+    model_parts: tuple[Any, PreprocessSpec],
+    photos: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every reject worker is forked from the main thread (never from the decode thread of
+    a process with a CUDA context), and the decode thread never enters
+    ``warnings.catch_warnings`` (process-wide state, not thread-safe before Python 3.14)."""
+    import warnings
+
+    model, spec = model_parts
+    jpegs = [p for p in photos if p.suffix == ".jpg"] * 4
+    real = torchvision_io()
+
+    class Rejecting:
+        ImageReadMode = real.ImageReadMode
+
+        @staticmethod
+        def decode_jpeg(data: Any, mode: Any, device: Any) -> Any:
+            raise RuntimeError("nvjpeg: unsupported")
+
+    forked_in: list[str] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        forked_in.append(threading.current_thread().name)
+        return real_fork()
+
+    swapped_in: list[str] = []
+    real_catch = warnings.catch_warnings
+
+    def catch_warnings(*args: Any, **kwargs: Any) -> Any:
+        swapped_in.append(threading.current_thread().name)
+        return real_catch(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: Rejecting)
+    monkeypatch.setattr(os, "fork", fork)
+    monkeypatch.setattr(warnings, "catch_warnings", catch_warnings)
+    runner = Runner(model, spec, CPU, torch.float32, jpeg_on_device=True)
+    got = classify(runner, jpegs)
+    assert len(got) == len(jpegs) and all(r.error is None for r in got)
+    assert forked_in and set(forked_in) == {threading.main_thread().name}
+    assert THREAD not in swapped_in
+
+
 def test_stopping_early_leaves_no_thread_and_no_worker(
     model_parts: tuple[Any, PreprocessSpec], photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

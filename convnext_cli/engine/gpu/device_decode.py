@@ -17,7 +17,7 @@ i+1 overlaps the model on batch i.  The decoder
   so no device-wide synchronisation is needed anywhere;
 - sends what the device decoder rejects (and a batch that ran out of device memory) back
   to decode worker processes, with their deadline and crash isolation: one small pool for
-  the whole run, started at the first reject (``rejects``, see
+  the whole run, started from the main thread as the run starts (``rejects``, see
   :class:`RejectDecoder`).
 
 An exception in the thread reaches the caller with the batch it was for; the thread is
@@ -100,6 +100,7 @@ class DeviceDecoder:
         rejects: Rejects = _no_rejects,
         fatal: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
+        gpu_jpeg.quiet_codec_warnings()  # here, in the main thread (see there)
         self.spec = spec
         self.device = device
         self.rejects = rejects
@@ -176,8 +177,9 @@ class DeviceDecoder:
 class RejectDecoder:
     """What the device decoder rejected (CMYK, corrupt, unsupported...), decoded on the CPU
     by decode worker processes, with their deadline and crash isolation (never Pillow in
-    this process): one small :class:`DecodePool` for the whole run, started at the first
-    reject, used from one thread (the device-decode thread), closed by :meth:`close`."""
+    this process): one small :class:`DecodePool` for the whole run, started from the main
+    thread when the run starts (:meth:`start`), used from one thread (the device-decode
+    thread), closed by :meth:`close`."""
 
     def __init__(self, spec: PreprocessSpec, workers: int = 2, timeout: float | None = None):
         self.spec = spec
@@ -194,8 +196,8 @@ class RejectDecoder:
             return []
         pending = self.pending = PendingBatch(0, [item for _, item in items])
         if self.pool is None:
-            wait = decode_timeout() if self.timeout is None else self.timeout
-            self.pool = DecodePool(self.workers, self.spec, False, wait, self._done, self._error)
+            self.start()
+        assert self.pool is not None
         numbered = list(enumerate(item for _, item in items))
         share = -(-len(numbered) // max(1, self.workers))  # one task per worker
         for start in range(0, len(numbered), share):
@@ -210,6 +212,15 @@ class RejectDecoder:
             if error is not None:
                 errors[positions[n]] = error
         return [([positions[n] for n in group], pixels) for group, pixels in redone.groups]
+
+    def start(self) -> None:
+        """Start the pool's workers: called from the main thread when the run starts, so
+        that they are forked from it (never from the decode thread of a process whose CUDA
+        context is up); a pool not started then starts at the first reject."""
+        if self.pool is None:
+            wait = decode_timeout() if self.timeout is None else self.timeout
+            self.pool = DecodePool(self.workers, self.spec, False, wait, self._done, self._error)
+            self.pool.start()
 
     def _done(self, task: Task, packed: dict[str, Any]) -> None:
         if self.pending is not None:
