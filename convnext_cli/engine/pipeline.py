@@ -392,7 +392,9 @@ class RunTimes:
 
     images: int = 0
     decode: float = 0.0  # seconds decoding (the decode processes' own, summed; else waited)
-    model: float = 0.0  # seconds in the model (and the device decoder), results on the host
+    # seconds in the model, results on the host: on CUDA the device's own time per batch (its
+    # events), elsewhere the host's
+    model: float = 0.0
 
 
 @dataclass

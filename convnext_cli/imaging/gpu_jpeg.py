@@ -27,6 +27,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -117,29 +118,40 @@ def probe(device: torch.device) -> str | None:
 def decode(encoded: list[EncodedJpeg], device: torch.device) -> list[torch.Tensor | None]:
     """Decode JPEGs on `device` to upright (3, H, W) uint8 RGB tensors there.
 
-    One batched call; if the batch fails (torchvision returns nothing then), each image is
-    tried alone.  None marks an image the device decoder rejected: decode it on the CPU.
+    One batched call; if the batch fails (torchvision returns nothing then), it is halved
+    and each half tried again, down to single images: one bad JPEG in a batch of 256 costs
+    about 16 calls, not 256.  None marks an image the device decoder rejected: decode it on
+    the CPU.
     """
-
     io_ops = torchvision_io()
     buffers = [torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for e in encoded]
-    rgb = io_ops.ImageReadMode.RGB
-    images: list[torch.Tensor | None]
     # no warnings.catch_warnings here: it swaps process-wide state and is not thread-safe
     # (this runs in the decode thread); quiet_codec_warnings ran in the main thread
-    try:
-        images = list(io_ops.decode_jpeg(buffers, mode=rgb, device=device))
-    except RuntimeError:
-        images = []
-        for buffer in buffers:
-            try:
-                images.append(io_ops.decode_jpeg(buffer, mode=rgb, device=device))
-            except RuntimeError:
-                images.append(None)
+    images = _decode_halving(io_ops, buffers, device)
     return [
         None if image is None else upright(image, e.orientation)
         for image, e in zip(images, encoded, strict=True)
     ]
+
+
+def _decode_halving(
+    io_ops: Any, buffers: list[torch.Tensor], device: torch.device
+) -> list[torch.Tensor | None]:
+    rgb = io_ops.ImageReadMode.RGB
+    if not buffers:
+        return []
+    if len(buffers) == 1:
+        try:
+            return [io_ops.decode_jpeg(buffers[0], mode=rgb, device=device)]
+        except RuntimeError:
+            return [None]
+    try:
+        return list(io_ops.decode_jpeg(buffers, mode=rgb, device=device))
+    except RuntimeError:
+        middle = len(buffers) // 2
+        return _decode_halving(io_ops, buffers[:middle], device) + _decode_halving(
+            io_ops, buffers[middle:], device
+        )
 
 
 def quiet_codec_warnings() -> None:

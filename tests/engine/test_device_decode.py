@@ -561,3 +561,33 @@ def test_the_runner_takes_device_groups_before_the_model_runs(
     jpegs = [p for p in photos if p.suffix == ".jpg"] * 4
     classify(runner, jpegs)
     assert order == ["take", "model", "take", "model"]
+
+
+def test_one_bad_jpeg_costs_a_few_halvings_not_a_call_per_image(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of 16 with one JPEG the device decoder fails on: the batch is halved until
+    the bad one is alone (9 calls, not 1 + 16); the other 15 are decoded, the bad one is
+    None (decoded again on the CPU by a worker)."""
+    real = torchvision_io()
+    jpeg = next(p for p in photos if p.suffix == ".jpg").read_bytes()
+    bad = jpeg[:-2] + b"\x00\xff\xd9"  # marked for the stand-in below
+    calls: list[int] = []
+
+    class OneBad:
+        ImageReadMode = real.ImageReadMode
+
+        @staticmethod
+        def decode_jpeg(data: Any, mode: Any, device: Any) -> Any:
+            batch = data if isinstance(data, list) else [data]
+            calls.append(len(batch))
+            if any(bytes(b.numpy()) == bad for b in batch):
+                raise RuntimeError("nvjpeg: unsupported")
+            return real.decode_jpeg(data, mode=mode, device=device)
+
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: OneBad)
+    encoded = [EncodedJpeg(bad if n == 11 else jpeg) for n in range(16)]
+    images = gpu_jpeg.decode(encoded, CPU)
+    assert [n for n, image in enumerate(images) if image is None] == [11]
+    assert calls == [16, 8, 8, 4, 2, 2, 1, 1, 4]
+    assert gpu_jpeg.decode([], CPU) == []
