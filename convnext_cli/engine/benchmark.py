@@ -531,17 +531,37 @@ class BenchmarkRunner:
         steady window of ``steady_batches`` batches; latency = time between finished
         batches.  The steady rate is taken over the window only: after the fill, with every
         decode worker started (batches are split into one task per worker, so the first
-        batches start them all) and a compiled model compiled."""
+        batches start them all) and a compiled model compiled.  A compiled model past
+        dynamo's recompile limit is run again eagerly, and the row says so."""
         fill = self.fill_batches(batch_size)
         wanted = (fill + self.options.steady_batches) * batch_size
         paths = list(itertools.islice(itertools.cycle(self.options.images), wanted))
-        reset_peak_memory(self.device)
         before = self.watch.count()
-        marks: list[tuple[float, int]] = []  # (clock, images done) after each batch
+        status = "compiled" if self.watch.active else "eager"
+        try:
+            marks, total = self._run_end_to_end(paths, batch_size)
+        except self.watch.limit_errors():
+            status = f"fell back to eager: dynamo's recompile limit ({self.watch.limit()}) hit"
+            compiled = self.runner.logits_fn
+            self.runner.logits_fn = self.runner.model
+            try:
+                marks, total = self._run_end_to_end(paths, batch_size)
+            finally:
+                self.runner.logits_fn = compiled
+        if status == "compiled" and self.watch.status(before, before).startswith("fell"):
+            status = self.watch.status(before, before)
+        return self._end_to_end_row(batch_size, fill, marks, total, status, before)
+
+    def _run_end_to_end(
+        self, paths: list[str], batch_size: int
+    ) -> tuple[list[tuple[float, float]], float]:
+        """((clock, images done) after each batch with the clock's start first, seconds)."""
+        reset_peak_memory(self.device)
         count = 0
         self.sync()
         with self.sampler, self.watch.strict():
             start = self.clock()
+            marks: list[tuple[float, float]] = [(start, 0)]
             for results in self._classify(paths, batch_size):
                 # a yielded batch's results are on the host already; a device-wide
                 # synchronisation here would also wait for the batch queued behind it
@@ -551,21 +571,31 @@ class BenchmarkRunner:
                 marks.append((self.clock(), count))
             self.sync()
             total = self.clock() - start
-        times = [start] + [at for at, _ in marks]
-        latencies = [b - a for a, b in itertools.pairwise(times)]
+        return marks, total
+
+    def _end_to_end_row(
+        self,
+        batch_size: int,
+        fill: int,
+        marks: list[tuple[float, float]],
+        total: float,
+        status: str,
+        before: tuple[int, int],
+    ) -> Row:
+        count = int(marks[-1][1])
+        latencies = [b - a for (a, _), (b, _) in itertools.pairwise(marks)]
         row = make_row(
             "end-to-end", self.runner.dtype, batch_size, count, latencies, peak_memory(self.device)
         )
-        status = self.watch.status(before, before) if self.watch.active else "eager"
-        self._label(row, "compiled" if status.startswith("compiled") else status, before)
+        self._label(row, status, before)
         row.latency_clock = "wall clock, batch to batch"
         self.sampler.fill(row)
         row.seconds = round(total, 4)
         row.images_per_s = round(count / total, 2) if total > 0 else 0.0
         row.startup_s = round(latencies[0], 4) if latencies else 0.0
-        if len(marks) > fill:
-            (t0, n0), (t1, n1) = marks[fill - 1], marks[-1]
-            row.steady_batches = len(marks) - fill
+        if len(marks) > fill + 1:  # marks[0] is the start, marks[fill] the fill's end
+            (t0, n0), (t1, n1) = marks[fill], marks[-1]
+            row.steady_batches = len(marks) - 1 - fill
             row.steady_images_per_s = round((n1 - n0) / (t1 - t0), 2) if t1 > t0 else 0.0
         return row
 

@@ -366,15 +366,17 @@ def test_the_steady_end_to_end_rate_is_the_decoders_own(
     runner.logits_fn = lambda batch: torch.zeros(batch.shape[0], 1000)
     shape = fixed_shape(runner.spec)
     assert shape is not None
-    seconds = 0.1  # per image, per worker: two workers decode 20 images a second
+    # per image, per worker: two workers decode 10 images a second, slow enough that a
+    # loaded machine's scheduling delays stay far below the 10% allowed
+    seconds = 0.2
 
     def stand_in(ref: object, spec: object, jpeg_on_device: bool) -> torch.Tensor:
         time.sleep(seconds)
         return torch.zeros(shape, dtype=torch.uint8)
 
     monkeypatch.setattr(decode_pool, "decode_one", stand_in)
-    options = SweepOptions(batch_sizes=(8,), warmup=0, iters=1,
+    options = SweepOptions(batch_sizes=(4,), warmup=0, iters=1,
                            images=tuple(map(str, photos)), workers=2)  # fmt: skip
-    row = BenchmarkRunner(runner, options).time_end_to_end(8)
-    assert row.steady_batches == 20 and row.images == 8 * 25  # 5 batches of fill
+    row = BenchmarkRunner(runner, options).time_end_to_end(4)
+    assert row.steady_batches == 20 and row.images == 4 * 25  # 5 batches of fill
     assert row.steady_images_per_s == pytest.approx(2 / seconds, rel=0.10)
