@@ -42,9 +42,9 @@ from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.limits import env_flag
 
 STAGING_ENV = "CONVNEXT_STAGING"
-# Slots beyond the batches being decoded: the batch the consumer uses, the one read back
-# behind it, and the one whose asynchronous copy may still run.
-SPARE_SLOTS = 3
+# Slots beyond the batches being decoded: the batch the consumer uses, the two read back
+# behind it (pipeline.READ_BEHIND), and the one whose asynchronous copy may still run.
+SPARE_SLOTS = 4
 MAX_RING_BYTES = 4 << 30  # beyond this, fewer slots (fewer batches decoded ahead)
 
 
