@@ -429,3 +429,38 @@ def test_every_batch_is_padded_to_one_shape_on_cuda(runner_parts, photos: list[P
     got = [r for batch in runner.classify(paths, batch_size=4, workers=0) for r in batch]
     assert seen == [4, 4] and len(got) == 5  # the last batch of 1 padded to 4
     same(got, results_of(Runner(model, spec, CPU, torch.float32), paths))
+
+
+def test_a_batchs_model_time_is_the_devices_between_its_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA the summary's model time is the device's: from the event where the batch's
+    work began to the one after its outputs' copy, read once the copy is waited for (the
+    GPU's wait included), not the host's enqueue.  Events stood in for by fakes."""
+    waited: list[str] = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.timing = enable_timing
+            self.at = 0.0
+
+        def record(self, stream: object = None) -> None:
+            self.at = 2.5 if self.timing else 0.0  # the device finished 2.5 s later
+
+        def synchronize(self) -> None:
+            waited.append("synchronize")
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return (end.at - self.at) * 1000
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    begin = FakeEvent(enable_timing=True)
+    begin.at = 1.0
+    stored: list[list[pipeline.Result]] = []
+    head = pipeline.Head(lambda b: (b,), lambda outputs, results: stored.append(results))
+    results = [pipeline.Result(path="a")]
+    readback = pipeline.Readback([(results, (torch.zeros(1, 4),))], head, begin)
+    assert readback.seconds is None  # not known before the wait
+    readback.finish()
+    assert waited == ["synchronize"] and stored == [results]
+    assert readback.seconds == pytest.approx(1.5)

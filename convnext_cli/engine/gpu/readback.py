@@ -58,7 +58,8 @@ class Readback:
                 else:
                     host.append(out)
             self.parts.append((results, tuple(host)))
-        if any(out.device.type == "cuda" for _, outputs in parts for out in outputs):
+        on_device = any(out.device.type == "cuda" for _, outputs in parts for out in outputs)
+        if on_device or begin is not None:
             self.event = torch.cuda.Event(enable_timing=begin is not None)
             self.event.record()
 
