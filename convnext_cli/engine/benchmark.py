@@ -41,25 +41,28 @@ prints: progress goes to the caller's ``on_step`` callback.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import platform
 import statistics
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from types import TracebackType
 from typing import Any
 
 import torch
 
 from convnext_cli.engine._environment import cpu_model
 from convnext_cli.engine.device import resolve_device, resolve_dtype
+from convnext_cli.engine.gpu.sampler import DeviceSampler
 from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
 from convnext_cli.engine.pipeline import Runner
 
 NOISY_P99_OVER_P50 = 1.5
 NOISE_MIN_BATCHES = 5
 NOISE_RULE = f"p99 > {NOISY_P99_OVER_P50}x p50 over >= {NOISE_MIN_BATCHES} timed batches"
+STEADY_BATCHES = 20  # end to end: batches in the steady window, after the pipeline's fill
 
 
 @dataclass
@@ -87,6 +90,18 @@ class Row:
     # the mean GPU utilisation sampled during it (None also where NVML cannot be read)
     device_peak_mb: float | None = None
     gpu_util_pct: float | None = None
+    # compiled rows prove it (see CompileWatch): "compiled", "eager" (not compiled), or
+    # "fell back to eager: <why>" / "compiled during the timed iterations" (not comparable)
+    compile_status: str = "eager"
+    compiles: int = 0  # graphs dynamo compiled during this row (its warm-up included)
+    compiled_total: int = 0  # graphs compiled since the sweep's dynamo reset (vs. its limit)
+    steady_batches: int = 0  # end to end: the batches the steady rate is taken over
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the row measured what it is labelled (an eager row, or one that ran
+        compiled throughout): only such rows are compared with a target."""
+        return self.compile_status in ("eager", "compiled")
 
 
 @dataclass
@@ -114,10 +129,15 @@ class SweepOptions:
     # also time "model+copy" rows (uint8 pinned host batch -> copy, normalise, model);
     # None: on CUDA only, where the copy is real work
     copy_rows: bool | None = None
+    # end to end: the steady rate is taken over this many batches after the pipeline is full
+    # (the images are cycled to have enough of them)
+    steady_batches: int = STEADY_BATCHES
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
+        if self.steady_batches < 1:
+            raise ValueError(f"need steady_batches >= 1, got {self.steady_batches}")
         if self.warmup < 0 or self.iters < 1:
             raise ValueError(f"need warmup >= 0 and iters >= 1, got {self.warmup}, {self.iters}")
 
@@ -198,107 +218,6 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return rss_kb * scale / 2**20, "process peak RSS"
 
 
-class DeviceSampler:
-    """The device's used memory and utilisation, sampled on a background thread while a
-    row is timed (``with sampler:``); on anything but CUDA it samples nothing.
-
-    Used memory is NVML's (``torch.cuda.device_memory_used``) where it can be read, else
-    ``torch.cuda.mem_get_info``'s total minus free: both are the whole device's, so they
-    include the CUDA context, the caching allocator's reserve, nvjpeg's buffers and other
-    processes.  Utilisation is ``torch.cuda.utilization`` (NVML; needs ``nvidia-ml-py``):
-    after its first failure it is not asked again and reads ``None``.  One reading is
-    taken on entering and one on leaving, so that a row shorter than the interval still
-    has its figures."""
-
-    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
-        self.device = device
-        self.active = device.type == "cuda"
-        self.interval_s = interval_s
-        self.memory_source: str | None = None  # "nvml" or "mem_get_info", once read
-        self._memory: list[float] = []
-        self._utilisation: list[float] = []
-        self._utilisation_ok = True
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def used_mb(self) -> float | None:
-        """The device's used memory now, in MiB (None when it cannot be read)."""
-        if not self.active:
-            return None
-        if self.memory_source in (None, "nvml") and hasattr(torch.cuda, "device_memory_used"):
-            try:
-                used = torch.cuda.device_memory_used(self.device)
-                self.memory_source = "nvml"
-                return used / 2**20
-            except Exception:
-                pass
-        try:
-            free, total = torch.cuda.mem_get_info(self.device)
-        except Exception:
-            return None
-        self.memory_source = "mem_get_info"
-        return (total - free) / 2**20
-
-    def utilisation(self) -> float | None:
-        """The GPU's utilisation now, in percent (None without NVML)."""
-        if not (self.active and self._utilisation_ok):
-            return None
-        try:
-            return float(torch.cuda.utilization(self.device))
-        except Exception:  # no nvidia-ml-py, no NVML, a driver that does not say
-            self._utilisation_ok = False
-            return None
-
-    def sample(self) -> None:
-        used, busy = self.used_mb(), self.utilisation()
-        if used is not None:
-            self._memory.append(used)
-        if busy is not None:
-            self._utilisation.append(busy)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> DeviceSampler:
-        self._memory.clear()
-        self._utilisation.clear()
-        if self.active:
-            self.sample()
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="device-sampler", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-            self.sample()
-
-    @property
-    def peak_mb(self) -> float | None:
-        return round(max(self._memory), 1) if self._memory else None
-
-    @property
-    def mean_utilisation(self) -> float | None:
-        if not self._utilisation:
-            return None
-        return round(statistics.fmean(self._utilisation), 1)
-
-    def fill(self, row: Row) -> Row:
-        """The row with this sampling's device peak and mean utilisation."""
-        row.device_peak_mb = self.peak_mb
-        row.gpu_util_pct = self.mean_utilisation
-        return row
-
-
 def describe_environment(runner: Runner, model_name: str) -> dict[str, Any]:
     """The report's header: what ran where, with which library versions."""
     import torchvision
@@ -329,6 +248,80 @@ def describe_environment(runner: Runner, model_name: str) -> dict[str, Any]:
     }
 
 
+class CompileWatch:
+    """What dynamo compiles while rows are timed, so that a compiled row proves it ran
+    compiled.
+
+    dynamo keeps at most ``recompile_limit`` (8) compiled graphs per function (a batch
+    size, a dtype, a compile mode each take one; model instances share them); past it, it
+    runs the function *eagerly* without a word.  So the sweep resets dynamo for each
+    runner (:meth:`reset`), and each row runs under ``fail_on_recompile_limit_hit``
+    (:meth:`strict`): a graph past the limit raises, and the row says it fell back.  The
+    counts come from ``torch._dynamo.utils.counters["frames"]``: ``ok`` frames compiled,
+    ``total`` frames dynamo tried (a difference is a frame it gave up on)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.base = self.count() if active else (0, 0)
+        self.graphs = 0  # the recompile limit the rows run under (0: dynamo's own)
+
+    @staticmethod
+    def count() -> tuple[int, int]:
+        """(frames compiled, frames tried) since the process started."""
+        if "torch._dynamo" not in sys.modules:
+            return 0, 0
+        from torch._dynamo.utils import counters
+
+        return counters["frames"]["ok"], counters["frames"]["total"]
+
+    def reset(self, graphs: int) -> None:
+        """Forget every compiled graph (``torch._dynamo.reset``), and allow `graphs` per
+        function (at least dynamo's own limit)."""
+        if not self.active:
+            return
+        import torch._dynamo
+        import torch._dynamo.config as dynamo_config
+
+        torch._dynamo.reset()
+        self.graphs = max(dynamo_config.recompile_limit, graphs)
+        self.base = self.count()
+
+    @property
+    def total(self) -> int:
+        """Graphs compiled since the last :meth:`reset`."""
+        return self.count()[0] - self.base[0]
+
+    def limit(self) -> int:
+        import torch._dynamo.config as dynamo_config
+
+        return self.graphs or int(dynamo_config.recompile_limit)
+
+    def strict(self) -> contextlib.AbstractContextManager[Any]:
+        """dynamo raises instead of running eagerly past its recompile limit (the sweep's,
+        for the time of a row only)."""
+        if not self.active:
+            return contextlib.nullcontext()
+        import torch._dynamo.config as dynamo_config
+
+        return dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=self.limit())
+
+    def limit_errors(self) -> tuple[type[BaseException], ...]:
+        if not self.active:
+            return ()
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        return (FailOnRecompileLimitHit,)
+
+    def status(self, before: tuple[int, int], warmed: tuple[int, int]) -> str:
+        """A compiled row's status from the counts before it, after its warm-up and now."""
+        now = self.count()
+        if now[1] - now[0] > before[1] - before[0]:
+            return "fell back to eager: dynamo gave up compiling a frame"
+        if now[0] > warmed[0]:
+            return "compiled during the timed iterations (warm-up too short)"
+        return "compiled"
+
+
 class BenchmarkRunner:
     """Times one loaded runner (one device, one dtype) over the options' batch sizes:
     model-only on a random batch, then end to end over the options' images if any."""
@@ -350,6 +343,7 @@ class BenchmarkRunner:
         self.sampler = DeviceSampler(runner.device)
         # per-batch latency from CUDA events on CUDA (see the module doc)
         self.events = runner.device.type == "cuda"
+        self.watch = CompileWatch(bool(getattr(runner, "compiled", False)))
 
     @property
     def dtype_name(self) -> str:
@@ -377,19 +371,16 @@ class BenchmarkRunner:
         if options.images:
             header["images"] = len(options.images)
             header["decode"] = "gpu" if runner.jpeg_on_device else "cpu"  # as --decode names them
+            header["steady_batches"] = options.steady_batches
         header["noise_rule"] = NOISE_RULE
         return header
 
     def sweep(self) -> Report:
         """Every batch size model-only, then (with images) every batch size end to end."""
         report = Report(self.header())
-        if getattr(self.runner, "compiled", False):
-            # one static graph per batch size (Runner.compile: dynamic=False), so that no row
-            # depends on the order of -b; dynamo keeps at most `recompile_limit` of them
-            import torch._dynamo.config as dynamo_config
-
-            needed = len(self.options.batch_sizes) * 2 + 2
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
+        # one static graph per batch size (Runner.compile: dynamic=False), compiled afresh
+        # for this runner, so that no row depends on the order of -b or on earlier runners
+        self.watch.reset(len(self.options.batch_sizes) + 2)
         copy_rows = self.options.copy_rows
         if copy_rows is None:
             copy_rows = self.device.type == "cuda"
@@ -405,63 +396,93 @@ class BenchmarkRunner:
                 report.rows.append(self.time_end_to_end(size))
         return report
 
+    def _model_steps(
+        self, batch_size: int, with_copy: bool
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(one forward as the row times it, the same forward on the eager model)."""
+        runner = self.runner
+        forward, eager = runner.logits_fn, getattr(runner, "model", runner.logits_fn)
+        if with_copy:
+            edge = runner.spec.shortest_edge
+            host = torch.randint(0, 256, (batch_size, 3, edge, edge), dtype=torch.uint8)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            return (lambda: forward(runner._to_input(host))), (
+                lambda: eager(runner._to_input(host))
+            )
+        pixels = self.random_batch(batch_size)
+        return (lambda: forward(pixels)), (lambda: eager(pixels))
+
     def time_model(self, batch_size: int, with_copy: bool = False) -> Row:
         """Model-only: the same random batch, `warmup` untimed then `iters` timed forwards
         (a compiled model gets at least :meth:`least_warmup` untimed forwards).
 
         ``with_copy`` ("model+copy" rows): each forward starts from a uint8 batch in pinned
-        host memory, copied to the device and normalised as a run does; the plain "model"
-        rows start from a normalised batch already on the device."""
-        runner, options = self.runner, self.options
-        edge = runner.spec.shortest_edge
-        forward = runner.logits_fn
-        if with_copy:
-            host = torch.randint(0, 256, (batch_size, 3, edge, edge), dtype=torch.uint8)
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-
-            def step() -> None:
-                forward(runner._to_input(host))
-        else:
-            pixels = self.random_batch(batch_size)
-
-            def step() -> None:
-                forward(pixels)
-
-        warmup = max(options.warmup, self.least_warmup())
+        host memory, copied to the device and normalised as a run does (on CUDA its latency
+        runs from an event on the copy stream to one on the compute stream); the plain
+        "model" rows start from a normalised batch already on the device.  A compiled row
+        that dynamo would run eagerly (its recompile limit hit) is timed eagerly and says
+        so (``compile_status``)."""
+        step, eager_step = self._model_steps(batch_size, with_copy)
+        warmup = max(self.options.warmup, self.least_warmup())
+        status = "compiled" if self.watch.active else "eager"
+        before = self.watch.count()
         reset_peak_memory(self.device)
-        latencies: list[float] = []
-        with torch.inference_mode():
-            for _ in range(warmup):
-                step()
-            self.sync()
-            with self.sampler:
-                if self.events:
-                    latencies, total = self._time_with_events(step, options.iters)
-                else:
-                    for _ in range(options.iters):
-                        start = self.clock()
-                        step()
-                        self.sync()
-                        latencies.append(self.clock() - start)
-                    total = sum(latencies)
+        with torch.inference_mode(), self.watch.strict():
+            try:
+                self._repeat(step, warmup)
+            except self.watch.limit_errors():
+                status = f"fell back to eager: dynamo's recompile limit ({self.watch.limit()}) hit"
+                step = eager_step
+                self._repeat(step, warmup)
+            warmed = self.watch.count()
+            latencies, total = self._timed(step, self.options.iters, with_copy)
+        if status == "compiled":
+            status = self.watch.status(before, warmed)
         memory = peak_memory(self.device)
         mode = "model+copy" if with_copy else "model"
-        images = batch_size * options.iters
-        row = make_row(mode, runner.dtype, batch_size, images, latencies, memory)
-        row.compile_mode = self.compile_mode
+        images = batch_size * self.options.iters
+        row = make_row(mode, self.runner.dtype, batch_size, images, latencies, memory)
+        self._label(row, status, before)
         if self.events:
             row.latency_clock = "cuda events"
-            row.seconds = round(total, 4)
-            row.images_per_s = round(images / total, 2) if total > 0 else 0.0
+        row.seconds = round(total, 4)
+        row.images_per_s = round(images / total, 2) if total > 0 else 0.0
         return self.sampler.fill(row)
+
+    def _label(self, row: Row, status: str, before: tuple[int, int]) -> None:
+        row.compile_mode = self.compile_mode
+        row.compile_status = status
+        row.compiles = self.watch.count()[0] - before[0]
+        row.compiled_total = self.watch.total
+
+    def _repeat(self, step: Callable[[], None], times: int) -> None:
+        for _ in range(times):
+            step()
+        self.sync()
+
+    def _timed(
+        self, step: Callable[[], None], iters: int, with_copy: bool
+    ) -> tuple[list[float], float]:
+        """(per-forward seconds, seconds for all of them) with the sampler running."""
+        with self.sampler:
+            if self.events:
+                return self._time_with_events(step, iters, with_copy)
+            latencies = []
+            for _ in range(iters):
+                start = self.clock()
+                step()
+                self.sync()
+                latencies.append(self.clock() - start)
+            return latencies, sum(latencies)
 
     def least_warmup(self) -> int:
         """Untimed forwards a model-only row needs: a compiled model's compilation (one);
-        with reduce-overhead also the CUDA graph's warm-up run and its recording (three),
-        so that no graph is captured while the row is timed and the sampler runs."""
+        with CUDA graphs (reduce-overhead, and max-autotune, which captures them too) also
+        the graph's warm-up run and its recording (three), so that no graph is captured
+        while the row is timed and the sampler runs."""
         mode = self.compile_mode
-        return {"eager": 0, "reduce-overhead": 3}.get(mode, 1)
+        return {"eager": 0, "reduce-overhead": 3, "max-autotune": 3}.get(mode, 1)
 
     def random_batch(self, batch_size: int) -> torch.Tensor:
         """A normalised-looking random batch on the device, in the runner's dtype and layout."""
@@ -472,15 +493,22 @@ class BenchmarkRunner:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels
 
-    def _time_with_events(self, step: Callable[[], None], iters: int) -> tuple[list[float], float]:
+    def _time_with_events(
+        self, step: Callable[[], None], iters: int, with_copy: bool = False
+    ) -> tuple[list[float], float]:
         """(per-forward seconds from CUDA event pairs, wall seconds for all of them): the
-        forwards are queued back to back and the device synchronised once, at the end."""
+        forwards are queued back to back and the device synchronised once, at the end.
+        With the copy, each pair starts on the runner's copy stream (where the batch's
+        host-to-device copy runs) and ends on the compute stream."""
+        copy_stream = None
+        if with_copy and hasattr(self.runner, "copy_stream"):
+            copy_stream = self.runner.copy_stream()
         pairs = []
         start = self.clock()
         for _ in range(iters):
             begin = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
-            begin.record()
+            begin.record(copy_stream)
             step()
             end.record()
             pairs.append((begin, end))
@@ -488,43 +516,87 @@ class BenchmarkRunner:
         total = self.clock() - start
         return [begin.elapsed_time(end) / 1000 for begin, end in pairs], total
 
+    def fill_batches(self, batch_size: int) -> int:
+        """End to end: the batches before the steady window, the pipeline's fill (every
+        decode worker started, the batches it decodes ahead taken) and a compiled model's
+        warm-up."""
+        from convnext_cli.engine.pipeline import plan_workers
+
+        known = batch_size * (self.options.steady_batches + 64) + 1
+        _, prefetch = plan_workers(self.options.workers, known, batch_size, self.device.type)
+        return max(2, prefetch + 1, self.least_warmup() + 1)
+
     def time_end_to_end(self, batch_size: int) -> Row:
-        """Decode + preprocess + model over every image; latency = time between finished batches."""
-        paths = list(self.options.images)
-        warmup = self.options.warmup
-        if warmup:
-            for _ in self._classify(paths[: batch_size * min(warmup, 2)], batch_size):
-                pass
+        """Decode + preprocess + model over the images, cycled to fill the pipeline and a
+        steady window of ``steady_batches`` batches; latency = time between finished
+        batches.  The steady rate is taken over the window only: after the fill, with every
+        decode worker started (batches are split into one task per worker, so the first
+        batches start them all) and a compiled model compiled.  A compiled model past
+        dynamo's recompile limit is run again eagerly, and the row says so."""
+        fill = self.fill_batches(batch_size)
+        wanted = (fill + self.options.steady_batches) * batch_size
+        paths = list(itertools.islice(itertools.cycle(self.options.images), wanted))
+        before = self.watch.count()
+        status = "compiled" if self.watch.active else "eager"
+        try:
+            marks, total = self._run_end_to_end(paths, batch_size)
+        except self.watch.limit_errors():
+            status = f"fell back to eager: dynamo's recompile limit ({self.watch.limit()}) hit"
+            compiled = self.runner.logits_fn
+            self.runner.logits_fn = self.runner.model
+            try:
+                marks, total = self._run_end_to_end(paths, batch_size)
+            finally:
+                self.runner.logits_fn = compiled
+        if status == "compiled" and self.watch.status(before, before).startswith("fell"):
+            status = self.watch.status(before, before)
+        return self._end_to_end_row(batch_size, fill, marks, total, status, before)
+
+    def _run_end_to_end(
+        self, paths: list[str], batch_size: int
+    ) -> tuple[list[tuple[float, float]], float]:
+        """((clock, images done) after each batch with the clock's start first, seconds)."""
         reset_peak_memory(self.device)
-        latencies: list[float] = []
         count = 0
         self.sync()
-        with self.sampler:
-            start = last = self.clock()
+        with self.sampler, self.watch.strict():
+            start = self.clock()
+            marks: list[tuple[float, float]] = [(start, 0)]
             for results in self._classify(paths, batch_size):
                 # a yielded batch's results are on the host already; a device-wide
                 # synchronisation here would also wait for the batch queued behind it
                 if not self.events:
                     self.sync()
-                now = self.clock()
-                latencies.append(now - last)
-                last = now
                 count += len(results)
+                marks.append((self.clock(), count))
             self.sync()
             total = self.clock() - start
+        return marks, total
+
+    def _end_to_end_row(
+        self,
+        batch_size: int,
+        fill: int,
+        marks: list[tuple[float, float]],
+        total: float,
+        status: str,
+        before: tuple[int, int],
+    ) -> Row:
+        count = int(marks[-1][1])
+        latencies = [b - a for (a, _), (b, _) in itertools.pairwise(marks)]
         row = make_row(
             "end-to-end", self.runner.dtype, batch_size, count, latencies, peak_memory(self.device)
         )
-        row.compile_mode = self.compile_mode
+        self._label(row, status, before)
         row.latency_clock = "wall clock, batch to batch"
         self.sampler.fill(row)
         row.seconds = round(total, 4)
         row.images_per_s = round(count / total, 2) if total > 0 else 0.0
-        if latencies:
-            first = min(batch_size, count)
-            row.startup_s = round(latencies[0], 4)
-            rest = total - latencies[0]
-            row.steady_images_per_s = round((count - first) / rest, 2) if rest > 0 else 0.0
+        row.startup_s = round(latencies[0], 4) if latencies else 0.0
+        if len(marks) > fill + 1:  # marks[0] is the start, marks[fill] the fill's end
+            (t0, n0), (t1, n1) = marks[fill], marks[-1]
+            row.steady_batches = len(marks) - 1 - fill
+            row.steady_images_per_s = round((n1 - n0) / (t1 - t0), 2) if t1 > t0 else 0.0
         return row
 
     def _classify(self, paths: Sequence[str], batch_size: int) -> Iterable[Sequence[Any]]:

@@ -334,6 +334,12 @@ class DecodePool:
             except OSError:
                 pass  # it died: found by the next poll, and the task is redone
 
+    def start(self) -> None:
+        """Start every worker now, from the calling thread (the main thread, for a pool
+        that another thread uses later: no process is then forked from that thread)."""
+        while len(self.workers) < self.size:
+            self._start_worker()
+
     def _decode_here(self, task: Task) -> None:
         """The fallback when no worker process can be started: decode in this process."""
         outcomes = [(p, decode_one(path, self.spec, self.jpeg_on_device)) for p, path in task.items]

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -36,17 +36,20 @@ from convnext_cli.engine.decode_pool import (
     decode_one,
     decode_timeout,
     failure,
-    fits,
     group_by_shape,
-    unpack_groups,
 )
-from convnext_cli.engine.device_decode import Cancelled, DeviceBatch, DeviceDecoder, in_thread
+from convnext_cli.engine.decoded import DecodedBatch, PendingBatch
+from convnext_cli.engine.gpu.device_decode import (
+    DeviceBatch,
+    DeviceDecoder,
+    RejectDecoder,
+    in_thread,
+)
+from convnext_cli.engine.gpu.readback import Readback
 from convnext_cli.engine.staging import StagingRing, fixed_shape, ring_slots, staging_enabled
 from convnext_cli.engine.thread_tuner import ThreadTuner
 from convnext_cli.errors import DeviceFailure, one_line
-from convnext_cli.imaging.gpu_jpeg import EncodedJpeg
 from convnext_cli.imaging.preprocess import PreprocessSpec
-from convnext_cli.inputs.expand import InputRef
 from convnext_cli.model.convnext import ConvNeXtForClassification
 from convnext_cli.results import (
     InMemoryImage,
@@ -57,6 +60,9 @@ from convnext_cli.results import (
     source_of,
 )
 
+MIN_TASK_FILES = 4  # a decode task is at least this many files (a message per task)
+T = TypeVar("T")
+READ_BEHIND = 2  # on CUDA, batches queued on the device while an earlier one is read back
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count the user chose
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (the physical cores)
 
@@ -71,136 +77,6 @@ def _prepare(item: Input, spec: PreprocessSpec, jpeg_on_device: bool) -> Any:
         except Exception as exc:
             return failure(exc)
     return decode_one(item, spec, jpeg_on_device)
-
-
-@dataclass
-class DecodedBatch:
-    """One batch as the decoders hand it over: per-input errors, and the pixels stacked by
-    shape (one group unless resizing is off); with ``pin_memory`` the whole uint8 group is
-    pinned once, so that its host-to-device copy can run asynchronously.
-
-    With a staging ring (:mod:`convnext_cli.engine.staging`) the group of the run's crop
-    shape is a view of the batch's slot, written by the decode workers (no copy here; on
-    CUDA already page-locked).  The consumer calls :meth:`release` once it no longer reads
-    the pixels: after their host-to-device copy has been queued, with an event recorded
-    after it, which the ring waits for before reusing the slot.
-    """
-
-    indices: list[int]  # the inputs' numbers in the whole run
-    inputs: list[Input]
-    errors: list[str | None]
-    groups: list[tuple[list[int], torch.Tensor]]  # positions in the batch, (n, 3, h, w) uint8
-    encoded: list[tuple[int, EncodedJpeg]] = field(default_factory=list)  # for the device
-    decoding: float = 0.0  # seconds the decoding processes spent on it (reading included)
-    ring: StagingRing | None = field(default=None, repr=False, compare=False)
-    slot: tuple[int, int] | None = field(default=None, repr=False, compare=False)
-
-    def pin_memory(self) -> DecodedBatch:
-        groups = [
-            (positions, pixels if self._pinned(pixels) else pixels.pin_memory())
-            for positions, pixels in self.groups
-        ]
-        return replace(self, groups=groups)
-
-    def _pinned(self, pixels: torch.Tensor) -> bool:
-        return self.ring is not None and self.ring.pinned and self.ring.holds(pixels)
-
-    def release(self, after: Any = None) -> None:
-        """The consumer is done with this batch's pixels once `after` (a CUDA event, or
-        None: now) has completed: its slot may then take another batch.  Idempotent; a
-        batch without a slot has nothing to release."""
-        if self.ring is not None and self.slot is not None:
-            self.ring.release(*self.slot, after)
-
-
-class _PendingBatch:
-    """A batch being assembled from what the decoders return, in any order; with a slot,
-    every crop of the slot's shape lands in it at its position."""
-
-    def __init__(
-        self,
-        start: int,
-        inputs: list[Input],
-        ring: StagingRing | None = None,
-        slot: tuple[int, int] | None = None,
-    ) -> None:
-        self.indices = list(range(start, start + len(inputs)))
-        self.inputs = inputs
-        self.errors: list[str | None] = [None] * len(inputs)
-        self.waiting = len(inputs)
-        self.parts: list[tuple[list[int], torch.Tensor]] = []
-        self.encoded: list[tuple[int, EncodedJpeg]] = []
-        self.decoding = 0.0
-        self.ring = ring if slot is not None else None
-        self.slot = slot
-        self.stage = ring.slot(slot[0]) if ring is not None and slot is not None else None
-        self.staged: list[int] = []  # positions whose crop is in the slot
-
-    @property
-    def slot_index(self) -> int:
-        return -1 if self.slot is None else self.slot[0]
-
-    def add(self, position: int, outcome: Any) -> None:
-        if isinstance(outcome, str):
-            self.errors[position] = outcome
-        elif isinstance(outcome, EncodedJpeg):
-            self.encoded.append((position, outcome))
-        elif self.stage is not None and fits(self.stage, outcome):
-            self.stage[position].copy_(outcome)
-            self.staged.append(position)
-        else:
-            self.parts.append(([position], outcome[None]))
-        self.waiting -= 1
-
-    def add_packed(self, packed: dict[str, Any]) -> None:
-        for position, error in packed["errors"]:
-            self.errors[position] = error
-        self.encoded += packed["encoded"]
-        self.decoding += packed.get("seconds", 0.0)
-        staged = packed.get("staged", [])
-        self.staged += staged
-        groups = unpack_groups(packed)
-        for positions, pixels in groups:
-            if self.stage is not None and fits(self.stage, pixels[0]):
-                # a worker that could not write the slot: into it here, instead of a cat
-                for row, position in enumerate(positions):
-                    self.stage[position].copy_(pixels[row])
-                self.staged += positions
-            else:
-                self.parts.append((positions, pixels))
-        self.waiting -= len(packed["errors"]) + len(packed["encoded"]) + len(staged)
-        self.waiting -= sum(len(positions) for positions, _ in groups)
-
-    def _staged_group(self) -> tuple[list[int], torch.Tensor] | None:
-        """The slot's crops as one view: rows moved up over the positions that have none
-        (errors, device JPEGs), in place, so that the view stays in the (pinned) ring."""
-        if self.stage is None or not self.staged:
-            return None
-        positions = sorted(self.staged)
-        for row, position in enumerate(positions):
-            if row != position:  # row < position: moving up never overwrites a later crop
-                self.stage[row].copy_(self.stage[position])
-        return positions, self.stage[: len(positions)]
-
-    def finish(self) -> DecodedBatch:
-        groups = []
-        staged = self._staged_group()
-        if staged is not None:
-            groups.append(staged)
-        for parts in group_by_shape(self.parts, lambda part: tuple(part[1].shape[1:])):
-            if len(parts) == 1:
-                groups.append(parts[0])
-            else:
-                positions = [p for part, _ in parts for p in part]
-                groups.append((positions, torch.cat([pixels for _, pixels in parts])))
-        self.encoded.sort(key=lambda item: item[0])
-        batch = DecodedBatch(
-            self.indices, self.inputs, self.errors, groups, self.encoded, self.decoding,
-            self.ring, self.slot,
-        )  # fmt: skip
-        if staged is None:
-            batch.release()  # nothing in the slot: free at once
-        return batch
 
 
 def default_batch_size(
@@ -317,6 +193,7 @@ def decoded_batches(
     timeout: float | None = None,
     staging: bool | None = None,
     slots: int | None = None,
+    device: torch.device | None = None,
 ) -> Generator[DecodedBatch, None, None]:
     """Batches of decoded inputs, in order, from `workers` processes (0: in this process).
 
@@ -345,7 +222,8 @@ def decoded_batches(
         # page-locked for worker runs only: in-process decoding also serves short calls (the
         # Ray actors' batches), where a registration per call would cost more than it saves
         try:
-            ring = StagingRing(count, batch_size, shape, pin=pin_memory and workers > 0)
+            pinned = pin_memory and workers > 0
+            ring = StagingRing(count, batch_size, shape, pin=pinned, device=device)
         except (OSError, ValueError):  # no such mapping to be had: the pickle path
             ring = None
     try:
@@ -374,11 +252,21 @@ def _decoded_here(
     start = 0
     for chunk in chunks:
         slot = ring.acquire(wait=True) if ring is not None else None
-        pending = _PendingBatch(start, chunk, ring, slot)
+        pending = PendingBatch(start, chunk, ring, slot)
         for position, item in enumerate(chunk):
             pending.add(position, _prepare(item, spec, jpeg_on_device))
         start += len(chunk)
         yield pending.finish()
+
+
+def split_tasks(files: list[T], workers: int) -> list[list[T]]:
+    """A batch's files as one decode task per worker (at least :data:`MIN_TASK_FILES`
+    files each): every worker starts on the first batches and a batch is decoded by all of
+    them at once, instead of one worker decoding a whole batch of 256."""
+    if not files:
+        return []
+    size = max(MIN_TASK_FILES, -(-len(files) // max(1, workers)))
+    return [files[start : start + size] for start in range(0, len(files), size)]
 
 
 def _decoded_by_workers(
@@ -394,7 +282,7 @@ def _decoded_by_workers(
     over in order.  With a `ring`, a batch is sent to the workers only once it has a slot
     (while other batches are in flight it waits for one; with none in flight it goes without,
     by the pickle path)."""
-    batches: dict[int, _PendingBatch] = {}
+    batches: dict[int, PendingBatch] = {}
 
     def done(task: Task, packed: dict[str, Any]) -> None:
         batches[task.batch].add_packed(packed)
@@ -420,7 +308,7 @@ def _decoded_by_workers(
                 if ring is not None and slot is None:
                     # nothing in flight: wait for the device's copy, or go without a slot
                     slot = ring.acquire(wait=True)
-                pending = batches[submitted] = _PendingBatch(start, taken, ring, slot)
+                pending = batches[submitted] = PendingBatch(start, taken, ring, slot)
                 start += len(taken)
                 files = []
                 for position, item in enumerate(taken):
@@ -428,8 +316,8 @@ def _decoded_by_workers(
                         pending.add(position, _prepare(item, spec, jpeg_on_device))
                     else:
                         files.append((position, item))
-                if files:
-                    pool.submit(submitted, files, slot=pending.slot_index)
+                for task in split_tasks(files, workers):
+                    pool.submit(submitted, task, slot=pending.slot_index)
                 submitted += 1
             if number not in batches:
                 return  # the inputs have ended and every batch was handed over
@@ -498,43 +386,15 @@ class Head:
     store: Callable[[tuple[torch.Tensor, ...], list[Result]], None]
 
 
-class Readback:
-    """A batch's outputs on their way to the host: copied with ``non_blocking`` into pinned
-    memory after the batch is queued, waited for (:meth:`finish`) only once the next batch
-    is queued too, so that the device never waits for the host."""
-
-    def __init__(self, parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]], head: Head):
-        self.head = head
-        self.event: Any = None
-        self.parts: list[tuple[list[Result], tuple[torch.Tensor, ...]]] = []
-        for results, outputs in parts:
-            host = []
-            for out in outputs:
-                if out.device.type == "cuda":
-                    buffer = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                    buffer.copy_(out, non_blocking=True)
-                    host.append(buffer)
-                else:
-                    host.append(out)
-            self.parts.append((results, tuple(host)))
-        if any(out.device.type == "cuda" for _, outputs in parts for out in outputs):
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def finish(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-        for results, outputs in self.parts:
-            self.head.store(outputs, results)
-
-
 @dataclass
 class RunTimes:
     """Where a runner's time went, over every input it was given (for the CLI's summary)."""
 
     images: int = 0
     decode: float = 0.0  # seconds decoding (the decode processes' own, summed; else waited)
-    model: float = 0.0  # seconds in the model (and the device decoder), results on the host
+    # seconds in the model, results on the host: on CUDA the device's own time per batch (its
+    # events), elsewhere the host's
+    model: float = 0.0
 
 
 @dataclass
@@ -547,64 +407,6 @@ class _RunPlan:
     prefetch: int
     threads: int  # the model's CPU threads when the tuner may change them, else 0
     tuner: ThreadTuner | None
-
-
-class RejectDecoder:
-    """What the device decoder rejected (CMYK, corrupt, unsupported...), decoded on the CPU
-    by decode worker processes, with their deadline and crash isolation (never Pillow in
-    this process): one small :class:`DecodePool` for the whole run, started at the first
-    reject, used from one thread (the device-decode thread), closed by :meth:`close`."""
-
-    def __init__(self, spec: PreprocessSpec, workers: int = 2, timeout: float | None = None):
-        self.spec = spec
-        self.workers = workers
-        self.timeout = timeout
-        self.pool: DecodePool | None = None
-        self.pending: _PendingBatch | None = None
-        self.cancelled = threading.Event()
-
-    def __call__(
-        self, items: list[tuple[int, InputRef]], errors: list[str | None]
-    ) -> list[tuple[list[int], torch.Tensor]]:
-        """Decode `items` ((position in the batch, input) pairs): their pixels by shape,
-        with their positions; an input that fails gets its error in `errors`."""
-        if not items:
-            return []
-        pending = self.pending = _PendingBatch(0, [item for _, item in items])
-        if self.pool is None:
-            wait = decode_timeout() if self.timeout is None else self.timeout
-            self.pool = DecodePool(self.workers, self.spec, False, wait, self._done, self._error)
-        numbered = list(enumerate(item for _, item in items))
-        share = -(-len(numbered) // max(1, self.workers))  # one task per worker
-        for start in range(0, len(numbered), share):
-            self.pool.submit(0, numbered[start : start + share])
-        while pending.waiting > 0:
-            if self.cancelled.is_set():
-                raise Cancelled("stopped while decoding rejected JPEGs")
-            self.pool.poll()
-        redone = pending.finish()
-        positions = [position for position, _ in items]
-        for n, error in enumerate(redone.errors):
-            if error is not None:
-                errors[positions[n]] = error
-        return [([positions[n] for n in group], pixels) for group, pixels in redone.groups]
-
-    def _done(self, task: Task, packed: dict[str, Any]) -> None:
-        if self.pending is not None:
-            self.pending.add_packed(packed)
-
-    def _error(self, task: Task, position: int, message: str) -> None:
-        if self.pending is not None:
-            self.pending.add(position, message)
-
-    def cancel(self) -> None:
-        """Cut a wait for the workers short (from another thread: the run is stopping)."""
-        self.cancelled.set()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
 
 
 def _device_errors(
@@ -623,13 +425,17 @@ class Runner:
     """A loaded model on a device, turning paths into results batch by batch.
 
     On CUDA a batch is copied to the device on a side stream from pinned memory, runs on
-    the compute stream, and its results are read back one batch behind (batch i+1 is
-    queued before batch i's outputs are waited for): `overlap` is on for CUDA, off on the
-    CPU, where there is nothing to overlap and results come as soon as they are computed.
+    the compute stream, and its results are read back `read_behind` (2) batches behind
+    (batches i+1 and i+2 are queued before batch i's outputs are waited for, so that a fast
+    compiled model never waits for the host): `overlap` is on for CUDA, off on the CPU,
+    where there is nothing to overlap and results come as soon as they are computed.
     A CUDA out-of-memory error halves the batch for the rest of the run (one note); any
     other CUDA error raises :class:`DeviceFailure` (exit 70, finished records kept).
-    With ``--compile``, every group is padded to the run's batch size and the padding rows
-    dropped, so the compiled model sees one shape and compiles once.
+    With ``--compile``, and on CUDA always, every group is padded to the run's batch size
+    and the padding rows dropped, so the compiled model sees one shape and compiles once,
+    and cuDNN's autotuner sees one shape (a last, short batch or one shrunk by errors is no
+    new shape).  On CUDA ``times.model`` is the device's own time per batch, from an event
+    where its work begins to the event after its outputs' copy to the host.
     """
 
     def __init__(
@@ -652,7 +458,8 @@ class Runner:
         self.logits_fn: Any = model
         self.embed_fn: Any = model.embed
         self.compiled = False
-        self.overlap = device.type == "cuda"  # read results back one batch behind
+        self.overlap = device.type == "cuda"  # read results back behind the batches queued
+        self.read_behind = READ_BEHIND  # with overlap: batches queued ahead of the one read
         self.on_note: Callable[[str], None] | None = None  # hears the out-of-memory note
         self.max_rows: int | None = None  # the batch after an out-of-memory error
         self.pad_rows: int | None = None  # compiled: the one batch shape (set per run)
@@ -688,6 +495,28 @@ class Runner:
         self.compiled = True
         self.compile_mode = mode
 
+    @property
+    def pads_batches(self) -> bool:
+        """Whether every batch is padded to the run's batch size: compiled (one shape for the
+        graph) and on CUDA (one shape for cuDNN's autotuner, eager too)."""
+        return self.compiled or self.device.type == "cuda"
+
+    def _begin_event(self) -> Any:
+        """On CUDA, a timing event on the compute stream where a batch's work begins (after
+        its device decoding, before its copy is waited for): the batch's model time is from
+        it to its readback's event, the device's own time, waits for the copy included."""
+        if self.device.type != "cuda":
+            return None
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        return begin
+
+    def copy_stream(self) -> Any:
+        """The CUDA side stream the host-to-device copies run on (created once)."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return self._copy_stream
+
     def _normalization(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """mean/std on the device, built once (see PreprocessSpec.normalization)."""
         if not self._stats_ready:
@@ -700,15 +529,14 @@ class Runner:
         the copy overlaps the model), which the compute stream then waits for."""
         if pixels.device == self.device or self.device.type != "cuda":
             return pixels.to(self.device, non_blocking=True)
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
+        copy_stream = self.copy_stream()
         compute = torch.cuda.current_stream(self.device)
         # no wait on the compute stream: the copy of batch i+1 runs while batch i computes
         # (its pinned source is held by the caching host allocator until the copy is done;
         # its device block is marked used by the compute stream below)
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.stream(copy_stream):
             batch = pixels.to(self.device, non_blocking=True)
-        compute.wait_stream(self._copy_stream)
+        compute.wait_stream(copy_stream)
         batch.record_stream(compute)
         return batch
 
@@ -730,7 +558,9 @@ class Runner:
     ) -> Iterator[list[Result]]:
         plan = self._plan(paths, batch_size, workers)
         batches = self._batches(plan)
-        behind: tuple[list[Result], Readback, float] | None = None
+        # batches queued on the device whose results are not read yet (CUDA: read_behind)
+        queued: deque[tuple[list[Result], Readback, float]] = deque()
+        depth = self.read_behind if self.overlap else 0
         times = self.times
         try:
             waited = time.perf_counter()
@@ -744,20 +574,17 @@ class Runner:
                 ]
                 readback = self._queue(head, batch, results)
                 decoded.release(readback.event)  # its slot is reused once the copy is consumed
-                times.model += time.perf_counter() - got
+                if readback.begin is None:  # else the device's own time, read at _finish
+                    times.model += time.perf_counter() - got
                 times.images += len(results)
                 # the decoders' load: their seconds on this batch, per decoding process
                 load = decoded.decoding / plan.workers if plan.workers > 0 else 0.0
-                if behind is not None:
-                    yield self._finish(behind, plan.tuner)
-                    behind = None
-                if self.overlap:
-                    behind = (results, readback, load)
-                else:
-                    yield self._finish((results, readback, load), plan.tuner)
+                queued.append((results, readback, load))
+                while len(queued) > depth:
+                    yield self._finish(queued.popleft(), plan.tuner)
                 waited = time.perf_counter()
-            if behind is not None:
-                yield self._finish(behind, plan.tuner)
+            while queued:
+                yield self._finish(queued.popleft(), plan.tuner)
         finally:
             batches.close()  # stops the decode workers at once when the caller stops early
             self.pad_rows = None  # the compiled shape is this run's
@@ -779,13 +606,13 @@ class Runner:
         if threads > 1 and workers > 0 and prefetch > 1 and known > batch_size:
             # every core for the model, or the decoders' cores left to them: measured
             tuner = ThreadTuner([threads, max(1, threads - workers)], settle=prefetch)
-        if self.compiled:
+        if self.pads_batches:
             self.pad_rows = min(batch_size, self.max_rows or batch_size)
         return _RunPlan(paths, batch_size, workers, prefetch, threads, tuner)
 
     def _batches(self, plan: _RunPlan) -> Generator[DecodedBatch | DeviceBatch, None, None]:
         """The run's decoded batches; with ``jpeg_on_device``, their JPEGs decoded and
-        resized on the device in a background thread (:mod:`.device_decode`), what the
+        resized on the device in a background thread (:mod:`.gpu.device_decode`), what the
         device decoder rejects decoded again by a small pool of decode workers."""
         pin = self.device.type == "cuda"
         batches = decoded_batches(
@@ -796,10 +623,12 @@ class Runner:
             pin,
             jpeg_on_device=self.jpeg_on_device,
             prefetch=plan.prefetch,
+            device=self.device,
         )
         if not self.jpeg_on_device:
             return batches
         rejects = RejectDecoder(self.spec)
+        rejects.start()  # its workers forked here, from the main thread
         decoder = DeviceDecoder(self.spec, self.device, rejects, is_device_failure)
         stage = in_thread(batches, decoder, on_stop=rejects.cancel, on_exit=rejects.close)
         return _device_errors(stage)
@@ -815,9 +644,10 @@ class Runner:
                 groups = self._merged(batch.decoded.groups, batch.take(self.device))
             else:
                 groups = batch.groups
+            begin = self._begin_event()
             for positions, pixels in groups:
                 self._launch(head, pixels, [results[p] for p in positions], parts)
-            return Readback(parts, head)
+            return Readback(parts, head, begin)
 
     def _merged(
         self,
@@ -845,6 +675,8 @@ class Runner:
             if is_device_failure(exc):
                 raise device_failure(exc) from exc
             raise
+        if readback.seconds is not None:
+            self.times.model += readback.seconds
         if tuner is not None and (changed := tuner.batch_done(len(results), load)):
             torch.set_num_threads(changed)
         return results

@@ -37,13 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from convnext_cli.engine.gpu import host_memory
 from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.limits import env_flag
 
 STAGING_ENV = "CONVNEXT_STAGING"
-# Slots beyond the batches being decoded: the batch the consumer uses, the one read back
-# behind it, and the one whose asynchronous copy may still run.
-SPARE_SLOTS = 3
+# Slots beyond the batches being decoded: the batch the consumer uses, the two read back
+# behind it (pipeline.READ_BEHIND), and the one whose asynchronous copy may still run.
+SPARE_SLOTS = 4
 MAX_RING_BYTES = 4 << 30  # beyond this, fewer slots (fewer batches decoded ahead)
 
 
@@ -77,7 +78,12 @@ class StagingRing:
     """
 
     def __init__(
-        self, slots: int, batch_size: int, shape: tuple[int, ...], pin: bool = False
+        self,
+        slots: int,
+        batch_size: int,
+        shape: tuple[int, ...],
+        pin: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         self.slots = max(1, slots)
         self.batch_size = max(1, batch_size)
@@ -96,7 +102,7 @@ class StagingRing:
         self._released: dict[int, Any] = {}  # slot -> what its reuse waits for (or None)
         self._tokens = itertools.count(1)
         if pin:
-            self._pin()
+            self._pin(device)
 
     # the slots
 
@@ -156,17 +162,10 @@ class StagingRing:
 
     # page-locking
 
-    def _pin(self) -> None:
-        """Page-lock the ring for CUDA once; left unpinned (``pin_memory`` copies then) when
-        CUDA is absent or refuses."""
-        if not torch.cuda.is_available():
-            return
-        try:
-            code = torch.cuda.cudart().cudaHostRegister(self.address, self.nbytes, 0)
-        except Exception:
-            return
-        if int(code) != 0:
-            _clear_cuda_error()
+    def _pin(self, device: torch.device | None) -> None:
+        """Page-lock the ring for CUDA once (:mod:`convnext_cli.engine.gpu.host_memory`); left
+        unpinned (``pin_memory`` copies then) when CUDA is absent or refuses."""
+        if not host_memory.register(self.address, self.nbytes, device):
             return
         self.pinned = True
         if self._map is not None:  # the workers forked after this must still see it
@@ -178,10 +177,7 @@ class StagingRing:
         mapping; views still held keep it alive (unpinned) until they go."""
         if self.pinned:
             self.pinned = False
-            with contextlib.suppress(Exception):
-                torch.cuda.synchronize()
-            with contextlib.suppress(Exception):
-                torch.cuda.cudart().cudaHostUnregister(self.address)
+            host_memory.unregister(self.address)
         self._free.clear()
         self._held.clear()
         self._released.clear()
@@ -194,15 +190,3 @@ class StagingRing:
     # the ring travels to the workers through fork, never by pickle
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("a StagingRing is shared through fork only")
-
-
-def _clear_cuda_error() -> None:
-    """Reset the CUDA runtime's last error after a refused registration, so that torch's
-    next kernel-launch check does not report it (best effort)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libcudart" in line}
-        for path in paths:
-            ctypes.CDLL(path).cudaGetLastError()

@@ -3,12 +3,12 @@
 The decode workers only read a JPEG's header (the decompression-bomb check, its colour
 mode and EXIF orientation) and hand its bytes over; a background thread of the main process
 decodes the whole batch on the device in one call, applies the orientation with tensor
-flips and resizes the batch there at once (see :mod:`convnext_cli.engine.device_decode`).
+flips and resizes the batch there at once (see :mod:`convnext_cli.engine.gpu.device_decode`).
 Whatever the device decoder is not trusted with is decoded on the CPU as before:
 files that are not JPEGs, CMYK/YCCK JPEGs, files that do not end in an end-of-image
 marker (truncated ones, which the CPU path reports as errors, and ones with trailing
 data), and any image the device decoder rejects (sent back to a decode worker, with its
-deadline and crash isolation: see ``pipeline.RejectDecoder``).  Only ``--decode gpu``
+deadline and crash isolation: see ``gpu.device_decode.RejectDecoder``).  Only ``--decode gpu``
 decodes here; ``auto`` is CPU decoding, the exact path.
 
 The header is read by :func:`convnext_cli.imaging.decoding.open_header`, so the CPU path's refusals
@@ -24,8 +24,10 @@ tested without a GPU.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -83,6 +85,7 @@ def resolve_decode(
         raise UsageError(f"--decode gpu needs a CUDA device; the model runs on {device}")
     if choice != "gpu":
         return False  # and torchvision stays unimported: its import costs seconds
+    quiet_codec_warnings()
     problem = probe(device)
     if problem is not None:
         if on_note is not None:
@@ -115,28 +118,48 @@ def probe(device: torch.device) -> str | None:
 def decode(encoded: list[EncodedJpeg], device: torch.device) -> list[torch.Tensor | None]:
     """Decode JPEGs on `device` to upright (3, H, W) uint8 RGB tensors there.
 
-    One batched call; if the batch fails (torchvision returns nothing then), each image is
-    tried alone.  None marks an image the device decoder rejected: decode it on the CPU.
+    One batched call; if the batch fails (torchvision returns nothing then), it is halved
+    and each half tried again, down to single images: one bad JPEG in a batch of 256 costs
+    about 16 calls, not 256.  None marks an image the device decoder rejected: decode it on
+    the CPU.
     """
-
     io_ops = torchvision_io()
     buffers = [torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for e in encoded]
-    rgb = io_ops.ImageReadMode.RGB
-    images: list[torch.Tensor | None]
-    with no_deprecation_warning():
-        try:
-            images = list(io_ops.decode_jpeg(buffers, mode=rgb, device=device))
-        except RuntimeError:
-            images = []
-            for buffer in buffers:
-                try:
-                    images.append(io_ops.decode_jpeg(buffer, mode=rgb, device=device))
-                except RuntimeError:
-                    images.append(None)
+    # no warnings.catch_warnings here: it swaps process-wide state and is not thread-safe
+    # (this runs in the decode thread); quiet_codec_warnings ran in the main thread
+    images = _decode_halving(io_ops, buffers, device)
     return [
         None if image is None else upright(image, e.orientation)
         for image, e in zip(images, encoded, strict=True)
     ]
+
+
+def _decode_halving(
+    io_ops: Any, buffers: list[torch.Tensor], device: torch.device
+) -> list[torch.Tensor | None]:
+    rgb = io_ops.ImageReadMode.RGB
+    if not buffers:
+        return []
+    if len(buffers) == 1:
+        try:
+            return [io_ops.decode_jpeg(buffers[0], mode=rgb, device=device)]
+        except RuntimeError:
+            return [None]
+    try:
+        return list(io_ops.decode_jpeg(buffers, mode=rgb, device=device))
+    except RuntimeError:
+        middle = len(buffers) // 2
+        return _decode_halving(io_ops, buffers[:middle], device) + _decode_halving(
+            io_ops, buffers[middle:], device
+        )
+
+
+def quiet_codec_warnings() -> None:
+    """Ignore torchvision's deprecation notice on its codecs (issued on every call since
+    0.29), once and for the process: called from the main thread, before the decode
+    thread starts, instead of a ``warnings.catch_warnings`` around each call in that
+    thread (not thread-safe before Python 3.14)."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
 
 
 def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -209,8 +209,8 @@ def _resize_window(
     first_row, vertical = _axis_weights(in_h, size[0], row0, row1, resample)
     first_col, horizontal = _axis_weights(in_w, size[1], col0, col1, resample)
     device = image.device
-    v = vertical.to(device=device, dtype=torch.float32)
-    h = horizontal.to(device=device, dtype=torch.float32)
+    v = to_device(vertical.to(torch.float32), device)
+    h = to_device(horizontal.to(torch.float32), device)
     window = image[:, first_row : first_row + v.shape[1], first_col : first_col + h.shape[1]]
     # horizontal pass, then vertical, each rounded to uint8 values as Pillow and torch do
     # (rounding half up, as their fixed-point arithmetic does)
@@ -313,6 +313,17 @@ def resize_chunk(
 BAND_BLOCK = 16  # outputs per block of _banded
 
 
+def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table (taps, gather indices) on `device`.  On CUDA it goes through
+    pinned memory with ``non_blocking``: a pageable copy would block the host thread until
+    the stream had finished everything queued before it (the batch's decoding), so decoding
+    and resizing could never overlap.  The caching host allocator keeps the pinned block
+    until the copy has run."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 def _banded(
     pixels: torch.Tensor, low: torch.Tensor, taps: torch.Tensor, block: int = BAND_BLOCK
 ) -> torch.Tensor:
@@ -331,9 +342,9 @@ def _banded(
     parts = torch.zeros((count, blocks, block, span), dtype=taps.dtype)
     parts.scatter_(-1, offsets, taps)
     device = pixels.device
-    parts = parts.to(device=device, dtype=torch.float32)
+    parts = to_device(parts.to(torch.float32), device)
     index = start[..., None] + torch.arange(span)  # (n, blocks, span) input positions
-    index = index.clamp_max(pixels.shape[-1] - 1).to(device).view(count, 1, 1, -1)
+    index = to_device(index.clamp_max(pixels.shape[-1] - 1), device).view(count, 1, 1, -1)
     gathered = pixels.gather(-1, index.expand(*pixels.shape[:-1], -1))
     gathered = gathered.view(*pixels.shape[:-1], blocks, span)  # (n, C, R, blocks, span)
     out = torch.einsum("ncrbs,nbjs->ncrbj", gathered, parts)

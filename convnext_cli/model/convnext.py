@@ -43,8 +43,9 @@ class GRN(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # L2 norm over H, W per channel, in float32: (N, 1, 1, C)
-        gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(1, 2), keepdim=True)
+        # L2 norm over H, W per channel, accumulated in float32 (no float16 overflow) without
+        # a float32 copy of the 4C activation (the reduction casts as it reads): (N, 1, 1, C)
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True, dtype=torch.float32)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         # weight * (x * nx) + bias + x  ==  x * (1 + weight * nx) + bias, one pass over x
         scale = (1.0 + self.weight.float() * nx).to(x.dtype)

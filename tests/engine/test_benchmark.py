@@ -94,7 +94,9 @@ def test_sweep_json_report(v1_checkpoint: Path, photos: list[Path], tmp_path: Pa
         assert row["images_per_s"] > 0 and row["peak_memory_mb"] > 0
         assert isinstance(row["noisy"], bool) and row["spread"] >= 1.0
         assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
-        assert row["images"] == (3 if row["mode"] == "end-to-end" else row["batch_size"] * 3)
+        # end to end: the 3 images cycled to 2 batches of fill (no workers) + 20 steady ones
+        per_row = 22 if row["mode"] == "end-to-end" else 3
+        assert row["images"] == row["batch_size"] * per_row
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -211,8 +213,11 @@ def test_too_few_batches_are_never_flagged() -> None:
 def test_end_to_end_pipeline_fill_is_not_noise_but_a_later_spike_is() -> None:
     def e2e_row(batch_seconds: list[float]) -> Row:
         clock = FakeClock()
-        paths = tuple(f"img{i}.jpg" for i in range(2 * len(batch_seconds)))
-        options = SweepOptions(batch_sizes=(2,), warmup=0, iters=1, images=paths)
+        paths = tuple(f"img{i}.jpg" for i in range(4))
+        # one worker: 3 batches of fill, then 5 steady ones (the files cycled)
+        options = SweepOptions(
+            batch_sizes=(2,), warmup=0, iters=1, images=paths, workers=1, steady_batches=5
+        )
         bench = BenchmarkRunner(fake_runner(clock, batch_seconds), options)  # type: ignore[arg-type]
         bench.clock = clock
         return bench.time_end_to_end(2)

@@ -132,3 +132,36 @@ def test_cuda_auto_dtype_is_native(v1_checkpoint: Path, photos: list[Path]) -> N
     major, _ = torch.cuda.get_device_capability()
     assert placement.dtype == (torch.bfloat16 if major >= 8 else torch.float16)
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_cuda_results_are_unpinned_padded_and_timed_on_the_device(
+    v1_checkpoint: Path, photos: list[Path]
+) -> None:
+    """On CUDA: every batch is padded to the run's shape (the last, short one too), the
+    embeddings kept by the results hold no pinned memory, and the model time is the
+    device's (events), positive and below the run's wall clock."""
+    import time
+
+    from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
+    from convnext_cli.engine.pipeline import Runner
+
+    checkpoint = load_checkpoint(str(v1_checkpoint))
+    cuda = torch.device("cuda")
+    runner = Runner(build_model(checkpoint, cuda, torch.float32), checkpoint.preprocess, cuda,
+                    torch.float32)  # fmt: skip
+    seen: list[int] = []
+    embed_fn = runner.embed_fn
+
+    def counted(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(batch.shape[0])
+        return embed_fn(batch)
+
+    runner.embed_fn = counted
+    paths = ([str(p) for p in photos] * 3)[:9]  # batches of 4, 4 and 1
+    start = time.perf_counter()
+    results = [r for batch in runner.embed(paths, batch_size=4, workers=0) for r in batch]
+    wall = time.perf_counter() - start
+    assert len(results) == len(paths) and set(seen) == {4}
+    for result in results:
+        assert result.embedding is not None and not result.embedding.is_pinned()
+    assert 0 < runner.times.model < wall

@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from convnext_cli.checkpoints.checkpoint import build_model, load_checkpoint
-from convnext_cli.engine import decode_pool, device_decode
-from convnext_cli.engine.device_decode import DeviceBatch, DeviceDecoder, in_thread
+from convnext_cli.engine import decode_pool
+from convnext_cli.engine.gpu import device_decode
+from convnext_cli.engine.gpu.device_decode import DeviceBatch, DeviceDecoder, in_thread
 from convnext_cli.engine.pipeline import DecodedBatch, Runner
 from convnext_cli.errors import DeviceFailure
 from convnext_cli.imaging import gpu_jpeg
@@ -296,6 +297,51 @@ def test_rejects_go_to_one_small_pool_for_the_run(
     assert len(set(pids)) <= 2  # RejectDecoder's two workers, kept for the run
 
 
+def test_the_reject_pool_is_forked_from_the_main_thread_and_no_warnings_state_is_swapped(
+    model_parts: tuple[Any, PreprocessSpec],
+    photos: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every reject worker is forked from the main thread (never from the decode thread of
+    a process with a CUDA context), and the decode thread never enters
+    ``warnings.catch_warnings`` (process-wide state, not thread-safe before Python 3.14)."""
+    import warnings
+
+    model, spec = model_parts
+    jpegs = [p for p in photos if p.suffix == ".jpg"] * 4
+    real = torchvision_io()
+
+    class Rejecting:
+        ImageReadMode = real.ImageReadMode
+
+        @staticmethod
+        def decode_jpeg(data: Any, mode: Any, device: Any) -> Any:
+            raise RuntimeError("nvjpeg: unsupported")
+
+    forked_in: list[str] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        forked_in.append(threading.current_thread().name)
+        return real_fork()
+
+    swapped_in: list[str] = []
+    real_catch = warnings.catch_warnings
+
+    def catch_warnings(*args: Any, **kwargs: Any) -> Any:
+        swapped_in.append(threading.current_thread().name)
+        return real_catch(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: Rejecting)
+    monkeypatch.setattr(os, "fork", fork)
+    monkeypatch.setattr(warnings, "catch_warnings", catch_warnings)
+    runner = Runner(model, spec, CPU, torch.float32, jpeg_on_device=True)
+    got = classify(runner, jpegs)
+    assert len(got) == len(jpegs) and all(r.error is None for r in got)
+    assert forked_in and set(forked_in) == {threading.main_thread().name}
+    assert THREAD not in swapped_in
+
+
 def test_stopping_early_leaves_no_thread_and_no_worker(
     model_parts: tuple[Any, PreprocessSpec], photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -515,3 +561,33 @@ def test_the_runner_takes_device_groups_before_the_model_runs(
     jpegs = [p for p in photos if p.suffix == ".jpg"] * 4
     classify(runner, jpegs)
     assert order == ["take", "model", "take", "model"]
+
+
+def test_one_bad_jpeg_costs_a_few_halvings_not_a_call_per_image(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of 16 with one JPEG the device decoder fails on: the batch is halved until
+    the bad one is alone (9 calls, not 1 + 16); the other 15 are decoded, the bad one is
+    None (decoded again on the CPU by a worker)."""
+    real = torchvision_io()
+    jpeg = next(p for p in photos if p.suffix == ".jpg").read_bytes()
+    bad = jpeg[:-2] + b"\x00\xff\xd9"  # marked for the stand-in below
+    calls: list[int] = []
+
+    class OneBad:
+        ImageReadMode = real.ImageReadMode
+
+        @staticmethod
+        def decode_jpeg(data: Any, mode: Any, device: Any) -> Any:
+            batch = data if isinstance(data, list) else [data]
+            calls.append(len(batch))
+            if any(bytes(b.numpy()) == bad for b in batch):
+                raise RuntimeError("nvjpeg: unsupported")
+            return real.decode_jpeg(data, mode=mode, device=device)
+
+    monkeypatch.setattr(gpu_jpeg, "torchvision_io", lambda: OneBad)
+    encoded = [EncodedJpeg(bad if n == 11 else jpeg) for n in range(16)]
+    images = gpu_jpeg.decode(encoded, CPU)
+    assert [n for n, image in enumerate(images) if image is None] == [11]
+    assert calls == [16, 8, 8, 4, 2, 2, 1, 1, 4]
+    assert gpu_jpeg.decode([], CPU) == []

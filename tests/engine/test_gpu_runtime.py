@@ -219,10 +219,12 @@ def test_cli_exits_70_on_a_sticky_device_error_keeping_finished_records(
     assert all(r.get("error") is None for r in records)
 
 
-def test_results_are_read_back_one_batch_behind(runner_parts, photos: list[Path]) -> None:
-    """Batch i+1 is queued on the device before batch i's outputs are read back."""
+def test_results_are_read_back_two_batches_behind(runner_parts, photos: list[Path]) -> None:
+    """Batches i+1 and i+2 are queued on the device before batch i's outputs are read back
+    (one batch behind with read_behind 1)."""
     model, spec = runner_parts
     paths = [str(p) for p in photos[:6]]
+    assert Runner(model, spec, CPU, torch.float32).read_behind == 2
     expected = results_of(Runner(model, spec, CPU, torch.float32), paths)
     log: list[str] = []
     runner = Runner(model, spec, CPU, torch.float32)
@@ -247,7 +249,7 @@ def test_results_are_read_back_one_batch_behind(runner_parts, photos: list[Path]
             got += batch
     finally:
         pipeline.Readback.finish = real_finish  # type: ignore[method-assign]
-    assert log == ["queue", "queue", "read", "yield", "queue", "read", "yield", "read", "yield"]
+    assert log == ["queue", "queue", "queue", "read", "yield", "read", "yield", "read", "yield"]
     same(got, expected)
 
 
@@ -368,3 +370,97 @@ def test_reduce_overhead_off_cuda_compiles_as_default_with_a_note(
     assert all(r.error is None for r in got)
     with pytest.raises(ValueError, match="choose from default"):
         runner.compile("fastest")
+
+
+def test_results_hold_no_view_of_a_pinned_readback_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA a batch's outputs land in pinned buffers; the embeddings the results keep
+    are copies in pageable memory (a kept result must not keep page-locked memory alive).
+    The pinned buffer is stood in for by a tensor that says it is pinned."""
+    buffer = torch.arange(12.0).view(3, 4)
+    pinned_at = buffer.untyped_storage().data_ptr()
+    monkeypatch.setattr(
+        torch.Tensor, "is_pinned", lambda self: self.untyped_storage().data_ptr() == pinned_at
+    )
+    results = [pipeline.Result(path=f"img{n}") for n in range(3)]
+
+    def store(outputs: tuple[torch.Tensor, ...], done: list[pipeline.Result]) -> None:
+        for result, row in zip(done, outputs[0], strict=True):
+            result.embedding = row
+
+    readback = pipeline.Readback([(results, (buffer,))], pipeline.Head(lambda b: (b,), store))
+    readback.finish()
+    for n, result in enumerate(results):
+        assert result.embedding is not None
+        assert torch.equal(result.embedding, buffer[n])
+        assert result.embedding.untyped_storage().data_ptr() != pinned_at
+        assert not result.embedding.is_pinned()
+    assert readback.seconds is None  # no device events on the CPU
+
+
+def test_a_batch_is_one_decode_task_per_worker() -> None:
+    """A batch of 256 for 15 workers is 15 tasks (every worker starts on the first batch
+    and decodes a share of it); tasks are never smaller than MIN_TASK_FILES."""
+    files = list(range(256))
+    tasks = pipeline.split_tasks(files, 15)
+    assert len(tasks) == 15 and [f for task in tasks for f in task] == files
+    assert max(map(len, tasks)) - min(map(len, tasks)) <= 18
+    small = pipeline.split_tasks(list(range(8)), 15)
+    assert [len(t) for t in small] == [pipeline.MIN_TASK_FILES] * 2
+    assert pipeline.split_tasks([], 4) == []
+
+
+def test_every_batch_is_padded_to_one_shape_on_cuda(runner_parts, photos: list[Path]) -> None:
+    """On CUDA every batch is padded to the run's batch size (cuDNN's autotuner sees one
+    shape), not only under --compile; on the CPU eager batches keep their size.  The pad
+    itself is checked on the CPU with the padding switched on as CUDA has it."""
+    model, spec = runner_parts
+    assert Runner(model, spec, torch.device("cuda"), torch.float32).pads_batches
+    assert not Runner(model, spec, CPU, torch.float32).pads_batches
+    runner = Runner(model, spec, CPU, torch.float32)
+    seen: list[int] = []
+
+    def logits(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(batch.shape[0])
+        return model(batch)
+
+    runner.logits_fn = logits
+    runner.compiled = True  # padding on, as on CUDA
+    paths = [str(p) for p in photos[:5]]
+    got = [r for batch in runner.classify(paths, batch_size=4, workers=0) for r in batch]
+    assert seen == [4, 4] and len(got) == 5  # the last batch of 1 padded to 4
+    same(got, results_of(Runner(model, spec, CPU, torch.float32), paths))
+
+
+def test_a_batchs_model_time_is_the_devices_between_its_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA the summary's model time is the device's: from the event where the batch's
+    work began to the one after its outputs' copy, read once the copy is waited for (the
+    GPU's wait included), not the host's enqueue.  Events stood in for by fakes."""
+    waited: list[str] = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.timing = enable_timing
+            self.at = 0.0
+
+        def record(self, stream: object = None) -> None:
+            self.at = 2.5 if self.timing else 0.0  # the device finished 2.5 s later
+
+        def synchronize(self) -> None:
+            waited.append("synchronize")
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return (end.at - self.at) * 1000
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    begin = FakeEvent(enable_timing=True)
+    begin.at = 1.0
+    stored: list[list[pipeline.Result]] = []
+    head = pipeline.Head(lambda b: (b,), lambda outputs, results: stored.append(results))
+    results = [pipeline.Result(path="a")]
+    readback = pipeline.Readback([(results, (torch.zeros(1, 4),))], head, begin)
+    assert readback.seconds is None  # not known before the wait
+    readback.finish()
+    assert waited == ["synchronize"] and stored == [results]
+    assert readback.seconds == pytest.approx(1.5)

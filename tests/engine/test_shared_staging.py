@@ -265,10 +265,10 @@ def test_the_ring_is_pinned_once_and_unpinned_at_the_end(
         assert batch.ring is not None and batch.ring.pinned
         rings.add(id(batch.ring))
         address, nbytes = batch.ring.address, batch.ring.nbytes
-        assert cudart.calls == [("register", address, nbytes, 0)]
+        assert cudart.calls == [("register", address, nbytes, 1)]
         batch.release()
     assert len(rings) == 1
-    assert cudart.calls == [("register", address, nbytes, 0), ("unregister", address)]
+    assert cudart.calls == [("register", address, nbytes, 1), ("unregister", address)]
 
 
 def test_in_process_decoding_is_not_page_locked(
@@ -512,3 +512,32 @@ def test_staging_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not staging.staging_enabled()
     monkeypatch.setenv(staging.STAGING_ENV, "1")
     assert staging.staging_enabled()
+
+
+def test_the_ring_is_registered_portable_with_the_runs_device_current(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cudaHostRegister with flags 1 (portable, as torch's own pinning), made while the
+    run's device is the current one (cuda:1 here), so that the registration belongs to the
+    context the copies run in."""
+    cudart = FakeCudart()
+    mock_cuda(monkeypatch, cudart)
+    current: list[Any] = []
+
+    class Device:
+        def __init__(self, device: Any) -> None:
+            self.device = device
+
+        def __enter__(self) -> None:
+            current.append(self.device)
+            cudart.calls.append(("device", str(self.device)))
+
+        def __exit__(self, *args: object) -> None:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    ring = staging.StagingRing(2, 4, (3, 8, 8), pin=True, device=torch.device("cuda", 1))
+    assert ring.pinned
+    assert cudart.calls == [("device", "cuda:1"), ("register", ring.address, ring.nbytes, 1)]
+    ring.close()
+    assert cudart.calls[-1] == ("unregister", ring.address)

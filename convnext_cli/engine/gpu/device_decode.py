@@ -17,8 +17,8 @@ i+1 overlaps the model on batch i.  The decoder
   so no device-wide synchronisation is needed anywhere;
 - sends what the device decoder rejects (and a batch that ran out of device memory) back
   to decode worker processes, with their deadline and crash isolation: one small pool for
-  the whole run, started at the first reject (``rejects``, see
-  :class:`convnext_cli.engine.pipeline.RejectDecoder`).
+  the whole run, started from the main thread as the run starts (``rejects``, see
+  :class:`RejectDecoder`).
 
 An exception in the thread reaches the caller with the batch it was for; the thread is
 stopped and joined when the run ends or the caller stops early.
@@ -31,19 +31,23 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from convnext_cli.engine.decode_pool import failure, group_by_shape
+from convnext_cli.engine.decode_pool import (
+    DecodePool,
+    Task,
+    decode_timeout,
+    failure,
+    group_by_shape,
+)
+from convnext_cli.engine.decoded import DecodedBatch, Groups, PendingBatch
 from convnext_cli.imaging import gpu_jpeg
 from convnext_cli.imaging.gpu_jpeg import EncodedJpeg
 from convnext_cli.imaging.preprocess import PreprocessSpec
+from convnext_cli.inputs.expand import InputRef
 
-if TYPE_CHECKING:
-    from convnext_cli.engine.pipeline import DecodedBatch
-
-Groups = list[tuple[list[int], torch.Tensor]]  # positions in the batch, (n, 3, h, w) uint8
 # (position in the batch, input) pairs -> their pixels by shape; errors go into the list given
 Rejects = Callable[[list[tuple[int, Any]], list[str | None]], Groups]
 
@@ -96,6 +100,7 @@ class DeviceDecoder:
         rejects: Rejects = _no_rejects,
         fatal: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
+        gpu_jpeg.quiet_codec_warnings()  # here, in the main thread (see there)
         self.spec = spec
         self.device = device
         self.rejects = rejects
@@ -167,6 +172,72 @@ class DeviceDecoder:
                 errors[position] = failure(exc)
         groups = group_by_shape(done, lambda item: tuple(item[1].shape))
         return [([p for p, _ in group], torch.stack([t for _, t in group])) for group in groups]
+
+
+class RejectDecoder:
+    """What the device decoder rejected (CMYK, corrupt, unsupported...), decoded on the CPU
+    by decode worker processes, with their deadline and crash isolation (never Pillow in
+    this process): one small :class:`DecodePool` for the whole run, started from the main
+    thread when the run starts (:meth:`start`), used from one thread (the device-decode
+    thread), closed by :meth:`close`."""
+
+    def __init__(self, spec: PreprocessSpec, workers: int = 2, timeout: float | None = None):
+        self.spec = spec
+        self.workers = workers
+        self.timeout = timeout
+        self.pool: DecodePool | None = None
+        self.pending: PendingBatch | None = None
+        self.cancelled = threading.Event()
+
+    def __call__(self, items: list[tuple[int, InputRef]], errors: list[str | None]) -> Groups:
+        """Decode `items` ((position in the batch, input) pairs): their pixels by shape,
+        with their positions; an input that fails gets its error in `errors`."""
+        if not items:
+            return []
+        pending = self.pending = PendingBatch(0, [item for _, item in items])
+        if self.pool is None:
+            self.start()
+        assert self.pool is not None
+        numbered = list(enumerate(item for _, item in items))
+        share = -(-len(numbered) // max(1, self.workers))  # one task per worker
+        for start in range(0, len(numbered), share):
+            self.pool.submit(0, numbered[start : start + share])
+        while pending.waiting > 0:
+            if self.cancelled.is_set():
+                raise Cancelled("stopped while decoding rejected JPEGs")
+            self.pool.poll()
+        redone = pending.finish()
+        positions = [position for position, _ in items]
+        for n, error in enumerate(redone.errors):
+            if error is not None:
+                errors[positions[n]] = error
+        return [([positions[n] for n in group], pixels) for group, pixels in redone.groups]
+
+    def start(self) -> None:
+        """Start the pool's workers: called from the main thread when the run starts, so
+        that they are forked from it (never from the decode thread of a process whose CUDA
+        context is up); a pool not started then starts at the first reject."""
+        if self.pool is None:
+            wait = decode_timeout() if self.timeout is None else self.timeout
+            self.pool = DecodePool(self.workers, self.spec, False, wait, self._done, self._error)
+            self.pool.start()
+
+    def _done(self, task: Task, packed: dict[str, Any]) -> None:
+        if self.pending is not None:
+            self.pending.add_packed(packed)
+
+    def _error(self, task: Task, position: int, message: str) -> None:
+        if self.pending is not None:
+            self.pending.add(position, message)
+
+    def cancel(self) -> None:
+        """Cut a wait for the workers short (from another thread: the run is stopping)."""
+        self.cancelled.set()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
 
 _END = object()
