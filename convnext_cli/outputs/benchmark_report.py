@@ -165,26 +165,26 @@ ONE_BATCH_RULE = "or a single timed batch (no spread to judge by)"
 
 def mark_single_batches(report: Report) -> list[str]:
     """Rows that timed a single batch marked noisy (one latency says nothing about the
-    spread; the report's noise rule says so too), and the notes for them: an end-to-end row
-    whose batch size is over the number of ``--images`` is one partial batch."""
+    spread; the report's noise rule says so too), and the notes for them; and a note when
+    ``--images`` holds fewer images than a batch: end-to-end rows cycle them, so each row
+    still times full batches, of the same few files."""
+    notes = []
+    images = report.header.get("images")
+    sizes = sorted({r.batch_size for r in report.rows if r.mode == "end-to-end"})
+    if isinstance(images, int) and images and sizes and images < sizes[-1]:
+        over = ", ".join(str(b) for b in sizes if b > images)
+        notes.append(
+            f"note: --images has {images} images, fewer than batch {over}: the end-to-end "
+            "rows reuse them (cycled) to time full batches; a folder of varied photos "
+            "measures decoding better"
+        )
     single = [r for r in report.rows if timed_batches(r, report.header) in (0, 1)]
-    if not single:
-        return []
     for row in single:
         row.noisy = True
-    rule = str(report.header.get("noise_rule", ""))
-    if ONE_BATCH_RULE not in rule:
-        report.header["noise_rule"] = f"{rule}, {ONE_BATCH_RULE}".lstrip(", ")
-    partial = sorted({r.batch_size for r in single if r.mode == "end-to-end" and r.images})
-    notes = []
-    if partial:
-        images = next(r.images for r in single if r.mode == "end-to-end" and r.images)
-        sizes = ", ".join(map(str, partial))
-        notes.append(
-            f"note: --images has {images} images, fewer than batch {sizes}: each of those "
-            f"end-to-end rows is one partial batch of {images} (start-up and one model call, "
-            "not a steady rate); marked noisy"
-        )
+    if single:
+        rule = str(report.header.get("noise_rule", ""))
+        if ONE_BATCH_RULE not in rule:
+            report.header["noise_rule"] = f"{rule}, {ONE_BATCH_RULE}".lstrip(", ")
     if any(r.mode != "end-to-end" for r in single):
         notes.append("note: --iters 1 times one batch a row: those rows are marked noisy")
     return notes
