@@ -85,4 +85,5 @@ def classify(
         "fmt": fmt,
         "scores": scores,
     }
-    raise typer.Exit(run_job(Job.from_options("classify", options)))
+    job = Job.from_options("classify", options)
+    raise typer.Exit(run_job(job, no_server=shared.get("no_server", False)))

@@ -86,4 +86,5 @@ def embed(
         "pool": pool,
         "backbone": backbone,
     }
-    raise typer.Exit(run_job(Job.from_options("embed", options)))
+    job = Job.from_options("embed", options)
+    raise typer.Exit(run_job(job, no_server=shared.get("no_server", False)))

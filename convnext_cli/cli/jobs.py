@@ -32,7 +32,11 @@ class CliReport(Report):
             say(said)
 
 
-def run_job(job: Job) -> int:
-    """Inputs -> (resume) -> model -> writer, with the bar and summary; returns the exit code."""
+def run_job(job: Job, no_server: bool = False) -> int:
+    """Inputs -> (resume) -> model -> writer, with the bar and summary; returns the exit code.
+    The model runs in a running ``convnext serve`` where it can (not with ``no_server``)."""
+    from convnext_cli.serve.client import use_server
+
     configure(quiet=job.quiet, bar=job.progress)
+    use_server(job, no_server)
     return run_engine_job(job, CliReport(quiet=job.quiet))
