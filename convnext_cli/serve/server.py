@@ -444,8 +444,11 @@ class Session:
             try:
                 if not self._handle(message):
                     return
-            except (EOFError, BrokenPipeError, ConnectionError, protocol.ProtocolError) as exc:
+            except (EOFError, OSError) as exc:  # the client went away mid-request (Ctrl-C)
                 self.server.log(f"request ended: {one_line(exc)}")
+                return
+            except protocol.ProtocolError as exc:
+                self._refuse(f"bad request: {exc}")
                 return
             except Exception as exc:  # a failed load, a bad task: said, the server goes on
                 self._refuse(one_line(exc))

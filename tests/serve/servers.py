@@ -97,7 +97,15 @@ def send_frame(sock: socket.socket, data: bytes, blob: bytes = b"") -> None:
 
 
 def read_frame(sock: socket.socket) -> dict[str, Any] | None:
-    """The next frame's message, or None when the server closed the connection."""
+    """The next frame's message, or None when the server closed the connection (reset:
+    it closed with the rest of a refused request unread)."""
+    try:
+        return _frame(sock)
+    except ConnectionResetError:
+        return None
+
+
+def _frame(sock: socket.socket) -> dict[str, Any] | None:
     head = b""
     while len(head) < 8:
         chunk = sock.recv(8 - len(head))

@@ -4,13 +4,11 @@ flight, a server killed mid-request."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -67,7 +67,8 @@ def test_classify_scores_and_all_classes(served, tmp_path, photos, v1_checkpoint
 
 def test_parquet_outputs_hold_the_same_table(served, tmp_path, photos, v1_checkpoint):
     for command in ("classify", "embed"):
-        both(served, tmp_path, command, *photos, "-m", v1_checkpoint, "-o", f"{{}}-{command}.parquet")
+        out = f"{{}}-{command}.parquet"
+        both(served, tmp_path, command, *photos, "-m", v1_checkpoint, "-o", out)
         warm = pq.read_table(tmp_path / f"warm-{command}.parquet")
         cold = pq.read_table(tmp_path / f"cold-{command}.parquet")
         assert warm.equals(cold)
