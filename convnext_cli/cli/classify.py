@@ -10,6 +10,7 @@ from convnext_cli.choices import ClassifyFormat, Scores
 from convnext_cli.cli.jobs import Job, run_job
 from convnext_cli.cli.options import InputsArg, shared_options
 from convnext_cli.limits import MAX_TOP_K, is_int
+from convnext_cli.serve.client import use_server
 
 
 def _top_k(text: str | int) -> int:
@@ -86,4 +87,5 @@ def classify(
         "scores": scores,
     }
     job = Job.from_options("classify", options)
-    raise typer.Exit(run_job(job, no_server=shared.get("no_server", False)))
+    use_server(job, no_server=shared.get("no_server", False))  # a running `convnext serve`
+    raise typer.Exit(run_job(job))

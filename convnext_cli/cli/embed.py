@@ -9,6 +9,7 @@ import typer
 from convnext_cli.choices import EmbedFormat
 from convnext_cli.cli.jobs import Job, run_job
 from convnext_cli.cli.options import InputsArg, shared_options
+from convnext_cli.serve.client import use_server
 
 EmbedFormatOpt = Annotated[
     EmbedFormat,
@@ -87,4 +88,5 @@ def embed(
         "backbone": backbone,
     }
     job = Job.from_options("embed", options)
-    raise typer.Exit(run_job(job, no_server=shared.get("no_server", False)))
+    use_server(job, no_server=shared.get("no_server", False))  # a running `convnext serve`
+    raise typer.Exit(run_job(job))

@@ -14,7 +14,7 @@ from convnext_cli.engine.job import run_job as run_engine_job
 
 if TYPE_CHECKING:
     from convnext_cli.engine.job import Plan
-    from convnext_cli.results import Result
+    from convnext_cli.engine.results import Result
 
 __all__ = ["CliReport", "Job", "run_job"]
 
@@ -32,11 +32,7 @@ class CliReport(Report):
             say(said)
 
 
-def run_job(job: Job, no_server: bool = False) -> int:
-    """Inputs -> (resume) -> model -> writer, with the bar and summary; returns the exit code.
-    The model runs in a running ``convnext serve`` where it can (not with ``no_server``)."""
-    from convnext_cli.serve.client import use_server
-
+def run_job(job: Job) -> int:
+    """Inputs -> (resume) -> model -> writer, with the bar and summary; returns the exit code."""
     configure(quiet=job.quiet, bar=job.progress)
-    use_server(job, no_server)
     return run_engine_job(job, CliReport(quiet=job.quiet))

@@ -89,10 +89,13 @@ def parse_load(message: dict[str, Any]) -> tuple[ModelSource, RunOptions]:
         None if labels is None else Path(labels),
     )
     options = _fields(message, "options", OPTION_FIELDS)
-    texts = [_text(options.get(k, "auto"), k, optional=False) for k in OPTION_FIELDS[:3]]
-    if not isinstance(options.get("compile", False), bool):
+    device, dtype, decode = (
+        str(_text(options.get(k, "auto"), k, optional=False)) for k in OPTION_FIELDS[:3]
+    )
+    compile_model = options.get("compile", False)
+    if not isinstance(compile_model, bool):
         raise protocol.ProtocolError("compile: not a boolean")
-    return source, RunOptions(*texts, options.get("compile", False))  # type: ignore[arg-type]
+    return source, RunOptions(device, dtype, decode, compile_model)
 
 
 def parse_task(message: dict[str, Any]) -> tuple[Task, int | None]:
@@ -584,6 +587,11 @@ def make_log(stream: Any = None) -> Callable[[str], None]:
     return log
 
 
+def preloader(source: ModelSource) -> Callable[[], LoadedRunner]:
+    """Loads ``source`` with the default run options."""
+    return lambda: load_runner(source, RunOptions())
+
+
 def run_server(
     idle_timeout: float,
     budget: int,
@@ -599,9 +607,7 @@ def run_server(
     for model in preload:
         source, options = ModelSource(model), RunOptions()
         started = time.monotonic()
-        entry = server.cache.acquire(
-            model_key(source, options), model, lambda s=source, o=options: load_runner(s, o)
-        )
+        entry = server.cache.acquire(model_key(source, options), model, preloader(source))
         server.cache.release(entry)
         log(f"loaded {model}: {time.monotonic() - started:.2f} s")
     if ready is not None:

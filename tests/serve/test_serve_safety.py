@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from servers import (
@@ -276,7 +277,7 @@ print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 
 
 def test_help_and_a_client_call_import_no_torch(server, tmp_path, photos, v1_checkpoint):
-    def modules(*args: object) -> dict[str, object]:
+    def modules(*args: object) -> tuple[dict[str, Any], subprocess.CompletedProcess[bytes]]:
         command = [sys.executable, "-c", CHECK, *map(str, args)]
         done = subprocess.run(command, env=server.env, capture_output=True, timeout=300)
         return json.loads(done.stderr.decode().strip().splitlines()[-1]), done
