@@ -95,8 +95,11 @@ def serve(
     """
     if sum((detach, status, stop)) > 1:
         raise UsageError("--detach, --status and --stop: one at a time")
+    from convnext_cli.serve.client import model_reference
+
     seconds = parse_duration(idle_timeout)
     budget = parse_size(max_memory)
+    model = [model_reference(m) for m in model or []]  # keyed as the clients send them
     if status:
         raise typer.Exit(show_status())
     if stop:

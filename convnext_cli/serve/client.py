@@ -102,10 +102,16 @@ def use_server(job: Job, no_server: bool = False) -> None:
         job.loader = load_remote
 
 
-def _source(job: Job) -> dict[str, Any]:
-    model = job.model
+def model_reference(model: str) -> str:
+    """A model option as a server (in another working folder) reads it: a local file or
+    folder as an absolute path, a Hub id as it is."""
     if os.path.exists(os.path.expanduser(model)):
-        model = protocol.absolute(os.path.expanduser(model))
+        return protocol.absolute(os.path.expanduser(model))
+    return model
+
+
+def _source(job: Job) -> dict[str, Any]:
+    model = model_reference(job.model)
     labels = None if job.labels is None else protocol.absolute(str(job.labels))
     cache_dir = None if job.cache_dir is None else protocol.absolute(str(job.cache_dir))
     return {
