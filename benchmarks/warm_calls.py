@@ -2,13 +2,15 @@
 loaded) against the same call in-process (cold), and a shell-style loop of one call per file
 with and without the server.
 
-    python benchmarks/warm_calls.py --repeats 5 --loop 20
+    python benchmarks/warm_calls.py --repeats 5 --loop 20 --clients 16
 
 The checkpoint is ConvNeXt-T's architecture with random weights, built offline
 (``benchmarks/assets.py``); each call is a fresh ``python -m convnext_cli`` process, as a
 script calling the CLI would start it.  The server runs in a runtime folder of its own
 (``XDG_RUNTIME_DIR``), started before and stopped after the measurements.  Results are
-printed as one JSON object (and a short table on stderr).
+printed as one JSON object (and a short table on stderr).  ``--clients 16`` also times 16
+clients at once, each classifying its share of the loop's files, against one in-process
+run over all of them (a throughput ratio of 1.0: as fast as one run).
 """
 
 from __future__ import annotations
@@ -63,11 +65,27 @@ def loop_seconds(files: list[Path], model: Path, env: dict[str, str], extra: lis
     return time.perf_counter() - started
 
 
+def concurrent_seconds(files: list[Path], model: Path, env: dict[str, str], clients: int) -> float:
+    """``clients`` processes at once, each classifying its share of ``files``."""
+    command = [sys.executable, "-m", "convnext_cli", "classify", "-m", str(model), "-q"]
+    started = time.perf_counter()
+    running = [
+        subprocess.Popen(
+            [*command, *map(str, files[i::clients])], env=env, stdout=subprocess.DEVNULL
+        )
+        for i in range(min(clients, len(files)))
+    ]
+    if any(process.wait() != 0 for process in running):
+        raise SystemExit("a concurrent client failed")
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", help="ConvNeXt size of the checkpoint")
     parser.add_argument("--repeats", type=int, default=5, help="calls timed per mode")
     parser.add_argument("--loop", type=int, default=20, help="files in the shell-style loop")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (0: none)")
     parser.add_argument("--work", type=Path, default=REPO / "bench-out")
     args = parser.parse_args()
     model = make_checkpoint(args.work / f"convnext-{args.size}", args.size)
@@ -79,11 +97,14 @@ def main() -> None:
         call(["classify", *image, "--no-server"], env)  # the page cache warm for both
         cold = [call(["classify", *image, "--no-server"], env) for _ in range(args.repeats)]
         cold_loop = loop_seconds(photos[: args.loop], model, env, ["--no-server"])
+        files = [str(p) for p in photos[: args.loop]]
+        one_run = call(["classify", *files, "-m", str(model), "-q", "--no-server"], env)
         server = start_server(env, model)
         try:
             call(["classify", *image], env)  # the server's first forward
             warm = [call(["classify", *image], env) for _ in range(args.repeats)]
             warm_loop = loop_seconds(photos[: args.loop], model, env, [])
+            together = concurrent_seconds(photos[: args.loop], model, env, args.clients)
         finally:
             server.terminate()
             server.wait(timeout=120)
@@ -97,6 +118,10 @@ def main() -> None:
         "loop_cold_s": round(cold_loop, 2),
         "loop_warm_s": round(warm_loop, 2),
         "loop_speedup": round(cold_loop / warm_loop, 1),
+        "one_in_process_run_s": round(one_run, 2),  # the loop's files in one cold process
+        "concurrent_clients": args.clients,
+        "concurrent_s": round(together, 2),  # the same files, split over the clients, warm
+        "concurrent_over_one_run": round(one_run / together, 2),  # throughput ratio
     }
     for key, value in result.items():
         print(f"{key:>16}: {value}", file=sys.stderr)
