@@ -67,6 +67,15 @@ MemoryOpt = Annotated[
         help="Models kept beyond SIZE (4G, 512M) drop the least recently used.",
     ),
 ]
+HttpOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--http",
+        metavar="HOST:PORT",
+        help="Also serve POST /v1/classify and /v1/embed (image bytes in, the JSON record "
+        "out) on HOST:PORT, with a bearer token written beside the socket (0600).",
+    ),
+]
 DetachOpt = Annotated[bool, _flag("--detach", "Start the server in the background.")]
 StatusOpt = Annotated[bool, _flag("--status", "Say whether a server runs, and what it holds.")]
 StopOpt = Annotated[bool, _flag("--stop", "Stop the running server (requests in flight finish).")]
@@ -76,6 +85,7 @@ def serve(
     model: ModelsOpt = None,
     idle_timeout: IdleOpt = DEFAULT_IDLE,
     max_memory: MemoryOpt = DEFAULT_MEMORY,
+    http: HttpOpt = None,
     detach: DetachOpt = False,
     status: StatusOpt = False,
     stop: StopOpt = False,
@@ -92,6 +102,7 @@ def serve(
       $ convnext classify cat.jpg
       $ convnext serve --status
       $ convnext serve --stop
+      $ convnext serve -m ./convnext-tiny --http 127.0.0.1:8765
     """
     if sum((detach, status, stop)) > 1:
         raise UsageError("--detach, --status and --stop: one at a time")
@@ -104,11 +115,15 @@ def serve(
         raise typer.Exit(show_status())
     if stop:
         raise typer.Exit(stop_server())
+    if http is not None:
+        from convnext_cli.serve.web import parse_address
+
+        parse_address(http)  # a usage error before anything starts
     if detach:
-        raise typer.Exit(start_detached(model or [], idle_timeout, max_memory))
+        raise typer.Exit(start_detached(model, idle_timeout, max_memory, http))
     from convnext_cli.serve.server import run_server
 
-    raise typer.Exit(run_server(seconds, budget, model or []))
+    raise typer.Exit(run_server(seconds, budget, model, http=http))
 
 
 def _ask(message: dict[str, Any]) -> dict[str, Any] | None:
@@ -160,7 +175,7 @@ def stop_server() -> int:
     return 0
 
 
-def start_detached(models: list[str], idle: str, memory: str) -> int:
+def start_detached(models: list[str], idle: str, memory: str, http: str | None) -> int:
     """``convnext serve`` in a new session, its log in the runtime folder; returns once it
     answers (0) or has failed (2, with its last log line)."""
     from convnext_cli.serve.paths import LOG_NAME, private_folder
@@ -169,6 +184,7 @@ def start_detached(models: list[str], idle: str, memory: str) -> int:
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     command = [sys.executable, "-m", "convnext_cli", "serve", "--idle-timeout", idle]
     command += ["--max-memory", memory, *(f"--model={m}" for m in models)]
+    command += [] if http is None else [f"--http={http}"]
     started = os.stat(log_path).st_size
     with os.fdopen(log, "ab") as out:
         process = subprocess.Popen(

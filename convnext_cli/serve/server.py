@@ -592,14 +592,48 @@ def preloader(source: ModelSource) -> Callable[[], LoadedRunner]:
     return lambda: load_runner(source, RunOptions())
 
 
+def http_runner(server: Server, models: list[str]) -> Callable[[str, str, Any], str]:
+    """What ``--http`` runs for a request: the engine's Task on the uploaded file, with one
+    of ``models`` (those the server was started with; default the first), the default run
+    options, and the record a run writes for it."""
+    from convnext_cli.limits import MAX_TOP_K, parse_int
+    from convnext_cli.outputs.writers import classify_record_json, embed_record_json
+
+    def run(command: str, path: str, query: dict[str, list[str]]) -> str:
+        model = query.get("model", models[:1] or [""])[-1]
+        if model not in models:
+            raise UsageError(f"model {model[:200]!r}: not one this server was started with (-m)")
+        top_k = parse_int(query.get("top_k", ["5"])[-1], "top_k", 0, MAX_TOP_K)
+        scores = query.get("scores", ["probs"])[-1]
+        normalize = query.get("normalize", ["0"])[-1].lower() in ("1", "true", "yes")
+        task = Task(command, top_k, scores, normalize)
+        source, options = ModelSource(model), RunOptions()
+        entry = server.cache.acquire(model_key(source, options), model, preloader(source))
+        try:
+            with entry.lock if entry.loaded.runner.compiled else contextlib.nullcontext():
+                batches = list(task.run(entry.loaded.runner, [path], workers=None))
+        finally:
+            server.cache.release(entry)
+            with server.active_lock:
+                server.last_activity = time.monotonic()
+        result = batches[0][0]
+        result.path = "upload"
+        if command == "classify":
+            return classify_record_json(result, scores)
+        return embed_record_json(result)
+
+    return run
+
+
 def run_server(
     idle_timeout: float,
     budget: int,
     preload: list[str],
     log: Callable[[str], None] | None = None,
-    ready: Callable[[Server], None] | None = None,
+    http: str | None = None,
 ) -> int:
-    """Bind, preload ``preload`` (default device, dtype, decoder), serve; the exit code."""
+    """Bind, preload ``preload`` (default device, dtype, decoder), serve (on ``http`` too,
+    HOST:PORT, when given); the exit code."""
     log = log or make_log()
     server = Server(idle_timeout, budget, log)
     server.bind()
@@ -610,6 +644,14 @@ def run_server(
         entry = server.cache.acquire(model_key(source, options), model, preloader(source))
         server.cache.release(entry)
         log(f"loaded {model}: {time.monotonic() - started:.2f} s")
-    if ready is not None:
-        ready(server)
-    return server.serve()
+    web_server = None
+    if http is not None:
+        from convnext_cli.serve import web
+
+        web_server = web.start(http, server.folder, http_runner(server, preload), log)
+    try:
+        return server.serve()
+    finally:
+        if web_server is not None:
+            web_server.shutdown()
+            web_server.server_close()
