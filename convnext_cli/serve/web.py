@@ -126,7 +126,8 @@ def start(
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
-    bound = server.server_address
-    log(f"http on {bound[0]}:{bound[1]}; token in {token_path}")
+    bound_host, bound_port = server.server_address[:2]
+    shown = bound_host.decode() if isinstance(bound_host, bytes) else bound_host
+    log(f"http on {shown}:{bound_port}; token in {token_path}")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
