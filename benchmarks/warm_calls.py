@@ -98,17 +98,21 @@ def main() -> None:
         cold = [call(["classify", *image, "--no-server"], env) for _ in range(args.repeats)]
         cold_loop = loop_seconds(photos[: args.loop], model, env, ["--no-server"])
         files = [str(p) for p in photos[: args.loop]]
-        one_run = call(["classify", *files, "-m", str(model), "-q", "--no-server"], env)
+        one_run = None
+        if args.clients:
+            one_run = call(["classify", *files, "-m", str(model), "-q", "--no-server"], env)
         server = start_server(env, model)
         try:
             call(["classify", *image], env)  # the server's first forward
             warm = [call(["classify", *image], env) for _ in range(args.repeats)]
             warm_loop = loop_seconds(photos[: args.loop], model, env, [])
-            together = concurrent_seconds(photos[: args.loop], model, env, args.clients)
+            together = None
+            if args.clients:
+                together = concurrent_seconds(photos[: args.loop], model, env, args.clients)
         finally:
             server.terminate()
             server.wait(timeout=120)
-    result = {
+    result: dict[str, object] = {
         "model": f"convnext-{args.size} (random weights)",
         "cpu_cores": len(os.sched_getaffinity(0)),
         "cold_median_s": round(statistics.median(cold), 3),
@@ -118,11 +122,12 @@ def main() -> None:
         "loop_cold_s": round(cold_loop, 2),
         "loop_warm_s": round(warm_loop, 2),
         "loop_speedup": round(cold_loop / warm_loop, 1),
-        "one_in_process_run_s": round(one_run, 2),  # the loop's files in one cold process
-        "concurrent_clients": args.clients,
-        "concurrent_s": round(together, 2),  # the same files, split over the clients, warm
-        "concurrent_over_one_run": round(one_run / together, 2),  # throughput ratio
     }
+    if one_run is not None and together is not None:
+        result["one_in_process_run_s"] = round(one_run, 2)  # the loop's files, one process
+        result["concurrent_clients"] = args.clients
+        result["concurrent_s"] = round(together, 2)  # the same files over the clients, warm
+        result["concurrent_over_one_run"] = round(one_run / together, 2)  # throughput ratio
     for key, value in result.items():
         print(f"{key:>16}: {value}", file=sys.stderr)
     print(json.dumps(result))
