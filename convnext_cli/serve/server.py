@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from convnext_cli.engine.job import checkpoint_files
 from convnext_cli.engine.loading import LoadedRunner, ModelSource, RunOptions, load_runner
 from convnext_cli.engine.task import Task
 from convnext_cli.errors import UsageError, one_line
@@ -132,14 +133,10 @@ def files_key(source: ModelSource) -> tuple[Any, ...]:
     for given in (source.model, source.labels):
         if given is None:
             continue
-        path = Path(given).expanduser()
-        paths = [path]
-        if path.is_dir():
-            paths = sorted(p for p in path.rglob("*") if p.is_file())[:10_000]
-        for one in paths:
+        for one in sorted(checkpoint_files(str(given))):  # the job's own walk, capped
             with contextlib.suppress(OSError):
-                info = one.stat()
-                found.append((str(one), info.st_size, info.st_mtime_ns, info.st_ino))
+                info = os.stat(one)
+                found.append((one, info.st_size, info.st_mtime_ns, info.st_ino))
     return tuple(found)
 
 
