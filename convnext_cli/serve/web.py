@@ -101,6 +101,11 @@ def start(
             self.send_error(405, "POST an image to /v1/classify or /v1/embed")
 
         def _answer(self) -> tuple[int, bytes]:
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit() or not 0 < int(length) <= max_file_bytes():
+                self.close_connection = True
+                return 413, b'{"error": "the body must be an image of at most the size limit"}'
+            data = self.rfile.read(int(length))  # read first: the answer then reaches the client
             given = self.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return 401, b'{"error": "a bearer token is needed (see the http.token file)"}'
@@ -108,10 +113,6 @@ def start(
             command = ROUTES.get(url.path)
             if command is None:
                 return 404, b'{"error": "POST to /v1/classify or /v1/embed"}'
-            length = self.headers.get("Content-Length", "")
-            if not length.isdigit() or not 0 < int(length) <= max_file_bytes():
-                return 413, b'{"error": "the body must be an image of at most the size limit"}'
-            data = self.rfile.read(int(length))
             fd, name = tempfile.mkstemp(dir=uploads)
             try:
                 with os.fdopen(fd, "wb") as out:
