@@ -76,14 +76,12 @@ def test_stale_socket_after_kill_9(tmp_path, photos, v1_checkpoint):
         second.stop()
 
 
-def test_idle_timeout_ends_the_server(tmp_path, photos, v1_checkpoint):
+def test_idle_timeout_ends_the_server(tmp_path):
     env = runtime_env(tmp_path / "run")
-    server = start(tmp_path, env, "--idle-timeout", "2")
+    server = start(tmp_path, env, "--idle-timeout", "3")
     try:
-        done = convnext("classify", photos[0], "-m", v1_checkpoint, env=env)
-        assert SERVED in done.stderr
         assert server.proc.wait(timeout=120) == 0
-        assert "idle for 2 s: exiting" in server.log()
+        assert "idle for 3 s: exiting" in server.log()
         assert not socket_of(env).exists()
     finally:
         server.stop()
@@ -121,7 +119,7 @@ def _client(env: dict[str, str], *args: object) -> subprocess.Popen[bytes]:
 
 def test_sigterm_finishes_the_request_in_flight(tmp_path, photos, v1_checkpoint):
     env = runtime_env(tmp_path / "run")
-    folder = many_inputs(tmp_path, photos, 120)
+    folder = many_inputs(tmp_path, photos, 48)  # finished well within the 60 s of grace
     server = start(tmp_path, env, "--idle-timeout", "300", "-m", str(v1_checkpoint), models=1)
     try:
         client = _client(env, "classify", folder, "-m", v1_checkpoint, "-k", "1")
