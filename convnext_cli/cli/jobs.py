@@ -14,7 +14,7 @@ from convnext_cli.engine.job import run_job as run_engine_job
 
 if TYPE_CHECKING:
     from convnext_cli.engine.job import Plan
-    from convnext_cli.engine.results import Result
+    from convnext_cli.results import Result
 
 __all__ = ["CliReport", "Job", "run_job"]
 
