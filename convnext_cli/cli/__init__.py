@@ -35,6 +35,7 @@ from convnext_cli.cli.env import env  # noqa: E402
 from convnext_cli.cli.errors import debug_enabled, handle_errors, say  # noqa: E402
 from convnext_cli.cli.help import HelpCommand, HelpGroup, reflow  # noqa: E402
 from convnext_cli.cli.options import HelpOpt, with_help_option  # noqa: E402
+from convnext_cli.cli.serve import serve  # noqa: E402
 from convnext_cli.errors import ConvNextError, one_line  # noqa: E402
 
 app = typer.Typer(
@@ -83,6 +84,7 @@ def _root(
       $ convnext classify photos/ -m convnext-tiny/
       $ convnext benchmark -b 1,8 --images photos/
       $ convnext env
+      $ convnext serve --detach
     """
 
 
@@ -101,6 +103,7 @@ register(app, "embed", embed)
 register(app, "convert", convert)
 register(app, "benchmark", benchmark)
 register(app, "env", env)
+register(app, "serve", serve)
 
 
 def main() -> None:

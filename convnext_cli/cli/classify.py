@@ -11,6 +11,7 @@ from convnext_cli.cli.jobs import Job, run_job
 from convnext_cli.cli.options import InputsArg, shared_options
 from convnext_cli.errors import UsageError
 from convnext_cli.limits import parse_top_k
+from convnext_cli.serve.client import use_server
 
 
 def _top_k(text: str | int) -> int:
@@ -78,4 +79,6 @@ def classify(
         "fmt": fmt,
         "scores": scores,
     }
-    raise typer.Exit(run_job(Job.from_options("classify", options)))
+    job = Job.from_options("classify", options)
+    use_server(job, no_server=shared.get("no_server", False))  # a running `convnext serve`
+    raise typer.Exit(run_job(job))

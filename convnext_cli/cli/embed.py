@@ -9,6 +9,7 @@ import typer
 from convnext_cli.choices import EmbedFormat
 from convnext_cli.cli.jobs import Job, run_job
 from convnext_cli.cli.options import InputsArg, embed_options
+from convnext_cli.serve.client import use_server
 
 EmbedFormatOpt = Annotated[
     EmbedFormat,
@@ -86,4 +87,6 @@ def embed(
         "pool": pool,
         "backbone": backbone,
     }
-    raise typer.Exit(run_job(Job.from_options("embed", options)))
+    job = Job.from_options("embed", options)
+    use_server(job, no_server=shared.get("no_server", False))  # a running `convnext serve`
+    raise typer.Exit(run_job(job))

@@ -122,6 +122,7 @@ HELP = {
     "--ray-address": "--engine ray: the cluster (default: RAY_ADDRESS, else a local Ray).",
     "--replicas": "--engine ray: model replicas (default: one per GPU).",
     "--verbose": "--engine ray: show Ray's own logs and progress.",
+    "--no-server": "Run in this process even when `convnext serve` runs (or CONVNEXT_SERVER=0).",
 }
 
 
@@ -186,6 +187,7 @@ ReplicasOpt = Annotated[
     int | None, value(RAY_PANEL, "--replicas", metavar="N", min=1, max=MAX_REPLICAS)
 ]
 VerboseOpt = Annotated[bool, flag(RAY_PANEL, "--verbose", "-v")]
+NoServerOpt = Annotated[bool, flag(MODEL_PANEL, "--no-server")]
 
 
 # ------------------------------------------------------------------- one declaration
@@ -221,7 +223,7 @@ SHARED = [
     parameter(alias)
     for panel in (
         (ModelOpt, RevisionOpt, CacheDirOpt, TokenOpt, LabelsOpt),
-        (DeviceOpt, DtypeOpt, BatchOpt, WorkersOpt, CompileOpt, DecodeOpt),
+        (DeviceOpt, DtypeOpt, BatchOpt, WorkersOpt, CompileOpt, DecodeOpt, NoServerOpt),
         (RecursiveOpt, NullOpt, ShardOpt, ImageColumnOpt, IdColumnOpt),
         (OutputOpt, QuietOpt, NoProgressOpt),
         (ResumeOpt, RetryErrorsOpt, ForceResumeOpt),

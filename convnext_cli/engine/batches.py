@@ -26,12 +26,14 @@ class Batches(Iterator["list[Result]"]):
         device: Any = None,
         dtype: Any = None,
         times: Any = None,
+        served: str | None = None,
     ) -> None:
         self.batches = iter(batches)
         self.verb = verb
         self.device = device
         self.dtype = dtype
         self.times = times  # a pipeline.RunTimes, or None (Ray: the actors time themselves)
+        self.served = served  # "convnext serve, pid N" when a server ran the model
 
     def __next__(self) -> list[Result]:
         return next(self.batches)
@@ -43,6 +45,9 @@ class Batches(Iterator["list[Result]"]):
             close()
 
     def where(self) -> str | None:
-        """``cpu float32``, ``cuda:0 bfloat16``, or None when not known."""
+        """``cpu float32``, ``cuda:0 bfloat16``, or None when not known (with ``(convnext
+        serve, pid N)`` when a server ran the model)."""
         parts = [str(v).removeprefix("torch.") for v in (self.device, self.dtype) if v]
+        if self.served:
+            parts.append(f"({self.served})")
         return " ".join(parts) or None

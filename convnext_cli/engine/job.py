@@ -105,6 +105,9 @@ class Job:
     cache_dir: Path | None = None
     token: str | None = None
     labels: Path | None = None
+    # not an option: where the runner comes from instead of this process, when it can
+    # (``convnext serve``'s client, serve/client.py); None from it: loaded here
+    loader: Callable[[Job, Report], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         """The fields checked as the CLI's flags are (one table: :mod:`convnext_cli.limits`):
@@ -551,6 +554,10 @@ def _plan_resumable(job: Job, fmt: str, items: Iterable[InputRef], report: Repor
 
 def _load(job: Job, report: Report) -> Runner:
     """The model, through the core's one loading path; its notes to the report."""
+    if job.loader is not None:
+        runner = job.loader(job, report)
+        if runner is not None:
+            return runner  # a stand-in for Runner (serve/client.py)
     from convnext_cli.engine.loading import load_runner
 
     def on_note(text: str) -> None:
@@ -598,7 +605,8 @@ def _local_batches(job: Job, runner: Runner, items: Iterable[InputRef], report: 
     if task.command == "classify":
         _note_top_k_cap(job, len(runner.labels or ()), report)
     batches = task.run(runner, items, workers=job.workers)
-    return Batches(batches, task.verb, runner.device, runner.dtype, runner.times)
+    served = getattr(runner, "served", None)  # by convnext serve (serve/client.py)
+    return Batches(batches, task.verb, runner.device, runner.dtype, runner.times, served)
 
 
 def make_provenance(job: Job, config: Any, spec: Any, runner: Any = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from convnext_cli.cli.options import SHARED_PARAMETERS, parameters_of
 classify = importlib.import_module("convnext_cli.cli.classify")
 embed = importlib.import_module("convnext_cli.cli.embed")
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = ["classify", "embed", "convert", "benchmark", "env"]
+COMMANDS = ["classify", "embed", "convert", "benchmark", "env", "serve"]
 runner = CliRunner()
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from pty_helpers import run_attached, screen
 
-COMMANDS = ["", "classify", "embed", "convert", "benchmark", "env"]
+COMMANDS = ["", "classify", "embed", "convert", "benchmark", "env", "serve"]
 BOX = "│╭╮╰╯─"
 TYPE_NAMES = re.compile(r"<(list|str|int|float|bool|path|text)\b|list\[|\{[A-Z_]+\}")
 WIDTH = 80

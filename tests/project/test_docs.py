@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMANDS = ("classify", "embed", "convert", "benchmark", "env")
+COMMANDS = ("classify", "embed", "convert", "benchmark", "env", "serve")
 
 MODULE_PATH = re.compile(r"convnext_cli/[A-Za-z0-9_/]+\.py")
 # A module named relative to the package (`cli/help.py`, `reading.py`).
