@@ -33,6 +33,9 @@ TOKEN_NAME = "http.token"
 ROUTES = {"/v1/classify": "classify", "/v1/embed": "embed"}
 
 
+STRANGER_BODY_BYTES = 1024**2  # a request without the token: at most this much is read
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port)."""
     host, sep, port = text.rpartition(":")
@@ -71,16 +74,11 @@ def write_token(folder: Path) -> tuple[Path, str]:
 Runner = Callable[[str, str, dict[str, list[str]]], str]  # (command, file, query) -> record
 
 
-def start(
-    address: str, folder: Path, run: Runner, log: Callable[[str], None]
-) -> ThreadingHTTPServer:
-    """Listen on ``address`` in a thread; ``run`` answers each request's record."""
-    host, port = parse_address(address)
-    warning = exposure(host)
-    if warning:
-        log(warning)
-    token_path, token = write_token(folder)
-    uploads = Path(tempfile.mkdtemp(prefix="convnext-http-"))  # 0700, this user's
+def handler(
+    token: str, run: Runner, log: Callable[[str], None], uploads: Path
+) -> type[BaseHTTPRequestHandler]:
+    """The request handler: a bearer token checked before the body is read, image bytes
+    written to a private temporary file, ``run`` answering its record."""
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 30  # seconds for a slow client's request line, headers and body
@@ -105,10 +103,14 @@ def start(
             if not length.isdigit() or not 0 < int(length) <= max_file_bytes():
                 self.close_connection = True
                 return 413, b'{"error": "the body must be an image of at most the size limit"}'
-            data = self.rfile.read(int(length))  # read first: the answer then reaches the client
             given = self.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                if int(length) <= STRANGER_BODY_BYTES:  # drained, so the 401 reaches them
+                    self.rfile.read(int(length))
+                else:  # a large body is never read for a stranger: the connection closes
+                    self.close_connection = True
                 return 401, b'{"error": "a bearer token is needed (see the http.token file)"}'
+            data = self.rfile.read(int(length))
             url = urlsplit(self.path)
             command = ROUTES.get(url.path)
             if command is None:
@@ -125,6 +127,20 @@ def start(
                     os.unlink(name)
             return 200, record.encode()
 
+    return Handler
+
+
+def start(
+    address: str, folder: Path, run: Runner, log: Callable[[str], None]
+) -> ThreadingHTTPServer:
+    """Listen on ``address`` in a thread; ``run`` answers each request's record."""
+    host, port = parse_address(address)
+    warning = exposure(host)
+    if warning:
+        log(warning)
+    token_path, token = write_token(folder)
+    uploads = Path(tempfile.mkdtemp(prefix="convnext-http-"))  # 0700, this user's
+    Handler = handler(token, run, log, uploads)
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     bound_host, bound_port = server.server_address[:2]
