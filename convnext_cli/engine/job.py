@@ -34,7 +34,13 @@ from convnext_cli.engine.task import COMMANDS, Task
 from convnext_cli.errors import EXIT_INPUT_FAILED, EXIT_OK, DeviceFailure, OutputError, UsageError
 from convnext_cli.inputs.expand import InputRef, InputStream, input_id, iter_inputs
 from convnext_cli.limits import MAX_SHARDS, check_environment, is_int
-from convnext_cli.outputs.files import is_stdout
+from convnext_cli.outputs.files import (
+    existing_targets,
+    file_identity,
+    is_stdout,
+    refuse_overwriting,
+    refused,
+)
 from convnext_cli.outputs.names import path_field, say
 from convnext_cli.outputs.resume import RESUMABLE_FORMATS, KeptRecordsWriter
 from convnext_cli.outputs.writers import choose_format, open_writer, output_targets
@@ -229,67 +235,13 @@ def take_shard(items: Iterable[InputRef], shard: str | None) -> Iterable[InputRe
     return itertools.islice(items, index, None, count)
 
 
-def checkpoint_files(model: str) -> list[str]:
-    """The local files a model option names: the file itself, or the files in the folder."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        return [str(path)]
-    if path.is_dir():
-        found: list[str] = []
-        for root, _dirs, files in os.walk(path):
-            found.extend(os.path.join(root, f) for f in files)
-            if len(found) > 10_000:
-                break
-        return found
-    return []
-
-
-def _identity(path: str | Path) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return info.st_dev, info.st_ino
-
-
-def _existing_targets(targets: list[Path]) -> dict[tuple[int, int], Path]:
-    existing = {}
-    for target in targets:
-        identity = _identity(target)
-        if identity is not None:
-            existing[identity] = target
-    return existing
-
-
-def _refused(target: Path, kind: str, path: str) -> OutputError:
-    return OutputError(f"{target}: refusing to write the output over {kind} ({path})")
-
-
-def refuse_overwriting(targets: list[Path], inputs: Iterable[str], model: str) -> None:
-    """An output that is (symlinks and hard links included) an input or a checkpoint file is
-    refused before anything is opened for writing.
-
-    `inputs` are the files known before the run: all of them (``--engine ray``), or the files
-    named on the command line (the local engine, whose listing is streamed: the inputs found
-    in folders, globs and stdin are checked as they are listed, by :func:`watch_overwriting`).
-    """
-    existing = _existing_targets(targets)
-    if not existing:
-        return
-    for kind, paths in (("an input", inputs), ("a checkpoint file", checkpoint_files(model))):
-        for path in paths:
-            identity = _identity(path)
-            if identity in existing:
-                raise _refused(existing[identity], kind, path)
-
-
 def watch_overwriting(items: Iterable[InputRef], targets: list[Path]) -> Iterator[InputRef]:
     """The inputs, each checked as it is listed: one that is an output target (through a
     symlink or a hard link too) raises the same OutputError as :func:`refuse_overwriting`,
     mid-run; the writer is then aborted and the target left untouched.  Only when a target
     exists already (otherwise no input can be it): then one ``stat`` per input file, once
     per dataset file."""
-    existing = _existing_targets(targets)
+    existing = existing_targets(targets)
     if not existing:
         yield from items
         return
@@ -297,9 +249,9 @@ def watch_overwriting(items: Iterable[InputRef], targets: list[Path]) -> Iterato
     for item in items:
         path = item if isinstance(item, str) else str(item.file or item.id)
         if path != last:
-            identity = _identity(path)
+            identity = file_identity(path)
             if identity in existing:
-                raise _refused(existing[identity], "an input", path)
+                raise refused(existing[identity], "an input", path)
             last = path
         yield item
 
