@@ -24,7 +24,7 @@ class CliReport(Report):
     summary and Ctrl-C note (:mod:`convnext_cli.cli.progress`)."""
 
     def track(self, batches: Iterable[list[Result]], plan: Plan) -> int:
-        return track(batches, plan.writer, plan.total, plan.to_terminal, plan.shown)
+        return track(batches, plan.writer, plan.total, plan.to_terminal, plan.shown, plan.finish)
 
     def interrupted(self, records: int, output: str | None, resumable: bool) -> None:
         said = interrupted_note(records, output, resumable)

@@ -33,7 +33,7 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -296,9 +296,11 @@ def track(
     total: TotalLike,
     to_terminal: bool = False,
     output: str | None = None,
+    finish: Callable[[], None] | None = None,
 ) -> int:
-    """Write every batch as it finishes (``writer.write``), with the bar, then the summary
-    (``output``: the file it names as written).
+    """Write every batch as it finishes (``writer.write``), with the bar, then ``finish``
+    (the output closed and moved into place), then the summary (``output``: the file it
+    names as written).
 
     Returns the number of failed inputs.  A writer whose format leaves failures out
     (``names_errors_on_stderr``) gets each one named on stderr, quiet or not.
@@ -321,6 +323,8 @@ def track(
                     if writer.names_errors_on_stderr:
                         say(f"error: {result.path}: {result.error}")
             progress.advance(len(results), failed)
+    if finish is not None:
+        finish()
     if not SETTINGS.quiet:
         for line in progress.summary(verb, where, times, output).splitlines():
             say(line)

@@ -329,6 +329,16 @@ class Plan:
     output: Path | None
     fmt: str | None
     created: list[Path] = field(default_factory=list)  # dropped if the output is
+    closed: bool = False  # the writer was closed: the output is in place
+
+    def finish(self) -> None:
+        """Close the writer (the output moved into place) with Ctrl-C/SIGTERM held until it
+        is done, so that a signal at the end of a run finds the records at their name; the
+        report calls it before its summary (and :func:`write_results` after the report)."""
+        if not self.closed:
+            self.closed = True
+            with interrupts.deferred():
+                self.writer.close()
 
     @property
     def shown(self) -> str | None:
@@ -384,9 +394,12 @@ def write_results(plan: Plan, report: Report) -> int:
             produced = plan.batches()  # loads the model: a signal here drops the output
         with interrupts.raising():
             failures = report.track(produced, plan)
+            plan.finish()  # (the CLI's report did, before its summary)
     except (KeyboardInterrupt, DeviceFailure) as stop:  # a dead GPU ends the run as Ctrl-C does
         with interrupts.finishing():
-            if writer.records or is_stdout(output):  # stdout: close the JSON array anyway
+            if plan.closed:  # in place already (or its close failed: what it has is kept)
+                writer.abort(keep=True)
+            elif writer.records or is_stdout(output):  # stdout: close the JSON array anyway
                 writer.close()
             else:
                 writer.abort()
@@ -394,11 +407,6 @@ def write_results(plan: Plan, report: Report) -> int:
                 kind = plan.fmt or (output.suffix.lstrip(".") if output else "")
                 report.interrupted(writer.records, plan.shown, kind in RESUMABLE_FORMATS)
         raise
-    except BaseException:
-        writer.abort()
-        raise
-    try:
-        writer.close()
     except BaseException:
         writer.abort()
         raise
