@@ -42,7 +42,7 @@ from convnext_cli.outputs.files import (
     refused,
 )
 from convnext_cli.outputs.names import path_field, say
-from convnext_cli.outputs.resume import RESUMABLE_FORMATS, KeptRecordsWriter
+from convnext_cli.outputs.resume import RESUMABLE_FORMATS, KeptRecordsWriter, RecordedWriter
 from convnext_cli.outputs.writers import choose_format, open_writer, output_targets
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
@@ -417,28 +417,31 @@ def _plan_streaming(job: Job, fmt: str, items: Iterable[InputRef], report: Repor
     """No --resume: the writer opens first (it fails before loading), the model loads when
     the batches start, and a jsonl/csv file gets its provenance record then."""
     stream = InputStream(items)
-    writer = open_writer(job.command, fmt, job.output, job.top_k, scores=job.scores)
+    writer = _recorded_writer(
+        job, fmt, open_writer(job.command, fmt, job.output, job.top_k, scores=job.scores)
+    )
 
     def batches() -> Batches:
         runner = _load(job, report)
         if hasattr(writer, "set_run_info"):  # the HTML report says what made it
             writer.set_run_info(run_info(job, runner))
-        if fmt in RESUMABLE_FORMATS and job.output is not None and not is_stdout(job.output):
-            _write_provenance(job, runner, plan.created)
+        if isinstance(writer, RecordedWriter):  # recorded with the first result written
+            writer.provenance = make_provenance(job, runner.model.config, runner.spec, runner)
         return _local_batches(job, runner, stream, report)
 
     plan = Plan(writer, batches, stream, job.output, fmt)
+    if isinstance(writer, RecordedWriter):
+        writer.created = plan.created
     return plan
 
 
-def _write_provenance(job: Job, runner: Runner, created: list[Path]) -> None:
-    from convnext_cli.outputs.resume import provenance_path, write_provenance
-
-    assert job.output is not None
-    target = Path(os.path.realpath(job.output))
-    if not provenance_path(target).exists():
-        created.append(provenance_path(target))
-    write_provenance(target, make_provenance(job, runner.model.config, runner.spec, runner))
+def _recorded_writer(
+    job: Job, fmt: str, writer: Writer, provenance: dict[str, Any] | None = None
+) -> Writer:
+    """A jsonl/csv file's writer, which writes ``.NAME.run.json`` with its first result."""
+    if fmt not in ("jsonl", "csv") or job.output is None or is_stdout(job.output):
+        return writer
+    return RecordedWriter(writer, job.output, fmt, provenance)
 
 
 def _plan_resumable(job: Job, fmt: str, items: Iterable[InputRef], report: Report) -> Plan:
@@ -531,9 +534,18 @@ def make_provenance(job: Job, config: Any, spec: Any, runner: Any = None) -> dic
         "top_k": min(job.top_k or labels, labels) if labels else None,
         "normalize": job.normalize if job.command == "embed" else None,
         "preprocess": spec.to_dict(),
+        "width": _embedding_width(job, config),
         **(_runner_provenance(runner) if runner is not None else {}),
         **scores,
     }
+
+
+def _embedding_width(job: Job, config: Any) -> int | None:
+    """embed's pooled feature width (a resume never mixes two, even forced)."""
+    if job.command != "embed" or job.stages or job.backbone:
+        return None
+    sizes = getattr(config, "hidden_sizes", None)
+    return int(sizes[-1]) if sizes else None
 
 
 def _runner_provenance(runner: Any) -> dict[str, str]:
@@ -564,13 +576,13 @@ def open_resumable(
     A list of inputs (``--engine ray``) gives the list still to do; a stream gives an
     :class:`InputStream` of them, filtered as they are listed (one set lookup each).
     """
-    from convnext_cli.outputs import resume
 
     if job.output is None:
         raise UsageError(f"--resume needs -o FILE in {', '.join(RESUMABLE_FORMATS)}")
     target = Path(os.path.realpath(job.output))
     if not job.resume:
         writer = open_writer(job.command, fmt, job.output, job.top_k, provenance, scores=job.scores)
+        writer = _recorded_writer(job, fmt, writer, provenance)
         return (items if isinstance(items, list) else InputStream(items)), writer
     recorded = _recorded(job, fmt, target, provenance)
     done = recorded.ids
@@ -593,9 +605,10 @@ def open_resumable(
     )
     if fmt == "parquet":
         return todo, writer  # its parts stay on disk whatever ends the run
-    _keep_records(writer, target, recorded)
-    resume.write_provenance(target, provenance)
-    return todo, KeptRecordsWriter(writer)
+    kept = RecordedWriter(writer, target, fmt, provenance)
+    _keep_records(kept, target, recorded)
+    kept.record()  # the kept records hold a result: their provenance is this run's now
+    return todo, KeptRecordsWriter(kept)
 
 
 def _recorded(job: Job, fmt: str, target: Path, provenance: dict[str, Any]) -> Any:
@@ -606,15 +619,13 @@ def _recorded(job: Job, fmt: str, target: Path, provenance: dict[str, Any]) -> A
     assert job.output is not None
     if fmt == "parquet":
         resume.check_resumable(target)
-        earlier = parquet_output.written_by(target)
-        resume.check_provenance(earlier, provenance, job.output, job.force_resume)
-        return resume.read_parquet_ids(parquet_output.earlier_sources(target), job.retry_errors)
-    resume.check_provenance(
-        resume.read_provenance(target), provenance, job.output, job.force_resume
-    )
+        sources = parquet_output.check_earlier(target, job.command, provenance, job.force_resume)
+        return resume.read_parquet_ids(sources, job.retry_errors)
+    sources = resume.text_sources(target)
     resume.refuse_if_locked(target, job.output)
+    resume.check_text_provenance(job.output, fmt, sources, provenance, job.force_resume)
     return resume.keep_text_records(
-        resume.text_sources(target),
+        sources,
         resume.copy_path(target),
         fmt,
         job.retry_errors,
