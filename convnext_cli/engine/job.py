@@ -274,6 +274,34 @@ def _named_files(inputs: list[str]) -> list[str]:
     return named
 
 
+def _targets_listed(targets: list[Path], inputs: list[str], recursive: bool) -> list[str]:
+    """Existing targets (symlinks resolved) that a folder or a glob among the inputs would
+    list: refused before anything is read, as a named input is (a resumed run reads its
+    target, and makes files beside it, before the listing reaches it)."""
+    import fnmatch
+    import glob
+
+    from convnext_cli.inputs.expand import is_image_name
+
+    found = []
+    for target in targets:
+        if not os.path.isfile(target):
+            continue
+        real = os.path.realpath(target)
+        for given in inputs:
+            path = os.path.expanduser(given)
+            if os.path.isdir(path):
+                folder = os.path.realpath(path)
+                inside = os.path.dirname(real) == folder or (
+                    recursive and real.startswith(folder.rstrip(os.sep) + os.sep)
+                )
+                if inside and is_image_name(real):
+                    found.append(real)
+            elif glob.has_magic(path) and fnmatch.fnmatch(real, os.path.abspath(path)):
+                found.append(real)
+    return found
+
+
 def check_features_request(job: Job, fmt: str) -> None:
     """embed --stage / --pool / --backbone: what the format and engine can hold, before
     anything is loaded (the stage names are checked against the model once it is)."""
@@ -366,7 +394,8 @@ def run_job(job: Job, report: Report | None = None) -> int:
         refuse_overwriting(targets, _input_files(items), job.model)
         plan = _plan_ray(job, fmt, items, report)
     else:  # the local engine streams: the first batch runs while the listing goes on
-        refuse_overwriting(targets, _named_files(job.inputs), job.model)
+        listed = _targets_listed(targets, job.inputs, job.recursive)
+        refuse_overwriting(targets, [*_named_files(job.inputs), *listed], job.model)
         items = watch_overwriting(items, targets)
         plain = not job.resume and fmt != "parquet"
         plan = (_plan_streaming if plain else _plan_resumable)(job, fmt, items, report)
