@@ -139,7 +139,8 @@ def foreign(kind: str, path: Path, photos: list[Path]) -> None:
     else:  # this tool's columns, no record of the run that wrote them
         from convnext_cli.outputs.parquet import CLASSIFY_SCHEMA
 
-        row = {"path": str(photos[0]), "error": None, "label": "a", "index": 0, "score": 0.5}
+        row: dict[str, object] = {"path": str(photos[0]), "error": None, "label": "a"}
+        row.update(index=0, score=0.5)
         row["predictions"] = [{"label": "a", "index": 0, "score": 0.5}]
         table = pa.Table.from_pylist([row], schema=CLASSIFY_SCHEMA)
     pq.write_table(table, path)
