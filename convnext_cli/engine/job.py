@@ -285,9 +285,9 @@ def _targets_listed(targets: list[Path], inputs: list[str], recursive: bool) -> 
 
     found = []
     for target in targets:
-        if not os.path.isfile(target):
-            continue
         real = os.path.realpath(target)
+        if not (os.path.isfile(real) and is_image_name(real)):
+            continue  # only images are listed from folders (datasets are watched as read)
         for given in inputs:
             path = os.path.expanduser(given)
             if os.path.isdir(path):
@@ -295,7 +295,7 @@ def _targets_listed(targets: list[Path], inputs: list[str], recursive: bool) -> 
                 inside = os.path.dirname(real) == folder or (
                     recursive and real.startswith(folder.rstrip(os.sep) + os.sep)
                 )
-                if inside and is_image_name(real):
+                if inside:
                     found.append(real)
             elif glob.has_magic(path) and fnmatch.fnmatch(real, os.path.abspath(path)):
                 found.append(real)
