@@ -39,6 +39,7 @@ ALLOWED = {
     ("outputs/parquet.py", "ParquetRecordWriter.__init__"): ".NAME.parts/, locked",
     ("outputs/parquet.py", "ParquetRecordWriter._flush"): "a part in .NAME.parts/",
     ("outputs/parquet.py", "ParquetRecordWriter.close"): "into the locked OutputFile",
+    ("outputs/parquet.py", "ParquetRecordWriter.abort"): "this run's .NAME.parts/ dropped",
     ("outputs/resume.py", "write_provenance"): ".NAME.run.json beside a locked target",
     ("outputs/resume.py", "keep_text_records"): ".NAME.resume beside a locked target",
     ("outputs/benchmark_report.py", "save_plot"): "into benchmark -o's OutputFile",
