@@ -217,3 +217,19 @@ def test_resumed_output_linked_to_an_input_of_a_folder_is_refused_before_reading
     assert files_in(folder) == before
     assert sorted(os.listdir(folder)) == sorted(before)  # no .victim.png.partial, .run.json...
     assert sorted(os.listdir(tmp_path)) == ["out." + fmt, "photos"]
+
+
+def test_forced_resume_with_no_record_of_the_run_never_makes_a_ragged_csv(
+    photos: list[Path], v1_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Nothing says what wrote the file (its .run.json deleted) and the resume is forced
+    with another stage: the first row of another width stops it, the target untouched."""
+    out = tmp_path / "f.csv"
+    first = invoke("embed", *photos[:2], "-m", v1_checkpoint, "--stage", "stage1", "-o", out, *CPU)
+    assert first.exit_code == 0, first.stderr
+    (tmp_path / ".f.csv.run.json").unlink()
+    before = out.read_bytes()
+    args = ["embed", *photos, "-m", v1_checkpoint, "--stage", "stage2", "-o", out]
+    result = invoke(*args, "--resume", "--force-resume", "-q", *CPU)
+    one_error_line(result, "one width")
+    assert out.read_bytes() == before
