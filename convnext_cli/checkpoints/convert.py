@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +37,13 @@ from convnext_cli.checkpoints.hub import CONFIG_FILE, PREPROCESSOR_FILE
 from convnext_cli.checkpoints.layouts import CheckpointLayout
 from convnext_cli.checkpoints.weights_io import save_safetensors
 from convnext_cli.choices import LAYOUTS
-from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.errors import CheckpointError, UsageError, one_line
 from convnext_cli.imaging.preprocess import PreprocessSpec
+from convnext_cli.limits import check_environment
 from convnext_cli.model._fields import MAX_JSON_BYTES
 from convnext_cli.model.config import ConvNextConfig
+from convnext_cli.outputs import files as output_files
+from convnext_cli.outputs.files import OutputFile, refuse_overwriting, resolve_target
 from convnext_cli.reading import read_json_file
 
 WEIGHTS_FILE = "model.safetensors"
@@ -52,6 +53,7 @@ STALE_WEIGHTS = (
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
 )
+WRITTEN = (WEIGHTS_FILE, CONFIG_FILE, PREPROCESSOR_FILE)
 # config.json fields that come from the weights; a kept config.json keeps its other fields.
 FROM_WEIGHTS = (
     "architectures",
@@ -99,6 +101,7 @@ class ConvertOptions:
 
     def locate(self, source: str | Path) -> CheckpointFiles:
         """The options checked, then ``source``'s files found (downloaded from the Hub)."""
+        check_environment()  # HF_HUB_*_TIMEOUT and the like: one line naming the variable
         check_options(self.layout, self.image_size, self.crop_pct)
         return locate(
             str(source), revision=self.revision, cache_dir=self.cache_dir, token=self.token
@@ -179,6 +182,10 @@ def check_output_dir(output_dir: Path, files: CheckpointFiles, force: bool) -> N
             )
     if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
         raise UsageError(f"{output_dir}: folder is not empty (use --force to write into it)")
+    written = [output_dir / name for name in (*STALE_WEIGHTS, *WRITTEN)]
+    refuse_overwriting(written, checkpoint=files.paths)
+    for path in written:  # a device node or FIFO in OUT_DIR: refused before the load
+        resolve_target(path, follow_symlinks=False, devices=False)
 
 
 # --------------------------------------------------------------------------- what is written
@@ -256,62 +263,42 @@ def write_folder(
 ) -> None:
     """Write the three files (with ``force``, first remove weight files that would conflict).
 
-    Each file is written to a temporary file inside ``output_dir`` and renamed into place,
-    so an interrupted convert never leaves a half-written file under a final name, and an
-    existing symlink is replaced by the new file, never written through to its target.
+    Each file goes through the one output protection (:mod:`convnext_cli.outputs.files`):
+    written beside its name and renamed into place, so an interrupted convert never leaves
+    a half-written file under a final name; an existing symlink is replaced by the new file,
+    never written through to its target; anything else that is not a regular file (a
+    device node, a FIFO) is refused before any file is written.
     """
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{output_dir}: cannot write ({one_line(exc)})") from exc
+    for name in (*STALE_WEIGHTS, *WRITTEN):
+        resolve_target(output_dir / name, follow_symlinks=False, devices=False)
+    try:
         if force:
             for name in STALE_WEIGHTS:
                 (output_dir / name).unlink(missing_ok=True)  # a symlink: only the link goes
-        with replacing(output_dir / WEIGHTS_FILE) as tmp:
-            save_safetensors(weights, tmp, metadata={"format": "pt"})
-        write_json(output_dir / CONFIG_FILE, config)
-        write_json(output_dir / PREPROCESSOR_FILE, preprocessor)
     except OSError as exc:
         raise UsageError(f"{output_dir}: cannot write ({one_line(exc)})") from exc
-
-
-def _mode_for(target: Path) -> int:
-    import stat
-
-    if target.is_file() and not target.is_symlink():
-        return stat.S_IMODE(target.stat().st_mode)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
+    with replacing(output_dir / WEIGHTS_FILE) as out:
+        save_safetensors(weights, out.partial, metadata={"format": "pt"})
+    write_json(output_dir / CONFIG_FILE, config)
+    write_json(output_dir / PREPROCESSOR_FILE, preprocessor)
 
 
 @contextlib.contextmanager
-def replacing(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is fsynced and renamed over
-    ``target`` (replacing a symlink itself, not its target); on any failure or interrupt
-    the temporary is removed and ``target`` is untouched."""
-    if target.is_dir() and not target.is_symlink():
-        raise UsageError(f"{target}: is a folder; cannot replace it with a file")
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    # mkstemp makes it 0600 (and a writer may make its own): the file gets the mode `cp`
-    # would give, an existing target's own (not through a symlink), else 0666 less the umask
-    mode = _mode_for(target)
-    try:
-        # Ctrl-C while writing leaves at once (see interrupts): the temporary goes first
-        with interrupts.cleanup_on_leave(lambda: tmp.unlink(missing_ok=True)):
-            yield tmp
-            os.chmod(tmp, mode)
-            with tmp.open("rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def replacing(target: Path) -> Iterator[OutputFile]:
+    """The output protection for a file convert writes: a symlink is replaced (never written
+    through), a device node or FIFO refused; written beside and moved into place; on any
+    failure or interrupt the partial file is removed and ``target`` is untouched."""
+    with output_files.replacing(target, follow_symlinks=False, devices=False) as out:
+        yield out
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    with replacing(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with replacing(path) as out:
+        out.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -345,8 +332,10 @@ def check_onnx_output(output: Path, files: CheckpointFiles, force: bool) -> None
     for path in files.paths:
         if path.resolve() == real:
             raise UsageError(f"{output}: is the source itself ({path}); choose another name")
-    if output.exists() and not force:
+    refuse_overwriting([output], checkpoint=files.paths)  # a hard link to the source too
+    if os.path.lexists(output) and not force:
         raise UsageError(f"{output}: exists (use --force to replace it)")
+    resolve_target(output, follow_symlinks=False, devices=False)  # never over a device node
 
 
 def export_onnx(
@@ -382,10 +371,10 @@ def export_onnx(
     metadata = onnx_metadata(checkpoint, config, preprocessor, name)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(output) as tmp:
-            _export(model, example, tmp, name, metadata)
     except OSError as exc:
         raise UsageError(f"{output}: cannot write ({one_line(exc)})") from exc
+    with replacing(output) as out:
+        _export(model, example, out.partial, name, metadata)
     shape = (checkpoint.config.num_channels, int(height), int(width))
     return OnnxExport(
         Path(str(source)), output, checkpoint.layout, name, shape, checkpoint.config.describe()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from convnext_cli import startup
+from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.engine._interrupts import install_startup_handlers
 
 if Path(sys.argv[0]).stem == "convnext":
@@ -107,11 +108,17 @@ register(app, "serve", serve)
 
 
 def main() -> None:
+    """The `convnext` script: run the command, then leave without the interpreter's teardown
+    (``interrupts.leave``: stdout and stderr flushed, every output already in place)."""
     startup.prepare()  # again for callers of main(): cheap, and a no-op the second time
     try:
         app()
+        code: int | str | None = 0
+    except SystemExit as done:  # how typer ends every command
+        code = done.code if isinstance(done.code, (int, str)) or done.code is None else 1
     except ConvNextError as exc:  # outside a command: --help or --version into a closed stdout
         if debug_enabled():  # CONVNEXT_DEBUG=1: the traceback, as inside a command
             raise
         say(f"error: {one_line(exc)}")
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
+    interrupts.leave(code)

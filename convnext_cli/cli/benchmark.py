@@ -4,8 +4,10 @@ JSON, or a saved plot.  The measuring loop is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,6 +31,7 @@ from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 if TYPE_CHECKING:
     from convnext_cli.engine.benchmark import Report, SweepOptions
     from convnext_cli.engine.loading import ModelSource, RunOptions
+    from convnext_cli.outputs.files import OutputFile
 
 OUTPUT_SUFFIXES = (".png", ".svg", ".json")
 
@@ -179,13 +182,7 @@ def benchmark(
         from convnext_cli.engine.device import resolve_device
 
         batch_sizes = "1,32,256" if resolve_device(device).type == "cuda" else "1,8,32"
-    if compile_mode is not None:
-        if compile_mode not in COMPILE_MODES:
-            raise UsageError(
-                f"--compile-mode: unknown mode {compile_mode!r} "
-                f"(choose from {', '.join(COMPILE_MODES)})"
-            )
-        compile_model = True
+    compile_model = compile_model or compile_mode_given(compile_mode)
     sizes, dtypes = tuple(parse_batch_sizes(batch_sizes)), parse_dtypes(dtype)
     paths = benchmark_images(images) if images is not None else []
 
@@ -200,8 +197,20 @@ def benchmark(
         compile_mode=compile_mode or "default",
     )
     options = SweepOptions(sizes, warmup, iters, tuple(paths), workers)
-    report = measure(ModelSource(**model), run, dtypes, options)
-    show(report, fmt, output)
+    with saving(output, paths, model["model"]) as saved:  # refused or opened before the run
+        show(measure(ModelSource(**model), run, dtypes, options), fmt, saved)
+    if output is not None:
+        note(f"wrote {output}")
+
+
+def compile_mode_given(compile_mode: str | None) -> bool:
+    """--compile-mode: checked; given, it turns --compile on."""
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise UsageError(
+            f"--compile-mode: unknown mode {compile_mode!r} "
+            f"(choose from {', '.join(COMPILE_MODES)})"
+        )
+    return compile_mode is not None
 
 
 def measure(
@@ -266,7 +275,23 @@ def benchmark_images(folder: Path) -> list[str]:
     return found
 
 
-def show(report: Report, fmt: str, output: Path | None) -> None:
+@contextlib.contextmanager
+def saving(output: Path | None, images: list[str], model: str) -> Iterator[OutputFile | None]:
+    """``-o``'s file, with the protection every output has (outputs/files.py): refused over
+    an ``--images`` photo or a checkpoint file, opened beside the target before the run (a
+    missing or read-only folder is one line, exit 2, before anything is measured) and moved
+    into place when the block ends; dropped on an error or a signal."""
+    from convnext_cli.outputs.files import refuse_overwriting, replacing
+
+    if output is None:
+        yield None
+        return
+    refuse_overwriting([output], images, model)
+    with replacing(output) as saved:
+        yield saved
+
+
+def show(report: Report, fmt: str, saved: OutputFile | None) -> None:
     """JSON or the table on stdout (bars too on a terminal without -o); then -o's file."""
     from rich.console import Console
 
@@ -275,11 +300,11 @@ def show(report: Report, fmt: str, output: Path | None) -> None:
     if fmt == "json":
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        bars = output is None and sys.stdout.isatty()
+        bars = saved is None and sys.stdout.isatty()
         print_report(report, Console(file=sys.stdout, highlight=False), bars=bars)
-    if output is not None:
-        if output.suffix.lower() == ".json":
-            output.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if saved is not None:
+        suffix = Path(str(saved.display)).suffix.lower()
+        if suffix == ".json":
+            saved.write((json.dumps(report.to_dict(), indent=2) + "\n").encode())
         else:
-            save_plot(report, str(output))
-        note(f"wrote {output}")
+            save_plot(report, saved.file, suffix.lstrip("."))

@@ -10,7 +10,7 @@ import typer
 from convnext_cli.choices import ConvertTarget, LayoutChoice
 from convnext_cli.cli.errors import say
 from convnext_cli.cli.options import hub_options
-from convnext_cli.limits import MAX_IMAGE_SIZE
+from convnext_cli.limits import MAX_IMAGE_SIZE, check_environment
 
 
 class Source(str):
@@ -126,6 +126,7 @@ def convert(
       $ convnext classify photos/ -m convnext-tiny/
       $ convnext convert facebook/convnext-tiny-224 convnext-tiny.onnx
     """
+    check_environment()  # before huggingface_hub is imported: it parses HF_HUB_* itself
     from convnext_cli.checkpoints import convert as conversion
 
     options = conversion.ConvertOptions(from_, image_size, crop_pct, force, **hub)

@@ -28,7 +28,15 @@ class CliReport(Report):
         self.model = model  # what the summary names
 
     def track(self, batches: Iterable[list[Result]], plan: Plan) -> int:
-        return track(batches, plan.writer, plan.total, plan.to_terminal, plan.shown, self.model)
+        return track(
+            batches,
+            plan.writer,
+            plan.total,
+            plan.to_terminal,
+            plan.shown,
+            model=self.model,
+            finish=plan.finish,
+        )
 
     def interrupted(self, records: int, output: str | None, resumable: bool) -> None:
         said = interrupted_note(records, output, resumable)

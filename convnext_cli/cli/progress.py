@@ -37,7 +37,7 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -314,9 +314,11 @@ def track(
     to_terminal: bool = False,
     output: str | None = None,
     model: str | None = None,
+    finish: Callable[[], None] | None = None,
 ) -> int:
-    """Write every batch as it finishes (``writer.write``), with the bar, then the summary
-    (``output``: the file it names as written, ``model``: the checkpoint it names).
+    """Write every batch as it finishes (``writer.write``), with the bar, then ``finish``
+    (the output closed and moved into place), then the summary (``output``: the file it
+    names as written, ``model``: the checkpoint it names).
 
     Returns the number of failed inputs.  A writer whose format leaves failures out
     (``names_errors_on_stderr``) gets each one named on stderr, quiet or not.
@@ -339,6 +341,8 @@ def track(
                     if writer.names_errors_on_stderr:
                         say(f"error: {result.path}: {result.error}")
             progress.advance(len(results), failed)
+    if finish is not None:
+        finish()
     if not SETTINGS.quiet:
         for line in progress.summary(verb, where, times, output, model=model).splitlines():
             say(line)

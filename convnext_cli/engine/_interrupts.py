@@ -13,10 +13,15 @@ Three phases, so that a signal at any moment ends the program the same way:
 - **streaming** (:func:`raising`, while records are produced and written): SIGINT raises
   :class:`KeyboardInterrupt`, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``),
   so the command unwinds, finishes its writer and moves the output into place.  While a
-  batch of records is being written (:func:`deferred`), the signal is held and raised once
-  the batch is complete, so no record is ever cut in half.
-- **finishing** (closing the output after a signal): a second signal leaves at once; the
-  output target is untouched and the in-progress file stays beside it.
+  batch of records is being written, or the output closed and moved into place
+  (:func:`deferred`), the signal is held and raised once that is complete, so no record is
+  ever cut in half and a finished output always reaches its name.
+- **finishing** (closing the output after a signal, or closing it at the end of a run): a
+  second signal is held until the output is in place; a third leaves at once (the output
+  target is untouched and the in-progress file stays beside it).
+- **leaving** (:func:`leave`, after the command returned and every output was closed): the
+  process ends with ``os._exit`` once stdout and stderr are flushed; a signal until then
+  ends it with 130/143 too (the handlers of the starting phase are back).
 
 This module imports nothing heavy: the CLI installs it before importing anything else.
 """
@@ -28,9 +33,9 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
-from convnext_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+from convnext_cli.errors import EXIT_INTERRUPTED, EXIT_PIPE_CLOSED, EXIT_TERMINATED, EXIT_USAGE
 
 _SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
 
@@ -73,25 +78,41 @@ def install_startup_handlers() -> None:
             signal.signal(signum, _leave_now)
 
 
+# A write or a close in progress holds signals; this many signals in all make the program
+# leave at once anyway (a write stuck on a dead network file system): Ctrl-C twice still
+# finds the records at their name, three times leaves now.
+LEAVE_AT_SIGNAL = 3
+
+
 class _State:
     depth = 0  # nesting of deferred()
     pending: int | None = None  # a signal that arrived while deferred
     raising = False  # records are flowing: signals raise (else: clean up and leave)
+    signals = 0  # signals received while running
     cleanups: list[Callable[[], None]] = []
 
 
 def _raise_or_hold(signum: int, _frame: FrameType | None) -> None:
+    _State.signals += 1
     if not _State.raising:
         for cleanup in reversed(_State.cleanups):
             with contextlib.suppress(Exception):
                 cleanup()
         _leave_now(signum)
     if _State.depth:
-        if _State.pending is not None:  # a second signal while a write is stuck: leave now
+        if _State.signals >= LEAVE_AT_SIGNAL:  # a write that is stuck: leave now
             _leave_now(signum)
-        _State.pending = signum
+        if _State.pending is None:
+            _State.pending = signum
         return
     raise exception_for(signum)
+
+
+def _hold_or_leave(signum: int, _frame: FrameType | None = None) -> None:
+    """While the output is finished after a signal: held, until LEAVE_AT_SIGNAL signals."""
+    _State.signals += 1
+    if _State.signals >= LEAVE_AT_SIGNAL:
+        _leave_now(signum)
 
 
 @contextlib.contextmanager
@@ -106,7 +127,7 @@ def running() -> Iterator[None]:
             signal.signal(signum, handler)
         yield
         return
-    _State.depth, _State.pending, _State.raising = 0, None, False
+    _State.depth, _State.pending, _State.raising, _State.signals = 0, None, False, 0
     try:
         yield
     finally:
@@ -136,12 +157,19 @@ def cleanup_on_leave(cleanup: Callable[[], None]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a batch of records is written; raise when it is complete."""
+    """Hold SIGINT/SIGTERM while a batch of records is written (or the output is closed and
+    moved into place); raise when it is complete.  A signal held while the block failed is
+    raised in place of the failure (the run ends 130/143, as the user asked), and is never
+    left pending for a later block."""
     _State.depth += 1
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         _State.depth -= 1
+        if _State.depth == 0 and _State.pending is not None:
+            signum, _State.pending = _State.pending, None
+            if not isinstance(exc, KeyboardInterrupt):
+                raise exception_for(signum) from exc
         raise
     _State.depth -= 1
     if _State.depth == 0 and _State.pending is not None:
@@ -151,13 +179,40 @@ def deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def finishing() -> Iterator[None]:
-    """Closing the output after a signal: a second signal leaves at once."""
+    """Closing the output after a signal: a second signal is held until it is in place, a
+    third leaves at once (the target untouched, the in-progress file kept beside it)."""
     previous: dict[int, Any] = {}
     with contextlib.suppress(ValueError):
         for signum in _SIGNALS:
-            previous[signum] = signal.signal(signum, _leave_now)
+            previous[signum] = signal.signal(signum, _hold_or_leave)
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def leave(code: int | str | None) -> NoReturn:
+    """End the process with ``code`` once stdout and stderr are flushed, without the
+    interpreter's teardown: every output was closed and moved into place by the command, so
+    nothing is lost, and nothing of the teardown (torch's takes about a second) comes after
+    the summary line.  A signal in that second would otherwise meet Python's own default
+    handler, which finalisation puts back, and the process would die by SIGINT (-2) instead
+    of exiting 130.  ``sys.exit``'s conventions: None is 0, a string is said and is 1."""
+    import sys
+
+    if code is None:
+        code = 0
+    elif isinstance(code, str):
+        with contextlib.suppress(OSError):
+            os.write(2, (code + "\n").encode("utf-8", "backslashreplace"))
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BrokenPipeError:
+            code = code or EXIT_PIPE_CLOSED
+        except (OSError, ValueError):
+            code = code or EXIT_USAGE
+    os._exit(code)

@@ -48,9 +48,15 @@ from convnext_cli.limits import (
     check_job_fields,
     is_int,
 )
-from convnext_cli.outputs.files import is_stdout
+from convnext_cli.outputs.files import (
+    existing_targets,
+    file_identity,
+    is_stdout,
+    refuse_overwriting,
+    refused,
+)
 from convnext_cli.outputs.names import path_field, say, visible
-from convnext_cli.outputs.resume import RESUMABLE_FORMATS, KeptRecordsWriter
+from convnext_cli.outputs.resume import RESUMABLE_FORMATS, KeptRecordsWriter, RecordedWriter
 from convnext_cli.outputs.writers import choose_format, open_writer, output_targets
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 
@@ -286,67 +292,13 @@ def take_shard(items: Iterable[InputRef], shard: str | None) -> Iterable[InputRe
     return itertools.islice(items, index, None, count)
 
 
-def checkpoint_files(model: str) -> list[str]:
-    """The local files a model option names: the file itself, or the files in the folder."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        return [str(path)]
-    if path.is_dir():
-        found: list[str] = []
-        for root, _dirs, files in os.walk(path):
-            found.extend(os.path.join(root, f) for f in files)
-            if len(found) > 10_000:
-                break
-        return found
-    return []
-
-
-def _identity(path: str | Path) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return info.st_dev, info.st_ino
-
-
-def _existing_targets(targets: list[Path]) -> dict[tuple[int, int], Path]:
-    existing = {}
-    for target in targets:
-        identity = _identity(target)
-        if identity is not None:
-            existing[identity] = target
-    return existing
-
-
-def _refused(target: Path, kind: str, path: str) -> OutputError:
-    return OutputError(f"{target}: refusing to write the output over {kind} ({path})")
-
-
-def refuse_overwriting(targets: list[Path], inputs: Iterable[str], model: str) -> None:
-    """An output that is (symlinks and hard links included) an input or a checkpoint file is
-    refused before anything is opened for writing.
-
-    `inputs` are the files known before the run: all of them (``--engine ray``), or the files
-    named on the command line (the local engine, whose listing is streamed: the inputs found
-    in folders, globs and stdin are checked as they are listed, by :func:`watch_overwriting`).
-    """
-    existing = _existing_targets(targets)
-    if not existing:
-        return
-    for kind, paths in (("an input", inputs), ("a checkpoint file", checkpoint_files(model))):
-        for path in paths:
-            identity = _identity(path)
-            if identity in existing:
-                raise _refused(existing[identity], kind, path)
-
-
 def watch_overwriting(items: Iterable[InputRef], targets: list[Path]) -> Iterator[InputRef]:
     """The inputs, each checked as it is listed: one that is an output target (through a
     symlink or a hard link too) raises the same OutputError as :func:`refuse_overwriting`,
     mid-run; the writer is then aborted and the target left untouched.  Only when a target
     exists already (otherwise no input can be it): then one ``stat`` per input file, once
     per dataset file."""
-    existing = _existing_targets(targets)
+    existing = existing_targets(targets)
     if not existing:
         yield from items
         return
@@ -354,9 +306,9 @@ def watch_overwriting(items: Iterable[InputRef], targets: list[Path]) -> Iterato
     for item in items:
         path = item if isinstance(item, str) else str(item.file or item.id)
         if path != last:
-            identity = _identity(path)
+            identity = file_identity(path)
             if identity in existing:
-                raise _refused(existing[identity], "an input", path)
+                raise refused(existing[identity], "an input", path)
             last = path
         yield item
 
@@ -377,6 +329,34 @@ def _named_files(inputs: list[str]) -> list[str]:
         if given != "-" and os.path.isfile(path):
             named.append(path)
     return named
+
+
+def _targets_listed(targets: list[Path], inputs: list[str], recursive: bool) -> list[str]:
+    """Existing targets (symlinks resolved) that a folder or a glob among the inputs would
+    list: refused before anything is read, as a named input is (a resumed run reads its
+    target, and makes files beside it, before the listing reaches it)."""
+    import fnmatch
+    import glob
+
+    from convnext_cli.inputs.expand import is_image_name
+
+    found = []
+    for target in targets:
+        real = os.path.realpath(target)
+        if not (os.path.isfile(real) and is_image_name(real)):
+            continue  # only images are listed from folders (datasets are watched as read)
+        for given in inputs:
+            path = os.path.expanduser(given)
+            if os.path.isdir(path):
+                folder = os.path.realpath(path)
+                inside = os.path.dirname(real) == folder or (
+                    recursive and real.startswith(folder.rstrip(os.sep) + os.sep)
+                )
+                if inside:
+                    found.append(real)
+            elif glob.has_magic(path) and fnmatch.fnmatch(real, os.path.abspath(path)):
+                found.append(real)
+    return found
 
 
 def check_features_request(job: Job, fmt: str) -> None:
@@ -438,6 +418,16 @@ class Plan:
     output: Path | None
     fmt: str | None
     created: list[Path] = field(default_factory=list)  # dropped if the output is
+    closed: bool = False  # the writer was closed: the output is in place
+
+    def finish(self) -> None:
+        """Close the writer (the output moved into place) with Ctrl-C/SIGTERM held until it
+        is done, so that a signal at the end of a run finds the records at their name; the
+        report calls it before its summary (and :func:`write_results` after the report)."""
+        if not self.closed:
+            self.closed = True
+            with interrupts.deferred():
+                self.writer.close()
 
     @property
     def shown(self) -> str | None:
@@ -465,7 +455,8 @@ def run_job(job: Job, report: Report | None = None) -> int:
         refuse_overwriting(targets, _input_files(items), job.model)
         plan = _plan_ray(job, fmt, items, report)
     else:  # the local engine streams: the first batch runs while the listing goes on
-        refuse_overwriting(targets, _named_files(job.inputs), job.model)
+        listed = _targets_listed(targets, job.inputs, job.recursive)
+        refuse_overwriting(targets, [*_named_files(job.inputs), *listed], job.model)
         items = watch_overwriting(items, targets)
         plain = not job.resume and fmt != "parquet"
         plan = (_plan_streaming if plain else _plan_resumable)(job, fmt, items, report)
@@ -493,9 +484,12 @@ def write_results(plan: Plan, report: Report) -> int:
             produced = plan.batches()  # loads the model: a signal here drops the output
         with interrupts.raising():
             failures = report.track(produced, plan)
+            plan.finish()  # (the CLI's report did, before its summary)
     except (KeyboardInterrupt, DeviceFailure) as stop:  # a dead GPU ends the run as Ctrl-C does
         with interrupts.finishing():
-            if writer.records or is_stdout(output):  # stdout: close the JSON array anyway
+            if plan.closed:  # in place already (or its close failed: what it has is kept)
+                writer.abort(keep=True)
+            elif writer.records or is_stdout(output):  # stdout: close the JSON array anyway
                 writer.close()
             else:
                 writer.abort()
@@ -506,11 +500,6 @@ def write_results(plan: Plan, report: Report) -> int:
     except BaseException:
         writer.abort()
         raise
-    try:
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
     return EXIT_INPUT_FAILED if failures else EXIT_OK
 
 
@@ -518,28 +507,31 @@ def _plan_streaming(job: Job, fmt: str, items: Iterable[InputRef], report: Repor
     """No --resume: the writer opens first (it fails before loading), the model loads when
     the batches start, and a jsonl/csv file gets its provenance record then."""
     stream = InputStream(items)
-    writer = open_writer(job.command, fmt, job.output, job.top_k, scores=job.scores)
+    writer = _recorded_writer(
+        job, fmt, open_writer(job.command, fmt, job.output, job.top_k, scores=job.scores)
+    )
 
     def batches() -> Batches:
         runner = _load(job, report)
         if hasattr(writer, "set_run_info"):  # the HTML report says what made it
             writer.set_run_info(run_info(job, runner))
-        if fmt in RESUMABLE_FORMATS and job.output is not None and not is_stdout(job.output):
-            _write_provenance(job, runner, plan.created)
+        if isinstance(writer, RecordedWriter):  # recorded with the first result written
+            writer.provenance = make_provenance(job, runner.model.config, runner.spec, runner)
         return _local_batches(job, runner, stream, report)
 
     plan = Plan(writer, batches, stream, job.output, fmt)
+    if isinstance(writer, RecordedWriter):
+        writer.created = plan.created
     return plan
 
 
-def _write_provenance(job: Job, runner: Runner, created: list[Path]) -> None:
-    from convnext_cli.outputs.resume import provenance_path, write_provenance
-
-    assert job.output is not None
-    target = Path(os.path.realpath(job.output))
-    if not provenance_path(target).exists():
-        created.append(provenance_path(target))
-    write_provenance(target, make_provenance(job, runner.model.config, runner.spec, runner))
+def _recorded_writer(
+    job: Job, fmt: str, writer: Writer, provenance: dict[str, Any] | None = None
+) -> Writer:
+    """A jsonl/csv file's writer, which writes ``.NAME.run.json`` with its first result."""
+    if fmt not in ("jsonl", "csv") or job.output is None or is_stdout(job.output):
+        return writer
+    return RecordedWriter(writer, job.output, fmt, provenance)
 
 
 def _plan_resumable(job: Job, fmt: str, items: Iterable[InputRef], report: Report) -> Plan:
@@ -637,9 +629,18 @@ def make_provenance(job: Job, config: Any, spec: Any, runner: Any = None) -> dic
         "top_k": min(job.top_k or labels, labels) if labels else None,
         "normalize": job.normalize if job.command == "embed" else None,
         "preprocess": spec.to_dict(),
+        "width": _embedding_width(job, config),
         **(_runner_provenance(runner) if runner is not None else {}),
         **scores,
     }
+
+
+def _embedding_width(job: Job, config: Any) -> int | None:
+    """embed's pooled feature width (a resume never mixes two, even forced)."""
+    if job.command != "embed" or job.stages or job.backbone:
+        return None
+    sizes = getattr(config, "hidden_sizes", None)
+    return int(sizes[-1]) if sizes else None
 
 
 def _runner_provenance(runner: Any) -> dict[str, str]:
@@ -670,13 +671,13 @@ def open_resumable(
     A list of inputs (``--engine ray``) gives the list still to do; a stream gives an
     :class:`InputStream` of them, filtered as they are listed (one set lookup each).
     """
-    from convnext_cli.outputs import resume
 
     if job.output is None:
         raise UsageError(f"--resume needs -o FILE in {', '.join(RESUMABLE_FORMATS)}")
     target = Path(os.path.realpath(job.output))
     if not job.resume:
         writer = open_writer(job.command, fmt, job.output, job.top_k, provenance, scores=job.scores)
+        writer = _recorded_writer(job, fmt, writer, provenance)
         return (items if isinstance(items, list) else InputStream(items)), writer
     recorded = _recorded(job, fmt, target, provenance)
     done = recorded.ids
@@ -699,9 +700,10 @@ def open_resumable(
     )
     if fmt == "parquet":
         return todo, writer  # its parts stay on disk whatever ends the run
-    _keep_records(writer, target, recorded)
-    resume.write_provenance(target, provenance)
-    return todo, KeptRecordsWriter(writer)
+    kept = RecordedWriter(writer, target, fmt, provenance)
+    _keep_records(kept, target, recorded)
+    kept.record()  # the kept records hold a result: their provenance is this run's now
+    return todo, KeptRecordsWriter(kept)
 
 
 def _recorded(job: Job, fmt: str, target: Path, provenance: dict[str, Any]) -> Any:
@@ -712,15 +714,13 @@ def _recorded(job: Job, fmt: str, target: Path, provenance: dict[str, Any]) -> A
     assert job.output is not None
     if fmt == "parquet":
         resume.check_resumable(target)
-        earlier = parquet_output.written_by(target)
-        resume.check_provenance(earlier, provenance, job.output, job.force_resume)
-        return resume.read_parquet_ids(parquet_output.earlier_sources(target), job.retry_errors)
-    resume.check_provenance(
-        resume.read_provenance(target), provenance, job.output, job.force_resume
-    )
+        sources = parquet_output.check_earlier(target, job.command, provenance, job.force_resume)
+        return resume.read_parquet_ids(sources, job.retry_errors)
+    sources = resume.text_sources(target)
     resume.refuse_if_locked(target, job.output)
+    resume.check_text_provenance(job.output, fmt, sources, provenance, job.force_resume)
     return resume.keep_text_records(
-        resume.text_sources(target),
+        sources,
         resume.copy_path(target),
         fmt,
         job.retry_errors,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderResult
@@ -261,8 +261,9 @@ def print_report(report: Report, console: Console, bars: bool) -> None:
         console.print(Group(ThroughputBars(report)))
 
 
-def save_plot(report: Report, path: str) -> None:
-    """Throughput against batch size, one line per (mode, dtype); .png or .svg."""
+def save_plot(report: Report, out: BinaryIO, fmt: str) -> None:
+    """Throughput against batch size, one line per (mode, dtype), as ``fmt`` (png or svg)
+    into ``out`` (the ``-o`` file opened by cli/benchmark.py's protection)."""
     try:
         import matplotlib
 
@@ -288,5 +289,5 @@ def save_plot(report: Report, path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(out, format=fmt)
     plt.close(fig)

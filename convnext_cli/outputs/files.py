@@ -15,9 +15,19 @@ The life cycle of an output file (``-o NAME``), the same for every format:
    it holds finished records (``keep=True``); the target is untouched either way.
 
 A target that exists and is not a regular file (``/dev/null``, ``/dev/full``, a FIFO, a
-terminal) is written directly: nothing is renamed over a device.  ``-`` is stdout.
+terminal) is written directly when the user named it (``-o``; ``devices=True``), refused
+otherwise: nothing is ever renamed over a device node.  ``-`` is stdout.
 Write errors become :class:`OutputError` ("cannot write output", exit 2); a closed stdout
 pipe becomes :class:`OutputClosed` (quiet, exit 141).
+
+**The one protection.**  Every file the tool writes for the user (classify/embed ``-o`` and
+its npy sidecar, ``benchmark -o``, ``convert``'s three files and its ONNX file) goes through
+here: :func:`refuse_overwriting` first (a target that is, through symlinks or hard links,
+an input or a checkpoint file is refused before anything is opened), then an
+:class:`OutputFile` (or :func:`replacing`, for libraries that write by path).  The only
+other files the tool writes are its own in-progress files beside a locked target
+(``.NAME.parts/``, ``.NAME.run.json``, ``.NAME.resume``) and Ray's part files;
+``tests/outputs/test_every_writer.py`` walks the source and fails on any other write.
 """
 
 from __future__ import annotations
@@ -27,9 +37,11 @@ import errno
 import os
 import stat
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
 
+from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.errors import OutputClosed, OutputError
 
 try:
@@ -54,19 +66,102 @@ def _cannot_write(name: object, exc: OSError) -> OutputError:
     return OutputError(f"{name}: cannot write output ({reason})")
 
 
-def resolve_target(output: Path) -> tuple[Path, bool]:
-    """(the path to write, whether it is written directly rather than beside and moved)."""
+# ------------------------------------------------------------ never over what the user owns
+
+
+def file_identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` names (symlinks followed); None if there is none."""
     try:
-        info = os.stat(output)
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def checkpoint_files(model: str) -> list[str]:
+    """The local files a model option names: the file itself, or the files in the folder."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        found: list[str] = []
+        for root, _dirs, files in os.walk(path):
+            found.extend(os.path.join(root, f) for f in files)
+            if len(found) > 10_000:
+                break
+        return found
+    return []
+
+
+def existing_targets(targets: Iterable[Path]) -> dict[tuple[int, int], Path]:
+    """The targets that exist already, by identity (only those can be an input)."""
+    existing = {}
+    for target in targets:
+        identity = file_identity(target)
+        if identity is not None:
+            existing[identity] = target
+    return existing
+
+
+def refused(target: Path, kind: str, path: object) -> OutputError:
+    return OutputError(f"{target}: refusing to write the output over {kind} ({path})")
+
+
+def refuse_overwriting(
+    targets: Iterable[Path],
+    inputs: Iterable[str | Path] = (),
+    model: str | None = None,
+    checkpoint: Iterable[str | Path] = (),
+) -> None:
+    """An output that is (symlinks and hard links included) an input or a checkpoint file
+    (``model``'s local files, or ``checkpoint``: the files a checkpoint was read from) is
+    refused before anything is opened for writing."""
+    existing = existing_targets(targets)
+    if not existing:
+        return
+    checkpoints = [*checkpoint, *(checkpoint_files(model) if model else [])]
+    for kind, paths in (("an input", inputs), ("a checkpoint file", checkpoints)):
+        for path in paths:
+            identity = file_identity(path)
+            if identity in existing:
+                raise refused(existing[identity], kind, path)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def resolve_target(
+    output: Path, follow_symlinks: bool = True, devices: bool = True
+) -> tuple[Path, bool]:
+    """(the path to write, whether it is written directly rather than beside and moved).
+
+    ``follow_symlinks``: a symlink's target is the file replaced (``-o``); else the link
+    itself is (``convert``: a link in OUT_DIR is never written through).  ``devices``: an
+    existing device, FIFO or terminal is written directly; else it is refused."""
+    try:
+        info = os.stat(output, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         info = None
     except OSError as exc:
         raise _cannot_write(output, exc) from exc
     if info is not None and stat.S_ISDIR(info.st_mode):
         raise OutputError(f"{output}: cannot write output (it is a folder)")
-    if info is not None and not stat.S_ISREG(info.st_mode):
-        return output, True  # a device, FIFO or terminal: written as it is
-    return Path(os.path.realpath(output)), False
+    if info is not None and not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+        if not devices:
+            raise OutputError(
+                f"{output}: refusing to replace it: {_kind(info.st_mode)}, not a regular file"
+            )
+        return output, True  # a device, FIFO or terminal the user named: written as it is
+    if follow_symlinks:
+        return Path(os.path.realpath(output)), False
+    return Path(os.path.realpath(output.parent)) / output.name, False
 
 
 class OutputFile:
@@ -76,9 +171,17 @@ class OutputFile:
     it (or keeps it).  ``display`` is the name used in messages (what the user typed).
     """
 
-    def __init__(self, output: Path, display: object | None = None) -> None:
+    def __init__(
+        self,
+        output: Path,
+        display: object | None = None,
+        *,
+        follow_symlinks: bool = True,
+        devices: bool = True,
+    ) -> None:
         self.display = display if display is not None else output
-        self.target, self.direct = resolve_target(output)
+        self.follow_symlinks = follow_symlinks
+        self.target, self.direct = resolve_target(Path(output), follow_symlinks, devices)
         self.partial = self.target if self.direct else partial_path(self.target)
         self.done = False
         try:
@@ -144,8 +247,19 @@ class OutputFile:
     # ------------------------------------------------------------------ ending
 
     def _keep_mode(self, path: Path) -> None:
+        """The old target's permissions, else those ``cp`` gives a new file (0666 less the
+        umask; a library that wrote by path may have made its file 0600)."""
         with contextlib.suppress(OSError):
-            os.chmod(path, stat.S_IMODE(os.stat(self.target).st_mode))
+            try:
+                info = os.stat(self.target, follow_symlinks=self.follow_symlinks)
+                mode = stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else None
+            except FileNotFoundError:
+                mode = None
+            if mode is None:
+                umask = os.umask(0o022)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            os.chmod(path, mode)
 
     def commit(self) -> None:
         """Flush, sync and move the partial file over the target (on failure: abort)."""
@@ -194,6 +308,31 @@ class OutputFile:
         self.done = True
         with contextlib.suppress(OSError):
             self.file.close()  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def replacing(
+    target: Path,
+    display: object | None = None,
+    *,
+    follow_symlinks: bool = True,
+    devices: bool = True,
+) -> Iterator[OutputFile]:
+    """An :class:`OutputFile` for a writer that writes by path (``out.partial``) or into
+    ``out.file``: committed (moved into place) when the block ends, aborted (the target
+    untouched, the partial removed) on an error, and removed too if a signal makes the
+    program leave at once inside the block.  An OSError inside is "cannot write output"."""
+    out = OutputFile(target, display, follow_symlinks=follow_symlinks, devices=devices)
+    try:
+        with interrupts.cleanup_on_leave(out.abort):
+            yield out
+            out.commit()
+    except OSError as exc:
+        out.abort()
+        raise _cannot_write(out.display, exc) from exc
+    except BaseException:
+        out.abort()
+        raise
 
 
 class StdoutFile:

@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from convnext_cli.errors import UsageError
+from convnext_cli.errors import ImageError, OutputError, UsageError, one_line
 from convnext_cli.limits import MAX_PARQUET_ROWS_PER_PART, env_int
 from convnext_cli.outputs.files import OutputFile
 from convnext_cli.outputs.names import path_field, utf8_text
-from convnext_cli.reading import parse_json
+from convnext_cli.reading import open_regular_binary, parse_json
 
 if TYPE_CHECKING:
     from convnext_cli.results import Result
@@ -190,8 +190,16 @@ class ParquetRecordWriter:
             self._flush()
 
     def _row(self, result: Result) -> dict[str, Any]:
-        if result.features is not None and self.shapes is None:
-            self.shapes = {name: tuple(v.shape) for name, v in result.features.items()}
+        if result.features is not None:
+            shapes = {name: tuple(v.shape) for name, v in result.features.items()}
+            if self.shapes is None:
+                self.shapes = shapes
+            elif shapes != self.shapes:  # --pool none maps of images of several sizes
+                raise OutputError(
+                    f"{self.raw.display}: {result.path}: features of shape "
+                    f"{list(shapes.values())} after {list(self.shapes.values())}; a Parquet "
+                    "column holds one shape (resize the images, or use --pool avg)"
+                )
         row = parquet_row(result, self.task)
         if row.get("embedding") is not None:
             self.dim = self.dim or len(row["embedding"])
@@ -228,14 +236,26 @@ class ParquetRecordWriter:
                 for table in _row_groups([source]):
                     if drop_errors:
                         table = table.filter(pc.is_null(table.column("error")))
-                    out.write_table(table.cast(schema))
+                    try:
+                        table = table.cast(schema)
+                    except (pa.ArrowException, ValueError) as exc:
+                        raise OutputError(
+                            f"{self.raw.display}: {source.name} holds rows of another shape "
+                            f"({one_line(exc)}); write a new file"
+                        ) from None
+                    out.write_table(table)
         self.raw.commit()
         shutil.rmtree(self.parts, ignore_errors=True)
 
     def abort(self, keep: bool = False) -> None:
-        """Keep every finished row on disk as a part (``--resume`` uses them); no target."""
+        """``keep`` (a resumed run, or a kill): every finished row stays on disk as a part
+        for ``--resume``; else (an error ended a fresh run) the parts go with the partial
+        file.  The target is untouched either way."""
         try:
-            self._flush_any()
+            if keep:
+                self._flush_any()
+            elif not self.raw.done and not [p for p in self.earlier if p != self.target]:
+                shutil.rmtree(self.parts, ignore_errors=True)  # only this run's rows
         finally:
             self.raw.abort(keep)
 
@@ -321,3 +341,59 @@ def earlier_sources(target: Path) -> list[Path]:
     """The files a resumed run keeps rows from: the target, then an interrupted run's parts."""
     parts = sorted(parts_folder(target).glob("part-*.parquet"), key=_part_number)
     return [p for p in [target, *parts] if p.is_file()]
+
+
+def check_earlier(target: Path, command: str, current: dict[str, Any], force: bool) -> list[Path]:
+    """The files a resumed run keeps rows from (:func:`earlier_sources`), each checked: a
+    Parquet file with this tool's columns for ``command`` and the ``convnext_cli`` metadata
+    of the run that wrote it, which must match ``current`` (see resume.check_provenance).
+    Anything else is a usage error naming the file; a part an interrupted run left that
+    cannot be read at all is skipped (its rows are done again)."""
+    from convnext_cli.outputs.resume import check_provenance
+
+    readable = []
+    for source in earlier_sources(target):
+        try:
+            with open_regular_binary(source) as handle:
+                schema = pq.read_schema(handle)
+        except (pa.ArrowException, OSError, ValueError, ImageError) as exc:
+            if source != target:
+                continue  # a part cut off: redone
+            raise UsageError(
+                f"{source}: not a Parquet file this tool wrote ({one_line(exc)})"
+            ) from None
+        if not _our_columns(schema, command):
+            raise UsageError(
+                f"{source}: not a Parquet file this tool wrote for {command} (columns "
+                f"{', '.join(schema.names)}); write a new file"
+            )
+        found = read_metadata(source)
+        if found is None:
+            raise UsageError(
+                f"{source}: no record of the run that wrote it ({METADATA_KEY} metadata); "
+                "write a new file"
+            )
+        check_provenance(found, current, target, force)
+        readable.append(source)
+    return readable
+
+
+def _our_columns(schema: pa.Schema, command: str) -> bool:
+    """The columns this tool writes for ``command`` (any embedding width or stage shape)."""
+    if command == "classify":
+        return schema.remove_metadata().equals(CLASSIFY_SCHEMA)
+    if schema.names[:2] != ["path", "error"] or len(schema.names) < 3:
+        return False
+    if not all(pa.types.is_string(schema.field(n).type) for n in ("path", "error")):
+        return False
+    for field in list(schema)[2:]:
+        kind = field.type
+        if isinstance(kind, pa.FixedShapeTensorType):
+            ok = kind.value_type == pa.float32()
+        elif pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
+            ok = kind.value_type == pa.float32()
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True

@@ -10,9 +10,22 @@ is not a record: its input is done again.  Error records count as done unless
 The records kept are the ones a resumed run starts its output with, each once (the first
 seen wins); the run then appends the new ones.
 
-What wrote the file is recorded beside it (``.NAME.run.json`` for text formats; the
-Parquet file's key-value metadata): a resumed run whose command, model, top-k, normalisation
-or preprocessing differs is refused unless forced, so one file never mixes two models.
+What wrote the records is recorded with them, and a resumed run whose command, model,
+top-k, normalisation or preprocessing differs is refused unless forced (``--force-resume``),
+so one file never mixes two models:
+
+- **Parquet**: in every file's own key-value metadata (the target and each part).  A file
+  without it, or with columns this tool does not write, is refused (exit 2, naming it).
+- **jsonl and csv**: in ``.NAME.run.json`` beside the target, which names the records it
+  describes: the SHA-256 of the first record that holds a result (not an error) of the file
+  that run wrote.  It is written only once such a record is in the file (a run stopped
+  before its first result leaves it as it was), and a resume checks every file it reads
+  records from (the target, ``.NAME.partial``, ``.NAME.resume``) against it: records with a
+  result and no ``.NAME.run.json``, a file whose first result is not one it names, or a
+  ``.NAME.run.json`` that is not what this tool writes, are refused.  Files of error records
+  only need none (no model output in them).
+- ``--force-resume`` mixes runs, but never records of another shape: another command,
+  ``--stage``/``--pool``/``--backbone``, or embedding width is refused even then.
 """
 
 from __future__ import annotations
@@ -100,11 +113,27 @@ class Recorded:
 # ------------------------------------------------------------------------ provenance
 
 
+# what a forced resume may still not mix: records of another shape (columns, widths)
+SHAPE_KEYS = ("command", "features", "width")
+RUN_RECORD_MARK = "convnext_cli_run"  # .NAME.run.json: {mark: 1, "runs": {sha256: provenance}}
+
+
 def check_provenance(
     recorded: dict[str, Any] | None, current: dict[str, Any], target: Path, force: bool
 ) -> None:
-    """Refuse to resume a file written by a different model, top-k or preprocessing."""
-    if recorded is None or force:
+    """Refuse to resume a file written by a different model, top-k or preprocessing (unless
+    ``force``), or, forced or not, by a run whose records have another shape."""
+    if recorded is None:
+        return
+    shape = [
+        k for k in SHAPE_KEYS if (k in recorded or k in current) and _differs(recorded, current, k)
+    ]
+    if shape:
+        raise UsageError(
+            f"{target}: written by a run whose records have another shape "
+            f"({', '.join(shape)} differ); write a new file"
+        )
+    if force:
         return
     different = [k for k in PROVENANCE_KEYS if recorded.get(k) != current.get(k)]
     different += [k for k in RUN_KEYS if k in recorded and recorded[k] != current.get(k)]
@@ -116,22 +145,180 @@ def check_provenance(
         )
 
 
-def read_provenance(target: Path) -> dict[str, Any] | None:
-    """``.NAME.run.json``, read through the one safe reader (a regular file of at most
-    MAX_JSON_FILE_BYTES, nested at most MAX_JSON_DEPTH deep); None when there is none."""
+def _differs(recorded: dict[str, Any], current: dict[str, Any], key: str) -> bool:
+    if key not in recorded and key not in current:
+        return False
+    if key == "width" and (recorded.get(key) is None or current.get(key) is None):
+        return False  # only compared where both say
+    return recorded.get(key) != current.get(key)
+
+
+def read_runs(target: Path) -> dict[str, Any] | None:
+    """``.NAME.run.json``'s runs (first-result digest -> provenance), read through the one
+    safe reader; None when there is none.  Anything but what this tool writes is a usage
+    error naming the file."""
     path = provenance_path(target)
     if not os.path.lexists(path):
         return None
     name = f"{path}: unreadable record of the earlier run"
     data = read_json_file(path, name)
-    return data if isinstance(data, dict) else None
+    runs = data.get("runs") if isinstance(data, dict) and data.get(RUN_RECORD_MARK) == 1 else None
+    if not isinstance(runs, dict) or not all(isinstance(v, dict) for v in runs.values()):
+        raise UsageError(
+            f"{path}: not the record of a run this tool writes; --force-resume to add to "
+            f"{target} anyway, or write a new file"
+        )
+    return runs
 
 
-def write_provenance(target: Path, provenance: dict[str, Any]) -> None:
+def check_text_provenance(
+    target: Path, fmt: str, sources: Iterable[Path], current: dict[str, Any], force: bool
+) -> None:
+    """Every file a jsonl/csv resume reads records from, checked against ``.NAME.run.json``
+    (see the module docstring)."""
+    try:
+        runs = read_runs(target)
+    except UsageError:
+        if not force:
+            raise
+        runs = None
+    for source in sources:
+        digest = first_result_digest(source, fmt)
+        if digest is None:
+            continue  # no record with a result: nothing a model made
+        if runs is None and not force:
+            raise UsageError(
+                f"{target}: {provenance_path(target).name}, the record of the run that wrote "
+                f"{source.name}, is missing; --force-resume to add to it anyway, or write a "
+                "new file"
+            )
+        if runs is not None and digest not in runs and not force:
+            raise UsageError(
+                f"{target}: {provenance_path(target).name} does not describe the records in "
+                f"{source.name} (another run wrote them); --force-resume to add to it "
+                "anyway, or write a new file"
+            )
+        check_provenance((runs or {}).get(digest), current, target, force)
+
+
+def first_result_digest(path: Path, fmt: str) -> str | None:
+    """SHA-256 of the first complete record line holding a result (not an error) in a jsonl
+    or csv file this tool wrote (the header of a csv skipped); None when it has none."""
+    import hashlib
+
+    if not path.is_file():
+        return None
+    with _open_source(path) as handle:
+        lines = bounded_lines(handle, str(path))
+        header = next(lines, b"") if fmt == "csv" else b""
+        classify = header.startswith(b"path,rank,")
+        if fmt != "csv":
+            lines = itertools.chain([header], lines) if header else lines
+        for line in lines:
+            if line.endswith(b"\n") and _holds_a_result(line, fmt, classify):
+                return hashlib.sha256(line).hexdigest()
+    return None
+
+
+def _holds_a_result(line: bytes, fmt: str, classify: bool) -> bool:
+    if fmt == "jsonl":
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(record, dict) and "path" in record and "error" not in record
+    try:
+        row = next(csv.reader([line.decode("utf-8", "surrogateescape")]))
+    except (csv.Error, StopIteration):
+        return False
+    if classify:
+        return len(row) >= 6 and not row[-1]
+    return len(row) >= 3 and not row[1]
+
+
+def write_provenance(target: Path, fmt: str, provenance: dict[str, Any]) -> bool:
+    """Record ``provenance`` for the records of ``.NAME.partial`` once it holds a result
+    (False, nothing written, before that), keeping what is recorded for the other files
+    the target's records are in (the target, ``.NAME.resume``) and dropping the rest."""
+    from convnext_cli.outputs.files import partial_path
+
+    digest = first_result_digest(partial_path(target), fmt)
+    if digest is None:
+        return False
+    try:
+        runs = read_runs(target) or {}
+    except UsageError:
+        runs = {}  # a forced resume over a file that is not ours: replaced
+    keep = {first_result_digest(p, fmt) for p in (target, copy_path(target))} - {None}
+    runs = {key: value for key, value in runs.items() if key in keep}
+    runs[digest] = provenance
     path = provenance_path(target)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(provenance, indent=1, sort_keys=True), encoding="utf-8")
+    data = {RUN_RECORD_MARK: 1, "runs": runs}
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
     os.replace(temporary, path)
+    return True
+
+
+class Forwarded(Generic[T]):
+    """An attribute of a wrapper that is its ``writer``'s attribute of the same name, read
+    and written through."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, wrapper: Any, owner: type | None = None) -> T:
+        return cast(T, getattr(wrapper.writer, self.name))
+
+    def __set__(self, wrapper: Any, value: T) -> None:
+        setattr(wrapper.writer, self.name, value)
+
+
+class RecordedWriter:
+    """A jsonl/csv writer whose records' provenance is written to ``.NAME.run.json`` as
+    soon as the file holds a result, in the same step as that batch (a signal is held
+    around both by the caller), and never before."""
+
+    records: Forwarded[int] = Forwarded()
+    names_errors_on_stderr: Forwarded[bool] = Forwarded()
+
+    def __init__(
+        self,
+        writer: Writer,
+        target: Path,
+        fmt: str,
+        provenance: dict[str, Any] | None = None,
+        created: list[Path] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.target, self.fmt = Path(os.path.realpath(target)), fmt
+        self.provenance = provenance  # None until the model is loaded: nothing is recorded
+        self.created = created if created is not None else []
+        self.recorded = False
+
+    def record(self) -> None:
+        """Write the provenance if the file holds a result now (and it was not written)."""
+        if self.recorded or self.provenance is None:
+            return
+        sidecar = provenance_path(self.target)
+        existed = os.path.lexists(sidecar)
+        self.recorded = write_provenance(self.target, self.fmt, self.provenance)
+        if self.recorded and not existed:
+            self.created.append(sidecar)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self, keep: bool = False) -> None:
+        self.writer.abort(keep)
+
+    def write(self, results: list[Result]) -> None:
+        self.writer.write(results)
+        if not self.recorded and any(r.error is None for r in results):
+            self.record()
+
+    def __getattr__(self, name: str) -> Any:  # preserve, set_run_info: the writer's own
+        return getattr(self.writer, name)
 
 
 # ---------------------------------------------------------------------- text formats
@@ -392,20 +579,6 @@ def _parquet_id(value: object) -> str | None:
         return read_path_field(value)
     except (ValueError, RecursionError):
         return value
-
-
-class Forwarded(Generic[T]):
-    """An attribute of a wrapper that is its ``writer``'s attribute of the same name, read
-    and written through."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, wrapper: Any, owner: type | None = None) -> T:
-        return cast(T, getattr(wrapper.writer, self.name))
-
-    def __set__(self, wrapper: Any, value: T) -> None:
-        setattr(wrapper.writer, self.name, value)
 
 
 class KeptRecordsWriter:

@@ -236,6 +236,11 @@ class EmbedCsvWriter(TextWriter):
             row = flat_features(r)
             if r.error is not None or row is None:
                 rows.append([path, utf8_text(r.error or ""), *([""] * (self.dim or 0))])
+            elif self.dim is not None and row.numel() != self.dim:  # never a ragged file
+                raise OutputError(
+                    f"{self.raw.display}: {r.path}: {row.numel()} values after rows of "
+                    f"{self.dim}; one CSV holds one width (write a new file)"
+                )
             else:
                 rows.append([path, "", *(f"{v:.9g}" for v in row.tolist())])
         return rows

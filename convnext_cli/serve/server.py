@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from convnext_cli.engine.job import checkpoint_files
 from convnext_cli.engine.loading import LoadedRunner, ModelSource, RunOptions, load_runner
 from convnext_cli.engine.task import Task
 from convnext_cli.errors import UsageError, one_line
 from convnext_cli.inputs.expand import InputRef
+from convnext_cli.outputs.files import checkpoint_files
 from convnext_cli.serve import protocol
 from convnext_cli.serve.paths import LOCK_NAME, SOCKET_NAME, private_folder
 

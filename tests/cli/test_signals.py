@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,3 +178,133 @@ def test_write_error_is_cannot_write_output_exit_2(
     lines = out.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "cannot write output" in lines[0], lines
     assert "internal error" not in lines[0]
+
+
+# ------------------------------------------------------------------ the end of a run
+#
+# Whatever moment a signal lands -- while the output is closed and moved into place, just
+# after the summary line, during the exit -- the records are at the name asked for (never
+# left in .NAME.partial), and the process ends 130/143, or 0 when it had finished before
+# the signal came; never killed by the signal itself (-2: Python's own handler).
+
+END_MOMENTS = [0.0, 0.001, 0.003, 0.01, 0.03, 0.1]
+
+
+def watch_stderr(proc: subprocess.Popen, starts: str) -> tuple[threading.Event, list[bytes]]:
+    """A thread reading the child's stderr; the event is set once a line starts with
+    ``starts``."""
+    seen, lines = threading.Event(), []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith(starts.encode()):
+                seen.set()
+        seen.set()  # the end of stderr: do not wait any longer
+
+    threading.Thread(target=read, daemon=True).start()
+    return seen, lines
+
+
+def assert_records_at_their_name(out: Path, count: int) -> None:
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == count and all("predictions" in r for r in records), records
+    assert [p.name for p in out.parent.iterdir() if p.name.endswith((".partial", ".resume"))] == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_just_after_the_summary_finds_the_records_in_place(
+    signum: int, v1_checkpoint: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    code = 130 if signum == signal.SIGINT else 143
+    for n, delay in enumerate(END_MOMENTS):
+        out = tmp_path / f"out{n}.jsonl"
+        args = ["classify", *photos, *common(v1_checkpoint), "--workers", "0", "-o", out]
+        proc = subprocess.Popen(
+            [*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        summary, lines = watch_stderr(proc, "classified")
+        assert summary.wait(120)
+        time.sleep(delay)
+        proc.send_signal(signum)
+        proc.wait(timeout=120)
+        err = b"".join(lines).decode()
+        assert proc.returncode in (0, code), (delay, proc.returncode, err)
+        assert "Traceback" not in err
+        assert_records_at_their_name(out, len(photos))
+
+
+CLOSING_SLOWLY = r"""
+import os, sys, time
+from pathlib import Path
+from convnext_cli.outputs import files
+
+commit = files.OutputFile.commit
+
+def slow_commit(self):
+    Path(os.environ["CLOSING_MARK"]).touch()
+    time.sleep(1.0)
+    commit(self)
+
+files.OutputFile.commit = slow_commit
+sys.argv = ["convnext", *sys.argv[1:]]
+from convnext_cli.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_output_is_moved_into_place_keeps_it(
+    signum: int, v1_checkpoint: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """The output is being closed (the summary not said yet): the close completes, the
+    records are at their name, and the run ends 130/143."""
+    out, mark = tmp_path / "out.jsonl", tmp_path / "closing"
+    args = ["classify", *photos, *common(v1_checkpoint), "--workers", "0", "-o", out]
+    env = dict(os.environ, CLOSING_MARK=str(mark))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLOSING_SLOWLY, *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    deadline = time.monotonic() + 120
+    while not mark.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == (130 if signum == signal.SIGINT else 143), err
+    assert err.decode().strip().splitlines()[-1] in ("interrupted", "terminated"), err
+    assert_records_at_their_name(out, len(photos))
+
+
+@pytest.mark.parametrize("moment", ["loading", "mid-run", "summary"])
+def test_ctrl_c_twice_is_130_never_death_by_sigint(
+    moment: str, v1_checkpoint: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """Two Ctrl-C 0.1 s apart, at several moments of a run, repeated to catch a race: exit
+    130 (0 when the run had ended), and the records that were finished at their name."""
+    for n in range(4):
+        out = tmp_path / f"out{n}.jsonl"
+        count = 4 if moment == "summary" else 400
+        args = ["classify", "-", *common(v1_checkpoint), "-b", "2", "-o", out]
+        proc = start(args, stdin=listing(photos, count), stdout=subprocess.DEVNULL)
+        if moment == "loading":
+            time.sleep(0.8 + 0.2 * n)
+        elif moment == "mid-run":
+            wait_for_size(tmp_path / f".out{n}.jsonl.partial", 300)
+        else:
+            summary, _ = watch_stderr(proc, "classified")
+            assert summary.wait(120)
+            time.sleep(0.01 * n)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        assert proc.returncode in ((0, 130) if moment == "summary" else (130,)), proc.returncode
+        if moment != "loading":
+            assert not (tmp_path / f".out{n}.jsonl.partial").exists()
+            assert out.exists()

@@ -123,11 +123,16 @@ def test_parquet_target_with_odd_paths_resumes(
     row["score"] = 0.5
     row["predictions"] = [{"label": "a", "index": 0, "score": 0.5}]
     target = tmp_path / "out.parquet"
-    pq.write_table(pa.Table.from_pylist([row], schema=CLASSIFY_SCHEMA), target)
-    run = classify(tmp_path, v1_checkpoint, photos[0], "-o", target, "--resume")
+    first = classify(tmp_path, v1_checkpoint, photos[1], "-o", target)  # what wrote it
+    assert first.code == 0, first.stderr
+    written = pq.read_table(target)
+    odd = pa.Table.from_pylist([row], schema=CLASSIFY_SCHEMA)
+    pq.write_table(pa.concat_tables([odd, written.cast(CLASSIFY_SCHEMA)]).replace_schema_metadata(
+        written.schema.metadata), target)  # fmt: skip
+    run = classify(tmp_path, v1_checkpoint, photos[0], photos[1], "-o", target, "--resume")
     assert "Traceback" not in run.stderr and run.code == 0, run.stderr
     paths = pq.read_table(target, columns=["path"]).column(0).to_pylist()
-    assert sorted(paths, key=str) == sorted([path_value, str(photos[0])], key=str)
+    assert sorted(paths, key=str) == sorted([path_value, *map(str, photos[:2])], key=str)
 
 
 # ------------------------------------------------------------------------- --labels, stdin

@@ -21,7 +21,7 @@ def test_a_resume_with_another_dtype_is_refused(
             "-b", "2", "-o", str(output)]  # fmt: skip
     first = CliRunner().invoke(app, [*args, "--dtype", "float32"])
     assert first.exit_code == 0, first.stderr
-    recorded = json.loads(provenance_path(output.resolve()).read_text())
+    (recorded,) = json.loads(provenance_path(output.resolve()).read_text())["runs"].values()
     assert (recorded["device"], recorded["dtype"], recorded["decode"]) == ("cpu", "float32", "cpu")
     before = output.read_bytes()
     refused = CliRunner().invoke(app, [*args, "--dtype", "bfloat16", "--resume"])

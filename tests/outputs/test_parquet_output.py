@@ -73,10 +73,18 @@ def test_embed_fixed_size_list(tmp_path: Path) -> None:
 
 
 def test_abort_keeps_finished_rows_as_parts(tmp_path: Path) -> None:
+    """Kept (a resumed run, as a kill does) the finished rows stay as parts for --resume;
+    dropped (an error ended a fresh run, as any format's partial file is) they go."""
+    dropped = tmp_path / "dropped.parquet"
+    writer = ParquetRecordWriter(OutputFile(dropped), "classify", {}, rows_per_part=1)
+    writer.write(classify_results(0, 3))
+    assert list(parts_folder(dropped).glob("part-*.parquet"))
+    writer.abort()
+    assert os.listdir(tmp_path) == []
     target = tmp_path / "x.parquet"
     writer = ParquetRecordWriter(OutputFile(target), "classify", {}, rows_per_part=100)
     writer.write(classify_results(0, 3))
-    writer.abort()
+    writer.abort(keep=True)
     (part,) = parts_folder(target).glob("part-*.parquet")
     assert pq.read_table(part).num_rows == 3 and not target.exists()
     # a later writer continues the numbering and the final file holds both runs' rows
