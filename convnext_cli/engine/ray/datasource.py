@@ -28,9 +28,12 @@ BLOCK_ROWS = 256  # rows per block a read task yields
 
 
 def unit_inputs(unit: Unit) -> Iterator[InputRef]:
-    """The inputs of a unit, in order, each with its id within the unit."""
-    if unit.kind == "refs":
+    """The inputs of a unit, in order, each with its id within the unit (``refs``: the ids
+    the driver gave them)."""
+    if unit.kind in ("refs", "files"):
         listed: Iterator[InputRef] = (decode_ref(raw) for raw in unit.refs)
+        if unit.kind == "refs":
+            return listed
     elif unit.kind == "parquet" and unit.row_group is not None:
         listed = parquet_slice_items(
             str(unit.file), unit.row_group, unit.rows, unit.image_column, unit.id_column

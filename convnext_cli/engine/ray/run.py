@@ -45,7 +45,7 @@ from convnext_cli.engine.ray.settings import (
     require_ray,
 )
 from convnext_cli.engine.ray.stages import ModelActor, decode_rows, ids_of, results_from_table
-from convnext_cli.engine.ray.units import Unit, refs_units, windows
+from convnext_cli.engine.ray.units import STREAM_UNIT_ROWS, Unit, refs_units, unit_rows, windows
 from convnext_cli.errors import OutputError, one_line
 from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.inputs.expand import InputRef
@@ -140,7 +140,7 @@ def run_on_ray(inputs: Iterable[InputRef], run: RayRun) -> Iterator[list[Result]
 
 
 def _stream(inputs: Iterable[InputRef], run: RayRun) -> Iterator[list[Result]]:
-    units = windows(refs_units(inputs))
+    units = windows(refs_units(inputs, unit_rows(STREAM_UNIT_ROWS)))
     first = next(units, None)
     if first is None:
         return

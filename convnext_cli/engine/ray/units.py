@@ -8,10 +8,10 @@ A unit is one of:
   (the driver reads the file's footer for the row counts; the ids and image cells are read
   inside the cluster), or a whole Parquet file whose footer cannot be read (its read task
   then gives the one error record, as the local engine does);
-- ``refs``: a chunk of at most :func:`unit_rows` loose files, from a folder listing (listed
-  lazily, a block at a time), a glob, the command line or stdin; or, for streams to stdout
-  or one file, a chunk of inputs the driver listed (members included) as the local engine
-  lists them.
+- ``files``: a chunk of at most :func:`unit_rows` loose files, from a folder listing
+  (listed lazily, a block at a time), a glob, the command line or stdin;
+- ``refs``: for streams to stdout or one file (and the Python API), a chunk of inputs the
+  driver listed (members included) as the local engine lists them, ids already given.
 
 The driver holds the units of one window (:func:`windows`): memory O(units in a window),
 whatever the number of inputs.  A unit's name (``SEQ-LABEL-DIGEST``: its place in the
@@ -33,18 +33,19 @@ from convnext_cli.errors import NoInputsError, UsageError
 from convnext_cli.inputs.datasets import TAR_SUFFIXES, is_dataset_file, parquet_layout
 from convnext_cli.inputs.expand import InputRef, listed_chunks
 
-UNIT_ROWS = 1024  # inputs per unit of loose files or Parquet rows
+UNIT_ROWS = 1024  # inputs per unit of loose files or Parquet rows (a part of -o DIR)
+STREAM_UNIT_ROWS = 64  # inputs per unit of a stream (a read task, decoded by one task)
 UNIT_ROWS_ENV = "CONVNEXT_RAY_UNIT_ROWS"
 WINDOW_UNITS = 4096  # units handed to one Ray Data execution
 FIRST_WINDOW_UNITS = 64  # the first execution's: its first parts come sooner
 WINDOW_REFS = 250_000  # inputs held by the driver in one window's ``refs`` units
 
 
-def unit_rows() -> int:
-    """:data:`UNIT_ROWS`, or ``CONVNEXT_RAY_UNIT_ROWS`` (1 to 1,000,000)."""
+def unit_rows(default: int = UNIT_ROWS) -> int:
+    """``default``, or ``CONVNEXT_RAY_UNIT_ROWS`` (1 to 1,000,000) when set."""
     raw = os.environ.get(UNIT_ROWS_ENV, "").strip()
     if not raw:
-        return UNIT_ROWS
+        return default
     if not raw.isdigit() or not 1 <= int(raw) <= 1_000_000:
         raise UsageError(f"{UNIT_ROWS_ENV}={raw!r}: use a whole number from 1 to 1000000")
     return int(raw)
@@ -56,9 +57,9 @@ class Unit:
 
     seq: int
     name: str
-    kind: str  # "refs", "tar" or "parquet"
+    kind: str  # "files", "refs", "tar" or "parquet"
     file: str | None = None
-    refs: tuple[bytes, ...] = ()  # refs: the inputs, encoded (stages.encode_ref)
+    refs: tuple[bytes, ...] = ()  # files, refs: the inputs, encoded (stages.encode_ref)
     row_group: int | None = None  # parquet: None for the whole file
     rows: tuple[int, int, int] = (0, 0, 0)  # parquet: start, stop, file row of the group's 0
     image_column: str | None = None
@@ -67,8 +68,9 @@ class Unit:
     @property
     def input(self) -> str:
         """What the unit holds, for its status file."""
-        if self.kind == "refs":
-            return f"{len(self.refs)} inputs"
+        if self.kind in ("refs", "files"):
+            first = self.refs[0].decode("utf-8", "replace") if self.refs else ""
+            return f"{len(self.refs)} inputs from {first}"
         if self.kind == "parquet" and self.row_group is not None:
             start, stop, first = self.rows
             return f"{self.file} rows {first + start}-{first + stop - 1}"
@@ -94,13 +96,14 @@ def make_unit(seq: int, kind: str, **fields: Any) -> Unit:
     return Unit(seq, name, kind, **fields)
 
 
-def refs_units(refs: Iterable[InputRef], start: int = 0) -> Iterator[Unit]:
-    """Inputs already listed (members and rows included), in units of :func:`unit_rows`."""
+def refs_units(refs: Iterable[InputRef], size: int | None = None) -> Iterator[Unit]:
+    """Inputs already listed (members and rows included), in units of ``size`` (None:
+    :func:`unit_rows`)."""
     from convnext_cli.engine.ray.stages import encode_ref
 
-    size = unit_rows()
+    size = size or unit_rows()
     iterator = iter(refs)
-    for seq in itertools.count(start):
+    for seq in itertools.count():
         chunk = tuple(encode_ref(ref) for ref in itertools.islice(iterator, size))
         if not chunk:
             return
@@ -152,7 +155,7 @@ def _files(seq: Iterator[int], paths: list[str], least: int) -> Iterator[Unit]:
     whole = len(paths) - len(paths) % size if least > 1 else len(paths)
     for start in range(0, whole, size):
         chunk = tuple(os.fsencode(p) for p in paths[start : start + size])
-        yield make_unit(next(seq), "refs", refs=chunk)
+        yield make_unit(next(seq), "files", refs=chunk)
 
 
 def _dataset_units(
