@@ -305,7 +305,7 @@ class RayFailed(UsageError):
 # Ray's processes map far more address space than they use (the object store, each
 # worker's heap arenas): under a smaller `ulimit -v` its raylet dies at start and the
 # driver is ended from inside Ray's C++ code, exit 1, with no message.
-MIN_ADDRESS_SPACE = 64 << 30
+MIN_ADDRESS_SPACE = 24 << 30  # 24 GiB ran, 12 GiB did not (Ray 2.60, 24 GB RAM)
 
 
 def check_address_space() -> None:
