@@ -111,7 +111,7 @@ def environment(hooks: Path | None = None, unit_rows: int = 2) -> dict[str, str]
 
 def count(out: Path) -> tuple[int, int]:
     rows = duckdb.sql(f"select count(*), count(distinct path) from read_parquet('{out}/*.parquet')")
-    total, distinct = rows.fetchone()
+    ((total, distinct),) = rows.fetchall()
     return int(total), int(distinct)
 
 

@@ -244,13 +244,35 @@ def ray_session(cluster: RaySettings | None = None) -> Iterator[Any]:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = cluster.address or os.environ.get("RAY_ADDRESS") or None
     with contextlib.ExitStack() as stack:
-        if address:
-            _join(ray, address, cluster, level, stack)
-        else:
-            check_address_space()
-            _start_local(ray, cluster, level, stack)
+        with _own_signal_handlers():
+            if address:
+                _join(ray, address, cluster, level, stack)
+            else:
+                check_address_space()
+                _start_local(ray, cluster, level, stack)
         quiet_ray_data(cluster.verbose)
         yield ray
+
+
+@contextlib.contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """The process's SIGINT / SIGTERM handlers as they were before ``ray.init``: Ray's core
+    worker installs a C++ failure handler for SIGTERM (a stack trace on the terminal, then
+    abort), and Ray's Python a handler of its own; the CLI's (exit 130 / 143, the records
+    kept) stay in charge."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def _join(ray: Any, address: str, cluster: RaySettings, level: int, stack: Any) -> None:
