@@ -754,7 +754,10 @@ def _plan_ray_folder(job: Job, ray_run: RayRun, parts: PartFiles, report: Report
         null_separated=job.null,
         columns=(job.image_column, job.id_column),
     )
-    todo = (unit for unit in take_shard(units, job.shard) if unit.name not in complete)
+    if job.shard is not None:  # every N-th unit: each machine of a fleet takes its own
+        index, count = parse_shard(job.shard)
+        units = itertools.islice(units, index, None, count)
+    todo = (unit for unit in units if unit.name not in complete)
 
     def written() -> Iterator[list[Result]]:
         from convnext_cli.engine.ray.run import report_shared_ids, write_parts_on_ray

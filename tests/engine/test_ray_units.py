@@ -11,6 +11,7 @@ is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -349,3 +350,87 @@ def test_an_address_space_limit_is_one_line_and_nothing_is_left(
     left = [p for p in descendants(run.pid) if p != run.pid and alive(p)]
     assert not left
     assert not set(Path("/tmp").glob("convnext-ray-*")) - before
+
+
+# --- many machines, simulated on this one ------------------------------------------------------
+
+
+def raylet_of(node) -> int:
+    return int(node.all_processes["raylet"][0].process.pid)
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_run_loses_nothing(
+    v1_checkpoint: Path,
+    photos: list[Path],
+    folder: Path,
+    tmp_path: Path,
+    hooks: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three nodes on loopback (a head with no CPU for tasks, two workers of one CPU each):
+    the run spreads over the workers; the node running the model actor is killed (its
+    raylet and workers, no goodbye) after the first records: Ray restarts the actor on the
+    other node and retries what was lost; every input ends with one record, in one part
+    per unit."""
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    from convnext_cli.engine.loading import ModelSource, RunOptions
+    from convnext_cli.engine.ray import run as ray_driver
+    from convnext_cli.engine.task import Task
+
+    if ray.is_initialized():
+        pytest.skip("a Ray is already running in this process")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # every node on 127.0.0.1
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv(settings.TEST_DIR_ENV, str(hooks))
+    monkeypatch.setenv(units.UNIT_ROWS_ENV, "16")  # 48 inputs: 3 units, one model call each
+    (hooks / "delay-actor").write_text("2")
+    for n in range(2, 8):
+        for photo in photos:
+            shutil.copy(photo, folder / f"{n}-{photo.name}")
+    temp = tempfile.mkdtemp(prefix="cnr-", dir="/tmp")
+    os.mkdir(os.path.join(temp, "ray"))
+    monkeypatch.setenv("RAY_TMPDIR", temp)  # Ray's files, ray_current_cluster too
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=0, include_dashboard=False)  # the head: no task there
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        ray.init(address=cluster.address)
+        run = settings.RayRun(
+            ModelSource(str(v1_checkpoint)), RunOptions("cpu", "float32"), Task("classify", top_k=2)
+        )
+        out = tmp_path / "out"
+        paths = sorted(str(p) for p in folder.iterdir())
+        batches = ray_driver.write_parts_on_ray(paths, run, settings.PartFiles(str(out)))
+        seen: dict[int, set[int]] = {id(w): set() for w in workers}
+
+        def look() -> None:  # the worker processes of each node, as the run goes
+            for w in workers:
+                with contextlib.suppress(Exception):
+                    seen[id(w)] |= set(descendants(raylet_of(w)))
+
+        look()
+        got = list(next(batches))
+        look()
+        calls = [line.split() for line in (hooks / "pids").read_text().splitlines()]
+        actor = next(int(pid) for event, pid, *_ in calls if event == "actor-call")
+        victim = next(w for w in workers if actor in seen[id(w)])
+        survivor = next(w for w in workers if w is not victim)
+        killed_at = len(calls)
+        cluster.remove_node(victim, allow_graceful=False)
+        for batch in batches:
+            got += batch
+            look()
+        assert sorted({r.path for r in got}) == paths
+        assert count(out) == (48, 48)
+        done = statuses(out)
+        assert len(done) == 3 and sum(s["rows"] for s in done.values()) == 48
+        later = [line.split() for line in (hooks / "pids").read_text().splitlines()]
+        after = [(e, int(p)) for e, p, *_ in later[killed_at:]]
+        assert any(e == "actor-call" and p in seen[id(survivor)] for e, p in after), after
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -81,7 +81,7 @@ def unit_source(units: list[Unit]) -> Any:
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    class UnitSource(Datasource):  # type: ignore[misc]
+    class UnitSource(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 

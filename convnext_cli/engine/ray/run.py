@@ -86,11 +86,17 @@ def build_dataset(
         fn_constructor_kwargs={"run": run, "plan": plan, "parts": parts},
         compute=ActorPoolStrategy(min_size=plan.replicas, max_size=plan.replicas),
         # the runner splits a call into model batches itself
-        batch_size=plan.batch_size if parts is None else max(plan.batch_size, PART_ROWS),
+        batch_size=plan.batch_size if parts is None else _part_batch(plan),
         batch_format="pyarrow",
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
     )
+
+
+def _part_batch(plan: ActorPlan) -> int:
+    """Rows per model call when writing parts: PART_ROWS (fewer pieces per unit), or a
+    unit's rows when units are smaller, and never fewer than the model batch."""
+    return max(plan.batch_size, min(PART_ROWS, unit_rows()))
 
 
 def _start(stack: contextlib.ExitStack, run: RayRun) -> tuple[Any, tuple[PreprocessSpec, int]]:

@@ -69,8 +69,8 @@ class Unit:
     def input(self) -> str:
         """What the unit holds, for its status file."""
         if self.kind in ("refs", "files"):
-            first = self.refs[0].decode("utf-8", "replace") if self.refs else ""
-            return f"{len(self.refs)} inputs from {first}"
+            named = self.refs[0].decode("utf-8", "replace") if self.refs else ""
+            return f"{len(self.refs)} inputs from {named}"
         if self.kind == "parquet" and self.row_group is not None:
             start, stop, first = self.rows
             return f"{self.file} rows {first + start}-{first + stop - 1}"
