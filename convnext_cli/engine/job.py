@@ -743,7 +743,8 @@ def _plan_ray_folder(job: Job, ray_run: RayRun, parts: PartFiles, report: Report
         complete = {name: s for name, s in complete.items() if not s.get("errors")}
     if complete:
         _check_folder_provenance(job, complete, dict(parts.metadata))
-    ray_parts.clear_unfinished(folder, complete)
+    shard = (0, 1) if job.shard is None else parse_shard(job.shard)
+    ray_parts.clear_unfinished(folder, complete, shard)
     if job.resume:
         done = sum(int(s.get("rows") or 0) for s in complete.values())
         report.note(f"resuming {folder}: {len(complete)} units ({done} inputs) already done")
@@ -755,8 +756,7 @@ def _plan_ray_folder(job: Job, ray_run: RayRun, parts: PartFiles, report: Report
         columns=(job.image_column, job.id_column),
     )
     if job.shard is not None:  # every N-th unit: each machine of a fleet takes its own
-        index, count = parse_shard(job.shard)
-        units = itertools.islice(units, index, None, count)
+        units = itertools.islice(units, shard[0], None, shard[1])
     todo = (unit for unit in units if unit.name not in complete)
 
     def written() -> Iterator[list[Result]]:

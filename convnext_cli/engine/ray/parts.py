@@ -177,17 +177,25 @@ def complete_units(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def clear_unfinished(folder: str | os.PathLike[str], keep: Iterable[str]) -> int:
-    """Remove this tool's files of the units not in ``keep``: pieces and temporary files of
-    any unit, a part or status of a unit not kept.  Returns how many were removed."""
+def clear_unfinished(
+    folder: str | os.PathLike[str], keep: Iterable[str], shard: tuple[int, int] = (0, 1)
+) -> int:
+    """Remove this tool's files of the units not in ``keep``: pieces and temporary files, a
+    part or status of a unit not kept; with ``shard`` (I, N), only those of the units of
+    that shard (a unit's place in the listing, modulo N, is I), so that other shards' runs
+    into the same folder are left alone.  Returns how many were removed."""
     kept = set(keep)
+    index, count = shard
     removed = 0
     with os.scandir(folder) as listing:
         names = [entry.name for entry in listing]
     for name in names:
         scrap = _SCRAP.match(name)
         final = _PART.match(name) or _STATUS.match(name)
-        if scrap is None and (final is None or final.group(1) in kept):
+        unit = (scrap or final).group(1) if (scrap or final) else None
+        if unit is None or int(unit[:8]) % count != index:
+            continue
+        if scrap is None and unit in kept:
             continue
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(folder, name))

@@ -70,8 +70,13 @@ def build_dataset(
 
     # streams keep input order; parts are per unit, in any order (no waiting on the slowest)
     DataContext.get_current().execution_options.preserve_order = parts is None
+    # read tasks ask what a decode task asks (Ray Data then fuses them: a unit is read and
+    # decoded in one task); a smaller ask would start a worker process per read at once
     ds = ray.data.read_datasource(
-        unit_source(units), override_num_blocks=max(1, len(units)), num_cpus=0.05
+        unit_source(units),
+        override_num_blocks=max(1, len(units)),
+        num_cpus=plan.decode_cpus,
+        concurrency=plan.decode_tasks,
     )
     decoded = ds.map_batches(
         decode_rows,
