@@ -755,6 +755,7 @@ def _plan_ray_folder(job: Job, ray_run: RayRun, parts: PartFiles, report: Report
         null_separated=job.null,
         columns=(job.image_column, job.id_column),
     )
+    units = itertools.chain([next(units)], units)  # none at all: a usage error, before Ray
     if job.shard is not None:  # every N-th unit: each machine of a fleet takes its own
         units = itertools.islice(units, shard[0], None, shard[1])
     todo = (unit for unit in units if unit.name not in complete)
