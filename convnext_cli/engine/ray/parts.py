@@ -192,7 +192,8 @@ def clear_unfinished(
     for name in names:
         scrap = _SCRAP.match(name)
         final = _PART.match(name) or _STATUS.match(name)
-        unit = (scrap or final).group(1) if (scrap or final) else None
+        found = scrap or final
+        unit = found.group(1) if found is not None else None
         if unit is None or int(unit[:8]) % count != index:
             continue
         if scrap is None and unit in kept:
