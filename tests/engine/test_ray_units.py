@@ -12,6 +12,7 @@ is stopped.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -173,6 +174,30 @@ def test_ids_collide_within_a_unit_as_today_and_across_units_are_kept(
     first, second = units.iter_units([str(shard), str(shard)])
     assert first.name != second.name
     assert [input_id(r) for r in unit_inputs(second)] == ids
+
+
+def test_clearing_a_folder_touches_only_this_tools_files_of_its_own_shard(
+    tmp_path: Path,
+) -> None:
+    """What --resume (or a new run) removes in DIR: pieces, temporary files, parts without
+    status, of the units of its own --shard only; complete units kept; other files never."""
+    names = [f"{seq:08d}-files-{seq:010x}" for seq in range(4)]
+    for name in names:
+        (tmp_path / f"{name}.parquet").write_bytes(b"part")
+        (tmp_path / f"{name}.status.json").write_text(json.dumps({"unit": name, "rows": 1}))
+        (tmp_path / f".{name}.r000000000-000000003.piece").write_bytes(b"piece")
+    (tmp_path / "00000009-mine.parquet").write_bytes(b"not a unit name of this tool's")
+    (tmp_path / "notes.status.json").write_text("{}")
+    keep = {names[0]}  # complete; names[2] is not (a --retry-errors unit, say)
+    assert parts.clear_unfinished(tmp_path, keep, shard=(0, 2)) == 2 + 2
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert f"{names[0]}.parquet" in left and f"{names[0]}.status.json" in left
+    assert not [n for n in left if n.startswith(names[2]) or n.startswith(f".{names[2]}")]
+    assert not [n for n in left if n.startswith(f".{names[0]}")]  # its piece went
+    for other in (names[1], names[3]):  # shard 1 of 2: not this run's
+        assert f"{other}.parquet" in left and f".{other}.r000000000-000000003.piece" in left
+    assert "00000009-mine.parquet" in left and "notes.status.json" in left
+    assert set(parts.complete_units(tmp_path)) == {names[0], names[1], names[3]}
 
 
 def test_a_million_row_listing_holds_units_not_inputs(tmp_path: Path) -> None:
