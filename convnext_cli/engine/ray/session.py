@@ -237,6 +237,9 @@ def ray_session(cluster: RaySettings | None = None) -> Iterator[Any]:
         return
     level = logging.INFO if cluster.verbose else logging.ERROR
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # no C++ stack trace and abort on SIGTERM from Ray's core worker in this driver (it is
+    # installed inside ray.init, where the CLI's own handler is put back only after it)
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     if not cluster.verbose:
         # the driver's C++ log lines on stderr (Ray Data's actor pools always trigger a
         # warning about constructor arguments in the object store); setting it is itself
@@ -267,9 +270,18 @@ def _own_signal_handlers() -> Iterator[None]:
         yield
         return
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    original = signal.signal
+
+    def keep_ours(signum: int, handler: Any) -> Any:  # Ray's Python handlers: not installed
+        if signum in saved:
+            return signal.getsignal(signum)
+        return original(signum, handler)
+
+    signal.signal = keep_ours  # type: ignore[assignment]
     try:
         yield
     finally:
+        signal.signal = original
         for signum, handler in saved.items():
             if handler is not None:
                 signal.signal(signum, handler)
