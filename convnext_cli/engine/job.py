@@ -55,7 +55,7 @@ from convnext_cli.outputs.files import (
     refuse_overwriting,
     refused,
 )
-from convnext_cli.outputs.names import path_field, say, visible
+from convnext_cli.outputs.names import say, visible
 from convnext_cli.outputs.resume import RESUMABLE_FORMATS, KeptRecordsWriter, RecordedWriter
 from convnext_cli.outputs.writers import choose_format, open_writer, output_targets
 from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
@@ -63,7 +63,7 @@ from convnext_cli.startup import STDOUT_CLOSED_MESSAGE, stdout_closed
 if TYPE_CHECKING:
     from convnext_cli.engine.loading import ModelSource, RunOptions
     from convnext_cli.engine.pipeline import Runner
-    from convnext_cli.engine.ray_engine import PartFiles, RayRun, RaySettings
+    from convnext_cli.engine.ray.settings import PartFiles, RayRun, RaySettings
     from convnext_cli.outputs.writers import Writer
     from convnext_cli.results import Result
 
@@ -162,7 +162,7 @@ class Job:
 
     def ray_settings(self) -> RaySettings:
         """``--engine ray``'s own settings: replicas, the cluster's address, Ray's logging."""
-        from convnext_cli.engine.ray_engine import RaySettings
+        from convnext_cli.engine.ray.settings import RaySettings
 
         return RaySettings(self.replicas, self.ray_address, self.verbose)
 
@@ -313,14 +313,6 @@ def watch_overwriting(items: Iterable[InputRef], targets: list[Path]) -> Iterato
         yield item
 
 
-def _input_files(items: Iterable[InputRef]) -> list[str]:
-    """The files the inputs read (each dataset file once), for the overwrite check."""
-    seen: dict[str, None] = {}
-    for item in items:
-        seen.setdefault(item if isinstance(item, str) else str(item.file or item.id), None)
-    return list(seen)
-
-
 def _named_files(inputs: list[str]) -> list[str]:
     """The inputs named on the command line that are files (checked before anything runs)."""
     named = []
@@ -445,16 +437,16 @@ def run_job(job: Job, report: Report | None = None) -> int:
     any input failed)."""
     report = report or Report(quiet=job.quiet)
     fmt = check_job(job)
-    listing = gather_inputs(
-        job.inputs, job.recursive, job.null, job.image_column, job.id_column, report.warn
-    )
-    items = take_shard(listing, job.shard)
     targets = output_targets(fmt, job.output)
-    if job.engine == "ray":
-        items = list(items)  # Ray Data takes the whole list
-        refuse_overwriting(targets, _input_files(items), job.model)
-        plan = _plan_ray(job, fmt, items, report)
+    if job.engine == "ray":  # lists units (-o DIR) or streams its inputs, as the local engine
+        listed = _targets_listed(targets, job.inputs, job.recursive)
+        refuse_overwriting(targets, [*_named_files(job.inputs), *listed], job.model)
+        plan = _plan_ray(job, fmt, targets, report)
     else:  # the local engine streams: the first batch runs while the listing goes on
+        listing = gather_inputs(
+            job.inputs, job.recursive, job.null, job.image_column, job.id_column, report.warn
+        )
+        items = take_shard(listing, job.shard)
         listed = _targets_listed(targets, job.inputs, job.recursive)
         refuse_overwriting(targets, [*_named_files(job.inputs), *listed], job.model)
         items = watch_overwriting(items, targets)
@@ -761,64 +753,103 @@ def _say_resuming(
 # ------------------------------------------------------------------------------------ Ray
 
 
-def _plan_ray(job: Job, fmt: str, items: list[InputRef], report: Report) -> Plan:
+def _plan_ray(job: Job, fmt: str, targets: list[Path], report: Report) -> Plan:
     """--engine ray: the checkpoint is read here for its facts (the actors load their own);
     the batches come from the cluster, or, for ``-o DIR`` parquet, part files it writes.
     The actors receive the job's own model source, run options and task, unchanged."""
-    from convnext_cli.engine import ray_engine
     from convnext_cli.engine.loading import read_source
+    from convnext_cli.engine.ray import settings as ray_settings
+    from convnext_cli.engine.ray.run import run_on_ray
 
+    if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
+        ray_settings.require_ray()
     source = job.model_source()
     checkpoint = read_source(source)
     _note_top_k_cap(job, len(checkpoint.config.labels or ()), report)
     provenance = make_provenance(job, checkpoint.config, checkpoint.preprocess)
-    facts = ray_engine.checkpoint_facts(checkpoint, job.command)
+    facts = ray_settings.checkpoint_facts(checkpoint, job.command)
     del checkpoint  # its tensors: the actors load their own
-    ray_run = ray_engine.RayRun(source, job.run_options(), job.task(), job.ray_settings(), facts)
-    notice = ray_engine.decode_notice(job.decode)
+    ray_run = ray_settings.RayRun(source, job.run_options(), job.task(), job.ray_settings(), facts)
+    notice = ray_settings.decode_notice(job.decode)
     if notice:
         report.warn(notice)
     if fmt == "parquet" and job.output is not None and _is_folder_target(job.output):
-        parts = ray_engine.PartFiles(str(job.output), provenance)
-        return _plan_ray_folder(job, items, ray_run, parts, report)
+        parts = ray_settings.PartFiles(str(job.output), provenance)
+        return _plan_ray_folder(job, ray_run, parts, report)
+    listing = gather_inputs(
+        job.inputs, job.recursive, job.null, job.image_column, job.id_column, report.warn
+    )
+    items = watch_overwriting(take_shard(listing, job.shard), targets)
     if job.output is None:
-        todo = list(items)
+        todo: Iterable[InputRef] = InputStream(items)
         writer = open_writer(job.command, fmt, None, job.top_k, scores=job.scores)
     else:
-        pending, writer = open_resumable(job, fmt, list(items), provenance, report.note)
-        todo = pending if isinstance(pending, list) else list(pending)
+        todo, writer = open_resumable(job, fmt, items, provenance, report.note)
 
     def batches() -> Batches:
-        return Batches(ray_engine.run_on_ray(todo, ray_run), ray_run.task.verb, "ray")
+        return Batches(run_on_ray(todo, ray_run), ray_run.task.verb, "ray")
 
-    return Plan(writer, batches, len(todo), job.output, fmt)
+    return Plan(writer, batches, todo, job.output, fmt)
 
 
-def _plan_ray_folder(
-    job: Job, paths: list[InputRef], ray_run: RayRun, parts: PartFiles, report: Report
-) -> Plan:
-    """``-o DIR --format parquet`` on Ray: the actors write part files into DIR."""
-    from convnext_cli.engine import ray_engine
+def _plan_ray_folder(job: Job, ray_run: RayRun, parts: PartFiles, report: Report) -> Plan:
+    """``-o DIR --format parquet`` on Ray: units (shards, row groups, chunks of files) are
+    listed as the run goes; the cluster writes one part and one status per unit into DIR.
+    ``--resume`` skips the units whose status is there (``--retry-errors``: those with no
+    failed input), after removing what is left of the others."""
+    from convnext_cli.engine.ray import parts as ray_parts
+    from convnext_cli.engine.ray.units import iter_units
 
     folder = Path(parts.folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{folder}: cannot write output ({exc.strerror})") from exc
-    done: set[str] = set()
+    complete = ray_parts.complete_units(folder) if job.resume else {}
+    if job.retry_errors:
+        complete = {name: s for name, s in complete.items() if not s.get("errors")}
+    if complete:
+        _check_folder_provenance(job, complete, dict(parts.metadata))
+    shard = (0, 1) if job.shard is None else parse_shard(job.shard)
+    ray_parts.clear_unfinished(folder, complete, shard)
     if job.resume:
-        done = ray_engine.done_paths(folder, include_errors=not job.retry_errors)
-    todo = [p for p in paths if path_field(input_id(p)) not in done]
-    if job.resume:
-        report.note(
-            f"resuming {folder}: {len(paths) - len(todo)} inputs already done, {len(todo)} to do"
-        )
+        done = sum(int(s.get("rows") or 0) for s in complete.values())
+        report.note(f"resuming {folder}: {len(complete)} units ({done} inputs) already done")
+    units = iter_units(
+        job.inputs,
+        job.recursive,
+        warn=lambda msg: report.warn(f"warning: {msg}"),
+        null_separated=job.null,
+        columns=(job.image_column, job.id_column),
+    )
+    units = itertools.chain([next(units)], units)  # none at all: a usage error, before Ray
+    if job.shard is not None:  # every N-th unit: each machine of a fleet takes its own
+        units = itertools.islice(units, shard[0], None, shard[1])
+    todo = (unit for unit in units if unit.name not in complete)
+
+    def written() -> Iterator[list[Result]]:
+        from convnext_cli.engine.ray.run import report_shared_ids, write_parts_on_ray
+
+        yield from write_parts_on_ray(todo, ray_run, parts)
+        line = report_shared_ids(str(folder), ray_parts.complete_units(folder))
+        if line:
+            report.warn(line)
 
     def batches() -> Batches:
-        written = ray_engine.write_parts_on_ray(todo, ray_run, parts)
-        return Batches(written, ray_run.task.verb, "ray")
+        return Batches(written(), ray_run.task.verb, "ray")
 
-    return Plan(FolderProgress(), batches, len(todo), None, None)
+    return Plan(FolderProgress(), batches, None, None, None)
+
+
+def _check_folder_provenance(
+    job: Job, complete: dict[str, dict[str, Any]], current: dict[str, Any]
+) -> None:
+    from convnext_cli.outputs import resume
+
+    assert job.output is not None
+    earlier = next(iter(complete.values())).get("provenance")
+    recorded = earlier if isinstance(earlier, dict) else None
+    resume.check_provenance(recorded, current, job.output, job.force_resume)
 
 
 def _is_folder_target(output: Path) -> bool:

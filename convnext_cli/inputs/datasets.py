@@ -522,3 +522,62 @@ def _pick_id_column(names: list[str], chosen: str | None) -> str | None:
     if chosen is not None:
         return _pick_column(names, chosen, ID_COLUMNS, "id")
     return next((c for c in ID_COLUMNS if c in names), None)
+
+
+def parquet_layout(path: str) -> list[int] | None:
+    """The rows of each row group of a Parquet file (its footer only, through the safe
+    opener), or None when it cannot be read as one (its items then say why)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        handle = open_regular_binary(path)
+    except ImageError:
+        return None
+    try:
+        metadata = pq.ParquetFile(handle).metadata
+        return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+    finally:
+        handle.close()
+
+
+def parquet_slice_items(
+    path: str,
+    group: int,
+    rows: tuple[int, int, int],
+    image_column: str | None = None,
+    id_column: str | None = None,
+) -> Iterator[Item]:
+    """The items of rows ``start`` to ``stop`` (excluded) of row group ``group``, with the
+    ids :func:`parquet_items` gives them; ``rows`` is (start, stop, the file's row number of
+    row 0 of the group).  One failing item, named after the file, when it cannot be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start, stop, first = rows
+    try:
+        handle = open_regular_binary(path)
+    except ImageError as exc:
+        yield Item(path, error=f"cannot read Parquet file: {exc}")
+        return
+    try:
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        image = _pick_column(names, image_column, IMAGE_COLUMNS, "image")
+        ident = _pick_id_column(names, id_column)
+        ids: list[object] = [None] * (stop - start)
+        if ident is not None:
+            column = parquet.read_row_group(group, columns=[ident], use_threads=False).column(0)
+            ids = column.slice(start, stop - start).to_pylist()
+        for n in range(start, stop):
+            value = ids[n - start]
+            item_id = f"{path}#{first + n}" if value is None else str(value)
+            yield Item(item_id, file=path, row_group=group, row=n, column=image)
+    except _ColumnMissing as exc:
+        yield Item(path, error=str(exc))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        yield Item(path, error=f"corrupt or unreadable Parquet file ({one_line(exc)})")
+    finally:
+        handle.close()

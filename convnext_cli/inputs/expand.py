@@ -607,3 +607,22 @@ def _expand_one(
                 yield [match], True
         if not found:
             warn(f"{item}: pattern matched no images")
+
+
+def listed_chunks(
+    inputs: Iterable[str],
+    recursive: bool = False,
+    stdin: IO[Any] | None = None,
+    warn: Callable[[str], None] | None = None,
+    null_separated: bool = False,
+) -> Iterator[Chunk]:
+    """The paths INPUTS name, as they are listed (a folder's, a block at a time), each list
+    with whether it may name dataset files, whose members are *not* listed here: what a
+    distributed run hands out as units of work (``engine/ray/units.py``).  Brace patterns
+    naming too many files are refused before anything is listed."""
+    given = list(inputs)
+    for pattern in given:
+        if pattern != "-" and not os.path.lexists(pattern):
+            check_braces(pattern)
+    say = warn or (lambda _msg: None)
+    return _expand(given, recursive, stdin or sys.stdin, say, null_separated)

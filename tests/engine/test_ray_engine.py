@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 import torch
 
-from convnext_cli.engine import ray_engine
 from convnext_cli.engine.loading import ModelSource, RunOptions, load_runner
+from convnext_cli.engine.ray import datasource, parts, session, settings, stages, units
+from convnext_cli.engine.ray import run as ray_driver
 from convnext_cli.engine.task import Task
 from convnext_cli.outputs.names import path_field
 from convnext_cli.outputs.parquet import METADATA_KEY
@@ -48,14 +49,14 @@ def local_ray(hooks: Path) -> Iterator[None]:
     """A Ray of its own for this module, started as the engine starts one (on 127.0.0.1
     only, with a token of its own), with a short temporary folder; the runs join it."""
     temp = tempfile.mkdtemp(prefix="cnr-", dir="/tmp")
-    os.environ[ray_engine.TEST_DIR_ENV] = str(hooks)  # inherited by Ray's workers
+    os.environ[settings.TEST_DIR_ENV] = str(hooks)  # inherited by Ray's workers
     try:
-        with ray_engine.ray_session(ray_engine.RaySettings(temp_dir=temp)):
+        with session.ray_session(settings.RaySettings(temp_dir=temp)):
             assert ray.is_initialized()
             yield
         assert not ray.is_initialized()
     finally:
-        os.environ.pop(ray_engine.TEST_DIR_ENV, None)
+        os.environ.pop(settings.TEST_DIR_ENV, None)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -89,16 +90,16 @@ def local_records(model: Path, paths: list[str], task: str, **kw: object) -> lis
     return [r for b in runner.embed(paths, workers=0, **kw) for r in b]  # type: ignore[arg-type]
 
 
-def options(model: Path, command: str = "classify", **task: Any) -> ray_engine.RayRun:
+def options(model: Path, command: str = "classify", **task: Any) -> settings.RayRun:
     """A Ray run of ``model`` on the CPU in float32, with ``task``'s fields."""
     cpu = RunOptions("cpu", "float32")
-    return ray_engine.RayRun(ModelSource(str(model)), cpu, Task(command, **task))
+    return settings.RayRun(ModelSource(str(model)), cpu, Task(command, **task))
 
 
-def planned(command: str = "classify", device: str = "auto", **cluster: Any) -> ray_engine.RayRun:
+def planned(command: str = "classify", device: str = "auto", **cluster: Any) -> settings.RayRun:
     """A run to plan actors for (its model is never read)."""
-    settings = ray_engine.RaySettings(**cluster)
-    return ray_engine.RayRun(ModelSource("m"), RunOptions(device), Task(command), settings)
+    cluster_settings = settings.RaySettings(**cluster)
+    return settings.RayRun(ModelSource("m"), RunOptions(device), Task(command), cluster_settings)
 
 
 def assert_same(ray_results: list[Result], local: list[Result]) -> None:
@@ -141,11 +142,11 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
 def test_without_ray_the_import_works_and_the_call_is_a_usage_error() -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"
-        "from convnext_cli.engine import ray_engine\n"
+        "from convnext_cli.engine.ray import run, settings\n"
         "from convnext_cli.engine.loading import ModelSource\n"
         "from convnext_cli.errors import UsageError\n"
         "try:\n"
-        "    ray_engine.run_on_ray(['x.jpg'], ray_engine.RayRun(ModelSource('m')))\n"
+        "    run.run_on_ray(['x.jpg'], settings.RayRun(ModelSource('m')))\n"
         "except UsageError as exc:\n"
         "    print(exc)\n"
     )
@@ -153,24 +154,24 @@ def test_without_ray_the_import_works_and_the_call_is_a_usage_error() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ray_engine.NEEDS_RAY
+    assert out.stdout.strip() == settings.NEEDS_RAY
 
 
 def test_actor_plan() -> None:
     opts = planned()
-    two = ray_engine.plan_actors({"CPU": 2.0}, opts)
+    two = settings.plan_actors({"CPU": 2.0}, opts)
     assert (two.replicas, two.num_gpus, two.threads, two.batch_size) == (1, 0.0, 2, 8)
     assert two.num_cpus + two.decode_cpus <= 1.0  # an actor and a decode task fit in 1 CPU
-    gpus = ray_engine.plan_actors({"CPU": 32.0, "GPU": 4.0}, opts)
+    gpus = settings.plan_actors({"CPU": 32.0, "GPU": 4.0}, opts)
     assert (gpus.replicas, gpus.num_gpus, gpus.batch_size) == (4, 1.0, 32)
-    cpus = ray_engine.plan_actors({"CPU": 64.0, "GPU": 4.0}, planned("embed", device="cpu"))
+    cpus = settings.plan_actors({"CPU": 64.0, "GPU": 4.0}, planned("embed", device="cpu"))
     assert (cpus.replicas, cpus.num_gpus, cpus.threads) == (8, 0.0, 8)
     for plan in (two, gpus, cpus):  # never equal: Ray Data would fuse decoding into the actors
         assert (plan.num_cpus, plan.num_gpus) != (plan.decode_cpus, 0.0)
-    with pytest.raises(ray_engine.UsageError):
+    with pytest.raises(settings.UsageError):
         planned(replicas=0)
-    sized = ray_engine.RayRun(ModelSource("m"), task=Task("classify", batch_size=3))
-    assert ray_engine.plan_actors({"CPU": 2.0}, sized).batch_size == 3
+    sized = settings.RayRun(ModelSource("m"), task=Task("classify", batch_size=3))
+    assert settings.plan_actors({"CPU": 2.0}, sized).batch_size == 3
 
 
 def test_a_model_actor_runs_the_jobs_own_objects(v1_checkpoint: Path, inputs: list[str]) -> None:
@@ -181,25 +182,22 @@ def test_a_model_actor_runs_the_jobs_own_objects(v1_checkpoint: Path, inputs: li
 
     import pyarrow as pa
 
-    run = ray_engine.RayRun(
+    run = settings.RayRun(
         ModelSource(str(v1_checkpoint)),
         RunOptions("cpu", "float32", decode="gpu"),
         Task("classify", top_k=4, scores="log-probs"),
     )
     received = pickle.loads(pickle.dumps(run))
     assert received == run
-    spec, _width = ray_engine.read_preprocessing(run.source, "classify")
-    rows = pa.table(
-        {
-            "id": pa.array(range(len(inputs)), pa.int64()),
-            "file": pa.array([ray_engine.encode_ref(p) for p in inputs], pa.binary()),
-        }
-    )
-    plan = ray_engine.plan_actors({"CPU": 2.0}, received)
-    actor = ray_engine.ModelActor(received, plan)
+    spec, _width = settings.read_preprocessing(run.source, "classify")
+    (unit,) = units.refs_units(inputs)  # what a read task does with it, in the cluster
+    rows = pa.concat_tables(datasource.read_unit(unit))
+    assert rows.column("last").to_pylist() == [False] * (len(inputs) - 1) + [True]
+    plan = settings.plan_actors({"CPU": 2.0}, received)
+    actor = stages.ModelActor(received, plan)
     assert actor.task is received.task and actor.runner.jpeg_on_device is False
-    table = actor(ray_engine.decode_rows(rows, spec))
-    got = ray_engine.results_from_table(table, inputs, "classify")
+    table = actor(stages.decode_rows(rows, spec))
+    got = stages.results_from_table(table, "classify")
     assert_same(got, local_records(v1_checkpoint, inputs, "classify", top_k=4, scores="log-probs"))
 
 
@@ -211,7 +209,7 @@ def test_classify_gives_the_local_records(
 ) -> None:
     local = local_records(v1_checkpoint, inputs, "classify", top_k=5)
     assert sum(r.error is not None for r in local) == 3
-    batches = list(ray_engine.run_on_ray(inputs, options(v1_checkpoint, top_k=5)))
+    batches = list(ray_driver.run_on_ray(inputs, options(v1_checkpoint, top_k=5)))
     assert_same([r for b in batches for r in b], local)
     started = [e for e in events(clean_hooks) if e[0] == "decode"]
     actors = {pid for event, pid, _ in events(clean_hooks) if event.startswith("actor")}
@@ -223,17 +221,22 @@ def test_embed_gives_the_local_records(
     local_ray: None, clean_hooks: Path, v2_checkpoint: Path, inputs: list[str]
 ) -> None:
     local = local_records(v2_checkpoint, inputs, "embed", normalize=True)
-    got = list(ray_engine.run_on_ray(inputs, options(v2_checkpoint, "embed", normalize=True)))
+    got = list(ray_driver.run_on_ray(inputs, options(v2_checkpoint, "embed", normalize=True)))
     assert_same([r for b in got for r in b], local)
 
 
 def test_a_model_actor_killed_mid_run_loses_and_repeats_nothing(
-    local_ray: None, clean_hooks: Path, v1_checkpoint: Path, photos: list[Path]
+    local_ray: None,
+    clean_hooks: Path,
+    v1_checkpoint: Path,
+    photos: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    paths = [str(p) for p in photos] * 8  # 48 inputs, 6 model calls of 8
+    monkeypatch.setenv(units.UNIT_ROWS_ENV, "8")
+    paths = [str(p) for p in photos] * 8  # 48 inputs, 6 units, 6 model calls of 8
     local = local_records(v1_checkpoint, paths, "classify", top_k=3)
     (clean_hooks / "delay-actor").write_text("0.4")
-    stream = ray_engine.run_on_ray(paths, options(v1_checkpoint, top_k=3, batch_size=8))
+    stream = ray_driver.run_on_ray(paths, options(v1_checkpoint, top_k=3, batch_size=8))
     got = list(next(stream))
     victim = next(pid for event, pid, _ in events(clean_hooks) if event == "actor-call")
     os.kill(victim, signal.SIGKILL)
@@ -253,7 +256,7 @@ def test_a_decoding_worker_killed_mid_task_is_retried(
     paths = [str(p) for p in photos] * 6  # 36 inputs, 3 decode tasks of 16
     local = local_records(v1_checkpoint, paths, "classify", top_k=3)
     (clean_hooks / "delay-decode").write_text("3")
-    stream = ray_engine.run_on_ray(paths, options(v1_checkpoint, top_k=3))
+    stream = ray_driver.run_on_ray(paths, options(v1_checkpoint, top_k=3))
     got: list[Result] = []
 
     def kill_first_decoder() -> None:
@@ -276,35 +279,55 @@ def test_a_decoding_worker_killed_mid_task_is_retried(
 
 
 def test_parquet_parts_read_back_with_duckdb_and_resume(
-    local_ray: None, clean_hooks: Path, v1_checkpoint: Path, inputs: list[str], tmp_path: Path
+    local_ray: None,
+    clean_hooks: Path,
+    v1_checkpoint: Path,
+    inputs: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """One part and one status per unit, written by the cluster; a unit's part is whole or
+    absent; the parts read back with DuckDB give the local records."""
     duckdb = pytest.importorskip("duckdb")
+    monkeypatch.setenv(units.UNIT_ROWS_ENV, "3")  # 10 inputs: 4 units
     out = tmp_path / "out"
-    parts = ray_engine.PartFiles(str(out))
-    first, rest = inputs[:5], inputs[5:]
+    files = settings.PartFiles(str(out), {"command": "classify"})
     light = [
         r
-        for b in ray_engine.write_parts_on_ray(first, options(v1_checkpoint, top_k=3), parts)
+        for b in ray_driver.write_parts_on_ray(inputs, options(v1_checkpoint, top_k=3), files)
         for r in b
     ]
-    assert [r.path for r in light] == first
-    assert ray_engine.done_paths(out) == {path_field(p) for p in first}
-    todo = [p for p in inputs if path_field(p) not in ray_engine.done_paths(out)]
-    assert todo == rest
-    list(ray_engine.write_parts_on_ray(todo, options(v1_checkpoint, top_k=3), parts))
-    (out / ".part-x.parquet.123.tmp").write_bytes(b"half a part")  # an interrupted write
-    names = {path_field(p) for p in inputs}
-    assert ray_engine.done_paths(out) == names
-    assert not list(out.glob(".*.tmp"))
-    assert len(ray_engine.done_paths(out, include_errors=False)) == len(inputs) - 3
+    assert sorted(r.path for r in light) == sorted(inputs)
+    complete = parts.complete_units(out)
+    assert len(complete) == 4
+    assert sorted(s["rows"] for s in complete.values()) == [1, 3, 3, 3]
+    assert sum(s["errors"] for s in complete.values()) == 3
+    assert all(s["provenance"] == {"command": "classify"} for s in complete.values())
+    assert all(s["seconds"] >= 0 for s in complete.values())
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(
+        s["part"] for s in complete.values()
+    )
+    # an interrupted run's leftovers: a piece, a temporary file, a part without its status
+    name = sorted(complete)[0]
+    (out / f".{name}.r000000000-000000001.piece").write_bytes(b"half")
+    (out / f".{name}.parquet.123.tmp").write_bytes(b"half a part")
+    (out / f"{name}.status.json").unlink()
+    (out / "notes.txt").write_text("the user's own file")
+    assert parts.clear_unfinished(out, set(complete) - {name}) == 3
+    assert not list(out.glob(".*")) and (out / "notes.txt").exists()
+    assert not (out / f"{name}.parquet").exists()
+    ray_driver_units = list(units.refs_units(inputs))
+    todo = [u for u in ray_driver_units if u.name == name]
+    list(ray_driver.write_parts_on_ray(todo, options(v1_checkpoint, top_k=3), files))
+    assert set(parts.complete_units(out)) == set(complete)
 
     local_run = local_records(v1_checkpoint, inputs, "classify", top_k=3)
     local = {path_field(r.path): r for r in local_run}
     rows = duckdb.sql(
         f"select path, error, label, index, score, predictions "
-        f"from read_parquet('{out}/part-*.parquet') order by path"
+        f"from read_parquet('{out}/*.parquet') order by path"
     ).fetchall()
-    assert sorted(r[0] for r in rows) == sorted(names)  # one row per input
+    assert sorted(r[0] for r in rows) == sorted(local)  # one row per input
     for path, error, label, index, score, predictions in rows:
         want = local[path]
         assert error == want.error
@@ -316,7 +339,7 @@ def test_parquet_parts_read_back_with_duckdb_and_resume(
         assert [p["index"] for p in predictions] == [p.index for p in want.predictions]
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    schema = pq.read_schema(next(out.glob("*.parquet")))
     assert schema.names == ["path", "error", "label", "index", "score", "predictions"]
 
 
@@ -327,10 +350,10 @@ def test_parquet_embed_parts(
     import pyarrow.parquet as pq
 
     out = tmp_path / "emb"
-    parts = ray_engine.PartFiles(str(out), {"command": "embed", "model": "m"})
-    list(ray_engine.write_parts_on_ray(inputs, options(v2_checkpoint, "embed"), parts))
-    table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
-    for part in out.glob("part-*.parquet"):  # the output spec reached the actors as it was
+    files = settings.PartFiles(str(out), {"command": "embed", "model": "m"})
+    list(ray_driver.write_parts_on_ray(inputs, options(v2_checkpoint, "embed"), files))
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("*.parquet")))
+    for part in out.glob("*.parquet"):  # the output spec reached the actors as it was
         written = json.loads(pq.read_schema(part).metadata[METADATA_KEY.encode()])
         assert written == {"command": "embed", "model": "m"}
     assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
@@ -383,7 +406,7 @@ def test_the_cli_engine_ray_gives_the_local_records(
     assert found.keys() == local.keys()
     again = cli("-o", str(folder), "--format", "parquet", "--resume")
     assert again.returncode == 0, again.stderr
-    assert f"{len(inputs)} inputs already done, 0 to do" in again.stderr.decode()
+    assert f"({len(inputs)} inputs) already done" in again.stderr.decode()
 
 
 def test_dataset_inputs_on_ray_equal_the_local_engine(

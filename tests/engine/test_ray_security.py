@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from helpers import record_ids
 
-from convnext_cli.engine import ray_engine
 from convnext_cli.engine.loading import ModelSource, RunOptions
+from convnext_cli.engine.ray import session, settings
 from convnext_cli.errors import UsageError
 
 pytest.importorskip("ray")
@@ -126,7 +126,7 @@ def bare_env(home: Path) -> dict[str, str]:
     """This environment without any Ray token, with an empty home (no ~/.ray)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
-    env[ray_engine.LOOPBACK_ENV] = "0"  # the joining driver on 127.0.0.1 too
+    env[session.LOOPBACK_ENV] = "0"  # the joining driver on 127.0.0.1 too
     return env
 
 
@@ -149,8 +149,8 @@ def test_the_local_ray_is_on_loopback_with_its_own_token(
     (hooks / "delay-actor").write_text("1")  # the run lasts while the checks run
     paths = [str(p) for p in photos] * 8
     env = bare_env(home)
-    env.pop(ray_engine.LOOPBACK_ENV)
-    env[ray_engine.TEST_DIR_ENV] = str(hooks)
+    env.pop(session.LOOPBACK_ENV)
+    env[settings.TEST_DIR_ENV] = str(hooks)
     env["RAY_AUTH_TOKEN"] = "the-users-own-token"  # must not be the run's
     command = [sys.executable, "-m", "convnext_cli", "classify", "-", "-m", str(v1_checkpoint)]
     command += ["--device", "cpu", "--dtype", "float32", "-k", "2", "--engine", "ray"]
@@ -191,17 +191,17 @@ def test_the_local_ray_is_on_loopback_with_its_own_token(
         assert not exposed, exposed
         gcs_ports = [port for _, port, pid in sockets if pid == gcs[0]]
         address = f"127.0.0.1:{gcs_ports[0]}"
-        assert ray_engine.cluster_requires_token(address) is True
+        assert session.cluster_requires_token(address) is True
         # --ray-address to it: the user's token is passed through (Ray sends none to an
         # explicit address unless RAY_AUTH_MODE=token); without one, a usage error
         monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
         monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
         monkeypatch.setenv("HOME", str(home))
         monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
-        assert ray_engine.join_settings(address) == {"RAY_AUTH_MODE": "token"}
+        assert session.join_settings(address) == {"RAY_AUTH_MODE": "token"}
         monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
         with pytest.raises(UsageError, match="the cluster needs its token"):
-            ray_engine.join_settings(address)
+            session.join_settings(address)
         # another process on loopback, without the token: refused
         stranger = subprocess.run(
             [sys.executable, "-c", connect_code(), address],
@@ -244,7 +244,7 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(
 ) -> None:
     started = time.monotonic()
     with pytest.raises(UsageError, match="cannot reach a Ray cluster"):
-        ray_engine.check_reachable("127.0.0.1:1")
+        session.check_reachable("127.0.0.1:1")
     assert time.monotonic() - started < 10
     command = [sys.executable, "-m", "convnext_cli", "classify", str(photos[0])]
     command += ["-m", str(v1_checkpoint), "--engine", "ray", "--ray-address", "127.0.0.1:1"]
@@ -300,10 +300,10 @@ def test_a_cluster_without_authentication_gets_one_warning_line(
 ) -> None:
     assert open_head.startswith("127.0.0.1:")
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    assert ray_engine.cluster_requires_token(open_head) is False
-    assert ray_engine.join_settings(open_head) == {}
+    assert session.cluster_requires_token(open_head) is False
+    assert session.join_settings(open_head) == {}
     err = capsys.readouterr().err.strip().splitlines()
-    warning = ray_engine.NO_AUTH_WARNING.format(address=open_head)
+    warning = session.NO_AUTH_WARNING.format(address=open_head)
     assert err == [warning]
     assert os.environ.get("RAY_AUTH_MODE") is None  # the probe left this process as it was
     # the whole command, joining it: the warning once, and the records
@@ -312,7 +312,7 @@ def test_a_cluster_without_authentication_gets_one_warning_line(
     command += ["--device", "cpu", "--dtype", "float32", "--format", "jsonl", "-k", "2"]
     command += ["--engine", "ray", "--ray-address", open_head]
     env = bare_env(home)
-    env.pop(ray_engine.LOOPBACK_ENV)  # the command joins a loopback address by itself
+    env.pop(session.LOOPBACK_ENV)  # the command joins a loopback address by itself
     out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.splitlines().count(warning) == 1, out.stderr
@@ -322,31 +322,31 @@ def test_a_cluster_without_authentication_gets_one_warning_line(
 # --- GPUs and decoding --------------------------------------------------------------------
 
 
-def ray_run(device: str = "auto", decode: str = "auto", **cluster: Any) -> ray_engine.RayRun:
+def ray_run(device: str = "auto", decode: str = "auto", **cluster: Any) -> settings.RayRun:
     """A Ray run of a model named "m" (never read here) on ``device``."""
     options = RunOptions(device, decode=decode)
-    return ray_engine.RayRun(ModelSource("m"), options, cluster=ray_engine.RaySettings(**cluster))
+    return settings.RayRun(ModelSource("m"), options, cluster=settings.RaySettings(**cluster))
 
 
 def test_replicas_above_the_gpus_is_a_usage_error() -> None:
     gpus = {"CPU": 16.0, "GPU": 2.0}
     with pytest.raises(UsageError, match="--replicas 3: the Ray cluster reports 2 GPU"):
-        ray_engine.plan_actors(gpus, ray_run("auto", replicas=3))
-    two = ray_engine.plan_actors(gpus, ray_run(replicas=2))
+        settings.plan_actors(gpus, ray_run("auto", replicas=3))
+    two = settings.plan_actors(gpus, ray_run(replicas=2))
     assert (two.replicas, two.num_gpus) == (2, 1.0)
-    assert ray_engine.plan_actors(gpus, ray_run("cpu", replicas=3)).replicas == 3  # no GPU asked
+    assert settings.plan_actors(gpus, ray_run("cpu", replicas=3)).replicas == 3  # no GPU asked
     with pytest.raises(UsageError, match="reports no GPU"):
-        ray_engine.plan_actors({"CPU": 4.0}, ray_run("cuda"))
+        settings.plan_actors({"CPU": 4.0}, ray_run("cuda"))
 
 
 def test_decode_gpu_is_said_not_dropped() -> None:
-    assert ray_engine.decode_notice("auto") is None
-    assert ray_engine.decode_notice("cpu") is None
-    notice = ray_engine.decode_notice("gpu")
+    assert settings.decode_notice("auto") is None
+    assert settings.decode_notice("cpu") is None
+    notice = settings.decode_notice("gpu")
     assert notice is not None and "--decode gpu" in notice and "\n" not in notice
     run = ray_run("cuda:1", decode="gpu")
     assert run.options.decode == "gpu"  # the job's own options, as they were given
-    actor = ray_engine.actor_options(run.options)
+    actor = settings.actor_options(run.options)
     assert (actor.device, actor.decode) == ("cuda", "cpu")  # the actor's GPU; decode tasks
     with pytest.raises(UsageError, match="unknown --decode 'gpx'"):
         ray_run(decode="gpx")
