@@ -228,12 +228,16 @@ def run_cli(*args: object, env: dict | None = None) -> subprocess.CompletedProce
 
 def test_help_does_not_import_torch() -> None:
     code = (
-        "import sys, runpy\n"
+        "import os, sys, runpy\n"
         "sys.argv = ['convnext', '--help']\n"
-        "try:\n    runpy.run_module('convnext_cli', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
+        # main() ends with os._exit (no teardown): what was imported is read just before it
         "heavy = ['torch', 'torchvision', 'PIL', 'safetensors', 'huggingface_hub', 'numpy']\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "leave = os._exit\n"
+        "def probe(code):\n"
+        "    print(sorted(m for m in heavy if m in sys.modules), flush=True)\n"
+        "    leave(code)\n"
+        "os._exit = probe\n"
+        "runpy.run_module('convnext_cli', run_name='__main__')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
@@ -245,12 +249,16 @@ def test_cpu_run_does_not_import_torchvision(v1_checkpoint: Path, photos: list[P
     """torchvision's import pulls in torch._dynamo (seconds): a CPU run of JPEGs and 8-bit
     PNGs with the default --decode auto must not pay for it."""
     code = (
-        "import sys, runpy\n"
+        "import os, sys, runpy\n"
         f"sys.argv = ['convnext', 'classify', *{[str(p) for p in photos]!r}, "
         f"'-m', {str(v1_checkpoint)!r}, '--device', 'cpu', '--format', 'jsonl']\n"
-        "try:\n    runpy.run_module('convnext_cli', run_name='__main__')\n"
-        "except SystemExit as exc:\n    code = exc.code\n"
-        "print('torchvision' in sys.modules, code, file=sys.stderr)\n"
+        # main() ends with os._exit (no teardown): what was imported is read just before it
+        "leave = os._exit\n"
+        "def probe(code):\n"
+        "    print('torchvision' in sys.modules, code, file=sys.stderr, flush=True)\n"
+        "    leave(code)\n"
+        "os._exit = probe\n"
+        "runpy.run_module('convnext_cli', run_name='__main__')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stderr.strip().splitlines()[-1] == "False 0", out.stderr

@@ -99,7 +99,7 @@ def test_summary_wraps_at_words_on_a_terminal_only(
 
 
 def test_one_line_errors_wrap_at_words(tmp_path: Path) -> None:
-    args = ["classify", "x.jpg", "-k", "0"]  # a usage error: no model is loaded
+    args = ["classify", "x.jpg", "-k", "2.5"]  # a usage error: no model is loaded
     whole = stderr_lines(run_attached(args, stdout="pipe", stderr="pipe").stderr)
     assert len(whole) == 1 and whole[0].startswith("error: Invalid value for '--top-k'"), whole
     assert "╭" not in whole[0] and "Usage:" not in whole[0]  # not Typer's boxed panel

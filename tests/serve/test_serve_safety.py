@@ -264,15 +264,16 @@ def test_ctrl_c_on_a_client_cancels_only_its_request(server, tmp_path, photos, v
 
 
 CHECK = """
-import json, sys
+import json, os, sys
 sys.argv = ["convnext", *sys.argv[1:]]
 from convnext_cli.cli import main
-try:
-    main()
-except SystemExit as exc:
-    code = exc.code
-heavy = [m for m in ("torch", "torchvision", "PIL", "numpy", "safetensors") if m in sys.modules]
-print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+leave = os._exit  # main() ends with os._exit (no teardown): the modules are read just before
+def probe(code):
+    heavy = [m for m in ("torch", "torchvision", "PIL", "numpy", "safetensors") if m in sys.modules]
+    print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr, flush=True)
+    leave(code)
+os._exit = probe
+main()
 """
 
 
