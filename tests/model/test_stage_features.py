@@ -145,7 +145,7 @@ def test_plain_stages_and_refusals(v1_checkpoint: Path, photos: list[Path], tmp_
         (["--stage", "stage2", "--backbone"], "no backbone LayerNorms"),
         (["--stage", "stage9"], "stages are stem, stage1"),
         (["--stage", "stage1", "--pool", "none"], "-o FILE.npy, FILE.safetensors or FILE.parquet"),
-        (["--stage", "stage1", "--pool", "max"], "--pool 'max'"),
+        (["--stage", "stage1", "--pool", "max"], "'max' is not one of avg, none"),
         (["--stage", "stem", "--stage", "stage1", "-o", tmp_path / "x.npy"], "npy holds one"),
     ]
     for extra, message in refusals:

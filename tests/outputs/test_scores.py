@@ -98,9 +98,12 @@ def test_top_k_all_and_bad_values(v1_checkpoint: Path, photos: list[Path]) -> No
     predictions = jsonl(out.stdout)[0]["predictions"]
     assert len(predictions) == 1000
     assert abs(sum(p["score"] for p in predictions) - 1) < 1e-4
-    for bad in ("0", "some"):
+    # 0 is every class too (limits.parse_top_k: the CLI and the Python API's one rule)
+    out = invoke("classify", photos[0], "-m", v1_checkpoint, "-k", "0", "--format", "jsonl")
+    assert out.exit_code == 0 and len(jsonl(out.stdout)[0]["predictions"]) == 1000
+    for bad in ("some", "2.5", "-1", "100001"):
         out = invoke("classify", photos[0], "-m", v1_checkpoint, "-k", bad)
-        assert out.exit_code == 2
+        assert out.exit_code == 2, bad
     out = invoke("classify", photos[0], "-m", v1_checkpoint, "--scores", "odds")
     assert out.exit_code == 2
 
