@@ -82,10 +82,15 @@ def job_options(command: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def usable() -> bool:
     """Whether a server may be used and seems to run (its socket is there and this user's)."""
+    from convnext_cli.errors import UsageError
     from convnext_cli.serve.client import server_enabled
     from convnext_cli.serve.paths import usable_socket
 
-    return server_enabled() and usable_socket() is not None
+    try:
+        enabled = server_enabled()
+    except UsageError:  # a malformed CONVNEXT_SERVER: the full command line says so
+        return False
+    return enabled and usable_socket() is not None
 
 
 def run(argv: list[str]) -> int | None:
