@@ -5,6 +5,7 @@ its request only, and the client side never imports torch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -295,3 +296,36 @@ def test_help_and_a_client_call_import_no_torch(server, tmp_path, photos, v1_che
             assert done.returncode == 0 and found == set()
     found, done = modules("classify", photos[0], "-m", v1_checkpoint, "--no-server")
     assert "torch" in found  # the check can fail: in-process runs import it
+
+
+# ------------------------------------------------------------------ the kept decode guard
+
+
+def children(pid: int) -> set[int]:
+    """The processes ``pid`` started that are still there (its decode guards)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="/proc (Linux)")
+def test_the_decode_guard_is_kept_and_replaced_when_killed(server, photos, v1_checkpoint):
+    cold = convnext("classify", *photos, "-m", v1_checkpoint, "--no-server", env=server.env)
+    assert cold.returncode == 0
+    first = convnext("classify", *photos, "-m", v1_checkpoint, env=server.env)
+    assert first.returncode == 0 and SERVED in first.stderr and first.stdout == cold.stdout
+    guards = children(server.proc.pid)
+    assert guards  # a decode guard runs between requests
+    for _ in range(2):  # warm calls fork no guard of their own
+        again = convnext("classify", *photos, "-m", v1_checkpoint, env=server.env)
+        assert again.returncode == 0 and again.stdout == cold.stdout
+        assert children(server.proc.pid) == guards
+    for pid in guards:  # a guard that dies between requests (OOM killer, kill -9)
+        os.kill(pid, signal.SIGKILL)
+    after = convnext("classify", *photos, "-m", v1_checkpoint, env=server.env)
+    assert after.returncode == 0, after.stderr.decode()
+    assert SERVED in after.stderr and after.stdout == cold.stdout  # no input blamed
+    assert children(server.proc.pid) - guards  # a fresh guard
+    assert alive(server)
