@@ -45,23 +45,43 @@ def call(args: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
-def start_server(env: dict[str, str], model: Path) -> subprocess.Popen[bytes]:
+def start_server(env: dict[str, str], model: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``convnext serve -m MODEL``, its log in ``log`` (a file: a pipe nobody reads would
+    fill up and stop the server), once the model is loaded."""
     command = [sys.executable, "-m", "convnext_cli", "serve", "--idle-timeout", "0"]
-    server = subprocess.Popen(
-        [*command, "-m", str(model)], env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    assert server.stderr is not None
-    for line in server.stderr:  # "loaded MODEL" once the preload is done
-        if b"loaded " in line:
-            return server
-    raise SystemExit("the server did not start")
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [*command, "-m", str(model)], env=env, stdin=subprocess.DEVNULL, stderr=out
+        )
+    deadline = time.monotonic() + 300
+    while b"loaded " not in log.read_bytes():  # "loaded MODEL" once the preload is done
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit(f"the server did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return server
+
+
+def server_seconds(log: Path, count: int) -> list[float]:
+    """The server's own time for each of the first ``count`` requests it logged (``classify
+    N inputs ...: S s``; it logs a request just after answering it: waited for)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [
+            float(line.rsplit(": ", 1)[1].removesuffix(" s"))
+            for line in log.read_text().splitlines()
+            if " inputs (" in line and line.endswith(" s")
+        ]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found[:count]
+        time.sleep(0.05)
 
 
 def loop_seconds(files: list[Path], model: Path, env: dict[str, str], extra: list[str]) -> float:
     """One process per file, one after the other (``for f in *.jpg; do convnext ...``)."""
     started = time.perf_counter()
     for path in files:
-        call(["classify", str(path), "-m", str(model), "-q", *extra], env)
+        call(["classify", str(path), "-m", str(model), *extra], env)
     return time.perf_counter() - started
 
 
@@ -90,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     model = make_checkpoint(args.work / f"convnext-{args.size}", args.size)
     photos = sorted(make_photos(args.work / "photos", max(args.loop, 1)).glob("*.jpg"))
-    image = [str(photos[0]), "-m", str(model), "-q"]
+    image = [str(photos[0]), "-m", str(model)]  # the issue's command, summary and all
     with tempfile.TemporaryDirectory(prefix="warm-calls-") as runtime:
         os.chmod(runtime, 0o700)
         env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_RUNTIME_DIR": runtime}
@@ -101,10 +121,12 @@ def main() -> None:
         one_run = None
         if args.clients:
             one_run = call(["classify", *files, "-m", str(model), "-q", "--no-server"], env)
-        server = start_server(env, model)
+        log = Path(runtime) / "server.log"
+        server = start_server(env, model, log)
         try:
             call(["classify", *image], env)  # the server's first forward
             warm = [call(["classify", *image], env) for _ in range(args.repeats)]
+            in_server = server_seconds(log, args.repeats + 1)[1:]  # the warm calls, in there
             warm_loop = loop_seconds(photos[: args.loop], model, env, [])
             together = None
             if args.clients:
@@ -118,6 +140,7 @@ def main() -> None:
         "cold_median_s": round(statistics.median(cold), 3),
         "warm_median_s": round(statistics.median(warm), 3),
         "warm_over_cold": round(statistics.median(warm) / statistics.median(cold), 3),
+        "warm_in_server_median_s": round(statistics.median(in_server), 3),
         "loop_files": args.loop,
         "loop_cold_s": round(cold_loop, 2),
         "loop_warm_s": round(warm_loop, 2),

@@ -1,14 +1,18 @@
-"""The `convnext` command line: this module only assembles the commands.
+"""The `convnext` command line: :func:`main`, and the Typer application of
+:mod:`convnext_cli.cli.commands` (``app``, ``register``), imported when first asked for.
 
-Nothing here imports torch, PIL, safetensors or huggingface_hub: `convnext --help` stays
-fast, and each command imports what it needs when it runs.
+A simple warm call (classify or embed of file paths with ``convnext serve`` running) is run
+by :mod:`convnext_cli.cli.quick` without importing Typer, rich or pydantic at all; anything
+else goes to the Typer application.  Nothing here imports torch, PIL, safetensors or
+huggingface_hub: `convnext --help` stays fast, and each command imports what it needs when
+it runs.
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
+from typing import Any
 
 from convnext_cli import startup
 from convnext_cli.engine import _interrupts as interrupts
@@ -22,95 +26,21 @@ if Path(sys.argv[0]).stem == "convnext":
     install_startup_handlers()
     startup.prepare()
 
-from collections.abc import Callable  # noqa: E402
-from typing import Annotated, Any  # noqa: E402
-
-import typer  # noqa: E402
-
-from convnext_cli import __version__  # noqa: E402
-from convnext_cli.cli.benchmark import benchmark  # noqa: E402
-from convnext_cli.cli.classify import classify  # noqa: E402
-from convnext_cli.cli.convert import convert  # noqa: E402
-from convnext_cli.cli.embed import embed  # noqa: E402
-from convnext_cli.cli.env import env  # noqa: E402
-from convnext_cli.cli.errors import debug_enabled, handle_errors, say  # noqa: E402
-from convnext_cli.cli.help import HelpCommand, HelpGroup, reflow  # noqa: E402
-from convnext_cli.cli.options import HelpOpt, with_help_option  # noqa: E402
-from convnext_cli.cli.serve import serve  # noqa: E402
-from convnext_cli.errors import ConvNextError, one_line  # noqa: E402
-
-app = typer.Typer(
-    name="convnext",
-    cls=HelpGroup,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_help_option=False,  # -h/--help is HelpOpt (no <bool> metavar)
-    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, pwsh)
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"convnext-cli {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            "-V",
-            metavar="",
-            callback=_version,
-            is_eager=True,
-            help="Show the version.",
-        ),
-    ] = False,
-    help: HelpOpt = False,
-) -> None:
-    """Fast, exact ConvNeXt and ConvNeXt V2 image classification and embeddings.
-
-    Models come from the Hugging Face Hub (default facebook/convnext-tiny-224), a local
-    Hub-layout folder or a single weights file.  `convnext COMMAND --help` shows each
-    command's options and examples.
-
-    Examples:
-      $ convnext classify photos/ -k 3
-      $ convnext classify photos/ -r -o labels.jsonl
-      $ convnext embed photos/ -o features.npy
-      $ convnext convert convnext_tiny_1k_224_ema.pth convnext-tiny/
-      $ convnext classify photos/ -m convnext-tiny/
-      $ convnext benchmark -b 1,8 --images photos/
-      $ convnext env
-      $ convnext serve --detach
-    """
-
-
-def register(app: typer.Typer, name: str, command: Callable[..., Any]) -> None:
-    """Add a command: its errors mapped to one stderr line and an exit code
-    (:func:`~convnext_cli.cli.errors.handle_errors`), and ``-h/--help``.  Every command goes
-    through here, so none can forget either."""
-    help_text = reflow(inspect.getdoc(command))
-    app.command(name, cls=HelpCommand, help=help_text, add_help_option=False)(
-        with_help_option(handle_errors(command))
-    )
-
-
-register(app, "classify", classify)
-register(app, "embed", embed)
-register(app, "convert", convert)
-register(app, "benchmark", benchmark)
-register(app, "env", env)
-register(app, "serve", serve)
-
 
 def main() -> None:
     """The `convnext` script: run the command, then leave without the interpreter's teardown
     (``interrupts.leave``: stdout and stderr flushed, every output already in place)."""
     startup.prepare()  # again for callers of main(): cheap, and a no-op the second time
+    from convnext_cli.cli import quick
+
+    quick_code = quick.run(sys.argv[1:])  # a simple warm call: no Typer, rich or pydantic
+    if quick_code is not None:
+        interrupts.leave(quick_code)
+    from convnext_cli.cli.commands import app
+    from convnext_cli.cli.errors import debug_enabled
+    from convnext_cli.errors import ConvNextError, one_line
+    from convnext_cli.outputs.names import say
+
     try:
         app()
         code: int | str | None = 0
@@ -122,3 +52,12 @@ def main() -> None:
         say(f"error: {one_line(exc)}")
         code = exc.exit_code
     interrupts.leave(code)
+
+
+def __getattr__(name: str) -> Any:
+    """``app`` and ``register`` (:mod:`convnext_cli.cli.commands`), imported on first use."""
+    if name in ("app", "register"):
+        from convnext_cli.cli import commands
+
+        return getattr(commands, name)
+    raise AttributeError(f"module 'convnext_cli.cli' has no attribute {name!r}")

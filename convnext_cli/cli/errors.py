@@ -13,8 +13,6 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import typer
-
 from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.errors import (
     EXIT_PIPE_CLOSED,
@@ -33,8 +31,37 @@ def debug_enabled() -> bool:
     return os.environ.get("CONVNEXT_DEBUG", "") not in ("", "0")
 
 
+def exit_code_for(exc: BaseException) -> int | None:
+    """What a command that raised ``exc`` exits with, its one line said on stderr; None:
+    ``exc`` goes on (not the project's to answer, or CONVNEXT_DEBUG=1: the traceback)."""
+    if isinstance(exc, ConvNextError):
+        if debug_enabled():
+            return None
+        say(f"error: {one_line(exc)}")
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (interrupts.Terminated)
+        say(interrupts.message_for(exc))
+        return interrupts.code_for(exc)
+    if isinstance(exc, (OutputClosed, BrokenPipeError)):
+        # the reader went away (`| head`): stop quietly, without a second error on close
+        silence_stdout()
+        return EXIT_PIPE_CLOSED
+    if not isinstance(exc, Exception) or debug_enabled():
+        return None
+    message = one_line(exc)
+    if len(message) > 300:
+        message = message[:300] + " ..."
+    say(
+        f"error: internal error: {type(exc).__name__}: {message} "
+        "(set CONVNEXT_DEBUG=1 for the traceback)"
+    )
+    return EXIT_SOFTWARE
+
+
 def handle_errors(command: F) -> F:
-    """Run a command; turn the project's errors into one line on stderr and an exit code."""
+    """Run a command; turn the project's errors into one line on stderr and an exit code
+    (:func:`exit_code_for`)."""
+    import typer  # here, not above: the warm calls of cli/quick.py run without Typer
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,29 +70,11 @@ def handle_errors(command: F) -> F:
                 return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except ConvNextError as exc:
-            if debug_enabled():
+        except BaseException as exc:
+            code = exit_code_for(exc)
+            if code is None:
                 raise
-            say(f"error: {one_line(exc)}")
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (interrupts.Terminated)
-            say(interrupts.message_for(exc))
-            raise typer.Exit(interrupts.code_for(exc)) from None
-        except (OutputClosed, BrokenPipeError):
-            # the reader went away (`| head`): stop quietly, without a second error on close
-            silence_stdout()
-            raise typer.Exit(EXIT_PIPE_CLOSED) from None
-        except Exception as exc:
-            if debug_enabled():
-                raise
-            message = one_line(exc)
-            if len(message) > 300:
-                message = message[:300] + " ..."
-            say(
-                f"error: internal error: {type(exc).__name__}: {message} "
-                "(set CONVNEXT_DEBUG=1 for the traceback)"
-            )
-            raise typer.Exit(EXIT_SOFTWARE) from None
+            raise typer.Exit(code) from None
 
     wrapper.handles_errors = True  # type: ignore[attr-defined]  # wrappers around it copy it
     return wrapper  # type: ignore[return-value]

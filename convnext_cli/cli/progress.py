@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -161,6 +162,30 @@ def _stdout_is_pipe() -> bool:
         return False
 
 
+def no_terminal() -> bool:
+    """Whether rich would surely find no terminal on stderr (so draw no bar): stderr is no
+    tty and no FORCE_COLOR / TTY_COMPATIBLE / TTY_INTERACTIVE says otherwise."""
+    if any(name in os.environ for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")):
+        return False
+    try:
+        return not sys.stderr.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class HiddenProgress:
+    """What :class:`RunProgress` calls of rich's Progress, when no bar is drawn (``-q``,
+    ``--no-progress``): nothing, and no import of rich (a warm call's start)."""
+
+    def start(self) -> None:
+        pass
+
+    stop = refresh = start
+
+    def update(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+
 class RunProgress:
     """The bar while batches are written, the counts for the summary.
 
@@ -171,6 +196,27 @@ class RunProgress:
     def __init__(
         self, total: TotalLike, label: str = "images", pause_for_stdout: bool = False
     ) -> None:
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.kinds: Counter[str] = Counter()  # failures by kind (failure_kind)
+        self.started = time.monotonic()
+        self.hold_until = 0.0
+        if SETTINGS.quiet or not SETTINGS.bar or no_terminal():  # no bar: no rich import
+            self.shown = self.pause = self.piped = False
+            self.progress: Any = HiddenProgress()
+            self.task = 0
+            return
+        self.progress = self._bar(label)
+        self.task = self.progress.add_task(label, total=current_total(total), failed=0)
+        self.pause = pause_for_stdout and self.shown
+        # stdout a pipe (`| head`, `| jq .`): what reads it may print on this terminal; the
+        # bar's line is left blank while a batch is written and a moment after, so that
+        # those lines land on a blank line, not after a frozen bar
+        self.piped = self.shown and not self.pause and _stdout_is_pipe()
+
+    def _bar(self, label: str) -> Any:
+        """rich's Progress on stderr (drawn when stderr is a terminal: :attr:`shown`)."""
         from rich.console import Console
         from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
         from rich.table import Column
@@ -191,15 +237,9 @@ class RunProgress:
                     return Text("")
                 return super().get_renderable()
 
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.kinds: Counter[str] = Counter()  # failures by kind (failure_kind)
-        self.started = time.monotonic()
         console = Console(stderr=True)
-        self.shown = SETTINGS.bar and not SETTINGS.quiet and console.is_terminal
-        self.hold_until = 0.0
-        self.progress = HoldingProgress(
+        self.shown = console.is_terminal
+        return HoldingProgress(
             # the bar takes what the words leave; the words never wrap
             TextColumn(
                 "[progress.description]{task.description}", table_column=Column(no_wrap=True)
@@ -212,12 +252,6 @@ class RunProgress:
             expand=True,
             disable=not self.shown,
         )
-        self.task = self.progress.add_task(label, total=current_total(total), failed=0)
-        self.pause = pause_for_stdout and self.shown
-        # stdout a pipe (`| head`, `| jq .`): what reads it may print on this terminal; the
-        # bar's line is left blank while a batch is written and a moment after, so that
-        # those lines land on a blank line, not after a frozen bar
-        self.piped = self.shown and not self.pause and _stdout_is_pipe()
 
     def __enter__(self) -> RunProgress:
         self.started = time.monotonic()

@@ -36,6 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, TypeVar
@@ -520,3 +521,99 @@ class DecodePool:
 def unpack_groups(packed: dict[str, Any]) -> list[tuple[list[int], torch.Tensor]]:
     groups: list[tuple[list[int], np.ndarray]] = packed["groups"]
     return [(positions, torch.from_numpy(array)) for positions, array in groups]
+
+
+class PoolKeeper:
+    """Decode pools kept between runs (``convnext serve``: a warm call pays no fork).
+
+    A run takes an idle pool of its size and deadline (or makes one) and gives it back when
+    done; one given back with work still assigned or pending (a run stopped early) is
+    closed instead, so that no stale result reaches the next run.  Crash isolation is the
+    pool's own: a worker that dies or overruns its deadline is replaced within the run, and
+    a pool with a worker found dead between runs is closed (the next run forks afresh).
+    At most :attr:`keep` idle pools per size are kept (more are closed).  Pools kept here
+    decode without a staging ring (their workers were forked before any run's ring was
+    mapped): pixels come back through the pipe, the same values."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.idle: dict[tuple[int, float], list[DecodePool]] = {}
+        self.lock = threading.Lock()
+        self.forker: ThreadPoolExecutor | None = None
+
+    def started(self, make: Callable[[], DecodePool]) -> DecodePool:
+        """A new pool with its workers forked by this keeper's own thread, which lives as
+        long as the process: a worker dies with the thread that forked it
+        (``PR_SET_PDEATHSIG``), so one forked by a request's thread would not outlive it."""
+        with self.lock:
+            if self.forker is None:
+                self.forker = ThreadPoolExecutor(1, thread_name_prefix="convnext-decode-fork")
+            forker = self.forker
+
+        def start() -> DecodePool:
+            pool = make()
+            pool.start()
+            return pool
+
+        return forker.submit(start).result()
+
+    def take(self, key: tuple[int, float]) -> DecodePool | None:
+        """An idle pool whose workers are all alive (one with a dead worker is closed: its
+        death is no input's doing), or None."""
+        while True:
+            with self.lock:
+                pools = self.idle.get(key)
+                pool = pools.pop() if pools else None
+            if pool is None or all(w.process.exitcode is None for w in pool.workers):
+                return pool
+            pool.close()
+
+    def give_back(self, pool: DecodePool) -> None:
+        busy = pool.pending or any(w.assigned for w in pool.workers)
+        with self.lock:
+            pools = self.idle.setdefault((pool.size, pool.timeout), [])
+            if not busy and len(pools) < self.keep:
+                pools.append(pool)
+                return
+        pool.close()
+
+    def close(self) -> None:
+        with self.lock:
+            pools = [p for kept in self.idle.values() for p in kept]
+            self.idle.clear()
+        for pool in pools:
+            pool.close()
+
+
+def open_pool(
+    keeper: PoolKeeper | None,
+    workers: int,
+    spec: PreprocessSpec,
+    jpeg_on_device: bool,
+    timeout: float | None,
+    on_done: Callable[[Task, dict[str, Any]], None],
+    on_error: Callable[[Task, int, str], None],
+    ring: StagingRing | None = None,
+) -> DecodePool:
+    """A pool for one call: an idle one of `keeper`'s (``convnext serve``: no fork for a
+    warm call; its runs pass no `ring`, see :class:`PoolKeeper`), else a new one; the call
+    hands it to :func:`close_pool` when done.  `timeout` None: :func:`decode_timeout`."""
+    timeout = decode_timeout() if timeout is None else timeout
+    pool = keeper.take((max(1, workers), timeout)) if keeper is not None else None
+    if pool is None:
+
+        def make() -> DecodePool:
+            return DecodePool(workers, spec, jpeg_on_device, timeout, on_done, on_error, ring)
+
+        pool = keeper.started(make) if keeper is not None else make()
+    pool.on_done, pool.on_error = on_done, on_error
+    return pool
+
+
+def close_pool(keeper: PoolKeeper | None, pool: DecodePool) -> None:
+    """The end of a call's pool: back to `keeper` (closed if a task is still out), else
+    closed."""
+    if keeper is not None:
+        keeper.give_back(pool)
+    else:
+        pool.close()

@@ -32,11 +32,13 @@ from convnext_cli.choices import SCORES
 from convnext_cli.engine.decode_pool import (
     TASKS_PER_WORKER,
     DecodePool,
+    PoolKeeper,
     Task,
+    close_pool,
     decode_one,
-    decode_timeout,
     failure,
     group_by_shape,
+    open_pool,
 )
 from convnext_cli.engine.decoded import DecodedBatch, PendingBatch
 from convnext_cli.engine.gpu.device_decode import (
@@ -194,6 +196,7 @@ def decoded_batches(
     staging: bool | None = None,
     slots: int | None = None,
     device: torch.device | None = None,
+    keeper: PoolKeeper | None = None,
 ) -> Generator[DecodedBatch, None, None]:
     """Batches of decoded inputs, in order, from `workers` processes (0: in this process).
 
@@ -207,7 +210,7 @@ def decoded_batches(
     flight plus :data:`~convnext_cli.engine.staging.SPARE_SLOTS`), page-locked once with
     `pin_memory` and workers (in-process, its batches are pinned one by one).  The caller
     calls ``DecodedBatch.release`` when done with each batch (a batch it keeps unreleased
-    keeps its slot: later batches then take the pickle path).
+    keeps its slot: later batches then take the pickle path).  `keeper`: see :func:`open_pool`.
     """
     chunks = _chunks(items, batch_size)
     shape = fixed_shape(spec)
@@ -230,8 +233,9 @@ def decoded_batches(
         if workers <= 0:
             batches = _decoded_here(chunks, spec, jpeg_on_device, ring)
         else:
-            wait = decode_timeout() if timeout is None else timeout
-            batches = _decoded_by_workers(chunks, spec, workers, jpeg_on_device, ahead, wait, ring)
+            batches = _decoded_by_workers(
+                chunks, spec, workers, jpeg_on_device, ahead, timeout, ring, keeper
+            )
         try:
             for decoded in batches:
                 yield decoded.pin_memory() if pin_memory else decoded
@@ -275,13 +279,14 @@ def _decoded_by_workers(
     workers: int,
     jpeg_on_device: bool,
     ahead: int,
-    timeout: float,
+    timeout: float | None,
     ring: StagingRing | None = None,
+    keeper: PoolKeeper | None = None,
 ) -> Generator[DecodedBatch, None, None]:
-    """Chunks decoded by a :class:`DecodePool`, at most ``ahead`` batches in flight, handed
-    over in order.  With a `ring`, a batch is sent to the workers only once it has a slot
-    (while other batches are in flight it waits for one; with none in flight it goes without,
-    by the pickle path)."""
+    """Chunks decoded by a :class:`DecodePool` (`keeper`'s: see :func:`open_pool`), at most
+    ``ahead`` batches in flight, handed over in order.  With a `ring`, a batch is sent to the
+    workers only once it has a slot (while other batches are in flight it waits for one;
+    with none in flight it goes without, by the pickle path)."""
     batches: dict[int, PendingBatch] = {}
 
     def done(task: Task, packed: dict[str, Any]) -> None:
@@ -290,7 +295,7 @@ def _decoded_by_workers(
     def error(task: Task, position: int, message: str) -> None:
         batches[task.batch].add(position, message)
 
-    pool = DecodePool(workers, spec, jpeg_on_device, timeout, done, error, ring)
+    pool = open_pool(keeper, workers, spec, jpeg_on_device, timeout, done, error, ring)
     submitted = 0  # batches taken from the inputs
     start = 0  # the number of the next input
     number = 0  # the batch the caller gets next
@@ -327,7 +332,7 @@ def _decoded_by_workers(
             number += 1
             yield decoded
     finally:
-        pool.close()
+        close_pool(keeper, pool)
 
 
 NON_FINITE = "model produced non-finite values"
@@ -467,6 +472,8 @@ class Runner:
         self._stats_ready = False
         self._copy_stream: Any = None
         self.times = RunTimes()
+        # decode pools kept between runs (convnext serve sets one); None: forked per run
+        self.decode_pools: PoolKeeper | None = None
 
     def compile(self, mode: str = "default") -> None:
         """torch.compile the model (on the plain path: Inductor does its own fusion).
@@ -624,6 +631,8 @@ class Runner:
             jpeg_on_device=self.jpeg_on_device,
             prefetch=plan.prefetch,
             device=self.device,
+            staging=False if self.decode_pools is not None else None,  # see PoolKeeper
+            keeper=self.decode_pools,
         )
         if not self.jpeg_on_device:
             return batches

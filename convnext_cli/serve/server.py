@@ -11,7 +11,9 @@ the engine's own :class:`~convnext_cli.engine.pipeline.Runner` (loaded by
   ``kill -9`` is found stale and replaced).
 - Every request is bounded (:mod:`~convnext_cli.serve.protocol`); a malformed one gets an
   error and the connection is closed, never the server.  Inputs are read with the run's own
-  safe readers and limits, in the run's decode guard process.
+  safe readers and limits, in the run's decode guard process, kept between requests (a
+  :class:`~convnext_cli.engine.decode_pool.PoolKeeper` per model: a warm call forks nothing;
+  a guard that dies is replaced, and its input blamed, as in a run).
 - One line per request on stderr.  SIGTERM / SIGINT / ``--stop``: no new request, the ones
   in flight finish (for at most :data:`GRACE_SECONDS`), then the socket goes.
 """
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 
+from convnext_cli.engine.decode_pool import PoolKeeper
 from convnext_cli.engine.loading import LoadedRunner, ModelSource, RunOptions, load_runner
 from convnext_cli.engine.task import Task
 from convnext_cli.errors import UsageError, one_line
@@ -229,6 +232,7 @@ class ModelCache:
                 runner = loaded.runner
                 runner.logits_fn = SerialCalls(runner.logits_fn, device)
                 runner.embed_fn = SerialCalls(runner.embed_fn, device)
+                runner.decode_pools = PoolKeeper()  # decode guards kept warm between requests
                 entry = Entry(key, name, loaded, model_bytes(runner.model), users=1)
                 self.entries[key] = entry
                 self.loading.pop(key, None)
@@ -255,6 +259,8 @@ class ModelCache:
             if entry.users == 0:
                 del self.entries[key]
                 total -= entry.size
+                if entry.loaded.runner.decode_pools is not None:
+                    entry.loaded.runner.decode_pools.close()
 
     def names(self) -> list[str]:
         with self.lock:

@@ -56,6 +56,13 @@ def default_settings():
     progress.configure()  # tests here change the process-wide setting
 
 
+@pytest.fixture
+def rich_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RunProgress builds rich's bar (rich then decides it is no terminal): without a
+    terminal and without TTY_COMPATIBLE / FORCE_COLOR it keeps rich unimported instead."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+
+
 # ----------------------------------------------------------------------------- pieces
 
 
@@ -73,6 +80,7 @@ def shown(run: RunProgress) -> str:
     return captured.get().rstrip()
 
 
+@pytest.mark.usefixtures("rich_bar")
 def test_unknown_total_shows_count_and_rate_then_eta() -> None:
     listing = Listing()
     run = RunProgress(listing)
@@ -94,6 +102,7 @@ def test_unknown_total_shows_count_and_rate_then_eta() -> None:
     assert re.search(r"(^|\s)16/20  2\.0 img/s  elapsed \d:\d\d  ETA 0:02  1 failed$", text), text
 
 
+@pytest.mark.usefixtures("rich_bar")
 def test_total_as_int_or_none() -> None:
     assert RunProgress(7).progress.tasks[0].total == 7
     assert RunProgress(None).progress.tasks[0].total is None

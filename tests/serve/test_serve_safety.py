@@ -5,6 +5,7 @@ its request only, and the client side never imports torch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,6 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from servers import (
@@ -264,30 +264,68 @@ def test_ctrl_c_on_a_client_cancels_only_its_request(server, tmp_path, photos, v
 
 
 CHECK = """
-import json, os, sys
+import sys
 sys.argv = ["convnext", *sys.argv[1:]]
 from convnext_cli.cli import main
-leave = os._exit  # main() ends with os._exit (no teardown): the modules are read just before
-def probe(code):
-    heavy = [m for m in ("torch", "torchvision", "PIL", "numpy", "safetensors") if m in sys.modules]
-    print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr, flush=True)
-    leave(code)
-os._exit = probe
 main()
 """
+HEAVY = {"torch", "torchvision", "PIL", "numpy", "safetensors"}
 
 
 def test_help_and_a_client_call_import_no_torch(server, tmp_path, photos, v1_checkpoint):
-    def modules(*args: object) -> tuple[dict[str, Any], subprocess.CompletedProcess[bytes]]:
-        command = [sys.executable, "-c", CHECK, *map(str, args)]
+    def modules(*args: object) -> tuple[set[str], subprocess.CompletedProcess[bytes]]:
+        """The heavy packages ``convnext ARGS`` imported (``python -X importtime``: main()
+        ends the process with os._exit, so it is asked from outside)."""
+        command = [sys.executable, "-X", "importtime", "-c", CHECK, *map(str, args)]
         done = subprocess.run(command, env=server.env, capture_output=True, timeout=300)
-        return json.loads(done.stderr.decode().strip().splitlines()[-1]), done
+        names = {
+            line.rsplit("|", 1)[1].strip().split(".")[0]
+            for line in done.stderr.decode(errors="replace").splitlines()
+            if line.startswith("import time:") and line.count("|") == 2
+        }
+        assert "convnext_cli" in names  # the check sees the imports
+        return names & HEAVY, done
 
-    found, _ = modules("--help")
-    assert found == {"code": 0, "heavy": []}
+    found, done = modules("--help")
+    assert done.returncode == 0 and found == set()
     for command in ("classify", "embed"):
-        found, done = modules(command, *photos, "-m", v1_checkpoint, "-o", tmp_path / "o.jsonl")
-        assert SERVED in done.stderr, done.stderr.decode()
-        assert found == {"code": 0, "heavy": []}
+        for extra in ([], ["--format", "jsonl"]):  # the short way, and through Typer
+            output = tmp_path / "o.jsonl"
+            found, done = modules(command, *photos, "-m", v1_checkpoint, "-o", output, *extra)
+            assert SERVED in done.stderr, done.stderr.decode()
+            assert done.returncode == 0 and found == set()
     found, done = modules("classify", photos[0], "-m", v1_checkpoint, "--no-server")
-    assert "torch" in found["heavy"]  # the check can fail: in-process runs import it
+    assert "torch" in found  # the check can fail: in-process runs import it
+
+
+# ------------------------------------------------------------------ the kept decode guard
+
+
+def children(pid: int) -> set[int]:
+    """The processes ``pid`` started that are still there (its decode guards)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="/proc (Linux)")
+def test_the_decode_guard_is_kept_and_replaced_when_killed(server, photos, v1_checkpoint):
+    cold = convnext("classify", *photos, "-m", v1_checkpoint, "--no-server", env=server.env)
+    assert cold.returncode == 0
+    first = convnext("classify", *photos, "-m", v1_checkpoint, env=server.env)
+    assert first.returncode == 0 and SERVED in first.stderr and first.stdout == cold.stdout
+    guards = children(server.proc.pid)
+    assert guards  # a decode guard runs between requests
+    for _ in range(2):  # warm calls fork no guard of their own
+        again = convnext("classify", *photos, "-m", v1_checkpoint, env=server.env)
+        assert again.returncode == 0 and again.stdout == cold.stdout
+        assert children(server.proc.pid) == guards
+    for pid in guards:  # a guard that dies between requests (OOM killer, kill -9)
+        os.kill(pid, signal.SIGKILL)
+    after = convnext("classify", *photos, "-m", v1_checkpoint, env=server.env)
+    assert after.returncode == 0, after.stderr.decode()
+    assert SERVED in after.stderr and after.stdout == cold.stdout  # no input blamed
+    assert children(server.proc.pid) - guards  # a fresh guard
+    assert alive(server)
