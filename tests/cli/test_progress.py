@@ -61,6 +61,9 @@ def rich_bar(monkeypatch: pytest.MonkeyPatch) -> None:
     """RunProgress builds rich's bar (rich then decides it is no terminal): without a
     terminal and without TTY_COMPATIBLE / FORCE_COLOR it keeps rich unimported instead."""
     monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    # an earlier in-process command (-q, --no-progress) leaves the process's settings behind
+    monkeypatch.setattr(progress.SETTINGS, "quiet", False)
+    monkeypatch.setattr(progress.SETTINGS, "bar", True)
 
 
 # ----------------------------------------------------------------------------- pieces
