@@ -366,16 +366,8 @@ def parquet_items(
         ident = _pick_id_column(names, id_column)
         for group in range(parquet.num_row_groups):
             count = parquet.metadata.row_group(group).num_rows
-            ids: list[object] = [None] * count
-            if ident is not None:
-                ids = (
-                    parquet.read_row_group(group, columns=[ident], use_threads=False)
-                    .column(0)
-                    .to_pylist()
-                )
-            for n in range(count):
-                item_id = f"{path}#{row}" if ids[n] is None else str(ids[n])
-                yield Item(item_id, file=path, row_group=group, row=n, column=image)
+            for item in _group_items(parquet, path, group, (0, count, row), image, ident):
+                yield item
                 row += 1
     except _ColumnMissing as exc:
         yield Item(path, error=str(exc))
@@ -384,6 +376,22 @@ def parquet_items(
         yield Item(path, error=f"corrupt or unreadable Parquet file {where} ({one_line(exc)})")
     finally:
         handle.close()
+
+
+def _group_items(
+    parquet: Any, path: str, group: int, rows: tuple[int, int, int], image: str, ident: str | None
+) -> Iterator[Item]:
+    """Rows ``start`` to ``stop`` of row group ``group`` as items (``rows``: start, stop, the
+    file's row number of the group's row 0): the id column's value, else ``FILE#ROW``."""
+    start, stop, first = rows
+    ids: list[object] = [None] * (stop - start)
+    if ident is not None:
+        column = parquet.read_row_group(group, columns=[ident], use_threads=False).column(0)
+        ids = column.slice(start, stop - start).to_pylist()
+    for n in range(start, stop):
+        value = ids[n - start]
+        item_id = f"{path}#{first + n}" if value is None else str(value)
+        yield Item(item_id, file=path, row_group=group, row=n, column=image)
 
 
 MAX_ROW_GROUP_BYTES = 1 << 30  # one row group's image column, uncompressed, is read at once
@@ -556,7 +564,6 @@ def parquet_slice_items(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    start, stop, first = rows
     try:
         handle = open_regular_binary(path)
     except ImageError as exc:
@@ -567,14 +574,7 @@ def parquet_slice_items(
         names = parquet.schema_arrow.names
         image = _pick_column(names, image_column, IMAGE_COLUMNS, "image")
         ident = _pick_id_column(names, id_column)
-        ids: list[object] = [None] * (stop - start)
-        if ident is not None:
-            column = parquet.read_row_group(group, columns=[ident], use_threads=False).column(0)
-            ids = column.slice(start, stop - start).to_pylist()
-        for n in range(start, stop):
-            value = ids[n - start]
-            item_id = f"{path}#{first + n}" if value is None else str(value)
-            yield Item(item_id, file=path, row_group=group, row=n, column=image)
+        yield from _group_items(parquet, path, group, rows, image, ident)
     except _ColumnMissing as exc:
         yield Item(path, error=str(exc))
     except (pa.ArrowException, OSError, ValueError) as exc:
