@@ -91,26 +91,39 @@ def local_rows(out: Path) -> int:
     return total
 
 
-def run(cmd: list[str], ready, after: float, limit: float) -> dict[str, float]:
-    """Start ``cmd``; wait for ``ready()`` (the first part), then ``after`` seconds more;
-    read the peak RSS; SIGTERM; wait."""
+def run(cmd: list[str], done, after: float, limit: float, warm: float) -> dict[str, float]:
+    """Start ``cmd``; wait for its first rows (``done()`` above 0), then ``after`` seconds
+    more; read the peak RSS; SIGTERM; wait.  The steady rate is the rows done from ``warm``
+    seconds past the first part to the end of the window, over that time."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     started = time.monotonic()
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = None
     peak = 0.0
+    mark: tuple[float, int] | None = None  # (time, rows) `warm` seconds past the first part
     while child.poll() is None and time.monotonic() - started < limit:
         peak = max(peak, peak_rss_mb(child.pid))
-        if first is None and ready():
-            first = time.monotonic() - started
-        if first is not None and time.monotonic() - started > first + after:
+        now = time.monotonic() - started
+        if first is None and done() > 0:
+            first = now
+        if first is not None and mark is None and now > first + warm:
+            mark = (now, done())
+        if first is not None and now > first + after:
             break
         time.sleep(0.2)
+    end = time.monotonic() - started
+    rows = done()
     if child.poll() is None:
         peak = max(peak, peak_rss_mb(child.pid))
         child.send_signal(signal.SIGTERM)
     child.communicate(timeout=120)
-    return {"first": first or float("nan"), "peak": peak, "wall": time.monotonic() - started}
+    since, before = mark if mark is not None and mark[0] < end else (first or 0.0, 0)
+    return {
+        "first": first or float("nan"),
+        "peak": peak,
+        "rows": max(rows, done()),
+        "rate": (rows - before) / max(1e-9, end - since),
+    }
 
 
 def main() -> None:
@@ -118,13 +131,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--after", type=float, default=30.0, help="seconds past the first part")
     parser.add_argument("--limit", type=float, default=600.0, help="seconds per run at most")
+    parser.add_argument(
+        "--warm", type=float, default=0.0, help="seconds past the first part before the rate"
+    )
     parser.add_argument("--no-local", action="store_true", help="the Ray engine only")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ray-scale-"))
     model = make_model(root)
     base = [sys.executable, "-m", "convnext_cli", "classify", "-m", str(model)]
     base += ["--device", "cpu", "--dtype", "float32", "-k", "1", "-q"]
-    print("| inputs | engine | driver peak RSS | first part | rows done | rows/s after it |")
+    print("| inputs | engine | driver peak RSS | first part | rows done | steady rows/s |")
     print("|-------:|--------|----------------:|-----------:|----------:|----------------:|")
     for size in (int(s) for s in args.sizes.split(",")):
         rows = root / f"rows-{size}.parquet"
@@ -132,15 +148,14 @@ def main() -> None:
         out = root / f"out-{size}"
         got = run(
             [*base, str(rows), "--engine", "ray", "-o", str(out), "--format", "parquet"],
-            lambda out=out: any(out.glob("*.status.json")),
+            lambda out=out: rows_done(out),
             args.after,
             args.limit,
+            args.warm,
         )
-        done = rows_done(out)
-        rate = done / max(1e-9, got["wall"] - got["first"])
         print(
-            f"| {size:,} | ray | {got['peak']:.0f} MB | {got['first']:.1f} s | {done:,} "
-            f"| {rate:.0f} |",
+            f"| {size:,} | ray | {got['peak']:.0f} MB | {got['first']:.1f} s | {got['rows']:,} "
+            f"| {got['rate']:.0f} |",
             flush=True,
         )
         if args.no_local:
@@ -148,15 +163,14 @@ def main() -> None:
         target = root / f"local-{size}.parquet"
         got = run(
             [*base, str(rows), "-o", str(target)],
-            lambda target=target: local_rows(target) > 0,
+            lambda target=target: local_rows(target),
             args.after,
             args.limit,
+            args.warm,
         )
-        done = local_rows(target)
-        rate = done / max(1e-9, got["wall"] - got["first"])
         print(
-            f"| {size:,} | local | {got['peak']:.0f} MB | {got['first']:.1f} s | {done:,} "
-            f"| {rate:.0f} |",
+            f"| {size:,} | local | {got['peak']:.0f} MB | {got['first']:.1f} s "
+            f"| {got['rows']:,} | {got['rate']:.0f} |",
             flush=True,
         )
 

@@ -325,11 +325,24 @@ def _start_local(ray: Any, cluster: RaySettings, level: int, stack: Any) -> None
                 logging_level=level,
                 log_to_driver=cluster.verbose,
                 _temp_dir=temp_dir,
+                _system_config={"num_workers_soft_limit": idle_workers_kept()},
             )
     except Exception as exc:
         raise RayFailed(f"--engine ray: the local Ray did not start ({one_line(exc)})") from exc
     with contextlib.suppress(OSError):
         os.chmod(temp_dir, 0o700)
+
+
+def idle_workers_kept() -> int:
+    """Worker processes a local Ray keeps when idle: twice the cores, at least 16.
+
+    Ray's default is the CPU count, and it counts the actors' processes too (the model
+    actors and Ray Data's own three), so on a small machine every decode task's worker was
+    ended a second after its task and the next task started a new one, which imported torch
+    again: on 2 cores, two decode tasks spent 24 ms of CPU per image instead of 6
+    (docs/performance.md, "Ray").  A cluster joined with ``--address`` keeps its own
+    setting (``RAY_num_workers_soft_limit`` on ``ray start``)."""
+    return max(16, 2 * (os.cpu_count() or 1))
 
 
 class RayFailed(UsageError):
