@@ -117,7 +117,8 @@ def run(cmd: list[str], done, after: float, limit: float, warm: float) -> dict[s
         peak = max(peak, peak_rss_mb(child.pid))
         child.send_signal(signal.SIGTERM)
     child.communicate(timeout=120)
-    since, before = mark if mark is not None and mark[0] < end else (first or 0.0, 0)
+    # a run that ended before the window (all its rows done by then): its rate since the first
+    since, before = mark if mark is not None and rows > mark[1] else (first or 0.0, 0)
     return {
         "first": first or float("nan"),
         "peak": peak,

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from convnext_cli.engine import _interrupts as interrupts
 from convnext_cli.engine.ray.settings import RaySettings, require_ray
 from convnext_cli.errors import UsageError, one_line
 
@@ -247,7 +248,10 @@ def ray_session(cluster: RaySettings | None = None) -> Iterator[Any]:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = cluster.address or os.environ.get("RAY_ADDRESS") or None
     with contextlib.ExitStack() as stack:
-        with _own_signal_handlers():
+        # a Ctrl-C / SIGTERM inside ray.init is held until Ray has started, then raised:
+        # raised inside it, it left a half-started Ray whose shutdown aborted the process
+        # (-6) or left Ray's agents running
+        with interrupts.deferred(), _own_signal_handlers():
             if address:
                 _join(ray, address, cluster, level, stack)
             else:
