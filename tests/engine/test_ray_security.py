@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from helpers import record_ids
+from processes import descendants
 
 from convnext_cli.engine.loading import ModelSource, RunOptions
 from convnext_cli.engine.ray import session, settings
@@ -32,25 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # --- the processes a run started, their listening sockets --------------------------------
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        parent = int(text[text.rindex(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
 
 
 def _address(hexaddr: str) -> tuple[str, int]:

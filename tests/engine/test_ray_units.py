@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import alive, command_line, descendants, kill_all
 
 from convnext_cli.engine.ray import parts, settings, units
 from convnext_cli.engine.ray.datasource import unit_inputs
@@ -34,43 +35,6 @@ ray = pytest.importorskip("ray")
 duckdb = pytest.importorskip("duckdb")
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        parent = int(text[text.rindex(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rindex(")") + 2] != "Z"
-
-
-def kill_all(pids: list[int]) -> None:
-    """SIGKILL to processes this test started (a killed driver's Ray)."""
-    for pid in pids:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def wait_for(predicate, timeout: float = 240.0) -> None:
@@ -347,13 +311,6 @@ def assert_all_ended(pids: list[int], timeout: float = 60.0) -> None:
         time.sleep(0.2)
     left = [command_line(p)[:120] for p in pids if alive(p)]
     assert not left, left
-
-
-def command_line(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 # moments inside ray.init: (a process of the local Ray seen, seconds after it); a signal
