@@ -48,8 +48,12 @@ class ThreadTuner:
         choices: Sequence[int],
         settle: int = 1,
         clock: Callable[[], float] = time.perf_counter,
+        blind: bool = False,
     ) -> None:
         self.choices = list(dict.fromkeys(choices))  # in order of preference, no repeats
+        # the decoders' load is not known (a Ray model actor: its decoders are other tasks,
+        # perhaps on other nodes): each round measures every count, by time per image alone
+        self.blind = blind
         if not self.choices:
             raise ValueError("no thread counts to choose from")
         self.clock = clock
@@ -99,7 +103,10 @@ class ThreadTuner:
         return self._switch(best) if best != self.threads else None
 
     def _worth(self, threads: int) -> bool:
-        """Whether `threads` may beat the current count, by how busy the decoders are now."""
+        """Whether `threads` may beat the current count, by how busy the decoders are now
+        (when that is known: see ``blind``)."""
+        if self.blind:
+            return True
         busy = statistics.median(self.busy[self.threads][-PROBE:])
         return busy > BUSY_SHARE if threads < self.threads else busy <= BUSY_SHARE
 

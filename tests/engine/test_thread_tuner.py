@@ -255,3 +255,47 @@ def test_the_plan_overlaps_decoding_when_tuned() -> None:
         assert plain == tuned
     assert plan_workers(None, 8, 8, "cpu", tuned=True) == (1, 1)  # one batch
     assert plan_workers(2, 100, 8, "cpu", tuned=True) == plan_workers(2, 100, 8, "cpu")
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_a_blind_tuner_measures_every_count_each_round(faster: int) -> None:
+    """A Ray model actor does not see its decoders' load (``blind``): each round measures
+    both counts and keeps the faster one, fewer threads or more, whatever the decoders do."""
+    now = [0.0]
+    tuner = ThreadTuner([2, 1], clock=lambda: now[0], blind=True)
+    used: list[int] = []
+    for _ in range(400):
+        used.append(tuner.threads)
+        now[0] += 8 * (0.5 if tuner.threads == faster else 1.0)
+        tuner.batch_done(8)  # decoding unknown: 0
+    assert used.count(faster) / len(used) > 0.9
+    slower = 3 - faster
+    assert used.count(slower) >= 2 * PROBE  # it looked again after the first round
+    # without `blind`, idle decoders (0) mean fewer threads are never worth a look
+    now[0] = 0.0
+    seeing = ThreadTuner([2, 1], clock=lambda: now[0])
+    for _ in range(100):
+        now[0] += 8.0
+        seeing.batch_done(8)
+    assert seeing.threads == 2 and seeing.switches == 0
+
+
+def test_a_ray_actor_tunes_only_float32_eager_cpu_runs() -> None:
+    from types import SimpleNamespace
+
+    from convnext_cli.engine.ray.settings import ActorPlan
+    from convnext_cli.engine.ray.stages import actor_tuner
+
+    def runner(device: str = "cpu", dtype: torch.dtype = torch.float32, compiled: bool = False):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype, compiled=compiled)
+
+    def plan(threads: int | None) -> ActorPlan:
+        return ActorPlan(1, 0.25, 0.0, threads, 0.5, 8, 2)
+
+    tuner = actor_tuner(plan(4), runner())  # type: ignore[arg-type]
+    assert tuner is not None and tuner.choices == [4, 3] and tuner.blind
+    assert actor_tuner(plan(1), runner()) is None  # type: ignore[arg-type]
+    assert actor_tuner(plan(None), runner()) is None  # type: ignore[arg-type]  (a GPU actor)
+    assert actor_tuner(plan(4), runner(dtype=torch.bfloat16)) is None  # type: ignore[arg-type]
+    assert actor_tuner(plan(4), runner(compiled=True)) is None  # type: ignore[arg-type]
+    assert actor_tuner(plan(4), runner("cuda")) is None  # type: ignore[arg-type]

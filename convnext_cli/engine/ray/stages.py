@@ -24,6 +24,7 @@ from convnext_cli.engine.ray.settings import (
     load_runner_in_actor,
     test_hook,
 )
+from convnext_cli.engine.thread_tuner import ThreadTuner
 from convnext_cli.imaging.preprocess import PreprocessSpec
 from convnext_cli.inputs.datasets import Item
 from convnext_cli.inputs.expand import InputRef
@@ -31,6 +32,7 @@ from convnext_cli.inputs.expand import InputRef
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from convnext_cli.engine.pipeline import Runner
     from convnext_cli.results import Result
 
 _ITEM = b"\0item\0"  # a file path never holds NUL: a dataset member or row follows, as JSON
@@ -128,6 +130,7 @@ class ModelActor:
             self.runner.spec, do_resize=False, do_center_crop=False
         )
         self.parts = parts
+        self.tuner = actor_tuner(plan, self.runner)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import numpy as np
@@ -151,11 +154,29 @@ class ModelActor:
             items.append(InMemoryImage(i, torch.from_numpy(array.copy())))
         batches = self.task.run(self.runner, items, workers=0, batch_size=self.batch_size)
         results = [r for results in batches for r in results]
+        if self.tuner is not None and (changed := self.tuner.batch_done(len(items))):
+            torch.set_num_threads(changed)
         test_hook("actor-call", position(batch))
         if self.parts is not None:
             dim = int(self.runner.model.config.hidden_sizes[-1])
             return write_piece(batch.select(list(PIECE_KEYS)), results, self.task, dim, self.parts)
         return columns(batch.select(list(KEYS)), results, self.task.command)
+
+
+def actor_tuner(plan: ActorPlan, runner: Runner) -> ThreadTuner | None:
+    """A CPU actor's model threads, chosen by measuring (as the local engine chooses them,
+    :mod:`~convnext_cli.engine.thread_tuner`): all its threads, or one fewer, which leaves a
+    core to the decode tasks beside it.  Which is faster depends on the run (measured on 2
+    cores, 8x8 PNG rows: one thread did 17% more rows; ConvNeXt-T's shape on photos needs
+    both).  The actor cannot see its decoders' load, so each round measures both counts
+    (``blind``).  Only float32 eager runs: their numbers are the same whatever the count."""
+    import torch
+
+    if not plan.threads or plan.threads < 2 or runner.device.type != "cpu":
+        return None
+    if runner.dtype != torch.float32 or runner.compiled:
+        return None
+    return ThreadTuner([plan.threads, plan.threads - 1], blind=True)
 
 
 def columns(keys: pa.Table, results: list[Result], command: str) -> pa.Table:
