@@ -21,6 +21,11 @@ best.  The batches decoded ahead when it switches (``settle``: the prefetch) are
 measured: they were decoded under the old split, and would flatter the new one.
 A model-bound run thus never leaves every core.
 
+A Ray model actor (:func:`~convnext_cli.engine.ray.stages.actor_tuner`) cannot see its
+decoders' load: they are other tasks, perhaps on other nodes.  Its tuner is ``blind``: each
+round measures every count, and keeps the fastest by time per image alone; a model-bound
+actor pays a few batches on the slower count per round (rounds grow to 512 batches).
+
 Only float32 runs are tuned (see ``Runner``): their results are bit-identical whatever the
 thread count, while bfloat16 matrix products are not, and a run's numbers must not depend
 on timing.
