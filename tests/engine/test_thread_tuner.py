@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 from types import GeneratorType
+from typing import Any
 
 import pytest
 import torch
@@ -286,16 +287,18 @@ def test_a_ray_actor_tunes_only_float32_eager_cpu_runs() -> None:
     from convnext_cli.engine.ray.settings import ActorPlan
     from convnext_cli.engine.ray.stages import actor_tuner
 
-    def runner(device: str = "cpu", dtype: torch.dtype = torch.float32, compiled: bool = False):
+    def runner(
+        device: str = "cpu", dtype: torch.dtype = torch.float32, compiled: bool = False
+    ) -> Any:  # what actor_tuner reads of a Runner
         return SimpleNamespace(device=torch.device(device), dtype=dtype, compiled=compiled)
 
     def plan(threads: int | None) -> ActorPlan:
         return ActorPlan(1, 0.25, 0.0, threads, 0.5, 8, 2)
 
-    tuner = actor_tuner(plan(4), runner())  # type: ignore[arg-type]
+    tuner = actor_tuner(plan(4), runner())
     assert tuner is not None and tuner.choices == [4, 3] and tuner.blind
-    assert actor_tuner(plan(1), runner()) is None  # type: ignore[arg-type]
-    assert actor_tuner(plan(None), runner()) is None  # type: ignore[arg-type]  (a GPU actor)
-    assert actor_tuner(plan(4), runner(dtype=torch.bfloat16)) is None  # type: ignore[arg-type]
-    assert actor_tuner(plan(4), runner(compiled=True)) is None  # type: ignore[arg-type]
-    assert actor_tuner(plan(4), runner("cuda")) is None  # type: ignore[arg-type]
+    assert actor_tuner(plan(1), runner()) is None
+    assert actor_tuner(plan(None), runner()) is None  # a GPU actor
+    assert actor_tuner(plan(4), runner(dtype=torch.bfloat16)) is None
+    assert actor_tuner(plan(4), runner(compiled=True)) is None
+    assert actor_tuner(plan(4), runner("cuda")) is None
