@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
-from processes import descendants  # noqa: E402
+from processes import descendants, kill_all  # noqa: E402
 from ray_scale import REPO, make_model, make_rows, rows_done  # noqa: E402
 
 
@@ -55,11 +55,7 @@ def main() -> None:
     family = descendants(child.pid)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    for pid in family[1:]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_all(family[1:])  # its Ray's processes then
     kept = rows_done(out)
     started = time.monotonic()
     subprocess.run([*base, str(out), "--resume"], env=env, check=False)

@@ -12,6 +12,7 @@ is stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -272,18 +273,53 @@ def test_a_signal_stops_the_run_keeping_finished_parts(
     (0700) while it ran, and nothing of it is left."""
     out = tmp_path / "out"
     (hooks / "delay-actor").write_text("1.5")
-    run = subprocess.Popen(
+    got = signalled(
         command(v1_checkpoint, folder, out=out),
-        env=environment(hooks),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        environment(hooks),
+        lambda run: wait_for(lambda: len(statuses(out)) >= 1 or run.poll() is not None),
+        signum,
     )
+    modes = [mode for mode in got.folders.values() if mode is not None]
+    assert modes and all(mode == 0o700 for mode in modes)
+    assert got.returncode == (143 if signum == signal.SIGTERM else 130), got.stderr
+    assert got.took < 10, got.took
+    lines = got.stderr.strip().splitlines()
+    assert lines[-1] == ("terminated" if signum == signal.SIGTERM else "interrupted")
+    assert not any("***" in line or "SIGTERM received" in line for line in lines), lines
+    kept = statuses(out)
+    assert kept and all((out / s["part"]).exists() for s in kept.values())
+    assert count(out)[0] == sum(s["rows"] for s in kept.values())
+    assert_all_ended(got.started)
+    assert not [f for f in got.folders if os.path.exists(f)]
+
+
+@dataclasses.dataclass
+class Signalled:
+    """A run that was sent a signal: its processes and private Ray folders just before (each
+    with its mode, None where it did not exist), then its exit status, stderr, and seconds
+    from the signal to the exit."""
+
+    started: list[int]
+    folders: dict[str, int | None]
+    returncode: int
+    stderr: str
+    took: float
+
+
+def signalled(
+    cmd: list[str], env: dict[str, str], moment: Callable[[subprocess.Popen], None], signum: int
+) -> Signalled:
+    """Start ``cmd``, wait for ``moment(run)`` to return, send ``signum``, wait for the end
+    (the run is killed if the test fails before it ends)."""
+    run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: len(statuses(out)) >= 1 or run.poll() is not None)
-        assert run.poll() is None
+        moment(run)
+        assert run.poll() is None, "the run ended before the moment"
         started = descendants(run.pid)
-        temp = [f for f in private_folders(started) if os.path.isdir(f)]
-        assert temp and all(os.stat(f).st_mode & 0o777 == 0o700 for f in temp)
+        folders = {
+            f: os.stat(f).st_mode & 0o777 if os.path.isdir(f) else None
+            for f in private_folders(started)
+        }
         sent = time.monotonic()
         run.send_signal(signum)
         _, stderr = run.communicate(timeout=60)
@@ -291,16 +327,7 @@ def test_a_signal_stops_the_run_keeping_finished_parts(
     finally:
         if run.poll() is None:
             run.kill()
-    assert run.returncode == (143 if signum == signal.SIGTERM else 130), stderr.decode()
-    assert took < 10, took
-    lines = stderr.decode().strip().splitlines()
-    assert lines[-1] == ("terminated" if signum == signal.SIGTERM else "interrupted")
-    assert not any("***" in line or "SIGTERM received" in line for line in lines), lines
-    kept = statuses(out)
-    assert kept and all((out / s["part"]).exists() for s in kept.values())
-    assert count(out)[0] == sum(s["rows"] for s in kept.values())
-    assert_all_ended(started)
-    assert not [f for f in temp if os.path.exists(f)]
+    return Signalled(started, folders, run.returncode, stderr.decode(), took)
 
 
 def assert_all_ended(pids: list[int], timeout: float = 60.0) -> None:
@@ -327,45 +354,33 @@ def test_a_signal_while_ray_starts_ends_the_run_cleanly(
     Ray has started, then the run ends 143 / 130 within 10 s in one line -- never Ray's
     abort (-6) or a crash dump, and no Ray process or folder left behind."""
     for n, (process, delay) in enumerate(START_MOMENTS):
-        run = subprocess.Popen(
-            command(v1_checkpoint, folder, out=tmp_path / f"out-{n}"),
-            env=environment(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
+
+        def moment(run: subprocess.Popen, process: bytes = process, delay: float = delay) -> None:
             while run.poll() is None and not any(
                 process in command_line(pid) for pid in descendants(run.pid)[1:]
             ):
                 time.sleep(0.01)
             time.sleep(delay)
-            assert run.poll() is None, "the run ended before the moment"
-            started = descendants(run.pid)
-            temp = private_folders(started)
-            sent = time.monotonic()
-            run.send_signal(signum)
-            _, stderr = run.communicate(timeout=60)
-            took = time.monotonic() - sent
-        finally:
-            if run.poll() is None:
-                run.kill()
-        assert run.returncode == (143 if signum == signal.SIGTERM else 130), stderr.decode()
-        assert took < 10, took
-        lines = stderr.decode().strip().splitlines()
+
+        got = signalled(
+            command(v1_checkpoint, folder, out=tmp_path / f"out-{n}"),
+            environment(),
+            moment,
+            signum,
+        )
+        assert got.returncode == (143 if signum == signal.SIGTERM else 130), got.stderr
+        assert got.took < 10, got.took
+        lines = got.stderr.strip().splitlines()
         assert lines == ["terminated" if signum == signal.SIGTERM else "interrupted"], lines
-        assert_all_ended(started, timeout=15)
-        assert not [f for f in temp if os.path.exists(f)]
+        assert_all_ended(got.started, timeout=15)
+        assert not [f for f in got.folders if os.path.exists(f)]
 
 
 def private_folders(pids: list[int]) -> list[str]:
     """The local Ray's folder (``/tmp/convnext-ray-*``), from its raylet's command line."""
     found = set()
     for pid in pids:
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for arg in args:
+        for arg in command_line(pid).split(b"\0"):
             if arg.startswith(b"--temp_dir=") or arg.startswith(b"--temp-dir="):
                 found.add(os.path.dirname(os.fsdecode(arg.split(b"=", 1)[1]).rstrip("/")))
     return sorted(found)
